@@ -1,0 +1,1 @@
+"""batch_runner: offline image-to-video generation at dataset scale."""

@@ -1,0 +1,86 @@
+"""From Hydra's composed config to a finished run, with errors as sentences."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from batch_runner.config import RunConfig
+from batch_runner.errors import UserError
+from batch_runner.provenance import CONFIG_FILE
+
+log = logging.getLogger("batch_runner")
+
+
+def to_run_config(cfg: DictConfig) -> RunConfig:
+    """The typed config; with from_run=DIR, DIR's saved config plus this command's overrides."""
+    try:
+        if cfg.get("from_run"):
+            cfg = _from_run(Path(cfg.from_run).expanduser(), _overrides())
+        return OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "a setting"
+        if "Missing mandatory value" in str(e):
+            raise UserError(f"{key} is required: python run.py {key}=... (see the README).") from e
+        raise UserError(f"Bad setting {key}: {str(e).splitlines()[0]}") from e
+
+
+def _overrides() -> list[str]:
+    try:
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:
+        return []
+
+
+def _from_run(folder: Path, overrides: list[str]) -> DictConfig:
+    saved = folder / CONFIG_FILE
+    if not saved.is_file():
+        raise UserError(f"from_run={str(folder)!r} holds no {CONFIG_FILE}; point it at an earlier run's output_dir.")
+    base = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(saved))
+    mine = [o for o in overrides if not o.split("=", 1)[0].lstrip("+~").startswith("from_run")]
+    # Group choices (model=..., memory=...) are not replayable here; plain keys are.
+    merged = OmegaConf.merge(base, OmegaConf.from_dotlist([o.lstrip("+") for o in mine]))
+    merged.from_run = None
+    return merged
+
+
+def setup_logging(level: str, rank: int, world: int) -> None:
+    prefix = f"[rank {rank}/{world}] " if world > 1 else ""
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format=f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+        force=True,
+    )
+    for noisy in ("diffusers", "transformers", "accelerate", "torch._dynamo", "torch._inductor"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        diffusers_logging.set_verbosity_error()
+        transformers_logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+def main(cfg: DictConfig) -> int:
+    import os
+
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    setup_logging(str(cfg.get("log_level", "INFO")), rank, world)
+    try:
+        run_config = to_run_config(cfg)
+        from batch_runner.runner import run
+
+        return run(run_config)
+    except UserError as e:
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,89 @@
+"""This process's place among the processes that `accelerate launch` started.
+
+accelerate's PartialState owns the process group; we add what a long batch run needs on top:
+a shared counter (the process group's own TCPStore) for claims and progress, and a wait for the
+other processes that polls that counter instead of entering a collective barrier, which would
+time out while a slow process still makes its last video.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
+
+from batch_runner.sharding import Counter, LocalCounter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Cluster:
+    state: PartialState
+    counter: Counter
+
+    @property
+    def rank(self) -> int:
+        return self.state.process_index
+
+    @property
+    def world_size(self) -> int:
+        return self.state.num_processes
+
+    @property
+    def is_main(self) -> bool:
+        return self.state.is_main_process
+
+    @property
+    def local_rank(self) -> int:
+        return self.state.local_process_index
+
+    @property
+    def local_world_size(self) -> int:
+        """Processes on this host: they share its RAM (and, under --cpu, its cores)."""
+        return int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
+
+    @property
+    def device(self) -> torch.device:
+        return self.state.device
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def broadcast(self, obj: Any) -> Any:
+        """The main process's `obj`, on every process."""
+        if not self.distributed:
+            return obj
+        box = [obj if self.is_main else None]
+        broadcast_object_list(box, from_process=0)
+        return box[0]
+
+    def finish_and_wait(self, key: str = "finished", poll_seconds: float = 1.0, on_poll: Any = None) -> None:
+        """Say this process is done, then wait until all are (no collective, so no timeout)."""
+        self.counter.add(key, 1)
+        while self.counter.add(key, 0) < self.world_size:
+            if on_poll is not None:
+                on_poll()
+            time.sleep(poll_seconds)
+
+    def close(self) -> None:
+        if self.distributed and torch.distributed.is_initialized():
+            self.state.destroy_process_group()
+
+
+def join_cluster(cpu: bool = False) -> Cluster:
+    """Start (or join) the process group accelerate describes in the environment."""
+    state = PartialState(cpu=cpu)
+    counter: Counter = LocalCounter()
+    if state.num_processes > 1:
+        from torch.distributed.distributed_c10d import _get_default_store
+
+        counter = _get_default_store()
+    return Cluster(state=state, counter=counter)

@@ -1,0 +1,131 @@
+"""The run's configuration, declared once as typed dataclasses.
+
+Hydra composes `conf/` (model and memory groups, overrides from the command line) on top of these
+schemas, so a misspelt key or a wrong type fails before anything runs. Every other module receives
+these objects, never raw dicts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class ModelConfig:
+    """Which pipeline to build and the generation defaults its authors recommend.
+
+    The rule fields say what the model can make; rows that ask for anything else are refused with
+    the nearest valid value instead of reaching the pipeline.
+    """
+
+    name: str = MISSING
+    # "pretrained": from_pretrained(path); "random": the architecture in conf/arch/<arch> with random
+    # weights built on the GPU (benchmarks); "tiny": a small random pipeline built in code (tests).
+    weights: str = "pretrained"
+    path: str = ""
+    revision: str | None = None
+    arch: str | None = None
+    dtype: str = "bfloat16"
+    # "dpm" (CogVideoXDPMScheduler, as CogVideo's demo), "ddim", or "default" (as saved with the model)
+    scheduler: str = "dpm"
+    timestep_spacing: str = "trailing"
+    use_dynamic_cfg: bool = True
+    max_sequence_length: int = 226
+    # Row defaults, overridable per row by manifest columns of the same name.
+    num_frames: int = 49
+    height: int = 480
+    width: int = 720
+    fps: float = 8.0
+    num_inference_steps: int = 50
+    guidance_scale: float = 6.0
+    negative_prompt: str = ""
+    # What the model can make: frames = frame_multiple * N + 1, at most max_frames.
+    frame_multiple: int = 8
+    max_frames: int = 49
+    # Either an explicit list of [height, width] pairs, or the size rules below.
+    sizes: list[list[int]] | None = None
+    size_multiple: int = 16
+    short_side: int | None = None
+    min_side: int = 16
+    max_long_side: int | None = None
+
+
+@dataclass
+class MemoryConfig:
+    """How the replica's weights and activations share the GPU (see batch_runner.memory)."""
+
+    plan: str = "auto"
+    # GiB this process may use on its GPU; null means what the GPU has free at start.
+    budget_gib: float | None = None
+    # Cap the CUDA caching allocator at the budget (torch.cuda.set_per_process_memory_fraction),
+    # so that a small card can be emulated on a big one and the run never exceeds it.
+    enforce_budget: bool = True
+    # Host RAM this host may give to all of its ranks together; null means MemAvailable.
+    host_budget_gib: float | None = None
+    vae_slicing: bool = True
+    vae_tiling: bool = True
+    # Store transformer weights in float8 and upcast per layer: halves their memory, changes outputs.
+    fp8_weights: bool = False
+    # On an out-of-memory error, retry the row once with the next plan down the ladder.
+    fallback_on_oom: bool = True
+
+
+@dataclass
+class SpeedConfig:
+    """Speed settings that leave outputs unchanged up to bf16 noise, and opt-in approximations."""
+
+    # Regional torch.compile of the repeated transformer blocks: "auto" compiles on CUDA only.
+    compile: str = "auto"
+    fuse_qkv: bool = True
+    # Scaled-dot-product-attention backend: auto | flash | cudnn | efficient | math
+    attention: str = "auto"
+    # Opt-in step caching that changes outputs: none | first_block | pyramid
+    cache: str = "none"
+    cache_threshold: float = 0.05
+    # Images decoded ahead of the GPU by a background thread.
+    prefetch: int = 2
+
+
+@dataclass
+class OutputConfig:
+    # "videofolder": videos/ + metadata.parquet (always written); "webdataset": also tar shards.
+    format: str = "videofolder"
+    shard_size: int = 1000
+    crf: int = 18
+    report: bool = True
+
+
+@dataclass
+class RunConfig:
+    manifest: str = MISSING
+    # null: outputs/<manifest file name without extension>
+    output_dir: str | None = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    # Base seed: a row without a seed column gets one derived from this and its id.
+    seed: int = 0
+    overwrite: bool = False
+    # "fail": refuse the whole manifest if any row is invalid; "skip": record them as failed, run the rest.
+    on_invalid: str = "fail"
+    dry_run: bool = False
+    # Only these ids of the manifest (e.g. to regenerate one video).
+    ids: list[str] | None = None
+    # Start from the config saved in an earlier run's output_dir; command-line overrides still apply.
+    from_run: str | None = None
+    # "dynamic": processes claim rows as they go; "static": a fixed contiguous split.
+    scheduling: str = "dynamic"
+    # Most rows claimed (and prompts encoded) at once.
+    chunk_size: int = 8
+    # Input images above this many pixels are refused as decompression bombs.
+    max_image_pixels: int = 64_000_000
+    log_level: str = "INFO"
+
+
+def register_configs() -> None:
+    """Make the schema available to conf/config.yaml's defaults list as `base_config`."""
+    ConfigStore.instance().store(name="base_config", node=RunConfig)

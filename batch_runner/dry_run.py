@@ -1,0 +1,90 @@
+"""`dry_run=true`: what a run would do, in seconds, with no model loaded and nothing written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from batch_runner import memory
+from batch_runner.cluster import Cluster
+from batch_runner.config import RunConfig
+from batch_runner.manifest import Manifest
+from batch_runner.pipeline import component_bytes
+from batch_runner.provenance import output_salt
+from batch_runner.replica import workload_of
+from batch_runner.results import finished_ids
+from batch_runner.sharding import static_shard
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.json"
+
+
+def describe(cfg: RunConfig, manifest: Manifest, cluster: Cluster, out: Path) -> str:
+    done = set() if cfg.overwrite or not out.exists() else finished_ids(out, manifest, output_salt(cfg))
+    pending = [job for job in manifest.jobs if job.id not in done]
+    world = cluster.world_size
+    lines = [
+        f"manifest {manifest.path}: {len(manifest.table)} rows, {len(manifest.jobs)} valid, "
+        f"{len(manifest.problems)} problem(s)"
+        + (" (recorded as failed: on_invalid=skip)" if manifest.problems else ""),
+        *(f"  - {p}" for p in manifest.problems[:20]),
+        f"output_dir {out}: {len(done)} rows already done, {len(pending)} to make",
+        f"{world} process(es); rows are claimed "
+        + ("dynamically in chunks of up to " + str(cfg.chunk_size) if cfg.scheduling == "dynamic" else "statically"),
+    ]
+    for rank in range(world):
+        share = static_shard(len(pending), rank, world)
+        ids = [pending[i].id for i in share]
+        preview = ", ".join(ids[:4]) + (" ..." if len(ids) > 4 else "")
+        lines.append(f"  process {rank}: ~{len(share)} rows" + (f" ({preview})" if ids else ""))
+    plan, why, budget = _plan(cfg, cluster, world)
+    lines.append(f"memory plan: {why}")
+    estimate = _estimate_seconds(cfg, plan, budget, pending)
+    if estimate is not None:
+        per_process = estimate / max(1, world)
+        lines.append(
+            f"estimated time: ~{per_process / 3600:.2f} h with {world} process(es) "
+            f"(~{estimate / max(1, len(pending)):.0f} s per video on an H100, from docs/benchmarks.json)"
+        )
+    else:
+        lines.append("estimated time: no benchmark figure for this model and plan (docs/benchmarks.json)")
+    lines.append("dry run: no model loaded, nothing written.")
+    return "\n".join(lines)
+
+
+def _plan(cfg: RunConfig, cluster: Cluster, world: int) -> tuple[str, str, float | None]:
+    config = cfg.memory
+    if not torch.cuda.is_available() and config.budget_gib is None:
+        return "none", "none (no GPU found and no memory.budget_gib given: a GPU run would choose then)", None
+    budget = config.budget_gib if config.budget_gib is not None else memory.gpu_budget_gib(config, cluster.device)
+    if config.plan != "auto":
+        return config.plan, f"{config.plan} (set in the config)", budget
+    choice = memory.choose_plan(
+        component_bytes(cfg.model),
+        workload_of(cfg),
+        config,
+        budget,
+        memory.host_available_gib(config),
+        cluster.local_world_size,
+    )
+    return choice.plan, choice.reason, budget
+
+
+def _estimate_seconds(cfg: RunConfig, plan: str, budget: float | None, pending: list) -> float | None:
+    """Seconds for `pending` from the benchmark's seconds per video, scaled by steps and frames."""
+    if not BENCHMARKS.exists() or cfg.model.weights == "tiny":
+        return None
+    records = [
+        r
+        for r in json.loads(BENCHMARKS.read_text())
+        if r.get("plan") == plan and not r.get("changes_output") and r.get("seconds_per_video")
+    ]
+    if not records:
+        return None
+    best = min(records, key=lambda r: abs((r.get("budget_gib") or 80) - (budget or 80)))
+    reference_steps, reference_frames = best.get("steps", 50), best.get("frames", 49)
+    return sum(
+        best["seconds_per_video"] * job.num_inference_steps / reference_steps * job.num_frames / reference_frames
+        for job in pending
+    )

@@ -1,0 +1,262 @@
+"""Memory plans: where each component's weights live while a process makes its videos.
+
+A batch runner makes hundreds of videos with one replica, so the plans here are batch-aware:
+
+| plan                   | text encoder              | transformer               | VAE      |
+|------------------------|---------------------------|---------------------------|----------|
+| none                   | GPU                       | GPU                       | GPU      |
+| text_offload           | streamed per chunk        | GPU                       | GPU      |
+| group_offload          | streamed per chunk        | streamed block by block   | GPU      |
+| model_cpu_offload      | diffusers' whole-model CPU offload, per video (reference recipe)  |
+| sequential_cpu_offload | diffusers' per-layer CPU offload, per video (reference recipe)    |
+
+"Streamed" is diffusers' group offloading with CUDA streams: weights sit in pinned host memory and
+the next group is copied while the current one computes. Prompts of a chunk are encoded together,
+so the 9.5 GB text encoder crosses the bus once per chunk, not once per video.
+
+`auto` picks the fastest plan whose estimated peak fits the GPU budget and whose pinned host memory
+fits this host's share, and says why. The estimates are weights (counted from the architecture)
+plus activation terms fitted to measurements on an H100 (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from batch_runner.config import MemoryConfig
+from batch_runner.errors import UserError
+
+log = logging.getLogger(__name__)
+
+GIB = 1024**3
+# Fastest first. `auto` and the out-of-memory fallback walk down this ladder.
+LADDER = ("none", "text_offload", "group_offload", "sequential_cpu_offload")
+PLANS = ("none", "text_offload", "group_offload", "model_cpu_offload", "sequential_cpu_offload")
+# Activation terms, fitted on an H100 with CogVideoX-5B-I2V (see docs/benchmarks.md): bytes per
+# (token x hidden unit x batch element) while denoising, and per decoded pixel-frame for the VAE.
+DENOISE_BYTES_PER_TOKEN_UNIT = 14.0
+VAE_DECODE_BYTES_PER_PIXEL = 2900.0
+VAE_TILED_PIXELS = 240 * 360 * 2  # the largest region a tiled decode holds at once, per frame pair
+# Working room kept free for the allocator's fragmentation and the CUDA context's own needs.
+HEADROOM_GIB = 1.0
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The largest video a process will make: what sizes the activations."""
+
+    frames: int
+    height: int
+    width: int
+    guidance: bool
+    text_tokens: int
+    hidden: int  # transformer width (heads x head dim)
+    vae_channels: int  # widest VAE block
+    patch: int = 2
+    spatial: int = 8
+    temporal: int = 4
+
+    @property
+    def tokens(self) -> int:
+        latent_frames = (self.frames - 1) // self.temporal + 1
+        grid = (self.height // (self.spatial * self.patch)) * (self.width // (self.spatial * self.patch))
+        return latent_frames * grid + self.text_tokens
+
+
+@dataclass(frozen=True)
+class Estimate:
+    plan: str
+    gpu_gib: float
+    host_gib: float  # pinned or private host memory this process holds
+
+
+@dataclass(frozen=True)
+class Choice:
+    plan: str
+    reason: str
+    estimates: tuple[Estimate, ...]
+
+
+def activation_gib(workload: Workload, vae_tiling: bool) -> tuple[float, float]:
+    """(denoising peak, decoding peak) activations in GiB for one video."""
+    batch = 2 if workload.guidance else 1
+    denoise = DENOISE_BYTES_PER_TOKEN_UNIT * batch * workload.tokens * workload.hidden
+    pixels = workload.height * workload.width
+    if vae_tiling:
+        pixels = min(pixels, VAE_TILED_PIXELS)
+    decode = VAE_DECODE_BYTES_PER_PIXEL * pixels * workload.vae_channels / 512
+    return denoise / GIB, decode / GIB
+
+
+def estimate(plan: str, weights: dict[str, int], workload: Workload, config: MemoryConfig) -> Estimate:
+    """Peak GPU memory and host memory of `plan` for this workload, in GiB."""
+    text, transformer, vae = (weights[k] / GIB for k in ("text_encoder", "transformer", "vae"))
+    if config.fp8_weights:
+        transformer /= 2
+    denoise, decode = activation_gib(workload, config.vae_tiling)
+    block = transformer / 40  # one streamed transformer block (CogVideoX-5B has 42)
+    layer = text / 24
+    gpu = {
+        "none": text + transformer + vae + max(denoise, decode),
+        "text_offload": transformer + vae + max(denoise, decode, 2 * layer),
+        "group_offload": vae + 3 * block + max(denoise, decode, 2 * layer),
+        "model_cpu_offload": max(text, transformer + denoise, vae + decode),
+        "sequential_cpu_offload": max(denoise, decode) + 2 * block,
+    }[plan]
+    host = {
+        "none": 0.0,
+        "text_offload": text,
+        "group_offload": text + transformer,
+        "model_cpu_offload": text + transformer + vae,
+        "sequential_cpu_offload": text + transformer + vae,
+    }[plan]
+    return Estimate(plan, round(gpu + HEADROOM_GIB, 2), round(host, 2))
+
+
+def choose_plan(
+    weights: dict[str, int],
+    workload: Workload,
+    config: MemoryConfig,
+    budget_gib: float,
+    host_gib: float,
+    local_world_size: int,
+) -> Choice:
+    """The fastest plan that fits both the GPU budget and this process's share of host memory."""
+    share = host_gib / max(1, local_world_size)
+    estimates = tuple(estimate(p, weights, workload, config) for p in PLANS)
+    by_plan = {e.plan: e for e in estimates}
+    for plan in LADDER:
+        e = by_plan[plan]
+        if e.gpu_gib <= budget_gib and e.host_gib <= share:
+            faster = [p for p in LADDER[: LADDER.index(plan)]]
+            why = "; ".join(_why_not(by_plan[p], budget_gib, share) for p in faster)
+            reason = (
+                f"{plan}: needs ~{e.gpu_gib:.1f} GiB of the {budget_gib:.1f} GiB GPU budget and "
+                f"{e.host_gib:.1f} GiB of this process's {share:.1f} GiB host share"
+                + (f" (faster plans do not fit: {why})" if why else " (the fastest plan)")
+            )
+            return Choice(plan, reason, estimates)
+    lines = "; ".join(_why_not(by_plan[p], budget_gib, share) for p in LADDER)
+    raise UserError(
+        f"No memory plan fits: {lines}. Give more GPU memory (memory.budget_gib), fewer processes per "
+        f"host (accelerate launch --num_processes) or more host memory (memory.host_budget_gib)."
+    )
+
+
+def _why_not(e: Estimate, budget_gib: float, share: float) -> str:
+    if e.gpu_gib > budget_gib:
+        return f"{e.plan} needs ~{e.gpu_gib:.1f} GiB GPU > {budget_gib:.1f}"
+    return f"{e.plan} needs {e.host_gib:.1f} GiB host > {share:.1f} per process"
+
+
+def next_plan_down(plan: str) -> str | None:
+    """The plan to retry with after an out-of-memory error, or None at the bottom."""
+    ladder = list(LADDER)
+    position = ladder.index(plan) if plan in ladder else ladder.index("group_offload")
+    return ladder[position + 1] if position + 1 < len(ladder) else None
+
+
+def gpu_budget_gib(config: MemoryConfig, device: torch.device) -> float:
+    """The GPU memory this process may use: the configured budget, else what is free now."""
+    free, total = torch.cuda.mem_get_info(device)
+    if config.budget_gib is None:
+        return free / GIB
+    if config.budget_gib * GIB > total:
+        log.warning("memory.budget_gib=%.1f is more than the GPU's %.1f GiB", config.budget_gib, total / GIB)
+    return min(config.budget_gib, total / GIB)
+
+
+def enforce_budget(config: MemoryConfig, device: torch.device) -> None:
+    """Cap PyTorch's allocator at the budget, so a run sized for a 24 GB card never uses more."""
+    if config.budget_gib is None or not config.enforce_budget or device.type != "cuda":
+        return
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, config.budget_gib * GIB / total), device)
+
+
+def host_available_gib(config: MemoryConfig) -> float:
+    """Host memory the processes on this host may share: the configured budget, else MemAvailable."""
+    if config.host_budget_gib is not None:
+        return config.host_budget_gib
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 / GIB
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") / GIB
+
+
+# --- applying a plan ------------------------------------------------------------------------------
+
+
+def apply_plan(pipe: Any, plan: str, device: torch.device, config: MemoryConfig) -> None:
+    """Place the pipeline's weights as `plan` says, undoing any earlier plan first."""
+    if plan not in PLANS:
+        raise UserError(f"memory={plan!r} is not a plan; choose auto or one of {', '.join(PLANS)}.")
+    remove_offloading(pipe)
+    _vae_switches(pipe.vae, config)
+    if device.type != "cuda":
+        # Plans move weights between a GPU and the host; without a GPU everything runs in place.
+        pipe.to(device)
+        return
+    if plan == "none":
+        pipe.to(device)
+    elif plan == "text_offload":
+        pipe.transformer.to(device)
+        pipe.vae.to(device)
+        _stream(pipe.text_encoder, device, "leaf_level")
+    elif plan == "group_offload":
+        pipe.vae.to(device)
+        _stream(pipe.text_encoder, device, "leaf_level")
+        _stream(pipe.transformer, device, "block_level")
+    elif plan == "model_cpu_offload":
+        pipe.enable_model_cpu_offload(device=device)
+    elif plan == "sequential_cpu_offload":
+        pipe.enable_sequential_cpu_offload(device=device)
+
+
+def remove_offloading(pipe: Any) -> None:
+    """Take off every offloading hook (accelerate's and diffusers' group offloading)."""
+    from diffusers.hooks import HookRegistry
+    from diffusers.hooks.group_offloading import (
+        _GROUP_OFFLOADING,
+        _LAYER_EXECUTION_TRACKER,
+        _LAZY_PREFETCH_GROUP_OFFLOADING,
+    )
+
+    pipe.remove_all_hooks()
+    for module in (pipe.text_encoder, pipe.transformer, pipe.vae):
+        registry = HookRegistry.check_if_exists_or_initialize(module)
+        for name in (_GROUP_OFFLOADING, _LAYER_EXECUTION_TRACKER, _LAZY_PREFETCH_GROUP_OFFLOADING):
+            registry.remove_hook(name, recurse=True)
+
+
+def _stream(module: torch.nn.Module, device: torch.device, offload_type: str) -> None:
+    """diffusers' group offloading with a CUDA stream: copy the next group while this one computes.
+
+    Works on any torch module, so the transformers text encoder streams like the transformer.
+    """
+    from diffusers.hooks import apply_group_offloading
+
+    module.to("cpu")
+    apply_group_offloading(
+        module,
+        onload_device=device,
+        offload_device=torch.device("cpu"),
+        offload_type=offload_type,
+        num_blocks_per_group=1 if offload_type == "block_level" else None,
+        use_stream=True,
+        record_stream=True,
+    )
+
+
+def _vae_switches(vae: Any, config: MemoryConfig) -> None:
+    (vae.enable_slicing if config.vae_slicing else vae.disable_slicing)()
+    (vae.enable_tiling if config.vae_tiling else vae.disable_tiling)()

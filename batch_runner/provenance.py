@@ -1,0 +1,84 @@
+"""What made each video: enough to make it again with one command.
+
+The resolved config is saved once as output_dir/config.yaml; every result row carries the model,
+scheduler, memory plan, dtype, library versions, GPU and the config's hash. `python run.py
+from_run=OUTPUT_DIR ids=[ID] output_dir=NEW` reruns exactly that row's settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from batch_runner.config import RunConfig
+from batch_runner.storage import atomic_write_text
+
+CONFIG_FILE = "config.yaml"
+
+
+def config_yaml(cfg: RunConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def config_hash(cfg: RunConfig) -> str:
+    return hashlib.sha256(config_yaml(cfg).encode()).hexdigest()[:12]
+
+
+def output_salt(cfg: RunConfig) -> str:
+    """Fingerprint of the settings that change a video beyond its row's own parameters."""
+    model = asdict(cfg.model)
+    decisive = {
+        "model": {
+            k: model[k]
+            for k in (
+                "name",
+                "weights",
+                "path",
+                "revision",
+                "arch",
+                "dtype",
+                "scheduler",
+                "timestep_spacing",
+                "use_dynamic_cfg",
+                "max_sequence_length",
+            )
+        },
+        "fp8_weights": cfg.memory.fp8_weights,
+        "cache": [cfg.speed.cache, cfg.speed.cache_threshold if cfg.speed.cache != "none" else None],
+    }
+    return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def save_config(cfg: RunConfig, output_dir: Path) -> None:
+    atomic_write_text(config_yaml(cfg), output_dir / CONFIG_FILE)
+
+
+def provenance(cfg: RunConfig, replica: Any) -> dict[str, Any]:
+    """The per-row provenance columns of this process."""
+    device = replica.device
+    return {
+        "model": cfg.model.name,
+        "model_path": cfg.model.path or None,
+        "model_revision": cfg.model.revision,
+        "scheduler": type(replica.pipe.scheduler).__name__,
+        "dtype": cfg.model.dtype,
+        "torch_version": torch.__version__,
+        "diffusers_version": _version("diffusers"),
+        "transformers_version": _version("transformers"),
+        "batch_runner_version": _version("batch_runner"),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+    }
+
+
+def _version(package: str) -> str | None:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None

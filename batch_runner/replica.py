@@ -1,0 +1,191 @@
+"""One process's pipeline replica: built once, then asked for one video after another.
+
+The replica encodes the prompts of a whole chunk of rows in one text-encoder pass (each distinct
+text once), then denoises and decodes row by row with the transformer kept where the memory plan
+put it. A CUDA out-of-memory error on a row moves the replica one plan down the ladder and retries
+that row once.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from batch_runner import memory, speed
+from batch_runner.config import RunConfig
+from batch_runner.manifest import Job
+from batch_runner.pipeline import build_pipeline, component_bytes, torch_dtype
+
+log = logging.getLogger(__name__)
+
+EMBEDDING_CACHE_SIZE = 64
+
+
+@dataclass
+class Prompts:
+    """A chunk's encoded texts, and a warning per row whose prompt was cut to fit the encoder."""
+
+    embeddings: dict[str, torch.Tensor]
+    warnings: dict[str, str] = field(default_factory=dict)
+
+
+class Replica:
+    def __init__(self, cfg: RunConfig, device: torch.device, local_world_size: int = 1) -> None:
+        self.cfg = cfg
+        self.device = device
+        self.dtype = torch_dtype(cfg.model.dtype)
+        self.plan, self.plan_reason = self._choose_plan(local_world_size)
+        log.info("memory plan %s", self.plan_reason)
+        if device.type == "cuda":
+            memory.enforce_budget(cfg.memory, device)
+        # Random weights are born on the GPU when the plan keeps the transformer there.
+        build_on = device if self.plan in ("none", "text_offload") else torch.device("cpu")
+        self.pipe = build_pipeline(cfg.model, build_on)
+        if cfg.speed.fuse_qkv:
+            self.pipe.fuse_qkv_projections()
+        if cfg.memory.fp8_weights:
+            self.pipe.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=self.dtype)
+        speed.enable_cache(self.pipe, cfg.speed)
+        memory.apply_plan(self.pipe, self.plan, device, cfg.memory)
+        if speed.should_compile(cfg.speed, device):
+            regions = speed.compile_blocks(self.pipe.transformer)
+            log.info("compiling %d transformer regions with torch.compile (first video is slower)", regions)
+        speed.keep_timesteps_on_host(self.pipe, device)
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    # --- plan ---
+
+    def _choose_plan(self, local_world_size: int) -> tuple[str, str]:
+        config = self.cfg.memory
+        if self.device.type != "cuda":
+            return "none", "none: no GPU, everything runs on the CPU"
+        if config.plan != "auto":
+            return config.plan, f"{config.plan}: chosen in the config (memory={config.plan})"
+        choice = memory.choose_plan(
+            component_bytes(self.cfg.model),
+            workload_of(self.cfg),
+            config,
+            memory.gpu_budget_gib(config, self.device),
+            memory.host_available_gib(config),
+            local_world_size,
+        )
+        return choice.plan, choice.reason
+
+    def step_down(self) -> str | None:
+        """Move to the next plan down the ladder after an out-of-memory error; None at the bottom."""
+        lower = memory.next_plan_down(self.plan)
+        if lower is None:
+            return None
+        release_memory()
+        memory.apply_plan(self.pipe, lower, self.device, self.cfg.memory)
+        self._cache.clear()
+        self.plan = lower
+        return lower
+
+    # --- prompts ---
+
+    def encode(self, jobs: list[Job]) -> Prompts:
+        """Encode every distinct prompt and negative prompt of `jobs` in one text-encoder pass."""
+        texts = {job.prompt for job in jobs} | {j.negative_prompt for j in jobs if j.guidance_scale > 1}
+        warnings = {}
+        limit = self.cfg.model.max_sequence_length
+        for job in jobs:
+            length = len(self.pipe.tokenizer(job.prompt).input_ids)
+            if length > limit:
+                warnings[job.id] = f"prompt truncated to {limit} tokens (it has {length})"
+        missing = sorted(t for t in texts if t not in self._cache)
+        if missing:
+            with speed.inference(self.cfg.speed, self.device):
+                embedded, _ = self.pipe.encode_prompt(
+                    prompt=missing,
+                    do_classifier_free_guidance=False,
+                    max_sequence_length=limit,
+                    device=self.pipe._execution_device,
+                    dtype=self.dtype,
+                )
+            for text, embedding in zip(missing, embedded, strict=False):
+                self._cache[text] = embedding.unsqueeze(0)
+        result = {}
+        for text in texts:
+            self._cache.move_to_end(text)
+            result[text] = self._cache[text]
+        while len(self._cache) > max(EMBEDDING_CACHE_SIZE, len(texts)):
+            self._cache.popitem(last=False)
+        return Prompts(result, warnings)
+
+    # --- videos ---
+
+    def make(
+        self, job: Job, image: Image.Image, prompts: Prompts, on_step: Callable[[], None] | None = None
+    ) -> np.ndarray:
+        """One video as uint8 frames (F, H, W, 3); `on_step` is called after each denoising step."""
+        execution_device = self.pipe._execution_device
+        generator = torch.Generator(device=execution_device).manual_seed(job.seed)
+        guided = job.guidance_scale > 1
+        with speed.inference(self.cfg.speed, self.device):
+            output = self.pipe(
+                image=image,
+                prompt_embeds=prompts.embeddings[job.prompt],
+                negative_prompt_embeds=prompts.embeddings[job.negative_prompt] if guided else None,
+                height=job.height,
+                width=job.width,
+                num_frames=job.num_frames,
+                num_inference_steps=job.num_inference_steps,
+                guidance_scale=job.guidance_scale,
+                use_dynamic_cfg=self.cfg.model.use_dynamic_cfg,
+                generator=generator,
+                output_type="pt",
+                max_sequence_length=self.cfg.model.max_sequence_length,
+                callback_on_step_end=_step_callback(on_step) if on_step else None,
+            )
+            video = output.frames[0]  # (F, C, H, W) in [0, 1]
+            frames = (video * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+        return frames.cpu().numpy()
+
+
+def _step_callback(on_step: Callable[[], None]) -> Callable[..., dict]:
+    def callback(pipe: Any, step: int, timestep: Any, tensors: dict) -> dict:
+        on_step()
+        return tensors
+
+    return callback
+
+
+def workload_of(cfg: RunConfig) -> memory.Workload:
+    """The video size the planner sizes activations for: the model's default row."""
+    from batch_runner.pipeline import arch_components
+
+    model = cfg.model
+    hidden, vae_channels = 32, 8
+    if model.arch:
+        parts = arch_components(model.arch)
+        t = parts["transformer"]
+        hidden = t["num_attention_heads"] * t["attention_head_dim"]
+        vae_channels = max(parts["vae"]["block_out_channels"])
+    return memory.Workload(
+        frames=model.num_frames,
+        height=model.height,
+        width=model.width,
+        guidance=model.guidance_scale > 1,
+        text_tokens=model.max_sequence_length,
+        hidden=hidden,
+        vae_channels=vae_channels,
+    )
+
+
+def release_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()

@@ -1,0 +1,149 @@
+"""The results table, kept so that no finished row is ever lost or counted twice.
+
+Each process appends one JSON line per finished row to its own part file under parts/, flushed and
+fsynced right after the row's video was renamed into place: a row's result is durable as soon as
+its video is. A line cut short by a kill is ignored. The main process merges all parts of all runs
+(the newest record of each id wins) with the manifest's own columns into results.parquet once every
+process has finished, and again at the start of the next run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from batch_runner.manifest import Manifest
+from batch_runner.storage import atomic_write_parquet
+
+log = logging.getLogger(__name__)
+
+PARTS_DIR = "parts"
+RESULTS_FILE = "results.parquet"
+# The columns every results table starts with, in this order; passthrough columns follow.
+RESULT_COLUMNS = [
+    "id",
+    "status",
+    "video_path",
+    "seed",
+    "num_frames",
+    "height",
+    "width",
+    "fps",
+    "num_inference_steps",
+    "guidance_scale",
+    "rank",
+    "seconds",
+    "peak_memory_gib",
+    "error",
+    "warnings",
+    "prompt",
+    "negative_prompt",
+    "image",
+    "memory_plan",
+    "params_hash",
+    "finished_at",
+]
+PROVENANCE_COLUMNS = [
+    "model",
+    "model_path",
+    "model_revision",
+    "scheduler",
+    "dtype",
+    "torch_version",
+    "diffusers_version",
+    "transformers_version",
+    "batch_runner_version",
+    "gpu",
+    "config_hash",
+]
+_DTYPES = {
+    "seed": "Int64",
+    "num_frames": "Int64",
+    "height": "Int64",
+    "width": "Int64",
+    "num_inference_steps": "Int64",
+    "rank": "Int64",
+    "fps": "float64",
+    "guidance_scale": "float64",
+    "seconds": "float64",
+    "peak_memory_gib": "float64",
+}
+
+
+class ResultLog:
+    """This process's append-only part file; safe to call from the video-writer thread."""
+
+    def __init__(self, output_dir: Path, run_id: str, rank: int) -> None:
+        self.path = output_dir / PARTS_DIR / f"{run_id}.rank{rank:05d}.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+
+    def append(self, record: dict[str, Any]) -> None:
+        line = json.dumps(record, ensure_ascii=False, default=str) + "\n"
+        with self._lock, open(self.path, "a", encoding="utf-8") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def read_records(output_dir: Path) -> pd.DataFrame:
+    """The newest record of each id over every part file; torn last lines are skipped."""
+    rows: list[dict[str, Any]] = []
+    for part in sorted((output_dir / PARTS_DIR).glob("*.jsonl")):
+        with open(part, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    log.warning("ignoring an unfinished line %d of %s (a process was killed)", number, part.name)
+    if not rows:
+        return pd.DataFrame(columns=RESULT_COLUMNS)
+    table = pd.DataFrame(rows)
+    table = table.sort_values("finished_at", kind="stable").drop_duplicates("id", keep="last")
+    return table.reset_index(drop=True)
+
+
+def finished_ids(output_dir: Path, manifest: Manifest, salt: str) -> set[str]:
+    """Ids whose video is done and still matches its row: ok, video on disk, same parameters.
+
+    `salt` fingerprints the settings that change outputs (model, scheduler, approximations), so a
+    rerun with another model regenerates everything while a rerun with another memory plan does not.
+    """
+    records = read_records(output_dir)
+    if records.empty:
+        return set()
+    wanted = {job.id: job for job in manifest.jobs}
+    done = set()
+    for record in records.to_dict("records"):
+        job = wanted.get(record["id"])
+        if job is None or record.get("status") != "ok" or not record.get("video_path"):
+            continue
+        video = output_dir / record["video_path"]
+        if record.get("params_hash") == job.params_hash(salt) and video.is_file() and video.stat().st_size > 0:
+            done.add(job.id)
+    return done
+
+
+def merge(output_dir: Path, manifest: Manifest) -> pd.DataFrame:
+    """Write results.parquet: one row per manifest row that has a record, in manifest order."""
+    records = read_records(output_dir)
+    order = {row_id: i for i, row_id in enumerate(manifest.table["id"])}
+    records = records[records["id"].isin(order.keys())].copy()
+    records["_order"] = records["id"].map(order)
+    records = records.sort_values("_order").drop(columns="_order")
+    for column in RESULT_COLUMNS + PROVENANCE_COLUMNS:
+        if column not in records.columns:
+            records[column] = None
+    table = records[RESULT_COLUMNS + PROVENANCE_COLUMNS].astype(_DTYPES)
+    passthrough = manifest.table[["id", *manifest.passthrough]].rename(
+        columns={c: f"{c}_manifest" for c in manifest.passthrough if c in table.columns}
+    )
+    table = table.merge(passthrough, on="id", how="left", validate="one_to_one")
+    atomic_write_parquet(table, output_dir / RESULTS_FILE)
+    return table

@@ -1,0 +1,123 @@
+"""Speed that leaves outputs unchanged (up to bf16 noise), and opt-in approximations that do not.
+
+* fused QKV projections (diffusers' own `fuse_qkv_projections`): one matmul instead of three;
+* regional torch.compile of the repeated transformer blocks: CogVideoX has no `_repeated_blocks`,
+  so each block (or, where an offloading hook wraps the block, each of its sub-layers) is compiled
+  in place; all blocks share one compiled graph, so compilation happens once;
+* the scaled-dot-product-attention backend: CogVideoX's processor calls SDPA directly, so diffusers'
+  `set_attention_backend` does not reach it; we choose PyTorch's SDPA backend around each call;
+* no host synchronisation in the denoising loop: the scheduler's timesteps stay on the host (its
+  arithmetic and dynamic CFG's `t.item()` then never wait for the GPU) and a forward pre-hook hands
+  the transformer its timestep on the GPU;
+* approximations (speed.cache): diffusers' First Block Cache or Pyramid Attention Broadcast hooks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from batch_runner.config import SpeedConfig
+from batch_runner.errors import UserError
+
+log = logging.getLogger(__name__)
+
+ATTENTION_BACKENDS = {
+    "flash": [SDPBackend.FLASH_ATTENTION],
+    "cudnn": [SDPBackend.CUDNN_ATTENTION],
+    "efficient": [SDPBackend.EFFICIENT_ATTENTION],
+    "math": [SDPBackend.MATH],
+}
+# Fastest first on Hopper for CogVideoX's head size of 64 (measured: docs/benchmarks.md).
+AUTO_ORDER = [
+    SDPBackend.CUDNN_ATTENTION,
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.MATH,
+]
+
+
+def attention_context(name: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """The SDPA backend for every attention call inside it."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    if name == "auto":
+        return sdpa_kernel(AUTO_ORDER, set_priority=True)
+    if name not in ATTENTION_BACKENDS:
+        raise UserError(f"speed.attention={name!r} must be auto, {', '.join(ATTENTION_BACKENDS)}.")
+    return sdpa_kernel(ATTENTION_BACKENDS[name])
+
+
+def should_compile(config: SpeedConfig, device: torch.device) -> bool:
+    if config.compile not in ("auto", "on", "off"):
+        raise UserError(f"speed.compile={config.compile!r} must be auto, on or off.")
+    return config.compile == "on" or (config.compile == "auto" and device.type == "cuda")
+
+
+def compile_blocks(transformer: torch.nn.Module) -> int:
+    """Compile the repeated blocks in place; returns how many regions were compiled."""
+    regions = 0
+    for block in transformer.transformer_blocks:
+        if hasattr(block, "_diffusers_hook"):
+            # An offloading hook wraps this block's forward: compile inside it, not around it.
+            for child in block.children():
+                if any(True for _ in child.parameters()):
+                    child.compile(dynamic=False)
+                    regions += 1
+        else:
+            block.compile(dynamic=False)
+            regions += 1
+    return regions
+
+
+def keep_timesteps_on_host(pipe: Any, device: torch.device) -> None:
+    """Scheduler arithmetic on the host, the transformer's timestep on the GPU: no per-step sync."""
+    if device.type != "cuda":
+        return
+    scheduler = pipe.scheduler
+    set_timesteps = scheduler.set_timesteps
+
+    def set_timesteps_on_host(num_inference_steps: int | None = None, device: Any = None, **kwargs: Any) -> Any:
+        return set_timesteps(num_inference_steps, device="cpu", **kwargs)
+
+    scheduler.set_timesteps = set_timesteps_on_host
+
+    def timestep_to_device(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        timestep = kwargs.get("timestep")
+        if isinstance(timestep, torch.Tensor) and timestep.device != device:
+            kwargs["timestep"] = timestep.to(device, non_blocking=True)
+        return args, kwargs
+
+    pipe.transformer.register_forward_pre_hook(timestep_to_device, with_kwargs=True)
+
+
+def enable_cache(pipe: Any, config: SpeedConfig) -> None:
+    """Opt-in step caching (changes outputs): reuse transformer work across similar steps."""
+    if config.cache == "none":
+        return
+    from diffusers import FirstBlockCacheConfig, PyramidAttentionBroadcastConfig
+
+    if config.cache == "first_block":
+        pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=config.cache_threshold))
+    elif config.cache == "pyramid":
+        pipe.transformer.enable_cache(
+            PyramidAttentionBroadcastConfig(
+                spatial_attention_block_skip_range=2,
+                spatial_attention_timestep_skip_range=(100, 800),
+                current_timestep_callback=lambda: pipe.current_timestep,
+            )
+        )
+    else:
+        raise UserError(f"speed.cache={config.cache!r} must be none, first_block or pyramid.")
+    log.warning("speed.cache=%s approximates: videos differ from the uncached model's", config.cache)
+
+
+@contextlib.contextmanager
+def inference(config: SpeedConfig, device: torch.device) -> Iterator[None]:
+    with torch.no_grad(), attention_context(config.attention, device):
+        yield

@@ -1,0 +1,45 @@
+"""Encoding frames as H.264 MP4 files that training pipelines and browsers read.
+
+yuv420p is what every decoder accepts; `+faststart` puts the index first so a browser can show the
+video before it has all of it. The file appears under its final name only when complete.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+
+from batch_runner.storage import atomic_path
+
+
+def write_video(frames: np.ndarray, path: Path, fps: float, crf: int = 18) -> None:
+    """Write uint8 frames (F, H, W, 3) to `path` as H.264/yuv420p MP4, atomically."""
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"expected uint8 frames of shape (F, H, W, 3), got {frames.dtype} {frames.shape}")
+    _, height, width, _ = frames.shape
+    # yuv420p halves the chroma resolution: odd sizes lose their last row/column.
+    frames = frames[:, : height - height % 2, : width - width % 2]
+    with (
+        atomic_path(path) as tmp,
+        av.open(str(tmp), mode="w", format="mp4", options={"movflags": "+faststart"}) as container,
+    ):
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+        stream.width = frames.shape[2]
+        stream.height = frames.shape[1]
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": str(crf), "preset": "medium"}
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+
+
+def read_video(path: Path) -> tuple[np.ndarray, float]:
+    """Decode a video into uint8 frames (F, H, W, 3) and its frame rate (for tests and reports)."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+        rate = float(stream.average_rate or stream.base_rate or 0)
+    return np.stack(frames), rate
