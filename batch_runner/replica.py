@@ -44,21 +44,25 @@ class Replica:
         self.dtype = torch_dtype(cfg.model.dtype)
         self.plan, self.plan_reason = self._choose_plan(local_world_size)
         log.info("memory plan %s", self.plan_reason)
-        if device.type == "cuda":
-            memory.enforce_budget(cfg.memory, device)
-        # Random weights are born on the GPU when the plan keeps the transformer there.
-        build_on = device if self.plan in ("none", "text_offload") else torch.device("cpu")
+        # Random weights are born on the GPU (fast) and moved where the plan wants them.
+        build_on = device if cfg.model.weights == "random" else torch.device("cpu")
         self.pipe = build_pipeline(cfg.model, build_on)
         if cfg.speed.fuse_qkv:
             self.pipe.fuse_qkv_projections()
         if cfg.memory.fp8_weights:
-            self.pipe.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=self.dtype)
+            self.pipe.transformer.enable_layerwise_casting(
+                storage_dtype=torch.float8_e4m3fn, compute_dtype=self.dtype
+            )
         speed.enable_cache(self.pipe, cfg.speed)
         memory.apply_plan(self.pipe, self.plan, device, cfg.memory)
-        if speed.should_compile(cfg.speed, device):
+        if speed.should_compile(cfg.speed, device) and cfg.speed.cache == "none":
             regions = speed.compile_blocks(self.pipe.transformer)
-            log.info("compiling %d transformer regions with torch.compile (first video is slower)", regions)
+            log.info("compiling %d transformer regions with torch.compile (the first video is slower)", regions)
         speed.keep_timesteps_on_host(self.pipe, device)
+        if device.type == "cuda":
+            release_memory()
+            memory.enforce_budget(cfg.memory, device)
+            torch.cuda.reset_peak_memory_stats(device)
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
 
     # --- plan ---

@@ -61,6 +61,10 @@ def should_compile(config: SpeedConfig, device: torch.device) -> bool:
 
 def compile_blocks(transformer: torch.nn.Module) -> int:
     """Compile the repeated blocks in place; returns how many regions were compiled."""
+    import torch._dynamo
+
+    # All blocks share one graph; room for a few variants (plans, frame counts) before eager fallback.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     regions = 0
     for block in transformer.transformer_blocks:
         if hasattr(block, "_diffusers_hook"):

@@ -1,0 +1,568 @@
+"""Benchmark: the reference diffusers recipes against batch_runner's plans, on one GPU.
+
+CogVideoX-5B-I2V's real architecture with random weights, built on the GPU (time and memory do not
+depend on weight values), 49 frames at 720x480, guidance 6 with dynamic CFG, DPM scheduler.
+
+Each measurement warms up (one step and a full decode, which also compiles), then times
+`--steps` denoising steps with CUDA events and the whole call around them. Seconds per video at
+50 steps = (the call's time outside the steps) + 50 x (median step time): the steps are timed
+directly, the 50-step figure is extrapolated from them.
+
+    python scripts/benchmark.py --parts refs,plans,approx,e2e --out docs
+
+writes docs/benchmarks.json (one record per measurement) and docs/benchmarks.md (the table).
+Parts can be run in separate invocations (--append) and merged into one table with --report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from batch_runner import memory  # noqa: E402
+from batch_runner.config import MemoryConfig, ModelConfig, RunConfig, SpeedConfig  # noqa: E402
+from batch_runner.images import load_image  # noqa: E402
+from batch_runner.manifest import Job  # noqa: E402
+from batch_runner.pipeline import build_pipeline  # noqa: E402
+from batch_runner.replica import Replica, release_memory  # noqa: E402
+
+GIB = 1024**3
+STEPS_PER_VIDEO = 50
+FRAMES, HEIGHT, WIDTH = 49, 480, 720
+PROMPT = "Gentle waves roll onto an empty beach at dusk, the sky slowly darkening as the tide foams."
+REFERENCE_NAMES = {
+    "ref-gpu": "pipe.to('cuda')",
+    "ref-gpu-tiled": "pipe.to('cuda') + VAE slicing and tiling",
+    "ref-model-offload": "enable_model_cpu_offload() + VAE slicing and tiling",
+    "ref-sequential-offload": "enable_sequential_cpu_offload() + VAE slicing and tiling (CogVideo's demo)",
+}
+
+
+def model_config(steps: int = STEPS_PER_VIDEO) -> ModelConfig:
+    from omegaconf import OmegaConf
+
+    loaded = OmegaConf.load(ROOT / "conf" / "model" / "cogvideox-5b-i2v.yaml")
+    model = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), loaded))
+    return replace(model, weights="random", num_inference_steps=steps)
+
+
+def transformer_tflop_per_step(batch: int = 2) -> float:
+    """FLOPs of one denoising step: linear layers 24*N*d^2 and attention 4*N^2*d per layer and sample."""
+    arch = json.loads((ROOT / "conf/arch/cogvideox-5b-i2v/transformer.json").read_text())
+    d = arch["num_attention_heads"] * arch["attention_head_dim"]
+    tokens = ((FRAMES - 1) // 4 + 1) * (HEIGHT // 16) * (WIDTH // 16) + arch["max_text_seq_length"]
+    per_layer = 24 * tokens * d * d + 4 * tokens * tokens * d
+    return per_layer * arch["num_layers"] * batch / 1e12
+
+
+# --- measuring ----------------------------------------------------------------------------------------
+
+
+class SyncCounter:
+    """Counts host synchronisations (torch's sync debug mode warnings) between the first and last step."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.active = False
+
+    def on_warning(self, message, *args, **kwargs) -> None:
+        if self.active and "synchroniz" in str(message):
+            self.count += 1
+
+
+def timed_call(call, steps: int, budget_gib: float | None) -> dict:
+    """Warm up, then time one call of `steps` steps; returns the measurement."""
+    call(1, None)
+    torch.cuda.synchronize()
+    release_memory()
+    torch.cuda.reset_peak_memory_stats()
+    ends: list[torch.cuda.Event] = []
+    syncs = SyncCounter()
+
+    def on_step(pipe, i, t, tensors):
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        ends.append(event)
+        syncs.active = 0 <= i < steps - 1  # between the end of step 0 and the end of the last step
+        return tensors
+
+    start = torch.cuda.Event(enable_timing=True)
+    stop = torch.cuda.Event(enable_timing=True)
+    original = warnings.showwarning
+    warnings.showwarning = syncs.on_warning
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        torch.cuda.synchronize()
+        wall = time.perf_counter()
+        start.record()
+        call(steps, on_step)
+        stop.record()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - wall
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+        warnings.showwarning = original
+    step_ms = sorted(ends[i].elapsed_time(ends[i + 1]) for i in range(len(ends) - 1))
+    median = step_ms[len(step_ms) // 2] / 1000
+    outside = wall - steps * median
+    peak_allocated = torch.cuda.max_memory_allocated() / GIB
+    peak_reserved = torch.cuda.max_memory_reserved() / GIB
+    per_video = outside + STEPS_PER_VIDEO * median
+    tflop = transformer_tflop_per_step()
+    return {
+        "seconds_per_video": round(per_video, 2),
+        "videos_per_hour": round(3600 / per_video, 1),
+        "seconds_per_step": round(median, 4),
+        "seconds_outside_steps": round(outside, 2),
+        "steps_timed": steps,
+        "step_times_s": [round(s / 1000, 4) for s in step_ms],
+        "peak_allocated_gib": round(peak_allocated, 2),
+        "peak_reserved_gib": round(peak_reserved, 2),
+        "within_budget": None if budget_gib is None else bool(peak_reserved <= budget_gib + 1e-6),
+        "tflops": round(tflop / median, 1),
+        "host_syncs_in_loop": syncs.count,
+    }
+
+
+def reference(name: str, image, steps: int) -> dict:
+    """A recipe from diffusers' documentation, applied to a plain pipeline."""
+    pipe = build_pipeline(model_config(), "cuda")
+    if name != "ref-gpu":
+        pipe.vae.enable_slicing()
+        pipe.vae.enable_tiling()
+    if name == "ref-model-offload":
+        pipe.to("cpu")
+        pipe.enable_model_cpu_offload()
+    elif name == "ref-sequential-offload":
+        pipe.to("cpu")
+        pipe.enable_sequential_cpu_offload()
+    release_memory()
+
+    def call(n, callback):
+        return pipe(
+            image=image,
+            prompt=PROMPT,
+            num_frames=FRAMES,
+            height=HEIGHT,
+            width=WIDTH,
+            num_inference_steps=n,
+            guidance_scale=6.0,
+            use_dynamic_cfg=True,
+            generator=torch.Generator("cuda").manual_seed(0),
+            output_type="pt",
+            callback_on_step_end=callback,
+        )
+
+    with torch.no_grad():
+        result = timed_call(call, steps, None)
+    pipe.remove_all_hooks()
+    return {
+        "recipe": name,
+        "description": REFERENCE_NAMES[name],
+        "budget_gib": None,
+        "changes_output": False,
+        "plan": None,
+    } | result
+
+
+def project(label: str, image, steps: int, budget: float | None, chunk: int, **overrides) -> dict:
+    """batch_runner's replica: the plan `auto` picks for the budget (or the one given)."""
+    speed = SpeedConfig(**{k: v for k, v in overrides.items() if k in SpeedConfig.__dataclass_fields__})
+    mem = MemoryConfig(
+        budget_gib=budget, **{k: v for k, v in overrides.items() if k in MemoryConfig.__dataclass_fields__}
+    )
+    cfg = RunConfig(manifest="-", model=model_config(), memory=mem, speed=speed)
+    torch.cuda.set_per_process_memory_fraction(1.0)
+    replica = Replica(cfg, torch.device("cuda"))
+    jobs = [
+        Job(
+            index=i,
+            id=f"b{i}",
+            image="-",
+            prompt=f"{PROMPT} Variation {i}.",
+            negative_prompt="",
+            seed=i,
+            num_frames=FRAMES,
+            height=HEIGHT,
+            width=WIDTH,
+            fps=8.0,
+            num_inference_steps=steps,
+            guidance_scale=6.0,
+        )
+        for i in range(chunk)
+    ]
+    replica.encode(jobs)  # warm-up of the text path
+    torch.cuda.synchronize()
+    replica._cache.clear()
+    t0 = time.perf_counter()
+    prompts = replica.encode(jobs)
+    torch.cuda.synchronize()
+    encode_per_video = (time.perf_counter() - t0) / chunk
+
+    def call(n, callback):
+        job = replace(jobs[0], num_inference_steps=n)
+        generator = torch.Generator("cuda").manual_seed(0)
+        with replica_inference(replica):
+            return replica.pipe(
+                image=image,
+                prompt_embeds=prompts.embeddings[job.prompt],
+                negative_prompt_embeds=prompts.embeddings[""],
+                num_frames=FRAMES,
+                height=HEIGHT,
+                width=WIDTH,
+                num_inference_steps=n,
+                guidance_scale=6.0,
+                use_dynamic_cfg=True,
+                generator=generator,
+                output_type="pt",
+                callback_on_step_end=callback,
+            )
+
+    try:
+        result = timed_call(call, steps, budget)
+    except torch.OutOfMemoryError:
+        # As the runner does: one plan down the ladder, then the same measurement.
+        before = replica.plan
+        release_memory()
+        replica.step_down()
+        prompts = replica.encode(jobs)
+        result = timed_call(call, steps, budget) | {"oom_fallback": f"{before} -> {replica.plan}"}
+    result["seconds_per_video"] = round(result["seconds_per_video"] + encode_per_video, 2)
+    result["videos_per_hour"] = round(3600 / result["seconds_per_video"], 1)
+    result["text_encoding_s_per_video"] = round(encode_per_video, 3)
+    record = {
+        "recipe": label,
+        "description": f"batch_runner memory=auto -> {replica.plan}",
+        "plan": replica.plan,
+        "plan_reason": replica.plan_reason,
+        "budget_gib": budget,
+        "changes_output": bool(cfg.memory.fp8_weights or cfg.speed.cache != "none"),
+        "compile": cfg.speed.compile,
+        "attention": cfg.speed.attention,
+    } | result
+    memory.remove_offloading(replica.pipe)
+    return record
+
+
+@contextlib.contextmanager
+def replica_inference(replica):
+    from batch_runner import speed
+
+    with speed.inference(replica.cfg.speed, replica.device):
+        yield
+
+
+def end_to_end(rows: int, steps: int, out: Path, photos: Path) -> dict:
+    """The command line itself over a manifest of `rows` rows: time to first video and steady rate."""
+    import pandas as pd
+
+    work = out / "e2e"
+    work.mkdir(parents=True, exist_ok=True)
+    images = sorted(photos.glob("*.png"))
+    manifest = pd.DataFrame(
+        {
+            "id": [f"row{i}" for i in range(rows)],
+            "image": [str(images[i % len(images)]) for i in range(rows)],
+            "prompt": [f"{PROMPT} Take {i}." for i in range(rows)],
+        }
+    )
+    manifest.to_csv(work / "jobs.csv", index=False)
+    command = [
+        sys.executable,
+        str(ROOT / "run.py"),
+        f"manifest={work / 'jobs.csv'}",
+        "model.weights=random",
+        f"model.num_inference_steps={steps}",
+        f"output_dir={work / 'out'}",
+        "overwrite=true",
+    ]
+    started = time.time()
+    subprocess.run(command, check=True, cwd=ROOT)
+    wall = time.time() - started
+    table = pd.read_parquet(work / "out" / "results.parquet")
+    finished = pd.to_datetime(table["finished_at"]).sort_values()
+    first = finished.iloc[0].timestamp() - started
+    steady = (finished.iloc[-1] - finished.iloc[0]).total_seconds() / max(1, len(finished) - 1)
+    return {
+        "recipe": "runner-end-to-end",
+        "description": f"accelerate-free `python run.py` over {rows} rows at {steps} steps (memory=auto, no budget)",
+        "budget_gib": None,
+        "changes_output": False,
+        "rows": rows,
+        "steps": steps,
+        "ok_rows": int((table["status"] == "ok").sum()),
+        "wall_seconds": round(wall, 1),
+        "time_to_first_video_s": round(first, 1),
+        "steady_seconds_per_video": round(steady, 2),
+        "steady_videos_per_hour": round(3600 / steady, 1),
+        "command": " ".join(command[1:]),
+    }
+
+
+def probe(out: Path) -> list[dict]:
+    """One transformer forward (CFG batch, 49x480x720) per attention backend, fused or not, compiled or not."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from batch_runner.pipeline import random_pipeline
+    from batch_runner.speed import compile_blocks
+
+    pipe = random_pipeline(model_config(), torch.bfloat16, "cuda")
+    transformer = pipe.transformer
+    del pipe
+    release_memory()
+    arch = transformer.config
+    latent = torch.randn(2, 13, arch.in_channels, 60, 90, device="cuda", dtype=torch.bfloat16)
+    text = torch.randn(2, 226, 4096, device="cuda", dtype=torch.bfloat16)
+    timestep = torch.tensor([999, 999], device="cuda")
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+
+    rotary = get_3d_rotary_pos_embed(64, ((0, 0), (30, 45)), (30, 45), 13, device="cuda")
+
+    def forward():
+        return transformer(
+            hidden_states=latent,
+            encoder_hidden_states=text,
+            timestep=timestep,
+            image_rotary_emb=rotary,
+            return_dict=False,
+        )[0]
+
+    def time_it(repeats: int = 3) -> float:
+        with torch.no_grad():
+            forward()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                forward()
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / repeats
+
+    results = []
+    backends = {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    }
+    for stage in ("eager", "fused", "compiled"):
+        if stage == "fused":
+            transformer.fuse_qkv_projections()
+        if stage == "compiled":
+            compile_blocks(transformer)
+        for name, backend in backends.items():
+            try:
+                with sdpa_kernel([backend]):
+                    seconds = time_it()
+                results.append(
+                    {
+                        "recipe": "probe",
+                        "stage": stage,
+                        "attention": name,
+                        "seconds_per_step": round(seconds, 4),
+                        "tflops": round(transformer_tflop_per_step() / seconds, 1),
+                    }
+                )
+            except Exception as e:
+                results.append({"recipe": "probe", "stage": stage, "attention": name, "error": str(e)[:200]})
+            print(json.dumps(results[-1]), flush=True)
+    return results
+
+
+# --- environment and report -----------------------------------------------------------------------------
+
+
+def environment() -> dict:
+    import diffusers
+    import transformers
+
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    torch.cuda.synchronize()
+    matmul = 10 * 2 * 8192**3 / (time.perf_counter() - t0) / 1e12
+    host = torch.empty(2 * GIB, dtype=torch.uint8, pin_memory=True)
+    device = torch.empty(2 * GIB, dtype=torch.uint8, device="cuda")
+    device.copy_(host, non_blocking=True)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    device.copy_(host, non_blocking=True)
+    torch.cuda.synchronize()
+    h2d = 2 * GIB / (time.perf_counter() - t0) / 1e9
+    del a, b, host, device
+    release_memory()
+    props = torch.cuda.get_device_properties(0)
+    return {
+        "gpu": torch.cuda.get_device_name(0),
+        "gpu_memory_gib": round(props.total_memory / GIB, 1),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "measured_bf16_matmul_tflops": round(matmul, 1),
+        "measured_pinned_h2d_gb_s": round(h2d, 1),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+    }
+
+
+def write_report(records: list[dict], out: Path, command: str) -> None:
+    env = next((r for r in records if r.get("recipe") == "environment"), {})
+    rows = [r for r in records if r.get("recipe") not in ("environment",)]
+    peak = env.get("measured_bf16_matmul_tflops")
+    lines = [
+        "# Benchmarks",
+        "",
+        f"GPU: {env.get('gpu')} ({env.get('gpu_memory_gib')} GiB), torch {env.get('torch')} (CUDA {env.get('cuda')}), "
+        f"diffusers {env.get('diffusers')}, transformers {env.get('transformers')}, Python {env.get('python')}, "
+        f"{env.get('date')}. Measured on this GPU: bf16 8192^3 matmul {peak} TFLOP/s, pinned host-to-GPU copy "
+        f"{env.get('measured_pinned_h2d_gb_s')} GB/s.",
+        "",
+        "CogVideoX-5B-I2V architecture with random weights (time and memory do not depend on weight values), "
+        f"{FRAMES} frames at {WIDTH}x{HEIGHT}, guidance 6 with dynamic CFG, CogVideoXDPMScheduler. "
+        f"Steps are timed directly with CUDA events after a warm-up; seconds per video are extrapolated to "
+        f"{STEPS_PER_VIDEO} steps: time outside the steps (text encoding, image encoding, VAE decoding) + "
+        f"{STEPS_PER_VIDEO} x median step. One denoising step is {transformer_tflop_per_step():.0f} TFLOP.",
+        "",
+        f"Command: `{command}`",
+        "",
+        "| recipe | budget GiB | plan | s/video | videos/h | s/step | TFLOP/s | % of matmul peak | peak alloc GiB "
+        "| peak reserved GiB | within budget | changes output |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r.get("recipe") in ("runner-end-to-end", "probe") or "error" in r:
+            continue
+        share = f"{100 * r['tflops'] / peak:.0f}%" if peak and r.get("tflops") else ""
+        lines.append(
+            f"| {r['recipe']} | {r.get('budget_gib') or '—'} | {r.get('plan') or '—'} | {r['seconds_per_video']} | "
+            f"{r['videos_per_hour']} | {r['seconds_per_step']} | {r['tflops']} | {share} | {r['peak_allocated_gib']} | "
+            f"{r['peak_reserved_gib']} | {'' if r.get('within_budget') is None else r['within_budget']} | "
+            f"{'yes' if r.get('changes_output') else 'no'} |"
+        )
+    for r in rows:
+        if r.get("recipe") == "runner-end-to-end" and "error" not in r:
+            lines += [
+                "",
+                "## End to end (the command line)",
+                "",
+                f"{r['description']}: {r['ok_rows']} ok rows, "
+                f"time to first video {r['time_to_first_video_s']} s (imports, weights, compilation), steady "
+                f"{r['steady_seconds_per_video']} s per video ({r['steady_videos_per_hour']} videos/h) at "
+                f"{r['steps']} steps. Command: `{r['command']}`",
+            ]
+    errors = [r for r in rows if "error" in r]
+    if errors:
+        lines += ["", "## Failed measurements", ""] + [f"- {r['recipe']}: {r['error']}" for r in errors]
+    (out / "benchmarks.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", default="refs,plans,approx,e2e")
+    parser.add_argument("--steps", type=int, default=3, help="denoising steps timed per measurement")
+    parser.add_argument("--budgets", default="none,24,16,12,8")
+    parser.add_argument("--refs", default=",".join(REFERENCE_NAMES))
+    parser.add_argument("--chunk", type=int, default=8, help="prompts encoded together by the replica")
+    parser.add_argument("--e2e-rows", type=int, default=8)
+    parser.add_argument("--e2e-steps", type=int, default=5)
+    parser.add_argument("--photos", type=Path, default=ROOT / ".device_inputs" / "examples" / "images")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs")
+    parser.add_argument("--append", action="store_true", help="add to an existing benchmarks.json")
+    parser.add_argument("--report", action="store_true", help="only rewrite benchmarks.md from the json")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "benchmarks.json"
+    records = json.loads(path.read_text()) if (args.append or args.report) and path.exists() else []
+    command = "python scripts/benchmark.py " + " ".join(sys.argv[1:])
+    if args.report:
+        write_report(records, args.out, os.environ.get("BENCHMARK_COMMAND", command))
+        return
+    env = environment()
+    records = [r for r in records if r.get("recipe") != "environment"] + [{"recipe": "environment"} | env]
+    image = load_image(sorted(args.photos.glob("*.png"))[0], HEIGHT, WIDTH, 10**8)
+    parts = args.parts.split(",")
+
+    def save(record: dict) -> None:
+        record = record | {"gpu": env["gpu"], "command": command}
+        records.append(record)
+        path.write_text(json.dumps(records, indent=2))
+        print(
+            json.dumps(
+                {
+                    k: record.get(k)
+                    for k in (
+                        "recipe",
+                        "budget_gib",
+                        "plan",
+                        "seconds_per_video",
+                        "seconds_per_step",
+                        "peak_allocated_gib",
+                        "error",
+                    )
+                }
+            ),
+            flush=True,
+        )
+
+    def attempt(label: str, budget, fn) -> None:
+        try:
+            save(fn())
+        except Exception as e:  # one failed measurement must not lose the others
+            save({"recipe": label, "budget_gib": budget, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+        # Everything the measurement built is unreachable now: give its memory back before the next.
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        release_memory()
+
+    if "probe" in parts:
+        for record in probe(args.out):
+            save(record)
+    if "refs" in parts:
+        for name in args.refs.split(","):
+            attempt(name, None, lambda name=name: reference(name, image, args.steps))
+    if "plans" in parts:
+        for b in args.budgets.split(","):
+            budget = None if b == "none" else float(b)
+            label = f"batch_runner-{'nobudget' if budget is None else f'{b}gib'}"
+            attempt(
+                label, budget, lambda label=label, budget=budget: project(label, image, args.steps, budget, args.chunk)
+            )
+    if "approx" in parts:
+        attempt(
+            "approx-fp8-8gib",
+            8.0,
+            lambda: project("approx-fp8-8gib", image, args.steps, 8.0, args.chunk, fp8_weights=True),
+        )
+        # Pyramid Attention Broadcast skips attention on a timestep schedule: time all 50 steps.
+        attempt(
+            "approx-pyramid-nobudget",
+            None,
+            lambda: project(
+                "approx-pyramid-nobudget", image, STEPS_PER_VIDEO, None, args.chunk, cache="pyramid", compile="off"
+            ),
+        )
+    if "e2e" in parts:
+        attempt("runner-end-to-end", None, lambda: end_to_end(args.e2e_rows, args.e2e_steps, args.out, args.photos))
+    write_report(records, args.out, command)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Shared helpers: configs composed exactly as the command line composes them, and real inputs on disk."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from PIL import Image
+
+from batch_runner.config import RunConfig, register_configs
+
+ROOT = Path(__file__).resolve().parent.parent
+register_configs()
+
+
+def run_config(*overrides: str) -> RunConfig:
+    """The typed config `python run.py <overrides>` would run with."""
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        cfg = compose("config", overrides=list(overrides))
+    return OmegaConf.to_object(cfg)
+
+
+def photo(path: Path, size: tuple[int, int] = (120, 80), mode: str = "RGB", seed: int = 0) -> Path:
+    """A real image file: smooth colour gradients plus noise, in the mode and format asked for."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    y, x = np.mgrid[0:h, 0:w]
+    rgb = np.stack([x * 255 / w, y * 255 / h, (x + y) * 127 / (w + h)], axis=-1)
+    rgb = np.clip(rgb + rng.normal(0, 12, rgb.shape), 0, 255).astype(np.uint8)
+    image = Image.fromarray(rgb, "RGB")
+    if mode == "RGBA":
+        image.putalpha(Image.fromarray((x * 255 / w).astype(np.uint8)))
+    elif mode != "RGB":
+        image = image.convert(mode)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return path
+
+
+def write_manifest(path: Path, rows: list[dict]) -> Path:
+    table = pd.DataFrame(rows)
+    if path.suffix == ".parquet":
+        table.to_parquet(path, index=False)
+    else:
+        table.to_csv(path, index=False)
+    return path
+
+
+def run_cli(
+    *args: str, cwd: Path = ROOT, launcher: list[str] | None = None, timeout: int = 600, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """The command line as a user types it: `python run.py ...` or `accelerate launch ... run.py ...`."""
+    command = [*(launcher or [sys.executable]), str(ROOT / "run.py"), *args]
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def accelerate_cpu(processes: int) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--cpu",
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
+
+
+@pytest.fixture
+def photos(tmp_path: Path) -> dict[str, Path]:
+    """Assorted inputs: sizes, modes and formats as users bring them."""
+    folder = tmp_path / "inputs"
+    return {
+        "rgb": photo(folder / "rgb.png", (120, 80)),
+        "gray": photo(folder / "gray.jpg", (90, 140), "L", seed=1),
+        "rgba": photo(folder / "rgba.png", (64, 64), "RGBA", seed=2),
+        "webp": photo(folder / "wide.webp", (300, 100), seed=3),
+        "jpeg": photo(folder / "photo.jpeg", (200, 150), seed=4),
+        "palette": photo(folder / "pal.png", (100, 100), "P", seed=5),
+    }
