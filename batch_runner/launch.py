@@ -21,11 +21,13 @@ def requested_cpu_processes() -> int:
     if "MASTER_ADDR" not in os.environ:  # accelerate sets it only when more than one process was asked
         return 1
     launcher = _parent_argv()
-    if "launch" not in launcher:
+    # `accelerate launch ...`, `accelerate-launch ...` or `python -m accelerate.commands.launch ...`
+    starts = [i for i, part in enumerate(launcher) if _is_launch_word(part)]
+    if not starts:
         return 1
     from accelerate.commands.launch import launch_command_parser
 
-    args, _ = launch_command_parser().parse_known_args(launcher[launcher.index("launch") + 1 :])
+    args, _ = launch_command_parser().parse_known_args(launcher[starts[0] + 1 :])
     if getattr(args, "mpirun_hostfile", None) or (args.num_machines or 1) > 1:
         return 1
     return int(args.num_processes or 1)
@@ -50,6 +52,10 @@ def respawn_with_torchrun(num_processes: int) -> int:
     except Exception:
         return 1
     return 0
+
+
+def _is_launch_word(part: str) -> bool:
+    return part in ("launch", "accelerate.commands.launch") or Path(part).name == "accelerate-launch"
 
 
 def _parent_argv() -> list[str]:

@@ -136,17 +136,18 @@ def read_table(path: Path) -> pd.DataFrame:
             f"The manifest {str(path)!r} is a {suffix or 'file without extension'}; "
             "save it as .csv (UTF-8) or .parquet."
         )
-    text_columns = {c: str for c in ("id", "image", "prompt", "negative_prompt")}
+    # seed is read as text too: a column with a blank cell would otherwise pass through float64,
+    # which rounds seeds above 2**53.
+    text_columns = {c: str for c in ("id", "image", "prompt", "negative_prompt", "seed")}
     try:
         if suffix == ".parquet":
             return pd.read_parquet(path)
-        table = _read_csv(path, ",", text_columns)
-        if not set(REQUIRED_COLUMNS) <= set(table.columns) and len(table.columns) == 1:
-            # Spreadsheets in some locales save with ';' or tabs: accept those too.
-            for sep in (";", "\t"):
-                if sep in str(table.columns[0]):
-                    return _read_csv(path, sep, text_columns)
-        return table
+        # Spreadsheets in some locales save with ';' or tabs: the header line tells which, so
+        # prompts with commas in them do not break the rows.
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            header = f.readline()
+        sep = "," if "," in header else next((s for s in (";", "\t") if s in header), ",")
+        return _read_csv(path, sep, text_columns)
     except UnicodeDecodeError as e:
         raise UserError(
             f"The manifest {str(path)!r} is not UTF-8 text (byte {e.start}); save it as 'CSV UTF-8'."

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -57,6 +57,11 @@ def output_salt(cfg: RunConfig) -> str:
 
 
 def save_config(cfg: RunConfig, output_dir: Path) -> None:
+    # Paths are saved absolute, so that from_run=OUTPUT_DIR works from any folder.
+    model_path = Path(cfg.model.path).expanduser()
+    if cfg.model.path and (cfg.model.path.startswith((".", "~")) or model_path.exists()):
+        cfg = replace(cfg, model=replace(cfg.model, path=str(model_path.resolve())))
+    cfg = replace(cfg, manifest=str(Path(cfg.manifest).expanduser().resolve()), output_dir=str(output_dir))
     atomic_write_text(config_yaml(cfg), output_dir / CONFIG_FILE)
 
 

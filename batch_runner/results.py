@@ -141,8 +141,11 @@ def merge(output_dir: Path, manifest: Manifest) -> pd.DataFrame:
         if column not in records.columns:
             records[column] = None
     table = records[RESULT_COLUMNS + PROVENANCE_COLUMNS].astype(_DTYPES)
-    passthrough = manifest.table[["id", *manifest.passthrough]].rename(
-        columns={c: f"{c}_manifest" for c in manifest.passthrough if c in table.columns}
+    # A duplicate id (refused, recorded under on_invalid=skip) must not double its first row here.
+    passthrough = (
+        manifest.table[["id", *manifest.passthrough]]
+        .drop_duplicates("id")
+        .rename(columns={c: f"{c}_manifest" for c in manifest.passthrough if c in table.columns})
     )
     table = table.merge(passthrough, on="id", how="left", validate="one_to_one")
     atomic_write_parquet(table, output_dir / RESULTS_FILE)

@@ -75,8 +75,13 @@ def _run(cfg: RunConfig, cluster: Cluster) -> int:
 
     progress = Progress(cluster.counter, total=len(pending)) if cluster.is_main else None
     with logging_redirect_tqdm() if progress else contextlib.nullcontext():
-        if pending:
-            _make_videos(cfg, cluster, out, plan["run_id"], pending, progress)
+        try:
+            if pending:
+                _make_videos(cfg, cluster, out, plan["run_id"], pending, progress)
+        except BaseException:
+            if progress:  # end the bar's line, so that the error is printed on a line of its own
+                progress.bar.close()
+            raise
         cluster.finish_and_wait(on_poll=progress.refresh if progress else None)
         if progress:
             progress.close()
@@ -121,9 +126,14 @@ def _prepare(cfg: RunConfig, manifest: Manifest, out: Path) -> dict[str, Any]:
 
 def _record_invalid(cfg: RunConfig, manifest: Manifest, out: Path, run_id: str) -> None:
     results = ResultLog(out, run_id, rank=0)
+    valid = {job.id for job in manifest.jobs}
     for row_id, reason in manifest.invalid_ids.items():
-        results.append({"id": row_id, "status": "failed", "error": f"invalid row: {reason}", "finished_at": _now()})
         log.warning("row %s skipped: %s", row_id, reason)
+        if row_id in valid:
+            # A later duplicate of a valid row's id: its record would replace that row's own (and on a
+            # resume, turn the video made for it into a failure). The refusal is in the log above.
+            continue
+        results.append({"id": row_id, "status": "failed", "error": f"invalid row: {reason}", "finished_at": _now()})
 
 
 def _make_videos(
