@@ -18,6 +18,7 @@ from batch_runner.results import finished_ids
 from batch_runner.sharding import static_shard
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.json"
+BENCHMARKED_ARCH, BENCHMARKED_FRAMES = "cogvideox-5b-i2v", 49
 
 
 def describe(cfg: RunConfig, manifest: Manifest, cluster: Cluster, out: Path) -> str:
@@ -44,7 +45,7 @@ def describe(cfg: RunConfig, manifest: Manifest, cluster: Cluster, out: Path) ->
     if estimate is not None:
         per_process = estimate / max(1, world)
         lines.append(
-            f"estimated time: ~{per_process / 3600:.2f} h with {world} process(es) "
+            f"estimated time: ~{_duration(per_process)} with {world} process(es) "
             f"(~{estimate / max(1, len(pending)):.0f} s per video on an H100, from docs/benchmarks.json)"
         )
     else:
@@ -72,19 +73,29 @@ def _plan(cfg: RunConfig, cluster: Cluster, world: int) -> tuple[str, str, float
 
 
 def _estimate_seconds(cfg: RunConfig, plan: str, budget: float | None, pending: list) -> float | None:
-    """Seconds for `pending` from the benchmark's seconds per video, scaled by steps and frames."""
-    if not BENCHMARKS.exists() or cfg.model.weights == "tiny":
+    """Seconds for `pending` from the benchmark's measured step and decode times on an H100.
+
+    Steps scale with the row's step count, and both parts roughly with its frame count.
+    """
+    if not BENCHMARKS.exists() or cfg.model.arch != BENCHMARKED_ARCH:
         return None
     records = [
         r
         for r in json.loads(BENCHMARKS.read_text())
-        if r.get("plan") == plan and not r.get("changes_output") and r.get("seconds_per_video")
+        if r.get("plan") == plan and not r.get("changes_output") and r.get("seconds_per_step")
     ]
     if not records:
         return None
     best = min(records, key=lambda r: abs((r.get("budget_gib") or 80) - (budget or 80)))
-    reference_steps, reference_frames = best.get("steps", 50), best.get("frames", 49)
+    step, outside = best["seconds_per_step"], best["seconds_outside_steps"]
     return sum(
-        best["seconds_per_video"] * job.num_inference_steps / reference_steps * job.num_frames / reference_frames
-        for job in pending
+        (outside + step * job.num_inference_steps) * job.num_frames / BENCHMARKED_FRAMES for job in pending
     )
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

@@ -37,13 +37,18 @@ GIB = 1024**3
 # Fastest first. `auto` and the out-of-memory fallback walk down this ladder.
 LADDER = ("none", "text_offload", "group_offload", "sequential_cpu_offload")
 PLANS = ("none", "text_offload", "group_offload", "model_cpu_offload", "sequential_cpu_offload")
-# Activation terms, fitted on an H100 with CogVideoX-5B-I2V (see docs/benchmarks.md): bytes per
-# (token x hidden unit x batch element) while denoising, and per decoded pixel-frame for the VAE.
-DENOISE_BYTES_PER_TOKEN_UNIT = 14.0
+# Activation terms, fitted to peaks measured on an H100 with CogVideoX-5B-I2V at 49x480x720 with
+# guidance (docs/benchmarks.json): bytes per (token x hidden unit x batch element) while denoising.
+# A whole compiled block (the resident plans) keeps more intermediates alive than the per-sub-layer
+# graphs of a streamed transformer: measured 6.6 GiB against 3.2 GiB of activations.
+DENOISE_BYTES_PER_TOKEN_UNIT = {"resident": 65.0, "streamed": 31.5}
 VAE_DECODE_BYTES_PER_PIXEL = 2900.0
 VAE_TILED_PIXELS = 240 * 360 * 2  # the largest region a tiled decode holds at once, per frame pair
-# Working room kept free for the allocator's fragmentation and the CUDA context's own needs.
-HEADROOM_GIB = 1.0
+# The caching allocator reserves more than it allocates (measured: reserved/allocated up to 1.11),
+# and the CUDA context and cuBLAS workspaces want room of their own.
+FRAGMENTATION = 1.12
+HEADROOM_GIB = 0.5
+STREAMED_PLANS = ("group_offload", "sequential_cpu_offload")
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,7 @@ class Workload:
     hidden: int  # transformer width (heads x head dim)
     vae_channels: int  # widest VAE block
     patch: int = 2
+    patch_t: int = 1  # CogVideoX1.5 also patches time by 2
     spatial: int = 8
     temporal: int = 4
 
@@ -65,7 +71,7 @@ class Workload:
     def tokens(self) -> int:
         latent_frames = (self.frames - 1) // self.temporal + 1
         grid = (self.height // (self.spatial * self.patch)) * (self.width // (self.spatial * self.patch))
-        return latent_frames * grid + self.text_tokens
+        return -(-latent_frames // self.patch_t) * grid + self.text_tokens
 
 
 @dataclass(frozen=True)
@@ -82,10 +88,11 @@ class Choice:
     estimates: tuple[Estimate, ...]
 
 
-def activation_gib(workload: Workload, vae_tiling: bool) -> tuple[float, float]:
+def activation_gib(workload: Workload, vae_tiling: bool, streamed: bool) -> tuple[float, float]:
     """(denoising peak, decoding peak) activations in GiB for one video."""
     batch = 2 if workload.guidance else 1
-    denoise = DENOISE_BYTES_PER_TOKEN_UNIT * batch * workload.tokens * workload.hidden
+    per_unit = DENOISE_BYTES_PER_TOKEN_UNIT["streamed" if streamed else "resident"]
+    denoise = per_unit * batch * workload.tokens * workload.hidden
     pixels = workload.height * workload.width
     if vae_tiling:
         pixels = min(pixels, VAE_TILED_PIXELS)
@@ -94,12 +101,13 @@ def activation_gib(workload: Workload, vae_tiling: bool) -> tuple[float, float]:
 
 
 def estimate(plan: str, weights: dict[str, int], workload: Workload, config: MemoryConfig) -> Estimate:
-    """Peak GPU memory and host memory of `plan` for this workload, in GiB."""
+    """Peak GPU memory (as the allocator reserves it) and host memory of `plan`, in GiB."""
     text, transformer, vae = (weights[k] / GIB for k in ("text_encoder", "transformer", "vae"))
     if config.fp8_weights:
         transformer /= 2
-    denoise, decode = activation_gib(workload, config.vae_tiling)
-    block = transformer / 40  # one streamed transformer block (CogVideoX-5B has 42)
+    streamed = plan in STREAMED_PLANS
+    denoise, decode = activation_gib(workload, config.vae_tiling, streamed)
+    block = transformer / 40 * config.blocks_per_group  # one streamed group (CogVideoX-5B has 42 blocks)
     layer = text / 24
     gpu = {
         "none": text + transformer + vae + max(denoise, decode),
@@ -115,7 +123,7 @@ def estimate(plan: str, weights: dict[str, int], workload: Workload, config: Mem
         "model_cpu_offload": text + transformer + vae,
         "sequential_cpu_offload": text + transformer + vae,
     }[plan]
-    return Estimate(plan, round(gpu + HEADROOM_GIB, 2), round(host, 2))
+    return Estimate(plan, round(gpu * FRAGMENTATION + HEADROOM_GIB, 2), round(host, 2))
 
 
 def choose_plan(
@@ -136,7 +144,7 @@ def choose_plan(
             faster = [p for p in LADDER[: LADDER.index(plan)]]
             why = "; ".join(_why_not(by_plan[p], budget_gib, share) for p in faster)
             reason = (
-                f"{plan}: needs ~{e.gpu_gib:.1f} GiB of the {budget_gib:.1f} GiB GPU budget and "
+                f"{plan}: needs ~{e.gpu_gib:.2f} GiB of the {budget_gib:.1f} GiB GPU budget and "
                 f"{e.host_gib:.1f} GiB of this process's {share:.1f} GiB host share"
                 + (f" (faster plans do not fit: {why})" if why else " (the fastest plan)")
             )
@@ -150,8 +158,8 @@ def choose_plan(
 
 def _why_not(e: Estimate, budget_gib: float, share: float) -> str:
     if e.gpu_gib > budget_gib:
-        return f"{e.plan} needs ~{e.gpu_gib:.1f} GiB GPU > {budget_gib:.1f}"
-    return f"{e.plan} needs {e.host_gib:.1f} GiB host > {share:.1f} per process"
+        return f"{e.plan} needs ~{e.gpu_gib:.2f} GiB GPU > {budget_gib:.2f}"
+    return f"{e.plan} needs {e.host_gib:.2f} GiB host > {share:.2f} per process"
 
 
 def next_plan_down(plan: str) -> str | None:
@@ -172,11 +180,13 @@ def gpu_budget_gib(config: MemoryConfig, device: torch.device) -> float:
 
 
 def enforce_budget(config: MemoryConfig, device: torch.device) -> None:
-    """Cap PyTorch's allocator at the budget, so a run sized for a 24 GB card never uses more."""
+    """Cap PyTorch's allocator, so a run sized for a 24 GB card never uses more than 24 GB."""
     if config.budget_gib is None or not config.enforce_budget or device.type != "cuda":
         return
-    total = torch.cuda.get_device_properties(device).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, config.budget_gib * GIB / total), device)
+    cap_gib = config.budget_gib
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * GIB / total), index)
 
 
 def host_available_gib(config: MemoryConfig) -> float:
@@ -215,7 +225,7 @@ def apply_plan(pipe: Any, plan: str, device: torch.device, config: MemoryConfig)
     elif plan == "group_offload":
         pipe.vae.to(device)
         _stream(pipe.text_encoder, device, "leaf_level")
-        _stream(pipe.transformer, device, "block_level")
+        _stream(pipe.transformer, device, "block_level", config.blocks_per_group)
     elif plan == "model_cpu_offload":
         pipe.enable_model_cpu_offload(device=device)
     elif plan == "sequential_cpu_offload":
@@ -238,7 +248,7 @@ def remove_offloading(pipe: Any) -> None:
             registry.remove_hook(name, recurse=True)
 
 
-def _stream(module: torch.nn.Module, device: torch.device, offload_type: str) -> None:
+def _stream(module: torch.nn.Module, device: torch.device, offload_type: str, blocks_per_group: int = 1) -> None:
     """diffusers' group offloading with a CUDA stream: copy the next group while this one computes.
 
     Works on any torch module, so the transformers text encoder streams like the transformer.
@@ -251,7 +261,7 @@ def _stream(module: torch.nn.Module, device: torch.device, offload_type: str) ->
         onload_device=device,
         offload_device=torch.device("cpu"),
         offload_type=offload_type,
-        num_blocks_per_group=1 if offload_type == "block_level" else None,
+        num_blocks_per_group=blocks_per_group if offload_type == "block_level" else None,
         use_stream=True,
         record_stream=True,
     )

@@ -49,10 +49,9 @@ class Replica:
         self.pipe = build_pipeline(cfg.model, build_on)
         if cfg.speed.fuse_qkv:
             self.pipe.fuse_qkv_projections()
+        speed.prefer_attention(self.pipe.transformer, cfg.speed.attention, device)
         if cfg.memory.fp8_weights:
-            self.pipe.transformer.enable_layerwise_casting(
-                storage_dtype=torch.float8_e4m3fn, compute_dtype=self.dtype
-            )
+            self.pipe.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=self.dtype)
         speed.enable_cache(self.pipe, cfg.speed)
         memory.apply_plan(self.pipe, self.plan, device, cfg.memory)
         if speed.should_compile(cfg.speed, device) and cfg.speed.cache == "none":
@@ -92,6 +91,7 @@ class Replica:
         memory.apply_plan(self.pipe, lower, self.device, self.cfg.memory)
         self._cache.clear()
         self.plan = lower
+        memory.enforce_budget(self.cfg.memory, self.device)
         return lower
 
     # --- prompts ---
@@ -168,11 +168,12 @@ def workload_of(cfg: RunConfig) -> memory.Workload:
     from batch_runner.pipeline import arch_components
 
     model = cfg.model
-    hidden, vae_channels = 32, 8
+    hidden, vae_channels, patch_t = 32, 8, 1
     if model.arch:
         parts = arch_components(model.arch)
         t = parts["transformer"]
         hidden = t["num_attention_heads"] * t["attention_head_dim"]
+        patch_t = t.get("patch_size_t") or 1
         vae_channels = max(parts["vae"]["block_out_channels"])
     return memory.Workload(
         frames=model.num_frames,
@@ -182,6 +183,7 @@ def workload_of(cfg: RunConfig) -> memory.Workload:
         text_tokens=model.max_sequence_length,
         hidden=hidden,
         vae_channels=vae_channels,
+        patch_t=patch_t,
     )
 
 

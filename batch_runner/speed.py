@@ -43,14 +43,59 @@ AUTO_ORDER = [
 
 
 def attention_context(name: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """The SDPA backend for every attention call inside it."""
+    """The SDPA backend order for attention outside the transformer (text encoder, VAE).
+
+    The preferred backend comes first and the others stay allowed after it: a call the preferred
+    kernel cannot take (the text encoder's masked attention, say) falls back instead of raising.
+    """
     if device.type != "cuda":
         return contextlib.nullcontext()
+    return sdpa_kernel(backend_order(name), set_priority=True)
+
+
+def backend_order(name: str) -> list[SDPBackend]:
+    """Backends in the order to try them: the preferred one first, the others as fallbacks."""
     if name == "auto":
-        return sdpa_kernel(AUTO_ORDER, set_priority=True)
+        return AUTO_ORDER
     if name not in ATTENTION_BACKENDS:
         raise UserError(f"speed.attention={name!r} must be auto, {', '.join(ATTENTION_BACKENDS)}.")
-    return sdpa_kernel(ATTENTION_BACKENDS[name])
+    preferred = ATTENTION_BACKENDS[name]
+    return preferred + [b for b in AUTO_ORDER if b not in preferred]
+
+
+class PreferredAttention:
+    """Runs a transformer's attention processor with the SDPA backend order set inside the call.
+
+    torch.compile chooses the SDPA kernel while tracing and does not see a backend context set
+    around the compiled block, so the preference has to live inside the traced region.
+    """
+
+    def __init__(self, processor: Any, order: list[SDPBackend]) -> None:
+        self.processor = processor
+        self.order = order
+
+    # The explicit signature matters: diffusers drops keyword arguments a processor does not name.
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: torch.Tensor | None = None,
+    ) -> Any:
+        with sdpa_kernel(self.order, set_priority=True):
+            return self.processor(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+
+
+def prefer_attention(transformer: Any, name: str, device: torch.device) -> None:
+    """Give every attention layer of the transformer the configured backend preference."""
+    if device.type != "cuda":
+        return
+    order = backend_order(name)
+    processors = {
+        key: PreferredAttention(getattr(p, "processor", p), order) for key, p in transformer.attn_processors.items()
+    }
+    transformer.set_attn_processor(processors)
 
 
 def should_compile(config: SpeedConfig, device: torch.device) -> bool:
