@@ -1,0 +1,405 @@
+"""End to end through the real command line: `python run.py ...` and `accelerate launch --cpu ...`.
+
+Every run here is a subprocess with the tiny model, on real images of assorted modes and formats.
+Runs that later runs compare against use `output.crf=0` (lossless H.264): the decoded frames are then
+exactly the frames the pipeline made, so "same video" can be asserted bit for bit. (Lossy x264 is
+not bit-reproducible from one encode to the next on every machine, which would test the encoder,
+not the runner.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from batch_runner.manifest import derive_seed
+from batch_runner.results import PROVENANCE_COLUMNS, RESULT_COLUMNS
+from batch_runner.video import read_video
+from tests.conftest import ROOT, accelerate_cpu, photo, run_cli, write_manifest
+
+LOSSLESS = "output.crf=0"
+# The columns every results table starts with, in this order (the issue's list).
+REQUIRED = [
+    "id",
+    "status",
+    "video_path",
+    "seed",
+    "num_frames",
+    "height",
+    "width",
+    "fps",
+    "num_inference_steps",
+    "guidance_scale",
+    "rank",
+    "seconds",
+    "peak_memory_gib",
+    "error",
+]
+# id -> (image file, num_frames or None for the model's default, seed or None, category, prompt)
+ROWS = {
+    "rgb": ("rgb.png", 9, 11, "street", "the sea at night"),
+    "gray": ("gray.jpg", 17, None, "portrait", "a car in the city"),
+    "rgba": ("rgba.png", 25, 7, "logo", "the sea at night"),
+    "webp": ("wide.webp", 9, None, "landscape", "light on the water"),
+    "jpeg": ("photo.jpeg", None, 123456789012, "street", "a tree by the sea"),
+    "palette": ("pal.png", 17, None, "icon", "the sky at night"),
+}
+EXPECTED_FRAMES = {row_id: frames or 9 for row_id, (_, frames, _, _, _) in ROWS.items()}  # tiny: 9 by default
+TINY = {"height": 64, "width": 96, "fps": 8.0, "num_inference_steps": 4, "guidance_scale": 6.0}
+
+
+# --- helpers --------------------------------------------------------------------------------------
+
+
+def ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-6000:]}"
+    )
+
+
+def frames_of(path: Path) -> np.ndarray:
+    frames, _ = read_video(path)
+    return frames
+
+
+def video_state(out: Path) -> dict[str, tuple[int, bytes]]:
+    return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted((out / "videos").glob("*.mp4"))}
+
+
+def report(out: Path) -> dict:
+    return json.loads((out / "report.json").read_text())
+
+
+def part_ids(part: Path) -> list[str]:
+    return [json.loads(line)["id"] for line in part.read_text().splitlines() if line.strip()]
+
+
+def hydra_leftovers(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.name in (".hydra", "multirun") or p.name.endswith(".log")]
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+# --- shared runs ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A manifest folder: the CSV next to an images/ folder it names relatively."""
+    root = tmp_path_factory.mktemp("data")
+    images = root / "images"
+    made = {
+        "rgb.png": photo(images / "rgb.png", (120, 80)),
+        "gray.jpg": photo(images / "gray.jpg", (90, 140), "L", seed=1),
+        "rgba.png": photo(images / "rgba.png", (64, 64), "RGBA", seed=2),
+        "wide.webp": photo(images / "wide.webp", (300, 100), seed=3),
+        "photo.jpeg": photo(images / "photo.jpeg", (200, 150), seed=4),
+        "pal.png": photo(images / "pal.png", (100, 100), "P", seed=5),
+    }
+    assert {name: p.exists() for name, p in made.items()} == dict.fromkeys(made, True)
+    rows = [
+        {
+            "id": row_id,
+            "image": f"images/{image}",
+            "prompt": prompt,
+            "num_frames": frames,
+            "seed": seed,
+            "category": category,
+        }
+        for row_id, (image, frames, seed, category, prompt) in ROWS.items()
+    ]
+    manifest = write_manifest(root / "cli_e2e_jobs.csv", rows)
+    return {"root": root, "manifest": manifest, "rows": rows}
+
+
+@pytest.fixture(scope="module")
+def two_process(data: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The issue's acceptance run: accelerate launch --cpu --num_processes 2, from an unrelated cwd."""
+    cwd = tmp_path_factory.mktemp("cwd_two")
+    out = tmp_path_factory.mktemp("two") / "out"
+    proc = run_cli(
+        f"manifest={data['manifest']}",
+        "model=tiny",
+        f"output_dir={out}",
+        LOSSLESS,
+        cwd=cwd,
+        launcher=accelerate_cpu(2),
+    )
+    ok(proc)
+    return {"out": out, "cwd": cwd, "proc": proc, "videos": video_state(out)}
+
+
+@pytest.fixture(scope="module")
+def one_process(data: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("one") / "out"
+    ok(run_cli(f"manifest={data['manifest']}", "model=tiny", f"output_dir={out}", LOSSLESS))
+    return out
+
+
+# --- acceptance -----------------------------------------------------------------------------------
+
+
+def test_two_processes_make_every_video_with_the_asked_frames(two_process: dict) -> None:
+    out = two_process["out"]
+    assert sorted(p.name for p in (out / "videos").iterdir()) == sorted(f"{i}.mp4" for i in ROWS)
+    for row_id, frames in EXPECTED_FRAMES.items():
+        video, fps = read_video(out / "videos" / f"{row_id}.mp4")
+        assert video.shape == (frames, TINY["height"], TINY["width"], 3), row_id
+        assert video.dtype == np.uint8
+        assert fps == pytest.approx(TINY["fps"])
+        # Real content, not a constant frame.
+        assert video.std() > 1.0, row_id
+    for name in ("results.parquet", "metadata.parquet", "report.json", "report.html", "config.yaml"):
+        assert (out / name).is_file(), name
+    assert "6 of 6 rows ok" in two_process["proc"].stdout
+
+
+def test_two_processes_results_are_all_ok_from_both_ranks(two_process: dict) -> None:
+    out = two_process["out"]
+    table = pd.read_parquet(out / "results.parquet")
+    assert list(table["id"]) == list(ROWS)  # manifest order
+    assert set(table["status"]) == {"ok"}
+    assert table["error"].isna().all()
+    assert sorted(set(table["rank"])) == [0, 1]
+    assert dict(zip(table["id"], table["category"], strict=True)) == {i: r[3] for i, r in ROWS.items()}
+    assert dict(zip(table["id"], table["num_frames"], strict=True)) == EXPECTED_FRAMES
+    parts = sorted(p.name for p in (out / "parts").glob("*.jsonl"))
+    assert [p.split(".")[-2] for p in parts] == ["rank00000", "rank00001"]
+    summary = report(out)
+    assert (summary["rows"], summary["ok"], summary["failed"], summary["made_this_run"]) == (6, 6, 0, 6)
+    metadata = pd.read_parquet(out / "metadata.parquet")
+    assert sorted(metadata["file_name"]) == sorted(f"videos/{i}.mp4" for i in ROWS)
+    assert "category" in metadata.columns
+
+
+def test_two_process_run_writes_nothing_in_the_cwd_or_the_repo(two_process: dict) -> None:
+    assert list(two_process["cwd"].iterdir()) == []
+    assert hydra_leftovers(two_process["out"]) == []
+    assert not (ROOT / ".hydra").exists()
+    assert not (ROOT / "outputs" / "cli_e2e_jobs").exists()
+
+
+def test_second_identical_run_generates_and_rewrites_nothing(two_process: dict, data: dict) -> None:
+    out = two_process["out"]
+    before = video_state(out)
+    assert before == two_process["videos"]
+    parts_before = sorted((out / "parts").iterdir())
+    proc = run_cli(
+        f"manifest={data['manifest']}",
+        "model=tiny",
+        f"output_dir={out}",
+        LOSSLESS,
+        cwd=two_process["cwd"],
+        launcher=accelerate_cpu(2),
+    )
+    ok(proc)
+    assert video_state(out) == before  # same bytes, same mtime_ns: not even rewritten
+    assert sorted((out / "parts").iterdir()) == parts_before
+    summary = report(out)
+    assert (summary["ok"], summary["made_this_run"]) == (6, 0)
+    table = pd.read_parquet(out / "results.parquet")
+    assert set(table["status"]) == {"ok"} and len(table) == 6
+
+
+def test_one_process_makes_the_same_frames_as_two(two_process: dict, one_process: Path) -> None:
+    """A row's video depends on its seed, never on how many processes shared the run."""
+    for row_id in ROWS:
+        two = frames_of(two_process["out"] / "videos" / f"{row_id}.mp4")
+        one = frames_of(one_process / "videos" / f"{row_id}.mp4")
+        assert one.shape == two.shape
+        assert np.array_equal(one, two), f"{row_id}: max diff {np.abs(one.astype(int) - two).max()}"
+    table = pd.read_parquet(one_process / "results.parquet")
+    assert set(table["rank"]) == {0}
+    # Different rows really are different videos (the comparison above can fail).
+    assert not np.array_equal(frames_of(one_process / "videos/rgb.mp4"), frames_of(one_process / "videos/webp.mp4"))
+
+
+# --- results table --------------------------------------------------------------------------------
+
+
+def test_results_schema(two_process: dict) -> None:
+    path = two_process["out"] / "results.parquet"
+    table = pd.read_parquet(path)
+    assert list(table.columns[: len(REQUIRED)]) == REQUIRED
+    assert list(table.columns) == RESULT_COLUMNS + PROVENANCE_COLUMNS + ["category"]
+    for column in ("id", "status", "video_path", "category"):
+        assert pd.api.types.is_string_dtype(table[column]), column
+    for column in ("seed", "num_frames", "height", "width", "num_inference_steps", "rank"):
+        assert pd.api.types.is_integer_dtype(table[column]), column
+    for column in ("fps", "guidance_scale", "seconds", "peak_memory_gib"):
+        assert pd.api.types.is_float_dtype(table[column]), column
+    schema = pq.read_schema(path)
+    assert str(schema.field("seed").type) == "int64"
+    assert str(schema.field("num_frames").type) == "int64"
+    assert str(schema.field("seconds").type) == "double"
+
+    by_id = table.set_index("id")
+    for row_id, (_, _, seed, _, prompt) in ROWS.items():
+        row = by_id.loc[row_id]
+        assert row["video_path"] == f"videos/{row_id}.mp4"  # relative to output_dir
+        assert (two_process["out"] / row["video_path"]).is_file()
+        assert row["seed"] == (seed if seed is not None else derive_seed(0, row_id))
+        assert row["prompt"] == prompt
+        assert (row["height"], row["width"], row["fps"]) == (TINY["height"], TINY["width"], TINY["fps"])
+        assert (row["num_inference_steps"], row["guidance_scale"]) == (4, 6.0)
+        assert row["seconds"] > 0
+    assert table["peak_memory_gib"].isna().all()  # no GPU
+    assert set(table["gpu"]) == {"cpu"}
+    assert set(table["model"]) == {"tiny"}
+    assert table["config_hash"].nunique() == 1
+
+
+# --- resume ---------------------------------------------------------------------------------------
+
+
+def test_resume_makes_only_missing_rows_and_overwrite_redoes_all(one_process: Path, data: dict, tmp_path: Path) -> None:
+    out = tmp_path / "resume"
+    shutil.copytree(one_process, out)
+    original_rgba = frames_of(out / "videos/rgba.mp4")
+    # One video deleted, one row's record deleted (its video stays).
+    (out / "videos/rgba.mp4").unlink()
+    (part,) = (out / "parts").glob("*.jsonl")
+    lines = part.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if json.loads(line)["id"] != "jpeg"]
+    assert len(kept) == len(lines) - 1
+    part.write_text("".join(kept))
+    untouched = {k: v for k, v in video_state(out).items() if k != "jpeg.mp4"}
+
+    ok(run_cli(f"manifest={data['manifest']}", "model=tiny", f"output_dir={out}", LOSSLESS, cwd=tmp_path))
+    new_parts = [p for p in (out / "parts").glob("*.jsonl") if p != part]
+    assert sorted(i for p in new_parts for i in part_ids(p)) == ["jpeg", "rgba"]
+    assert report(out)["made_this_run"] == 2
+    after = video_state(out)
+    assert {k: v for k, v in after.items() if k in untouched} == untouched
+    assert np.array_equal(frames_of(out / "videos/rgba.mp4"), original_rgba)
+    table = pd.read_parquet(out / "results.parquet")
+    assert list(table["id"]) == list(ROWS) and set(table["status"]) == {"ok"}
+
+    ok(run_cli(f"manifest={data['manifest']}", "model=tiny", f"output_dir={out}", LOSSLESS, "overwrite=true"))
+    assert report(out)["made_this_run"] == 6
+    redone = video_state(out)
+    assert sorted(redone) == sorted(after)
+    assert all(redone[name][0] != after[name][0] for name in after), "overwrite=true left a video in place"
+    newest = max((out / "parts").glob("*.jsonl"), key=lambda p: p.name)
+    assert sorted(part_ids(newest)) == sorted(ROWS)
+
+
+# --- paths ----------------------------------------------------------------------------------------
+
+
+def test_parquet_manifest_relative_paths_and_clean_cwd(data: dict, one_process: Path, tmp_path: Path) -> None:
+    """Image paths resolve against the manifest's folder, output_dir against the user's cwd."""
+    rows = [r for r in data["rows"] if r["id"] in ("gray", "palette")]
+    manifest = write_manifest(data["root"] / "cli_e2e_subset.parquet", rows)
+    assert pd.read_parquet(manifest)["image"].tolist() == ["images/gray.jpg", "images/pal.png"]
+    cwd = tmp_path / "work"
+    cwd.mkdir()
+    data_before = sorted(p.name for p in data["root"].iterdir())
+
+    ok(run_cli(f"manifest={manifest}", "model=tiny", "output_dir=rel/out", LOSSLESS, cwd=cwd))
+    out = cwd / "rel" / "out"
+    assert [p.name for p in cwd.iterdir()] == ["rel"]
+    assert [p.name for p in (cwd / "rel").iterdir()] == ["out"]
+    assert sorted(p.name for p in (out / "videos").iterdir()) == ["gray.mp4", "palette.mp4"]
+    assert sorted(p.name for p in data["root"].iterdir()) == data_before  # nothing next to the manifest
+    assert hydra_leftovers(cwd) == []
+    assert not (ROOT / ".hydra").exists()
+    assert not (ROOT / "outputs" / "cli_e2e_subset").exists()
+    assert not (ROOT / "rel").exists()
+    table = pd.read_parquet(out / "results.parquet")
+    assert list(table["video_path"]) == ["videos/gray.mp4", "videos/palette.mp4"]
+    assert list(table["category"]) == ["portrait", "icon"]
+    # Same ids and parameters as the CSV rows: the same videos.
+    for row_id in ("gray", "palette"):
+        assert np.array_equal(frames_of(out / f"videos/{row_id}.mp4"), frames_of(one_process / f"videos/{row_id}.mp4"))
+
+
+# --- model loading --------------------------------------------------------------------------------
+
+
+def test_saved_tiny_pipeline_loads_through_model_path_and_makes_the_same_videos(
+    data: dict, one_process: Path, tmp_path: Path
+) -> None:
+    from batch_runner.pipeline import tiny_pipeline
+
+    folder = tmp_path / "tiny-saved"
+    tiny_pipeline().save_pretrained(folder)
+    assert (folder / "model_index.json").is_file()
+    out = tmp_path / "out"
+    ok(
+        run_cli(
+            f"manifest={data['manifest']}",
+            "model=tiny",
+            "model.weights=pretrained",
+            f"model.path={folder}",
+            "ids=[rgba,webp]",
+            f"output_dir={out}",
+            LOSSLESS,
+            cwd=tmp_path,
+        )
+    )
+    table = pd.read_parquet(out / "results.parquet")
+    assert list(table["id"]) == ["rgba", "webp"] and set(table["status"]) == {"ok"}
+    assert set(table["model_path"]) == {str(folder)}
+    for row_id in ("rgba", "webp"):
+        assert np.array_equal(frames_of(out / f"videos/{row_id}.mp4"), frames_of(one_process / f"videos/{row_id}.mp4"))
+
+
+@pytest.mark.parametrize("path", ["/nonexistent", "nobody-here/no-such-model"])
+def test_missing_model_is_one_sentence_and_exit_2(data: dict, tmp_path: Path, path: str) -> None:
+    env = os.environ | {"HF_HUB_OFFLINE": "1"}
+    out = tmp_path / "out"
+    proc = run_cli(
+        f"manifest={data['manifest']}",
+        "model=tiny",
+        "model.weights=pretrained",
+        f"model.path={path}",
+        f"output_dir={out}",
+        cwd=tmp_path,
+        env=env,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    (line,) = error_lines(proc.stderr)
+    assert "model.path" in line and path in line
+    assert line.rstrip().endswith((".", ")"))
+    assert not out.exists() or not list((out / "videos").glob("*.mp4"))
+
+
+# --- provenance -----------------------------------------------------------------------------------
+
+
+def test_from_run_regenerates_one_video_from_another_cwd(one_process: Path, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    new = tmp_path / "again"
+    ok(run_cli(f"from_run={one_process}", "ids=[gray]", f"output_dir={new}", cwd=elsewhere))
+    assert [p.name for p in (new / "videos").iterdir()] == ["gray.mp4"]
+    assert np.array_equal(frames_of(new / "videos/gray.mp4"), frames_of(one_process / "videos/gray.mp4"))
+    table = pd.read_parquet(new / "results.parquet")
+    assert list(table["id"]) == ["gray"] and list(table["status"]) == ["ok"]
+    assert list(table["category"]) == ["portrait"]
+    assert list(elsewhere.iterdir()) == []
+
+
+# --- configuration errors -------------------------------------------------------------------------
+
+
+def test_misspelt_key_fails_clearly_before_anything_runs(data: dict, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = run_cli(f"manifest={data['manifest']}", "model=tiny", "modle.dtype=x", f"output_dir={out}", cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "modle" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []

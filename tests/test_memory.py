@@ -1,0 +1,356 @@
+"""The memory planner on the CPU: which plan fits which GPU budget and host, and why.
+
+Weights are CogVideoX-5B-I2V's in bf16, counted from the shipped architecture (no download) and
+also given as round figures; the workload is the model's default row (49 frames at 720x480).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from batch_runner import memory
+from batch_runner.config import MemoryConfig
+from batch_runner.errors import UserError
+from batch_runner.memory import (
+    DENOISE_BYTES_PER_TOKEN_UNIT,
+    FRAGMENTATION,
+    GIB,
+    HEADROOM_GIB,
+    LADDER,
+    PLANS,
+    Workload,
+    activation_gib,
+    choose_plan,
+    estimate,
+    next_plan_down,
+)
+from batch_runner.pipeline import component_bytes
+from batch_runner.replica import workload_of
+
+from .conftest import ROOT, run_config
+
+GB = 10**9
+# CogVideoX-5B-I2V in bf16, as the model card and the checkpoint's file sizes give them.
+WEIGHTS_5B = {"transformer": int(11.1 * GB), "text_encoder": int(9.5 * GB), "vae": int(0.43 * GB)}
+CFG_5B = run_config("manifest=unused.csv")
+WORKLOAD_5B = workload_of(CFG_5B)
+AUTO = CFG_5B.memory  # memory=auto as composed from conf/
+
+
+def plan_for(budget: float, host: float = 512.0, ranks: int = 1, weights=None, config=AUTO, workload=None) -> str:
+    return choose_plan(weights or WEIGHTS_5B, workload or WORKLOAD_5B, config, budget, host, ranks).plan
+
+
+def test_config_composes_auto_with_defaults():
+    assert AUTO.plan == "auto"
+    assert AUTO.vae_tiling and AUTO.vae_slicing and not AUTO.fp8_weights
+    # Every plan has a config group, and every config group is a plan.
+    groups = {p.stem for p in (ROOT / "conf" / "memory").glob("*.yaml")}
+    assert groups == {"auto", *PLANS}
+    for plan in PLANS:
+        assert run_config("manifest=unused.csv", f"memory={plan}").memory.plan == plan
+
+
+def test_component_bytes_of_cogvideox_5b_match_the_published_sizes():
+    counted = component_bytes(CFG_5B.model)
+    assert counted.keys() == WEIGHTS_5B.keys()
+    for name, published in WEIGHTS_5B.items():
+        assert counted[name] == pytest.approx(published, rel=0.02), name
+
+
+def test_workload_of_the_default_row():
+    w = WORKLOAD_5B
+    assert (w.frames, w.height, w.width, w.guidance) == (49, 480, 720, True)
+    assert (w.hidden, w.vae_channels, w.text_tokens) == (3072, 512, 226)
+    # 49 frames -> 13 latent frames; 480x720 / (8 x 2)^2 -> 30 x 45 patches; plus 226 text tokens.
+    assert w.tokens == 13 * 30 * 45 + 226
+
+
+def test_activation_terms():
+    denoise, decode = activation_gib(WORKLOAD_5B, vae_tiling=True, streamed=False)
+    expected = DENOISE_BYTES_PER_TOKEN_UNIT["resident"] * 2 * (13 * 30 * 45 + 226) * 3072 / GIB
+    assert denoise == pytest.approx(expected)
+    # Fitted to the H100 measurements: ~6.6 GiB resident, ~3.2 GiB streamed.
+    assert 6.0 < denoise < 7.0
+    streamed = activation_gib(WORKLOAD_5B, vae_tiling=True, streamed=True)[0]
+    assert 3.0 < streamed < 3.5
+    # Without guidance there is one batch element, not two.
+    unguided = Workload(**{**WORKLOAD_5B.__dict__, "guidance": False})
+    assert activation_gib(unguided, True, False)[0] == pytest.approx(denoise / 2)
+    # Tiling caps the decoded region: no effect on small frames beyond the tile, a big one on large.
+    _, untiled = activation_gib(WORKLOAD_5B, vae_tiling=False, streamed=False)
+    assert decode < untiled
+    big = Workload(**{**WORKLOAD_5B.__dict__, "height": 1536, "width": 2720})
+    assert activation_gib(big, True, False)[1] == pytest.approx(decode)
+    assert activation_gib(big, False, False)[1] == pytest.approx(untiled * (1536 * 2720) / (480 * 720))
+
+
+def test_estimates_for_cogvideox_5b():
+    by_plan = {p: estimate(p, WEIGHTS_5B, WORKLOAD_5B, AUTO) for p in PLANS}
+    text, transformer, vae = 9.5 * GB / GIB, 11.1 * GB / GIB, 0.43 * GB / GIB
+    # `none` holds all weights plus the activations, grown by the allocator's slack, plus headroom: ~30 GiB.
+    denoise = activation_gib(WORKLOAD_5B, True, False)[0]
+    expected = (text + transformer + vae + denoise) * FRAGMENTATION + HEADROOM_GIB
+    assert by_plan["none"].gpu_gib == pytest.approx(expected, abs=0.02)
+    assert by_plan["none"].host_gib == 0.0
+    assert by_plan["text_offload"].host_gib == pytest.approx(text, abs=0.01)
+    assert by_plan["group_offload"].host_gib == pytest.approx(text + transformer, abs=0.01)
+    assert by_plan["sequential_cpu_offload"].host_gib == pytest.approx(text + transformer + vae, abs=0.01)
+    # Down the ladder: less GPU memory, more host memory.
+    gpu = [by_plan[p].gpu_gib for p in LADDER]
+    host = [by_plan[p].host_gib for p in LADDER]
+    assert gpu == sorted(gpu, reverse=True) and len(set(gpu)) == len(gpu)
+    assert host == sorted(host)
+    assert by_plan["none"].gpu_gib > 28 > by_plan["text_offload"].gpu_gib > 18
+    assert by_plan["sequential_cpu_offload"].gpu_gib < 5
+
+
+def test_estimates_cover_what_the_benchmark_measured():
+    """The planner must never promise less than the H100 benchmark saw (docs/benchmarks.json)."""
+    import json
+
+    records = json.loads((ROOT / "docs" / "benchmarks.json").read_text())
+    # Step caches (speed.cache, an opt-in approximation) hold extra state the planner does not model.
+    measured = [
+        r for r in records if r.get("plan") in PLANS and r.get("peak_allocated_gib") and "pyramid" not in r["recipe"]
+    ]
+    assert {r["plan"] for r in measured} >= {"none", "text_offload", "group_offload"}
+    counted = component_bytes(CFG_5B.model)
+    for r in measured:
+        config = MemoryConfig(fp8_weights="fp8" in r["recipe"])
+        need = estimate(r["plan"], counted, WORKLOAD_5B, config).gpu_gib
+        assert need >= r["peak_allocated_gib"], r["recipe"]
+        if r["budget_gib"] is None or r["peak_reserved_gib"] < r["budget_gib"] - 0.5:
+            # Where no cap squeezed the allocator, what it reserved is what a card must have.
+            assert need >= r["peak_reserved_gib"], r["recipe"]
+
+
+def test_fp8_weights_halve_the_transformer():
+    fp8 = MemoryConfig(fp8_weights=True)
+    plain, halved = estimate("none", WEIGHTS_5B, WORKLOAD_5B, AUTO), estimate("none", WEIGHTS_5B, WORKLOAD_5B, fp8)
+    assert plain.gpu_gib - halved.gpu_gib == pytest.approx(11.1 * GB / GIB / 2 * FRAGMENTATION, abs=0.02)
+    assert plan_for(25.0) == "text_offload"
+    assert plan_for(25.0, config=fp8) == "none"
+
+
+# --- choosing a plan ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("budget", "plan"),
+    [
+        (80.0, "none"),  # H100
+        (40.0, "none"),  # A100 40 GB
+        (30.0, "none"),
+        (24.0, "text_offload"),  # RTX 4090
+        (20.0, "text_offload"),
+        (16.0, "group_offload"),
+        (12.0, "group_offload"),  # RTX 3060
+        (8.0, "group_offload"),
+        (5.0, "sequential_cpu_offload"),
+        (4.7, "sequential_cpu_offload"),
+    ],
+)
+def test_budget_walks_down_the_ladder(budget, plan):
+    choice = choose_plan(WEIGHTS_5B, WORKLOAD_5B, AUTO, budget, 512.0, 1)
+    assert choice.plan == plan
+    chosen = next(e for e in choice.estimates if e.plan == plan)
+    assert chosen.gpu_gib <= budget
+    assert {e.plan for e in choice.estimates} == set(PLANS)
+    assert choice.reason.startswith(f"{plan}: needs ~{chosen.gpu_gib:.2f} GiB of the {budget:.1f} GiB GPU budget")
+    if plan == "none":
+        assert choice.reason.endswith("(the fastest plan)")
+    else:
+        assert "faster plans do not fit" in choice.reason
+        for faster in LADDER[: LADDER.index(plan)]:
+            assert f"{faster} needs ~" in choice.reason
+            assert f"GiB GPU > {budget:.2f}" in choice.reason
+
+
+def test_large_budget_reason_in_full():
+    choice = choose_plan(WEIGHTS_5B, WORKLOAD_5B, AUTO, 80.0, 64.0, 1)
+    none = choice.estimates[0]
+    assert choice.reason == (
+        f"none: needs ~{none.gpu_gib:.2f} GiB of the 80.0 GiB GPU budget and 0.0 GiB of this process's "
+        "64.0 GiB host share (the fastest plan)"
+    )
+
+
+def test_budget_exactly_at_the_estimate_fits():
+    needed = estimate("none", WEIGHTS_5B, WORKLOAD_5B, AUTO).gpu_gib
+    assert plan_for(needed) == "none"
+    assert plan_for(needed - 0.01) == "text_offload"
+
+
+def test_model_cpu_offload_is_never_chosen_automatically():
+    # It is the reference recipe, offered by name only: auto walks LADDER.
+    assert "model_cpu_offload" in PLANS and "model_cpu_offload" not in LADDER
+    for budget in (4.7, 5.0, 12.8, 13.0, 20.0, 40.0):
+        assert plan_for(budget) != "model_cpu_offload"
+
+
+@pytest.mark.parametrize("budget", [4.0, 2.0, 0.5])
+def test_tiny_budget_is_refused_with_every_reason(budget):
+    with pytest.raises(UserError) as caught:
+        choose_plan(WEIGHTS_5B, WORKLOAD_5B, AUTO, budget, 512.0, 1)
+    message = str(caught.value)
+    assert message.startswith("No memory plan fits: ")
+    for plan in LADDER:
+        assert f"{plan} needs ~" in message
+    assert f"GiB GPU > {budget:.2f}" in message
+    assert "memory.budget_gib" in message
+    assert "accelerate launch --num_processes" in message
+    assert "memory.host_budget_gib" in message
+
+
+# --- host memory is shared by the ranks of a host ------------------------------------------------
+
+
+def test_eight_ranks_on_a_host_with_little_ram_refuse_host_plans():
+    # 8 processes on a host with 64 GiB: 8 GiB each, less than the 8.85 GiB text encoder that
+    # text_offload keeps in host memory; a 22 GiB budget is too small for `none`.
+    with pytest.raises(UserError) as caught:
+        choose_plan(WEIGHTS_5B, WORKLOAD_5B, AUTO, 22.0, 64.0, 8)
+    message = str(caught.value)
+    assert "none needs ~29.84 GiB GPU > 22.00" in message
+    assert "text_offload needs 8.85 GiB host > 8.00 per process" in message
+    assert "group_offload needs 19.19 GiB host > 8.00 per process" in message
+    assert "sequential_cpu_offload needs 19.59 GiB host > 8.00 per process" in message
+    assert "fewer processes per host" in message
+    # The same host and budget with a single process: text_offload fits its 64 GiB share.
+    single = choose_plan(WEIGHTS_5B, WORKLOAD_5B, AUTO, 22.0, 64.0, 1)
+    assert single.plan == "text_offload"
+    assert "of this process's 64.0 GiB host share" in single.reason
+
+
+def test_host_share_decides_between_plans():
+    # 8 ranks with an 8 GiB GPU budget each need group_offload (19.2 GiB host per process).
+    assert plan_for(8.0, host=160.0, ranks=8) == "group_offload"
+    with pytest.raises(UserError, match=r"group_offload needs 19\.19 GiB host > 18\.75 per process"):
+        plan_for(8.0, host=150.0, ranks=8)
+    # A plan that needs no host memory is unaffected by how many ranks share the host.
+    assert plan_for(80.0, host=1.0, ranks=8) == "none"
+    # When the GPU allows `none`, host memory never matters; when it does not, the share decides.
+    assert plan_for(22.0, host=72.0, ranks=8) == "text_offload"  # 9.0 GiB each
+    with pytest.raises(UserError, match=r"text_offload needs 8\.85 GiB host > 8\.75 per process"):
+        plan_for(22.0, host=70.0, ranks=8)  # 8.75 GiB each, under text_offload's 8.85
+
+
+def test_reason_names_the_host_share_when_that_is_what_stopped_a_faster_plan():
+    choice = choose_plan(WEIGHTS_5B, WORKLOAD_5B, AUTO, 22.0, 160.0, 8)  # 20 GiB each
+    assert choice.plan == "text_offload"
+    choice = choose_plan(WEIGHTS_5B, WORKLOAD_5B, AUTO, 12.0, 160.0, 8)
+    assert choice.plan == "group_offload"
+    assert "of this process's 20.0 GiB host share" in choice.reason
+    # 4 ranks sharing 30 GiB: 7.5 GiB each, too little for text_offload's 8.8 GiB.
+    with pytest.raises(UserError, match=r"text_offload needs 8\.85 GiB host > 7\.50 per process"):
+        choose_plan(WEIGHTS_5B, WORKLOAD_5B, AUTO, 22.0, 30.0, 4)
+
+
+def test_zero_local_world_size_counts_as_one():
+    assert plan_for(22.0, host=10.0, ranks=0) == "text_offload"
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    budget=st.floats(0.5, 100.0),
+    host=st.floats(1.0, 1024.0),
+    ranks=st.integers(1, 8),
+    frames=st.sampled_from([9, 17, 33, 49]),
+    guidance=st.booleans(),
+)
+def test_choice_is_the_fastest_plan_that_fits(budget, host, ranks, frames, guidance):
+    workload = Workload(**{**WORKLOAD_5B.__dict__, "frames": frames, "guidance": guidance})
+    share = host / ranks
+    fits = [
+        p for p in LADDER if (e := estimate(p, WEIGHTS_5B, workload, AUTO)).gpu_gib <= budget and e.host_gib <= share
+    ]
+    if not fits:
+        with pytest.raises(UserError, match="No memory plan fits"):
+            choose_plan(WEIGHTS_5B, workload, AUTO, budget, host, ranks)
+        return
+    choice = choose_plan(WEIGHTS_5B, workload, AUTO, budget, host, ranks)
+    assert choice.plan == fits[0]
+    # More GPU memory never picks a slower plan.
+    assert LADDER.index(plan_for(budget * 2, host, ranks, workload=workload)) <= LADDER.index(choice.plan)
+
+
+def test_real_counted_weights_give_the_same_choices():
+    counted = component_bytes(CFG_5B.model)
+    for budget, plan in [
+        (80.0, "none"),
+        (24.0, "text_offload"),
+        (8.0, "group_offload"),
+        (5.0, "sequential_cpu_offload"),
+    ]:
+        assert plan_for(budget, weights=counted) == plan
+
+
+def test_cogvideox15_needs_more_than_5b():
+    cfg = run_config("manifest=unused.csv", "model=cogvideox1.5-5b-i2v")
+    weights, workload = component_bytes(cfg.model), workload_of(cfg)
+    for plan in PLANS:
+        bigger = estimate(plan, weights, workload, cfg.memory).gpu_gib
+        assert bigger > estimate(plan, WEIGHTS_5B, WORKLOAD_5B, AUTO).gpu_gib, plan
+    assert plan_for(80.0, weights=weights, workload=workload) == "none"
+    assert plan_for(40.0, weights=weights, workload=workload) == "text_offload"
+
+
+def test_tiny_model_fits_anywhere():
+    cfg = run_config("manifest=unused.csv", "model=tiny")
+    assert plan_for(1.5, host=1.0, ranks=8, weights=component_bytes(cfg.model), workload=workload_of(cfg)) == "none"
+
+
+# --- the ladder after an out-of-memory error -----------------------------------------------------
+
+
+def test_next_plan_down():
+    assert [next_plan_down(p) for p in LADDER] == ["text_offload", "group_offload", "sequential_cpu_offload", None]
+    # model_cpu_offload sits between group_offload and sequential in memory: fall to sequential.
+    assert next_plan_down("model_cpu_offload") == "sequential_cpu_offload"
+
+
+def test_walking_down_from_none_reaches_the_bottom_in_three_steps():
+    plan, seen = "none", ["none"]
+    while (plan := next_plan_down(plan)) is not None:
+        seen.append(plan)
+    assert seen == list(LADDER)
+
+
+# --- budgets and host memory -------------------------------------------------------------------------
+
+
+def test_host_available_uses_the_configured_budget():
+    assert memory.host_available_gib(MemoryConfig(host_budget_gib=123.5)) == 123.5
+
+
+def test_host_available_reads_this_machine():
+    available = memory.host_available_gib(MemoryConfig())
+    with open("/proc/meminfo") as f:
+        total_kib = next(int(line.split()[1]) for line in f if line.startswith("MemTotal:"))
+    assert 0 < available <= total_kib * 1024 / GIB
+
+
+def test_gpu_budget_is_the_configured_one_capped_by_the_card(monkeypatch, caplog):
+    # The only thing faked is the card itself: 20 GiB free of 24 GiB.
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (20 * GIB, 24 * GIB))
+    device = torch.device("cuda", 0)
+    assert memory.gpu_budget_gib(MemoryConfig(), device) == 20.0
+    assert memory.gpu_budget_gib(MemoryConfig(budget_gib=12.0), device) == 12.0
+    with caplog.at_level(logging.WARNING, logger="batch_runner.memory"):
+        assert memory.gpu_budget_gib(MemoryConfig(budget_gib=40.0), device) == 24.0
+    assert "memory.budget_gib=40.0 is more than the GPU's 24.0 GiB" in caplog.text
+
+
+def test_enforce_budget_does_nothing_without_a_gpu():
+    memory.enforce_budget(MemoryConfig(budget_gib=4.0), torch.device("cpu"))  # must not touch CUDA
+
+
+def test_unknown_plan_is_refused_before_touching_the_pipeline():
+    with pytest.raises(UserError, match=r"memory='fast' is not a plan; choose auto or one of none, text_offload"):
+        memory.apply_plan(None, "fast", torch.device("cpu"), AUTO)
