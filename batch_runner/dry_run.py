@@ -88,9 +88,7 @@ def _estimate_seconds(cfg: RunConfig, plan: str, budget: float | None, pending: 
         return None
     best = min(records, key=lambda r: abs((r.get("budget_gib") or 80) - (budget or 80)))
     step, outside = best["seconds_per_step"], best["seconds_outside_steps"]
-    return sum(
-        (outside + step * job.num_inference_steps) * job.num_frames / BENCHMARKED_FRAMES for job in pending
-    )
+    return sum((outside + step * job.num_inference_steps) * job.num_frames / BENCHMARKED_FRAMES for job in pending)
 
 
 def _duration(seconds: float) -> str:
