@@ -106,6 +106,14 @@ class Manifest:
     passthrough: list[str]  # columns carried unchanged into the results
 
     @property
+    def record_ids(self) -> pd.Series:
+        """Each row's id as results record it: a blank id cell becomes the row-number id."""
+        return pd.Series(
+            [row_id or default_id(i) for i, row_id in zip(self.table.index, self.table["id"], strict=True)],
+            index=self.table.index,
+        )
+
+    @property
     def invalid_ids(self) -> dict[str, str]:
         """id -> every reason it was refused, for rows recorded as failed under on_invalid=skip."""
         reasons: dict[str, list[str]] = {}

@@ -133,7 +133,8 @@ def finished_ids(output_dir: Path, manifest: Manifest, salt: str) -> set[str]:
 def merge(output_dir: Path, manifest: Manifest) -> pd.DataFrame:
     """Write results.parquet: one row per manifest row that has a record, in manifest order."""
     records = read_records(output_dir)
-    order = {row_id: i for i, row_id in enumerate(manifest.table["id"])}
+    ids = manifest.record_ids
+    order = {row_id: i for i, row_id in enumerate(ids)}
     records = records[records["id"].isin(order.keys())].copy()
     records["_order"] = records["id"].map(order)
     records = records.sort_values("_order").drop(columns="_order")
@@ -143,7 +144,8 @@ def merge(output_dir: Path, manifest: Manifest) -> pd.DataFrame:
     table = records[RESULT_COLUMNS + PROVENANCE_COLUMNS].astype(_DTYPES)
     # A duplicate id (refused, recorded under on_invalid=skip) must not double its first row here.
     passthrough = (
-        manifest.table[["id", *manifest.passthrough]]
+        manifest.table[manifest.passthrough]
+        .assign(id=ids)
         .drop_duplicates("id")
         .rename(columns={c: f"{c}_manifest" for c in manifest.passthrough if c in table.columns})
     )

@@ -441,3 +441,17 @@ def test_leftover_temporaries_are_swept_on_the_next_run(tmp_path):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-v"]))
+
+
+def test_a_row_with_a_blank_id_is_recorded_under_its_row_number_id(tmp_path):
+    # on_invalid=skip promises one results row per manifest row, also for a row whose id is blank.
+    rows = good_rows(tmp_path, 2)
+    rows[1]["id"] = ""
+    manifest = write_manifest(tmp_path / "jobs.csv", rows)
+    out = tmp_path / "out"
+    done = run_cli(f"manifest={manifest}", "model=tiny", f"output_dir={out}", "on_invalid=skip")
+    assert done.returncode == 0, done.stderr
+    table = results_of(out)
+    assert table["id"].tolist() == ["good0", "row000002"]
+    assert table["status"].tolist() == ["ok", "failed"]
+    assert "column 'id': the id is empty" in table["error"].iloc[1]
