@@ -10,7 +10,7 @@ import torch
 from batch_runner import memory
 from batch_runner.cluster import Cluster
 from batch_runner.config import RunConfig
-from batch_runner.manifest import Manifest
+from batch_runner.manifest import Job, Manifest
 from batch_runner.pipeline import component_bytes
 from batch_runner.provenance import output_salt
 from batch_runner.replica import workload_of
@@ -39,7 +39,7 @@ def describe(cfg: RunConfig, manifest: Manifest, cluster: Cluster, out: Path) ->
         ids = [pending[i].id for i in share]
         preview = ", ".join(ids[:4]) + (" ..." if len(ids) > 4 else "")
         lines.append(f"  process {rank}: ~{len(share)} rows" + (f" ({preview})" if ids else ""))
-    plan, why, budget = _plan(cfg, cluster, world)
+    plan, why, budget = _plan(cfg, cluster, world, pending)
     lines.append(f"memory plan: {why}")
     estimate = _estimate_seconds(cfg, plan, budget, pending)
     if estimate is not None:
@@ -54,7 +54,7 @@ def describe(cfg: RunConfig, manifest: Manifest, cluster: Cluster, out: Path) ->
     return "\n".join(lines)
 
 
-def _plan(cfg: RunConfig, cluster: Cluster, world: int) -> tuple[str, str, float | None]:
+def _plan(cfg: RunConfig, cluster: Cluster, world: int, pending: list[Job]) -> tuple[str, str, float | None]:
     config = cfg.memory
     if not torch.cuda.is_available() and config.budget_gib is None:
         return "none", "none (no GPU found and no memory.budget_gib given: a GPU run would choose then)", None
@@ -63,7 +63,7 @@ def _plan(cfg: RunConfig, cluster: Cluster, world: int) -> tuple[str, str, float
         return config.plan, f"{config.plan} (set in the config)", budget
     choice = memory.choose_plan(
         component_bytes(cfg.model),
-        workload_of(cfg),
+        workload_of(cfg, pending),
         config,
         budget,
         memory.host_available_gib(config),

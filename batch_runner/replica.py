@@ -11,7 +11,7 @@ from __future__ import annotations
 import gc
 import logging
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,9 +38,12 @@ class Prompts:
 
 
 class Replica:
-    def __init__(self, cfg: RunConfig, device: torch.device, local_world_size: int = 1) -> None:
+    def __init__(
+        self, cfg: RunConfig, device: torch.device, local_world_size: int = 1, jobs: Sequence[Job] = ()
+    ) -> None:
         self.cfg = cfg
         self.device = device
+        self.workload = workload_of(cfg, jobs)
         self.dtype = torch_dtype(cfg.model.dtype)
         self.plan, self.plan_reason = self._choose_plan(local_world_size)
         log.info("memory plan %s", self.plan_reason)
@@ -74,7 +77,7 @@ class Replica:
             return config.plan, f"{config.plan}: chosen in the config (memory={config.plan})"
         choice = memory.choose_plan(
             component_bytes(self.cfg.model),
-            workload_of(self.cfg),
+            self.workload,
             config,
             memory.gpu_budget_gib(config, self.device),
             memory.host_available_gib(config),
@@ -163,8 +166,11 @@ def _step_callback(on_step: Callable[[], None]) -> Callable[..., dict]:
     return callback
 
 
-def workload_of(cfg: RunConfig) -> memory.Workload:
-    """The video size the planner sizes activations for: the model's default row."""
+def workload_of(cfg: RunConfig, jobs: Sequence[Job] = ()) -> memory.Workload:
+    """The largest video the planner must make room for: the model's default row or any row given.
+
+    Any process may claim any row, so every process plans for the largest row of the run.
+    """
     from batch_runner.pipeline import arch_components
 
     model = cfg.model
@@ -175,11 +181,13 @@ def workload_of(cfg: RunConfig) -> memory.Workload:
         hidden = t["num_attention_heads"] * t["attention_head_dim"]
         patch_t = t.get("patch_size_t") or 1
         vae_channels = max(parts["vae"]["block_out_channels"])
+    sizes = [(model.num_frames, model.height, model.width)] + [(j.num_frames, j.height, j.width) for j in jobs]
+    frames, height, width = max(sizes, key=lambda s: ((s[0] - 1) // 4 + 1) * s[1] * s[2])
     return memory.Workload(
-        frames=model.num_frames,
-        height=model.height,
-        width=model.width,
-        guidance=model.guidance_scale > 1,
+        frames=frames,
+        height=height,
+        width=width,
+        guidance=model.guidance_scale > 1 or any(j.guidance_scale > 1 for j in jobs),
         text_tokens=model.max_sequence_length,
         hidden=hidden,
         vae_channels=vae_channels,

@@ -354,3 +354,35 @@ def test_enforce_budget_does_nothing_without_a_gpu():
 def test_unknown_plan_is_refused_before_touching_the_pipeline():
     with pytest.raises(UserError, match=r"memory='fast' is not a plan; choose auto or one of none, text_offload"):
         memory.apply_plan(None, "fast", torch.device("cpu"), AUTO)
+
+
+def test_the_planner_sizes_for_the_largest_row_of_the_run():
+    from batch_runner.manifest import Job
+
+    # Short clips by default, but some rows ask for the model's longest.
+    cfg = run_config("manifest=unused.csv", "model=cogvideox1.5-5b-i2v", "model.num_frames=17")
+
+    def job(frames: int, height: int, width: int, guidance: float = 6.0) -> Job:
+        return Job(
+            index=0,
+            id="x",
+            image="x.png",
+            prompt="p",
+            negative_prompt="",
+            seed=0,
+            num_frames=frames,
+            height=height,
+            width=width,
+            fps=16.0,
+            num_inference_steps=50,
+            guidance_scale=guidance,
+        )
+
+    default = workload_of(cfg)
+    small = workload_of(cfg, [job(17, 480, 720)])
+    assert small == default  # a smaller row never shrinks what the default row needs
+    big = workload_of(cfg, [job(17, 480, 720), job(81, 768, 1360)])
+    assert (big.frames, big.height, big.width) == (81, 768, 1360)
+    assert big.tokens > default.tokens
+    weights = component_bytes(cfg.model)
+    assert estimate("none", weights, big, cfg.memory).gpu_gib > estimate("none", weights, default, cfg.memory).gpu_gib
