@@ -145,6 +145,7 @@ h1{font-size:20px;margin:0 0 4px} .totals{margin:0 0 16px;color:#555}
 .card.failed{border-color:#d33;background:#fff3f3}
 .frames{display:grid;grid-template-columns:repeat(4,1fr);gap:4px}
 .frames figure{margin:0} .frames img{width:100%;display:block;background:#ddd;min-height:40px}
+.frames .missing{aspect-ratio:3/2;background:#eee;color:#aaa;display:flex;align-items:center;justify-content:center}
 .frames figcaption{font-size:11px;color:#777;text-align:center}
 .meta{font-size:13px;margin-top:6px} .id{font-weight:600} .status{float:right;font-weight:600}
 .ok .status{color:#2a7} .failed .status{color:#d33} .error{color:#b00;font-size:12px;white-space:pre-wrap}
@@ -171,7 +172,8 @@ def _card(output_dir: Path, row: dict[str, Any]) -> str:
     for name in ("input", *FRAME_NAMES):
         path = preview_path(output_dir, row["id"], name)
         src = f"{PREVIEWS_DIR}/{path.name}" if path.exists() else ""
-        img = f"<img src='{html.escape(src)}' alt='{name}'>" if src else "<img alt='none'>"
+        # No picture (a row that failed before or while generating): an empty box, not a broken image.
+        img = f"<img src='{html.escape(src)}' alt='{name}'>" if src else "<div class='missing'>—</div>"
         figures.append(f"<figure>{img}<figcaption>{name}</figcaption></figure>")
     seconds = row.get("seconds")
     timing = f" · {seconds:.1f} s" if isinstance(seconds, (int, float)) and not pd.isna(seconds) else ""
