@@ -11,9 +11,8 @@ from batch_runner import memory
 from batch_runner.cluster import Cluster
 from batch_runner.config import RunConfig
 from batch_runner.manifest import Job, Manifest
-from batch_runner.pipeline import component_bytes
 from batch_runner.provenance import output_salt
-from batch_runner.replica import workload_of
+from batch_runner.replica import auto_plan
 from batch_runner.results import finished_ids
 from batch_runner.sharding import static_shard
 
@@ -39,7 +38,7 @@ def describe(cfg: RunConfig, manifest: Manifest, cluster: Cluster, out: Path) ->
         ids = [pending[i].id for i in share]
         preview = ", ".join(ids[:4]) + (" ..." if len(ids) > 4 else "")
         lines.append(f"  process {rank}: ~{len(share)} rows" + (f" ({preview})" if ids else ""))
-    plan, why, budget = _plan(cfg, cluster, world, pending)
+    plan, why, budget = _plan(cfg, cluster, pending)
     lines.append(f"memory plan: {why}")
     estimate = _estimate_seconds(cfg, plan, budget, pending)
     if estimate is not None:
@@ -54,21 +53,14 @@ def describe(cfg: RunConfig, manifest: Manifest, cluster: Cluster, out: Path) ->
     return "\n".join(lines)
 
 
-def _plan(cfg: RunConfig, cluster: Cluster, world: int, pending: list[Job]) -> tuple[str, str, float | None]:
+def _plan(cfg: RunConfig, cluster: Cluster, pending: list[Job]) -> tuple[str, str, float | None]:
     config = cfg.memory
     if not torch.cuda.is_available() and config.budget_gib is None:
         return "none", "none (no GPU found and no memory.budget_gib given: a GPU run would choose then)", None
     budget = config.budget_gib if config.budget_gib is not None else memory.gpu_budget_gib(config, cluster.device)
     if config.plan != "auto":
         return config.plan, f"{config.plan} (set in the config)", budget
-    choice = memory.choose_plan(
-        component_bytes(cfg.model),
-        workload_of(cfg, pending),
-        config,
-        budget,
-        memory.host_available_gib(config),
-        cluster.local_world_size,
-    )
+    choice = auto_plan(cfg, budget, cluster.local_world_size, pending)
     return choice.plan, choice.reason, budget
 
 

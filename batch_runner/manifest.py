@@ -118,7 +118,7 @@ class Manifest:
         """id -> every reason it was refused, for rows recorded as failed under on_invalid=skip."""
         reasons: dict[str, list[str]] = {}
         for p in self.problems:
-            key = p.id if p.id is not None else f"row{p.row:06d}"
+            key = p.id if p.id is not None else default_id(p.row - 1)
             reasons.setdefault(key, []).append(f"column '{p.column}': {p.reason}")
         return {k: "; ".join(v) for k, v in reasons.items()}
 

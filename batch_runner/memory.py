@@ -183,10 +183,9 @@ def enforce_budget(config: MemoryConfig, device: torch.device) -> None:
     """Cap PyTorch's allocator, so a run sized for a 24 GB card never uses more than 24 GB."""
     if config.budget_gib is None or not config.enforce_budget or device.type != "cuda":
         return
-    cap_gib = config.budget_gib
     index = device.index if device.index is not None else torch.cuda.current_device()
     total = torch.cuda.get_device_properties(index).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * GIB / total), index)
+    torch.cuda.set_per_process_memory_fraction(min(1.0, config.budget_gib * GIB / total), index)
 
 
 def host_available_gib(config: MemoryConfig) -> float:

@@ -12,7 +12,7 @@ import gc
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -43,9 +43,8 @@ class Replica:
     ) -> None:
         self.cfg = cfg
         self.device = device
-        self.workload = workload_of(cfg, jobs)
         self.dtype = torch_dtype(cfg.model.dtype)
-        self.plan, self.plan_reason = self._choose_plan(local_world_size)
+        self.plan, self.plan_reason = self._choose_plan(local_world_size, jobs)
         log.info("memory plan %s", self.plan_reason)
         # Random weights are born on the GPU (fast) and moved where the plan wants them.
         build_on = device if cfg.model.weights == "random" else torch.device("cpu")
@@ -69,20 +68,13 @@ class Replica:
 
     # --- plan ---
 
-    def _choose_plan(self, local_world_size: int) -> tuple[str, str]:
+    def _choose_plan(self, local_world_size: int, jobs: Sequence[Job]) -> tuple[str, str]:
         config = self.cfg.memory
         if self.device.type != "cuda":
             return "none", "none: no GPU, everything runs on the CPU"
         if config.plan != "auto":
             return config.plan, f"{config.plan}: chosen in the config (memory={config.plan})"
-        choice = memory.choose_plan(
-            component_bytes(self.cfg.model),
-            self.workload,
-            config,
-            memory.gpu_budget_gib(config, self.device),
-            memory.host_available_gib(config),
-            local_world_size,
-        )
+        choice = auto_plan(self.cfg, memory.gpu_budget_gib(config, self.device), local_world_size, jobs)
         return choice.plan, choice.reason
 
     def step_down(self) -> str | None:
@@ -94,7 +86,6 @@ class Replica:
         memory.apply_plan(self.pipe, lower, self.device, self.cfg.memory)
         self._cache.clear()
         self.plan = lower
-        memory.enforce_budget(self.cfg.memory, self.device)
         return lower
 
     # --- prompts ---
@@ -181,17 +172,29 @@ def workload_of(cfg: RunConfig, jobs: Sequence[Job] = ()) -> memory.Workload:
         hidden = t["num_attention_heads"] * t["attention_head_dim"]
         patch_t = t.get("patch_size_t") or 1
         vae_channels = max(parts["vae"]["block_out_channels"])
-    sizes = [(model.num_frames, model.height, model.width)] + [(j.num_frames, j.height, j.width) for j in jobs]
-    frames, height, width = max(sizes, key=lambda s: ((s[0] - 1) // 4 + 1) * s[1] * s[2])
-    return memory.Workload(
-        frames=frames,
-        height=height,
-        width=width,
+    default = memory.Workload(
+        frames=model.num_frames,
+        height=model.height,
+        width=model.width,
         guidance=model.guidance_scale > 1 or any(j.guidance_scale > 1 for j in jobs),
         text_tokens=model.max_sequence_length,
         hidden=hidden,
         vae_channels=vae_channels,
         patch_t=patch_t,
+    )
+    rows = (replace(default, frames=j.num_frames, height=j.height, width=j.width) for j in jobs)
+    return max([default, *rows], key=lambda w: w.tokens)
+
+
+def auto_plan(cfg: RunConfig, budget_gib: float, local_world_size: int, jobs: Sequence[Job] = ()) -> memory.Choice:
+    """memory=auto's choice for this run: the fastest plan that fits the GPU budget and the host share."""
+    return memory.choose_plan(
+        component_bytes(cfg.model),
+        workload_of(cfg, jobs),
+        cfg.memory,
+        budget_gib,
+        memory.host_available_gib(cfg.memory),
+        local_world_size,
     )
 
 

@@ -62,12 +62,20 @@ def model_config(steps: int = STEPS_PER_VIDEO) -> ModelConfig:
     return replace(model, weights="random", num_inference_steps=steps)
 
 
-def transformer_tflop_per_step(batch: int = 2) -> float:
-    """FLOPs of one denoising step: linear layers 24*N*d^2 and attention 4*N^2*d per layer and sample."""
-    arch = json.loads((ROOT / "conf/arch/cogvideox-5b-i2v/transformer.json").read_text())
+def transformer_arch() -> dict:
+    return json.loads((ROOT / "conf/arch/cogvideox-5b-i2v/transformer.json").read_text())
+
+
+def step_tokens(arch: dict) -> int:
+    return ((FRAMES - 1) // 4 + 1) * (HEIGHT // 16) * (WIDTH // 16) + arch["max_text_seq_length"]
+
+
+def transformer_tflop_per_step(batch: int = 2, attention_only: bool = False) -> float:
+    """TFLOP of one denoising step: linear layers 24*N*d^2 and attention 4*N^2*d per layer and sample."""
+    arch = transformer_arch()
     d = arch["num_attention_heads"] * arch["attention_head_dim"]
-    tokens = ((FRAMES - 1) // 4 + 1) * (HEIGHT // 16) * (WIDTH // 16) + arch["max_text_seq_length"]
-    per_layer = 24 * tokens * d * d + 4 * tokens * tokens * d
+    tokens = step_tokens(arch)
+    per_layer = 4 * tokens * tokens * d + (0 if attention_only else 24 * tokens * d * d)
     return per_layer * arch["num_layers"] * batch / 1e12
 
 
@@ -456,10 +464,9 @@ def bounds(rows: list[dict], peak: float | None) -> list[str]:
     own = next((r for r in rows if r.get("recipe") == "batch_runner-nobudget" and "seconds_per_step" in r), None)
     if not own or not peak:
         return []
-    arch = json.loads((ROOT / "conf/arch/cogvideox-5b-i2v/transformer.json").read_text())
-    d = arch["num_attention_heads"] * arch["attention_head_dim"]
-    tokens = ((FRAMES - 1) // 4 + 1) * (HEIGHT // 16) * (WIDTH // 16) + arch["max_text_seq_length"]
-    attention = 4 * tokens * tokens * d * arch["num_layers"] * 2 / 1e12
+    arch = transformer_arch()
+    tokens = step_tokens(arch)
+    attention = transformer_tflop_per_step(attention_only=True)
     total = transformer_tflop_per_step()
     floor = total / peak
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -60,7 +61,14 @@ def run_cli(
     return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def accelerate_cpu(processes: int) -> list[str]:
+    """accelerate --cpu with a port of its own, so launches of parallel test sessions never meet."""
     return [
         sys.executable,
         "-m",
@@ -74,13 +82,13 @@ def accelerate_cpu(processes: int) -> list[str]:
         "no",
         "--dynamo_backend",
         "no",
+        "--main_process_port",
+        str(free_port()),
     ]
 
 
-@pytest.fixture
-def photos(tmp_path: Path) -> dict[str, Path]:
+def assorted_photos(folder: Path) -> dict[str, Path]:
     """Assorted inputs: sizes, modes and formats as users bring them."""
-    folder = tmp_path / "inputs"
     return {
         "rgb": photo(folder / "rgb.png", (120, 80)),
         "gray": photo(folder / "gray.jpg", (90, 140), "L", seed=1),
@@ -89,3 +97,8 @@ def photos(tmp_path: Path) -> dict[str, Path]:
         "jpeg": photo(folder / "photo.jpeg", (200, 150), seed=4),
         "palette": photo(folder / "pal.png", (100, 100), "P", seed=5),
     }
+
+
+@pytest.fixture
+def photos(tmp_path: Path) -> dict[str, Path]:
+    return assorted_photos(tmp_path / "inputs")

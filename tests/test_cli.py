@@ -23,7 +23,7 @@ import pytest
 from batch_runner.manifest import derive_seed
 from batch_runner.results import PROVENANCE_COLUMNS, RESULT_COLUMNS
 from batch_runner.video import read_video
-from tests.conftest import ROOT, accelerate_cpu, photo, run_cli, write_manifest
+from tests.conftest import ROOT, accelerate_cpu, assorted_photos, run_cli, write_manifest
 
 LOSSLESS = "output.crf=0"
 # The columns every results table starts with, in this order (the issue's list).
@@ -98,14 +98,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A manifest folder: the CSV next to an images/ folder it names relatively."""
     root = tmp_path_factory.mktemp("data")
     images = root / "images"
-    made = {
-        "rgb.png": photo(images / "rgb.png", (120, 80)),
-        "gray.jpg": photo(images / "gray.jpg", (90, 140), "L", seed=1),
-        "rgba.png": photo(images / "rgba.png", (64, 64), "RGBA", seed=2),
-        "wide.webp": photo(images / "wide.webp", (300, 100), seed=3),
-        "photo.jpeg": photo(images / "photo.jpeg", (200, 150), seed=4),
-        "pal.png": photo(images / "pal.png", (100, 100), "P", seed=5),
-    }
+    made = {path.name: path for path in assorted_photos(images).values()}
     assert {name: p.exists() for name, p in made.items()} == dict.fromkeys(made, True)
     rows = [
         {

@@ -7,7 +7,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,17 +26,6 @@ pytestmark = pytest.mark.slow
 
 
 # --- helpers ------------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launcher(processes: int) -> list[str]:
-    """accelerate --cpu with a port of our own, so runs of parallel test sessions never meet."""
-    return [*accelerate_cpu(processes), "--main_process_port", str(free_port())]
 
 
 def tree(root: Path, skip: Path | None = None) -> dict[str, int]:
@@ -372,7 +360,7 @@ def test_a_killed_two_process_run_resumes_with_every_row_exactly_once(tmp_path):
         "model.num_inference_steps=12",
         "chunk_size=2",
     ]
-    command = [*launcher(2), str(ROOT / "run.py"), *args]
+    command = [*accelerate_cpu(2), str(ROOT / "run.py"), *args]
     log = (tmp_path / "first.log").open("w")
     proc = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -394,7 +382,7 @@ def test_a_killed_two_process_run_resumes_with_every_row_exactly_once(tmp_path):
     parts_before = {p.name for p in (out / "parts").glob("*.jsonl")}
     assert not (out / "results.parquet").exists()
 
-    result = run_cli(*args, launcher=launcher(2))
+    result = run_cli(*args, launcher=accelerate_cpu(2))
     assert result.returncode == 0, result.stderr[-3000:]
 
     table = pd.read_parquet(out / "results.parquet")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import socket
 import subprocess
 from pathlib import Path
 
@@ -25,13 +24,6 @@ CHROMIUM = Path("/usr/bin/chromium")
 CATEGORIES = {"a": "harbour", "b": "forest", "c": "harbour", "d.v2": "city", "e": "city", "broken": "forest"}
 SCORES = {"a": 0.5, "b": 1.25, "c": 2.0, "d.v2": 3.5, "e": 4.0, "broken": 9.0}
 OK_IDS = ["a", "b", "c", "d.v2", "e"]
-
-
-def launcher(processes: int) -> list[str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return [*accelerate_cpu(processes), "--main_process_port", str(port)]
 
 
 @pytest.fixture(scope="module")
@@ -64,13 +56,13 @@ def runs(tmp_path_factory):
         "output.format=webdataset",
         "output.shard_size=2",
     ]
-    first = run_cli(*args, launcher=launcher(2))
+    first = run_cli(*args, launcher=accelerate_cpu(2))
     assert first.returncode == 0, first.stderr[-4000:]
     snapshot = folder / "first"
     shutil.copytree(out, snapshot)
 
     photo(images / "broken.png", (100, 100), seed=42)
-    second = run_cli(*args, launcher=launcher(2))
+    second = run_cli(*args, launcher=accelerate_cpu(2))
     assert second.returncode == 0, second.stderr[-4000:]
     return {"first": snapshot, "out": out, "manifest": manifest, "args": args, "log": first, "resume_log": second}
 
@@ -230,7 +222,7 @@ def test_report_html_renders_every_row_and_the_failure(runs, tmp_path):
 def test_dry_run_with_two_processes_plans_without_loading_or_writing(runs, tmp_path):
     fresh = tmp_path / "never"
     args = [a for a in runs["args"] if not a.startswith("output_dir=")]
-    result = run_cli(*args, f"output_dir={fresh}", "dry_run=true", launcher=launcher(2))
+    result = run_cli(*args, f"output_dir={fresh}", "dry_run=true", launcher=accelerate_cpu(2))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "6 rows, 6 valid, 0 problem(s)" in result.stdout
     assert "0 rows already done, 6 to make" in result.stdout
@@ -245,7 +237,7 @@ def test_dry_run_with_two_processes_plans_without_loading_or_writing(runs, tmp_p
 
     # Over the finished run: everything is done, and nothing there changes.
     before = {p: p.stat().st_mtime_ns for p in runs["out"].rglob("*")}
-    again = run_cli(*runs["args"], "dry_run=true", launcher=launcher(2))
+    again = run_cli(*runs["args"], "dry_run=true", launcher=accelerate_cpu(2))
     assert again.returncode == 0, again.stderr[-3000:]
     assert "6 rows already done, 0 to make" in again.stdout
     assert {p: p.stat().st_mtime_ns for p in runs["out"].rglob("*")} == before
