@@ -65,8 +65,6 @@ class MemoryConfig:
     enforce_budget: bool = True
     # Host RAM this host may give to all of its ranks together; null means MemAvailable.
     host_budget_gib: float | None = None
-    # Transformer blocks streamed together by group_offload: more means fewer hooks, more memory.
-    blocks_per_group: int = 1
     vae_slicing: bool = True
     vae_tiling: bool = True
     # Store transformer weights in float8 and upcast per layer: halves their memory, changes outputs.

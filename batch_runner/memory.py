@@ -39,8 +39,8 @@ LADDER = ("none", "text_offload", "group_offload", "sequential_cpu_offload")
 PLANS = ("none", "text_offload", "group_offload", "model_cpu_offload", "sequential_cpu_offload")
 # Activation terms, fitted to peaks measured on an H100 with CogVideoX-5B-I2V at 49x480x720 with
 # guidance (docs/benchmarks.json): bytes per (token x hidden unit x batch element) while denoising.
-# A whole compiled block (the resident plans) keeps more intermediates alive than the per-sub-layer
-# graphs of a streamed transformer: measured 6.6 GiB against 3.2 GiB of activations.
+# Measured with the same compiled blocks: 6.6 GiB of activations above the weights for the resident
+# plans, 3.2 GiB for the streamed transformer (group_offload 4.4 GiB peak in all at an 8 GiB budget).
 DENOISE_BYTES_PER_TOKEN_UNIT = {"resident": 65.0, "streamed": 31.5}
 VAE_DECODE_BYTES_PER_PIXEL = 2900.0
 VAE_TILED_PIXELS = 240 * 360 * 2  # the largest region a tiled decode holds at once, per frame pair
@@ -107,7 +107,9 @@ def estimate(plan: str, weights: dict[str, int], workload: Workload, config: Mem
         transformer /= 2
     streamed = plan in STREAMED_PLANS
     denoise, decode = activation_gib(workload, config.vae_tiling, streamed)
-    block = transformer / 40 * config.blocks_per_group  # one streamed group (CogVideoX-5B has 42 blocks)
+    # One streamed block (CogVideoX-5B has 42; diffusers streams them one at a time), with room for
+    # the weights outside the blocks, which stay resident (~150 MB).
+    block = transformer / 40
     layer = text / 24
     gpu = {
         "none": text + transformer + vae + max(denoise, decode),
@@ -186,6 +188,23 @@ def enforce_budget(config: MemoryConfig, device: torch.device) -> None:
     index = device.index if device.index is not None else torch.cuda.current_device()
     total = torch.cuda.get_device_properties(index).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, config.budget_gib * GIB / total), index)
+    _collect_before_the_cap()
+
+
+# Streamed weights are allocated on a side stream and freed on the compute stream, so the caching
+# allocator keeps reserving new segments until it reaches the cap; there it frees every cached
+# block after a device-wide synchronisation, once every few blocks. Collecting unused cached blocks
+# early keeps it below the cap: measured at an 8 GiB budget, 1.452 s per step without, 1.417 with,
+# 1.411 uncapped (docs/experiments/allocator_cap.json).
+ALLOCATOR_SETTINGS = "garbage_collection_threshold:0.7"
+
+
+def _collect_before_the_cap() -> None:
+    """Have the allocator reclaim unused cached blocks once 70% of the budget is reserved."""
+    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
+    if setter is None:  # older torch
+        setter = torch.cuda.memory._set_allocator_settings
+    setter(ALLOCATOR_SETTINGS)
 
 
 def host_available_gib(config: MemoryConfig) -> float:
@@ -224,7 +243,7 @@ def apply_plan(pipe: Any, plan: str, device: torch.device, config: MemoryConfig)
     elif plan == "group_offload":
         pipe.vae.to(device)
         _stream(pipe.text_encoder, device, "leaf_level")
-        _stream(pipe.transformer, device, "block_level", config.blocks_per_group)
+        _stream(pipe.transformer, device, "block_level")
     elif plan == "model_cpu_offload":
         pipe.enable_model_cpu_offload(device=device)
     elif plan == "sequential_cpu_offload":
@@ -233,6 +252,13 @@ def apply_plan(pipe: Any, plan: str, device: torch.device, config: MemoryConfig)
 
 def remove_offloading(pipe: Any) -> None:
     """Take off every offloading hook (accelerate's and diffusers' group offloading)."""
+    pipe.remove_all_hooks()
+    for module in (pipe.text_encoder, pipe.transformer, pipe.vae):
+        remove_offloading_hooks(module)
+
+
+def remove_offloading_hooks(module: torch.nn.Module) -> None:
+    """Take diffusers' group offloading hooks off `module` and everything inside it."""
     from diffusers.hooks import HookRegistry
     from diffusers.hooks.group_offloading import (
         _GROUP_OFFLOADING,
@@ -240,14 +266,12 @@ def remove_offloading(pipe: Any) -> None:
         _LAZY_PREFETCH_GROUP_OFFLOADING,
     )
 
-    pipe.remove_all_hooks()
-    for module in (pipe.text_encoder, pipe.transformer, pipe.vae):
-        registry = HookRegistry.check_if_exists_or_initialize(module)
-        for name in (_GROUP_OFFLOADING, _LAYER_EXECUTION_TRACKER, _LAZY_PREFETCH_GROUP_OFFLOADING):
-            registry.remove_hook(name, recurse=True)
+    registry = HookRegistry.check_if_exists_or_initialize(module)
+    for name in (_GROUP_OFFLOADING, _LAYER_EXECUTION_TRACKER, _LAZY_PREFETCH_GROUP_OFFLOADING):
+        registry.remove_hook(name, recurse=True)
 
 
-def _stream(module: torch.nn.Module, device: torch.device, offload_type: str, blocks_per_group: int = 1) -> None:
+def _stream(module: torch.nn.Module, device: torch.device, offload_type: str) -> None:
     """diffusers' group offloading with a CUDA stream: copy the next group while this one computes.
 
     Works on any torch module, so the transformers text encoder streams like the transformer.
@@ -260,10 +284,31 @@ def _stream(module: torch.nn.Module, device: torch.device, offload_type: str, bl
         onload_device=device,
         offload_device=torch.device("cpu"),
         offload_type=offload_type,
-        num_blocks_per_group=blocks_per_group if offload_type == "block_level" else None,
+        num_blocks_per_group=1 if offload_type == "block_level" else None,
         use_stream=True,
         record_stream=True,
     )
+    _keep_top_level_resident(module)
+
+
+def _keep_top_level_resident(module: torch.nn.Module) -> None:
+    """Keep the weights outside the streamed groups on the GPU for good.
+
+    Group offloading puts the top-level leftovers (CogVideoX's patch and time embeddings, learned
+    positional embedding, output norm and projection: about 150 MB) in a group of their own that
+    is moved with blocking copies from pageable memory before and after every forward. The copy
+    back waits for the GPU to finish the step, so the host stops running ahead once per step; on an
+    H100 that cost 0.2 s of a 1.6 s step (docs/experiments/step_profile.json). Onloaded once and
+    never offloaded, the group's per-step onload finds its tensors in place and moves nothing.
+    """
+    from diffusers.hooks.group_offloading import _GROUP_OFFLOADING
+
+    registry = getattr(module, "_diffusers_hook", None)
+    hook = registry.get_hook(_GROUP_OFFLOADING) if registry is not None else None
+    if hook is None:
+        return
+    hook.group.onload_()
+    hook.group.offload_ = lambda: None
 
 
 def _vae_switches(vae: Any, config: MemoryConfig) -> None:

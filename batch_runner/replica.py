@@ -54,11 +54,11 @@ class Replica:
         speed.prefer_attention(self.pipe.transformer, cfg.speed.attention, device)
         if cfg.memory.fp8_weights:
             self.pipe.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=self.dtype)
+        if speed.should_compile(cfg.speed, device) and cfg.speed.cache == "none":
+            blocks = speed.compile_blocks(self.pipe.transformer)
+            log.info("compiling %d transformer blocks with torch.compile (the first video is slower)", blocks)
         speed.enable_cache(self.pipe, cfg.speed)
         memory.apply_plan(self.pipe, self.plan, device, cfg.memory)
-        if speed.should_compile(cfg.speed, device) and cfg.speed.cache == "none":
-            regions = speed.compile_blocks(self.pipe.transformer)
-            log.info("compiling %d transformer regions with torch.compile (the first video is slower)", regions)
         speed.keep_timesteps_on_host(self.pipe, device)
         if device.type == "cuda":
             release_memory()

@@ -2,8 +2,8 @@
 
 * fused QKV projections (diffusers' own `fuse_qkv_projections`): one matmul instead of three;
 * regional torch.compile of the repeated transformer blocks: CogVideoX has no `_repeated_blocks`,
-  so each block (or, where an offloading hook wraps the block, each of its sub-layers) is compiled
-  in place; all blocks share one compiled graph, so compilation happens once;
+  so each block's forward is compiled in place, under any offloading hook; all blocks share one
+  compiled graph, so compilation happens once;
 * the scaled-dot-product-attention backend: CogVideoX's processor calls SDPA directly, so diffusers'
   `set_attention_backend` does not reach it; we choose PyTorch's SDPA backend around each call;
 * no host synchronisation in the denoising loop: the scheduler's timesteps stay on the host (its
@@ -105,23 +105,24 @@ def should_compile(config: SpeedConfig, device: torch.device) -> bool:
 
 
 def compile_blocks(transformer: torch.nn.Module) -> int:
-    """Compile the repeated blocks in place; returns how many regions were compiled."""
+    """Compile each repeated block's own forward in place; returns how many blocks were compiled.
+
+    Call it before a memory plan adds its hooks: diffusers' and accelerate's offloading hooks wrap
+    `module.forward`, so they then wrap the compiled forward, fetch the block's weights eagerly and
+    run the whole block as one graph (compiling around a hook would trace its stream work and
+    break the graph; compiling the block's sub-layers one by one leaves the glue between them
+    eager). Removing a hook hands the compiled forward back, so every plan keeps it.
+    """
     import torch._dynamo
 
     # All blocks share one graph; room for a few variants (plans, frame counts) before eager fallback.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    regions = 0
     for block in transformer.transformer_blocks:
-        if hasattr(block, "_diffusers_hook"):
-            # An offloading hook wraps this block's forward: compile inside it, not around it.
-            for child in block.children():
-                if any(True for _ in child.parameters()):
-                    child.compile(dynamic=False)
-                    regions += 1
-        else:
-            block.compile(dynamic=False)
-            regions += 1
-    return regions
+        registry = getattr(block, "_diffusers_hook", None)
+        if (registry is not None and registry.hooks) or hasattr(block, "_hf_hook"):
+            raise RuntimeError("compile_blocks must run before a memory plan hooks the blocks")
+        block.forward = torch.compile(block.forward, dynamic=False)
+    return len(transformer.transformer_blocks)
 
 
 def keep_timesteps_on_host(pipe: Any, device: torch.device) -> None:
