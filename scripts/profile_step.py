@@ -1,0 +1,356 @@
+"""Where one denoising step's time goes: kernels by kind, for the resident and the streamed plans.
+
+CogVideoX-5B-I2V's transformer with random weights, one forward at the benchmark's shape (guidance
+batch 2, 49x480x720: 17,776 tokens). For each variant it times a few forwards and profiles one with
+torch.profiler, summing GPU kernel time into attention, matrix multiplies, copies and the rest, so
+"what bounds a step" is a measurement rather than a guess. It also times the attention kernels and
+the block's matrix multiplies alone at the same shapes.
+
+    python scripts/profile_step.py --parts kernels,attention,resident,streamed --out docs/experiments
+
+writes step_profile.json (one record per measurement). Parts: kernels (attention backends, SDPA
+layouts and the block's matrix multiplies alone), attention (cuDNN attention alone, compiled and
+between matrix multiplies), gelu (the feed-forward GELU as a cuBLASLt epilogue), vae (the tiled VAE
+decode), resident and streamed (a whole transformer forward per plan, profiled).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from benchmark import model_config, seconds_per_call, transformer_tflop_per_step  # noqa: E402
+
+from batch_runner import memory, speed  # noqa: E402
+from batch_runner.pipeline import random_pipeline  # noqa: E402
+from batch_runner.replica import release_memory  # noqa: E402
+
+TOKENS_VIDEO, TEXT, HEADS, HEAD_DIM = 13 * 30 * 45, 226, 48, 64
+
+
+def kind(name: str) -> str:
+    n = name.lower()
+    if any(k in n for k in ("fmha", "flash", "attention", "sdpa", "cudnn_generated")):
+        return "attention"
+    if any(k in n for k in ("gemm", "nvjet", "xmma", "cutlass", "cublas", "matmul")):
+        return "matmul"
+    if "memcpy" in n or "memset" in n:
+        return "copy"
+    return "other"
+
+
+def inputs(transformer: torch.nn.Module) -> dict:
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+
+    arch = transformer.config
+    return {
+        "hidden_states": torch.randn(2, 13, arch.in_channels, 60, 90, device="cuda", dtype=torch.bfloat16),
+        "encoder_hidden_states": torch.randn(2, TEXT, 4096, device="cuda", dtype=torch.bfloat16),
+        "timestep": torch.tensor([999, 999], device="cuda"),
+        "image_rotary_emb": get_3d_rotary_pos_embed(64, ((0, 0), (30, 45)), (30, 45), 13, device="cuda"),
+        "return_dict": False,
+    }
+
+
+def measure(label: str, transformer: torch.nn.Module, repeats: int = 4) -> dict:
+    """Seconds per forward (wall, GPU-synchronised), host time to launch one, and a kernel breakdown."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    args = inputs(transformer)
+    with torch.no_grad():
+        for _ in range(2):  # warm-up: compilation, group offloading's first (order-recording) pass
+            transformer(**args)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            transformer(**args)
+        launched = (time.perf_counter() - t0) / repeats
+        torch.cuda.synchronize()
+        seconds = (time.perf_counter() - t0) / repeats
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            transformer(**args)
+            torch.cuda.synchronize()
+    kernels: dict[str, float] = {}
+    top: list[tuple[float, str]] = []
+    for event in prof.key_averages():
+        if event.device_type != DeviceType.CUDA:
+            continue
+        us = event.self_device_time_total
+        kernels[kind(event.key)] = kernels.get(kind(event.key), 0.0) + us / 1e6
+        top.append((us / 1e6, event.key[:90]))
+    busy = sum(v for k, v in kernels.items() if k != "copy")
+    record = {
+        "recipe": "step-profile",
+        "variant": label,
+        "seconds_per_forward": round(seconds, 4),
+        "host_seconds_to_launch": round(launched, 4),
+        "tflops": round(transformer_tflop_per_step() / seconds, 1),
+        "kernel_seconds": {k: round(v, 4) for k, v in sorted(kernels.items())},
+        "compute_kernel_seconds": round(busy, 4),
+        "gpu_idle_seconds": round(seconds - busy, 4),
+        "top_kernels": [{"seconds": round(s, 4), "name": n} for s, n in sorted(top, reverse=True)[:12]],
+        "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+    }
+    if kernels.get("attention"):
+        attention = transformer_tflop_per_step(attention_only=True)
+        record["attention_tflops"] = round(attention / kernels["attention"], 1)
+    if kernels.get("matmul"):
+        linear = transformer_tflop_per_step() - transformer_tflop_per_step(attention_only=True)
+        record["matmul_tflops"] = round(linear / kernels["matmul"], 1)
+    print(json.dumps({k: v for k, v in record.items() if k != "top_kernels"}), flush=True)
+    return record
+
+
+def kernels_alone() -> list[dict]:
+    """The attention backends and the block's matrix multiplies at the step's shapes, alone."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def timed(fn) -> float:
+        return seconds_per_call(fn, 10)
+
+    records = []
+    n = TOKENS_VIDEO + TEXT
+    q, k, v = (torch.randn(2, HEADS, n, HEAD_DIM, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    flop = 4 * 2 * HEADS * n * n * HEAD_DIM
+    for name, backend in [
+        ("cudnn", SDPBackend.CUDNN_ATTENTION),
+        ("flash", SDPBackend.FLASH_ATTENTION),
+        ("efficient", SDPBackend.EFFICIENT_ATTENTION),
+    ]:
+        with sdpa_kernel([backend]):
+            s = timed(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+        records.append({"recipe": "kernel-alone", "kernel": f"sdpa-{name}", "seconds": s, "tflops": flop / s / 1e12})
+    # The layouts CogVideoX's fused processor hands to SDPA: heads transposed out of (B, N, H, D),
+    # and v a strided view of the fused QKV projection.
+    qkv = torch.randn(2, n, 3, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    layouts = {
+        "bnhd-transposed": tuple(t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v)),
+        "fused-qkv-views": tuple(qkv[:, :, i].transpose(1, 2) for i in range(3)),
+    }
+    for layout, (lq, lk, lv) in layouts.items():
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            s = timed(lambda lq=lq, lk=lk, lv=lv: torch.nn.functional.scaled_dot_product_attention(lq, lk, lv))
+        records.append(
+            {"recipe": "kernel-alone", "kernel": f"sdpa-cudnn-{layout}", "seconds": s, "tflops": flop / s / 1e12}
+        )
+    try:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        flex = torch.compile(flex_attention, dynamic=False)
+        s = timed(lambda: flex(q, k, v))
+        records.append({"recipe": "kernel-alone", "kernel": "flex-compiled", "seconds": s, "tflops": flop / s / 1e12})
+    except Exception as e:  # a missing kernel is a finding, not a failure
+        records.append({"recipe": "kernel-alone", "kernel": "flex-compiled", "error": str(e)[:200]})
+    m = 2 * n
+    for name, (kk, nn) in {
+        "qkv": (3072, 9216),
+        "out": (3072, 3072),
+        "ff-up": (3072, 12288),
+        "ff-down": (12288, 3072),
+    }.items():
+        a = torch.randn(m, kk, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(nn, kk, device="cuda", dtype=torch.bfloat16)
+        s = timed(lambda a=a, w=w: torch.nn.functional.linear(a, w))
+        records.append(
+            {"recipe": "kernel-alone", "kernel": f"linear-{name}", "seconds": s, "tflops": 2 * m * kk * nn / s / 1e12}
+        )
+    for r in records:
+        r.update({k: round(v, 5) for k, v in r.items() if isinstance(v, float)})
+        print(json.dumps(r), flush=True)
+    return records
+
+
+def attention_in_context() -> list[dict]:
+    """cuDNN attention timed alone, compiled, and between the block's matrix multiplies.
+
+    In the model the attention kernel runs slower than alone; this separates tracing (the compiled
+    call) from the GPU's state after heavy matrix work (clocks under the power limit).
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    n = TOKENS_VIDEO + TEXT
+    q, k, v = (torch.randn(2, HEADS, n, HEAD_DIM, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    flop = 4 * 2 * HEADS * n * n * HEAD_DIM
+    x = torch.randn(2 * n, 3072, device="cuda", dtype=torch.bfloat16)
+    up = torch.randn(12288, 3072, device="cuda", dtype=torch.bfloat16)
+    down = torch.randn(3072, 12288, device="cuda", dtype=torch.bfloat16)
+
+    def attend(q, k, v):
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    compiled = torch.compile(attend, dynamic=False)
+    records = []
+    for label, fn, with_matmuls in [
+        ("alone", attend, False),
+        ("compiled", compiled, False),
+        ("between-matmuls", attend, True),
+    ]:
+        times = []
+        for _ in range(12):
+            if with_matmuls:
+                torch.nn.functional.linear(torch.nn.functional.linear(x, up), down)
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(q, k, v)
+            stop.record()
+            if with_matmuls:
+                torch.nn.functional.linear(torch.nn.functional.linear(x, up), down)
+            times.append((start, stop))
+        torch.cuda.synchronize()
+        ms = sorted(a.elapsed_time(b) for a, b in times[2:])
+        s = ms[len(ms) // 2] / 1000
+        records.append(
+            {
+                "recipe": "attention-context",
+                "context": label,
+                "seconds": round(s, 5),
+                "tflops": round(flop / s / 1e12, 1),
+            }
+        )
+        print(json.dumps(records[-1]), flush=True)
+    return records
+
+
+def gelu_epilogue() -> list[dict]:
+    """The feed-forward's up projection + tanh GELU: Inductor's matmul then a fused GELU kernel, against
+    cuBLASLt's GELU epilogue (`torch._addmm_activation`), which applies GELU before writing the result."""
+    n = 2 * (TOKENS_VIDEO + TEXT)
+    x = torch.randn(n, 3072, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(12288, 3072, device="cuda", dtype=torch.bfloat16) / 64
+    b = torch.randn(12288, device="cuda", dtype=torch.bfloat16)
+
+    def unfused(x, w, b):
+        return torch.nn.functional.gelu(torch.nn.functional.linear(x, w, b), approximate="tanh")
+
+    def epilogue(x, w, b):
+        return torch._addmm_activation(b, x, w.t(), use_gelu=True)
+
+    records = []
+    reference = unfused(x, w, b).float()
+    for label, fn in [("inductor", torch.compile(unfused, dynamic=False)), ("cublaslt-epilogue", epilogue)]:
+        s = seconds_per_call(lambda fn=fn: fn(x, w, b), 20)
+        error = (fn(x, w, b).float() - reference).abs().max().item()
+        records.append({"recipe": "gelu-epilogue", "variant": label, "seconds": round(s, 5), "max_abs_diff": error})
+        print(json.dumps(records[-1]), flush=True)
+    return records
+
+
+def vae_decode() -> list[dict]:
+    """The VAE decode of one 49x480x720 video (tiled, as the plans decode), eager and compiled."""
+    pipe = random_pipeline(model_config(), torch.bfloat16, "cuda")
+    vae = pipe.vae
+    del pipe
+    release_memory()
+    vae.enable_tiling()
+    latents = torch.randn(1, 16, 13, 60, 90, device="cuda", dtype=torch.bfloat16)
+    records = []
+    torch._dynamo.config.cache_size_limit = 64
+    for label in ("eager", "cudnn-benchmark", "cudnn-benchmark-channels-last"):
+        torch.backends.cudnn.benchmark = label.startswith("cudnn-benchmark")
+        if label.endswith("channels-last"):
+            vae.to(memory_format=torch.channels_last_3d)
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            vae.decode(latents)
+            torch.cuda.synchronize()
+            first = time.perf_counter() - t0
+            torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            frames = vae.decode(latents).sample
+            torch.cuda.synchronize()
+        s = time.perf_counter() - t0
+        records.append(
+            {
+                "recipe": "vae-decode",
+                "variant": label,
+                "seconds": round(s, 3),
+                "first_call_seconds": round(first, 1),
+                "frames": int(frames.shape[2]),
+                "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            }
+        )
+        print(json.dumps(records[-1]), flush=True)
+    return records
+
+
+def compile_sub_layers(transformer: torch.nn.Module) -> None:
+    """The replica's former way under an offloading hook: each sub-layer compiled on its own."""
+    for block in transformer.transformer_blocks:
+        for child in block.children():
+            if any(True for _ in child.parameters()):
+                child.compile(dynamic=False)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", default="kernels,attention,resident,streamed")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "experiments")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    records: list[dict] = []
+    path = args.out / "step_profile.json"
+
+    def save(record: dict) -> None:
+        records.append(record | {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__})
+        path.write_text(json.dumps(records, indent=2))
+
+    parts = args.parts.split(",")
+    standalone = {"kernels": kernels_alone, "attention": attention_in_context, "gelu": gelu_epilogue, "vae": vae_decode}
+    for part, measure_part in standalone.items():
+        if part in parts:
+            for r in measure_part():
+                save(r)
+            release_memory()
+    if "resident" not in parts and "streamed" not in parts:
+        print(f"wrote {path}")
+        return
+    release_memory()
+    pipe = random_pipeline(model_config(), torch.bfloat16, "cuda")
+    transformer = pipe.transformer
+    del pipe
+    release_memory()
+    transformer.fuse_qkv_projections()
+    speed.prefer_attention(transformer, "auto", torch.device("cuda"))
+    device = torch.device("cuda")
+    if "resident" in parts:
+        torch._dynamo.reset()
+        speed.compile_blocks(transformer)
+        save(measure("resident-compiled", transformer))
+    if "streamed" in parts:
+        variants = {
+            "streamed-sub-layers-compiled": compile_sub_layers,
+            "streamed-blocks-compiled": speed.compile_blocks,
+        }
+        for label, compile_fn in variants.items():
+            # A fresh copy of the blocks' forwards for each variant: compile_blocks replaces them.
+            for block in transformer.transformer_blocks:
+                block.__dict__.pop("forward", None)
+                block._compiled_call_impl = None
+                for child in block.children():
+                    child._compiled_call_impl = None
+            memory.remove_offloading_hooks(transformer)
+            torch._dynamo.reset()
+            release_memory()
+            torch.cuda.reset_peak_memory_stats()
+            if label == "streamed-blocks-compiled":
+                compile_fn(transformer)  # before the hooks, as the replica does
+            memory._stream(transformer, device, "block_level")
+            if label == "streamed-sub-layers-compiled":
+                compile_fn(transformer)
+            save(measure(label, transformer))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
