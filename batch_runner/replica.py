@@ -165,13 +165,15 @@ def workload_of(cfg: RunConfig, jobs: Sequence[Job] = ()) -> memory.Workload:
     from batch_runner.pipeline import arch_components
 
     model = cfg.model
-    hidden, vae_channels, patch_t = 32, 8, 1
+    hidden, vae_channels, patch_t, layers = 32, 8, 1, 2
     if model.arch:
         parts = arch_components(model.arch)
         t = parts["transformer"]
         hidden = t["num_attention_heads"] * t["attention_head_dim"]
         patch_t = t.get("patch_size_t") or 1
+        layers = t["num_layers"]
         vae_channels = max(parts["vae"]["block_out_channels"])
+    cached_outputs = {"pyramid": layers, "first_block": 2}.get(cfg.speed.cache, 0)
     default = memory.Workload(
         frames=model.num_frames,
         height=model.height,
@@ -181,6 +183,7 @@ def workload_of(cfg: RunConfig, jobs: Sequence[Job] = ()) -> memory.Workload:
         hidden=hidden,
         vae_channels=vae_channels,
         patch_t=patch_t,
+        cached_outputs=cached_outputs,
     )
     rows = (replace(default, frames=j.num_frames, height=j.height, width=j.width) for j in jobs)
     return max([default, *rows], key=lambda w: w.tokens)
