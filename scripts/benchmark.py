@@ -531,12 +531,13 @@ def bounds(rows: list[dict], peak: float | None, profile: list[dict]) -> list[st
     lines += [
         "",
         "Streamed plans (group_offload) copy the transformer's weights every step on a second CUDA stream while "
-        "the blocks compute, and now cost about 1% over the resident step. Two things made them slower before: "
+        "the blocks compute, and now cost about 1% over the resident step. Three things made them slower before: "
         "diffusers moved the weights outside the blocks (embeddings, output layers) with blocking copies from "
         "pageable memory before and after every forward, which drained the GPU's queue once per step (0.2 s of "
         "a 1.6 s step); they now stay on the GPU. And under the budget's allocator cap the caching allocator "
         "filled the cap and then freed everything behind a device-wide synchronisation; it now collects unused "
-        "blocks at 70% of the cap (docs/experiments/allocator_cap.json)."
+        "blocks at 70% of the cap (docs/experiments/allocator_cap.json). And blocks under the offloading hooks were "
+        "compiled one sub-layer at a time; they are now compiled whole, before the hooks wrap them."
         + (
             f" One streamed forward took {before['seconds_per_forward']} s before these fixes and "
             f"{after['seconds_per_forward']} s after; the resident step took {resident['seconds_per_forward']} s "

@@ -1,0 +1,41 @@
+"""docs/benchmarks.md is what scripts/benchmark.py writes from the committed measurements.
+
+The table, the targets and "What bounds a step" are generated from docs/benchmarks.json and
+docs/experiments/step_profile.json; a hand edit to the markdown, or a record changed without
+regenerating it, fails here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+from .conftest import ROOT
+
+
+def test_benchmarks_md_is_generated_from_the_records(tmp_path):
+    committed = (ROOT / "docs" / "benchmarks.md").read_text()
+    command = re.search(r"^Command: `(.*)`$", committed, re.MULTILINE).group(1)
+    shutil.copytree(ROOT / "docs", tmp_path / "docs")
+    (tmp_path / "docs" / "benchmarks.md").unlink()
+    subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--report", "--out", str(tmp_path / "docs")],
+        check=True,
+        env=os.environ | {"BENCHMARK_COMMAND": command},
+    )
+    assert (tmp_path / "docs" / "benchmarks.md").read_text() == committed
+
+
+def test_every_target_is_reported_with_what_it_needed():
+    report = (ROOT / "docs" / "benchmarks.md").read_text()
+    targets = report.split("## Targets", 1)[1].split("##", 1)[0]
+    rows = [line for line in targets.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert len(rows) == 6
+    for row in rows:
+        name, met, measured = (cell.strip() for cell in row.strip("|").split("|"))
+        assert met in ("yes", "**no**")
+        if met == "**no**" and "60 s" not in name:
+            assert "needs at most" in measured, row
