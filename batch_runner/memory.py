@@ -66,9 +66,7 @@ class Workload:
     patch_t: int = 1  # CogVideoX1.5 also patches time by 2
     spatial: int = 8
     temporal: int = 4
-    # Block outputs a step cache (speed.cache) keeps from one step to the next: every block's
-    # attention for Pyramid Attention Broadcast, about two for First Block Cache.
-    cached_outputs: int = 0
+    cached_outputs: int = 0  # block outputs a step cache keeps between steps (speed.cached_block_outputs)
 
     @property
     def tokens(self) -> int:

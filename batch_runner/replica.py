@@ -173,7 +173,6 @@ def workload_of(cfg: RunConfig, jobs: Sequence[Job] = ()) -> memory.Workload:
         patch_t = t.get("patch_size_t") or 1
         layers = t["num_layers"]
         vae_channels = max(parts["vae"]["block_out_channels"])
-    cached_outputs = {"pyramid": layers, "first_block": 2}.get(cfg.speed.cache, 0)
     default = memory.Workload(
         frames=model.num_frames,
         height=model.height,
@@ -183,7 +182,7 @@ def workload_of(cfg: RunConfig, jobs: Sequence[Job] = ()) -> memory.Workload:
         hidden=hidden,
         vae_channels=vae_channels,
         patch_t=patch_t,
-        cached_outputs=cached_outputs,
+        cached_outputs=speed.cached_block_outputs(cfg.speed.cache, layers),
     )
     rows = (replace(default, frames=j.num_frames, height=j.height, width=j.width) for j in jobs)
     return max([default, *rows], key=lambda w: w.tokens)

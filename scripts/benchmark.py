@@ -39,12 +39,13 @@ from batch_runner import memory  # noqa: E402
 from batch_runner.config import MemoryConfig, ModelConfig, RunConfig, SpeedConfig  # noqa: E402
 from batch_runner.images import load_image  # noqa: E402
 from batch_runner.manifest import Job  # noqa: E402
-from batch_runner.pipeline import build_pipeline  # noqa: E402
+from batch_runner.pipeline import build_pipeline, random_pipeline  # noqa: E402
 from batch_runner.replica import Replica, release_memory  # noqa: E402
 
 GIB = 1024**3
 STEPS_PER_VIDEO = 50
 FRAMES, HEIGHT, WIDTH = 49, 480, 720
+LATENT_FRAMES, LATENT_HEIGHT, LATENT_WIDTH = (FRAMES - 1) // 4 + 1, HEIGHT // 8, WIDTH // 8  # the VAE's compression
 PROMPT = "Gentle waves roll onto an empty beach at dusk, the sky slowly darkening as the tide foams."
 REFERENCE_NAMES = {
     "ref-gpu": "pipe.to('cuda')",
@@ -64,6 +65,34 @@ def model_config(steps: int = STEPS_PER_VIDEO) -> ModelConfig:
 
 def transformer_arch() -> dict:
     return json.loads((ROOT / "conf/arch/cogvideox-5b-i2v/transformer.json").read_text())
+
+
+def random_component(name: str) -> torch.nn.Module:
+    """One component of the random-weight pipeline, on the GPU in bf16; the others are freed."""
+    pipe = random_pipeline(model_config(), torch.bfloat16, "cuda")
+    component = getattr(pipe, name)
+    del pipe
+    release_memory()
+    return component
+
+
+def transformer_inputs(transformer: torch.nn.Module) -> dict:
+    """One guided step's transformer inputs at the benchmark's video size (batch 2: guidance)."""
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+
+    arch = transformer.config
+    frames, height, width = LATENT_FRAMES, LATENT_HEIGHT, LATENT_WIDTH
+    grid = (height // arch.patch_size, width // arch.patch_size)
+    rotary = get_3d_rotary_pos_embed(arch.attention_head_dim, ((0, 0), grid), grid, frames, device="cuda")
+    return {
+        "hidden_states": torch.randn(2, frames, arch.in_channels, height, width, device="cuda", dtype=torch.bfloat16),
+        "encoder_hidden_states": torch.randn(
+            2, arch.max_text_seq_length, arch.text_embed_dim, device="cuda", dtype=torch.bfloat16
+        ),
+        "timestep": torch.tensor([999, 999], device="cuda"),
+        "image_rotary_emb": rotary,
+        "return_dict": False,
+    }
 
 
 def step_tokens(arch: dict) -> int:
@@ -354,29 +383,13 @@ def probe(out: Path) -> list[dict]:
     import torch._dynamo
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from batch_runner.pipeline import random_pipeline
     from batch_runner.speed import compile_blocks
 
-    pipe = random_pipeline(model_config(), torch.bfloat16, "cuda")
-    transformer = pipe.transformer
-    del pipe
-    release_memory()
-    arch = transformer.config
-    latent = torch.randn(2, 13, arch.in_channels, 60, 90, device="cuda", dtype=torch.bfloat16)
-    text = torch.randn(2, 226, 4096, device="cuda", dtype=torch.bfloat16)
-    timestep = torch.tensor([999, 999], device="cuda")
-    from diffusers.models.embeddings import get_3d_rotary_pos_embed
-
-    rotary = get_3d_rotary_pos_embed(64, ((0, 0), (30, 45)), (30, 45), 13, device="cuda")
+    transformer = random_component("transformer")
+    args = transformer_inputs(transformer)
 
     def forward():
-        return transformer(
-            hidden_states=latent,
-            encoder_hidden_states=text,
-            timestep=timestep,
-            image_rotary_emb=rotary,
-            return_dict=False,
-        )[0]
+        return transformer(**args)[0]
 
     def time_it(repeats: int = 3) -> float:
         with torch.no_grad():

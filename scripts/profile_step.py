@@ -28,13 +28,24 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from benchmark import model_config, seconds_per_call, transformer_tflop_per_step  # noqa: E402
+from benchmark import (  # noqa: E402
+    LATENT_FRAMES,
+    LATENT_HEIGHT,
+    LATENT_WIDTH,
+    random_component,
+    seconds_per_call,
+    step_tokens,
+    transformer_arch,
+    transformer_inputs,
+    transformer_tflop_per_step,
+)
 
 from batch_runner import memory, speed  # noqa: E402
-from batch_runner.pipeline import random_pipeline  # noqa: E402
 from batch_runner.replica import release_memory  # noqa: E402
 
-TOKENS_VIDEO, TEXT, HEADS, HEAD_DIM = 13 * 30 * 45, 226, 48, 64
+ARCH = transformer_arch()
+TOKENS, HEADS, HEAD_DIM = step_tokens(ARCH), ARCH["num_attention_heads"], ARCH["attention_head_dim"]
+HIDDEN = HEADS * HEAD_DIM  # the feed-forward is 4x wider
 
 
 def kind(name: str) -> str:
@@ -48,25 +59,12 @@ def kind(name: str) -> str:
     return "other"
 
 
-def inputs(transformer: torch.nn.Module) -> dict:
-    from diffusers.models.embeddings import get_3d_rotary_pos_embed
-
-    arch = transformer.config
-    return {
-        "hidden_states": torch.randn(2, 13, arch.in_channels, 60, 90, device="cuda", dtype=torch.bfloat16),
-        "encoder_hidden_states": torch.randn(2, TEXT, 4096, device="cuda", dtype=torch.bfloat16),
-        "timestep": torch.tensor([999, 999], device="cuda"),
-        "image_rotary_emb": get_3d_rotary_pos_embed(64, ((0, 0), (30, 45)), (30, 45), 13, device="cuda"),
-        "return_dict": False,
-    }
-
-
 def measure(label: str, transformer: torch.nn.Module, repeats: int = 4) -> dict:
     """Seconds per forward (wall, GPU-synchronised), host time to launch one, and a kernel breakdown."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    args = inputs(transformer)
+    args = transformer_inputs(transformer)
     with torch.no_grad():
         for _ in range(2):  # warm-up: compilation, group offloading's first (order-recording) pass
             transformer(**args)
@@ -111,6 +109,12 @@ def measure(label: str, transformer: torch.nn.Module, repeats: int = 4) -> dict:
     return record
 
 
+def attention_operands() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """q, k, v of one guided step's attention (contiguous, heads first) and its FLOP."""
+    q, k, v = (torch.randn(2, HEADS, TOKENS, HEAD_DIM, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    return q, k, v, 4 * 2 * HEADS * TOKENS * TOKENS * HEAD_DIM
+
+
 def kernels_alone() -> list[dict]:
     """The attention backends and the block's matrix multiplies at the step's shapes, alone."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -119,9 +123,7 @@ def kernels_alone() -> list[dict]:
         return seconds_per_call(fn, 10)
 
     records = []
-    n = TOKENS_VIDEO + TEXT
-    q, k, v = (torch.randn(2, HEADS, n, HEAD_DIM, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    flop = 4 * 2 * HEADS * n * n * HEAD_DIM
+    q, k, v, flop = attention_operands()
     for name, backend in [
         ("cudnn", SDPBackend.CUDNN_ATTENTION),
         ("flash", SDPBackend.FLASH_ATTENTION),
@@ -132,7 +134,7 @@ def kernels_alone() -> list[dict]:
         records.append({"recipe": "kernel-alone", "kernel": f"sdpa-{name}", "seconds": s, "tflops": flop / s / 1e12})
     # The layouts CogVideoX's fused processor hands to SDPA: heads transposed out of (B, N, H, D),
     # and v a strided view of the fused QKV projection.
-    qkv = torch.randn(2, n, 3, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    qkv = torch.randn(2, TOKENS, 3, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
     layouts = {
         "bnhd-transposed": tuple(t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v)),
         "fused-qkv-views": tuple(qkv[:, :, i].transpose(1, 2) for i in range(3)),
@@ -151,12 +153,12 @@ def kernels_alone() -> list[dict]:
         records.append({"recipe": "kernel-alone", "kernel": "flex-compiled", "seconds": s, "tflops": flop / s / 1e12})
     except Exception as e:  # a missing kernel is a finding, not a failure
         records.append({"recipe": "kernel-alone", "kernel": "flex-compiled", "error": str(e)[:200]})
-    m = 2 * n
+    m = 2 * TOKENS
     for name, (kk, nn) in {
-        "qkv": (3072, 9216),
-        "out": (3072, 3072),
-        "ff-up": (3072, 12288),
-        "ff-down": (12288, 3072),
+        "qkv": (HIDDEN, 3 * HIDDEN),
+        "out": (HIDDEN, HIDDEN),
+        "ff-up": (HIDDEN, 4 * HIDDEN),
+        "ff-down": (4 * HIDDEN, HIDDEN),
     }.items():
         a = torch.randn(m, kk, device="cuda", dtype=torch.bfloat16)
         w = torch.randn(nn, kk, device="cuda", dtype=torch.bfloat16)
@@ -178,12 +180,10 @@ def attention_in_context() -> list[dict]:
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    n = TOKENS_VIDEO + TEXT
-    q, k, v = (torch.randn(2, HEADS, n, HEAD_DIM, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    flop = 4 * 2 * HEADS * n * n * HEAD_DIM
-    x = torch.randn(2 * n, 3072, device="cuda", dtype=torch.bfloat16)
-    up = torch.randn(12288, 3072, device="cuda", dtype=torch.bfloat16)
-    down = torch.randn(3072, 12288, device="cuda", dtype=torch.bfloat16)
+    q, k, v, flop = attention_operands()
+    x = torch.randn(2 * TOKENS, HIDDEN, device="cuda", dtype=torch.bfloat16)
+    up = torch.randn(4 * HIDDEN, HIDDEN, device="cuda", dtype=torch.bfloat16)
+    down = torch.randn(HIDDEN, 4 * HIDDEN, device="cuda", dtype=torch.bfloat16)
 
     def attend(q, k, v):
         with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
@@ -225,10 +225,9 @@ def attention_in_context() -> list[dict]:
 def gelu_epilogue() -> list[dict]:
     """The feed-forward's up projection + tanh GELU: Inductor's matmul then a fused GELU kernel, against
     cuBLASLt's GELU epilogue (`torch._addmm_activation`), which applies GELU before writing the result."""
-    n = 2 * (TOKENS_VIDEO + TEXT)
-    x = torch.randn(n, 3072, device="cuda", dtype=torch.bfloat16)
-    w = torch.randn(12288, 3072, device="cuda", dtype=torch.bfloat16) / 64
-    b = torch.randn(12288, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(2 * TOKENS, HIDDEN, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(4 * HIDDEN, HIDDEN, device="cuda", dtype=torch.bfloat16) / 64
+    b = torch.randn(4 * HIDDEN, device="cuda", dtype=torch.bfloat16)
 
     def unfused(x, w, b):
         return torch.nn.functional.gelu(torch.nn.functional.linear(x, w, b), approximate="tanh")
@@ -247,19 +246,17 @@ def gelu_epilogue() -> list[dict]:
 
 
 def vae_decode() -> list[dict]:
-    """The VAE decode of one 49x480x720 video (tiled, as the plans decode), eager and compiled."""
-    pipe = random_pipeline(model_config(), torch.bfloat16, "cuda")
-    vae = pipe.vae
-    del pipe
-    release_memory()
+    """The VAE decode of one 49x480x720 video (tiled, as the plans decode): eager, with cuDNN's
+    autotuner, and with the decoder compiled (that one takes minutes: it recompiles per tile shape)."""
+    vae = random_component("vae")
     vae.enable_tiling()
-    latents = torch.randn(1, 16, 13, 60, 90, device="cuda", dtype=torch.bfloat16)
+    shape = (1, vae.config.latent_channels, LATENT_FRAMES, LATENT_HEIGHT, LATENT_WIDTH)
+    latents = torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
     records = []
-    torch._dynamo.config.cache_size_limit = 64
-    for label in ("eager", "cudnn-benchmark", "cudnn-benchmark-channels-last"):
-        torch.backends.cudnn.benchmark = label.startswith("cudnn-benchmark")
-        if label.endswith("channels-last"):
-            vae.to(memory_format=torch.channels_last_3d)
+    for label in ("eager", "cudnn-benchmark", "compiled-decoder"):
+        torch.backends.cudnn.benchmark = label == "cudnn-benchmark"
+        if label == "compiled-decoder":
+            vae.decoder.compile(dynamic=False)
         with torch.no_grad():
             t0 = time.perf_counter()
             vae.decode(latents)
@@ -315,11 +312,7 @@ def main() -> None:
     if "resident" not in parts and "streamed" not in parts:
         print(f"wrote {path}")
         return
-    release_memory()
-    pipe = random_pipeline(model_config(), torch.bfloat16, "cuda")
-    transformer = pipe.transformer
-    del pipe
-    release_memory()
+    transformer = random_component("transformer")
     transformer.fuse_qkv_projections()
     speed.prefer_attention(transformer, "auto", torch.device("cuda"))
     device = torch.device("cuda")
