@@ -50,7 +50,7 @@ class Replica:
         build_on = device if cfg.model.weights == "random" else torch.device("cpu")
         self.pipe = build_pipeline(cfg.model, build_on)
         if cfg.speed.fuse_qkv:
-            self.pipe.fuse_qkv_projections()
+            speed.fuse_qkv(self.pipe.transformer)
         speed.prefer_attention(self.pipe.transformer, cfg.speed.attention, device)
         if cfg.memory.fp8_weights:
             self.pipe.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=self.dtype)

@@ -1,6 +1,7 @@
 """Speed that leaves outputs unchanged (up to bf16 noise), and opt-in approximations that do not.
 
-* fused QKV projections (diffusers' own `fuse_qkv_projections`): one matmul instead of three;
+* fused QKV projections (diffusers' own `fuse_qkv_projections`): one matmul instead of three, and
+  the separate projections it leaves behind are dropped (2.2 GiB on CogVideoX-5B);
 * regional torch.compile of the repeated transformer blocks: CogVideoX has no `_repeated_blocks`,
   so each block's forward is compiled in place, under any offloading hook; all blocks share one
   compiled graph, so compilation happens once;
@@ -96,6 +97,28 @@ def prefer_attention(transformer: Any, name: str, device: torch.device) -> None:
         key: PreferredAttention(getattr(p, "processor", p), order) for key, p in transformer.attn_processors.items()
     }
     transformer.set_attn_processor(processors)
+
+
+def fuse_qkv(transformer: torch.nn.Module) -> int:
+    """Fuse each attention's projections into one matmul; returns the bytes of weights dropped.
+
+    diffusers' `fuse_qkv_projections` adds the fused `to_qkv` beside `to_q`, `to_k` and `to_v`
+    and keeps those for `unfuse_qkv_projections`. We never unfuse, and the fused processor never
+    reads them, so they go: otherwise they would sit on the GPU (resident plans) or be streamed to
+    it every step (group offloading) for nothing.
+    """
+    from diffusers.models.attention_processor import Attention
+
+    transformer.fuse_qkv_projections()
+    dropped = 0
+    for module in transformer.modules():
+        if not (isinstance(module, Attention) and module.fused_projections):
+            continue
+        fused = ("to_k", "to_v") if module.is_cross_attention else ("to_q", "to_k", "to_v")
+        for name in fused:
+            dropped += sum(p.numel() * p.element_size() for p in getattr(module, name).parameters())
+            setattr(module, name, None)
+    return dropped
 
 
 def should_compile(config: SpeedConfig, device: torch.device) -> bool:

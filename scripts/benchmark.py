@@ -401,11 +401,11 @@ def probe(out: Path) -> list[dict]:
         "cudnn": SDPBackend.CUDNN_ATTENTION,
         "efficient": SDPBackend.EFFICIENT_ATTENTION,
     }
-    from batch_runner.speed import prefer_attention
+    from batch_runner.speed import fuse_qkv, prefer_attention
 
     for stage in ("eager", "fused", "compiled", "compiled-inner"):
         if stage == "fused":
-            transformer.fuse_qkv_projections()
+            fuse_qkv(transformer)
         for name, backend in backends.items():
             try:
                 with sdpa_kernel([backend]):

@@ -313,7 +313,7 @@ def main() -> None:
         print(f"wrote {path}")
         return
     transformer = random_component("transformer")
-    transformer.fuse_qkv_projections()
+    speed.fuse_qkv(transformer)
     speed.prefer_attention(transformer, "auto", torch.device("cuda"))
     device = torch.device("cuda")
     if "resident" in parts:
