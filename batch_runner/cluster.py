@@ -3,16 +3,19 @@
 accelerate's PartialState owns the process group; we add what a long batch run needs on top:
 a shared counter (the process group's own TCPStore) for claims and progress, and a wait for the
 other processes that polls that counter instead of entering a collective barrier, which would
-time out while a slow process still makes its last video.
+time out while a slow process still makes its last video; and the processes of one host, which
+can share one copy of the weights in host memory (batch_runner.host_weights).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from dataclasses import dataclass
-from typing import Any
+from datetime import timedelta
+from typing import Any, Protocol
 
 import torch
 from accelerate import PartialState
@@ -21,6 +24,42 @@ from accelerate.utils import broadcast_object_list
 from batch_runner.sharding import Counter, LocalCounter
 
 log = logging.getLogger(__name__)
+
+
+class Store(Protocol):
+    """What sharing needs of the process group's key-value store (a c10d Store has all of it)."""
+
+    def set(self, key: str, value: str) -> None: ...
+
+    def get(self, key: str) -> bytes: ...
+
+    def add(self, key: str, amount: int) -> int: ...
+
+    def wait(self, keys: list[str], timeout: timedelta) -> None: ...
+
+
+@dataclass(frozen=True)
+class HostPeers:
+    """This process among the processes of its host: who can share host memory with whom."""
+
+    local_rank: int
+    local_world_size: int
+    store: Store | None  # None when this process is alone on its host
+    host: str  # the same for exactly the processes that can map each other's memory
+
+    @property
+    def alone(self) -> bool:
+        return self.store is None or self.local_world_size < 2
+
+
+def this_host() -> str:
+    """A name that two processes share only if they run on one machine, under one kernel boot."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = "unknown-boot"
+    return f"{socket.gethostname()}-{boot}"
 
 
 @dataclass
@@ -72,6 +111,11 @@ class Cluster:
             if on_poll is not None:
                 on_poll()
             time.sleep(poll_seconds)
+
+    def host_peers(self) -> HostPeers:
+        """The processes this one can share host memory with (the store is the process group's)."""
+        store = self.counter if self.distributed else None
+        return HostPeers(self.local_rank, self.local_world_size, store, this_host())  # type: ignore[arg-type]
 
     def close(self) -> None:
         if self.distributed and torch.distributed.is_initialized():

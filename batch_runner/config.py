@@ -65,6 +65,9 @@ class MemoryConfig:
     enforce_budget: bool = True
     # Host RAM this host may give to all of its ranks together; null means MemAvailable.
     host_budget_gib: float | None = None
+    # The processes of a host load the weights once and share that copy in host memory (a memfd):
+    # one copy per host instead of one per process, both while loading and for streamed plans.
+    share_host_weights: bool = True
     vae_slicing: bool = True
     vae_tiling: bool = True
     # Store transformer weights in float8 and upcast per layer: halves their memory, changes outputs.

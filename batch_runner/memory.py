@@ -15,7 +15,8 @@ the next group is copied while the current one computes. Prompts of a chunk are 
 so the 9.5 GB text encoder crosses the bus once per chunk, not once per video.
 
 `auto` picks the fastest plan whose estimated peak fits the GPU budget and whose pinned host memory
-fits this host's share, and says why. The estimates are weights (counted from the architecture)
+fits this host (one copy shared by the host's processes, batch_runner.host_weights, or a copy
+each out of an equal share), and says why. The estimates are weights (counted from the architecture)
 plus activation terms fitted to measurements on an H100 (docs/benchmarks.md).
 """
 
@@ -49,6 +50,26 @@ VAE_TILED_PIXELS = 240 * 360 * 2  # the largest region a tiled decode holds at o
 FRAGMENTATION = 1.12
 HEADROOM_GIB = 0.5
 STREAMED_PLANS = ("group_offload", "sequential_cpu_offload")
+COMPONENTS = ("text_encoder", "transformer", "vae")
+# The components whose weights stay in host memory while each plan runs.
+HOST_RESIDENT = {
+    "none": (),
+    "text_offload": ("text_encoder",),
+    "group_offload": ("text_encoder", "transformer"),
+    "model_cpu_offload": COMPONENTS,
+    "sequential_cpu_offload": COMPONENTS,
+}
+# The components a plan streams with diffusers' group offloading, which wants them pinned.
+PINNED = {"text_offload": ("text_encoder",), "group_offload": ("text_encoder", "transformer")}
+
+
+def shareable(plan: str) -> tuple[str, ...]:
+    """The host-resident components one host copy can serve for the whole run.
+
+    Model CPU offload moves whole models back to the host with `.to("cpu")`, which makes a new
+    private copy each time, so its weights cannot stay shared.
+    """
+    return () if plan == "model_cpu_offload" else HOST_RESIDENT[plan]
 
 
 @dataclass(frozen=True)
@@ -121,13 +142,8 @@ def estimate(plan: str, weights: dict[str, int], workload: Workload, config: Mem
         "model_cpu_offload": max(text, transformer + denoise, vae + decode),
         "sequential_cpu_offload": max(denoise, decode) + 2 * block,
     }[plan]
-    host = {
-        "none": 0.0,
-        "text_offload": text,
-        "group_offload": text + transformer,
-        "model_cpu_offload": text + transformer + vae,
-        "sequential_cpu_offload": text + transformer + vae,
-    }[plan]
+    sizes = {"text_encoder": text, "transformer": transformer, "vae": vae}
+    host = sum(sizes[name] for name in HOST_RESIDENT[plan])
     return Estimate(plan, round(gpu * FRAGMENTATION + HEADROOM_GIB, 2), round(host, 2))
 
 
@@ -139,32 +155,51 @@ def choose_plan(
     host_gib: float,
     local_world_size: int,
 ) -> Choice:
-    """The fastest plan that fits both the GPU budget and this process's share of host memory."""
-    share = host_gib / max(1, local_world_size)
+    """The fastest plan that fits both the GPU budget and the host's memory.
+
+    With memory.share_host_weights, the processes of a host hold one copy of a plan's host-resident
+    weights between them; otherwise each process needs its own, out of an equal share of the host.
+    """
+    processes = max(1, local_world_size)
+    shared = config.share_host_weights and processes > 1
     estimates = tuple(estimate(p, weights, workload, config) for p in PLANS)
     by_plan = {e.plan: e for e in estimates}
+    host = {p: _host_need(by_plan[p], shared, processes, host_gib) for p in PLANS}
     for plan in LADDER:
         e = by_plan[plan]
-        if e.gpu_gib <= budget_gib and e.host_gib <= share:
+        if e.gpu_gib <= budget_gib and host[plan][0]:
             faster = [p for p in LADDER[: LADDER.index(plan)]]
-            why = "; ".join(_why_not(by_plan[p], budget_gib, share) for p in faster)
+            why = "; ".join(_why_not(by_plan[p], budget_gib, host[p][1]) for p in faster)
             reason = (
-                f"{plan}: needs ~{e.gpu_gib:.2f} GiB of the {budget_gib:.1f} GiB GPU budget and "
-                f"{e.host_gib:.1f} GiB of this process's {share:.1f} GiB host share"
+                f"{plan}: needs ~{e.gpu_gib:.2f} GiB of the {budget_gib:.1f} GiB GPU budget and {host[plan][1]}"
                 + (f" (faster plans do not fit: {why})" if why else " (the fastest plan)")
             )
             return Choice(plan, reason, estimates)
-    lines = "; ".join(_why_not(by_plan[p], budget_gib, share) for p in LADDER)
+    lines = "; ".join(_why_not(by_plan[p], budget_gib, host[p][1]) for p in LADDER)
     raise UserError(
         f"No memory plan fits: {lines}. Give more GPU memory (memory.budget_gib), fewer processes per "
         f"host (accelerate launch --num_processes) or more host memory (memory.host_budget_gib)."
     )
 
 
-def _why_not(e: Estimate, budget_gib: float, share: float) -> str:
+def _host_need(e: Estimate, shared: bool, processes: int, host_gib: float) -> tuple[bool, str]:
+    """Whether `e`'s host-resident weights fit this host, and the sentence that says so."""
+    if shared and shareable(e.plan):
+        fits = e.host_gib <= host_gib
+        return fits, f"{e.host_gib:.1f} GiB of host memory, one copy for the {processes} processes of this host " + (
+            f"(of {host_gib:.1f} GiB)" if fits else f"> {host_gib:.1f} GiB"
+        )
+    share = host_gib / processes
+    fits = e.host_gib <= share
+    return fits, f"{e.host_gib:.1f} GiB of this process's {share:.1f} GiB host share" if fits else (
+        f"{e.host_gib:.2f} GiB host > {share:.2f} per process"
+    )
+
+
+def _why_not(e: Estimate, budget_gib: float, host: str) -> str:
     if e.gpu_gib > budget_gib:
         return f"{e.plan} needs ~{e.gpu_gib:.2f} GiB GPU > {budget_gib:.2f}"
-    return f"{e.plan} needs {e.host_gib:.2f} GiB host > {share:.2f} per process"
+    return f"{e.plan} needs {host}"
 
 
 def next_plan_down(plan: str) -> str | None:

@@ -11,10 +11,11 @@ Three sources of weights, one pipeline class:
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import logging
 import string
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 import torch
@@ -25,7 +26,7 @@ from diffusers import (
     CogVideoXImageToVideoPipeline,
     CogVideoXTransformer3DModel,
 )
-from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+from transformers import AutoConfig, T5Config, T5EncoderModel, T5TokenizerFast
 
 from batch_runner.config import ModelConfig
 from batch_runner.errors import UserError
@@ -42,17 +43,25 @@ def torch_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def build_pipeline(model: ModelConfig, device: torch.device | str = "cpu") -> CogVideoXImageToVideoPipeline:
-    """The pipeline with weights where `model.weights` says; on the CPU unless built randomly."""
+def build_pipeline(
+    model: ModelConfig, device: torch.device | str = "cpu", empty: Collection[str] = ()
+) -> CogVideoXImageToVideoPipeline:
+    """The pipeline with weights where `model.weights` says; on the CPU unless built randomly.
+
+    Components named in `empty` are built on the meta device, without reading or creating any
+    weights: another process of the host loads them and this one maps its copy (host_weights).
+    The tiny model is always built whole: kilobytes, made in code.
+    """
     dtype = torch_dtype(model.dtype)
     if model.weights == "tiny":
+        # Built in code in moments, kilobytes in all: always built whole (mapped over all the same).
         pipe = tiny_pipeline()
         if dtype != torch.float32:
             pipe = pipe.to(dtype=dtype)
     elif model.weights == "pretrained":
-        pipe = load_pretrained(model, dtype)
+        pipe = load_pretrained(model, dtype, empty)
     elif model.weights == "random":
-        pipe = random_pipeline(model, dtype, device)
+        pipe = random_pipeline(model, dtype, device, empty)
     else:
         raise UserError(f"model.weights={model.weights!r} must be 'pretrained', 'random' or 'tiny'.")
     pipe.scheduler = make_scheduler(model, pipe.scheduler)
@@ -60,16 +69,20 @@ def build_pipeline(model: ModelConfig, device: torch.device | str = "cpu") -> Co
     return pipe
 
 
-def load_pretrained(model: ModelConfig, dtype: torch.dtype) -> CogVideoXImageToVideoPipeline:
+def load_pretrained(
+    model: ModelConfig, dtype: torch.dtype, empty: Collection[str] = ()
+) -> CogVideoXImageToVideoPipeline:
     """from_pretrained on a local folder or hub id, failing with one sentence that says what to do."""
     source = model.path
     local = Path(source).expanduser()
     looks_local = source.startswith((".", "/", "~")) or local.exists()
     if looks_local and not local.is_dir():
         raise UserError(f"model.path={source!r} is not a folder; point it at a downloaded copy of {model.name}.")
+    source = str(local) if looks_local else source
     try:
+        skeletons = {name: empty_component(source, name, dtype, model.revision) for name in empty}
         return CogVideoXImageToVideoPipeline.from_pretrained(
-            str(local) if looks_local else source, torch_dtype=dtype, revision=model.revision
+            source, torch_dtype=dtype, revision=model.revision, **skeletons
         )
     except (OSError, ValueError) as e:
         hint = (
@@ -82,6 +95,17 @@ def load_pretrained(model: ModelConfig, dtype: torch.dtype) -> CogVideoXImageToV
             f"(`huggingface-cli download {model.path if not looks_local else 'THUDM/CogVideoX-5b-I2V'} "
             f"--local-dir DIR`) and run with model.path=DIR. ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
         ) from e
+
+
+def empty_component(source: str, name: str, dtype: torch.dtype, revision: str | None) -> torch.nn.Module:
+    """A component of a saved pipeline built from its config alone, on the meta device."""
+    library, class_name = CogVideoXImageToVideoPipeline.load_config(source, revision=revision)[name]
+    cls = getattr(importlib.import_module(library), class_name)
+    with torch.device("meta"), _default_dtype(dtype):
+        if hasattr(cls, "load_config"):  # a diffusers model
+            return cls.from_config(cls.load_config(source, subfolder=name, revision=revision))
+        config = AutoConfig.from_pretrained(source, subfolder=name, revision=revision)
+        return cls(config)
 
 
 def make_scheduler(model: ModelConfig, saved):  # noqa: ANN001, ANN201 - any diffusers scheduler
@@ -216,16 +240,23 @@ def arch_components(arch: str) -> dict[str, dict]:
 
 
 def random_pipeline(
-    model: ModelConfig, dtype: torch.dtype, device: torch.device | str
+    model: ModelConfig, dtype: torch.dtype, device: torch.device | str, empty: Collection[str] = ()
 ) -> CogVideoXImageToVideoPipeline:
     """The real architecture with random weights, created directly on `device` in `dtype`."""
     if not model.arch:
         raise UserError(f"model.weights=random needs model.arch (a folder of conf/arch) for {model.name!r}.")
     parts = arch_components(model.arch)
-    with torch.device(device), _default_dtype(dtype), _seeded(0):
-        transformer = CogVideoXTransformer3DModel.from_config(parts["transformer"])
-        vae = AutoencoderKLCogVideoX.from_config(parts["vae"])
-        text_encoder = T5EncoderModel(T5Config(**parts["text_encoder"])).eval()
+
+    def on(name: str) -> torch.device:
+        return torch.device("meta" if name in empty else device)
+
+    with _default_dtype(dtype), _seeded(0):
+        with on("transformer"):
+            transformer = CogVideoXTransformer3DModel.from_config(parts["transformer"])
+        with on("vae"):
+            vae = AutoencoderKLCogVideoX.from_config(parts["vae"])
+        with on("text_encoder"):
+            text_encoder = T5EncoderModel(T5Config(**parts["text_encoder"])).eval()
     scheduler = CogVideoXDDIMScheduler.from_config(parts["scheduler"])
     return CogVideoXImageToVideoPipeline(
         tokenizer=tiny_tokenizer(model.max_sequence_length),

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from batch_runner import memory, speed
+from batch_runner import host_weights, memory, speed
+from batch_runner.cluster import HostPeers
 from batch_runner.config import RunConfig
 from batch_runner.manifest import Job
 from batch_runner.pipeline import build_pipeline, component_bytes, torch_dtype
@@ -39,21 +40,15 @@ class Prompts:
 
 class Replica:
     def __init__(
-        self, cfg: RunConfig, device: torch.device, local_world_size: int = 1, jobs: Sequence[Job] = ()
+        self, cfg: RunConfig, device: torch.device, peers: HostPeers | None = None, jobs: Sequence[Job] = ()
     ) -> None:
         self.cfg = cfg
         self.device = device
         self.dtype = torch_dtype(cfg.model.dtype)
-        self.plan, self.plan_reason = self._choose_plan(local_world_size, jobs)
+        peers = peers or HostPeers(0, 1, None, "")
+        self.plan, self.plan_reason = self._choose_plan(peers.local_world_size, jobs)
         log.info("memory plan %s", self.plan_reason)
-        # Random weights are born on the GPU (fast) and moved where the plan wants them.
-        build_on = device if cfg.model.weights == "random" else torch.device("cpu")
-        self.pipe = build_pipeline(cfg.model, build_on)
-        if cfg.speed.fuse_qkv:
-            speed.fuse_qkv(self.pipe.transformer)
-        speed.prefer_attention(self.pipe.transformer, cfg.speed.attention, device)
-        if cfg.memory.fp8_weights:
-            self.pipe.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=self.dtype)
+        self.pipe, self.shared = self._build(peers)
         if speed.should_compile(cfg.speed, device) and cfg.speed.cache == "none":
             blocks = speed.compile_blocks(self.pipe.transformer)
             log.info("compiling %d transformer blocks with torch.compile (the first video is slower)", blocks)
@@ -76,6 +71,45 @@ class Replica:
             return config.plan, f"{config.plan}: chosen in the config (memory={config.plan})"
         choice = auto_plan(self.cfg, memory.gpu_budget_gib(config, self.device), local_world_size, jobs)
         return choice.plan, choice.reason
+
+    def _build(self, peers: HostPeers) -> tuple[Any, dict[str, host_weights.SharedBlock]]:
+        """The pipeline with its final weights, those that stay on the host shared with the host's
+        other processes (host_weights) and pinned where the plan streams them."""
+        cfg = self.cfg
+        wanted = self._host_components() if cfg.memory.share_host_weights else ()
+        sharing = host_weights.HostSharing.agree(peers, wanted)
+        with sharing.reporting_failure():
+            # Random weights are born on the GPU (fast) and moved where the plan wants them.
+            build_on = self.device if cfg.model.weights == "random" else torch.device("cpu")
+            pipe = build_pipeline(cfg.model, build_on, empty=sharing.mapped)
+            if cfg.speed.fuse_qkv:
+                speed.fuse_qkv(pipe.transformer)
+            speed.prefer_attention(pipe.transformer, cfg.speed.attention, self.device)
+            if cfg.memory.fp8_weights:
+                pipe.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=self.dtype)
+            # Shared once the weights' shapes and types are final.
+            shared = {name: sharing.share(name, getattr(pipe, name)) for name in sharing.groups}
+        if self.device.type == "cuda":
+            for name in memory.PINNED.get(self.plan, ()):
+                if name in shared:
+                    shared[name].pin()
+        return pipe, shared
+
+    def _component(self, name: str) -> torch.nn.Module:
+        return getattr(self.pipe, name)
+
+    def _host_components(self) -> tuple[str, ...]:
+        """The components whose weights stay in host memory for the whole run: all of them without
+        a GPU, else those the plan keeps there.
+
+        Components that go to the GPU are not shared: diffusers reads safetensors through a memory
+        map, so their loading costs page cache every process shares already. Routed through one
+        shared copy instead, two processes peaked 22.5 GiB above idle, not 6.6
+        (docs/experiments/host_sharing.json).
+        """
+        if self.device.type != "cuda":
+            return memory.COMPONENTS
+        return memory.shareable(self.plan)
 
     def step_down(self) -> str | None:
         """Move to the next plan down the ladder after an out-of-memory error; None at the bottom."""
@@ -189,7 +223,7 @@ def workload_of(cfg: RunConfig, jobs: Sequence[Job] = ()) -> memory.Workload:
 
 
 def auto_plan(cfg: RunConfig, budget_gib: float, local_world_size: int, jobs: Sequence[Job] = ()) -> memory.Choice:
-    """memory=auto's choice for this run: the fastest plan that fits the GPU budget and the host share."""
+    """memory=auto's choice for this run: the fastest plan that fits the GPU budget and the host's memory."""
     return memory.choose_plan(
         component_bytes(cfg.model),
         workload_of(cfg, jobs),

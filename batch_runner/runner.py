@@ -140,7 +140,7 @@ def _make_videos(
     cfg: RunConfig, cluster: Cluster, out: Path, run_id: str, pending: list[Job], progress: Progress | None
 ) -> None:
     """Claim rows and make their videos until none are left."""
-    replica = Replica(cfg, cluster.device, cluster.local_world_size, pending)
+    replica = Replica(cfg, cluster.device, cluster.host_peers(), pending)
     results = ResultLog(out, run_id, cluster.rank)
     base = provenance(cfg, replica) | {"config_hash": config_hash(cfg)}
     salt = output_salt(cfg)

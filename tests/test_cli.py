@@ -348,6 +348,50 @@ def test_saved_tiny_pipeline_loads_through_model_path_and_makes_the_same_videos(
         assert np.array_equal(frames_of(out / f"videos/{row_id}.mp4"), frames_of(one_process / f"videos/{row_id}.mp4"))
 
 
+def test_two_processes_load_a_saved_pipeline_once_and_share_it(data: dict, one_process: Path, tmp_path: Path) -> None:
+    """Rank 0 reads the folder; rank 1 builds the components empty and maps rank 0's copy."""
+    from batch_runner.pipeline import tiny_pipeline
+
+    folder = tmp_path / "tiny-saved"
+    tiny_pipeline().save_pretrained(folder)
+    out = tmp_path / "out"
+    proc = run_cli(
+        f"manifest={data['manifest']}",
+        "model=tiny",
+        "model.weights=pretrained",
+        f"model.path={folder}",
+        "ids=[rgba,webp,gray]",
+        f"output_dir={out}",
+        LOSSLESS,
+        cwd=tmp_path,
+        launcher=accelerate_cpu(2),
+    )
+    ok(proc)
+    for name in ("text_encoder", "transformer", "vae"):
+        assert f"[rank 0/2] INFO batch_runner.host_weights: shared {name} on this host" in proc.stderr
+        assert f"[rank 1/2] INFO batch_runner.host_weights: mapped {name} from the copy process" in proc.stderr
+    table = pd.read_parquet(out / "results.parquet")
+    assert set(table["status"]) == {"ok"} and sorted(set(table["rank"])) == [0, 1]
+    for row_id in ("rgba", "webp", "gray"):
+        assert np.array_equal(frames_of(out / f"videos/{row_id}.mp4"), frames_of(one_process / f"videos/{row_id}.mp4"))
+
+
+def test_two_processes_without_sharing_load_their_own_copies(data: dict, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = run_cli(
+        f"manifest={data['manifest']}",
+        "model=tiny",
+        "memory.share_host_weights=false",
+        "ids=[rgba,webp]",
+        f"output_dir={out}",
+        cwd=tmp_path,
+        launcher=accelerate_cpu(2),
+    )
+    ok(proc)
+    assert "batch_runner.host_weights" not in proc.stderr
+    assert set(pd.read_parquet(out / "results.parquet")["status"]) == {"ok"}
+
+
 @pytest.mark.parametrize("path", ["/nonexistent", "nobody-here/no-such-model"])
 def test_missing_model_is_one_sentence_and_exit_2(data: dict, tmp_path: Path, path: str) -> None:
     env = os.environ | {"HF_HUB_OFFLINE": "1"}

@@ -120,3 +120,33 @@ def test_group_offload_streams_blocks_only(tmp_path):
     to_pageable = [e for e in prof.events() if "Device -> Pageable" in e.name]
     # One copy back for the video's frames; none per denoising step.
     assert len(to_pageable) <= 1, [e.name for e in to_pageable]
+
+
+def test_streamed_weights_shared_with_the_host_are_pinned_in_place(tmp_path, reference):
+    """The loading process's path, with a second process of the host simulated in the store:
+    group offloading streams from the shared pages themselves, page-locked, with no private copy."""
+    import json
+
+    from diffusers.hooks.group_offloading import _GROUP_OFFLOADING
+    from torch.distributed import HashStore
+
+    from batch_runner.cluster import HostPeers
+
+    store = HashStore()
+    # The other process wants every component and has mapped each one already.
+    store.set("host-weights/h/wants/1", json.dumps(["text_encoder", "transformer", "vae"]))
+    for name in ("text_encoder", "transformer", "vae"):
+        store.add(f"host-weights/h/{name}/done", 1)
+    cfg = run_config("manifest=-", "model=tiny", "model.dtype=bfloat16", "memory=group_offload", "speed.compile=off")
+    replica = Replica(cfg, torch.device("cuda"), HostPeers(0, 2, store, "h"))
+    # The VAE, on the GPU under this plan, is not shared; the streamed two are.
+    assert set(replica.shared) == {"text_encoder", "transformer"}
+    block = replica.shared["transformer"]
+    assert block.pinned and block.data.is_pinned()
+    start, end = block.data.data_ptr(), block.data.data_ptr() + block.data.numel()
+    group = replica.pipe.transformer.transformer_blocks[0]._diffusers_hook.get_hook(_GROUP_OFFLOADING).group
+    assert group.cpu_param_dict
+    assert all(start <= t.data_ptr() < end for t in group.cpu_param_dict.values())
+    job, image = tiny_job(tmp_path)
+    frames = replica.make(job, image, replica.encode([job])).astype(np.int16)
+    assert np.abs(frames - reference).mean() < 1.0

@@ -41,6 +41,7 @@ WEIGHTS_5B = {"transformer": int(11.1 * GB), "text_encoder": int(9.5 * GB), "vae
 CFG_5B = run_config("manifest=unused.csv")
 WORKLOAD_5B = workload_of(CFG_5B)
 AUTO = CFG_5B.memory  # memory=auto as composed from conf/
+PRIVATE = replace(AUTO, share_host_weights=False)  # every process holds its own host copy
 
 
 def plan_for(budget: float, host: float = 512.0, ranks: int = 1, weights=None, config=AUTO, workload=None) -> str:
@@ -218,11 +219,32 @@ def test_tiny_budget_is_refused_with_every_reason(budget):
 # --- host memory is shared by the ranks of a host ------------------------------------------------
 
 
+def test_eight_ranks_sharing_one_host_copy_need_it_once():
+    # One copy of the 19.19 GiB that group_offload keeps on the host serves all 8 processes.
+    choice = choose_plan(WEIGHTS_5B, WORKLOAD_5B, AUTO, 8.0, 64.0, 8)
+    assert choice.plan == "group_offload"
+    assert "19.2 GiB of host memory, one copy for the 8 processes of this host (of 64.0 GiB)" in choice.reason
+    # Each holding a private copy, the same host cannot run it.
+    with pytest.raises(UserError, match=r"group_offload needs 19\.19 GiB host > 8\.00 per process"):
+        choose_plan(WEIGHTS_5B, WORKLOAD_5B, PRIVATE, 8.0, 64.0, 8)
+    # Shared or not, the one copy still has to fit.
+    with pytest.raises(UserError, match=r"group_offload needs 19\.2 GiB of host memory, one copy .* > 18\.0 GiB"):
+        choose_plan(WEIGHTS_5B, WORKLOAD_5B, AUTO, 8.0, 18.0, 8)
+    # A single process has nothing to share: its share is the whole host.
+    assert "of this process's 64.0 GiB host share" in choose_plan(WEIGHTS_5B, WORKLOAD_5B, AUTO, 8.0, 64.0, 1).reason
+
+
+def test_model_cpu_offload_weights_are_never_counted_as_shared():
+    assert memory.shareable("model_cpu_offload") == ()
+    assert memory.shareable("group_offload") == ("text_encoder", "transformer")
+    assert memory.shareable("none") == ()
+
+
 def test_eight_ranks_on_a_host_with_little_ram_refuse_host_plans():
     # 8 processes on a host with 64 GiB: 8 GiB each, less than the 8.85 GiB text encoder that
     # text_offload keeps in host memory; a 22 GiB budget is too small for `none`.
     with pytest.raises(UserError) as caught:
-        choose_plan(WEIGHTS_5B, WORKLOAD_5B, AUTO, 22.0, 64.0, 8)
+        choose_plan(WEIGHTS_5B, WORKLOAD_5B, PRIVATE, 22.0, 64.0, 8)
     message = str(caught.value)
     assert "none needs ~29.84 GiB GPU > 22.00" in message
     assert "text_offload needs 8.85 GiB host > 8.00 per process" in message
@@ -230,33 +252,33 @@ def test_eight_ranks_on_a_host_with_little_ram_refuse_host_plans():
     assert "sequential_cpu_offload needs 19.59 GiB host > 8.00 per process" in message
     assert "fewer processes per host" in message
     # The same host and budget with a single process: text_offload fits its 64 GiB share.
-    single = choose_plan(WEIGHTS_5B, WORKLOAD_5B, AUTO, 22.0, 64.0, 1)
+    single = choose_plan(WEIGHTS_5B, WORKLOAD_5B, PRIVATE, 22.0, 64.0, 1)
     assert single.plan == "text_offload"
     assert "of this process's 64.0 GiB host share" in single.reason
 
 
 def test_host_share_decides_between_plans():
     # 8 ranks with an 8 GiB GPU budget each need group_offload (19.2 GiB host per process).
-    assert plan_for(8.0, host=160.0, ranks=8) == "group_offload"
+    assert plan_for(8.0, host=160.0, ranks=8, config=PRIVATE) == "group_offload"
     with pytest.raises(UserError, match=r"group_offload needs 19\.19 GiB host > 18\.75 per process"):
-        plan_for(8.0, host=150.0, ranks=8)
+        plan_for(8.0, host=150.0, ranks=8, config=PRIVATE)
     # A plan that needs no host memory is unaffected by how many ranks share the host.
-    assert plan_for(80.0, host=1.0, ranks=8) == "none"
+    assert plan_for(80.0, host=1.0, ranks=8, config=PRIVATE) == "none"
     # When the GPU allows `none`, host memory never matters; when it does not, the share decides.
-    assert plan_for(22.0, host=72.0, ranks=8) == "text_offload"  # 9.0 GiB each
+    assert plan_for(22.0, host=72.0, ranks=8, config=PRIVATE) == "text_offload"  # 9.0 GiB each
     with pytest.raises(UserError, match=r"text_offload needs 8\.85 GiB host > 8\.75 per process"):
-        plan_for(22.0, host=70.0, ranks=8)  # 8.75 GiB each, under text_offload's 8.85
+        plan_for(22.0, host=70.0, ranks=8, config=PRIVATE)  # 8.75 GiB each, under text_offload's 8.85
 
 
 def test_reason_names_the_host_share_when_that_is_what_stopped_a_faster_plan():
-    choice = choose_plan(WEIGHTS_5B, WORKLOAD_5B, AUTO, 22.0, 160.0, 8)  # 20 GiB each
+    choice = choose_plan(WEIGHTS_5B, WORKLOAD_5B, PRIVATE, 22.0, 160.0, 8)  # 20 GiB each
     assert choice.plan == "text_offload"
-    choice = choose_plan(WEIGHTS_5B, WORKLOAD_5B, AUTO, 12.0, 160.0, 8)
+    choice = choose_plan(WEIGHTS_5B, WORKLOAD_5B, PRIVATE, 12.0, 160.0, 8)
     assert choice.plan == "group_offload"
     assert "of this process's 20.0 GiB host share" in choice.reason
     # 4 ranks sharing 30 GiB: 7.5 GiB each, too little for text_offload's 8.8 GiB.
     with pytest.raises(UserError, match=r"text_offload needs 8\.85 GiB host > 7\.50 per process"):
-        choose_plan(WEIGHTS_5B, WORKLOAD_5B, AUTO, 22.0, 30.0, 4)
+        choose_plan(WEIGHTS_5B, WORKLOAD_5B, PRIVATE, 22.0, 30.0, 4)
 
 
 def test_zero_local_world_size_counts_as_one():
@@ -270,21 +292,26 @@ def test_zero_local_world_size_counts_as_one():
     ranks=st.integers(1, 8),
     frames=st.sampled_from([9, 17, 33, 49]),
     guidance=st.booleans(),
+    shared=st.booleans(),
 )
-def test_choice_is_the_fastest_plan_that_fits(budget, host, ranks, frames, guidance):
+def test_choice_is_the_fastest_plan_that_fits(budget, host, ranks, frames, guidance, shared):
     workload = Workload(**{**WORKLOAD_5B.__dict__, "frames": frames, "guidance": guidance})
-    share = host / ranks
+    config = AUTO if shared else PRIVATE
+    # Shared, the host holds one copy for all its processes; private, each process holds its own.
+    share = host if shared and ranks > 1 else host / ranks
     fits = [
-        p for p in LADDER if (e := estimate(p, WEIGHTS_5B, workload, AUTO)).gpu_gib <= budget and e.host_gib <= share
+        p for p in LADDER if (e := estimate(p, WEIGHTS_5B, workload, config)).gpu_gib <= budget and e.host_gib <= share
     ]
     if not fits:
         with pytest.raises(UserError, match="No memory plan fits"):
-            choose_plan(WEIGHTS_5B, workload, AUTO, budget, host, ranks)
+            choose_plan(WEIGHTS_5B, workload, config, budget, host, ranks)
         return
-    choice = choose_plan(WEIGHTS_5B, workload, AUTO, budget, host, ranks)
+    choice = choose_plan(WEIGHTS_5B, workload, config, budget, host, ranks)
     assert choice.plan == fits[0]
     # More GPU memory never picks a slower plan.
-    assert LADDER.index(plan_for(budget * 2, host, ranks, workload=workload)) <= LADDER.index(choice.plan)
+    assert LADDER.index(plan_for(budget * 2, host, ranks, workload=workload, config=config)) <= LADDER.index(
+        choice.plan
+    )
 
 
 def test_real_counted_weights_give_the_same_choices():
