@@ -77,8 +77,8 @@ def test_activation_terms():
     denoise, decode = activation_gib(WORKLOAD_5B, vae_tiling=True, streamed=False)
     expected = DENOISE_BYTES_PER_TOKEN_UNIT["resident"] * 2 * (13 * 30 * 45 + 226) * 3072 / GIB
     assert denoise == pytest.approx(expected)
-    # Fitted to the H100 measurements: ~6.6 GiB resident, ~3.2 GiB streamed.
-    assert 6.0 < denoise < 7.0
+    # Fitted to the H100 measurements: ~3.9 GiB resident (4.25 covers what was reserved), ~3.2 GiB streamed.
+    assert 3.9 < denoise < 4.5
     streamed = activation_gib(WORKLOAD_5B, vae_tiling=True, streamed=True)[0]
     assert 3.0 < streamed < 3.5
     # Without guidance there is one batch element, not two.
@@ -95,7 +95,7 @@ def test_activation_terms():
 def test_estimates_for_cogvideox_5b():
     by_plan = {p: estimate(p, WEIGHTS_5B, WORKLOAD_5B, AUTO) for p in PLANS}
     text, transformer, vae = 9.5 * GB / GIB, 11.1 * GB / GIB, 0.43 * GB / GIB
-    # `none` holds all weights plus the activations, grown by the allocator's slack, plus headroom: ~30 GiB.
+    # `none` holds all weights plus the activations, grown by the allocator's slack, plus headroom: ~27 GiB.
     denoise = activation_gib(WORKLOAD_5B, True, False)[0]
     expected = (text + transformer + vae + denoise) * FRAGMENTATION + HEADROOM_GIB
     assert by_plan["none"].gpu_gib == pytest.approx(expected, abs=0.02)
@@ -108,7 +108,7 @@ def test_estimates_for_cogvideox_5b():
     host = [by_plan[p].host_gib for p in LADDER]
     assert gpu == sorted(gpu, reverse=True) and len(set(gpu)) == len(gpu)
     assert host == sorted(host)
-    assert by_plan["none"].gpu_gib > 28 > by_plan["text_offload"].gpu_gib > 18
+    assert by_plan["none"].gpu_gib > 26 > by_plan["text_offload"].gpu_gib > 16
     assert by_plan["sequential_cpu_offload"].gpu_gib < 5
 
 
@@ -246,7 +246,7 @@ def test_eight_ranks_on_a_host_with_little_ram_refuse_host_plans():
     with pytest.raises(UserError) as caught:
         choose_plan(WEIGHTS_5B, WORKLOAD_5B, PRIVATE, 22.0, 64.0, 8)
     message = str(caught.value)
-    assert "none needs ~29.84 GiB GPU > 22.00" in message
+    assert "none needs ~27.22 GiB GPU > 22.00" in message
     assert "text_offload needs 8.85 GiB host > 8.00 per process" in message
     assert "group_offload needs 19.19 GiB host > 8.00 per process" in message
     assert "sequential_cpu_offload needs 19.59 GiB host > 8.00 per process" in message
@@ -332,7 +332,7 @@ def test_cogvideox15_needs_more_than_5b():
         bigger = estimate(plan, weights, workload, cfg.memory).gpu_gib
         assert bigger > estimate(plan, WEIGHTS_5B, WORKLOAD_5B, AUTO).gpu_gib, plan
     assert plan_for(80.0, weights=weights, workload=workload) == "none"
-    assert plan_for(40.0, weights=weights, workload=workload) == "text_offload"
+    assert plan_for(32.0, weights=weights, workload=workload) == "text_offload"
 
 
 def test_tiny_model_fits_anywhere():
