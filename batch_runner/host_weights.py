@@ -2,12 +2,12 @@
 
 The streamed plans keep weights in pinned host memory for the whole run: ~20 GiB per process for
 CogVideoX-5B, so 8 processes on a host would pin 160 GiB of the same bytes (more, in fact: the
-pinned allocator rounds each tensor up to a power of two; measured 65.5 GiB peak for 2 processes,
+pinned allocator rounds each tensor up to a power of two; measured 64.8 GiB peak for 2 processes,
 docs/experiments/host_sharing.json). Here the lowest local rank that keeps a component on the host
 loads it once into a memfd (an anonymous shared-memory file) and the others map that file: they
 build the component empty, on the meta device, and never read it from disk. Each process then
 page-locks its mapping (cudaHostRegister), so diffusers' group offloading finds the weights pinned
-already and makes no copy of its own: one copy per host, measured 24.0 GiB peak for 2 processes.
+already and makes no copy of its own: one copy per host, measured 24.1 GiB peak for 2 processes.
 
 A memfd is named in no filesystem: it needs no /dev/shm space (containers often get 64 MB), and
 its memory goes back to the system when the last process using it exits, however it exits.
