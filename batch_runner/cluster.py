@@ -113,8 +113,12 @@ class Cluster:
             time.sleep(poll_seconds)
 
     def host_peers(self) -> HostPeers:
-        """The processes this one can share host memory with (the store is the process group's)."""
-        store = self.counter if self.distributed else None
+        """The processes this one can share host memory with (the store is the process group's).
+
+        Without LOCAL_WORLD_SIZE (set by torchrun, so by `accelerate launch`) this process cannot
+        know which others run on its host, and shares with none.
+        """
+        store = self.counter if self.distributed and "LOCAL_WORLD_SIZE" in os.environ else None
         return HostPeers(self.local_rank, self.local_world_size, store, this_host())  # type: ignore[arg-type]
 
     def close(self) -> None:

@@ -95,7 +95,7 @@ class HostSharing:
         process wants is not shared.
         """
         wanted = list(wanted)
-        if peers.alone:
+        if peers.alone or not hasattr(os, "memfd_create"):  # memfds are Linux's
             return cls(peers, {}, timeout)
         prefix = f"host-weights/{peers.host}"
         peers.store.set(f"{prefix}/wants/{peers.local_rank}", json.dumps(wanted))
@@ -160,11 +160,11 @@ def _publish(module: torch.nn.Module, name: str) -> tuple[SharedBlock, dict[str,
     try:
         os.ftruncate(fd, size)
         data = _map(fd, size)
-        for slot, (owners, tensor) in zip(slots, _owners(module), strict=True):
+        for slot, (_, holders, tensor) in zip(slots, _owners(module), strict=True):
             view = _view(data, slot)
             view.copy_(tensor)
             del tensor
-            _rebind(owners, view)
+            _rebind(holders, view)
     except BaseException:
         os.close(fd)
         raise
@@ -202,8 +202,8 @@ def _attach(module: torch.nn.Module, name: str, description: dict[str, Any]) -> 
         data = _map(fd, description["size"])
     finally:
         os.close(fd)
-    for slot, (owners, _) in zip(slots, _owners(module), strict=True):
-        _rebind(owners, _view(data, slot))
+    for slot, (_, holders, _) in zip(slots, _owners(module), strict=True):
+        _rebind(holders, _view(data, slot))
     log.info("mapped %s from the copy process %d loaded on this host", name, description["pid"])
     return SharedBlock(name, data)
 
@@ -232,19 +232,18 @@ def layout(module: torch.nn.Module) -> list[Slot]:
 
 
 def _named_tensors(module: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    for names, tensor in _owners(module):
-        yield names[0][2], tensor
+    for name, _, tensor in _owners(module):
+        yield name, tensor
 
 
-def _tensors(module: torch.nn.Module) -> Iterator[torch.Tensor]:
-    for _, tensor in _owners(module):
-        yield tensor
+Holder = tuple[torch.nn.Module, str, str]  # (module, "_parameters" or "_buffers", attribute)
 
 
-def _owners(module: torch.nn.Module) -> Iterator[tuple[list[tuple[Any, str, str]], torch.Tensor]]:
-    """Each distinct tensor once, with every (module, table, attribute) that holds it: tied weights
-    (a T5 encoder's embedding, say) keep pointing at one tensor."""
-    holders: dict[int, list[tuple[Any, str, str]]] = {}
+def _owners(module: torch.nn.Module) -> Iterator[tuple[str, list[Holder], torch.Tensor]]:
+    """Each distinct tensor once (parameters, then buffers): its first name, every place that holds
+    it, and the tensor. Tied weights (a T5 encoder's embedding, say) then stay one tensor."""
+    names: dict[int, str] = {}
+    holders: dict[int, list[Holder]] = {}
     tensors: dict[int, torch.Tensor] = {}
     for table in ("_parameters", "_buffers"):
         for prefix, sub in module.named_modules(remove_duplicate=False):
@@ -253,18 +252,17 @@ def _owners(module: torch.nn.Module) -> Iterator[tuple[list[tuple[Any, str, str]
                     continue
                 key = id(tensor)
                 if key not in holders:
-                    holders[key], tensors[key] = [], tensor
-                holders[key].append((sub, table, f"{prefix}.{attr}" if prefix else attr))
-    for key in list(holders):
-        yield holders.pop(key), tensors.pop(key)
+                    names[key], holders[key], tensors[key] = f"{prefix}.{attr}" if prefix else attr, [], tensor
+                holders[key].append((sub, table, attr))
+    for key in list(holders):  # popped as they go, so that a rebound tensor can be freed at once
+        yield names.pop(key), holders.pop(key), tensors.pop(key)
 
 
-def _rebind(owners: list[tuple[Any, str, str]], data: torch.Tensor) -> None:
+def _rebind(holders: list[Holder], data: torch.Tensor) -> None:
     """Point every holder of one tensor at `data` (a meta tensor cannot take it through `.data`)."""
-    table = owners[0][1]
-    new = torch.nn.Parameter(data, requires_grad=False) if table == "_parameters" else data
-    for sub, table, name in owners:
-        getattr(sub, table)[name.rsplit(".", 1)[-1]] = new
+    new = torch.nn.Parameter(data, requires_grad=False) if holders[0][1] == "_parameters" else data
+    for sub, table, attr in holders:
+        getattr(sub, table)[attr] = new
 
 
 def _map(fd: int, size: int) -> torch.Tensor:

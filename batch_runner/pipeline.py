@@ -54,7 +54,6 @@ def build_pipeline(
     """
     dtype = torch_dtype(model.dtype)
     if model.weights == "tiny":
-        # Built in code in moments, kilobytes in all: always built whole (mapped over all the same).
         pipe = tiny_pipeline()
         if dtype != torch.float32:
             pipe = pipe.to(dtype=dtype)

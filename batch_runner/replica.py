@@ -95,9 +95,6 @@ class Replica:
                     shared[name].pin()
         return pipe, shared
 
-    def _component(self, name: str) -> torch.nn.Module:
-        return getattr(self.pipe, name)
-
     def _host_components(self) -> tuple[str, ...]:
         """The components whose weights stay in host memory for the whole run: all of them without
         a GPU, else those the plan keeps there.
