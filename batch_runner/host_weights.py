@@ -21,6 +21,7 @@ import contextlib
 import itertools
 import json
 import logging
+import math
 import mmap
 import os
 import time
@@ -52,7 +53,7 @@ class Slot:
 
     @property
     def nbytes(self) -> int:
-        return _numel(self.shape) * _dtype(self.dtype).itemsize
+        return math.prod(self.shape) * _dtype(self.dtype).itemsize
 
 
 # --- who shares what, and sharing it -------------------------------------------------------------
@@ -275,10 +276,3 @@ def _view(data: torch.Tensor, slot: Slot) -> torch.Tensor:
 
 def _dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n

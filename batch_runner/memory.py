@@ -61,8 +61,13 @@ HOST_RESIDENT = {
     "model_cpu_offload": COMPONENTS,
     "sequential_cpu_offload": COMPONENTS,
 }
-# The components a plan streams with diffusers' group offloading, which wants them pinned.
-PINNED = {"text_offload": ("text_encoder",), "group_offload": ("text_encoder", "transformer")}
+# The plans that stream their host-resident components with diffusers' group offloading.
+GROUP_OFFLOADED = ("text_offload", "group_offload")
+
+
+def pinned(plan: str) -> tuple[str, ...]:
+    """The components group offloading streams under `plan`: it wants their host copy pinned."""
+    return HOST_RESIDENT[plan] if plan in GROUP_OFFLOADED else ()
 
 
 def shareable(plan: str) -> tuple[str, ...]:

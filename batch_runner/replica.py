@@ -90,7 +90,7 @@ class Replica:
             # Shared once the weights' shapes and types are final.
             shared = {name: sharing.share(name, getattr(pipe, name)) for name in sharing.groups}
         if self.device.type == "cuda":
-            for name in memory.PINNED.get(self.plan, ()):
+            for name in memory.pinned(self.plan):
                 if name in shared:
                     shared[name].pin()
         return pipe, shared

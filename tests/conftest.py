@@ -102,3 +102,41 @@ def assorted_photos(folder: Path) -> dict[str, Path]:
 @pytest.fixture
 def photos(tmp_path: Path) -> dict[str, Path]:
     return assorted_photos(tmp_path / "inputs")
+
+
+def tiny_job(tmp_path, steps: int = 4):
+    """A small guided row and its image, for the tiny pipeline."""
+    from batch_runner.images import load_image
+    from batch_runner.manifest import Job
+
+    job = Job(
+        index=0,
+        id="x",
+        image=str(photo(tmp_path / "in.png")),
+        prompt="a sea at night",
+        negative_prompt="",
+        seed=3,
+        num_frames=9,
+        height=64,
+        width=96,
+        fps=8.0,
+        num_inference_steps=steps,
+        guidance_scale=6.0,
+    )
+    return job, load_image(job.image, job.height, job.width, 10**8)
+
+
+def loader_of_a_two_process_host():
+    """Local rank 0 of a host whose other process (simulated in an in-memory store) wants every
+    component and has mapped each one already: the loading process's whole path, in one process."""
+    import json
+
+    from torch.distributed import HashStore
+
+    from batch_runner.cluster import HostPeers
+
+    store = HashStore()
+    store.set("host-weights/h/wants/1", json.dumps(["text_encoder", "transformer", "vae"]))
+    for name in ("text_encoder", "transformer", "vae"):
+        store.add(f"host-weights/h/{name}/done", 1)
+    return HostPeers(0, 2, store, "h")

@@ -7,34 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from batch_runner.images import load_image
 from batch_runner.memory import PLANS
 from batch_runner.replica import Replica, release_memory
 
-from .conftest import photo, run_config
+from .conftest import loader_of_a_two_process_host, run_config, tiny_job
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
-
-
-def tiny_job(tmp_path, steps: int = 4):
-    """A small guided row and its image, for the tiny pipeline."""
-    from batch_runner.manifest import Job
-
-    job = Job(
-        index=0,
-        id="x",
-        image=str(photo(tmp_path / "in.png")),
-        prompt="a sea at night",
-        negative_prompt="",
-        seed=3,
-        num_frames=9,
-        height=64,
-        width=96,
-        fps=8.0,
-        num_inference_steps=steps,
-        guidance_scale=6.0,
-    )
-    return job, load_image(job.image, job.height, job.width, 10**8)
 
 
 def frames_for(tmp_path, *overrides):
@@ -125,20 +103,10 @@ def test_group_offload_streams_blocks_only(tmp_path):
 def test_streamed_weights_shared_with_the_host_are_pinned_in_place(tmp_path, reference):
     """The loading process's path, with a second process of the host simulated in the store:
     group offloading streams from the shared pages themselves, page-locked, with no private copy."""
-    import json
-
     from diffusers.hooks.group_offloading import _GROUP_OFFLOADING
-    from torch.distributed import HashStore
 
-    from batch_runner.cluster import HostPeers
-
-    store = HashStore()
-    # The other process wants every component and has mapped each one already.
-    store.set("host-weights/h/wants/1", json.dumps(["text_encoder", "transformer", "vae"]))
-    for name in ("text_encoder", "transformer", "vae"):
-        store.add(f"host-weights/h/{name}/done", 1)
     cfg = run_config("manifest=-", "model=tiny", "model.dtype=bfloat16", "memory=group_offload", "speed.compile=off")
-    replica = Replica(cfg, torch.device("cuda"), HostPeers(0, 2, store, "h"))
+    replica = Replica(cfg, torch.device("cuda"), loader_of_a_two_process_host())
     # The VAE, on the GPU under this plan, is not shared; the streamed two are.
     assert set(replica.shared) == {"text_encoder", "transformer"}
     block = replica.shared["transformer"]

@@ -157,26 +157,16 @@ def test_a_lone_process_shares_nothing():
 def test_a_replica_that_loads_for_its_host_makes_the_same_video(tmp_path):
     """The loader's whole path in the replica (the other process simulated in the store): every
     component ends in shared pages, none pinned without a GPU, and the video is unchanged."""
-    import json
-
     import numpy as np
-    from torch.distributed import HashStore
 
-    from batch_runner.images import load_image
-    from batch_runner.manifest import Job
     from batch_runner.replica import Replica
 
-    from .conftest import photo, run_config
+    from .conftest import loader_of_a_two_process_host, run_config, tiny_job
 
-    store = HashStore()
-    store.set("host-weights/h/wants/1", json.dumps(["text_encoder", "transformer", "vae"]))
-    for name in ("text_encoder", "transformer", "vae"):
-        store.add(f"host-weights/h/{name}/done", 1)
     cfg = run_config("manifest=-", "model=tiny")
-    job = Job(0, "x", str(photo(tmp_path / "in.png")), "a sea at night", "", 3, 9, 64, 96, 8.0, 2, 6.0)
-    image = load_image(job.image, job.height, job.width, 10**8)
+    job, image = tiny_job(tmp_path, steps=2)
 
-    shared = Replica(cfg, torch.device("cpu"), HostPeers(0, 2, store, "h"))
+    shared = Replica(cfg, torch.device("cpu"), loader_of_a_two_process_host())
     assert set(shared.shared) == {"text_encoder", "transformer", "vae"}
     assert not any(block.pinned for block in shared.shared.values())
     assert all(in_shared_memory(p) for p in shared.pipe.transformer.parameters())
