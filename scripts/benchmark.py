@@ -566,6 +566,49 @@ def bounds(rows: list[dict], peak: float | None, profile: list[dict]) -> list[st
     return lines
 
 
+def decode_bounds(rows: list[dict], decode: list[dict], profile: list[dict]) -> list[str]:
+    """What the time outside the steps is, and what compiling the VAE decoder would buy at 8 GiB."""
+    by = {r["recipe"]: r for r in rows if r.get("seconds_per_video") and not r.get("changes_output")}
+    own8, seq = by.get("batch_runner-8gib"), by.get("ref-sequential-offload")
+    resnets = next((r for r in decode if r.get("variant") == "resnets-dynamic" and "seconds" in r), None)
+    if not (own8 and seq and resnets):
+        return []
+    allowance = seq["seconds_per_video"] / 2.5 - STEPS_PER_VIDEO * own8["seconds_per_step"]
+    saving = resnets["eager_seconds"] - resnets["seconds"]
+    unfinished = [r for r in decode if r.get("variant", "").startswith("whole-") and "error" in r]
+    static = [r for r in profile if r.get("recipe") == "vae-decode" and r.get("variant") == "compiled-decoder"]
+    lines = [
+        "",
+        "## What bounds the time outside the steps",
+        "",
+        f"Outside its steps a video spends {own8['seconds_outside_steps']} s at 8 GiB, nearly all of it in the "
+        f"tiled VAE decode ({resnets['eager_seconds']} s eager; docs/experiments/vae_decode.json, "
+        "`python scripts/profile_decode.py`). The 8 GiB target leaves "
+        f"{allowance:.2f} s for it after the plan's {STEPS_PER_VIDEO} steps "
+        f"({STEPS_PER_VIDEO * own8['seconds_per_step']:.1f} s). Compiling the decoder's resnet blocks with "
+        f"symbolic sizes decodes in {resnets['seconds']} s (max difference {resnets['max_abs_diff']} on values "
+        f"up to {resnets['reference_max_abs']}: bf16 rounding), {saving:.2f} s less, after a cold compile of "
+        f"{resnets['first_call_seconds']} s per process: it pays for itself only after about "
+        f"{resnets['first_call_seconds'] / saving:.0f} videos and still misses the allowance, so it is not built "
+        "into the plans.",
+    ]
+    if unfinished and static:
+        eager = [r for r in profile if r.get("recipe") == "vae-decode" and r.get("run") == static[-1].get("run")]
+        static_saving = eager[0]["seconds"] - static[-1]["seconds"]
+        longest_wait = max(float(r["error"].removeprefix("over ").removesuffix(" s")) for r in unfinished)
+        lines[-1] += (
+            " Compiling the whole decoder is the one change measured here that would fit the allowance: an "
+            f"earlier static compile decoded in {static[-1]['seconds']} s (docs/experiments/step_profile.json; "
+            "some tiles fell back to eager at the recompile limit). But its cold compile did not finish within "
+            + " or ".join(f"{r['error'].removeprefix('over ')} ({r['variant']})" for r in unfinished)
+            + ". A static compile makes one graph per tile shape and frame chunk, and every process of a run "
+            "pays for them unless inductor's on-disk cache is warm. It is not built: its full compile time was "
+            f"not measured here, and at {static_saving:.2f} s saved per video a process must make more than "
+            f"{longest_wait / static_saving:.0f} videos to earn back even {longest_wait:.0f} s of it."
+        )
+    return lines
+
+
 def targets(rows: list[dict]) -> list[str]:
     """The issue's targets, checked against this run's records: met or missed, and by how much."""
     by = {r["recipe"]: r for r in rows if r.get("seconds_per_video") and not r.get("changes_output")}
@@ -682,7 +725,9 @@ def write_report(records: list[dict], out: Path, command: str) -> None:
             ]
     profile_path = out / "experiments" / "step_profile.json"
     profile = json.loads(profile_path.read_text()) if profile_path.exists() else []
-    lines += probe_table(rows) + bounds(rows, peak, profile) + targets(rows)
+    decode_path = out / "experiments" / "vae_decode.json"
+    decode = json.loads(decode_path.read_text()) if decode_path.exists() else []
+    lines += probe_table(rows) + bounds(rows, peak, profile) + decode_bounds(rows, decode, profile) + targets(rows)
     commands = list(dict.fromkeys(r["command"] for r in rows if r.get("command")))
     lines += ["", "## Commands", "", "The records above came from these invocations, in order:", ""]
     lines += [f"- `{c}`" for c in commands]
