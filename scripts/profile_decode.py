@@ -56,18 +56,36 @@ def compile_variant(vae: torch.nn.Module, variant: str) -> None:
                 module.forward = torch.compile(module.forward, dynamic=True)
 
 
-def measure(variant: str, tiled: bool) -> dict:
+def in_fresh_process(variant: str, timeout: int) -> dict:
+    """`measure(variant)` in a child process with an empty inductor cache: its first call is a cold compile."""
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as cache:  # compile workers may outlive a timeout
+        env = os.environ | {"TORCHINDUCTOR_CACHE_DIR": cache}
+        try:
+            done = subprocess.run(
+                [sys.executable, __file__, "--one", variant], env=env, capture_output=True, text=True, timeout=timeout
+            )
+        except subprocess.TimeoutExpired:
+            return {"variant": variant, "tiled": True, "error": f"over {timeout} s"}
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RECORD ")]
+    return (
+        json.loads(lines[-1].removeprefix("RECORD "))
+        if lines
+        else {"variant": variant, "tiled": True, "error": done.stderr[-600:]}
+    )
+
+
+def measure(variant: str) -> dict:
     from benchmark import LATENT_FRAMES, LATENT_HEIGHT, LATENT_WIDTH, random_component
 
     vae = random_component("vae")
-    (vae.enable_tiling if tiled else vae.disable_tiling)()
+    vae.enable_tiling()
     generator = torch.Generator("cuda").manual_seed(0)
     shape = (1, vae.config.latent_channels, LATENT_FRAMES, LATENT_HEIGHT, LATENT_WIDTH)
     latents = torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=generator)
     decode_seconds(vae, latents)  # cuDNN's first-call set-up
     torch.cuda.reset_peak_memory_stats()
     eager_s, reference = decode_seconds(vae, latents)
-    record = {"variant": variant, "tiled": tiled, "eager_seconds": round(eager_s, 3)}
+    record = {"variant": variant, "tiled": True, "eager_seconds": round(eager_s, 3)}
     if variant != "eager":
         compile_variant(vae, variant)
         first, _ = decode_seconds(vae, latents)
@@ -97,37 +115,22 @@ def _graph_count() -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--untiled", action="store_true", help="also each variant without tiling")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "experiments")
-    parser.add_argument("--one", help=argparse.SUPPRESS)  # variant:tiled, in a child process
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # one variant, in a child process
     parser.add_argument("--timeout", type=int, default=600)
     args = parser.parse_args()
     if args.one:
-        variant, tiled = args.one.split(":")
-        print("RECORD " + json.dumps(measure(variant, tiled == "1")), flush=True)
+        print("RECORD " + json.dumps(measure(args.one)), flush=True)
         return
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "vae_decode.json"
     records: list[dict] = []
-    for tiled in (True, False) if args.untiled else (True,):
-        for variant in args.variants.split(","):
-            with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as cache:
-                env = os.environ | {"TORCHINDUCTOR_CACHE_DIR": cache}
-                cmd = [sys.executable, __file__, "--one", f"{variant}:{int(tiled)}"]
-                try:
-                    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
-                    lines = [line for line in done.stdout.splitlines() if line.startswith("RECORD ")]
-                    record = (
-                        json.loads(lines[-1][7:])
-                        if lines
-                        else {"variant": variant, "tiled": tiled, "error": done.stderr[-600:]}
-                    )
-                except subprocess.TimeoutExpired:
-                    record = {"variant": variant, "tiled": tiled, "error": f"over {args.timeout} s"}
-            record |= {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}
-            records.append(record)
-            print(json.dumps(record), flush=True)
-            path.write_text(json.dumps(records, indent=2))
+    for variant in args.variants.split(","):
+        record = in_fresh_process(variant, args.timeout)
+        record |= {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}
+        records.append(record)
+        print(json.dumps(record), flush=True)
+        path.write_text(json.dumps(records, indent=2))
     print(f"wrote {path}")
 
 

@@ -10,8 +10,10 @@ the block's matrix multiplies alone at the same shapes.
 
 writes step_profile.json (one record per measurement). Parts: kernels (attention backends, SDPA
 layouts and the block's matrix multiplies alone), attention (cuDNN attention alone, compiled and
-between matrix multiplies), gelu (the feed-forward GELU as a cuBLASLt epilogue), vae (the tiled VAE
-decode), resident and streamed (a whole transformer forward per plan, profiled).
+between matrix multiplies), gelu (the feed-forward GELU as a cuBLASLt epilogue), resident and
+streamed (a whole transformer forward per plan, profiled). The VAE decode, which earlier runs
+recorded here as vae-decode, is measured by scripts/profile_decode.py, each variant from a cold
+compile.
 """
 
 from __future__ import annotations
@@ -29,9 +31,6 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from benchmark import (  # noqa: E402
-    LATENT_FRAMES,
-    LATENT_HEIGHT,
-    LATENT_WIDTH,
     random_component,
     seconds_per_call,
     step_tokens,
@@ -245,42 +244,6 @@ def gelu_epilogue() -> list[dict]:
     return records
 
 
-def vae_decode() -> list[dict]:
-    """The VAE decode of one 49x480x720 video (tiled, as the plans decode): eager, with cuDNN's
-    autotuner, and with the decoder compiled (that one takes minutes: it recompiles per tile shape)."""
-    vae = random_component("vae")
-    vae.enable_tiling()
-    shape = (1, vae.config.latent_channels, LATENT_FRAMES, LATENT_HEIGHT, LATENT_WIDTH)
-    latents = torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
-    records = []
-    for label in ("eager", "cudnn-benchmark", "compiled-decoder"):
-        torch.backends.cudnn.benchmark = label == "cudnn-benchmark"
-        if label == "compiled-decoder":
-            vae.decoder.compile(dynamic=False)
-        with torch.no_grad():
-            t0 = time.perf_counter()
-            vae.decode(latents)
-            torch.cuda.synchronize()
-            first = time.perf_counter() - t0
-            torch.cuda.reset_peak_memory_stats()
-            t0 = time.perf_counter()
-            frames = vae.decode(latents).sample
-            torch.cuda.synchronize()
-        s = time.perf_counter() - t0
-        records.append(
-            {
-                "recipe": "vae-decode",
-                "variant": label,
-                "seconds": round(s, 3),
-                "first_call_seconds": round(first, 1),
-                "frames": int(frames.shape[2]),
-                "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-            }
-        )
-        print(json.dumps(records[-1]), flush=True)
-    return records
-
-
 def compile_sub_layers(transformer: torch.nn.Module) -> None:
     """The replica's former way under an offloading hook: each sub-layer compiled on its own."""
     for block in transformer.transformer_blocks:
@@ -303,7 +266,7 @@ def main() -> None:
         path.write_text(json.dumps(records, indent=2))
 
     parts = args.parts.split(",")
-    standalone = {"kernels": kernels_alone, "attention": attention_in_context, "gelu": gelu_epilogue, "vae": vae_decode}
+    standalone = {"kernels": kernels_alone, "attention": attention_in_context, "gelu": gelu_epilogue}
     for part, measure_part in standalone.items():
         if part in parts:
             for r in measure_part():
