@@ -22,6 +22,8 @@ class ModelConfig:
     """
 
     name: str = MISSING
+    # The model family module (batch_runner/families/<family>.py): cogvideox | wan
+    family: str = "cogvideox"
     # "pretrained": from_pretrained(path); "random": the architecture in conf/arch/<arch> with random
     # weights built on the GPU (benchmarks); "tiny": a small random pipeline built in code (tests).
     weights: str = "pretrained"
@@ -29,10 +31,16 @@ class ModelConfig:
     revision: str | None = None
     arch: str | None = None
     dtype: str = "bfloat16"
-    # "dpm" (CogVideoXDPMScheduler, as CogVideo's demo), "ddim", or "default" (as saved with the model)
+    # A scheduler the family names (CogVideoX: dpm as CogVideo's demo, ddim; Wan: unipc, euler), or
+    # "default" (as saved with the model).
     scheduler: str = "dpm"
-    timestep_spacing: str = "trailing"
-    use_dynamic_cfg: bool = True
+    timestep_spacing: str = "trailing"  # CogVideoX
+    use_dynamic_cfg: bool = True  # CogVideoX
+    flow_shift: float | None = None  # flow-matching families (Wan): the scheduler's shift; null keeps the saved one
+    guidance_scale_2: float | None = None  # Wan 2.2 A14B: guidance of the low-noise expert; null: guidance_scale
+    # Wan 2.2: the checkpoint's shape, as its model_index.json says (the tiny model is built to match).
+    boundary_ratio: float | None = None  # two experts, switched at this fraction of the schedule
+    expand_timesteps: bool = False  # TI2V: the first latent frame is the image
     max_sequence_length: int = 226
     # Row defaults, overridable per row by manifest columns of the same name.
     num_frames: int = 49

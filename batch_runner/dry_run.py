@@ -17,7 +17,8 @@ from batch_runner.results import finished_ids
 from batch_runner.sharding import static_shard
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.json"
-BENCHMARKED_ARCH, BENCHMARKED_FRAMES = "cogvideox-5b-i2v", 49
+# The first records, from before records named their model, are all CogVideoX-5B-I2V's.
+FIRST_BENCHMARKED_MODEL = "cogvideox-5b-i2v"
 
 
 def describe(cfg: RunConfig, manifest: Manifest, cluster: Cluster, out: Path) -> str:
@@ -67,20 +68,25 @@ def _plan(cfg: RunConfig, cluster: Cluster, pending: list[Job]) -> tuple[str, st
 def _estimate_seconds(cfg: RunConfig, plan: str, budget: float | None, pending: list) -> float | None:
     """Seconds for `pending` from the benchmark's measured step and decode times on an H100.
 
-    Steps scale with the row's step count, and both parts roughly with its frame count.
+    The benchmark runs each model at its default row; steps scale with a row's step count, and both
+    parts roughly with its frame count.
     """
-    if not BENCHMARKS.exists() or cfg.model.arch != BENCHMARKED_ARCH:
+    if not BENCHMARKS.exists():
         return None
     records = [
         r
         for r in json.loads(BENCHMARKS.read_text())
-        if r.get("plan") == plan and not r.get("changes_output") and r.get("seconds_per_step")
+        if r.get("model", FIRST_BENCHMARKED_MODEL) == cfg.model.name
+        and r.get("plan") == plan
+        and not r.get("changes_output")
+        and r.get("seconds_per_step")
     ]
     if not records:
         return None
     best = min(records, key=lambda r: abs((r.get("budget_gib") or 80) - (budget or 80)))
     step, outside = best["seconds_per_step"], best["seconds_outside_steps"]
-    return sum((outside + step * job.num_inference_steps) * job.num_frames / BENCHMARKED_FRAMES for job in pending)
+    frames = cfg.model.num_frames
+    return sum((outside + step * job.num_inference_steps) * job.num_frames / frames for job in pending)
 
 
 def _duration(seconds: float) -> str:

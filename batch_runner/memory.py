@@ -2,22 +2,24 @@
 
 A batch runner makes hundreds of videos with one replica, so the plans here are batch-aware:
 
-| plan                   | text encoder              | transformer               | VAE      |
+| plan                   | encoders (text, image)    | transformer(s)            | VAE      |
 |------------------------|---------------------------|---------------------------|----------|
 | none                   | GPU                       | GPU                       | GPU      |
-| text_offload           | streamed per chunk        | GPU                       | GPU      |
-| group_offload          | streamed per chunk        | streamed block by block   | GPU      |
+| text_offload           | streamed                  | GPU                       | GPU      |
+| expert_offload         | streamed                  | 1st expert streamed, 2nd on the GPU (two-expert models) | GPU |
+| group_offload          | streamed                  | streamed block by block   | GPU      |
 | model_cpu_offload      | diffusers' whole-model CPU offload, per video (reference recipe)  |
 | sequential_cpu_offload | diffusers' per-layer CPU offload, per video (reference recipe)    |
 
 "Streamed" is diffusers' group offloading with CUDA streams: weights sit in pinned host memory and
 the next group is copied while the current one computes. Prompts of a chunk are encoded together,
-so the 9.5 GB text encoder crosses the bus once per chunk, not once per video.
+so a text encoder (9.5 GB for CogVideoX's T5, 11 GB for Wan's UMT5) crosses the bus once per chunk,
+not once per video. Which components a model has, and their roles, come from its family.
 
 `auto` picks the fastest plan whose estimated peak fits the GPU budget and whose pinned host memory
 fits this host (one copy shared by the host's processes, batch_runner.host_weights, or a copy
 each out of an equal share), and says why. The estimates are weights (counted from the architecture)
-plus activation terms fitted to measurements on an H100 (docs/benchmarks.md).
+plus activation terms each model family fits to measurements on an H100 (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -25,82 +27,80 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from batch_runner.config import MemoryConfig
 from batch_runner.errors import UserError
+from batch_runner.families.base import DECODER, DENOISER, ENCODER, ActivationTerms
+
+if TYPE_CHECKING:
+    from batch_runner.pipeline import Anatomy
 
 log = logging.getLogger(__name__)
 
 GIB = 1024**3
-# Fastest first. `auto` and the out-of-memory fallback walk down this ladder.
-LADDER = ("none", "text_offload", "group_offload", "sequential_cpu_offload")
-PLANS = ("none", "text_offload", "group_offload", "model_cpu_offload", "sequential_cpu_offload")
-# Activation terms, fitted to peaks measured on an H100 with CogVideoX-5B-I2V at 49x480x720 with
-# guidance (docs/benchmarks.json): bytes per (token x hidden unit x batch element) while denoising.
-# Measured with the same compiled blocks: 3.9 GiB of activations above the weights for the resident
-# plans (none 23.64 GiB peak, text_offload 14.76; 4.25 GiB here, so that the estimate also covers
-# what the allocator reserved), 3.2 GiB for the streamed transformer (group_offload 4.4 GiB peak
-# in all at an 8 GiB budget).
-DENOISE_BYTES_PER_TOKEN_UNIT = {"resident": 42.0, "streamed": 31.5}
-VAE_DECODE_BYTES_PER_PIXEL = 2900.0
-VAE_TILED_PIXELS = 240 * 360 * 2  # the largest region a tiled decode holds at once, per frame pair
+# Fastest first. `auto` and the out-of-memory fallback walk down this ladder; a plan a model cannot
+# use (expert_offload without two experts) is passed over.
+LADDER = ("none", "text_offload", "expert_offload", "group_offload", "sequential_cpu_offload")
+PLANS = ("none", "text_offload", "expert_offload", "group_offload", "model_cpu_offload", "sequential_cpu_offload")
 # The caching allocator reserves more than it allocates (measured: reserved/allocated up to 1.11),
 # and the CUDA context and cuBLAS workspaces want room of their own.
 FRAGMENTATION = 1.12
 HEADROOM_GIB = 0.5
-STREAMED_PLANS = ("group_offload", "sequential_cpu_offload")
-COMPONENTS = ("text_encoder", "transformer", "vae")
-# The components whose weights stay in host memory while each plan runs.
-HOST_RESIDENT = {
-    "none": (),
-    "text_offload": ("text_encoder",),
-    "group_offload": ("text_encoder", "transformer"),
-    "model_cpu_offload": COMPONENTS,
-    "sequential_cpu_offload": COMPONENTS,
-}
+STREAMED_PLANS = ("expert_offload", "group_offload", "sequential_cpu_offload")
 # The plans that stream their host-resident components with diffusers' group offloading.
-GROUP_OFFLOADED = ("text_offload", "group_offload")
+GROUP_OFFLOADED = ("text_offload", "expert_offload", "group_offload")
 
 
-def pinned(plan: str) -> tuple[str, ...]:
+def host_resident(plan: str, roles: dict[str, str]) -> tuple[str, ...]:
+    """The components whose weights stay in host memory while `plan` runs.
+
+    expert_offload streams the first expert (Wan 2.2 A14B's high-noise transformer, which runs
+    the fewer steps) and keeps the second on the GPU.
+    """
+    encoders = tuple(n for n, r in roles.items() if r == ENCODER)
+    denoisers = tuple(n for n, r in roles.items() if r == DENOISER)
+    return {
+        "none": (),
+        "text_offload": encoders,
+        "expert_offload": encoders + denoisers[:1],
+        "group_offload": encoders + denoisers,
+        "model_cpu_offload": tuple(roles),
+        "sequential_cpu_offload": tuple(roles),
+    }[plan]
+
+
+def applies(plan: str, roles: dict[str, str]) -> bool:
+    """Whether `plan` means something for a model with these components."""
+    return plan != "expert_offload" or sum(r == DENOISER for r in roles.values()) > 1
+
+
+def pinned(plan: str, roles: dict[str, str]) -> tuple[str, ...]:
     """The components group offloading streams under `plan`: it wants their host copy pinned."""
-    return HOST_RESIDENT[plan] if plan in GROUP_OFFLOADED else ()
+    return host_resident(plan, roles) if plan in GROUP_OFFLOADED else ()
 
 
-def shareable(plan: str) -> tuple[str, ...]:
+def shareable(plan: str, roles: dict[str, str]) -> tuple[str, ...]:
     """The host-resident components one host copy can serve for the whole run.
 
     Model CPU offload moves whole models back to the host with `.to("cpu")`, which makes a new
     private copy each time, so its weights cannot stay shared.
     """
-    return () if plan == "model_cpu_offload" else HOST_RESIDENT[plan]
+    return () if plan == "model_cpu_offload" else host_resident(plan, roles)
 
 
 @dataclass(frozen=True)
 class Workload:
     """The largest video a process will make: what sizes the activations."""
 
-    frames: int
-    height: int
-    width: int
-    guidance: bool
-    text_tokens: int
+    tokens: int  # transformer tokens of one sequence (family geometry)
     hidden: int  # transformer width (heads x head dim)
+    guidance: bool
+    pixels: int  # height x width of one output frame
     vae_channels: int  # widest VAE block
-    patch: int = 2
-    patch_t: int = 1  # CogVideoX1.5 also patches time by 2
-    spatial: int = 8
-    temporal: int = 4
     cached_outputs: int = 0  # block outputs a step cache keeps between steps (speed.cached_block_outputs)
-
-    @property
-    def tokens(self) -> int:
-        latent_frames = (self.frames - 1) // self.temporal + 1
-        grid = (self.height // (self.spatial * self.patch)) * (self.width // (self.spatial * self.patch))
-        return -(-latent_frames // self.patch_t) * grid + self.text_tokens
 
 
 @dataclass(frozen=True)
@@ -117,45 +117,47 @@ class Choice:
     estimates: tuple[Estimate, ...]
 
 
-def activation_gib(workload: Workload, vae_tiling: bool, streamed: bool) -> tuple[float, float]:
+def activation_gib(workload: Workload, terms: ActivationTerms, vae_tiling: bool, streamed: bool) -> tuple[float, float]:
     """(denoising peak, decoding peak) activations in GiB for one video."""
-    batch = 2 if workload.guidance else 1
-    per_unit = DENOISE_BYTES_PER_TOKEN_UNIT["streamed" if streamed else "resident"]
+    batch = terms.guidance_batch if workload.guidance else 1
+    per_unit = terms.streamed if streamed else terms.resident
     denoise = per_unit * batch * workload.tokens * workload.hidden
-    pixels = workload.height * workload.width
-    if vae_tiling:
-        pixels = min(pixels, VAE_TILED_PIXELS)
-    decode = VAE_DECODE_BYTES_PER_PIXEL * pixels * workload.vae_channels / 512
+    pixels = min(workload.pixels, terms.tiled_pixels) if vae_tiling else workload.pixels
+    decode = terms.decode_per_pixel * pixels * workload.vae_channels / 512
     # bf16 outputs held across steps (measured with Pyramid Attention Broadcast: 8.6 GiB more).
     denoise += workload.cached_outputs * batch * workload.tokens * workload.hidden * 2
     return denoise / GIB, decode / GIB
 
 
-def estimate(plan: str, weights: dict[str, int], workload: Workload, config: MemoryConfig) -> Estimate:
+def estimate(plan: str, model: Anatomy, workload: Workload, config: MemoryConfig) -> Estimate:
     """Peak GPU memory (as the allocator reserves it) and host memory of `plan`, in GiB."""
-    text, transformer, vae = (weights[k] / GIB for k in ("text_encoder", "transformer", "vae"))
+    sizes = {name: b / GIB for name, b in model.bytes.items()}
+    block, rest = model.block_bytes / GIB, model.denoiser_rest_bytes / GIB
     if config.fp8_weights:
-        transformer /= 2
-    streamed = plan in STREAMED_PLANS
-    denoise, decode = activation_gib(workload, config.vae_tiling, streamed)
-    # One streamed block (CogVideoX-5B has 42; diffusers streams them one at a time), with room for
-    # the weights outside the blocks, which stay resident (~150 MB).
-    block = transformer / 40
-    layer = text / 24
+        sizes = {n: s / 2 if model.roles[n] == DENOISER else s for n, s in sizes.items()}
+        block, rest = block / 2, rest / 2
+    encoders = [sizes[n] for n, r in model.roles.items() if r == ENCODER]
+    denoisers = [sizes[n] for n, r in model.roles.items() if r == DENOISER]
+    vae = sum(sizes[n] for n, r in model.roles.items() if r == DECODER)
+    denoise, decode = activation_gib(workload, model.family.activations, config.vae_tiling, plan in STREAMED_PLANS)
+    # Streamed: the denoiser's weights outside its blocks stay resident; diffusers copies the next
+    # block while one computes, and the allocator holds a third while the first is freed.
+    streamed = rest + 3 * block
+    encoder_streamed = 2 * model.leaf_bytes / GIB
     gpu = {
-        "none": text + transformer + vae + max(denoise, decode),
-        "text_offload": transformer + vae + max(denoise, decode, 2 * layer),
-        "group_offload": vae + 3 * block + max(denoise, decode, 2 * layer),
-        "model_cpu_offload": max(text, transformer + denoise, vae + decode),
+        "none": sum(sizes.values()) + max(denoise, decode),
+        "text_offload": sum(denoisers) + vae + max(denoise, decode, encoder_streamed),
+        "expert_offload": sum(denoisers[1:]) + streamed + vae + max(denoise, decode, encoder_streamed),
+        "group_offload": vae + streamed + max(denoise, decode, encoder_streamed),
+        "model_cpu_offload": max(max(encoders, default=0), max(denoisers) + denoise, vae + decode),
         "sequential_cpu_offload": max(denoise, decode) + 2 * block,
     }[plan]
-    sizes = {"text_encoder": text, "transformer": transformer, "vae": vae}
-    host = sum(sizes[name] for name in HOST_RESIDENT[plan])
+    host = sum(sizes[name] for name in host_resident(plan, model.roles))
     return Estimate(plan, round(gpu * FRAGMENTATION + HEADROOM_GIB, 2), round(host, 2))
 
 
 def choose_plan(
-    weights: dict[str, int],
+    model: Anatomy,
     workload: Workload,
     config: MemoryConfig,
     budget_gib: float,
@@ -169,29 +171,31 @@ def choose_plan(
     """
     processes = max(1, local_world_size)
     shared = config.share_host_weights and processes > 1
-    estimates = tuple(estimate(p, weights, workload, config) for p in PLANS)
+    usable = [p for p in PLANS if applies(p, model.roles)]
+    ladder = [p for p in LADDER if p in usable]
+    estimates = tuple(estimate(p, model, workload, config) for p in usable)
     by_plan = {e.plan: e for e in estimates}
-    host = {p: _host_need(by_plan[p], shared, processes, host_gib) for p in PLANS}
-    for plan in LADDER:
+    host = {p: _host_need(by_plan[p], model.roles, shared, processes, host_gib) for p in usable}
+    for plan in ladder:
         e = by_plan[plan]
         if e.gpu_gib <= budget_gib and host[plan][0]:
-            faster = [p for p in LADDER[: LADDER.index(plan)]]
+            faster = ladder[: ladder.index(plan)]
             why = "; ".join(_why_not(by_plan[p], budget_gib, host[p][1]) for p in faster)
             reason = (
                 f"{plan}: needs ~{e.gpu_gib:.2f} GiB of the {budget_gib:.1f} GiB GPU budget and {host[plan][1]}"
                 + (f" (faster plans do not fit: {why})" if why else " (the fastest plan)")
             )
             return Choice(plan, reason, estimates)
-    lines = "; ".join(_why_not(by_plan[p], budget_gib, host[p][1]) for p in LADDER)
+    lines = "; ".join(_why_not(by_plan[p], budget_gib, host[p][1]) for p in ladder)
     raise UserError(
         f"No memory plan fits: {lines}. Give more GPU memory (memory.budget_gib), fewer processes per "
         f"host (accelerate launch --num_processes) or more host memory (memory.host_budget_gib)."
     )
 
 
-def _host_need(e: Estimate, shared: bool, processes: int, host_gib: float) -> tuple[bool, str]:
+def _host_need(e: Estimate, roles: dict[str, str], shared: bool, processes: int, host_gib: float) -> tuple[bool, str]:
     """Whether `e`'s host-resident weights fit this host, and the sentence that says so."""
-    if shared and shareable(e.plan):
+    if shared and shareable(e.plan, roles):
         fits = e.host_gib <= host_gib
         return fits, f"{e.host_gib:.1f} GiB of host memory, one copy for the {processes} processes of this host " + (
             f"(of {host_gib:.1f} GiB)" if fits else f"> {host_gib:.1f} GiB"
@@ -209,9 +213,9 @@ def _why_not(e: Estimate, budget_gib: float, host: str) -> str:
     return f"{e.plan} needs {host}"
 
 
-def next_plan_down(plan: str) -> str | None:
+def next_plan_down(plan: str, roles: dict[str, str]) -> str | None:
     """The plan to retry with after an out-of-memory error, or None at the bottom."""
-    ladder = list(LADDER)
+    ladder = [p for p in LADDER if applies(p, roles)]
     position = ladder.index(plan) if plan in ladder else ladder.index("group_offload")
     return ladder[position + 1] if position + 1 < len(ladder) else None
 
@@ -269,37 +273,40 @@ def host_available_gib(config: MemoryConfig) -> float:
 # --- applying a plan ------------------------------------------------------------------------------
 
 
-def apply_plan(pipe: Any, plan: str, device: torch.device, config: MemoryConfig) -> None:
-    """Place the pipeline's weights as `plan` says, undoing any earlier plan first."""
-    if plan not in PLANS:
-        raise UserError(f"memory={plan!r} is not a plan; choose auto or one of {', '.join(PLANS)}.")
-    remove_offloading(pipe)
+def apply_plan(pipe: Any, plan: str, device: torch.device, config: MemoryConfig, roles: dict[str, str]) -> None:
+    """Place the pipeline's weights as `plan` says, undoing any earlier plan first.
+
+    `roles` names the pipeline's components (family.components): encoders stream layer by layer,
+    denoisers block by block, and the VAE stays on the GPU under every plan of our own.
+    """
+    if plan not in PLANS or not applies(plan, roles):
+        usable = ", ".join(p for p in PLANS if applies(p, roles))
+        raise UserError(f"memory={plan!r} is not a plan for this model; choose auto or one of {usable}.")
+    remove_offloading(pipe, roles)
     _vae_switches(pipe.vae, config)
     if device.type != "cuda":
         # Plans move weights between a GPU and the host; without a GPU everything runs in place.
         pipe.to(device)
         return
-    if plan == "none":
-        pipe.to(device)
-    elif plan == "text_offload":
-        pipe.transformer.to(device)
-        pipe.vae.to(device)
-        _stream(pipe.text_encoder, device, "leaf_level")
-    elif plan == "group_offload":
-        pipe.vae.to(device)
-        _stream(pipe.text_encoder, device, "leaf_level")
-        _stream(pipe.transformer, device, "block_level")
-    elif plan == "model_cpu_offload":
+    if plan == "model_cpu_offload":
         pipe.enable_model_cpu_offload(device=device)
     elif plan == "sequential_cpu_offload":
         pipe.enable_sequential_cpu_offload(device=device)
+    else:
+        streamed = host_resident(plan, roles)
+        for name, role in roles.items():
+            module = getattr(pipe, name)
+            if name not in streamed:
+                module.to(device)
+            else:
+                _stream(module, device, "leaf_level" if role == ENCODER else "block_level")
 
 
-def remove_offloading(pipe: Any) -> None:
+def remove_offloading(pipe: Any, roles: dict[str, str]) -> None:
     """Take off every offloading hook (accelerate's and diffusers' group offloading)."""
     pipe.remove_all_hooks()
-    for module in (pipe.text_encoder, pipe.transformer, pipe.vae):
-        remove_offloading_hooks(module)
+    for name in roles:
+        remove_offloading_hooks(getattr(pipe, name))
 
 
 def remove_offloading_hooks(module: torch.nn.Module) -> None:

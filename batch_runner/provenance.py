@@ -49,7 +49,9 @@ def output_salt(cfg: RunConfig) -> str:
                 "use_dynamic_cfg",
                 "max_sequence_length",
             )
-        },
+        }
+        # Settings newer than the first runs count only when set, so those runs still resume.
+        | {k: model[k] for k in ("flow_shift", "guidance_scale_2", "boundary_ratio", "expand_timesteps") if model[k]},
         "fp8_weights": cfg.memory.fp8_weights,
         "cache": [cfg.speed.cache, cfg.speed.cache_threshold if cfg.speed.cache != "none" else None],
     }

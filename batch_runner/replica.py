@@ -12,7 +12,7 @@ import gc
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -22,8 +22,9 @@ from PIL import Image
 from batch_runner import host_weights, memory, speed
 from batch_runner.cluster import HostPeers
 from batch_runner.config import RunConfig
+from batch_runner.families.base import DENOISER
 from batch_runner.manifest import Job
-from batch_runner.pipeline import build_pipeline, component_bytes, torch_dtype
+from batch_runner.pipeline import Anatomy, anatomy, build_pipeline, torch_dtype
 
 log = logging.getLogger(__name__)
 
@@ -45,16 +46,20 @@ class Replica:
         self.cfg = cfg
         self.device = device
         self.dtype = torch_dtype(cfg.model.dtype)
+        self.anatomy = anatomy(cfg.model)
+        self.family = self.anatomy.family
         peers = peers or HostPeers(0, 1, None, "")
         self.plan, self.plan_reason = self._choose_plan(peers.local_world_size, jobs)
         log.info("memory plan %s", self.plan_reason)
         self.pipe, self.shared = self._build(peers)
+        self.roles = self.family.components(self.pipe)
+        self.denoisers = [getattr(self.pipe, n) for n, r in self.roles.items() if r == DENOISER]
         if speed.should_compile(cfg.speed, device) and cfg.speed.cache == "none":
-            blocks = speed.compile_blocks(self.pipe.transformer)
+            blocks = sum(speed.compile_blocks(self.family.blocks(d)) for d in self.denoisers)
             log.info("compiling %d transformer blocks with torch.compile (the first video is slower)", blocks)
-        speed.enable_cache(self.pipe, cfg.speed)
-        memory.apply_plan(self.pipe, self.plan, device, cfg.memory)
-        speed.keep_timesteps_on_host(self.pipe, device)
+        speed.enable_cache(self.pipe, [n for n, r in self.roles.items() if r == DENOISER], cfg.speed)
+        memory.apply_plan(self.pipe, self.plan, device, cfg.memory, self.roles)
+        speed.keep_timesteps_on_host(self.pipe, self.family, device)
         if device.type == "cuda":
             release_memory()
             memory.enforce_budget(cfg.memory, device)
@@ -69,7 +74,7 @@ class Replica:
             return "none", "none: no GPU, everything runs on the CPU"
         if config.plan != "auto":
             return config.plan, f"{config.plan}: chosen in the config (memory={config.plan})"
-        choice = auto_plan(self.cfg, memory.gpu_budget_gib(config, self.device), local_world_size, jobs)
+        choice = auto_plan(self.cfg, memory.gpu_budget_gib(config, self.device), local_world_size, jobs, self.anatomy)
         return choice.plan, choice.reason
 
     def _build(self, peers: HostPeers) -> tuple[Any, dict[str, host_weights.SharedBlock]]:
@@ -82,15 +87,17 @@ class Replica:
             # Random weights are born on the GPU (fast) and moved where the plan wants them.
             build_on = self.device if cfg.model.weights == "random" else torch.device("cpu")
             pipe = build_pipeline(cfg.model, build_on, empty=sharing.mapped)
-            if cfg.speed.fuse_qkv:
-                speed.fuse_qkv(pipe.transformer)
-            speed.prefer_attention(pipe.transformer, cfg.speed.attention, self.device)
-            if cfg.memory.fp8_weights:
-                pipe.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=self.dtype)
+            for name in self.anatomy.of_role(DENOISER):
+                denoiser = getattr(pipe, name)
+                if cfg.speed.fuse_qkv:
+                    speed.fuse_qkv(denoiser)
+                speed.prefer_attention(self.family, denoiser, cfg.speed.attention, self.device)
+                if cfg.memory.fp8_weights:
+                    denoiser.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=self.dtype)
             # Shared once the weights' shapes and types are final.
             shared = {name: sharing.share(name, getattr(pipe, name)) for name in sharing.groups}
         if self.device.type == "cuda":
-            for name in memory.pinned(self.plan):
+            for name in memory.pinned(self.plan, self.anatomy.roles):
                 if name in shared:
                     shared[name].pin()
         return pipe, shared
@@ -105,16 +112,16 @@ class Replica:
         (docs/experiments/host_sharing.json).
         """
         if self.device.type != "cuda":
-            return memory.COMPONENTS
-        return memory.shareable(self.plan)
+            return tuple(self.anatomy.roles)
+        return memory.shareable(self.plan, self.anatomy.roles)
 
     def step_down(self) -> str | None:
         """Move to the next plan down the ladder after an out-of-memory error; None at the bottom."""
-        lower = memory.next_plan_down(self.plan)
+        lower = memory.next_plan_down(self.plan, self.roles)
         if lower is None:
             return None
         release_memory()
-        memory.apply_plan(self.pipe, lower, self.device, self.cfg.memory)
+        memory.apply_plan(self.pipe, lower, self.device, self.cfg.memory, self.roles)
         self._cache.clear()
         self.plan = lower
         return lower
@@ -133,15 +140,9 @@ class Replica:
         missing = sorted(t for t in texts if t not in self._cache)
         if missing:
             with speed.inference(self.cfg.speed, self.device):
-                embedded, _ = self.pipe.encode_prompt(
-                    prompt=missing,
-                    do_classifier_free_guidance=False,
-                    max_sequence_length=limit,
-                    device=self.pipe._execution_device,
-                    dtype=self.dtype,
-                )
-            for text, embedding in zip(missing, embedded, strict=False):
-                self._cache[text] = embedding.unsqueeze(0)
+                embedded = self.family.encode_prompts(self.pipe, missing, self.cfg.model, self.dtype)
+            for text, embedding in zip(missing, embedded, strict=True):
+                self._cache[text] = embedding
         result = {}
         for text in texts:
             self._cache.move_to_end(text)
@@ -153,26 +154,24 @@ class Replica:
     # --- videos ---
 
     def make(
-        self, job: Job, image: Image.Image, prompts: Prompts, on_step: Callable[[], None] | None = None
+        self,
+        job: Job,
+        images: dict[str, Image.Image | None],
+        prompts: Prompts,
+        on_step: Callable[[], None] | None = None,
     ) -> np.ndarray:
-        """One video as uint8 frames (F, H, W, 3); `on_step` is called after each denoising step."""
+        """One video as uint8 frames (F, H, W, 3); `on_step` is called after each denoising step.
+
+        `images` holds the row's "image" and, where the row gives one, its "last_image".
+        """
         execution_device = self.pipe._execution_device
         generator = torch.Generator(device=execution_device).manual_seed(job.seed)
-        guided = job.guidance_scale > 1
+        arguments = self.family.call_arguments(self.cfg.model, job, images, prompts.embeddings)
         with speed.inference(self.cfg.speed, self.device):
             output = self.pipe(
-                image=image,
-                prompt_embeds=prompts.embeddings[job.prompt],
-                negative_prompt_embeds=prompts.embeddings[job.negative_prompt] if guided else None,
-                height=job.height,
-                width=job.width,
-                num_frames=job.num_frames,
-                num_inference_steps=job.num_inference_steps,
-                guidance_scale=job.guidance_scale,
-                use_dynamic_cfg=self.cfg.model.use_dynamic_cfg,
+                **arguments,
                 generator=generator,
                 output_type="pt",
-                max_sequence_length=self.cfg.model.max_sequence_length,
                 callback_on_step_end=_step_callback(on_step) if on_step else None,
             )
             video = output.frames[0]  # (F, C, H, W) in [0, 1]
@@ -188,42 +187,38 @@ def _step_callback(on_step: Callable[[], None]) -> Callable[..., dict]:
     return callback
 
 
-def workload_of(cfg: RunConfig, jobs: Sequence[Job] = ()) -> memory.Workload:
+def workload_of(cfg: RunConfig, jobs: Sequence[Job] = (), model: Anatomy | None = None) -> memory.Workload:
     """The largest video the planner must make room for: the model's default row or any row given.
 
     Any process may claim any row, so every process plans for the largest row of the run.
     """
-    from batch_runner.pipeline import arch_components
-
-    model = cfg.model
-    hidden, vae_channels, patch_t, layers = 32, 8, 1, 2
-    if model.arch:
-        parts = arch_components(model.arch)
-        t = parts["transformer"]
-        hidden = t["num_attention_heads"] * t["attention_head_dim"]
-        patch_t = t.get("patch_size_t") or 1
-        layers = t["num_layers"]
-        vae_channels = max(parts["vae"]["block_out_channels"])
-    default = memory.Workload(
-        frames=model.num_frames,
-        height=model.height,
-        width=model.width,
-        guidance=model.guidance_scale > 1 or any(j.guidance_scale > 1 for j in jobs),
-        text_tokens=model.max_sequence_length,
-        hidden=hidden,
-        vae_channels=vae_channels,
-        patch_t=patch_t,
-        cached_outputs=speed.cached_block_outputs(cfg.speed.cache, layers),
+    model = model or anatomy(cfg.model)
+    geometry = model.geometry
+    config = cfg.model
+    sizes = [(config.num_frames, config.height, config.width)] + [(j.num_frames, j.height, j.width) for j in jobs]
+    frames, height, width = max(sizes, key=lambda s: geometry.tokens(*s, config.max_sequence_length))
+    return memory.Workload(
+        tokens=geometry.tokens(frames, height, width, config.max_sequence_length),
+        hidden=geometry.hidden,
+        guidance=config.guidance_scale > 1 or any(j.guidance_scale > 1 for j in jobs),
+        pixels=max(h * w for _, h, w in sizes),
+        vae_channels=geometry.vae_channels,
+        cached_outputs=speed.cached_block_outputs(cfg.speed.cache, model.blocks),
     )
-    rows = (replace(default, frames=j.num_frames, height=j.height, width=j.width) for j in jobs)
-    return max([default, *rows], key=lambda w: w.tokens)
 
 
-def auto_plan(cfg: RunConfig, budget_gib: float, local_world_size: int, jobs: Sequence[Job] = ()) -> memory.Choice:
+def auto_plan(
+    cfg: RunConfig,
+    budget_gib: float,
+    local_world_size: int,
+    jobs: Sequence[Job] = (),
+    model: Anatomy | None = None,
+) -> memory.Choice:
     """memory=auto's choice for this run: the fastest plan that fits the GPU budget and the host's memory."""
+    model = model or anatomy(cfg.model)
     return memory.choose_plan(
-        component_bytes(cfg.model),
-        workload_of(cfg, jobs),
+        model,
+        workload_of(cfg, jobs, model),
         cfg.memory,
         budget_gib,
         memory.host_available_gib(cfg.memory),

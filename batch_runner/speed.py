@@ -2,11 +2,12 @@
 
 * fused QKV projections (diffusers' own `fuse_qkv_projections`): one matmul instead of three, and
   the separate projections it leaves behind are dropped (2.2 GiB on CogVideoX-5B);
-* regional torch.compile of the repeated transformer blocks: CogVideoX has no `_repeated_blocks`,
-  so each block's forward is compiled in place, under any offloading hook; all blocks share one
-  compiled graph, so compilation happens once;
-* the scaled-dot-product-attention backend: CogVideoX's processor calls SDPA directly, so diffusers'
-  `set_attention_backend` does not reach it; we choose PyTorch's SDPA backend around each call;
+* regional torch.compile of the repeated transformer blocks (the family says which they are): each
+  block's forward is compiled in place, under any offloading hook; all blocks share one compiled
+  graph, so compilation happens once;
+* the attention kernel: the family applies the choice, through diffusers' attention dispatcher
+  (`set_attention_backend`) where its transformer uses it, or around each SDPA call where it does
+  not (CogVideoX);
 * no host synchronisation in the denoising loop: the scheduler's timesteps stay on the host (its
   arithmetic and dynamic CFG's `t.item()` then never wait for the GPU) and a forward pre-hook hands
   the transformer its timestep on the GPU;
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -25,6 +26,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from batch_runner.config import SpeedConfig
 from batch_runner.errors import UserError
+from batch_runner.families.base import Family
 
 log = logging.getLogger(__name__)
 
@@ -64,39 +66,21 @@ def backend_order(name: str) -> list[SDPBackend]:
     return preferred + [b for b in AUTO_ORDER if b not in preferred]
 
 
-class PreferredAttention:
-    """Runs a transformer's attention processor with the SDPA backend order set inside the call.
-
-    torch.compile chooses the SDPA kernel while tracing and does not see a backend context set
-    around the compiled block, so the preference has to live inside the traced region.
-    """
-
-    def __init__(self, processor: Any, order: list[SDPBackend]) -> None:
-        self.processor = processor
-        self.order = order
-
-    # The explicit signature matters: diffusers drops keyword arguments a processor does not name.
-    def __call__(
-        self,
-        attn: Any,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        image_rotary_emb: torch.Tensor | None = None,
-    ) -> Any:
-        with sdpa_kernel(self.order, set_priority=True):
-            return self.processor(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+# speed.attention's names as diffusers' attention-dispatcher backends (PyTorch's own SDPA kernels).
+DISPATCHER_BACKENDS = {
+    SDPBackend.CUDNN_ATTENTION: "_native_cudnn",
+    SDPBackend.FLASH_ATTENTION: "_native_flash",
+    SDPBackend.EFFICIENT_ATTENTION: "_native_efficient",
+    SDPBackend.MATH: "_native_math",
+}
 
 
-def prefer_attention(transformer: Any, name: str, device: torch.device) -> None:
-    """Give every attention layer of the transformer the configured backend preference."""
+def prefer_attention(family: Family, transformer: Any, name: str, device: torch.device) -> None:
+    """Give the transformer's attention the configured kernel, the family's way."""
     if device.type != "cuda":
         return
     order = backend_order(name)
-    processors = {
-        key: PreferredAttention(getattr(p, "processor", p), order) for key, p in transformer.attn_processors.items()
-    }
-    transformer.set_attn_processor(processors)
+    family.prefer_attention(transformer, order, DISPATCHER_BACKENDS[order[0]])
 
 
 def fuse_qkv(transformer: torch.nn.Module) -> int:
@@ -107,18 +91,27 @@ def fuse_qkv(transformer: torch.nn.Module) -> int:
     reads them, so they go: otherwise they would sit on the GPU (resident plans) or be streamed to
     it every step (group offloading) for nothing.
     """
-    from diffusers.models.attention_processor import Attention
-
     transformer.fuse_qkv_projections()
     dropped = 0
     for module in transformer.modules():
-        if not (isinstance(module, Attention) and module.fused_projections):
+        if not getattr(module, "fused_projections", False):
             continue
-        fused = ("to_k", "to_v") if module.is_cross_attention else ("to_q", "to_k", "to_v")
-        for name in fused:
+        for name in _replaced_projections(module):
             dropped += sum(p.numel() * p.element_size() for p in getattr(module, name).parameters())
             setattr(module, name, None)
     return dropped
+
+
+def _replaced_projections(attention: torch.nn.Module) -> list[str]:
+    """The projections a fused attention module no longer reads: those its fused layers hold."""
+    names = []
+    if getattr(attention, "to_qkv", None) is not None:
+        names += ["to_q", "to_k", "to_v"]
+    elif getattr(attention, "to_kv", None) is not None:
+        names += ["to_k", "to_v"]
+    if getattr(attention, "to_added_kv", None) is not None:
+        names += ["add_k_proj", "add_v_proj"]
+    return [n for n in names if getattr(attention, n, None) is not None]
 
 
 def should_compile(config: SpeedConfig, device: torch.device) -> bool:
@@ -127,7 +120,7 @@ def should_compile(config: SpeedConfig, device: torch.device) -> bool:
     return config.compile == "on" or (config.compile == "auto" and device.type == "cuda")
 
 
-def compile_blocks(transformer: torch.nn.Module) -> int:
+def compile_blocks(blocks: torch.nn.ModuleList) -> int:
     """Compile each repeated block's own forward in place; returns how many blocks were compiled.
 
     Call it before a memory plan adds its hooks: diffusers' and accelerate's offloading hooks wrap
@@ -140,17 +133,20 @@ def compile_blocks(transformer: torch.nn.Module) -> int:
 
     # All blocks share one graph; room for a few variants (plans, frame counts) before eager fallback.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    for block in transformer.transformer_blocks:
+    for block in blocks:
         registry = getattr(block, "_diffusers_hook", None)
         if (registry is not None and registry.hooks) or hasattr(block, "_hf_hook"):
             raise RuntimeError("compile_blocks must run before a memory plan hooks the blocks")
         block.forward = torch.compile(block.forward, dynamic=False)
-    return len(transformer.transformer_blocks)
+    return len(blocks)
 
 
-def keep_timesteps_on_host(pipe: Any, device: torch.device) -> None:
-    """Scheduler arithmetic on the host, the transformer's timestep on the GPU: no per-step sync."""
-    if device.type != "cuda":
+def keep_timesteps_on_host(pipe: Any, family: Family, device: torch.device) -> None:
+    """Scheduler arithmetic on the host, the transformer's timestep on the GPU: no per-step sync.
+
+    Only for families whose pipeline and scheduler were checked to work so (family.host_timesteps).
+    """
+    if device.type != "cuda" or not family.host_timesteps:
         return
     scheduler = pipe.scheduler
     set_timesteps = scheduler.set_timesteps
@@ -169,24 +165,24 @@ def keep_timesteps_on_host(pipe: Any, device: torch.device) -> None:
     pipe.transformer.register_forward_pre_hook(timestep_to_device, with_kwargs=True)
 
 
-def enable_cache(pipe: Any, config: SpeedConfig) -> None:
+def enable_cache(pipe: Any, denoisers: Sequence[str], config: SpeedConfig) -> None:
     """Opt-in step caching (changes outputs): reuse transformer work across similar steps."""
     if config.cache == "none":
         return
     from diffusers import FirstBlockCacheConfig, PyramidAttentionBroadcastConfig
 
-    if config.cache == "first_block":
-        pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=config.cache_threshold))
-    elif config.cache == "pyramid":
-        pipe.transformer.enable_cache(
-            PyramidAttentionBroadcastConfig(
+    for name in denoisers:
+        if config.cache == "first_block":
+            cache = FirstBlockCacheConfig(threshold=config.cache_threshold)
+        elif config.cache == "pyramid":
+            cache = PyramidAttentionBroadcastConfig(
                 spatial_attention_block_skip_range=2,
                 spatial_attention_timestep_skip_range=(100, 800),
                 current_timestep_callback=lambda: pipe.current_timestep,
             )
-        )
-    else:
-        raise UserError(f"speed.cache={config.cache!r} must be none, first_block or pyramid.")
+        else:
+            raise UserError(f"speed.cache={config.cache!r} must be none, first_block or pyramid.")
+        getattr(pipe, name).enable_cache(cache)
     log.warning("speed.cache=%s approximates: videos differ from the uncached model's", config.cache)
 
 

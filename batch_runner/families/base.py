@@ -1,0 +1,223 @@
+"""What every model family tells the runner, and the parts most families share.
+
+The runner, the planner and the speed code hold a `Family` and ask it; none of them names a model
+class. A family module (cogvideox.py, wan.py) subclasses `Family`, sets its pipeline class and
+activation terms, and overrides what its pipeline does differently: how a row becomes call
+arguments, which blocks repeat, how its attention kernel is chosen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from batch_runner.config import ModelConfig
+from batch_runner.errors import UserError
+from batch_runner.rules import frame_problem, size_problem
+
+ARCH_DIR = Path(__file__).resolve().parent.parent.parent / "conf" / "arch"
+
+# A component's role decides where the memory plans put it.
+ENCODER, DENOISER, DECODER = "encoder", "denoiser", "decoder"
+
+
+@dataclass(frozen=True)
+class ActivationTerms:
+    """Activation memory of one video, fitted to peaks measured on an H100 (docs/benchmarks.json).
+
+    Denoising: bytes per (token x transformer width x batch element), with the transformer's
+    weights on the GPU ("resident") or streamed block by block ("streamed"). Decoding: bytes per
+    output pixel per 512 channels of the VAE's widest block, over at most `tiled_pixels` pixels at
+    once when the VAE tiles. `guidance_batch`: the batch of one transformer forward under
+    classifier-free guidance (2 where the conditional and unconditional passes share a batch, 1
+    where they run as separate forwards).
+    """
+
+    resident: float
+    streamed: float
+    decode_per_pixel: float
+    tiled_pixels: int
+    guidance_batch: int = 2
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How a video becomes transformer tokens: the VAE's compression and the transformer's patches."""
+
+    spatial: int  # VAE pixels per latent, each side
+    temporal: int  # frames per latent frame (after the first)
+    patch: int  # latent pixels per token, each side
+    patch_t: int  # latent frames per token
+    hidden: int  # transformer width (heads x head dim)
+    text_in_sequence: bool  # text tokens join the video tokens in self-attention (CogVideoX)
+    vae_channels: int  # the VAE's widest block
+
+    def tokens(self, frames: int, height: int, width: int, text_tokens: int) -> int:
+        latent_frames = (frames - 1) // self.temporal + 1
+        grid = (height // (self.spatial * self.patch)) * (width // (self.spatial * self.patch))
+        video = -(-latent_frames // self.patch_t) * grid
+        return video + (text_tokens if self.text_in_sequence else 0)
+
+
+class Family:
+    """One model family: its pipeline, how to build it, its rules, its call and its memory terms."""
+
+    name: ClassVar[str]
+    pipeline_class: ClassVar[type]
+    # Component name -> role, for every component a pipeline of this family may have. A given
+    # checkpoint may lack some (Wan 2.2 has no image encoder); `components` says which it has.
+    roles: ClassVar[dict[str, str]]
+    activations: ClassVar[ActivationTerms]
+    # Schedulers by the name model.scheduler uses; "default" keeps the one saved with the model.
+    schedulers: ClassVar[dict[str, str]] = {}
+    # Whether the scheduler's arithmetic may stay on the host (speed.keep_timesteps_on_host).
+    host_timesteps: ClassVar[bool] = False
+
+    # --- building ---
+
+    def tiny(self, model: ModelConfig) -> Any:
+        """A pipeline of this family at toy scale, built in code: offline, seconds on a CPU."""
+        raise NotImplementedError
+
+    def assemble(self, model: ModelConfig, modules: dict[str, Any], arch: str) -> Any:
+        """The pipeline from random-weight modules built from conf/arch/<arch> (benchmarks)."""
+        raise NotImplementedError
+
+    def components(self, pipe: Any) -> dict[str, str]:
+        """The weight-holding components this pipeline has, with their roles."""
+        return {name: role for name, role in self.roles.items() if getattr(pipe, name, None) is not None}
+
+    def arch_components(self, arch: str) -> dict[str, str]:
+        """The components an architecture folder describes, with their roles."""
+        folder = arch_folder(arch)
+        return {name: role for name, role in self.roles.items() if (folder / f"{name}.json").is_file()}
+
+    def make_scheduler(self, model: ModelConfig, saved: Any) -> Any:
+        """The scheduler the model config asks for, built from the saved scheduler's config."""
+        if model.scheduler == "default":
+            return saved
+        if model.scheduler not in self.schedulers:
+            choices = ", ".join([*self.schedulers, "default"])
+            raise UserError(f"model.scheduler={model.scheduler!r} must be one of {choices} for {model.name}.")
+        cls = getattr(importlib.import_module("diffusers"), self.schedulers[model.scheduler])
+        return cls.from_config(saved.config, **self.scheduler_overrides(model))
+
+    def scheduler_overrides(self, model: ModelConfig) -> dict[str, Any]:
+        return {}
+
+    # --- rows ---
+
+    def takes_last_image(self, model: ModelConfig) -> bool:
+        """Whether a row may give a last frame (the manifest's `last_image` column)."""
+        return False
+
+    def row_problems(self, model: ModelConfig, frames: int, height: int, width: int) -> list[tuple[str, str]]:
+        """(column, reason) for each rule a row breaks, each reason naming the nearest valid value."""
+        problems = []
+        if reason := frame_problem(model, frames):
+            problems.append(("num_frames", reason))
+        if reason := size_problem(model, height, width):
+            problems.append(("height/width", reason))
+        return problems
+
+    def call_arguments(self, model: ModelConfig, job: Any, images: dict[str, Any], embeds: Any) -> dict[str, Any]:
+        """The pipeline's keyword arguments for one row (besides generator, output and callback)."""
+        guided = job.guidance_scale > 1
+        return {
+            "image": images["image"],
+            "prompt_embeds": embeds[job.prompt],
+            "negative_prompt_embeds": embeds[job.negative_prompt] if guided else None,
+            "height": job.height,
+            "width": job.width,
+            "num_frames": job.num_frames,
+            "num_inference_steps": job.num_inference_steps,
+            "guidance_scale": job.guidance_scale,
+            "max_sequence_length": model.max_sequence_length,
+        }
+
+    def encode_prompts(self, pipe: Any, texts: list[str], model: ModelConfig, dtype: torch.dtype) -> list[torch.Tensor]:
+        """One embedding per text, each (1, tokens, dim): cached per text by the replica."""
+        embedded, _ = pipe.encode_prompt(
+            prompt=texts,
+            do_classifier_free_guidance=False,
+            max_sequence_length=model.max_sequence_length,
+            device=pipe._execution_device,
+            dtype=dtype,
+        )
+        return [e.unsqueeze(0) for e in embedded]
+
+    # --- structure, for compile, streaming and the planner ---
+
+    def blocks(self, transformer: torch.nn.Module) -> torch.nn.ModuleList:
+        """The transformer's repeated blocks: compiled once and streamed one at a time."""
+        raise NotImplementedError
+
+    def geometry(self, configs: dict[str, dict]) -> Geometry:
+        """Token geometry from the components' configs (`config_of` of a pipeline or an arch folder)."""
+        raise NotImplementedError
+
+    def prefer_attention(self, transformer: torch.nn.Module, order: list, backend: str) -> None:
+        """Make the transformer's attention use the chosen kernel (`order`: SDPA backends, fastest first;
+        `backend`: the same choice as a diffusers attention-dispatcher name)."""
+        transformer.set_attention_backend(backend)
+
+
+# --- helpers the family modules share -------------------------------------------------------------
+
+
+def arch_folder(arch: str) -> Path:
+    folder = ARCH_DIR / arch
+    if not folder.is_dir():
+        known = ", ".join(sorted(p.name for p in ARCH_DIR.iterdir() if p.is_dir()))
+        raise UserError(f"model.arch={arch!r} has no configs in conf/arch (known: {known}).")
+    return folder
+
+
+def arch_json(arch: str, name: str) -> dict:
+    """A shipped component config, without our `_comment` keys."""
+    data = json.loads((arch_folder(arch) / f"{name}.json").read_text())
+    return {k: v for k, v in data.items() if not k.startswith("_comment")}
+
+
+def module_from_config(config: dict) -> torch.nn.Module:
+    """A diffusers model (`_class_name`) or a transformers model (`architectures`) from its config,
+    built with the current default device and dtype."""
+    if "_class_name" in config:
+        cls = getattr(importlib.import_module("diffusers"), config["_class_name"])
+        return cls.from_config(config)
+    import transformers
+
+    cls = getattr(transformers, config["architectures"][0])
+    settings = {k: v for k, v in config.items() if k not in ("architectures", "model_type")}
+    module = cls(transformers.AutoConfig.for_model(config["model_type"], **settings))
+    return module.eval()
+
+
+def config_of(module: Any) -> dict:
+    """A component's config as a plain dict, for diffusers and transformers models alike."""
+    config = module.config
+    return dict(config) if not hasattr(config, "to_dict") else config.to_dict()
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield

@@ -1,0 +1,58 @@
+"""A tokenizer that needs no download: for the tiny pipelines and the random-weight benchmarks."""
+
+from __future__ import annotations
+
+import string
+
+from transformers import T5TokenizerFast
+
+WORDS = [
+    "a",
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "on",
+    "with",
+    "at",
+    "by",
+    "is",
+    "are",
+    "sea",
+    "sky",
+    "sun",
+    "light",
+    "night",
+    "city",
+    "car",
+    "tree",
+    "water",
+]
+
+
+def tiny_tokenizer(max_length: int = 64) -> T5TokenizerFast:
+    """A T5 tokenizer over characters and a few words: a real `tokenizers` Unigram model, offline.
+
+    Uppercase and lowercase pieces are both in the vocabulary, so nothing depends on a normalizer
+    (which save_pretrained/from_pretrained might not carry over identically). Wan's UMT5 and
+    CogVideoX's T5 both take a T5 tokenizer; its ids stay far below either vocabulary's size.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    chars = string.ascii_letters + string.digits + string.punctuation
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [(c, -3.0) for c in chars] + [(f"▁{w}", -1.0) for w in WORDS]
+    tokenizer = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
+    tokenizer.normalizer = normalizers.NFKC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        extra_ids=0,
+        model_max_length=max_length,
+    )
