@@ -18,10 +18,11 @@ import pandas as pd
 
 from batch_runner.config import ModelConfig
 from batch_runner.errors import UserError
-from batch_runner.rules import frame_problem, size_problem
+from batch_runner.families import family_of
 
 REQUIRED_COLUMNS = ("image", "prompt")
 OVERRIDE_COLUMNS = (
+    "last_image",
     "seed",
     "negative_prompt",
     "num_frames",
@@ -64,6 +65,7 @@ class Job:
     fps: float
     num_inference_steps: int
     guidance_scale: float
+    last_image: str | None = None  # absolute path of the last frame, for models that take one
 
     @property
     def row(self) -> int:
@@ -78,9 +80,12 @@ class Job:
         """
         fields = asdict(self)
         fields.pop("index")
-        image = Path(self.image)
-        stat = image.stat() if image.exists() else None
-        fields["image_stat"] = (stat.st_size, stat.st_mtime_ns) if stat else None
+        for name in ("image", "last_image"):
+            path = Path(getattr(self, name)) if getattr(self, name) else None
+            stat = path.stat() if path and path.exists() else None
+            fields[f"{name}_stat"] = (stat.st_size, stat.st_mtime_ns) if stat else None
+        if self.last_image is None:  # rows without one keep the fingerprint they had before last_image
+            del fields["last_image"], fields["last_image_stat"]
         blob = repr(sorted(fields.items())) + salt
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -252,10 +257,15 @@ def _validate_row(
     guidance = _number(record, "guidance_scale", model.guidance_scale, 0.0, 100.0, problem)
     fps = _number(record, "fps", model.fps, 0.1, 240.0, problem)
 
-    if frames is not None and (reason := frame_problem(model, frames)):
-        problem("num_frames", reason)
-    if height is not None and width is not None and (reason := size_problem(model, height, width)):
-        problem("height/width", reason)
+    if frames is not None and height is not None and width is not None:
+        for column, reason in family_of(model).row_problems(model, frames, height, width):
+            problem(column, reason)
+    last_image = None
+    if not _is_missing(record.get("last_image")) and str(record.get("last_image")).strip():
+        if family_of(model).takes_last_image(model):
+            last_image = _check_image(record.get("last_image"), base_dir, problem, column="last_image")
+        else:
+            problem("last_image", f"{model.name} makes videos from a first frame only; leave last_image empty")
 
     if problems or image_path is None:
         return problems, None
@@ -263,6 +273,7 @@ def _validate_row(
         index=index,
         id=row_id,
         image=str(image_path),
+        last_image=str(last_image) if last_image else None,
         prompt=str(prompt).strip(),
         negative_prompt=negative,
         seed=derive_seed(base_seed, row_id) if seed is None else seed,
@@ -293,22 +304,22 @@ def id_problem(row_id: str) -> str | None:
     return None
 
 
-def _check_image(value: Any, base_dir: Path, problem: Any) -> Path | None:
+def _check_image(value: Any, base_dir: Path, problem: Any, column: str = "image") -> Path | None:
     if _is_missing(value) or not str(value).strip():
-        problem("image", "no image path; give a path relative to the manifest's folder or an absolute one")
+        problem(column, "no image path; give a path relative to the manifest's folder or an absolute one")
         return None
     raw = str(value).strip()
     path = Path(raw).expanduser()
     path = path if path.is_absolute() else base_dir / path
     if path.suffix.lower() not in IMAGE_SUFFIXES:
         problem(
-            "image",
+            column,
             f"{raw!r} is not a supported image type ({', '.join(IMAGE_SUFFIXES)}); convert it to PNG or JPEG",
         )
         return None
     if not path.is_file():
         problem(
-            "image",
+            column,
             f"{raw!r} does not exist (looked for {str(path)!r}); relative paths are read from the manifest's folder",
         )
         return None

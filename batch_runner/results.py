@@ -45,6 +45,7 @@ RESULT_COLUMNS = [
     "prompt",
     "negative_prompt",
     "image",
+    "last_image",
     "memory_plan",
     "params_hash",
     "finished_at",

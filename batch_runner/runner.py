@@ -173,7 +173,7 @@ def _make_videos(
         writes: list[Future] = []
         for chunk in queue:
             jobs = [pending[i] for i in chunk]
-            images = [loader.submit(load_image, j.image, j.height, j.width, cfg.max_image_pixels) for j in jobs]
+            images = [loader.submit(_load_images, j, cfg.max_image_pixels) for j in jobs]
             prompts = replica.encode(jobs)
             for job, image in zip(jobs, images, strict=False):
                 record = _row_record(job, salt, prompts.warnings.get(job.id)) | {"memory_plan": replica.plan}
@@ -188,7 +188,7 @@ def _make_videos(
                     finish(record | {"status": "failed", "error": f"{type(e).__name__}: {e}"[:2000]})
                     continue
                 record |= {"seconds": round(time.perf_counter() - started, 3), "peak_memory_gib": _peak_gib()}
-                writes.append(writer.submit(_publish, out, job, frames, image.result(), record, cfg, finish))
+                writes.append(writer.submit(_publish, out, job, frames, image.result()["image"], record, cfg, finish))
                 while len([w for w in writes if not w.done()]) > MAX_PENDING_WRITES:
                     writes[0].result()
                     writes = [w for w in writes if not w.done()]
@@ -196,6 +196,14 @@ def _make_videos(
                     progress.refresh()
         for w in writes:
             w.result()
+
+
+def _load_images(job: Job, max_pixels: int) -> dict[str, Any]:
+    """The row's first frame and, where it gives one, its last, both at the row's size."""
+    return {
+        "image": load_image(job.image, job.height, job.width, max_pixels),
+        "last_image": load_image(job.last_image, job.height, job.width, max_pixels) if job.last_image else None,
+    }
 
 
 def _make_one(replica: Replica, job: Job, image: Any, prompts: Any, record: dict, on_step: Any) -> Any:
@@ -245,6 +253,7 @@ def _row_record(job: Job, salt: str, warning: str | None) -> dict[str, Any]:
         "prompt": job.prompt,
         "negative_prompt": job.negative_prompt,
         "image": job.image,
+        "last_image": job.last_image,
         "params_hash": job.params_hash(salt),
         "warnings": warning,
         "video_path": None,

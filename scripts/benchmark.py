@@ -39,7 +39,7 @@ from batch_runner import memory  # noqa: E402
 from batch_runner.config import MemoryConfig, ModelConfig, RunConfig, SpeedConfig  # noqa: E402
 from batch_runner.images import load_image  # noqa: E402
 from batch_runner.manifest import Job  # noqa: E402
-from batch_runner.pipeline import build_pipeline, random_pipeline  # noqa: E402
+from batch_runner.pipeline import anatomy, build_pipeline, random_pipeline  # noqa: E402
 from batch_runner.replica import Replica, release_memory  # noqa: E402
 
 GIB = 1024**3
@@ -56,12 +56,48 @@ REFERENCE_NAMES = {
 }
 
 
-def model_config(steps: int = STEPS_PER_VIDEO) -> ModelConfig:
+# The model measured (--model): the first records, which name none, are CogVideoX-5B-I2V's.
+FIRST_MODEL = "cogvideox-5b-i2v"
+MODEL = FIRST_MODEL
+GUIDANCE = 6.0
+
+
+def load_model_config(name: str) -> ModelConfig:
     from omegaconf import OmegaConf
 
-    loaded = OmegaConf.load(ROOT / "conf" / "model" / "cogvideox-5b-i2v.yaml")
-    model = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), loaded))
-    return replace(model, weights="random", num_inference_steps=steps)
+    loaded = OmegaConf.load(ROOT / "conf" / "model" / f"{name}.yaml")
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), loaded))
+
+
+def select_model(name: str) -> None:
+    """Measure `name` at its default row: frames, size, steps and guidance from its config."""
+    global MODEL, FRAMES, HEIGHT, WIDTH, STEPS_PER_VIDEO, GUIDANCE, LATENT_FRAMES, LATENT_HEIGHT, LATENT_WIDTH
+    config = load_model_config(name)
+    MODEL, STEPS_PER_VIDEO, GUIDANCE = name, config.num_inference_steps, config.guidance_scale
+    FRAMES, HEIGHT, WIDTH = config.num_frames, config.height, config.width
+    LATENT_FRAMES, LATENT_HEIGHT, LATENT_WIDTH = (FRAMES - 1) // 4 + 1, HEIGHT // 8, WIDTH // 8
+
+
+def model_config(steps: int | None = None) -> ModelConfig:
+    return replace(load_model_config(MODEL), weights="random", num_inference_steps=steps or STEPS_PER_VIDEO)
+
+
+def bench_job(i: int, steps: int) -> Job:
+    config = model_config()
+    return Job(
+        index=i,
+        id=f"b{i}",
+        image="-",
+        prompt=f"{PROMPT} Variation {i}." if i else PROMPT,
+        negative_prompt=config.negative_prompt,
+        seed=i,
+        num_frames=FRAMES,
+        height=HEIGHT,
+        width=WIDTH,
+        fps=config.fps,
+        num_inference_steps=steps,
+        guidance_scale=GUIDANCE,
+    )
 
 
 def transformer_arch() -> dict:
@@ -101,12 +137,23 @@ def step_tokens(arch: dict) -> int:
 
 
 def transformer_tflop_per_step(batch: int = 2, attention_only: bool = False) -> float:
-    """TFLOP of one denoising step: linear layers 24*N*d^2 and attention 4*N^2*d per layer and sample."""
-    arch = transformer_arch()
-    d = arch["num_attention_heads"] * arch["attention_head_dim"]
-    tokens = step_tokens(arch)
+    """TFLOP of one denoising step: linear layers 24*N*d^2 and attention 4*N^2*d per layer and sample.
+
+    For CogVideoX (text in the sequence) as measured since the first records; for other families
+    the self-attention and its projections and MLP over the video tokens (cross-attention to the
+    text, a few percent, is left out). A two-expert model runs one expert per step.
+    """
+    if MODEL == FIRST_MODEL:
+        arch = transformer_arch()
+        d = arch["num_attention_heads"] * arch["attention_head_dim"]
+        tokens, layers = step_tokens(arch), arch["num_layers"]
+    else:
+        config = model_config()
+        shape = anatomy(config)
+        d, layers = shape.geometry.hidden, shape.blocks
+        tokens = shape.geometry.tokens(FRAMES, HEIGHT, WIDTH, config.max_sequence_length)
     per_layer = 4 * tokens * tokens * d + (0 if attention_only else 24 * tokens * d * d)
-    return per_layer * arch["num_layers"] * batch / 1e12
+    return per_layer * layers * batch / 1e12
 
 
 # --- measuring ----------------------------------------------------------------------------------------
@@ -212,16 +259,18 @@ def reference(name: str, image, steps: int, budget_gib: float | None = None) -> 
         pipe.enable_sequential_cpu_offload()
     release_memory()
 
+    config = model_config()
+    family = anatomy(config).family
+
     def call(n, callback):
+        # The family's own call for a row, with the texts given as text: the recipe encodes them.
+        job = replace(bench_job(0, n))
+        arguments = family.call_arguments(config, job, {"image": image}, {job.prompt: None, job.negative_prompt: None})
+        arguments |= {"prompt_embeds": None, "negative_prompt_embeds": None}
         return pipe(
-            image=image,
-            prompt=PROMPT,
-            num_frames=FRAMES,
-            height=HEIGHT,
-            width=WIDTH,
-            num_inference_steps=n,
-            guidance_scale=6.0,
-            use_dynamic_cfg=True,
+            **arguments,
+            prompt=job.prompt,
+            negative_prompt=job.negative_prompt if GUIDANCE > 1 else None,
             generator=torch.Generator("cuda").manual_seed(0),
             output_type="pt",
             callback_on_step_end=callback,
@@ -254,23 +303,7 @@ def project(label: str, image, steps: int, budget: float | None, chunk: int, **o
     cfg = RunConfig(manifest="-", model=model_config(), memory=mem, speed=speed)
     torch.cuda.set_per_process_memory_fraction(1.0)
     replica = Replica(cfg, torch.device("cuda"))
-    jobs = [
-        Job(
-            index=i,
-            id=f"b{i}",
-            image="-",
-            prompt=f"{PROMPT} Variation {i}.",
-            negative_prompt="",
-            seed=i,
-            num_frames=FRAMES,
-            height=HEIGHT,
-            width=WIDTH,
-            fps=8.0,
-            num_inference_steps=steps,
-            guidance_scale=6.0,
-        )
-        for i in range(chunk)
-    ]
+    jobs = [replace(bench_job(i, steps), prompt=f"{PROMPT} Variation {i}.") for i in range(chunk)]
     replica.encode(jobs)  # warm-up of the text path
     torch.cuda.synchronize()
     replica._cache.clear()
@@ -282,21 +315,9 @@ def project(label: str, image, steps: int, budget: float | None, chunk: int, **o
     def call(n, callback):
         job = replace(jobs[0], num_inference_steps=n)
         generator = torch.Generator("cuda").manual_seed(0)
+        arguments = replica.family.call_arguments(cfg.model, job, {"image": image}, prompts.embeddings)
         with replica_inference(replica):
-            return replica.pipe(
-                image=image,
-                prompt_embeds=prompts.embeddings[job.prompt],
-                negative_prompt_embeds=prompts.embeddings[""],
-                num_frames=FRAMES,
-                height=HEIGHT,
-                width=WIDTH,
-                num_inference_steps=n,
-                guidance_scale=6.0,
-                use_dynamic_cfg=True,
-                generator=generator,
-                output_type="pt",
-                callback_on_step_end=callback,
-            )
+            return replica.pipe(**arguments, generator=generator, output_type="pt", callback_on_step_end=callback)
 
     try:
         result = timed_call(call, steps, budget)
@@ -321,7 +342,7 @@ def project(label: str, image, steps: int, budget: float | None, chunk: int, **o
         "compile": cfg.speed.compile,
         "attention": cfg.speed.attention,
     } | result
-    memory.remove_offloading(replica.pipe)
+    memory.remove_offloading(replica.pipe, replica.roles)
     return record
 
 
@@ -690,9 +711,70 @@ def experiment_records(out: Path, name: str) -> list[dict]:
     return json.loads(path.read_text()) if path.exists() else []
 
 
+def family_section(model: str, rows: list[dict], peak: float | None) -> list[str]:
+    """A model's table and its targets: 1.3x the fastest reference that fits each budget, 24 GiB
+    within 1.1x of the model's own no-budget time, never above a budget."""
+    config = load_model_config(model)
+    ok = [r for r in rows if "error" not in r and r.get("recipe") not in ("probe", "runner-end-to-end")]
+    lines = [
+        "",
+        f"## {model}",
+        "",
+        f"{config.family} family, architecture conf/arch/{config.arch} with random weights, {config.num_frames} frames "
+        f"at {config.width}x{config.height}, {config.num_inference_steps} steps, guidance {config.guidance_scale}; "
+        "steps timed with CUDA events after a warm-up and extrapolated as above. 'none' is the whole card.",
+        "",
+        "| recipe | budget GiB | plan | s/video | s/step | TFLOP/s | % of matmul peak | peak alloc GiB "
+        "| peak reserved GiB | within budget |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in ok:
+        share = f"{100 * r['tflops'] / peak:.0f}%" if peak and r.get("tflops") else ""
+        lines.append(
+            f"| {r['recipe']} | {r.get('budget_gib') or 'none'} | {r.get('plan') or '—'} | {r['seconds_per_video']} | "
+            f"{r['seconds_per_step']} | {r['tflops']} | {share} | {r['peak_allocated_gib']} | {r['peak_reserved_gib']} "
+            f"| {'' if r.get('within_budget') is None else r['within_budget']} |"
+        )
+    refs = [r for r in ok if r.get("recipe", "").startswith("ref-") and not r.get("budget_gib")]
+    ours = {r.get("budget_gib"): r for r in ok if r.get("recipe", "").startswith("batch_runner-")}
+    checks = []
+    for budget, r in ours.items():
+        cap = budget if budget is not None else (r.get("gpu_memory_gib") or 80)
+        fitting = [f for f in refs if f["peak_reserved_gib"] <= cap]
+        if fitting:
+            best = min(fitting, key=lambda f: f["seconds_per_video"])
+            ratio = best["seconds_per_video"] / r["seconds_per_video"]
+            needs = best["seconds_per_video"] / 1.3
+            checks.append(
+                (
+                    f"{budget or 'no'} GiB budget: at least 1.3x faster than {best['recipe']} (fastest that fits)",
+                    ratio >= 1.3,
+                    f"{ratio:.2f}x ({r['seconds_per_video']} s vs {best['seconds_per_video']} s)"
+                    + ("" if ratio >= 1.3 else f"; needs at most {needs:.1f} s"),
+                )
+            )
+        else:
+            checks.append((f"{budget} GiB budget: 1.3x the fastest reference that fits", True, "no reference fits"))
+    if None in ours and 24.0 in ours:
+        ratio = ours[24.0]["seconds_per_video"] / ours[None]["seconds_per_video"]
+        checks.append(("24 GiB within 1.1x of the no-budget time", ratio <= 1.1, f"{ratio:.2f}x"))
+    budgeted = [r for r in ok if r.get("within_budget") is not None]
+    if budgeted:
+        within = sum(bool(r["within_budget"]) for r in budgeted)
+        checks.append(("peak memory never above the budget", within == len(budgeted), f"{within} of {len(budgeted)}"))
+    if checks:
+        lines += ["", f"Targets for {model}:", "", "| target | met | measured |", "|---|---|---|"]
+        lines += [f"| {name} | {'yes' if met else '**no**'} | {measured} |" for name, met, measured in checks]
+    errors = [r for r in rows if "error" in r]
+    lines += [f"- failed: {r['recipe']}: {r['error']}" for r in errors]
+    return lines
+
+
 def write_report(records: list[dict], out: Path, command: str) -> None:
     env = next((r for r in records if r.get("recipe") == "environment"), {})
-    rows = [r for r in records if r.get("recipe") not in ("environment",)]
+    measured = [r for r in records if r.get("recipe") not in ("environment",)]
+    rows = [r for r in measured if r.get("model", FIRST_MODEL) == FIRST_MODEL]
+    others = list(dict.fromkeys(r["model"] for r in measured if r.get("model", FIRST_MODEL) != FIRST_MODEL))
     peak = env.get("measured_bf16_matmul_tflops")
     lines = [
         "# Benchmarks",
@@ -755,11 +837,14 @@ def write_report(records: list[dict], out: Path, command: str) -> None:
     errors = [r for r in rows if "error" in r and r not in capped]
     if errors:
         lines += ["", "## Failed measurements", ""] + [f"- {r['recipe']}: {r['error']}" for r in errors]
+    for model in others:
+        lines += family_section(model, [r for r in measured if r.get("model") == model], peak)
     (out / "benchmarks.md").write_text("\n".join(lines) + "\n")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=FIRST_MODEL, help="a config of conf/model, measured at its default row")
     parser.add_argument("--parts", default="refs,plans,approx,e2e")
     parser.add_argument("--steps", type=int, default=3, help="denoising steps timed per measurement")
     parser.add_argument("--budgets", default="none,24,16,12,8")
@@ -778,6 +863,7 @@ def main() -> None:
     parser.add_argument("--append", action="store_true", help="add to an existing benchmarks.json")
     parser.add_argument("--report", action="store_true", help="only rewrite benchmarks.md from the json")
     args = parser.parse_args()
+    select_model(args.model)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "benchmarks.json"
     records = json.loads(path.read_text()) if (args.append or args.report) and path.exists() else []
@@ -795,7 +881,7 @@ def main() -> None:
         overrides[key] = {"true": True, "false": False}.get(value.lower(), int(value) if value.isdigit() else value)
 
     def save(record: dict) -> None:
-        record = {"gpu": env["gpu"], "command": command} | record
+        record = {"gpu": env["gpu"], "command": command, "model": MODEL} | record
         records.append(record)
         path.write_text(json.dumps(records, indent=2))
         print(

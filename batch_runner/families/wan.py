@@ -1,0 +1,225 @@
+"""Wan 2.1 and 2.2 image-to-video (Wan-AI), as diffusers ships them in `WanImageToVideoPipeline`.
+
+One pipeline class, three shapes of checkpoint:
+* Wan 2.1 I2V 14B (480p, 720p): a CLIP image encoder conditions every block;
+* Wan 2.2 TI2V 5B: a 48-channel VAE that compresses 16x16 pixels, `expand_timesteps` (the first
+  latent frame is the image, timestep 0), no image encoder;
+* Wan 2.2 I2V A14B: two experts, `transformer` for high noise and `transformer_2` for low noise,
+  switched at `boundary_ratio` of the schedule; no image encoder.
+
+Its attention goes through diffusers' attention dispatcher, so the kernel is chosen with
+`set_attention_backend`. Text reaches the video tokens by cross-attention only, so text tokens do
+not lengthen the self-attention sequence.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from diffusers import (
+    AutoencoderKLWan,
+    UniPCMultistepScheduler,
+    WanImageToVideoPipeline,
+    WanTransformer3DModel,
+)
+from transformers import (
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+    UMT5Config,
+    UMT5EncoderModel,
+)
+
+from batch_runner.config import ModelConfig
+from batch_runner.families.base import (
+    DECODER,
+    DENOISER,
+    ENCODER,
+    ActivationTerms,
+    Family,
+    Geometry,
+    arch_folder,
+    arch_json,
+    seeded,
+)
+from batch_runner.families.tokenizer import tiny_tokenizer
+
+TINY_TEXT_DIM = 32
+TINY_HEADS, TINY_HEAD_DIM = 2, 12
+
+
+class Wan(Family):
+    name = "wan"
+    pipeline_class = WanImageToVideoPipeline
+    roles: ClassVar[dict[str, str]] = {
+        "text_encoder": ENCODER,
+        "image_encoder": ENCODER,
+        "transformer": DENOISER,
+        "transformer_2": DENOISER,
+        "vae": DECODER,
+    }
+    # Fitted to Wan2.1-I2V-14B at 81x480x832 on an H100 (docs/benchmarks.json): 2.4 GiB allocated
+    # above the weights with the transformer resident (15.5 bytes per unit; 16 here). The
+    # conditional and unconditional passes are separate forwards of batch 1.
+    activations = ActivationTerms(
+        resident=16.0, streamed=16.0, decode_per_pixel=2900.0, tiled_pixels=256 * 256 * 2, guidance_batch=1
+    )
+    schedulers: ClassVar[dict[str, str]] = {
+        "unipc": "UniPCMultistepScheduler",
+        "euler": "FlowMatchEulerDiscreteScheduler",
+    }
+
+    def scheduler_overrides(self, model: ModelConfig) -> dict[str, Any]:
+        if model.flow_shift is None:
+            return {}
+        return {"flow_shift": model.flow_shift} if model.scheduler == "unipc" else {"shift": model.flow_shift}
+
+    def takes_last_image(self, model: ModelConfig) -> bool:
+        # With expand_timesteps (TI2V 5B) the pipeline conditions on the first frame only and
+        # would silently drop a last frame.
+        return not model.expand_timesteps
+
+    # --- building ---
+
+    def tiny(self, model: ModelConfig) -> WanImageToVideoPipeline:
+        """Wan at toy scale, in the shape the config names: 2.1 with a CLIP image encoder, 2.2 TI2V
+        (`expand_timesteps`, 48-channel VAE) or 2.2 A14B (two experts, `boundary_ratio`)."""
+        tokenizer = tiny_tokenizer()
+        ti2v = model.expand_timesteps
+        two_experts = model.boundary_ratio is not None
+        with seeded(0):
+            text_encoder = UMT5EncoderModel(
+                UMT5Config(
+                    vocab_size=tokenizer.vocab_size,
+                    d_model=TINY_TEXT_DIM,
+                    d_kv=8,
+                    d_ff=64,
+                    num_layers=2,
+                    num_heads=4,
+                    relative_attention_num_buckets=8,
+                    feed_forward_proj="gated-gelu",
+                    dropout_rate=0.0,
+                )
+            ).eval()
+            if ti2v:
+                vae = AutoencoderKLWan(
+                    base_dim=3,
+                    z_dim=48,
+                    in_channels=12,
+                    out_channels=12,
+                    is_residual=True,
+                    patch_size=2,
+                    latents_mean=[0.0] * 48,
+                    latents_std=[1.0] * 48,
+                    dim_mult=[1, 1, 1, 1],
+                    num_res_blocks=1,
+                    scale_factor_spatial=16,
+                    scale_factor_temporal=4,
+                    temperal_downsample=[False, True, True],
+                )
+            else:
+                vae = AutoencoderKLWan(
+                    base_dim=3,
+                    z_dim=16,
+                    dim_mult=[1, 1, 1, 1],
+                    num_res_blocks=1,
+                    temperal_downsample=[False, True, True],
+                )
+            clip = not ti2v and not two_experts
+            transformers = [self._tiny_transformer(ti2v, clip) for _ in range(2 if two_experts else 1)]
+            image_encoder = (
+                CLIPVisionModelWithProjection(
+                    CLIPVisionConfig(
+                        hidden_size=4,
+                        projection_dim=4,
+                        num_hidden_layers=2,
+                        num_attention_heads=2,
+                        image_size=32,
+                        intermediate_size=16,
+                        patch_size=1,
+                    )
+                ).eval()
+                if clip
+                else None
+            )
+        return WanImageToVideoPipeline(
+            tokenizer=tokenizer,
+            text_encoder=text_encoder,
+            vae=vae,
+            scheduler=self._scheduler(model.flow_shift or 3.0),
+            image_processor=CLIPImageProcessor(crop_size=32, size=32) if clip else None,
+            image_encoder=image_encoder,
+            transformer=transformers[0],
+            transformer_2=transformers[1] if two_experts else None,
+            boundary_ratio=model.boundary_ratio,
+            expand_timesteps=ti2v,
+        )
+
+    @staticmethod
+    def _tiny_transformer(ti2v: bool, clip: bool) -> WanTransformer3DModel:
+        return WanTransformer3DModel(
+            patch_size=(1, 2, 2),
+            num_attention_heads=TINY_HEADS,
+            attention_head_dim=TINY_HEAD_DIM,
+            in_channels=48 if ti2v else 36,
+            out_channels=48 if ti2v else 16,
+            text_dim=TINY_TEXT_DIM,
+            freq_dim=256,
+            ffn_dim=32,
+            num_layers=2,
+            cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
+            rope_max_seq_len=32,
+            image_dim=4 if clip else None,
+            added_kv_proj_dim=TINY_HEADS * TINY_HEAD_DIM if clip else None,
+        )
+
+    @staticmethod
+    def _scheduler(flow_shift: float) -> UniPCMultistepScheduler:
+        return UniPCMultistepScheduler(
+            prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=flow_shift
+        )
+
+    def assemble(self, model: ModelConfig, modules: dict[str, Any], arch: str) -> WanImageToVideoPipeline:
+        flags = arch_json(arch, "pipeline") if (arch_folder(arch) / "pipeline.json").is_file() else {}
+        processor = CLIPImageProcessor(crop_size=224, size=224) if "image_encoder" in modules else None
+        return WanImageToVideoPipeline(
+            tokenizer=tiny_tokenizer(model.max_sequence_length),
+            scheduler=UniPCMultistepScheduler.from_config(arch_json(arch, "scheduler")),
+            image_processor=processor,
+            boundary_ratio=flags.get("boundary_ratio"),
+            expand_timesteps=flags.get("expand_timesteps", False),
+            **{"image_encoder": None, "transformer_2": None, **modules},
+        )
+
+    # --- rows ---
+
+    def call_arguments(self, model: ModelConfig, job: Any, images: dict[str, Any], embeds: Any) -> dict[str, Any]:
+        arguments = super().call_arguments(model, job, images, embeds)
+        if images.get("last_image") is not None:
+            arguments["last_image"] = images["last_image"]
+        if model.guidance_scale_2 is not None:
+            arguments["guidance_scale_2"] = model.guidance_scale_2
+        return arguments
+
+    # --- structure ---
+
+    def blocks(self, transformer: torch.nn.Module) -> torch.nn.ModuleList:
+        return transformer.blocks
+
+    def geometry(self, configs: dict[str, dict]) -> Geometry:
+        t, vae = configs["transformer"], configs["vae"]
+        patch_t, patch, _ = t["patch_size"]
+        return Geometry(
+            spatial=vae.get("scale_factor_spatial") or 8,
+            temporal=vae.get("scale_factor_temporal") or 4,
+            patch=patch,
+            patch_t=patch_t,
+            hidden=t["num_attention_heads"] * t["attention_head_dim"],
+            text_in_sequence=False,
+            vae_channels=(vae.get("decoder_base_dim") or vae["base_dim"]) * max(vae["dim_mult"]),
+        )
+
+
+FAMILY = Wan()
