@@ -90,3 +90,134 @@ def test_two_launches_acting_as_two_hosts_make_every_row_once(tmp_path: Path) ->
     assert sorted(table["id"]) == sorted(r["id"] for r in rows) and table["id"].is_unique
     assert (table["status"] == "ok").all(), table[["id", "status", "error"]]
     assert sorted(p.name for p in (out / "videos").glob("*.mp4")) == sorted(f"{r['id']}.mp4" for r in rows)
+
+
+# --- the SLURM script -------------------------------------------------------------------------------
+
+SBATCH = ROOT / "scripts" / "slurm" / "run.sbatch"
+
+
+def fake_tools(folder: Path) -> Path:
+    """`srun` that runs its command once per node of the fake allocation (as SLURM does with
+    --ntasks-per-node=1: SLURM_NODEID set per task), `scontrol show hostnames` for gpu[07-08], and
+    an `accelerate` that prints which node called it with which arguments instead of launching."""
+    folder.mkdir(parents=True)
+    tools = {
+        "srun": f"""#!{sys.executable}
+import json, os, subprocess, sys
+options = [a for a in sys.argv[1:] if a.startswith("-")]
+command = sys.argv[1 + len(options):]
+print(json.dumps({{"srun": options}}), flush=True)
+codes = [subprocess.call(command, env=os.environ | {{"SLURM_NODEID": str(node), "SLURM_PROCID": str(node)}})
+         for node in range(int(os.environ["SLURM_NNODES"]))]
+sys.exit(max(codes))
+""",
+        "scontrol": f"""#!{sys.executable}
+import sys
+assert sys.argv[1:] == ["show", "hostnames", "gpu[07-08]"], sys.argv
+print("gpu07")
+print("gpu08")
+""",
+        "accelerate": f"""#!{sys.executable}
+import json, os, sys
+print(json.dumps({{"node": os.environ["SLURM_NODEID"], "cwd": os.getcwd(), "argv": sys.argv[1:]}}), flush=True)
+""",
+    }
+    for name, text in tools.items():
+        (folder / name).write_text(text)
+        (folder / name).chmod(0o755)
+    return folder
+
+
+def run_sbatch(tmp_path: Path, *overrides: str, **env: str) -> subprocess.CompletedProcess:
+    """The script as sbatch runs it on a fake two-node allocation of job 1234, from `submitted`."""
+    bin_dir = fake_tools(tmp_path / "bin")
+    submitted = tmp_path / "submitted"
+    submitted.mkdir(exist_ok=True)
+    slurm = {
+        "PATH": f"{bin_dir}:/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "SLURM_JOB_ID": "1234",
+        "SLURM_NNODES": "2",
+        "SLURM_JOB_NODELIST": "gpu[07-08]",
+        "SLURM_SUBMIT_DIR": str(ROOT),
+        "SLURM_GPUS_ON_NODE": "8",
+    }
+    return subprocess.run(
+        ["bash", str(SBATCH), *overrides],
+        cwd=submitted,
+        env={k: v for k, v in (slurm | env).items() if v is not None},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def launched(proc: subprocess.CompletedProcess) -> tuple[list[str], dict[str, list[str]]]:
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    return lines[0]["srun"], {line["node"]: line["argv"] for line in lines[1:]}
+
+
+def expected(rank: int, *overrides: str, device: tuple[str, ...] = ("--multi_gpu",), total: int = 16) -> list[str]:
+    return [
+        "launch",
+        *device,
+        *("--num_machines", "2", "--machine_rank", str(rank)),
+        *("--main_process_ip", "gpu07", "--main_process_port", "11234"),  # 10000 + 1234 % 20000
+        *("--num_processes", str(total), "--mixed_precision", "no", "--dynamo_backend", "no"),
+        str(ROOT / "run.py"),
+        *overrides,
+    ]
+
+
+OVERRIDES = ("manifest=jobs.csv", "output_dir=/shared/out", "model.path=/models/My Model", "ids=[a,b]")
+
+
+def test_sbatch_runs_one_accelerate_launch_per_node_with_its_rank(tmp_path: Path) -> None:
+    proc = run_sbatch(tmp_path, *OVERRIDES)
+    srun, commands = launched(proc)
+    # Every node runs from the folder the job was submitted from, so relative paths mean the same.
+    assert {json.loads(line).get("cwd") for line in proc.stdout.splitlines()[1:]} == {str(tmp_path / "submitted")}
+    assert "--machine_rank 1 " in proc.stderr and "model.path=/models/My\\ Model" in proc.stderr  # logged, quoted
+    assert srun == ["--nodes=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
+    assert commands == {"0": expected(0, *OVERRIDES), "1": expected(1, *OVERRIDES)}
+
+
+def test_sbatch_reads_gpus_from_the_allocation_and_takes_overrides(tmp_path: Path) -> None:
+    # `--gpus-per-node h100:4` without SLURM_GPUS_ON_NODE; a port and main address given by the user.
+    proc = run_sbatch(
+        tmp_path, "manifest=j.csv", SLURM_GPUS_ON_NODE=None, SLURM_GPUS_PER_NODE="h100:4", MASTER_PORT="29999"
+    )
+    _, commands = launched(proc)
+    want = [a.replace("11234", "29999") for a in expected(1, "manifest=j.csv", total=8)]
+    assert commands["1"] == want
+    # Only CUDA_VISIBLE_DEVICES (and a main address the user chose)
+    proc = run_sbatch(
+        tmp_path / "b",
+        "manifest=j.csv",
+        SLURM_GPUS_ON_NODE=None,
+        CUDA_VISIBLE_DEVICES="0,1",
+        MAIN_PROCESS_IP="10.0.0.7",
+    )
+    _, commands = launched(proc)
+    assert commands["0"] == [a.replace("gpu07", "10.0.0.7") for a in expected(0, "manifest=j.csv", total=4)]
+
+
+def test_sbatch_on_nodes_without_gpus_launches_on_the_cpu(tmp_path: Path) -> None:
+    _, commands = launched(run_sbatch(tmp_path, "manifest=j.csv", SLURM_GPUS_ON_NODE="0"))
+    assert commands["1"] == expected(1, "manifest=j.csv", device=("--cpu",), total=2)
+    _, commands = launched(run_sbatch(tmp_path / "b", "manifest=j.csv", SLURM_GPUS_ON_NODE="0", PROCESSES_PER_NODE="3"))
+    assert commands["0"] == expected(0, "manifest=j.csv", device=("--cpu",), total=6)
+
+
+def test_sbatch_outside_a_checkout_or_an_allocation_says_what_to_set(tmp_path: Path) -> None:
+    proc = run_sbatch(tmp_path, "manifest=j.csv", SLURM_SUBMIT_DIR=str(tmp_path))
+    assert proc.returncode == 2 and "BATCH_RUNNER_DIR" in proc.stderr and proc.stdout == ""
+    node = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "slurm" / "launch_node.sh"), "manifest=j.csv"],
+        env={"PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+    )
+    assert node.returncode == 2 and node.stderr.startswith("error: SLURM_NNODES is not set")
