@@ -45,20 +45,42 @@ def two_host_launch(machine_rank: int, port: int) -> list[str]:
     ]
 
 
-@pytest.mark.slow
-def test_two_launches_acting_as_two_hosts_make_every_row_once(tmp_path: Path) -> None:
+def four_rows(tmp_path: Path) -> tuple[Path, list[dict]]:
     rows = [
         {"id": f"r{i}", "image": str(photo(tmp_path / "in" / f"{i}.png", seed=i)), "prompt": f"a boat number {i}"}
         for i in range(4)
     ]
-    manifest = write_manifest(tmp_path / "jobs.csv", rows)
+    return write_manifest(tmp_path / "jobs.csv", rows), rows
+
+
+FAST = ["model=tiny", "model.num_inference_steps=2", "chunk_size=1"]
+
+
+def assert_one_run_made_every_row_once(out: Path, rows: list[dict]) -> None:
+    made = [
+        json.loads(line)
+        for part in sorted((out / "parts").glob("*.jsonl"))
+        for line in part.read_text().splitlines()
+        if line.strip()
+    ]
+    assert sorted(r["id"] for r in made) == sorted(r["id"] for r in rows), "every row made exactly once"
+    assert {r["rank"] for r in made} <= {0, 1}
+    assert len({part.name.split(".")[0] for part in (out / "parts").glob("*.jsonl")}) == 1, "one run, not two"
+    table = pd.read_parquet(out / "results.parquet")
+    assert sorted(table["id"]) == sorted(r["id"] for r in rows) and table["id"].is_unique
+    assert (table["status"] == "ok").all(), table[["id", "status", "error"]]
+    assert sorted(p.name for p in (out / "videos").glob("*.mp4")) == sorted(f"{r['id']}.mp4" for r in rows)
+
+
+@pytest.mark.slow
+def test_two_launches_acting_as_two_hosts_make_every_row_once(tmp_path: Path) -> None:
+    manifest, rows = four_rows(tmp_path)
     out = tmp_path / "out"
-    args = [f"manifest={manifest}", "model=tiny", f"output_dir={out}", "model.num_inference_steps=2", "chunk_size=1"]
     port = free_port()
     logs = [(tmp_path / f"host{r}.log").open("w") for r in (0, 1)]
     hosts = [
         subprocess.Popen(
-            [*two_host_launch(r, port), str(ROOT / "run.py"), *args],
+            [*two_host_launch(r, port), str(ROOT / "run.py"), f"manifest={manifest}", f"output_dir={out}", *FAST],
             cwd=tmp_path,
             stdout=logs[r],
             stderr=subprocess.STDOUT,
@@ -77,19 +99,7 @@ def test_two_launches_acting_as_two_hosts_make_every_row_once(tmp_path: Path) ->
     assert codes == [0, 0], "\n\n".join(t[-4000:] for t in text)
     # One process group of two: host 1's process is rank 1 of 2, not a second run of its own.
     assert "[rank 1/2]" in text[1] and "[rank 0/2]" in text[0]
-
-    made = [
-        json.loads(line)
-        for part in sorted((out / "parts").glob("*.jsonl"))
-        for line in part.read_text().splitlines()
-        if line.strip()
-    ]
-    assert sorted(r["id"] for r in made) == sorted(r["id"] for r in rows), "every row made exactly once"
-    assert len({part.name.split(".")[0] for part in (out / "parts").glob("*.jsonl")}) == 1, "one run, not two"
-    table = pd.read_parquet(out / "results.parquet")
-    assert sorted(table["id"]) == sorted(r["id"] for r in rows) and table["id"].is_unique
-    assert (table["status"] == "ok").all(), table[["id", "status", "error"]]
-    assert sorted(p.name for p in (out / "videos").glob("*.mp4")) == sorted(f"{r['id']}.mp4" for r in rows)
+    assert_one_run_made_every_row_once(out, rows)
 
 
 # --- the SLURM script -------------------------------------------------------------------------------
@@ -97,7 +107,7 @@ def test_two_launches_acting_as_two_hosts_make_every_row_once(tmp_path: Path) ->
 SBATCH = ROOT / "scripts" / "slurm" / "run.sbatch"
 
 
-def fake_tools(folder: Path) -> Path:
+def fake_tools(folder: Path, accelerate: bool = True) -> Path:
     """`srun` that runs its command once per node of the fake allocation (as SLURM does with
     --ntasks-per-node=1: SLURM_NODEID set per task), `scontrol show hostnames` for gpu[07-08], and
     an `accelerate` that prints which node called it with which arguments instead of launching."""
@@ -108,9 +118,9 @@ import json, os, subprocess, sys
 options = [a for a in sys.argv[1:] if a.startswith("-")]
 command = sys.argv[1 + len(options):]
 print(json.dumps({{"srun": options}}), flush=True)
-codes = [subprocess.call(command, env=os.environ | {{"SLURM_NODEID": str(node), "SLURM_PROCID": str(node)}})
+tasks = [subprocess.Popen(command, env=os.environ | {{"SLURM_NODEID": str(node), "SLURM_PROCID": str(node)}})
          for node in range(int(os.environ["SLURM_NNODES"]))]
-sys.exit(max(codes))
+sys.exit(max(task.wait() for task in tasks))
 """,
         "scontrol": f"""#!{sys.executable}
 import sys
@@ -123,15 +133,19 @@ import json, os, sys
 print(json.dumps({{"node": os.environ["SLURM_NODEID"], "cwd": os.getcwd(), "argv": sys.argv[1:]}}), flush=True)
 """,
     }
+    if not accelerate:
+        del tools["accelerate"]
     for name, text in tools.items():
         (folder / name).write_text(text)
         (folder / name).chmod(0o755)
     return folder
 
 
-def run_sbatch(tmp_path: Path, *overrides: str, **env: str) -> subprocess.CompletedProcess:
+def run_sbatch(
+    tmp_path: Path, *overrides: str, fake_accelerate: bool = True, timeout: int = 60, **env: str
+) -> subprocess.CompletedProcess:
     """The script as sbatch runs it on a fake two-node allocation of job 1234, from `submitted`."""
-    bin_dir = fake_tools(tmp_path / "bin")
+    bin_dir = fake_tools(tmp_path / "bin", accelerate=fake_accelerate)
     submitted = tmp_path / "submitted"
     submitted.mkdir(exist_ok=True)
     slurm = {
@@ -149,7 +163,7 @@ def run_sbatch(tmp_path: Path, *overrides: str, **env: str) -> subprocess.Comple
         env={k: v for k, v in (slurm | env).items() if v is not None},
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=timeout,
     )
 
 
@@ -221,3 +235,25 @@ def test_sbatch_outside_a_checkout_or_an_allocation_says_what_to_set(tmp_path: P
         text=True,
     )
     assert node.returncode == 2 and node.stderr.startswith("error: SLURM_NNODES is not set")
+
+
+@pytest.mark.slow
+def test_the_sbatch_script_on_two_cpu_nodes_makes_every_row_once(tmp_path: Path) -> None:
+    """The commands the script builds, really run: both "nodes" on this machine, without GPUs."""
+    manifest, rows = four_rows(tmp_path)
+    proc = run_sbatch(
+        tmp_path,
+        f"manifest=../{manifest.name}",  # relative to the folder the job was submitted from
+        "output_dir=out",
+        *FAST,
+        fake_accelerate=False,
+        timeout=300,
+        ACCELERATE=f"{sys.executable} -m accelerate.commands.accelerate_cli",
+        SLURM_GPUS_ON_NODE="0",
+        MAIN_PROCESS_IP="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+        OMP_NUM_THREADS="1",  # two "nodes" on one machine share its cores
+    )
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert "[rank 1/2]" in proc.stderr
+    assert_one_run_made_every_row_once(tmp_path / "submitted" / "out", rows)
