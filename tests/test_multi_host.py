@@ -225,6 +225,12 @@ def test_sbatch_on_nodes_without_gpus_launches_on_the_cpu(tmp_path: Path) -> Non
     assert commands["0"] == expected(0, "manifest=j.csv", device=("--cpu",), total=6)
 
 
+def test_sbatch_with_one_gpu_in_all_leaves_out_multi_gpu_which_refuses_one_process(tmp_path: Path) -> None:
+    _, commands = launched(run_sbatch(tmp_path, "manifest=j.csv", SLURM_NNODES="1", SLURM_GPUS_ON_NODE="1"))
+    want = expected(0, "manifest=j.csv", device=(), total=1)
+    assert commands == {"0": [a if a != "2" else "1" for a in want]}  # --num_machines 1
+
+
 def test_sbatch_outside_a_checkout_or_an_allocation_says_what_to_set(tmp_path: Path) -> None:
     proc = run_sbatch(tmp_path, "manifest=j.csv", SLURM_SUBMIT_DIR=str(tmp_path))
     assert proc.returncode == 2 and "BATCH_RUNNER_DIR" in proc.stderr and proc.stdout == ""

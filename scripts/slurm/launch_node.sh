@@ -60,7 +60,7 @@ main_ip="${MAIN_PROCESS_IP:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | he
 port="${MASTER_PORT:-$((10000 + ${SLURM_JOB_ID:-19500} % 20000))}"
 
 command=(
-    ${ACCELERATE:-accelerate} launch "${device[@]}"
+    ${ACCELERATE:-accelerate} launch ${device[@]+"${device[@]}"} # (bash < 4.4 calls an empty "${a[@]}" unbound)
     --num_machines "$SLURM_NNODES"
     --machine_rank "$SLURM_NODEID"
     --main_process_ip "$main_ip"
