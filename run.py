@@ -7,7 +7,7 @@ from omegaconf import DictConfig
 
 from batch_runner.cli import main as run_main
 from batch_runner.config import register_configs
-from batch_runner.launch import requested_cpu_processes, respawn_with_torchrun
+from batch_runner.launch import requested_cpu_launch, respawn_with_torchrun
 
 register_configs()
 
@@ -18,5 +18,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    processes = requested_cpu_processes()
-    sys.exit(respawn_with_torchrun(processes)) if processes > 1 else main()
+    launch = requested_cpu_launch()
+    sys.exit(respawn_with_torchrun(launch)) if launch.needs_respawn else main()

@@ -98,6 +98,9 @@ class SpeedConfig:
     cache_threshold: float = 0.05
     # Images decoded ahead of the GPU by a background thread.
     prefetch: int = 2
+    # Where torch.compile's caches live, reused by a host's processes and by later runs.
+    # null: $TORCHINDUCTOR_CACHE_DIR if set, else ~/.cache/batch_runner/inductor (batch_runner/compile_cache.py).
+    compile_cache_dir: str | None = None
 
 
 @dataclass

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from batch_runner import dataset, memory, report
+from batch_runner import compile_cache, dataset, memory, report
 from batch_runner.cluster import Cluster, join_cluster
 from batch_runner.config import RunConfig
 from batch_runner.errors import UserError
@@ -47,6 +47,7 @@ def output_dir_of(cfg: RunConfig) -> Path:
 
 def run(cfg: RunConfig) -> int:
     """Run this process's part; returns the exit status."""
+    compile_cache.configure(cfg.speed.compile_cache_dir)  # before anything can compile
     cluster = join_cluster(cpu=not torch.cuda.is_available())
     try:
         return _run(cfg, cluster)

@@ -1,0 +1,100 @@
+"""torch.compile's caches in a folder that outlives the run, set before anything compiles."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+import torch._functorch.config as functorch_config
+import torch._inductor.config as inductor_config
+
+from batch_runner import compile_cache, runner
+from tests.conftest import ROOT, photo, run_config, write_manifest
+
+ENV = "TORCHINDUCTOR_CACHE_DIR"
+
+
+@pytest.fixture(autouse=True)
+def clean(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Each test starts without the variable and with the caches off, and leaves both as found."""
+    monkeypatch.delenv(ENV, raising=False)
+    with inductor_config.patch(fx_graph_cache=False), functorch_config.patch(enable_autograd_cache=False):
+        yield
+
+
+def test_a_configured_folder_is_used_expanded_and_absolute(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert compile_cache.configure("~/compiled") == tmp_path / "home" / "compiled"
+    assert os.environ[ENV] == str(tmp_path / "home" / "compiled")
+    monkeypatch.chdir(tmp_path)
+    compile_cache.configure("rel/cache")
+    assert os.environ[ENV] == str(tmp_path / "rel" / "cache")
+    assert inductor_config.fx_graph_cache and functorch_config.enable_autograd_cache
+    assert not (tmp_path / "rel").exists()  # inductor makes it when it first writes
+
+
+def test_default_is_per_user_and_kept_but_an_exported_variable_wins(tmp_path, monkeypatch):
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert compile_cache.configure(None) == tmp_path / ".cache" / "batch_runner" / "inductor"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv(ENV)
+    assert compile_cache.configure(None) == tmp_path / "xdg" / "batch_runner" / "inductor"
+    monkeypatch.setenv(ENV, str(tmp_path / "scratch"))
+    assert compile_cache.configure(None) == tmp_path / "scratch"
+    assert compile_cache.configure(str(tmp_path / "mine")) == tmp_path / "mine"  # the setting beats the variable
+
+
+def test_the_run_sets_the_cache_before_the_replica_is_built(tmp_path, monkeypatch):
+    manifest = write_manifest(tmp_path / "jobs.csv", [{"image": str(photo(tmp_path / "a.png")), "prompt": "sea"}])
+    cfg = run_config(
+        f"manifest={manifest}", "model=tiny", f"output_dir={tmp_path / 'out'}", f"speed.compile_cache_dir={tmp_path}/cc"
+    )
+    seen: dict[str, object] = {}
+
+    class Stop(Exception):
+        pass
+
+    def replica(*args, **kwargs):
+        seen["env"] = os.environ.get(ENV)
+        seen["fx_graph_cache"] = inductor_config.fx_graph_cache
+        raise Stop
+
+    monkeypatch.setattr(runner, "Replica", replica)
+    with pytest.raises(Stop):
+        runner.run(cfg)
+    assert seen == {"env": str(tmp_path / "cc"), "fx_graph_cache": True}
+
+
+COMPILE_ONCE = """
+import sys
+import torch
+from torch._dynamo.utils import counters
+from batch_runner import compile_cache
+
+compile_cache.configure(sys.argv[1])
+f = torch.compile(lambda x: torch.sin(x) * 2 + x.cos(), dynamic=False)
+f(torch.randn(8, 8))
+print(counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"])
+"""
+
+
+@pytest.mark.slow
+def test_a_second_process_loads_what_the_first_compiled(tmp_path):
+    cache = tmp_path / "cache"
+    env = {k: v for k, v in os.environ.items() if k != ENV} | {"PYTHONPATH": str(ROOT)}
+
+    def compile_in_a_new_process() -> tuple[int, int]:
+        proc = subprocess.run(
+            [sys.executable, "-c", COMPILE_ONCE, str(cache)], capture_output=True, text=True, env=env, timeout=300
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        hit, miss = proc.stdout.split()
+        return int(hit), int(miss)
+
+    assert compile_in_a_new_process() == (0, 1)
+    assert (cache / "fxgraph").is_dir()
+    assert compile_in_a_new_process() == (1, 0)
