@@ -98,8 +98,24 @@ def fuse_qkv(transformer: torch.nn.Module) -> int:
             continue
         for name in _replaced_projections(module):
             dropped += sum(p.numel() * p.element_size() for p in getattr(module, name).parameters())
-            setattr(module, name, None)
+            setattr(module, name, DroppedProjection(name))
     return dropped
+
+
+class DroppedProjection(torch.nn.Module):
+    """Stands where a projection was before fusion: it holds no weights and refuses to be called.
+
+    Not None, because processors test for a projection's presence to decide what their inputs are
+    (Wan's `attn.add_k_proj is not None` says that image tokens lead the context): a None there
+    would silently drop Wan 2.1's image conditioning.
+    """
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        raise RuntimeError(f"{self.name} was fused into another projection and dropped; it cannot run")
 
 
 def _replaced_projections(attention: torch.nn.Module) -> list[str]:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from batch_runner import memory
 from batch_runner.families import FAMILY_MODULES, family_named
@@ -301,3 +302,30 @@ def test_dry_run_plans_each_full_size_wan_model_with_no_weights(tmp_path, manife
     ok(proc)
     assert "memory plan: " in proc.stdout and "no model loaded" in proc.stdout
     assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.parametrize("name", ["tiny-wan", "tiny-wan22-ti2v"])
+def test_fused_projections_leave_a_wan_video_unchanged(tmp_path, name):
+    """Fusing drops the separate projections, Wan 2.1's image-token ones included, without
+    changing what the pipeline makes (a None there would make Wan read image tokens as text)."""
+    from batch_runner import speed
+
+    from .conftest import tiny_job
+
+    cfg = run_config("manifest=x", f"model={name}")
+    job, images = tiny_job(tmp_path, steps=2)
+    job = replace(job, height=cfg.model.height, width=cfg.model.width)
+    images = {"image": images["image"].resize((job.width, job.height)), "last_image": None}
+    made = []
+    for fuse in (False, True):
+        pipe = build_pipeline(cfg.model)
+        if fuse:
+            assert speed.fuse_qkv(pipe.transformer) > 0
+        family = anatomy(cfg.model).family
+        texts = [job.prompt, job.negative_prompt]
+        embeds = dict(zip(texts, family.encode_prompts(pipe, texts, cfg.model, torch.float32), strict=True))
+        arguments = family.call_arguments(cfg.model, job, images, embeds)
+        with torch.no_grad():
+            video = pipe(**arguments, generator=torch.Generator().manual_seed(1), output_type="pt").frames[0]
+        made.append(video)
+    torch.testing.assert_close(made[1], made[0], rtol=1e-4, atol=1e-4)

@@ -118,12 +118,17 @@ class Family:
         """Whether a row may give a last frame (the manifest's `last_image` column)."""
         return False
 
-    def row_problems(self, model: ModelConfig, frames: int, height: int, width: int) -> list[tuple[str, str]]:
-        """(column, reason) for each rule a row breaks, each reason naming the nearest valid value."""
+    def row_problems(
+        self, model: ModelConfig, frames: int | None, height: int | None, width: int | None
+    ) -> list[tuple[str, str]]:
+        """(column, reason) for each rule a row breaks, each reason naming the nearest valid value.
+
+        A value that could not be read (None) is reported elsewhere; the rules it feeds are skipped.
+        """
         problems = []
-        if reason := frame_problem(model, frames):
+        if frames is not None and (reason := frame_problem(model, frames)):
             problems.append(("num_frames", reason))
-        if reason := size_problem(model, height, width):
+        if height is not None and width is not None and (reason := size_problem(model, height, width)):
             problems.append(("height/width", reason))
         return problems
 
@@ -165,8 +170,14 @@ class Family:
 
     def prefer_attention(self, transformer: torch.nn.Module, order: list, backend: str) -> None:
         """Make the transformer's attention use the chosen kernel (`order`: SDPA backends, fastest first;
-        `backend`: the same choice as a diffusers attention-dispatcher name)."""
-        transformer.set_attention_backend(backend)
+        `backend`: the same choice as a diffusers attention-dispatcher name).
+
+        A dispatcher backend is strict: it has no fallback for a call its kernel cannot take. The
+        fused kernels want head sizes that are multiples of 8, so other sizes keep PyTorch's own
+        choice (the tiny test models; every released checkpoint has 64 or 128).
+        """
+        if transformer.config.get("attention_head_dim", 8) % 8 == 0:
+            transformer.set_attention_backend(backend)
 
 
 # --- helpers the family modules share -------------------------------------------------------------
