@@ -19,6 +19,7 @@ from batch_runner.sharding import static_shard
 BENCHMARKS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.json"
 # The first records, from before records named their model, are all CogVideoX-5B-I2V's.
 FIRST_BENCHMARKED_MODEL = "cogvideox-5b-i2v"
+BENCHMARKED_FRAMES = 49  # theirs, at CogVideoX-5B-I2V's default row; later records say their own
 
 
 def describe(cfg: RunConfig, manifest: Manifest, cluster: Cluster, out: Path) -> str:
@@ -85,7 +86,7 @@ def _estimate_seconds(cfg: RunConfig, plan: str, budget: float | None, pending: 
         return None
     best = min(records, key=lambda r: abs((r.get("budget_gib") or 80) - (budget or 80)))
     step, outside = best["seconds_per_step"], best["seconds_outside_steps"]
-    frames = cfg.model.num_frames
+    frames = best.get("frames", BENCHMARKED_FRAMES)  # the row the benchmark made, not today's default
     return sum((outside + step * job.num_inference_steps) * job.num_frames / frames for job in pending)
 
 

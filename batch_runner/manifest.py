@@ -257,9 +257,8 @@ def _validate_row(
     guidance = _number(record, "guidance_scale", model.guidance_scale, 0.0, 100.0, problem)
     fps = _number(record, "fps", model.fps, 0.1, 240.0, problem)
 
-    if frames is not None and height is not None and width is not None:
-        for column, reason in family_of(model).row_problems(model, frames, height, width):
-            problem(column, reason)
+    for column, reason in family_of(model).row_problems(model, frames, height, width):
+        problem(column, reason)
     last_image = None
     if not _is_missing(record.get("last_image")) and str(record.get("last_image")).strip():
         if family_of(model).takes_last_image(model):

@@ -90,16 +90,21 @@ def load_pretrained(model: ModelConfig, family: Family, dtype: torch.dtype, empt
         skeletons = {name: empty_component(family, source, name, dtype, model.revision) for name in empty}
         return family.pipeline_class.from_pretrained(source, torch_dtype=dtype, revision=model.revision, **skeletons)
     except (OSError, ValueError) as e:
-        hint = (
-            f"{source!r} does not hold a complete diffusers pipeline (model_index.json and its component folders)"
-            if looks_local
-            else f"there is no local copy of {source!r} and the Hugging Face Hub could not be reached"
-        )
-        raise UserError(
-            f"Could not load model {model.name!r}: {hint}; download it where there is network "
-            f"(`huggingface-cli download {source if not looks_local else 'REPO'} --local-dir DIR`) and run "
-            f"with model.path=DIR. ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
-        ) from e
+        raise load_error(model, source, looks_local, e) from e
+
+
+def load_error(model: ModelConfig, source: str, looks_local: bool, error: Exception) -> UserError:
+    """The one sentence for a model that cannot be read: what is missing and how to get it."""
+    hint = (
+        f"{source!r} does not hold a complete diffusers pipeline (model_index.json and its component folders)"
+        if looks_local
+        else f"there is no local copy of {source!r} and the Hugging Face Hub could not be reached"
+    )
+    return UserError(
+        f"Could not load model {model.name!r}: {hint}; download it where there is network "
+        f"(`huggingface-cli download {source if not looks_local else 'REPO'} --local-dir DIR`) and run "
+        f"with model.path=DIR. ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
+    )
 
 
 def empty_component(
@@ -164,10 +169,13 @@ def anatomy(model: ModelConfig) -> Anatomy:
                 name: module_from_config(arch_json(model.arch, name)) for name in family.arch_components(model.arch)
             }
     else:
-        source, _ = _local_source(model)
-        saved = family.pipeline_class.load_config(source, revision=model.revision)
-        names = [n for n in family.roles if isinstance(saved.get(n), list | tuple) and saved[n][0]]
-        modules = {n: empty_component(family, source, n, dtype, model.revision) for n in names}
+        source, looks_local = _local_source(model)
+        try:
+            saved = family.pipeline_class.load_config(source, revision=model.revision)
+            names = [n for n in family.roles if isinstance(saved.get(n), list | tuple) and saved[n][0]]
+            modules = {n: empty_component(family, source, n, dtype, model.revision) for n in names}
+        except (OSError, ValueError) as e:
+            raise load_error(model, source, looks_local, e) from e
     size = torch.finfo(dtype).bits // 8
     roles = {name: family.roles[name] for name in modules}
 

@@ -881,7 +881,7 @@ def main() -> None:
         overrides[key] = {"true": True, "false": False}.get(value.lower(), int(value) if value.isdigit() else value)
 
     def save(record: dict) -> None:
-        record = {"gpu": env["gpu"], "command": command, "model": MODEL} | record
+        record = {"gpu": env["gpu"], "command": command, "model": MODEL, "frames": FRAMES} | record
         records.append(record)
         path.write_text(json.dumps(records, indent=2))
         print(

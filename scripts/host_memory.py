@@ -65,7 +65,7 @@ def save_random_pipeline(folder: Path) -> float:
     from batch_runner.config import ModelConfig
     from batch_runner.pipeline import build_pipeline
 
-    model = ModelConfig(name="cogvideox-5b-i2v", weights="random", arch="cogvideox-5b-i2v")
+    model = ModelConfig(name="cogvideox-5b-i2v", family="cogvideox", weights="random", arch="cogvideox-5b-i2v")
     pipe = build_pipeline(model, "cuda").to("cpu")
     pipe.save_pretrained(folder, safe_serialization=True)
     del pipe

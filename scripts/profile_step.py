@@ -40,6 +40,7 @@ from benchmark import (  # noqa: E402
 )
 
 from batch_runner import memory, speed  # noqa: E402
+from batch_runner.families.cogvideox import FAMILY  # noqa: E402
 from batch_runner.replica import release_memory  # noqa: E402
 
 ARCH = transformer_arch()
@@ -246,10 +247,15 @@ def gelu_epilogue() -> list[dict]:
 
 def compile_sub_layers(transformer: torch.nn.Module) -> None:
     """The replica's former way under an offloading hook: each sub-layer compiled on its own."""
-    for block in transformer.transformer_blocks:
+    for block in FAMILY.blocks(transformer):
         for child in block.children():
             if any(True for _ in child.parameters()):
                 child.compile(dynamic=False)
+
+
+def compile_blocks(transformer: torch.nn.Module) -> None:
+    """The replica's way: each repeated block's forward compiled whole, before any hook wraps it."""
+    speed.compile_blocks(FAMILY.blocks(transformer))
 
 
 def main() -> None:
@@ -277,20 +283,20 @@ def main() -> None:
         return
     transformer = random_component("transformer")
     speed.fuse_qkv(transformer)
-    speed.prefer_attention(transformer, "auto", torch.device("cuda"))
+    speed.prefer_attention(FAMILY, transformer, "auto", torch.device("cuda"))
     device = torch.device("cuda")
     if "resident" in parts:
         torch._dynamo.reset()
-        speed.compile_blocks(transformer)
+        compile_blocks(transformer)
         save(measure("resident-compiled", transformer))
     if "streamed" in parts:
         variants = {
             "streamed-sub-layers-compiled": compile_sub_layers,
-            "streamed-blocks-compiled": speed.compile_blocks,
+            "streamed-blocks-compiled": compile_blocks,
         }
         for label, compile_fn in variants.items():
             # A fresh copy of the blocks' forwards for each variant: compile_blocks replaces them.
-            for block in transformer.transformer_blocks:
+            for block in FAMILY.blocks(transformer):
                 block.__dict__.pop("forward", None)
                 block._compiled_call_impl = None
                 for child in block.children():

@@ -105,7 +105,7 @@ def photos(tmp_path: Path) -> dict[str, Path]:
 
 
 def tiny_job(tmp_path, steps: int = 4):
-    """A small guided row and its image, for the tiny pipeline."""
+    """A small guided row and its images (as Replica.make takes them), for the tiny pipeline."""
     from batch_runner.images import load_image
     from batch_runner.manifest import Job
 
@@ -123,7 +123,7 @@ def tiny_job(tmp_path, steps: int = 4):
         num_inference_steps=steps,
         guidance_scale=6.0,
     )
-    return job, load_image(job.image, job.height, job.width, 10**8)
+    return job, {"image": load_image(job.image, job.height, job.width, 10**8), "last_image": None}
 
 
 def loader_of_a_two_process_host():

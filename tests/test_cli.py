@@ -23,7 +23,7 @@ import pytest
 from batch_runner.manifest import derive_seed
 from batch_runner.results import PROVENANCE_COLUMNS, RESULT_COLUMNS
 from batch_runner.video import read_video
-from tests.conftest import ROOT, accelerate_cpu, assorted_photos, run_cli, write_manifest
+from tests.conftest import ROOT, accelerate_cpu, assorted_photos, run_cli, run_config, write_manifest
 
 LOSSLESS = "output.crf=0"
 # The columns every results table starts with, in this order (the issue's list).
@@ -248,7 +248,7 @@ def test_results_schema(two_process: dict) -> None:
         assert row["seconds"] > 0
     assert table["peak_memory_gib"].isna().all()  # no GPU
     assert set(table["gpu"]) == {"cpu"}
-    assert set(table["model"]) == {"tiny"}
+    assert set(table["model"]) == {"tiny-cogvideox"}  # model=tiny composes tiny-cogvideox
     assert table["config_hash"].nunique() == 1
 
 
@@ -323,10 +323,10 @@ def test_parquet_manifest_relative_paths_and_clean_cwd(data: dict, one_process: 
 def test_saved_tiny_pipeline_loads_through_model_path_and_makes_the_same_videos(
     data: dict, one_process: Path, tmp_path: Path
 ) -> None:
-    from batch_runner.pipeline import tiny_pipeline
+    from batch_runner.pipeline import build_pipeline
 
     folder = tmp_path / "tiny-saved"
-    tiny_pipeline().save_pretrained(folder)
+    build_pipeline(run_config("manifest=x", "model=tiny").model).save_pretrained(folder)
     assert (folder / "model_index.json").is_file()
     out = tmp_path / "out"
     ok(
@@ -350,10 +350,10 @@ def test_saved_tiny_pipeline_loads_through_model_path_and_makes_the_same_videos(
 
 def test_two_processes_load_a_saved_pipeline_once_and_share_it(data: dict, one_process: Path, tmp_path: Path) -> None:
     """Rank 0 reads the folder; rank 1 builds the components empty and maps rank 0's copy."""
-    from batch_runner.pipeline import tiny_pipeline
+    from batch_runner.pipeline import build_pipeline
 
     folder = tmp_path / "tiny-saved"
-    tiny_pipeline().save_pretrained(folder)
+    build_pipeline(run_config("manifest=x", "model=tiny").model).save_pretrained(folder)
     out = tmp_path / "out"
     proc = run_cli(
         f"manifest={data['manifest']}",

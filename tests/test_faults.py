@@ -274,7 +274,7 @@ def test_undecodable_images_fail_their_row_only(broken_inputs_run):
 def test_long_prompt_is_truncated_with_a_warning_on_its_row(broken_inputs_run):
     out, _ = broken_inputs_run
     table = results_of(out)
-    from batch_runner.pipeline import tiny_tokenizer
+    from batch_runner.families.tokenizer import tiny_tokenizer
 
     tokens = len(tiny_tokenizer()(LONG_PROMPT).input_ids)
     assert tokens > 64

@@ -164,7 +164,7 @@ def test_a_replica_that_loads_for_its_host_makes_the_same_video(tmp_path):
     from .conftest import loader_of_a_two_process_host, run_config, tiny_job
 
     cfg = run_config("manifest=-", "model=tiny")
-    job, image = tiny_job(tmp_path, steps=2)
+    job, images = tiny_job(tmp_path, steps=2)
 
     shared = Replica(cfg, torch.device("cpu"), loader_of_a_two_process_host())
     assert set(shared.shared) == {"text_encoder", "transformer", "vae"}
@@ -172,5 +172,5 @@ def test_a_replica_that_loads_for_its_host_makes_the_same_video(tmp_path):
     assert all(in_shared_memory(p) for p in shared.pipe.transformer.parameters())
     private = Replica(cfg, torch.device("cpu"))
     assert private.shared == {}
-    made = [r.make(job, image, r.encode([job])) for r in (shared, private)]
+    made = [r.make(job, images, r.encode([job])) for r in (shared, private)]
     assert np.array_equal(made[0], made[1])

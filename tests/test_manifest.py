@@ -520,7 +520,12 @@ ROW_CASES = [
     ("tiny", {"height": 100, "width": 100}, "height/width", ["multiples of 16", "width=96 height=96"]),
     ("tiny", {"height": 64, "width": 400}, "height/width", ["at most 192", "width=192 height=64"]),
     ("tiny", {"height": 16, "width": 96}, "height/width", ["at least 32", "width=96 height=32"]),
-    ("tiny", {"num_frames": 13}, "num_frames", ["tiny makes 8N+1 frames, 9 to 49", "nearest valid value is 17"]),
+    (
+        "tiny",
+        {"num_frames": 13},
+        "num_frames",
+        ["tiny-cogvideox makes 8N+1 frames, 9 to 49", "nearest valid value is 17"],
+    ),
     # CogVideoX1.5: 16N+1 frames up to 161, the short side 768.
     ("1.5", {"num_frames": 40}, "num_frames", ["16N+1 frames, 17 to 161", "nearest valid value is 33"]),
     ("1.5", {"height": 480, "width": 720}, "height/width", ["the short side exactly 768"]),

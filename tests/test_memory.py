@@ -17,20 +17,19 @@ from hypothesis import strategies as st
 from batch_runner import memory
 from batch_runner.config import MemoryConfig
 from batch_runner.errors import UserError
+from batch_runner.families.cogvideox import FAMILY
 from batch_runner.memory import (
-    DENOISE_BYTES_PER_TOKEN_UNIT,
     FRAGMENTATION,
     GIB,
     HEADROOM_GIB,
     LADDER,
     PLANS,
-    Workload,
     activation_gib,
     choose_plan,
     estimate,
     next_plan_down,
 )
-from batch_runner.pipeline import component_bytes
+from batch_runner.pipeline import anatomy, component_bytes
 from batch_runner.replica import workload_of
 
 from .conftest import ROOT, run_config
@@ -39,13 +38,19 @@ GB = 10**9
 # CogVideoX-5B-I2V in bf16, as the model card and the checkpoint's file sizes give them.
 WEIGHTS_5B = {"transformer": int(11.1 * GB), "text_encoder": int(9.5 * GB), "vae": int(0.43 * GB)}
 CFG_5B = run_config("manifest=unused.csv")
+COUNTED_5B = anatomy(CFG_5B.model)  # weights counted from the shipped architecture
+MODEL_5B = replace(COUNTED_5B, bytes=WEIGHTS_5B)  # the same model with the round figures
+ROLES = MODEL_5B.roles
+# The plans that mean something for CogVideoX (one denoiser: no expert_offload), fastest first.
+COG_PLANS = tuple(p for p in PLANS if memory.applies(p, ROLES))
+COG_LADDER = tuple(p for p in LADDER if memory.applies(p, ROLES))
 WORKLOAD_5B = workload_of(CFG_5B)
 AUTO = CFG_5B.memory  # memory=auto as composed from conf/
 PRIVATE = replace(AUTO, share_host_weights=False)  # every process holds its own host copy
 
 
-def plan_for(budget: float, host: float = 512.0, ranks: int = 1, weights=None, config=AUTO, workload=None) -> str:
-    return choose_plan(weights or WEIGHTS_5B, workload or WORKLOAD_5B, config, budget, host, ranks).plan
+def plan_for(budget: float, host: float = 512.0, ranks: int = 1, model=None, config=AUTO, workload=None) -> str:
+    return choose_plan(model or MODEL_5B, workload or WORKLOAD_5B, config, budget, host, ranks).plan
 
 
 def test_config_composes_auto_with_defaults():
@@ -67,36 +72,37 @@ def test_component_bytes_of_cogvideox_5b_match_the_published_sizes():
 
 def test_workload_of_the_default_row():
     w = WORKLOAD_5B
-    assert (w.frames, w.height, w.width, w.guidance) == (49, 480, 720, True)
-    assert (w.hidden, w.vae_channels, w.text_tokens) == (3072, 512, 226)
+    assert (w.pixels, w.guidance) == (480 * 720, True)
+    assert (w.hidden, w.vae_channels) == (3072, 512)
     # 49 frames -> 13 latent frames; 480x720 / (8 x 2)^2 -> 30 x 45 patches; plus 226 text tokens.
-    assert w.tokens == 13 * 30 * 45 + 226
+    assert w.tokens == 13 * 30 * 45 + 226 == COUNTED_5B.geometry.tokens(49, 480, 720, 226)
 
 
 def test_activation_terms():
-    denoise, decode = activation_gib(WORKLOAD_5B, vae_tiling=True, streamed=False)
-    expected = DENOISE_BYTES_PER_TOKEN_UNIT["resident"] * 2 * (13 * 30 * 45 + 226) * 3072 / GIB
+    terms = FAMILY.activations
+    denoise, decode = activation_gib(WORKLOAD_5B, terms, vae_tiling=True, streamed=False)
+    expected = terms.resident * 2 * (13 * 30 * 45 + 226) * 3072 / GIB
     assert denoise == pytest.approx(expected)
     # Fitted to the H100 measurements: ~3.9 GiB resident (4.25 covers what was reserved), ~3.2 GiB streamed.
     assert 3.9 < denoise < 4.5
-    streamed = activation_gib(WORKLOAD_5B, vae_tiling=True, streamed=True)[0]
+    streamed = activation_gib(WORKLOAD_5B, terms, vae_tiling=True, streamed=True)[0]
     assert 3.0 < streamed < 3.5
     # Without guidance there is one batch element, not two.
-    unguided = Workload(**{**WORKLOAD_5B.__dict__, "guidance": False})
-    assert activation_gib(unguided, True, False)[0] == pytest.approx(denoise / 2)
+    unguided = replace(WORKLOAD_5B, guidance=False)
+    assert activation_gib(unguided, terms, True, False)[0] == pytest.approx(denoise / 2)
     # Tiling caps the decoded region: no effect on small frames beyond the tile, a big one on large.
-    _, untiled = activation_gib(WORKLOAD_5B, vae_tiling=False, streamed=False)
+    _, untiled = activation_gib(WORKLOAD_5B, terms, vae_tiling=False, streamed=False)
     assert decode < untiled
-    big = Workload(**{**WORKLOAD_5B.__dict__, "height": 1536, "width": 2720})
-    assert activation_gib(big, True, False)[1] == pytest.approx(decode)
-    assert activation_gib(big, False, False)[1] == pytest.approx(untiled * (1536 * 2720) / (480 * 720))
+    big = replace(WORKLOAD_5B, pixels=1536 * 2720)
+    assert activation_gib(big, terms, True, False)[1] == pytest.approx(decode)
+    assert activation_gib(big, terms, False, False)[1] == pytest.approx(untiled * (1536 * 2720) / (480 * 720))
 
 
 def test_estimates_for_cogvideox_5b():
-    by_plan = {p: estimate(p, WEIGHTS_5B, WORKLOAD_5B, AUTO) for p in PLANS}
+    by_plan = {p: estimate(p, MODEL_5B, WORKLOAD_5B, AUTO) for p in COG_PLANS}
     text, transformer, vae = 9.5 * GB / GIB, 11.1 * GB / GIB, 0.43 * GB / GIB
     # `none` holds all weights plus the activations, grown by the allocator's slack, plus headroom: ~27 GiB.
-    denoise = activation_gib(WORKLOAD_5B, True, False)[0]
+    denoise = activation_gib(WORKLOAD_5B, FAMILY.activations, True, False)[0]
     expected = (text + transformer + vae + denoise) * FRAGMENTATION + HEADROOM_GIB
     assert by_plan["none"].gpu_gib == pytest.approx(expected, abs=0.02)
     assert by_plan["none"].host_gib == 0.0
@@ -104,8 +110,8 @@ def test_estimates_for_cogvideox_5b():
     assert by_plan["group_offload"].host_gib == pytest.approx(text + transformer, abs=0.01)
     assert by_plan["sequential_cpu_offload"].host_gib == pytest.approx(text + transformer + vae, abs=0.01)
     # Down the ladder: less GPU memory, more host memory.
-    gpu = [by_plan[p].gpu_gib for p in LADDER]
-    host = [by_plan[p].host_gib for p in LADDER]
+    gpu = [by_plan[p].gpu_gib for p in COG_LADDER]
+    host = [by_plan[p].host_gib for p in COG_LADDER]
     assert gpu == sorted(gpu, reverse=True) and len(set(gpu)) == len(gpu)
     assert host == sorted(host)
     assert by_plan["none"].gpu_gib > 26 > by_plan["text_offload"].gpu_gib > 16
@@ -120,7 +126,7 @@ def test_estimates_cover_what_the_benchmark_measured():
     measured = [r for r in records if r.get("plan") in PLANS and r.get("peak_allocated_gib")]
     assert {r["plan"] for r in measured} >= {"none", "text_offload", "group_offload"}
     assert any("pyramid" in r["recipe"] for r in measured)
-    counted = component_bytes(CFG_5B.model)
+    counted = COUNTED_5B
     for r in measured:
         config = MemoryConfig(fp8_weights="fp8" in r["recipe"])
         # Pyramid Attention Broadcast keeps every block's attention output between steps.
@@ -140,7 +146,7 @@ def test_estimates_cover_what_the_benchmark_measured():
 
 def test_fp8_weights_halve_the_transformer():
     fp8 = MemoryConfig(fp8_weights=True)
-    plain, halved = estimate("none", WEIGHTS_5B, WORKLOAD_5B, AUTO), estimate("none", WEIGHTS_5B, WORKLOAD_5B, fp8)
+    plain, halved = estimate("none", MODEL_5B, WORKLOAD_5B, AUTO), estimate("none", MODEL_5B, WORKLOAD_5B, fp8)
     assert plain.gpu_gib - halved.gpu_gib == pytest.approx(11.1 * GB / GIB / 2 * FRAGMENTATION, abs=0.02)
     assert plan_for(25.0) == "text_offload"
     assert plan_for(25.0, config=fp8) == "none"
@@ -165,23 +171,23 @@ def test_fp8_weights_halve_the_transformer():
     ],
 )
 def test_budget_walks_down_the_ladder(budget, plan):
-    choice = choose_plan(WEIGHTS_5B, WORKLOAD_5B, AUTO, budget, 512.0, 1)
+    choice = choose_plan(MODEL_5B, WORKLOAD_5B, AUTO, budget, 512.0, 1)
     assert choice.plan == plan
     chosen = next(e for e in choice.estimates if e.plan == plan)
     assert chosen.gpu_gib <= budget
-    assert {e.plan for e in choice.estimates} == set(PLANS)
+    assert {e.plan for e in choice.estimates} == set(COG_PLANS)
     assert choice.reason.startswith(f"{plan}: needs ~{chosen.gpu_gib:.2f} GiB of the {budget:.1f} GiB GPU budget")
     if plan == "none":
         assert choice.reason.endswith("(the fastest plan)")
     else:
         assert "faster plans do not fit" in choice.reason
-        for faster in LADDER[: LADDER.index(plan)]:
+        for faster in COG_LADDER[: COG_LADDER.index(plan)]:
             assert f"{faster} needs ~" in choice.reason
             assert f"GiB GPU > {budget:.2f}" in choice.reason
 
 
 def test_large_budget_reason_in_full():
-    choice = choose_plan(WEIGHTS_5B, WORKLOAD_5B, AUTO, 80.0, 64.0, 1)
+    choice = choose_plan(MODEL_5B, WORKLOAD_5B, AUTO, 80.0, 64.0, 1)
     none = choice.estimates[0]
     assert choice.reason == (
         f"none: needs ~{none.gpu_gib:.2f} GiB of the 80.0 GiB GPU budget and 0.0 GiB of this process's "
@@ -190,7 +196,7 @@ def test_large_budget_reason_in_full():
 
 
 def test_budget_exactly_at_the_estimate_fits():
-    needed = estimate("none", WEIGHTS_5B, WORKLOAD_5B, AUTO).gpu_gib
+    needed = estimate("none", MODEL_5B, WORKLOAD_5B, AUTO).gpu_gib
     assert plan_for(needed) == "none"
     assert plan_for(needed - 0.01) == "text_offload"
 
@@ -205,10 +211,10 @@ def test_model_cpu_offload_is_never_chosen_automatically():
 @pytest.mark.parametrize("budget", [4.0, 2.0, 0.5])
 def test_tiny_budget_is_refused_with_every_reason(budget):
     with pytest.raises(UserError) as caught:
-        choose_plan(WEIGHTS_5B, WORKLOAD_5B, AUTO, budget, 512.0, 1)
+        choose_plan(MODEL_5B, WORKLOAD_5B, AUTO, budget, 512.0, 1)
     message = str(caught.value)
     assert message.startswith("No memory plan fits: ")
-    for plan in LADDER:
+    for plan in COG_LADDER:
         assert f"{plan} needs ~" in message
     assert f"GiB GPU > {budget:.2f}" in message
     assert "memory.budget_gib" in message
@@ -221,30 +227,30 @@ def test_tiny_budget_is_refused_with_every_reason(budget):
 
 def test_eight_ranks_sharing_one_host_copy_need_it_once():
     # One copy of the 19.19 GiB that group_offload keeps on the host serves all 8 processes.
-    choice = choose_plan(WEIGHTS_5B, WORKLOAD_5B, AUTO, 8.0, 64.0, 8)
+    choice = choose_plan(MODEL_5B, WORKLOAD_5B, AUTO, 8.0, 64.0, 8)
     assert choice.plan == "group_offload"
     assert "19.2 GiB of host memory, one copy for the 8 processes of this host (of 64.0 GiB)" in choice.reason
     # Each holding a private copy, the same host cannot run it.
     with pytest.raises(UserError, match=r"group_offload needs 19\.19 GiB host > 8\.00 per process"):
-        choose_plan(WEIGHTS_5B, WORKLOAD_5B, PRIVATE, 8.0, 64.0, 8)
+        choose_plan(MODEL_5B, WORKLOAD_5B, PRIVATE, 8.0, 64.0, 8)
     # Shared or not, the one copy still has to fit.
     with pytest.raises(UserError, match=r"group_offload needs 19\.2 GiB of host memory, one copy .* > 18\.0 GiB"):
-        choose_plan(WEIGHTS_5B, WORKLOAD_5B, AUTO, 8.0, 18.0, 8)
+        choose_plan(MODEL_5B, WORKLOAD_5B, AUTO, 8.0, 18.0, 8)
     # A single process has nothing to share: its share is the whole host.
-    assert "of this process's 64.0 GiB host share" in choose_plan(WEIGHTS_5B, WORKLOAD_5B, AUTO, 8.0, 64.0, 1).reason
+    assert "of this process's 64.0 GiB host share" in choose_plan(MODEL_5B, WORKLOAD_5B, AUTO, 8.0, 64.0, 1).reason
 
 
 def test_model_cpu_offload_weights_are_never_counted_as_shared():
-    assert memory.shareable("model_cpu_offload") == ()
-    assert memory.shareable("group_offload") == ("text_encoder", "transformer")
-    assert memory.shareable("none") == ()
+    assert memory.shareable("model_cpu_offload", ROLES) == ()
+    assert memory.shareable("group_offload", ROLES) == ("text_encoder", "transformer")
+    assert memory.shareable("none", ROLES) == ()
 
 
 def test_eight_ranks_on_a_host_with_little_ram_refuse_host_plans():
     # 8 processes on a host with 64 GiB: 8 GiB each, less than the 8.85 GiB text encoder that
     # text_offload keeps in host memory; a 22 GiB budget is too small for `none`.
     with pytest.raises(UserError) as caught:
-        choose_plan(WEIGHTS_5B, WORKLOAD_5B, PRIVATE, 22.0, 64.0, 8)
+        choose_plan(MODEL_5B, WORKLOAD_5B, PRIVATE, 22.0, 64.0, 8)
     message = str(caught.value)
     assert "none needs ~27.22 GiB GPU > 22.00" in message
     assert "text_offload needs 8.85 GiB host > 8.00 per process" in message
@@ -252,7 +258,7 @@ def test_eight_ranks_on_a_host_with_little_ram_refuse_host_plans():
     assert "sequential_cpu_offload needs 19.59 GiB host > 8.00 per process" in message
     assert "fewer processes per host" in message
     # The same host and budget with a single process: text_offload fits its 64 GiB share.
-    single = choose_plan(WEIGHTS_5B, WORKLOAD_5B, PRIVATE, 22.0, 64.0, 1)
+    single = choose_plan(MODEL_5B, WORKLOAD_5B, PRIVATE, 22.0, 64.0, 1)
     assert single.plan == "text_offload"
     assert "of this process's 64.0 GiB host share" in single.reason
 
@@ -271,14 +277,14 @@ def test_host_share_decides_between_plans():
 
 
 def test_reason_names_the_host_share_when_that_is_what_stopped_a_faster_plan():
-    choice = choose_plan(WEIGHTS_5B, WORKLOAD_5B, PRIVATE, 22.0, 160.0, 8)  # 20 GiB each
+    choice = choose_plan(MODEL_5B, WORKLOAD_5B, PRIVATE, 22.0, 160.0, 8)  # 20 GiB each
     assert choice.plan == "text_offload"
-    choice = choose_plan(WEIGHTS_5B, WORKLOAD_5B, PRIVATE, 12.0, 160.0, 8)
+    choice = choose_plan(MODEL_5B, WORKLOAD_5B, PRIVATE, 12.0, 160.0, 8)
     assert choice.plan == "group_offload"
     assert "of this process's 20.0 GiB host share" in choice.reason
     # 4 ranks sharing 30 GiB: 7.5 GiB each, too little for text_offload's 8.8 GiB.
     with pytest.raises(UserError, match=r"text_offload needs 8\.85 GiB host > 7\.50 per process"):
-        choose_plan(WEIGHTS_5B, WORKLOAD_5B, PRIVATE, 22.0, 30.0, 4)
+        choose_plan(MODEL_5B, WORKLOAD_5B, PRIVATE, 22.0, 30.0, 4)
 
 
 def test_zero_local_world_size_counts_as_one():
@@ -295,65 +301,73 @@ def test_zero_local_world_size_counts_as_one():
     shared=st.booleans(),
 )
 def test_choice_is_the_fastest_plan_that_fits(budget, host, ranks, frames, guidance, shared):
-    workload = Workload(**{**WORKLOAD_5B.__dict__, "frames": frames, "guidance": guidance})
+    tokens = COUNTED_5B.geometry.tokens(frames, 480, 720, CFG_5B.model.max_sequence_length)
+    workload = replace(WORKLOAD_5B, tokens=tokens, guidance=guidance)
     config = AUTO if shared else PRIVATE
     # Shared, the host holds one copy for all its processes; private, each process holds its own.
     share = host if shared and ranks > 1 else host / ranks
     fits = [
-        p for p in LADDER if (e := estimate(p, WEIGHTS_5B, workload, config)).gpu_gib <= budget and e.host_gib <= share
+        p
+        for p in COG_LADDER
+        if (e := estimate(p, MODEL_5B, workload, config)).gpu_gib <= budget and e.host_gib <= share
     ]
     if not fits:
         with pytest.raises(UserError, match="No memory plan fits"):
-            choose_plan(WEIGHTS_5B, workload, config, budget, host, ranks)
+            choose_plan(MODEL_5B, workload, config, budget, host, ranks)
         return
-    choice = choose_plan(WEIGHTS_5B, workload, config, budget, host, ranks)
+    choice = choose_plan(MODEL_5B, workload, config, budget, host, ranks)
     assert choice.plan == fits[0]
     # More GPU memory never picks a slower plan.
-    assert LADDER.index(plan_for(budget * 2, host, ranks, workload=workload, config=config)) <= LADDER.index(
+    assert COG_LADDER.index(plan_for(budget * 2, host, ranks, workload=workload, config=config)) <= COG_LADDER.index(
         choice.plan
     )
 
 
 def test_real_counted_weights_give_the_same_choices():
-    counted = component_bytes(CFG_5B.model)
+    counted = COUNTED_5B
     for budget, plan in [
         (80.0, "none"),
         (24.0, "text_offload"),
         (8.0, "group_offload"),
         (5.0, "sequential_cpu_offload"),
     ]:
-        assert plan_for(budget, weights=counted) == plan
+        assert plan_for(budget, model=counted) == plan
 
 
 def test_cogvideox15_needs_more_than_5b():
     cfg = run_config("manifest=unused.csv", "model=cogvideox1.5-5b-i2v")
-    weights, workload = component_bytes(cfg.model), workload_of(cfg)
-    for plan in PLANS:
-        bigger = estimate(plan, weights, workload, cfg.memory).gpu_gib
-        assert bigger > estimate(plan, WEIGHTS_5B, WORKLOAD_5B, AUTO).gpu_gib, plan
-    assert plan_for(80.0, weights=weights, workload=workload) == "none"
-    assert plan_for(32.0, weights=weights, workload=workload) == "text_offload"
+    model, workload = anatomy(cfg.model), workload_of(cfg)
+    for plan in COG_PLANS:
+        bigger = estimate(plan, model, workload, cfg.memory).gpu_gib
+        assert bigger > estimate(plan, MODEL_5B, WORKLOAD_5B, AUTO).gpu_gib, plan
+    assert plan_for(80.0, model=model, workload=workload) == "none"
+    assert plan_for(32.0, model=model, workload=workload) == "text_offload"
 
 
 def test_tiny_model_fits_anywhere():
     cfg = run_config("manifest=unused.csv", "model=tiny")
-    assert plan_for(1.5, host=1.0, ranks=8, weights=component_bytes(cfg.model), workload=workload_of(cfg)) == "none"
+    assert plan_for(1.5, host=1.0, ranks=8, model=anatomy(cfg.model), workload=workload_of(cfg)) == "none"
 
 
 # --- the ladder after an out-of-memory error -----------------------------------------------------
 
 
 def test_next_plan_down():
-    assert [next_plan_down(p) for p in LADDER] == ["text_offload", "group_offload", "sequential_cpu_offload", None]
+    assert [next_plan_down(p, ROLES) for p in COG_LADDER] == [
+        "text_offload",
+        "group_offload",
+        "sequential_cpu_offload",
+        None,
+    ]
     # model_cpu_offload sits between group_offload and sequential in memory: fall to sequential.
-    assert next_plan_down("model_cpu_offload") == "sequential_cpu_offload"
+    assert next_plan_down("model_cpu_offload", ROLES) == "sequential_cpu_offload"
 
 
 def test_walking_down_from_none_reaches_the_bottom_in_three_steps():
     plan, seen = "none", ["none"]
-    while (plan := next_plan_down(plan)) is not None:
+    while (plan := next_plan_down(plan, ROLES)) is not None:
         seen.append(plan)
-    assert seen == list(LADDER)
+    assert seen == list(COG_LADDER)
 
 
 # --- budgets and host memory -------------------------------------------------------------------------
@@ -386,8 +400,8 @@ def test_enforce_budget_does_nothing_without_a_gpu():
 
 
 def test_unknown_plan_is_refused_before_touching_the_pipeline():
-    with pytest.raises(UserError, match=r"memory='fast' is not a plan; choose auto or one of none, text_offload"):
-        memory.apply_plan(None, "fast", torch.device("cpu"), AUTO)
+    with pytest.raises(UserError, match=r"memory='fast' is not a plan .*; choose auto or one of none, text_offload"):
+        memory.apply_plan(None, "fast", torch.device("cpu"), AUTO, ROLES)
 
 
 def test_the_planner_sizes_for_the_largest_row_of_the_run():
@@ -416,10 +430,11 @@ def test_the_planner_sizes_for_the_largest_row_of_the_run():
     small = workload_of(cfg, [job(17, 480, 720)])
     assert small == default  # a smaller row never shrinks what the default row needs
     big = workload_of(cfg, [job(17, 480, 720), job(81, 768, 1360)])
-    assert (big.frames, big.height, big.width) == (81, 768, 1360)
+    model = anatomy(cfg.model)
+    assert big.tokens == model.geometry.tokens(81, 768, 1360, cfg.model.max_sequence_length)
+    assert big.pixels == 768 * 1360
     assert big.tokens > default.tokens
-    weights = component_bytes(cfg.model)
-    assert estimate("none", weights, big, cfg.memory).gpu_gib > estimate("none", weights, default, cfg.memory).gpu_gib
+    assert estimate("none", model, big, cfg.memory).gpu_gib > estimate("none", model, default, cfg.memory).gpu_gib
 
 
 def test_blocks_are_compiled_under_the_offloading_hooks():
@@ -428,11 +443,11 @@ def test_blocks_are_compiled_under_the_offloading_hooks():
 
     from batch_runner import speed
     from batch_runner.memory import remove_offloading_hooks
-    from batch_runner.pipeline import tiny_pipeline
 
-    transformer = tiny_pipeline().transformer
+    transformer = FAMILY.tiny(run_config("manifest=unused.csv", "model=tiny").model).transformer
     blocks = transformer.transformer_blocks
-    assert speed.compile_blocks(transformer) == len(blocks)
+    assert FAMILY.blocks(transformer) is blocks
+    assert speed.compile_blocks(blocks) == len(blocks)
     compiled = [block.forward for block in blocks]
 
     def hook() -> None:
@@ -448,7 +463,7 @@ def test_blocks_are_compiled_under_the_offloading_hooks():
     hook()
     # Compiling around the hooks would trace their transfers: refused.
     with pytest.raises(RuntimeError, match="before a memory plan"):
-        speed.compile_blocks(transformer)
+        speed.compile_blocks(blocks)
 
 
 def test_a_step_cache_is_planned_for():
@@ -456,7 +471,7 @@ def test_a_step_cache_is_planned_for():
     pyramid = workload_of(run_config("manifest=unused.csv", "speed.cache=pyramid"))
     first_block = workload_of(run_config("manifest=unused.csv", "speed.cache=first_block"))
     assert (pyramid.cached_outputs, first_block.cached_outputs, WORKLOAD_5B.cached_outputs) == (42, 2, 0)
-    counted = component_bytes(CFG_5B.model)
+    counted = COUNTED_5B
     plain = estimate("none", counted, WORKLOAD_5B, AUTO).gpu_gib
     cached = estimate("none", counted, pyramid, AUTO).gpu_gib
     assert (cached - plain) / FRAGMENTATION == pytest.approx(8.55, abs=0.1)

@@ -141,7 +141,7 @@ def test_every_row_carries_its_provenance(runs):
     import transformers
 
     expected = {
-        "model": "tiny",
+        "model": "tiny-cogvideox",  # model=tiny composes tiny-cogvideox
         "scheduler": "CogVideoXDPMScheduler",
         "memory_plan": "none",
         "dtype": "float32",

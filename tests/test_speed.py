@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 
 from batch_runner import speed
-from batch_runner.pipeline import tiny_pipeline
+from batch_runner.pipeline import build_pipeline
+
+from .conftest import run_config
 
 
 def transformer_inputs(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -22,7 +24,7 @@ def transformer_inputs(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def test_fused_qkv_gives_the_same_output_and_drops_the_separate_projections():
-    transformer = tiny_pipeline().transformer.eval()
+    transformer = build_pipeline(run_config("manifest=x", "model=tiny").model).transformer.eval()
     inputs = transformer_inputs(transformer)
     with torch.no_grad():
         before = transformer(**inputs, return_dict=False)[0]
@@ -35,7 +37,7 @@ def test_fused_qkv_gives_the_same_output_and_drops_the_separate_projections():
     dropped = speed.fuse_qkv(transformer)
 
     assert dropped == separate * len(transformer.transformer_blocks)
-    assert attention.to_q is None and attention.to_qkv is not None
+    assert isinstance(attention.to_q, speed.DroppedProjection) and attention.to_qkv is not None
     assert not any(".to_q." in name or ".to_k." in name for name, _ in transformer.named_parameters())
     # The fused projection holds exactly what the three held: no weight is lost or kept twice.
     assert sum(p.numel() for p in transformer.parameters()) == weights_before
