@@ -1,5 +1,10 @@
 """Entry point: `accelerate launch run.py manifest=jobs.csv [Hydra overrides]` (or plain python)."""
 
+from batch_runner.lifecycle import die_with_parent, started_by_launcher
+
+if started_by_launcher():
+    die_with_parent()  # before the slow imports below: a launcher killed meanwhile still takes us along
+
 import sys
 
 import hydra
