@@ -10,6 +10,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from batch_runner import lifecycle
 from batch_runner.config import RunConfig
 from batch_runner.errors import UserError
 from batch_runner.provenance import CONFIG_FILE
@@ -75,12 +76,20 @@ def main(cfg: DictConfig) -> int:
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     setup_logging(str(cfg.get("log_level", "INFO")), rank, world)
+    lifeline = lifecycle.install()
     try:
         run_config = to_run_config(cfg)
-        from batch_runner.runner import run
+        from batch_runner.runner import output_dir_of, run
 
+        lifeline.output_dir = output_dir_of(run_config)
         return run(run_config)
     except UserError as e:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2
+    except lifecycle.Interrupted as e:
+        if rank == 0:
+            print(f"{e.why}: finished rows are kept; rerun the same command to make the rest.", file=sys.stderr)
+        return e.exit_code
+    finally:
+        lifecycle.uninstall()

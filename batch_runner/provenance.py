@@ -31,6 +31,21 @@ def config_hash(cfg: RunConfig) -> str:
     return hashlib.sha256(config_yaml(cfg).encode()).hexdigest()[:12]
 
 
+def run_key(cfg: RunConfig, output_dir: Path) -> str:
+    """What makes processes parts of one run: the manifest file (path, size, time), output_dir and config.
+
+    Processes that met at one rendezvous compare it before they make anything (batch_runner.cluster).
+    """
+    manifest = Path(cfg.manifest).expanduser().resolve()
+    try:
+        stat = manifest.stat()
+        stamp = [stat.st_size, stat.st_mtime_ns]
+    except OSError:
+        stamp = None
+    identity = [str(manifest), stamp, str(output_dir), config_hash(cfg)]
+    return hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
+
+
 def output_salt(cfg: RunConfig) -> str:
     """Fingerprint of the settings that change a video beyond its row's own parameters."""
     model = asdict(cfg.model)

@@ -19,14 +19,14 @@ from typing import Any
 import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from batch_runner import compile_cache, dataset, memory, report
+from batch_runner import compile_cache, dataset, lifecycle, memory, report
 from batch_runner.cluster import Cluster, join_cluster
 from batch_runner.config import RunConfig
 from batch_runner.errors import UserError
 from batch_runner.images import ImageLoadError, load_image
 from batch_runner.manifest import Job, Manifest, load_manifest
 from batch_runner.progress import Progress
-from batch_runner.provenance import config_hash, output_salt, provenance, save_config
+from batch_runner.provenance import config_hash, output_salt, provenance, run_key, save_config
 from batch_runner.replica import Replica, is_out_of_memory, release_memory
 from batch_runner.results import ResultLog, finished_ids, merge
 from batch_runner.sharding import StaticQueue, WorkQueue
@@ -49,9 +49,15 @@ def run(cfg: RunConfig) -> int:
     """Run this process's part; returns the exit status."""
     compile_cache.configure(cfg.speed.compile_cache_dir)  # before anything can compile
     cluster = join_cluster(cpu=not torch.cuda.is_available())
+    lifeline = lifecycle.current()
+    if lifeline is not None and cluster.distributed:
+        lifeline.watch_store(cluster.counter)  # a heartbeat: stop when the other processes' store is gone
     try:
+        cluster.agree_on_run(run_key(cfg, output_dir_of(cfg)))
         return _run(cfg, cluster)
     finally:
+        if lifeline is not None:
+            lifeline.watch_store(None)
         cluster.close()
 
 
@@ -146,7 +152,7 @@ def _make_videos(
     base = provenance(cfg, replica) | {"config_hash": config_hash(cfg)}
     salt = output_salt(cfg)
     if cfg.scheduling == "dynamic":
-        queue = WorkQueue(cluster.counter, len(pending), cluster.world_size, cfg.chunk_size, key="claimed")
+        queue = WorkQueue(cluster.claims(), len(pending), cluster.world_size, cfg.chunk_size, key="claimed")
     elif cfg.scheduling == "static":
         queue = StaticQueue(len(pending), cluster.rank, cluster.world_size, cfg.chunk_size)
     else:

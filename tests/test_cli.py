@@ -440,3 +440,32 @@ def test_misspelt_key_fails_clearly_before_anything_runs(data: dict, tmp_path: P
     assert "Traceback" not in proc.stderr
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("override", "sentence"),
+    [
+        (
+            "memroy=none",
+            "There is no setting 'memroy' among the settings (batch_runner/config.py); did you mean memory?",
+        ),
+        ("model=wan", "model=wan is not one of the model choices in conf/model/: cogvideox-5b-i2v, cogvideox1.5"),
+        ("memory=nonne", "memory=nonne is not one of the memory choices in conf/memory/: auto, group_offload,"),
+        ("model.num_inferenc_steps=3", "did you mean model.num_inference_steps?"),
+    ],
+)
+def test_a_misspelt_override_is_one_line_with_the_valid_choices_and_exit_2(tmp_path: Path, override, sentence) -> None:
+    proc = run_cli("manifest=jobs.csv", "model=tiny", override, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.splitlines() == [proc.stderr.strip()], proc.stderr
+    assert proc.stderr.startswith(f"error: {sentence}") or sentence in proc.stderr, proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_valid_overrides_pass_the_check() -> None:
+    from batch_runner.overrides import check_overrides
+
+    check_overrides(
+        ["manifest=a.csv", "model=tiny", "memory.plan=none", "ids=[a,b]", "hydra.run.dir=.", "--cfg", "job", "seed=3"],
+        ROOT / "conf",
+    )
