@@ -20,6 +20,7 @@ import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from batch_runner import dataset, memory, report
+from batch_runner.checks import check_settings
 from batch_runner.cluster import Cluster, join_cluster
 from batch_runner.config import RunConfig
 from batch_runner.errors import UserError
@@ -47,6 +48,7 @@ def output_dir_of(cfg: RunConfig) -> Path:
 
 def run(cfg: RunConfig) -> int:
     """Run this process's part; returns the exit status."""
+    check_settings(cfg)  # before the manifest, the process group or any model
     cluster = join_cluster(cpu=not torch.cuda.is_available())
     try:
         return _run(cfg, cluster)
@@ -56,11 +58,9 @@ def run(cfg: RunConfig) -> int:
 
 def _run(cfg: RunConfig, cluster: Cluster) -> int:
     out = output_dir_of(cfg)
-    manifest = load_manifest(cfg.manifest, cfg.model, cfg.seed, cfg.ids)
+    manifest = load_manifest(cfg.manifest, cfg.model, cfg.seed, cfg.ids, cfg.output.format)
     if manifest.problems and cfg.on_invalid != "skip":
         raise UserError(_refusal(manifest))
-    if cfg.on_invalid not in ("fail", "skip"):
-        raise UserError(f"on_invalid={cfg.on_invalid!r} must be 'fail' or 'skip'.")
     if cfg.dry_run:
         if cluster.is_main:
             from batch_runner.dry_run import describe
@@ -91,8 +91,6 @@ def _run(cfg: RunConfig, cluster: Cluster) -> int:
     dataset.write_metadata(out, table, manifest)
     if cfg.output.format == "webdataset":
         dataset.write_shards(out, table, manifest, cfg.output.shard_size, rebuild=cfg.overwrite)
-    elif cfg.output.format != "videofolder":
-        raise UserError(f"output.format={cfg.output.format!r} must be videofolder or webdataset.")
     summary = report.write(out, table, manifest, started=started, run_id=plan["run_id"], html=cfg.output.report)
     print(report.summary_text(summary, out))
     # Failed rows are recorded, not fatal: the run itself succeeded (see the README's exit codes).
@@ -146,10 +144,8 @@ def _make_videos(
     salt = output_salt(cfg)
     if cfg.scheduling == "dynamic":
         queue = WorkQueue(cluster.counter, len(pending), cluster.world_size, cfg.chunk_size, key="claimed")
-    elif cfg.scheduling == "static":
+    else:  # "static" (check_settings refused anything else)
         queue = StaticQueue(len(pending), cluster.rank, cluster.world_size, cfg.chunk_size)
-    else:
-        raise UserError(f"scheduling={cfg.scheduling!r} must be 'dynamic' or 'static'.")
     on_step = progress.refresh if progress else None
 
     def finish(record: dict[str, Any]) -> None:
