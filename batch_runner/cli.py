@@ -13,6 +13,7 @@ from omegaconf.errors import OmegaConfBaseException
 from batch_runner.config import RunConfig
 from batch_runner.errors import UserError
 from batch_runner.provenance import CONFIG_FILE
+from batch_runner.storage import OutputError
 
 log = logging.getLogger("batch_runner")
 
@@ -81,6 +82,7 @@ def main(cfg: DictConfig) -> int:
 
         return run(run_config)
     except UserError as e:
-        if rank == 0:
+        # Any process may find the output folder full first; other problems are the same on all.
+        if rank == 0 or isinstance(e, OutputError):
             print(f"error: {e}", file=sys.stderr)
         return 2

@@ -19,6 +19,7 @@ from PIL import Image
 
 from batch_runner import replica as replica_module
 from batch_runner import runner
+from batch_runner.storage import mark_output_dir
 from batch_runner.video import read_video
 from tests.conftest import ROOT, accelerate_cpu, photo, run_cli, run_config, write_manifest
 
@@ -416,6 +417,7 @@ def test_leftover_temporaries_are_swept_on_the_next_run(tmp_path):
         path.write_bytes(b"\0" * 1000)
     keep = out / "notes.txt"
     keep.write_text("mine")
+    mark_output_dir(out)  # the killed run's folder: that run marked it before writing anything
 
     result = run_cli(f"manifest={manifest}", "model=tiny", f"output_dir={out}")
 
