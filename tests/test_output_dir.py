@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from omegaconf import OmegaConf
 
 from batch_runner import runner
 from batch_runner.errors import UserError
@@ -207,6 +208,8 @@ def test_ids_on_an_existing_run_keep_every_other_row(tmp_path: Path) -> None:
     assert subset.returncode == 0, subset.stderr[-3000:]
     assert list(pd.read_parquet(out / "results.parquet")["id"]) == ["a", "b", "c"]
     assert len(pd.read_parquet(out / "metadata.parquet")) == 3
+    # The folder's config still replays every row (from_run=out), not only the last selection.
+    assert OmegaConf.load(out / "config.yaml").ids is None
 
 
 # --- a folder that cannot be written ----------------------------------------------------------------
