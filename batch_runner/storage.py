@@ -184,6 +184,11 @@ class OutputLock:
                 flock = _try_flock(fd)
                 holder = _read_holder(fd)
                 if flock == "busy" or _held_elsewhere(holder, self.path, flocks=flock == "held"):
+                    for _ in range(20):  # a run that has just locked writes its name right after
+                        if holder:
+                            break
+                        time.sleep(0.05)
+                        holder = _read_holder(fd)
                     raise OutputError(_busy(self.path.parent, holder))
                 if os.fstat(fd).st_ino != _inode(self.path):
                     os.close(fd)  # released and removed while we waited: lock the new file
