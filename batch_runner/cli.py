@@ -14,6 +14,7 @@ from batch_runner import lifecycle
 from batch_runner.config import RunConfig
 from batch_runner.errors import UserError
 from batch_runner.provenance import CONFIG_FILE
+from batch_runner.storage import OutputError
 
 log = logging.getLogger("batch_runner")
 
@@ -84,7 +85,8 @@ def main(cfg: DictConfig) -> int:
         lifeline.output_dir = output_dir_of(run_config)
         return run(run_config)
     except UserError as e:
-        if rank == 0:
+        # Any process may find the output folder full first; other problems are the same on all.
+        if rank == 0 or isinstance(e, OutputError):
             print(f"error: {e}", file=sys.stderr)
         return 2
     except lifecycle.Interrupted as e:

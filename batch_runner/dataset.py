@@ -21,7 +21,7 @@ from typing import Any
 
 import pandas as pd
 
-from batch_runner.manifest import Manifest
+from batch_runner.manifest import Manifest, sample_key
 from batch_runner.storage import atomic_path, atomic_write_parquet
 
 log = logging.getLogger(__name__)
@@ -57,11 +57,6 @@ def write_metadata(output_dir: Path, table: pd.DataFrame, manifest: Manifest) ->
     path = output_dir / METADATA_FILE
     atomic_write_parquet(metadata, path)
     return path
-
-
-def sample_key(row_id: str) -> str:
-    """WebDataset splits names at the first dot, so the key is the id with dots made underscores."""
-    return row_id.replace(".", "_")
 
 
 def write_shards(

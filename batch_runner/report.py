@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from batch_runner.manifest import id_problem
 from batch_runner.storage import atomic_path, atomic_write_text
 
 PREVIEWS_DIR = "previews"
@@ -30,6 +31,15 @@ FRAME_NAMES = ("first", "middle", "last")
 
 def preview_path(output_dir: Path, row_id: str, name: str) -> Path:
     return output_dir / PREVIEWS_DIR / f"{row_id}.{name}.jpg"
+
+
+def existing_preview(output_dir: Path, row_id: str, name: str) -> Path | None:
+    """The preview's path if it exists; None also for an id refused as a file name (a row recorded
+    failed under on_invalid=skip may have an id too long or unsafe to name any file)."""
+    if id_problem(row_id) is not None:
+        return None
+    path = preview_path(output_dir, row_id, name)
+    return path if path.exists() else None
 
 
 def save_previews(output_dir: Path, row_id: str, frames: np.ndarray, image: Image.Image | None) -> None:
@@ -113,7 +123,7 @@ def _preview_failed_inputs(output_dir: Path, table: pd.DataFrame) -> None:
     """Failed rows have no frames; show their input image where it decodes at all."""
     for row in table[table["status"] != "ok"].to_dict("records"):
         path = preview_path(output_dir, row["id"], "input")
-        if path.exists() or not isinstance(row.get("image"), str):
+        if id_problem(row["id"]) or path.exists() or not isinstance(row.get("image"), str):
             continue
         try:
             with Image.open(row["image"]) as image:
@@ -170,8 +180,8 @@ def _card(output_dir: Path, row: dict[str, Any]) -> str:
     status = row["status"]
     figures = []
     for name in ("input", *FRAME_NAMES):
-        path = preview_path(output_dir, row["id"], name)
-        src = f"{PREVIEWS_DIR}/{path.name}" if path.exists() else ""
+        path = existing_preview(output_dir, row["id"], name)
+        src = f"{PREVIEWS_DIR}/{path.name}" if path else ""
         # No picture (a row that failed before or while generating): an empty box, not a broken image.
         img = f"<img src='{html.escape(src)}' alt='{name}'>" if src else "<div class='missing'>—</div>"
         figures.append(f"<figure>{img}<figcaption>{name}</figcaption></figure>")

@@ -132,9 +132,13 @@ def finished_ids(output_dir: Path, manifest: Manifest, salt: str) -> set[str]:
 
 
 def merge(output_dir: Path, manifest: Manifest) -> pd.DataFrame:
-    """Write results.parquet: one row per manifest row that has a record, in manifest order."""
+    """Write results.parquet: one row per manifest row that has a record, in manifest order.
+
+    Every row of the manifest counts, also rows `ids=` left out of this run: their records from
+    earlier runs stay.
+    """
     records = read_records(output_dir)
-    ids = manifest.record_ids
+    ids = manifest.all_record_ids
     order = {row_id: i for i, row_id in enumerate(ids)}
     records = records[records["id"].isin(order.keys())].copy()
     records["_order"] = records["id"].map(order)
@@ -145,7 +149,7 @@ def merge(output_dir: Path, manifest: Manifest) -> pd.DataFrame:
     table = records[RESULT_COLUMNS + PROVENANCE_COLUMNS].astype(_DTYPES)
     # A duplicate id (refused, recorded under on_invalid=skip) must not double its first row here.
     passthrough = (
-        manifest.table[manifest.passthrough]
+        manifest.rows[manifest.passthrough]
         .assign(id=ids)
         .drop_duplicates("id")
         .rename(columns={c: f"{c}_manifest" for c in manifest.passthrough if c in table.columns})
