@@ -18,7 +18,7 @@ BAD_SETTINGS = {
     "speed.compile=yes": "auto, on, off",
     "speed.attention=sage": "auto, flash, cudnn, efficient, math",
     "speed.cache=teacache": "none, first_block, pyramid",
-    "memory=none memory.plan=offload": "auto, none, text_offload, group_offload",
+    "memory=none memory.plan=offload": "auto, none, text_offload, expert_offload, group_offload",
     "model.dtype=fp8": "bfloat16, float16, float32",
     "model.weights=hub": "pretrained, random, tiny",
     "model.scheduler=euler": "dpm, ddim, default",
