@@ -50,6 +50,12 @@ def _from_run(folder: Path, overrides: list[str]) -> DictConfig:
 
 
 def setup_logging(level: str, rank: int, world: int) -> None:
+    """Log to the terminal; the main process owns it, so the others write only warnings and errors.
+
+    Lines from other processes would break the main process's progress bar (tqdm redraws its line
+    in place, and only knows of its own process's log lines); what they log below warnings goes to
+    their own file in output_dir (log_to_file) once the run has one.
+    """
     prefix = f"[rank {rank}/{world}] " if world > 1 else ""
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
@@ -58,6 +64,9 @@ def setup_logging(level: str, rank: int, world: int) -> None:
         stream=sys.stderr,
         force=True,
     )
+    if rank != 0:
+        for handler in logging.getLogger().handlers:
+            handler.setLevel(logging.WARNING)
     for noisy in ("diffusers", "transformers", "accelerate", "torch._dynamo", "torch._inductor"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
@@ -68,6 +77,15 @@ def setup_logging(level: str, rank: int, world: int) -> None:
         transformers_logging.set_verbosity_error()
     except ImportError:
         pass
+
+
+def log_to_file(path: Path) -> None:
+    """Also log everything this process logs (at the run's level) to `path`: a non-main rank's full log."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger()
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(root.handlers[0].formatter if root.handlers else None)
+    root.addHandler(handler)
 
 
 def main(cfg: DictConfig) -> int:

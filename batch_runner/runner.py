@@ -20,6 +20,7 @@ import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from batch_runner import dataset, memory, report
+from batch_runner.cli import log_to_file
 from batch_runner.cluster import Cluster, join_cluster
 from batch_runner.config import RunConfig
 from batch_runner.errors import UserError
@@ -36,6 +37,7 @@ from batch_runner.video import write_video
 log = logging.getLogger(__name__)
 
 VIDEOS_DIR = "videos"
+LOGS_DIR = "logs"
 MAX_PENDING_WRITES = 2
 
 
@@ -70,6 +72,8 @@ def _run(cfg: RunConfig, cluster: Cluster) -> int:
 
     started = time.time()
     plan = cluster.broadcast(_prepare(cfg, manifest, out) if cluster.is_main else None)
+    if not cluster.is_main:  # the terminal shows only its warnings (cli.setup_logging); all goes here
+        log_to_file(out / LOGS_DIR / f"rank{cluster.rank:05d}.log")
     pending = [manifest.jobs[i] for i in plan["pending"]]
     log.info("%d rows to make, %d already done", len(pending), plan["done"])
 

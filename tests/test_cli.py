@@ -83,7 +83,8 @@ def part_ids(part: Path) -> list[str]:
 
 
 def hydra_leftovers(folder: Path) -> list[Path]:
-    return [p for p in folder.rglob("*") if p.name in (".hydra", "multirun") or p.name.endswith(".log")]
+    hydra = [p for p in folder.rglob("*") if p.name in (".hydra", "multirun") or p.name.endswith(".log")]
+    return [p for p in hydra if p.parent != folder / "logs"]  # logs/: the non-main ranks' own logs
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -173,6 +174,40 @@ def test_two_processes_results_are_all_ok_from_both_ranks(two_process: dict) -> 
     metadata = pd.read_parquet(out / "metadata.parquet")
     assert sorted(metadata["file_name"]) == sorted(f"videos/{i}.mp4" for i in ROWS)
     assert "category" in metadata.columns
+
+
+def test_only_the_main_process_logs_below_warnings_to_the_terminal(two_process: dict) -> None:
+    """Other ranks' lines would break the main process's progress bar; their full log is a file."""
+    stderr = two_process["proc"].stderr
+    assert "[rank 0/2] INFO" in stderr
+    assert "[rank 1/2] INFO" not in stderr
+    rank1 = (two_process["out"] / "logs" / "rank00001.log").read_text()
+    assert "[rank 1/2] INFO batch_runner.runner: row " in rank1
+    assert not (two_process["out"] / "logs" / "rank00000.log").exists()  # the main one has the terminal
+
+
+def test_readme_launch_commands_leave_accelerate_no_defaults_to_warn_about(monkeypatch, caplog) -> None:
+    """`accelerate launch` warns about every launch setting left to its defaults; the README's
+    commands pass them all, so that users copying them see no warning."""
+    import shlex
+
+    import accelerate.commands.launch as launch
+    import psutil
+
+    monkeypatch.setattr(launch, "default_config_file", "/nonexistent/default_config.yaml")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # as for most users: --cpu must set threads itself
+    monkeypatch.setattr(psutil, "cpu_count", lambda logical=True: 64)
+    text = (ROOT / "README.md").read_text().replace("\\\n", " ")
+    commands = [line.strip() for line in text.splitlines() if line.strip().startswith("accelerate launch")]
+    assert len(commands) >= 3
+    for command in commands:
+        words = shlex.split(command.replace("$RANK", "0").replace("$HEAD", "10.0.0.1"))
+        args = launch.launch_command_parser().parse_args(words[2:])
+        caplog.clear()
+        launch._validate_launch_command(args)
+        assert "had defaults used instead" not in caplog.text, command
+        if not args.cpu and args.num_processes > 1:  # accelerate switches this on itself, with a warning
+            assert args.multi_gpu, command
 
 
 def test_two_process_run_writes_nothing_in_the_cwd_or_the_repo(two_process: dict) -> None:
