@@ -21,9 +21,12 @@ def table(device: str = "NVIDIA H100 80GB HBM3") -> pd.DataFrame:
         {"id": row_id, "status": "ok", "seconds": float(i + 1), "rank": i % 2, "error": None}
         for i, row_id in enumerate(IDS)
     ] + [
-        {"id": "bad1", "status": "failed", "seconds": None, "rank": 0, "error": "image: cannot decode image 'x_17.png'"},
-        {"id": "bad2", "status": "failed", "seconds": None, "rank": 1, "error": "image: cannot decode image 'y_2.png'"},
-        {"id": "bad3", "status": "failed", "seconds": 0.5, "rank": 1, "error": "RuntimeError: step 3 gave NaN"},
+        {"id": row_id, "status": "failed", "seconds": seconds, "rank": rank, "error": error}
+        for row_id, seconds, rank, error in [
+            ("bad1", None, 0, "image: cannot decode image 'x_17.png'"),
+            ("bad2", None, 1, "image: cannot decode image 'y_2.png'"),
+            ("bad3", 0.5, 1, "RuntimeError: step 3 gave NaN"),
+        ]
     ]
     frame = pd.DataFrame(rows)
     return frame.assign(finished_at=now, gpu=device, prompt="the sea", image=None)
