@@ -15,6 +15,7 @@ from batch_runner.errors import UserError
 from batch_runner.provenance import CONFIG_FILE
 
 log = logging.getLogger("batch_runner")
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
 def to_run_config(cfg: DictConfig) -> RunConfig:
@@ -42,11 +43,33 @@ def _from_run(folder: Path, overrides: list[str]) -> DictConfig:
     if not saved.is_file():
         raise UserError(f"from_run={str(folder)!r} holds no {CONFIG_FILE}; point it at an earlier run's output_dir.")
     base = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(saved))
-    mine = [o for o in overrides if not o.split("=", 1)[0].lstrip("+~").startswith("from_run")]
-    # Group choices (model=..., memory=...) are not replayable here; plain keys are.
-    merged = OmegaConf.merge(base, OmegaConf.from_dotlist([o.lstrip("+") for o in mine]))
+    mine = [o.lstrip("+") for o in overrides if not o.split("=", 1)[0].lstrip("+~").startswith("from_run")]
+    # A group choice (model=..., memory=...) replaces that whole group with its YAML, composed by
+    # Hydra as a fresh run composes it; plain keys (model.path=...) then apply on top, as they do there.
+    choices = [o for o in mine if "=" in o and isinstance(base.get(o.split("=", 1)[0]), DictConfig)]
+    if choices:
+        composed = _compose(choices)
+        for group in (choice.split("=", 1)[0] for choice in choices):
+            base[group] = composed[group]
+    plain = [o for o in mine if o not in choices]
+    merged = OmegaConf.merge(base, OmegaConf.from_dotlist(plain))
     merged.from_run = None
     return merged
+
+
+def _compose(choices: list[str]) -> DictConfig:
+    """conf/config.yaml composed with these group choices (inside run.py's Hydra app, or from conf/)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+
+    try:
+        if GlobalHydra.instance().is_initialized():
+            return compose(config_name="config", overrides=choices)
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+            return compose(config_name="config", overrides=choices)
+    except HydraException as e:
+        raise UserError(f"{' '.join(choices)} with from_run: {str(e).splitlines()[0]}") from e
 
 
 def setup_logging(level: str, rank: int, world: int) -> None:

@@ -483,6 +483,18 @@ def test_a_rerun_and_a_from_run_regeneration_write_byte_identical_videos(data: d
     assert (again / "videos/webp.mp4").read_bytes() == made
 
 
+def test_from_run_with_a_group_choice_composes_that_group(tmp_path: Path) -> None:
+    """`from_run=DIR model=...` once failed with "Bad setting a setting: Merge error"."""
+    from batch_runner.provenance import save_config
+    from tests.conftest import run_config
+
+    earlier = tmp_path / "earlier"
+    save_config(run_config(f"manifest={ROOT / 'examples/jobs.csv'}", "model=tiny", "memory=group_offload"), earlier)
+    proc = run_cli(f"from_run={earlier}", "model=tiny", "memory=none", "dry_run=true", cwd=tmp_path)
+    ok(proc)
+    assert "dry run: no model loaded, nothing written." in proc.stdout
+
+
 # --- configuration errors -------------------------------------------------------------------------
 
 
