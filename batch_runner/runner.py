@@ -134,8 +134,9 @@ def _record_invalid(cfg: RunConfig, manifest: Manifest, out: Path, run_id: str) 
     for row_id, reason in manifest.invalid_ids.items():
         log.warning("row %s skipped: %s", row_id, reason)
         if row_id in valid:
-            # A later duplicate of a valid row's id: its record would replace that row's own (and on a
-            # resume, turn the video made for it into a failure). The refusal is in the log above.
+            # A row-number id (of a blank or repeated id) that a valid row uses as its own id: the record
+            # would replace that row's own (and on a resume, turn its video into a failure). The refusal
+            # is in the log above.
             continue
         results.append({"id": row_id, "status": "failed", "error": f"invalid row: {reason}", "finished_at": _now()})
 
