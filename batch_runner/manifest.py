@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
 from batch_runner.config import ModelConfig
 from batch_runner.errors import UserError
@@ -130,19 +131,21 @@ class Manifest:
 
     @property
     def invalid_ids(self) -> dict[str, str]:
-        """id -> every reason it was refused, for rows recorded as failed under on_invalid=skip."""
+        """Record id -> every reason its row was refused, for rows recorded as failed under on_invalid=skip."""
+        record_ids = self.record_ids
         reasons: dict[str, list[str]] = {}
         for p in self.problems:
-            key = p.id if p.id is not None else default_id(p.row - 1)
-            reasons.setdefault(key, []).append(f"column '{p.column}': {p.reason}")
+            reasons.setdefault(record_ids[p.row - 1], []).append(f"column '{p.column}': {p.reason}")
         return {k: "; ".join(v) for k, v in reasons.items()}
 
 
 def record_ids(table: pd.DataFrame) -> pd.Series:
-    """Each row's id as results record it: a blank id cell becomes the row-number id."""
-    return pd.Series(
-        [row_id or default_id(i) for i, row_id in zip(table.index, table["id"], strict=True)], index=table.index
-    )
+    """Each row's id as results record it: a blank id cell, or a later repeat of an id already used
+    (refused as a duplicate), becomes the row-number id, so every row has a record."""
+    ids = table["id"]
+    repeated = ids.duplicated(keep="first") & (ids != "")
+    rows = zip(ids.index, ids, repeated, strict=True)
+    return pd.Series([default_id(i) if not row_id or again else row_id for i, row_id, again in rows], index=ids.index)
 
 
 def sample_key(row_id: str) -> str:
@@ -176,7 +179,7 @@ def read_table(path: Path) -> pd.DataFrame:
     text_columns = {c: str for c in ("id", "image", "prompt", "negative_prompt", "seed")}
     try:
         if suffix == ".parquet":
-            return pd.read_parquet(path)
+            return _read_parquet(path)
         # Spreadsheets in some locales save with ';' or tabs: the header line tells which, so
         # prompts with commas in them do not break the rows.
         with open(path, encoding="utf-8-sig", newline="") as f:
@@ -189,6 +192,20 @@ def read_table(path: Path) -> pd.DataFrame:
         ) from e
     except (pd.errors.ParserError, OSError, ValueError) as e:
         raise UserError(f"The manifest {str(path)!r} could not be read as {suffix[1:]}: {e}") from e
+
+
+def _read_parquet(path: Path) -> pd.DataFrame:
+    """The columns batch_runner reads as NumPy-backed pandas; passthrough columns keep their Arrow
+    type (pd.ArrowDtype), so they reach results.parquet and metadata.parquet as they were: a struct's
+    int64 field or an int64 column with nulls would otherwise come back as double."""
+    arrow = pq.read_table(path)
+    table = arrow.to_pandas()
+    for name in arrow.column_names:
+        if str(name).strip() not in KNOWN_COLUMNS:
+            column = arrow.column(name).to_pandas(types_mapper=pd.ArrowDtype)
+            column.index = table.index
+            table[name] = column
+    return table
 
 
 def _read_csv(path: Path, sep: str, text_columns: dict[str, type]) -> pd.DataFrame:
@@ -410,6 +427,9 @@ def _check_image(value: Any, base_dir: Path, problem: Any, column: str = "image"
     raw = str(value).strip()
     path = Path(raw).expanduser()
     path = path if path.is_absolute() else base_dir / path
+    if path.is_dir():
+        problem(column, f"{raw!r} is a folder (looked at {str(path)!r}); give the path of an image file in it")
+        return None
     if path.suffix.lower() not in IMAGE_SUFFIXES:
         problem(
             column,

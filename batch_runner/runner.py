@@ -21,6 +21,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from batch_runner import compile_cache, dataset, lifecycle, memory, report
 from batch_runner.checks import check_settings
+from batch_runner.cli import log_to_file
 from batch_runner.cluster import Cluster, join_cluster
 from batch_runner.config import RunConfig
 from batch_runner.errors import UserError
@@ -44,6 +45,7 @@ from batch_runner.video import write_video
 log = logging.getLogger(__name__)
 
 VIDEOS_DIR = "videos"
+LOGS_DIR = "logs"
 MAX_PENDING_WRITES = 2
 # What a run that cannot write its output folder keeps, in the sentence that ends it.
 KEPT_WHILE_MAKING = (
@@ -103,6 +105,8 @@ def _run(cfg: RunConfig, cluster: Cluster) -> int:
 def _run_claimed(
     cfg: RunConfig, cluster: Cluster, manifest: Manifest, out: Path, plan: dict[str, Any], started: float
 ) -> int:
+    if not cluster.is_main:  # the terminal shows only its warnings (cli.setup_logging); all goes here
+        log_to_file(out / LOGS_DIR / f"rank{cluster.rank:05d}.log")
     pending = [manifest.jobs[i] for i in plan["pending"]]
     log.info("%d rows to make, %d already done", len(pending), plan["done"])
 
@@ -178,8 +182,9 @@ def _record_invalid(cfg: RunConfig, manifest: Manifest, out: Path, run_id: str) 
     for row_id, reason in manifest.invalid_ids.items():
         log.warning("row %s skipped: %s", row_id, reason)
         if row_id in valid:
-            # A later duplicate of a valid row's id: its record would replace that row's own (and on a
-            # resume, turn the video made for it into a failure). The refusal is in the log above.
+            # A row-number id (of a blank or repeated id) that a valid row uses as its own id: the record
+            # would replace that row's own (and on a resume, turn its video into a failure). The refusal
+            # is in the log above.
             continue
         results.append({"id": row_id, "status": "failed", "error": f"invalid row: {reason}", "finished_at": _now()})
 

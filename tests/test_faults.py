@@ -191,9 +191,12 @@ def test_invalid_rows_skipped_are_recorded_failed_and_the_rest_made(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     table = results_of(out)
     assert table["id"].is_unique
-    # The duplicate shares its id with good-a, the first row of that id, which is made; one results row
-    # per id, so the duplicate's reason is in the log (and every other bad row's is in the table).
+    # The duplicate shares its id with good-a, the first row of that id, which is made; the duplicate
+    # is recorded under its row-number id, as a blank id is: one results row per manifest row.
+    assert len(table) == 9
     assert table.loc["good-a", "status"] == "ok"
+    assert table.loc["row000003", "status"] == "failed"
+    assert "duplicate id, also used by row 1" in table.loc["row000003", "error"]
     assert table.loc["good-b", "status"] == "ok"
     for row_id in ("good-a", "good-b"):
         frames, _ = read_video(out / table.loc[row_id, "video_path"])
@@ -206,11 +209,11 @@ def test_invalid_rows_skipped_are_recorded_failed_and_the_rest_made(tmp_path):
         error = table.loc[row_id, "error"]
         assert error.startswith("invalid row:") and f"column '{column}'" in error and words in error, error
         assert pd.isna(table.loc[row_id, "video_path"])
-    assert set(table["id"]) == {"good-a", "good-b", *bad}
+    assert set(table["id"]) == {"good-a", "good-b", "row000003", *bad}
     videos = sorted(p.name for p in (out / "videos").iterdir())
     assert videos == ["good-a.mp4", "good-b.mp4"]
     summary = json.loads((out / "report.json").read_text())
-    assert (summary["ok"], summary["failed"]) == (2, len(bad) - 1)
+    assert (summary["ok"], summary["failed"]) == (2, len(bad))
 
     # Nothing outside output_dir: not beside it, not in the repository the command ran from.
     after = tree(tmp_path, skip=out)

@@ -479,7 +479,7 @@ ROW_CASES = [
     ("5b", {"image": ""}, "image", ["no image path", "relative to the manifest's folder or an absolute one"]),
     ("5b", {"image": "missing.png"}, "image", ["'missing.png' does not exist", "missing.png", "manifest's folder"]),
     ("5b", {"image": "imgs/cat.png"}, "image", ["'imgs/cat.png' does not exist"]),
-    ("5b", {"image": "imgs"}, "image", ["not a supported image type", "convert it to PNG or JPEG"]),
+    ("5b", {"image": "imgs"}, "image", ["is a folder", "give the path of an image file in it"]),
     ("5b", {"image": "clip.mp4"}, "image", ["'clip.mp4' is not a supported image type", ".png", ".jpg"]),
     ("5b", {"seed": "abc"}, "seed", ["'abc' is not a whole number", f"integer from 0 to {MAX_SEED}"]),
     ("5b", {"seed": "1.5"}, "seed", ["'1.5' is not a whole number"]),
