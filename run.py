@@ -1,22 +1,38 @@
 """Entry point: `accelerate launch run.py manifest=jobs.csv [Hydra overrides]` (or plain python)."""
 
+from batch_runner.lifecycle import die_with_parent, started_by_launcher
+
+if started_by_launcher():
+    die_with_parent()  # before the slow imports below: a launcher killed meanwhile still takes us along
+
+import os
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from batch_runner.cli import main as run_main
 from batch_runner.config import register_configs
+from batch_runner.errors import UserError
 from batch_runner.launch import requested_cpu_launch, respawn_with_torchrun
+from batch_runner.overrides import check_overrides
 
 register_configs()
 
 
 @hydra.main(config_path="conf", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
+    from batch_runner.cli import main as run_main  # imports torch: after the overrides were checked
+
     sys.exit(run_main(cfg))
 
 
 if __name__ == "__main__":
+    try:
+        check_overrides(sys.argv[1:], Path(__file__).resolve().parent / "conf")
+    except UserError as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     launch = requested_cpu_launch()
     sys.exit(respawn_with_torchrun(launch)) if launch.needs_respawn else main()

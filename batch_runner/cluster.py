@@ -5,6 +5,11 @@ a shared counter (the process group's own TCPStore) for claims and progress, and
 other processes that polls that counter instead of entering a collective barrier, which would
 time out while a slow process still makes its last video; and the processes of one host, which
 can share one copy of the weights in host memory (batch_runner.host_weights).
+
+A rendezvous is only a host and a port: a process of another run (another manifest, output_dir or
+config, or a process of an earlier launch on that port) could meet this run there. The processes
+compare their run keys through the store before anything is made, and each claim checks that the
+store still belongs to the launch its process joined.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import logging
 import os
 import socket
 import time
+import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Protocol
@@ -21,6 +27,7 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 
+from batch_runner.errors import UserError
 from batch_runner.sharding import Counter, LocalCounter
 
 log = logging.getLogger(__name__)
@@ -36,6 +43,8 @@ class Store(Protocol):
     def add(self, key: str, amount: int) -> int: ...
 
     def wait(self, keys: list[str], timeout: timedelta) -> None: ...
+
+    def check(self, keys: list[str]) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -62,10 +71,36 @@ def this_host() -> str:
     return f"{socket.gethostname()}-{boot}"
 
 
+RUN_KEY = "run-key"
+LAUNCH_KEY = "run-launch"
+
+
+def rendezvous() -> str:
+    return f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+
+
+class SameLaunch:
+    """The claim counter, refusing a process whose launch is no longer the one the store serves."""
+
+    def __init__(self, store: Store, launch: str) -> None:
+        self.store = store
+        self.launch = launch
+
+    def add(self, key: str, amount: int) -> int:
+        # check() before get(): a store without the key would make get() wait for it.
+        if not self.store.check([LAUNCH_KEY]) or self.store.get(LAUNCH_KEY).decode() != self.launch:
+            raise UserError(
+                f"This process (pid {os.getpid()}) belongs to an earlier launch than the run now at the "
+                f"rendezvous {rendezvous()}, so it stops instead of claiming that run's rows."
+            )
+        return self.store.add(key, amount)
+
+
 @dataclass
 class Cluster:
     state: PartialState
     counter: Counter
+    launch: str = ""
 
     @property
     def rank(self) -> int:
@@ -95,6 +130,38 @@ class Cluster:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+    def agree_on_run(self, key: str) -> None:
+        """Go on only if every process of the rendezvous runs with this run key (see module docstring).
+
+        Every process publishes its key and reads all the others', so that all refuse together (a
+        process left waiting for a refused one would wait out a collective's timeout).
+        """
+        if not self.distributed:
+            return
+        store = self.counter
+        if self.is_main:
+            store.set(LAUNCH_KEY, uuid.uuid4().hex)
+        store.set(f"{RUN_KEY}/{self.rank}", key)
+        names = [f"{RUN_KEY}/{rank}" for rank in range(self.world_size)]
+        store.wait([*names, LAUNCH_KEY])
+        keys = [store.get(name).decode() for name in names]
+        strangers = [rank for rank, other in enumerate(keys) if other != keys[0]]
+        if strangers:
+            ranks = ", ".join(map(str, strangers))
+            raise UserError(
+                f"Process rank(s) {ranks} at the rendezvous {rendezvous()} were started for another run "
+                "(a different manifest, output_dir or config) than rank 0, so none of them runs; give each run "
+                "its own accelerate launch --main_process_port, and start every machine of one run with the "
+                "same command."
+            )
+        self.launch = store.get(LAUNCH_KEY).decode()
+
+    def claims(self) -> Counter:
+        """The counter to claim rows with: it checks, before each claim, that this launch still owns the store."""
+        if not self.distributed or not self.launch:
+            return self.counter
+        return SameLaunch(self.counter, self.launch)  # type: ignore[arg-type]
 
     def broadcast(self, obj: Any) -> Any:
         """The main process's `obj`, on every process."""

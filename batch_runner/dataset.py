@@ -6,7 +6,8 @@
 * output.format=webdataset: tar shards under shards/, `<key>.mp4` + `<key>.json` per sample. Each
   shard is written atomically; which samples a shard holds is read from the shard itself, so a
   resumed run packs only samples no complete shard holds (no duplicates) and drops shards whose
-  samples were regenerated.
+  samples were regenerated or whose metadata changed (an edited passthrough column of the
+  manifest): a shard is kept only while every sample's JSON is what it would be written as now.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 
 import pandas as pd
 
-from batch_runner.manifest import Manifest
+from batch_runner.manifest import Manifest, sample_key
 from batch_runner.storage import atomic_path, atomic_write_parquet
 
 log = logging.getLogger(__name__)
@@ -59,11 +60,6 @@ def write_metadata(output_dir: Path, table: pd.DataFrame, manifest: Manifest) ->
     return path
 
 
-def sample_key(row_id: str) -> str:
-    """WebDataset splits names at the first dot, so the key is the id with dots made underscores."""
-    return row_id.replace(".", "_")
-
-
 def write_shards(
     output_dir: Path, table: pd.DataFrame, manifest: Manifest, shard_size: int, rebuild: bool = False
 ) -> list[Path]:
@@ -78,7 +74,7 @@ def write_shards(
     for shard in sorted(folder.glob("shard-*.tar")):
         match = _SHARD_NAME.search(shard.name)
         contents = _shard_contents(shard)
-        fresh = all(key in wanted and wanted[key]["params_hash"] == h for key, h in contents.items())
+        fresh = all(key in wanted and _sample_json(wanted[key]) == meta for key, meta in contents.items())
         if rebuild or not fresh or match is None:
             shard.unlink()
             continue
@@ -102,21 +98,26 @@ def _write_shard(path: Path, output_dir: Path, rows: list[dict[str, Any]]) -> No
             key = row.pop("__key__")
             video = output_dir / row.pop("video_path")
             tar.add(video, arcname=f"{key}.mp4")
-            meta = json.dumps({k: _plain(v) for k, v in row.items()}, ensure_ascii=False).encode()
+            meta = json.dumps(_sample_json(row), ensure_ascii=False).encode()
             info = tarfile.TarInfo(f"{key}.json")
             info.size = len(meta)
             tar.addfile(info, io.BytesIO(meta))
 
 
-def _shard_contents(shard: Path) -> dict[str, str | None]:
-    """key -> params_hash of every sample in a shard (a damaged shard counts as stale)."""
-    contents: dict[str, str | None] = {}
+def _sample_json(row: dict[str, Any]) -> dict[str, Any]:
+    """A sample's <key>.json content, as read back from a shard (JSON round trip)."""
+    meta = {k: _plain(v) for k, v in row.items() if k not in ("video_path", "__key__")}
+    return json.loads(json.dumps(meta, ensure_ascii=False))
+
+
+def _shard_contents(shard: Path) -> dict[str, Any]:
+    """key -> the JSON of every sample in a shard (a damaged shard counts as stale)."""
+    contents: dict[str, Any] = {}
     try:
         with tarfile.open(shard) as tar:
             for member in tar:
                 if member.name.endswith(".json"):
-                    meta = json.loads(tar.extractfile(member).read())
-                    contents[member.name[: -len(".json")]] = meta.get("params_hash")
+                    contents[member.name[: -len(".json")]] = json.loads(tar.extractfile(member).read())
     except (tarfile.TarError, OSError, json.JSONDecodeError):
         return {"\0damaged": None}
     return contents

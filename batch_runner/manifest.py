@@ -14,7 +14,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
 from batch_runner.config import ModelConfig
 from batch_runner.errors import UserError
@@ -105,27 +107,50 @@ class RowProblem:
 @dataclass
 class Manifest:
     path: Path
-    table: pd.DataFrame  # the rows as read, with an `id` column filled in
-    jobs: list[Job]  # the valid rows, in manifest order
-    problems: list[RowProblem]
+    table: pd.DataFrame  # the rows this run makes (all, or those `ids=` selected), with `id` filled in
+    jobs: list[Job]  # the valid rows of `table`, in manifest order
+    problems: list[RowProblem]  # of the rows of `table`
     passthrough: list[str]  # columns carried unchanged into the results
+    # Every row of the manifest, also those `ids=` left out: results.parquet, metadata.parquet and the
+    # report keep their earlier rows, so regenerating one video never shrinks the dataset. None: `table`.
+    all_rows: pd.DataFrame | None = None
+
+    @property
+    def rows(self) -> pd.DataFrame:
+        return self.table if self.all_rows is None else self.all_rows
 
     @property
     def record_ids(self) -> pd.Series:
         """Each row's id as results record it: a blank id cell becomes the row-number id."""
-        return pd.Series(
-            [row_id or default_id(i) for i, row_id in zip(self.table.index, self.table["id"], strict=True)],
-            index=self.table.index,
-        )
+        return record_ids(self.table)
+
+    @property
+    def all_record_ids(self) -> pd.Series:
+        """record_ids over every row of the manifest, selected by `ids=` or not."""
+        return record_ids(self.rows)
 
     @property
     def invalid_ids(self) -> dict[str, str]:
-        """id -> every reason it was refused, for rows recorded as failed under on_invalid=skip."""
+        """Record id -> every reason its row was refused, for rows recorded as failed under on_invalid=skip."""
+        record_ids = self.record_ids
         reasons: dict[str, list[str]] = {}
         for p in self.problems:
-            key = p.id if p.id is not None else default_id(p.row - 1)
-            reasons.setdefault(key, []).append(f"column '{p.column}': {p.reason}")
+            reasons.setdefault(record_ids[p.row - 1], []).append(f"column '{p.column}': {p.reason}")
         return {k: "; ".join(v) for k, v in reasons.items()}
+
+
+def record_ids(table: pd.DataFrame) -> pd.Series:
+    """Each row's id as results record it: a blank id cell, or a later repeat of an id already used
+    (refused as a duplicate), becomes the row-number id, so every row has a record."""
+    ids = table["id"]
+    repeated = ids.duplicated(keep="first") & (ids != "")
+    rows = zip(ids.index, ids, repeated, strict=True)
+    return pd.Series([default_id(i) if not row_id or again else row_id for i, row_id, again in rows], index=ids.index)
+
+
+def sample_key(row_id: str) -> str:
+    """WebDataset splits names at the first dot, so the key is the id with dots made underscores."""
+    return row_id.replace(".", "_")
 
 
 def default_id(index: int) -> str:
@@ -154,7 +179,7 @@ def read_table(path: Path) -> pd.DataFrame:
     text_columns = {c: str for c in ("id", "image", "prompt", "negative_prompt", "seed")}
     try:
         if suffix == ".parquet":
-            return pd.read_parquet(path)
+            return _read_parquet(path)
         # Spreadsheets in some locales save with ';' or tabs: the header line tells which, so
         # prompts with commas in them do not break the rows.
         with open(path, encoding="utf-8-sig", newline="") as f:
@@ -169,14 +194,38 @@ def read_table(path: Path) -> pd.DataFrame:
         raise UserError(f"The manifest {str(path)!r} could not be read as {suffix[1:]}: {e}") from e
 
 
+def _read_parquet(path: Path) -> pd.DataFrame:
+    """The columns batch_runner reads as NumPy-backed pandas; passthrough columns keep their Arrow
+    type (pd.ArrowDtype), so they reach results.parquet and metadata.parquet as they were: a struct's
+    int64 field or an int64 column with nulls would otherwise come back as double."""
+    arrow = pq.read_table(path)
+    table = arrow.to_pandas()
+    for name in arrow.column_names:
+        if str(name).strip() not in KNOWN_COLUMNS:
+            column = arrow.column(name).to_pandas(types_mapper=pd.ArrowDtype)
+            column.index = table.index
+            table[name] = column
+    return table
+
+
 def _read_csv(path: Path, sep: str, text_columns: dict[str, type]) -> pd.DataFrame:
     # utf-8-sig drops the BOM that spreadsheets write; only empty cells count as missing, so a
     # prompt that says "NA" stays a prompt.
     return pd.read_csv(path, sep=sep, encoding="utf-8-sig", dtype=text_columns, keep_default_na=False, na_values=[""])
 
 
-def load_manifest(path: str | Path, model: ModelConfig, base_seed: int, ids: list[str] | None = None) -> Manifest:
-    """Read and validate the manifest; problems are collected, not raised, so all are reported."""
+def load_manifest(
+    path: str | Path,
+    model: ModelConfig,
+    base_seed: int,
+    ids: list[str] | None = None,
+    output_format: str = "videofolder",
+) -> Manifest:
+    """Read and validate the manifest; problems are collected, not raised, so all are reported.
+
+    Every row is validated (ids must be unique across the whole manifest), but with `ids` only the
+    selected rows become jobs and only their problems are reported.
+    """
     path = Path(path).expanduser().resolve()
     table = read_table(path)
     table.columns = [str(c).strip() for c in table.columns]
@@ -193,22 +242,93 @@ def load_manifest(path: str | Path, model: ModelConfig, base_seed: int, ids: lis
     else:
         table.insert(0, "id", [default_id(i) for i in range(len(table))])
 
+    _check_columns(path, table, output_format)
+    selected = table
     if ids is not None:
         unknown = sorted(set(ids) - set(table["id"]))
         if unknown:
             raise UserError(f"ids={unknown} are not in the manifest {str(path)!r}; check the spelling.")
-        table = table[table["id"].isin(set(ids))]
+        selected = table[table["id"].isin(set(ids))]
 
     problems: list[RowProblem] = []
     jobs: list[Job] = []
-    first_row_of: dict[str, int] = {}
+    seen = _SeenIds(webdataset=output_format == "webdataset")
     for index, record in zip(table.index, table.to_dict("records"), strict=False):
-        row_problems, job = _validate_row(index, record, path.parent, model, base_seed, first_row_of)
+        row_problems, job = _validate_row(index, record, path.parent, model, base_seed, seen)
+        if index not in selected.index:
+            continue
         problems.extend(row_problems)
         if job is not None and not row_problems:
             jobs.append(job)
     passthrough = [c for c in table.columns if c not in KNOWN_COLUMNS]
-    return Manifest(path=path, table=table, jobs=jobs, problems=problems, passthrough=passthrough)
+    return Manifest(
+        path=path,
+        table=selected,
+        jobs=jobs,
+        problems=problems,
+        passthrough=passthrough,
+        all_rows=None if ids is None else table,
+    )
+
+
+# Columns the runner writes itself into metadata.parquet, which a manifest column would duplicate.
+RESERVED_COLUMNS = ("file_name",)
+
+
+def _check_columns(path: Path, table: pd.DataFrame, output_format: str) -> None:
+    """Columns the outputs cannot carry: refused before anything loads, naming the column."""
+    for column in RESERVED_COLUMNS:
+        if column in table.columns:
+            raise UserError(
+                f"The manifest {str(path)!r} has a column {column!r}, the name metadata.parquet gives each "
+                f"video's path; rename that column (e.g. to 'source_{column}')."
+            )
+    if output_format != "webdataset":
+        return
+    for column in table.columns:
+        if any(isinstance(v, (list, tuple, dict, np.ndarray)) for v in table[column]):
+            raise UserError(
+                f"The manifest {str(path)!r} has list or struct values in column {column!r}, which "
+                "output.format=webdataset cannot put in a sample's JSON; flatten the column to text "
+                "or numbers, or use output.format=videofolder."
+            )
+
+
+class _SeenIds:
+    """The ids of earlier rows, to refuse an id that would name the same file as another's.
+
+    Exact duplicates, ids that differ only by case (one file on macOS and Windows file systems)
+    and, for WebDataset, ids that map to the same sample key ('a.b' and 'a_b').
+    """
+
+    def __init__(self, webdataset: bool) -> None:
+        self.webdataset = webdataset
+        self.exact: dict[str, int] = {}
+        self.folded: dict[str, tuple[str, int]] = {}
+        self.keys: dict[str, tuple[str, int]] = {}
+
+    def clash(self, row_id: str, row: int) -> str | None:
+        """Why `row_id` clashes with an earlier row's id (None if not); remembers it otherwise."""
+        if row_id in self.exact:
+            return f"duplicate id, also used by row {self.exact[row_id]}; ids must be unique"
+        folded = row_id.casefold()
+        if folded in self.folded:
+            other, first = self.folded[folded]
+            return (
+                f"differs from row {first}'s id {other!r} only by case, so their videos would be one file "
+                "on macOS and Windows; make the ids differ by more than case"
+            )
+        key = sample_key(row_id)
+        if self.webdataset and key in self.keys:
+            other, first = self.keys[key]
+            return (
+                f"maps to the same WebDataset key {key!r} as row {first}'s id {other!r} ('.' becomes '_'); "
+                "rename one of them"
+            )
+        self.exact[row_id] = row
+        self.folded[folded] = (row_id, row)
+        self.keys[key] = (row_id, row)
+        return None
 
 
 def _as_id(value: Any, index: int) -> str:
@@ -225,7 +345,7 @@ def _validate_row(
     base_dir: Path,
     model: ModelConfig,
     base_seed: int,
-    first_row_of: dict[str, int],
+    seen: _SeenIds,
 ) -> tuple[list[RowProblem], Job | None]:
     row_id = record["id"]
     problems: list[RowProblem] = []
@@ -233,13 +353,9 @@ def _validate_row(
     def problem(column: str, reason: str) -> None:
         problems.append(RowProblem(index + 1, row_id or None, column, reason))
 
-    id_reason = id_problem(row_id)
+    id_reason = id_problem(row_id) or seen.clash(row_id, index + 1)
     if id_reason:
         problem("id", id_reason)
-    elif row_id in first_row_of:
-        problem("id", f"duplicate id, also used by row {first_row_of[row_id]}; ids must be unique")
-    else:
-        first_row_of[row_id] = index + 1
 
     prompt = record.get("prompt")
     if _is_missing(prompt) or not str(prompt).strip():
@@ -310,6 +426,9 @@ def _check_image(value: Any, base_dir: Path, problem: Any, column: str = "image"
     raw = str(value).strip()
     path = Path(raw).expanduser()
     path = path if path.is_absolute() else base_dir / path
+    if path.is_dir():
+        problem(column, f"{raw!r} is a folder (looked at {str(path)!r}); give the path of an image file in it")
+        return None
     if path.suffix.lower() not in IMAGE_SUFFIXES:
         problem(
             column,

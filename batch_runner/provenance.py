@@ -31,6 +31,21 @@ def config_hash(cfg: RunConfig) -> str:
     return hashlib.sha256(config_yaml(cfg).encode()).hexdigest()[:12]
 
 
+def run_key(cfg: RunConfig, output_dir: Path) -> str:
+    """What makes processes parts of one run: the manifest file (path, size, time), output_dir and config.
+
+    Processes that met at one rendezvous compare it before they make anything (batch_runner.cluster).
+    """
+    manifest = Path(cfg.manifest).expanduser().resolve()
+    try:
+        stat = manifest.stat()
+        stamp = [stat.st_size, stat.st_mtime_ns]
+    except OSError:
+        stamp = None
+    identity = [str(manifest), stamp, str(output_dir), config_hash(cfg)]
+    return hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
+
+
 def output_salt(cfg: RunConfig) -> str:
     """Fingerprint of the settings that change a video beyond its row's own parameters."""
     model = asdict(cfg.model)
@@ -64,7 +79,12 @@ def save_config(cfg: RunConfig, output_dir: Path) -> None:
     if cfg.model.path and (cfg.model.path.startswith((".", "~")) or model_path.exists()):
         cfg = replace(cfg, model=replace(cfg.model, path=str(model_path.resolve())))
     cfg = replace(cfg, manifest=str(Path(cfg.manifest).expanduser().resolve()), output_dir=str(output_dir))
-    atomic_write_text(config_yaml(cfg), output_dir / CONFIG_FILE)
+    saved = output_dir / CONFIG_FILE
+    if cfg.ids is not None and saved.is_file():
+        # ids= adds to a folder, it never narrows it: from_run=OUTPUT_DIR still replays every row made.
+        earlier = OmegaConf.load(saved).get("ids")
+        cfg = replace(cfg, ids=None if earlier is None else [*earlier, *(i for i in cfg.ids if i not in earlier)])
+    atomic_write_text(config_yaml(cfg), saved)
 
 
 def provenance(cfg: RunConfig, replica: Any) -> dict[str, Any]:

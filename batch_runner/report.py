@@ -14,11 +14,13 @@ import re
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 import pandas as pd
 from PIL import Image
 
+from batch_runner.manifest import id_problem
 from batch_runner.storage import atomic_path, atomic_write_text
 
 PREVIEWS_DIR = "previews"
@@ -26,10 +28,20 @@ PREVIEW_WIDTH = 256
 REPORT_JSON = "report.json"
 REPORT_HTML = "report.html"
 FRAME_NAMES = ("first", "middle", "last")
+MAX_REASON_CHARS = 300
 
 
 def preview_path(output_dir: Path, row_id: str, name: str) -> Path:
     return output_dir / PREVIEWS_DIR / f"{row_id}.{name}.jpg"
+
+
+def existing_preview(output_dir: Path, row_id: str, name: str) -> Path | None:
+    """The preview's path if it exists; None also for an id refused as a file name (a row recorded
+    failed under on_invalid=skip may have an id too long or unsafe to name any file)."""
+    if id_problem(row_id) is not None:
+        return None
+    path = preview_path(output_dir, row_id, name)
+    return path if path.exists() else None
 
 
 def save_previews(output_dir: Path, row_id: str, frames: np.ndarray, image: Image.Image | None) -> None:
@@ -49,7 +61,11 @@ def _save_jpeg(image: Image.Image, path: Path) -> None:
 
 
 def summarize(table: pd.DataFrame, started: float, run_id: str) -> dict[str, Any]:
-    """The run's numbers: counts, throughput, GPU time, per-process time, slowest rows, failures."""
+    """The run's numbers: counts, throughput, device time, per-process time, slowest rows, failures.
+
+    Device time is in GPU-hours, or CPU-hours for a run without CUDA (the `gpu` provenance column
+    says "cpu" there), so a CPU try is never reported as GPU time.
+    """
     finished = pd.to_datetime(table["finished_at"], utc=True, errors="coerce")
     this_run = finished >= pd.Timestamp(started, unit="s", tz="UTC")
     made = table[this_run & table["seconds"].notna()]
@@ -60,7 +76,8 @@ def summarize(table: pd.DataFrame, started: float, run_id: str) -> dict[str, Any
         made.groupby("rank")["seconds"].agg(["count", "sum"]).rename(columns={"count": "rows", "sum": "seconds"})
     )
     failed = table[~ok]
-    reasons = failed["error"].fillna("unknown").map(_reason).value_counts()
+    errors = failed["error"].fillna("unknown").astype(str)
+    groups = errors.map(_reason_key)
     return {
         "run_id": run_id,
         "rows": len(table),
@@ -70,8 +87,9 @@ def summarize(table: pd.DataFrame, started: float, run_id: str) -> dict[str, Any
         "made_this_run": int((this_run & ok).sum()),
         "wall_seconds": round(wall_hours * 3600, 1),
         "videos_per_hour": round(int((this_run & ok).sum()) / wall_hours, 2),
-        "gpu_hours": round(wall_hours * processes, 4),
-        "busy_gpu_hours": round(float(made["seconds"].sum()) / 3600, 4),
+        "device": _device(made),
+        "device_hours": round(wall_hours * processes, 4),
+        "busy_device_hours": round(float(made["seconds"].sum()) / 3600, 4),
         "per_process": {
             int(rank): {"rows": int(r["rows"]), "seconds": round(float(r["seconds"]), 1)}
             for rank, r in per_process.iterrows()
@@ -80,21 +98,32 @@ def summarize(table: pd.DataFrame, started: float, run_id: str) -> dict[str, Any
             {"id": r["id"], "seconds": r["seconds"]}
             for r in made.nlargest(5, "seconds")[["id", "seconds"]].to_dict("records")
         ],
+        # Alike failures (the same error with other names or numbers in it) are counted together;
+        # `reason` is the first one's own message, as it was raised.
         "failures": [
             {
-                "reason": reason,
+                "reason": errors[groups == key].iloc[0][:MAX_REASON_CHARS],
                 "count": int(count),
-                "ids": failed.loc[failed["error"].fillna("unknown").map(_reason) == reason, "id"].head(20).tolist(),
+                "ids": failed.loc[groups == key, "id"].head(20).tolist(),
             }
-            for reason, count in reasons.items()
+            for key, count in groups.value_counts().items()
         ],
     }
 
 
-def _reason(error: str) -> str:
-    """An error with its specifics (quoted names, numbers) blanked, to group alike failures."""
-    text = re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", str(error))
-    return re.sub(r"\d+(\.\d+)?", "N", text)[:160]
+def _reason_key(error: str) -> str:
+    """An error with its specifics (quoted names, numbers) blanked: the key that groups alike failures."""
+    text = re.sub(r"'[^']*'|\"[^\"]*\"", "''", error)
+    return re.sub(r"\d+(\.\d+)?", "0", text)[:MAX_REASON_CHARS]
+
+
+def _device(made: pd.DataFrame) -> str:
+    """GPU, or CPU when the rows of this run were made without CUDA."""
+    if len(made) and "gpu" in made.columns:
+        return "CPU" if (made["gpu"] == "cpu").all() else "GPU"
+    import torch
+
+    return "GPU" if torch.cuda.is_available() else "CPU"
 
 
 def write(
@@ -113,7 +142,7 @@ def _preview_failed_inputs(output_dir: Path, table: pd.DataFrame) -> None:
     """Failed rows have no frames; show their input image where it decodes at all."""
     for row in table[table["status"] != "ok"].to_dict("records"):
         path = preview_path(output_dir, row["id"], "input")
-        if path.exists() or not isinstance(row.get("image"), str):
+        if id_problem(row["id"]) or path.exists() or not isinstance(row.get("image"), str):
             continue
         try:
             with Image.open(row["image"]) as image:
@@ -127,12 +156,16 @@ def summary_text(summary: dict[str, Any], output_dir: Path) -> str:
     lines = [
         f"{summary['ok']} of {summary['rows']} rows ok, {summary['failed']} failed, "
         f"{summary['skipped']} already done before this run; "
-        f"{summary['videos_per_hour']} videos/hour, {summary['gpu_hours']} GPU-hours.",
+        f"{summary['videos_per_hour']} videos/hour, {_hours(summary)}.",
     ]
     for failure in summary["failures"]:
         lines.append(f"  failed x{failure['count']}: {failure['reason']} (e.g. {', '.join(failure['ids'][:3])})")
     lines.append(f"Results: {output_dir / 'results.parquet'}; report: {output_dir / REPORT_HTML}")
     return "\n".join(lines)
+
+
+def _hours(summary: dict[str, Any]) -> str:
+    return f"{summary['device_hours']} {summary['device']}-hours"
 
 
 # --- html -------------------------------------------------------------------------------------------
@@ -150,6 +183,10 @@ h1{font-size:20px;margin:0 0 4px} .totals{margin:0 0 16px;color:#555}
 .meta{font-size:13px;margin-top:6px} .id{font-weight:600} .status{float:right;font-weight:600}
 .ok .status{color:#2a7} .failed .status{color:#d33} .error{color:#b00;font-size:12px;white-space:pre-wrap}
 .prompt{color:#333;margin-top:4px}
+.tables{display:flex;flex-wrap:wrap;gap:24px;margin:0 0 18px} .tables h2{font-size:15px;margin:0 0 6px}
+.tables table{border-collapse:collapse;font-size:13px;background:#fff}
+.tables td,.tables th{border:1px solid #ddd;padding:3px 8px;text-align:left;vertical-align:top}
+.tables td.num{text-align:right} .tables .reason{max-width:640px;white-space:pre-wrap;color:#b00}
 """
 
 
@@ -157,21 +194,47 @@ def render_html(output_dir: Path, table: pd.DataFrame, summary: dict[str, Any]) 
     cards = "\n".join(_card(output_dir, row) for row in table.to_dict("records"))
     totals = (
         f"{summary['ok']} ok · {summary['failed']} failed · {summary['skipped']} from earlier runs · "
-        f"{summary['videos_per_hour']} videos/hour · {summary['gpu_hours']} GPU-hours"
+        f"{summary['videos_per_hour']} videos/hour · {_hours(summary)}"
     )
     return (
         "<!doctype html><html><head><meta charset='utf-8'><title>batch_runner report</title>"
         f"<style>{_STYLE}</style></head><body><h1>batch_runner report</h1>"
-        f"<p class='totals'>{html.escape(totals)}</p><div class='grid'>{cards}</div></body></html>"
+        f"<p class='totals'>{html.escape(totals)}</p>{_tables(summary)}<div class='grid'>{cards}</div></body></html>"
     )
+
+
+def _tables(summary: dict[str, Any]) -> str:
+    """The slowest rows of this run and the failures grouped by reason, above the grid."""
+    parts = []
+    if summary["slowest"]:
+        rows = "".join(
+            f"<tr><td>{html.escape(str(r['id']))}</td><td class='num'>{float(r['seconds']):.1f}</td></tr>"
+            for r in summary["slowest"]
+        )
+        parts.append(
+            "<section class='slowest'><h2>Slowest rows</h2>"
+            f"<table><tr><th>id</th><th>seconds</th></tr>{rows}</table></section>"
+        )
+    if summary["failures"]:
+        rows = "".join(
+            f"<tr><td class='num'>{f['count']}</td><td class='reason'>{html.escape(f['reason'])}</td>"
+            f"<td>{html.escape(', '.join(map(str, f['ids'][:5])))}{' …' if f['count'] > 5 else ''}</td></tr>"
+            for f in summary["failures"]
+        )
+        parts.append(
+            "<section class='failures'><h2>Failures by reason</h2>"
+            f"<table><tr><th>rows</th><th>reason</th><th>ids</th></tr>{rows}</table></section>"
+        )
+    return f"<div class='tables'>{''.join(parts)}</div>" if parts else ""
 
 
 def _card(output_dir: Path, row: dict[str, Any]) -> str:
     status = row["status"]
     figures = []
     for name in ("input", *FRAME_NAMES):
-        path = preview_path(output_dir, row["id"], name)
-        src = f"{PREVIEWS_DIR}/{path.name}" if path.exists() else ""
+        path = existing_preview(output_dir, row["id"], name)
+        # A URL, not a file name: ids may hold '#', '%', '?' or spaces, which a browser reads as URL syntax.
+        src = quote(f"{PREVIEWS_DIR}/{path.name}") if path else ""
         # No picture (a row that failed before or while generating): an empty box, not a broken image.
         img = f"<img src='{html.escape(src)}' alt='{name}'>" if src else "<div class='missing'>—</div>"
         figures.append(f"<figure>{img}<figcaption>{name}</figcaption></figure>")

@@ -19,7 +19,7 @@ from typing import Any
 import pandas as pd
 
 from batch_runner.manifest import Manifest
-from batch_runner.storage import atomic_write_parquet
+from batch_runner.storage import atomic_write_parquet, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -94,20 +94,32 @@ class ResultLog:
 
 
 def read_records(output_dir: Path) -> pd.DataFrame:
-    """The newest record of each id over every part file; torn last lines are skipped."""
+    """The newest record of each id over every part file; torn last lines are dropped for good."""
     rows: list[dict[str, Any]] = []
     for part in sorted((output_dir / PARTS_DIR).glob("*.jsonl")):
-        with open(part, encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    log.warning("ignoring an unfinished line %d of %s (a process was killed)", number, part.name)
+        rows.extend(_read_part(part))
     if not rows:
         return pd.DataFrame(columns=RESULT_COLUMNS)
     table = pd.DataFrame(rows)
     table = table.sort_values("finished_at", kind="stable").drop_duplicates("id", keep="last")
     return table.reset_index(drop=True)
+
+
+def _read_part(part: Path) -> list[dict[str, Any]]:
+    """A part file's records. A line cut short by a kill is reported once and removed from the file
+    (rewritten atomically with its whole lines): its row has no video under its final name either,
+    so it is simply made again, and later runs do not warn about it again."""
+    good, torn = [], []
+    with open(part, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                good.append((line if line.endswith("\n") else line + "\n", json.loads(line)))
+            except json.JSONDecodeError:
+                torn.append(number)
+    if torn:
+        log.warning("dropped %d unfinished line(s) %s of %s (a process was killed)", len(torn), torn, part.name)
+        atomic_write_text("".join(line for line, _ in good), part)
+    return [record for _, record in good]
 
 
 def finished_ids(output_dir: Path, manifest: Manifest, salt: str) -> set[str]:
@@ -132,9 +144,13 @@ def finished_ids(output_dir: Path, manifest: Manifest, salt: str) -> set[str]:
 
 
 def merge(output_dir: Path, manifest: Manifest) -> pd.DataFrame:
-    """Write results.parquet: one row per manifest row that has a record, in manifest order."""
+    """Write results.parquet: one row per manifest row that has a record, in manifest order.
+
+    Every row of the manifest counts, also rows `ids=` left out of this run: their records from
+    earlier runs stay.
+    """
     records = read_records(output_dir)
-    ids = manifest.record_ids
+    ids = manifest.all_record_ids
     order = {row_id: i for i, row_id in enumerate(ids)}
     records = records[records["id"].isin(order.keys())].copy()
     records["_order"] = records["id"].map(order)
@@ -145,7 +161,7 @@ def merge(output_dir: Path, manifest: Manifest) -> pd.DataFrame:
     table = records[RESULT_COLUMNS + PROVENANCE_COLUMNS].astype(_DTYPES)
     # A duplicate id (refused, recorded under on_invalid=skip) must not double its first row here.
     passthrough = (
-        manifest.table[manifest.passthrough]
+        manifest.rows[manifest.passthrough]
         .assign(id=ids)
         .drop_duplicates("id")
         .rename(columns={c: f"{c}_manifest" for c in manifest.passthrough if c in table.columns})

@@ -19,24 +19,42 @@ from typing import Any
 import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from batch_runner import compile_cache, dataset, memory, report
+from batch_runner import compile_cache, dataset, lifecycle, memory, report
+from batch_runner.checks import check_settings
+from batch_runner.cli import log_to_file
 from batch_runner.cluster import Cluster, join_cluster
 from batch_runner.config import RunConfig
 from batch_runner.errors import UserError
 from batch_runner.images import ImageLoadError, load_image
 from batch_runner.manifest import Job, Manifest, load_manifest
 from batch_runner.progress import Progress
-from batch_runner.provenance import config_hash, output_salt, provenance, save_config
+from batch_runner.provenance import config_hash, output_salt, provenance, run_key, save_config
 from batch_runner.replica import Replica, is_out_of_memory, release_memory
 from batch_runner.results import ResultLog, finished_ids, merge
 from batch_runner.sharding import StaticQueue, WorkQueue
-from batch_runner.storage import sweep_temporaries
+from batch_runner.storage import (
+    OutputError,
+    OutputLock,
+    check_output_dir,
+    mark_output_dir,
+    output_errors,
+    sweep_temporaries,
+)
 from batch_runner.video import write_video
 
 log = logging.getLogger(__name__)
 
 VIDEOS_DIR = "videos"
+LOGS_DIR = "logs"
 MAX_PENDING_WRITES = 2
+# What a run that cannot write its output folder keeps, in the sentence that ends it.
+KEPT_WHILE_MAKING = (
+    "every row finished so far is kept (its video and its line under parts/), and a rerun makes only the others"
+)
+KEPT_AT_END = (
+    "every video made and its line under parts/ are kept, and a rerun writes results.parquet, "
+    "metadata.parquet and the report without making them again"
+)
 
 
 def output_dir_of(cfg: RunConfig) -> Path:
@@ -47,21 +65,26 @@ def output_dir_of(cfg: RunConfig) -> Path:
 
 def run(cfg: RunConfig) -> int:
     """Run this process's part; returns the exit status."""
+    check_settings(cfg)  # before the manifest, the process group or any model
     compile_cache.configure(cfg.speed.compile_cache_dir)  # before anything can compile
     cluster = join_cluster(cpu=not torch.cuda.is_available())
+    lifeline = lifecycle.current()
+    if lifeline is not None and cluster.distributed:
+        lifeline.watch_store(cluster.counter)  # a heartbeat: stop when the other processes' store is gone
     try:
+        cluster.agree_on_run(run_key(cfg, output_dir_of(cfg)))
         return _run(cfg, cluster)
     finally:
+        if lifeline is not None:
+            lifeline.watch_store(None)
         cluster.close()
 
 
 def _run(cfg: RunConfig, cluster: Cluster) -> int:
     out = output_dir_of(cfg)
-    manifest = load_manifest(cfg.manifest, cfg.model, cfg.seed, cfg.ids)
+    manifest = load_manifest(cfg.manifest, cfg.model, cfg.seed, cfg.ids, cfg.output.format)
     if manifest.problems and cfg.on_invalid != "skip":
         raise UserError(_refusal(manifest))
-    if cfg.on_invalid not in ("fail", "skip"):
-        raise UserError(f"on_invalid={cfg.on_invalid!r} must be 'fail' or 'skip'.")
     if cfg.dry_run:
         if cluster.is_main:
             from batch_runner.dry_run import describe
@@ -70,7 +93,20 @@ def _run(cfg: RunConfig, cluster: Cluster) -> int:
         return 0
 
     started = time.time()
-    plan = cluster.broadcast(_prepare(cfg, manifest, out) if cluster.is_main else None)
+    with contextlib.ExitStack() as owner:  # the main process's lock on output_dir, released however _run ends
+        mine = _claim_and_prepare(cfg, manifest, out, owner) if cluster.is_main else None
+        refusal = mine.pop("exception", None) if mine else None
+        plan = cluster.broadcast(mine)
+        if "error" in plan:
+            raise refusal or UserError(plan["error"])
+        return _run_claimed(cfg, cluster, manifest, out, plan, started)
+
+
+def _run_claimed(
+    cfg: RunConfig, cluster: Cluster, manifest: Manifest, out: Path, plan: dict[str, Any], started: float
+) -> int:
+    if not cluster.is_main:  # the terminal shows only its warnings (cli.setup_logging); all goes here
+        log_to_file(out / LOGS_DIR / f"rank{cluster.rank:05d}.log")
     pending = [manifest.jobs[i] for i in plan["pending"]]
     log.info("%d rows to make, %d already done", len(pending), plan["done"])
 
@@ -88,13 +124,12 @@ def _run(cfg: RunConfig, cluster: Cluster) -> int:
             progress.close()
     if not cluster.is_main:
         return 0
-    table = merge(out, manifest)
-    dataset.write_metadata(out, table, manifest)
-    if cfg.output.format == "webdataset":
-        dataset.write_shards(out, table, manifest, cfg.output.shard_size, rebuild=cfg.overwrite)
-    elif cfg.output.format != "videofolder":
-        raise UserError(f"output.format={cfg.output.format!r} must be videofolder or webdataset.")
-    summary = report.write(out, table, manifest, started=started, run_id=plan["run_id"], html=cfg.output.report)
+    with output_errors(out, "write the results, dataset files and report", KEPT_AT_END):
+        table = merge(out, manifest)
+        dataset.write_metadata(out, table, manifest)
+        if cfg.output.format == "webdataset":
+            dataset.write_shards(out, table, manifest, cfg.output.shard_size, rebuild=cfg.overwrite)
+        summary = report.write(out, table, manifest, started=started, run_id=plan["run_id"], html=cfg.output.report)
     print(report.summary_text(summary, out))
     # Failed rows are recorded, not fatal: the run itself succeeded (see the README's exit codes).
     return 0
@@ -109,9 +144,25 @@ def _refusal(manifest: Manifest) -> str:
     )
 
 
+def _claim_and_prepare(cfg: RunConfig, manifest: Manifest, out: Path, owner: contextlib.ExitStack) -> dict[str, Any]:
+    """Main process only: make output_dir this run's (or refuse it), then _prepare it.
+
+    A refusal is returned, not raised, so that every process hears of it through the broadcast and
+    ends with it instead of waiting for a plan that never comes.
+    """
+    try:
+        with output_errors(out, "prepare the output folder", "nothing was made"):
+            check_output_dir(out, manifest.path)
+            out.mkdir(parents=True, exist_ok=True)
+            owner.enter_context(OutputLock(out))  # before anything is written in it
+            return _prepare(cfg, manifest, out)
+    except UserError as e:
+        return {"error": str(e), "exception": e}
+
+
 def _prepare(cfg: RunConfig, manifest: Manifest, out: Path) -> dict[str, Any]:
-    """Main process only: set up the output folder and decide what is left to do."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Main process only, holding output_dir's lock: set it up and decide what is left to do."""
+    mark_output_dir(out)
     (out / VIDEOS_DIR).mkdir(exist_ok=True)
     swept = sweep_temporaries(out)
     if swept:
@@ -131,8 +182,9 @@ def _record_invalid(cfg: RunConfig, manifest: Manifest, out: Path, run_id: str) 
     for row_id, reason in manifest.invalid_ids.items():
         log.warning("row %s skipped: %s", row_id, reason)
         if row_id in valid:
-            # A later duplicate of a valid row's id: its record would replace that row's own (and on a
-            # resume, turn the video made for it into a failure). The refusal is in the log above.
+            # A row-number id (of a blank or repeated id) that a valid row uses as its own id: the record
+            # would replace that row's own (and on a resume, turn its video into a failure). The refusal
+            # is in the log above.
             continue
         results.append({"id": row_id, "status": "failed", "error": f"invalid row: {reason}", "finished_at": _now()})
 
@@ -142,20 +194,20 @@ def _make_videos(
 ) -> None:
     """Claim rows and make their videos until none are left."""
     replica = Replica(cfg, cluster.device, cluster.host_peers(), pending)
-    results = ResultLog(out, run_id, cluster.rank)
+    with output_errors(out, "start this process's results log", KEPT_WHILE_MAKING):
+        results = ResultLog(out, run_id, cluster.rank)
     base = provenance(cfg, replica) | {"config_hash": config_hash(cfg)}
     salt = output_salt(cfg)
     if cfg.scheduling == "dynamic":
-        queue = WorkQueue(cluster.counter, len(pending), cluster.world_size, cfg.chunk_size, key="claimed")
-    elif cfg.scheduling == "static":
+        queue = WorkQueue(cluster.claims(), len(pending), cluster.world_size, cfg.chunk_size, key="claimed")
+    else:  # "static" (check_settings refused anything else)
         queue = StaticQueue(len(pending), cluster.rank, cluster.world_size, cfg.chunk_size)
-    else:
-        raise UserError(f"scheduling={cfg.scheduling!r} must be 'dynamic' or 'static'.")
     on_step = progress.refresh if progress else None
 
     def finish(record: dict[str, Any]) -> None:
         record = base | record | {"rank": cluster.rank, "finished_at": _now()}
-        results.append(record)
+        with output_errors(out, f"record row {record['id']}'s result", KEPT_WHILE_MAKING):
+            results.append(record)
         cluster.counter.add("done", 1)
         level = logging.INFO if record["status"] == "ok" else logging.WARNING
         log.log(
@@ -232,12 +284,17 @@ def _publish(out: Path, job: Job, frames: Any, image: Any, record: dict, cfg: Ru
     """Writer thread: video first (atomically), then the preview, then the durable result row."""
     relative = f"{VIDEOS_DIR}/{job.id}.mp4"
     try:
-        write_video(frames, out / relative, job.fps, cfg.output.crf)
+        # A full or read-only folder ends the run (every later row would fail the same way).
+        with output_errors(out, f"write {relative}", KEPT_WHILE_MAKING):
+            write_video(frames, out / relative, job.fps, cfg.output.crf)
+    except OutputError:
+        raise
     except Exception as e:
         finish(record | {"status": "failed", "error": f"writing video: {type(e).__name__}: {e}"})
         return
     if cfg.output.report:
-        report.save_previews(out, job.id, frames, image)
+        with output_errors(out, f"write {job.id}'s previews", KEPT_WHILE_MAKING):
+            report.save_previews(out, job.id, frames, image)
     finish(record | {"status": "ok", "video_path": relative, "error": None})
 
 

@@ -2,6 +2,13 @@
 
 yuv420p is what every decoder accepts; `+faststart` puts the index first so a browser can show the
 video before it has all of it. The file appears under its final name only when complete.
+
+The same frames always give the same bytes, whatever machine or process encodes them: a dataset's
+content hashes and deduplication depend on it. x264 is deterministic for a given thread count, but
+its default thread count follows the CPUs this process may use (which differ between hosts, ranks
+and CPU-affinity settings), and frame threads change how frames are coded. So the encoder runs on
+one thread: it works in the background while the GPU makes the next video, so it costs no
+throughput.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ def write_video(frames: np.ndarray, path: Path, fps: float, crf: int = 18) -> No
         stream.width = frames.shape[2]
         stream.height = frames.shape[1]
         stream.pix_fmt = "yuv420p"
+        stream.codec_context.thread_count = 1  # deterministic output (see the module docstring)
         stream.options = {"crf": str(crf), "preset": "medium"}
         for frame in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))

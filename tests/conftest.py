@@ -67,7 +67,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def accelerate_cpu(processes: int) -> list[str]:
+def accelerate_cpu(processes: int, port: int | None = None) -> list[str]:
     """accelerate --cpu with a port of its own, so launches of parallel test sessions never meet."""
     return [
         sys.executable,
@@ -83,7 +83,7 @@ def accelerate_cpu(processes: int) -> list[str]:
         "--dynamo_backend",
         "no",
         "--main_process_port",
-        str(free_port()),
+        str(port or free_port()),
     ]
 
 

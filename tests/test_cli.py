@@ -2,9 +2,8 @@
 
 Every run here is a subprocess with the tiny model, on real images of assorted modes and formats.
 Runs that later runs compare against use `output.crf=0` (lossless H.264): the decoded frames are then
-exactly the frames the pipeline made, so "same video" can be asserted bit for bit. (Lossy x264 is
-not bit-reproducible from one encode to the next on every machine, which would test the encoder,
-not the runner.)
+exactly the frames the pipeline made, so "same frames" can be asserted bit for bit. That the default
+lossy encoding gives the same bytes on a rerun and a `from_run` regeneration is tested on its own.
 """
 
 from __future__ import annotations
@@ -13,6 +12,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -83,7 +83,8 @@ def part_ids(part: Path) -> list[str]:
 
 
 def hydra_leftovers(folder: Path) -> list[Path]:
-    return [p for p in folder.rglob("*") if p.name in (".hydra", "multirun") or p.name.endswith(".log")]
+    hydra = [p for p in folder.rglob("*") if p.name in (".hydra", "multirun") or p.name.endswith(".log")]
+    return [p for p in hydra if p.parent != folder / "logs"]  # logs/: the non-main ranks' own logs
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -173,6 +174,40 @@ def test_two_processes_results_are_all_ok_from_both_ranks(two_process: dict) -> 
     metadata = pd.read_parquet(out / "metadata.parquet")
     assert sorted(metadata["file_name"]) == sorted(f"videos/{i}.mp4" for i in ROWS)
     assert "category" in metadata.columns
+
+
+def test_only_the_main_process_logs_below_warnings_to_the_terminal(two_process: dict) -> None:
+    """Other ranks' lines would break the main process's progress bar; their full log is a file."""
+    stderr = two_process["proc"].stderr
+    assert "[rank 0/2] INFO" in stderr
+    assert "[rank 1/2] INFO" not in stderr
+    rank1 = (two_process["out"] / "logs" / "rank00001.log").read_text()
+    assert "[rank 1/2] INFO batch_runner.runner: row " in rank1
+    assert not (two_process["out"] / "logs" / "rank00000.log").exists()  # the main one has the terminal
+
+
+def test_readme_launch_commands_leave_accelerate_no_defaults_to_warn_about(monkeypatch, caplog) -> None:
+    """`accelerate launch` warns about every launch setting left to its defaults; the README's
+    commands pass them all, so that users copying them see no warning."""
+    import shlex
+
+    import accelerate.commands.launch as launch
+    import psutil
+
+    monkeypatch.setattr(launch, "default_config_file", "/nonexistent/default_config.yaml")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # as for most users: --cpu must set threads itself
+    monkeypatch.setattr(psutil, "cpu_count", lambda logical=True: 64)
+    text = (ROOT / "README.md").read_text().replace("\\\n", " ")
+    commands = [line.strip() for line in text.splitlines() if line.strip().startswith("accelerate launch")]
+    assert len(commands) >= 3
+    for command in commands:
+        words = shlex.split(command.replace("$RANK", "0").replace("$HEAD", "10.0.0.1"))
+        args = launch.launch_command_parser().parse_args(words[2:])
+        caplog.clear()
+        launch._validate_launch_command(args)
+        assert "had defaults used instead" not in caplog.text, command
+        if not args.cpu and args.num_processes > 1:  # accelerate switches this on itself, with a warning
+            assert args.multi_gpu, command
 
 
 def test_two_process_run_writes_nothing_in_the_cwd_or_the_repo(two_process: dict) -> None:
@@ -367,9 +402,10 @@ def test_two_processes_load_a_saved_pipeline_once_and_share_it(data: dict, one_p
         launcher=accelerate_cpu(2),
     )
     ok(proc)
+    rank1 = (out / "logs" / "rank00001.log").read_text()  # not on the terminal: the main process owns it
     for name in ("text_encoder", "transformer", "vae"):
         assert f"[rank 0/2] INFO batch_runner.host_weights: shared {name} on this host" in proc.stderr
-        assert f"[rank 1/2] INFO batch_runner.host_weights: mapped {name} from the copy process" in proc.stderr
+        assert f"[rank 1/2] INFO batch_runner.host_weights: mapped {name} from the copy process" in rank1
     table = pd.read_parquet(out / "results.parquet")
     assert set(table["status"]) == {"ok"} and sorted(set(table["rank"])) == [0, 1]
     for row_id in ("rgba", "webp", "gray"):
@@ -429,6 +465,36 @@ def test_from_run_regenerates_one_video_from_another_cwd(one_process: Path, tmp_
     assert list(elsewhere.iterdir()) == []
 
 
+def test_a_rerun_and_a_from_run_regeneration_write_byte_identical_videos(data: dict, tmp_path: Path) -> None:
+    """Same frames, same bytes (default lossy crf): a dataset's content hashes and dedup rely on it.
+
+    The rerun is pinned to one CPU, as a rank of a multi-process run may be: the encoder's output
+    must not follow the CPUs a process sees. (At the tiny model's 64x96 x264 keeps to one thread
+    anyway; tests/test_video.py shows the difference at a larger size.)
+    """
+    first, rerun, again = tmp_path / "first", tmp_path / "rerun", tmp_path / "again"
+    common = (f"manifest={data['manifest']}", "model=tiny", "ids=[webp]")
+    ok(run_cli(*common, f"output_dir={first}", cwd=tmp_path))
+    one_cpu = min(os.sched_getaffinity(0))
+    ok(run_cli(*common, f"output_dir={rerun}", cwd=tmp_path, launcher=["taskset", "-c", str(one_cpu), sys.executable]))
+    ok(run_cli(f"from_run={first}", f"output_dir={again}", cwd=tmp_path))
+    made = (first / "videos/webp.mp4").read_bytes()
+    assert (rerun / "videos/webp.mp4").read_bytes() == made
+    assert (again / "videos/webp.mp4").read_bytes() == made
+
+
+def test_from_run_with_a_group_choice_composes_that_group(tmp_path: Path) -> None:
+    """`from_run=DIR model=...` once failed with "Bad setting a setting: Merge error"."""
+    from batch_runner.provenance import save_config
+    from tests.conftest import run_config
+
+    earlier = tmp_path / "earlier"
+    save_config(run_config(f"manifest={ROOT / 'examples/jobs.csv'}", "model=tiny", "memory=group_offload"), earlier)
+    proc = run_cli(f"from_run={earlier}", "model=tiny", "memory=none", "dry_run=true", cwd=tmp_path)
+    ok(proc)
+    assert "dry run: no model loaded, nothing written." in proc.stdout
+
+
 # --- configuration errors -------------------------------------------------------------------------
 
 
@@ -440,3 +506,32 @@ def test_misspelt_key_fails_clearly_before_anything_runs(data: dict, tmp_path: P
     assert "Traceback" not in proc.stderr
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("override", "sentence"),
+    [
+        (
+            "memroy=none",
+            "There is no setting 'memroy' among the settings (batch_runner/config.py); did you mean memory?",
+        ),
+        ("model=wan", "model=wan is not one of the model choices in conf/model/: cogvideox-5b-i2v, cogvideox1.5"),
+        ("memory=nonne", "memory=nonne is not one of the memory choices in conf/memory/: auto, group_offload,"),
+        ("model.num_inferenc_steps=3", "did you mean model.num_inference_steps?"),
+    ],
+)
+def test_a_misspelt_override_is_one_line_with_the_valid_choices_and_exit_2(tmp_path: Path, override, sentence) -> None:
+    proc = run_cli("manifest=jobs.csv", "model=tiny", override, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.splitlines() == [proc.stderr.strip()], proc.stderr
+    assert proc.stderr.startswith(f"error: {sentence}") or sentence in proc.stderr, proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_valid_overrides_pass_the_check() -> None:
+    from batch_runner.overrides import check_overrides
+
+    check_overrides(
+        ["manifest=a.csv", "model=tiny", "memory.plan=none", "ids=[a,b]", "hydra.run.dir=.", "--cfg", "job", "seed=3"],
+        ROOT / "conf",
+    )

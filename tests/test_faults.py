@@ -19,6 +19,7 @@ from PIL import Image
 
 from batch_runner import replica as replica_module
 from batch_runner import runner
+from batch_runner.storage import mark_output_dir
 from batch_runner.video import read_video
 from tests.conftest import ROOT, accelerate_cpu, photo, run_cli, run_config, write_manifest
 
@@ -190,9 +191,12 @@ def test_invalid_rows_skipped_are_recorded_failed_and_the_rest_made(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     table = results_of(out)
     assert table["id"].is_unique
-    # The duplicate shares its id with good-a, the first row of that id, which is made; one results row
-    # per id, so the duplicate's reason is in the log (and every other bad row's is in the table).
+    # The duplicate shares its id with good-a, the first row of that id, which is made; the duplicate
+    # is recorded under its row-number id, as a blank id is: one results row per manifest row.
+    assert len(table) == 9
     assert table.loc["good-a", "status"] == "ok"
+    assert table.loc["row000003", "status"] == "failed"
+    assert "duplicate id, also used by row 1" in table.loc["row000003", "error"]
     assert table.loc["good-b", "status"] == "ok"
     for row_id in ("good-a", "good-b"):
         frames, _ = read_video(out / table.loc[row_id, "video_path"])
@@ -205,11 +209,11 @@ def test_invalid_rows_skipped_are_recorded_failed_and_the_rest_made(tmp_path):
         error = table.loc[row_id, "error"]
         assert error.startswith("invalid row:") and f"column '{column}'" in error and words in error, error
         assert pd.isna(table.loc[row_id, "video_path"])
-    assert set(table["id"]) == {"good-a", "good-b", *bad}
+    assert set(table["id"]) == {"good-a", "good-b", "row000003", *bad}
     videos = sorted(p.name for p in (out / "videos").iterdir())
     assert videos == ["good-a.mp4", "good-b.mp4"]
     summary = json.loads((out / "report.json").read_text())
-    assert (summary["ok"], summary["failed"]) == (2, len(bad) - 1)
+    assert (summary["ok"], summary["failed"]) == (2, len(bad))
 
     # Nothing outside output_dir: not beside it, not in the repository the command ran from.
     after = tree(tmp_path, skip=out)
@@ -416,6 +420,7 @@ def test_leftover_temporaries_are_swept_on_the_next_run(tmp_path):
         path.write_bytes(b"\0" * 1000)
     keep = out / "notes.txt"
     keep.write_text("mine")
+    mark_output_dir(out)  # the killed run's folder: that run marked it before writing anything
 
     result = run_cli(f"manifest={manifest}", "model=tiny", f"output_dir={out}")
 
@@ -443,3 +448,17 @@ def test_a_row_with_a_blank_id_is_recorded_under_its_row_number_id(tmp_path):
     assert table["id"].tolist() == ["good0", "row000002"]
     assert table["status"].tolist() == ["ok", "failed"]
     assert "column 'id': the id is empty" in table["error"].iloc[1]
+
+
+def test_an_id_too_long_for_a_file_name_is_recorded_failed_and_the_report_still_written(tmp_path):
+    # A 300-character id cannot name a preview file; under on_invalid=skip it crashed the report.
+    rows = good_rows(tmp_path, 2)
+    rows[1]["id"] = "x" * 300
+    manifest = write_manifest(tmp_path / "jobs.csv", rows)
+    out = tmp_path / "out"
+    done = run_cli(f"manifest={manifest}", "model=tiny", f"output_dir={out}", "on_invalid=skip")
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = results_of(out)
+    assert table["status"].tolist() == ["ok", "failed"]
+    assert "300 bytes long" in table["error"].iloc[1]
+    assert ("x" * 300) in (out / "report.html").read_text()

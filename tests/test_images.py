@@ -288,3 +288,18 @@ def test_pixel_cap_boundary(tmp_path):
     assert load_image(path, 64, 96, 10_000).size == (96, 64)  # exactly at the cap: fine
     with pytest.raises(ImageLoadError, match=r"100x100 = 10000 pixels, above the cap of 9999"):
         load_image(path, 64, 96, 9_999)
+
+
+def test_an_image_path_that_is_a_folder_is_called_a_folder(tmp_path: Path) -> None:
+    from batch_runner.manifest import load_manifest
+
+    from .conftest import run_config, write_manifest
+
+    (tmp_path / "shots.png").mkdir()
+    (tmp_path / "shots").mkdir()
+    rows = [{"id": "a", "image": "shots.png", "prompt": "x"}, {"id": "b", "image": "shots", "prompt": "x"}]
+    cfg = run_config(f"manifest={write_manifest(tmp_path / 'jobs.csv', rows)}", "model=tiny")
+    problems = load_manifest(cfg.manifest, cfg.model, cfg.seed).problems
+    assert [(p.id, p.column) for p in problems] == [("a", "image"), ("b", "image")]
+    for problem in problems:
+        assert "is a folder" in problem.reason and "does not exist" not in problem.reason, problem

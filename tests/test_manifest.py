@@ -479,7 +479,7 @@ ROW_CASES = [
     ("5b", {"image": ""}, "image", ["no image path", "relative to the manifest's folder or an absolute one"]),
     ("5b", {"image": "missing.png"}, "image", ["'missing.png' does not exist", "missing.png", "manifest's folder"]),
     ("5b", {"image": "imgs/cat.png"}, "image", ["'imgs/cat.png' does not exist"]),
-    ("5b", {"image": "imgs"}, "image", ["not a supported image type", "convert it to PNG or JPEG"]),
+    ("5b", {"image": "imgs"}, "image", ["is a folder", "give the path of an image file in it"]),
     ("5b", {"image": "clip.mp4"}, "image", ["'clip.mp4' is not a supported image type", ".png", ".jpg"]),
     ("5b", {"seed": "abc"}, "seed", ["'abc' is not a whole number", f"integer from 0 to {MAX_SEED}"]),
     ("5b", {"seed": "1.5"}, "seed", ["'1.5' is not a whole number"]),
@@ -637,6 +637,55 @@ def test_duplicate_ids_name_the_first_row_using_them(folder):
     for problem, first in zip(manifest.problems, [1, 1, 2], strict=True):
         assert_names(problem, problem.row, problem.id, "id", f"duplicate id, also used by row {first}", "unique")
     assert [job.id for job in manifest.jobs] == ["a", "b", "c"]
+
+
+def test_ids_differing_only_by_case_are_refused_naming_the_first(folder):
+    # videos/Cat.mp4 and videos/cat.mp4 are one file on macOS and Windows file systems.
+    write_manifest(folder / "m.csv", [good_row(id="cat"), good_row(id="dog"), good_row(id="Cat"), good_row(id="CAT")])
+    manifest = load(folder / "m.csv")
+    assert [(p.row, p.id, p.column) for p in manifest.problems] == [(3, "Cat", "id"), (4, "CAT", "id")]
+    assert "differs from row 1's id 'cat' only by case" in manifest.problems[0].reason
+    assert [job.id for job in manifest.jobs] == ["cat", "dog"]
+    assert set(manifest.invalid_ids) == {"Cat", "CAT"}
+
+
+def test_ids_with_one_webdataset_key_are_refused_only_for_webdataset(folder):
+    write_manifest(folder / "m.csv", [good_row(id="a.b"), good_row(id="a_b"), good_row(id="c")])
+    assert load(folder / "m.csv").problems == []
+    manifest = load_manifest(folder / "m.csv", COGVIDEOX.model, 0, output_format="webdataset")
+    (problem,) = manifest.problems
+    assert (problem.row, problem.id, problem.column) == (2, "a_b", "id")
+    assert "same WebDataset key 'a_b' as row 1's id 'a.b'" in str(problem)
+    assert [job.id for job in manifest.jobs] == ["a.b", "c"]
+
+
+def test_a_file_name_column_is_refused_before_anything_runs(folder):
+    # metadata.parquet names each video's path file_name: a manifest column of that name would be a
+    # second file_name column there.
+    write_manifest(folder / "m.csv", [good_row(id="a", file_name="cat.png")])
+    with pytest.raises(UserError, match=r"has a column 'file_name'.*rename that column") as caught:
+        load(folder / "m.csv")
+    assert "\n" not in str(caught.value)
+
+
+def test_list_and_struct_columns_are_refused_for_webdataset_only(folder):
+    rows = [good_row(id="a", tags=["x", "y"], box={"w": 1}), good_row(id="b", tags=["z"], box={"w": 2})]
+    write_manifest(folder / "m.parquet", rows)
+    assert load(folder / "m.parquet").problems == []  # metadata.parquet holds them as they are
+    with pytest.raises(UserError, match=r"list or struct values in column 'tags'.*output.format=videofolder"):
+        load_manifest(folder / "m.parquet", COGVIDEOX.model, 0, output_format="webdataset")
+
+
+def test_ids_select_rows_but_the_manifest_keeps_every_row_for_the_results(folder):
+    write_manifest(folder / "m.csv", [good_row(id="a"), good_row(id="b", prompt=""), good_row(id="c")])
+    manifest = load(folder / "m.csv", ids=["c"])
+    assert [job.id for job in manifest.jobs] == ["c"] and manifest.problems == []  # b's problem is not this run's
+    assert list(manifest.record_ids) == ["c"]
+    assert list(manifest.all_record_ids) == ["a", "b", "c"]
+    # An id selected still clashes with an earlier row left out of the selection.
+    write_manifest(folder / "m.csv", [good_row(id="a"), good_row(id="A")])
+    (problem,) = load(folder / "m.csv", ids=["A"]).problems
+    assert problem.id == "A" and "only by case" in problem.reason
 
 
 def test_all_bad_rows_are_reported_at_once(folder):

@@ -171,7 +171,8 @@ def test_report_json_has_counts_throughput_slowest_and_failures(runs):
     assert [s["seconds"] for s in slowest] == sorted((s["seconds"] for s in slowest), reverse=True)
     assert slowest[0]["seconds"] == table["seconds"].max()
     [failure] = summary["failures"]
-    assert failure["reason"].startswith("image: cannot decode image '…'")  # names blanked to group alike
+    assert failure["reason"].startswith("image: cannot decode image 'broken.png'")  # as raised
+    assert summary["device"] == "CPU" and summary["device_hours"] > 0
     assert (failure["count"], failure["ids"]) == (1, ["broken"])
     assert sum(p["rows"] for p in summary["per_process"].values()) == 5
 
@@ -184,6 +185,7 @@ def test_report_html_renders_every_row_and_the_failure(runs, tmp_path):
         assert f"data-id='{row_id}'" in text
     assert "<div class='card failed' data-id='broken'>" in text
     assert text.count("class='card ok'") == 5
+    assert "Slowest rows" in text and "Failures by reason" in text and "CPU-hours" in text
     for row_id in OK_IDS:
         for name in ("input", "first", "middle", "last"):
             assert f"src='previews/{row_id}.{name}.jpg'" in text

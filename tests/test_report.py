@@ -1,0 +1,92 @@
+"""report.json, report.html and the console summary, from a results table built in memory."""
+
+from __future__ import annotations
+
+import time
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import numpy as np
+import pandas as pd
+
+from batch_runner import report
+
+IDS = ["a#1", "50%", "two words", "plain"]
+
+
+def table(device: str = "NVIDIA H100 80GB HBM3") -> pd.DataFrame:
+    now = pd.Timestamp.now(tz="UTC").isoformat()
+    rows = [
+        {"id": row_id, "status": "ok", "seconds": float(i + 1), "rank": i % 2, "error": None}
+        for i, row_id in enumerate(IDS)
+    ] + [
+        {"id": row_id, "status": "failed", "seconds": seconds, "rank": rank, "error": error}
+        for row_id, seconds, rank, error in [
+            ("bad1", None, 0, "image: cannot decode image 'x_17.png'"),
+            ("bad2", None, 1, "image: cannot decode image 'y_2.png'"),
+            ("bad3", 0.5, 1, "RuntimeError: step 3 gave NaN"),
+        ]
+    ]
+    frame = pd.DataFrame(rows)
+    return frame.assign(finished_at=now, gpu=device, prompt="the sea", image=None)
+
+
+def summary(device: str = "NVIDIA H100 80GB HBM3") -> dict:
+    return report.summarize(table(device), started=time.time() - 60, run_id="r")
+
+
+class Sources(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.sources: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        if tag == "img":
+            self.sources.append(dict(attrs)["src"])
+
+
+def test_preview_urls_find_their_files_whatever_the_id_holds(tmp_path: Path) -> None:
+    frames = np.zeros((3, 8, 8, 3), np.uint8)
+    for row_id in IDS:
+        report.save_previews(tmp_path, row_id, frames, None)
+    page = report.render_html(tmp_path, table(), summary())
+    parser = Sources()
+    parser.feed(page)
+    assert len(parser.sources) == 3 * len(IDS)
+    for src in parser.sources:
+        url = urlsplit(src)  # as a browser reads it: '#' starts a fragment, '%' an escape
+        assert not url.fragment and not url.query, src
+        assert (tmp_path / unquote(url.path)).is_file(), src
+
+
+def test_report_html_shows_the_slowest_rows_and_failures_by_reason(tmp_path: Path) -> None:
+    page = report.render_html(tmp_path, table(), summary())
+    slowest = page[page.index("Slowest rows") : page.index("Failures by reason")]
+    assert [slowest.index(row_id) for row_id in ("plain", "two words", "50%", "a#1")] == sorted(
+        slowest.index(row_id) for row_id in ("plain", "two words", "50%", "a#1")
+    )
+    assert "4.0" in slowest
+    failures = page[page.index("Failures by reason") : page.index("class='grid'")]
+    assert "image: cannot decode image &#x27;x_17.png&#x27;" in failures  # the real message, escaped
+    assert "bad1, bad2" in failures and "RuntimeError: step 3 gave NaN" in failures
+
+
+def test_alike_failures_are_counted_together_and_shown_as_raised() -> None:
+    failures = summary()["failures"]
+    assert failures == [
+        {"reason": "image: cannot decode image 'x_17.png'", "count": 2, "ids": ["bad1", "bad2"]},
+        {"reason": "RuntimeError: step 3 gave NaN", "count": 1, "ids": ["bad3"]},
+    ]
+    text = report.summary_text(summary(), Path("/out"))
+    assert "failed x2: image: cannot decode image 'x_17.png' (e.g. bad1, bad2)" in text
+    assert "failed x1: RuntimeError: step 3 gave NaN (e.g. bad3)" in text
+    assert "…" not in text
+
+
+def test_a_cpu_run_counts_cpu_hours_and_a_gpu_run_gpu_hours(tmp_path: Path) -> None:
+    on_cpu = summary(device="cpu")
+    assert on_cpu["device"] == "CPU"
+    assert "CPU-hours" in report.summary_text(on_cpu, tmp_path) and "GPU" not in report.summary_text(on_cpu, tmp_path)
+    assert "CPU-hours" in report.render_html(tmp_path, table("cpu"), on_cpu)
+    assert "GPU-hours" in report.summary_text(summary(), tmp_path)

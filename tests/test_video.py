@@ -1,0 +1,66 @@
+"""The same frames make the same MP4 bytes, in any process, whatever CPUs it may use."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from batch_runner.video import read_video, write_video
+from tests.conftest import ROOT
+
+# Encodes the frames that frames() makes, in a fresh interpreter limited to the CPUs given.
+_CHILD = """
+import os, sys
+from pathlib import Path
+os.sched_setaffinity(0, {int(c) for c in sys.argv[2].split(",")})
+from tests.test_video import frames
+from batch_runner.video import write_video
+write_video(frames(), Path(sys.argv[1]), 8.0)
+"""
+
+
+def frames() -> np.ndarray:
+    """17 frames of a moving gradient with noise: enough motion for x264 to use B-frames and threads."""
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:240, 0:320]
+    video = [
+        np.stack([(x + 9 * t) % 256, (y + 5 * t) % 256, (x + y) // 3], axis=-1) + rng.integers(0, 24, (240, 320, 3))
+        for t in range(17)
+    ]
+    return np.clip(np.stack(video), 0, 255).astype(np.uint8)
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def encode_elsewhere(path: Path, cpus: set[int]) -> Path:
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-c", _CHILD, str(path), ",".join(map(str, sorted(cpus)))]
+    subprocess.run(command, cwd=ROOT, env=env, check=True, timeout=120)
+    return path
+
+
+def test_encoding_twice_in_one_process_gives_the_same_bytes(tmp_path: Path) -> None:
+    write_video(frames(), tmp_path / "a.mp4", 8.0)
+    write_video(frames(), tmp_path / "b.mp4", 8.0)
+    assert digest(tmp_path / "a.mp4") == digest(tmp_path / "b.mp4")
+    decoded, rate = read_video(tmp_path / "a.mp4")
+    assert decoded.shape == frames().shape and rate == 8.0
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to vary what the encoder sees")
+def test_processes_that_may_use_different_cpus_write_the_same_bytes(tmp_path: Path) -> None:
+    """x264's default thread count follows the usable CPUs; a rank pinned to fewer must not differ."""
+    cpus = os.sched_getaffinity(0)
+    here = tmp_path / "here.mp4"
+    write_video(frames(), here, 8.0)
+    one_cpu = encode_elsewhere(tmp_path / "one.mp4", {min(cpus)})
+    all_cpus = encode_elsewhere(tmp_path / "all.mp4", cpus)
+    assert digest(one_cpu) == digest(all_cpus) == digest(here)
