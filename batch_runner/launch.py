@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from batch_runner.lifecycle import GRACE_SECONDS, LAUNCHER_PID_ENV, STOP_SIGNALS
+from batch_runner.storage import pid_alive
 
 LOG_DIR_PREFIX = "batch_runner_torchrun_"
 
@@ -165,18 +166,8 @@ def _sweep_log_dirs() -> None:
     """Remove the log folders of agents that were killed before they could remove them."""
     for folder in glob.glob(os.path.join(tempfile.gettempdir(), f"{LOG_DIR_PREFIX}*_*")):
         pid = Path(folder).name[len(LOG_DIR_PREFIX) :].split("_", 1)[0]
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(folder, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _is_launch_word(part: str) -> bool:

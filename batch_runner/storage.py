@@ -256,7 +256,7 @@ def _held_elsewhere(holder: dict[str, Any] | None, path: Path, flocks: bool) -> 
         return False
     if holder.get("host_id") == _host_id():
         # On this host a live holder keeps its flock; without flocks, its pid tells.
-        return not flocks and _pid_alive(int(holder.get("pid", -1)))
+        return not flocks and pid_alive(int(holder.get("pid", -1)))
     try:
         age = time.time() - path.stat().st_mtime
     except OSError:
@@ -264,7 +264,8 @@ def _held_elsewhere(holder: dict[str, Any] | None, path: Path, flocks: bool) -> 
     return age < STALE_AFTER_S
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this host has that pid (one of another user counts as alive)."""
     if pid <= 0:
         return False
     try:

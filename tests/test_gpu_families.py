@@ -16,7 +16,7 @@ from batch_runner.memory import PLANS, applies
 from batch_runner.pipeline import anatomy, build_pipeline
 from batch_runner.replica import Replica, release_memory
 
-from .conftest import photo, run_config
+from .conftest import run_config, tiny_job
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 MODELS = ("tiny-wan", "tiny-wan22", "tiny-wan22-ti2v")
@@ -24,21 +24,10 @@ OURS = [p for p in PLANS if p not in ("model_cpu_offload", "sequential_cpu_offlo
 
 
 def job_for(tmp_path, name: str) -> tuple[Job, dict]:
+    """conftest's tiny row at this model's default size."""
     model = run_config("manifest=-", f"model={name}").model
-    job = Job(
-        index=0,
-        id="x",
-        image=str(photo(tmp_path / "in.png")),
-        prompt="a sea at night",
-        negative_prompt="",
-        seed=3,
-        num_frames=9,
-        height=model.height,
-        width=model.width,
-        fps=model.fps,
-        num_inference_steps=4,
-        guidance_scale=5.0,
-    )
+    job, _ = tiny_job(tmp_path)
+    job = replace(job, height=model.height, width=model.width, fps=model.fps, guidance_scale=5.0)
     return job, {"image": load_image(job.image, job.height, job.width, 10**8), "last_image": None}
 
 

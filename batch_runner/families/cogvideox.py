@@ -30,9 +30,7 @@ from batch_runner.families.base import (
     arch_json,
     seeded,
 )
-from batch_runner.families.tokenizer import tiny_tokenizer
-
-TINY_TEXT_DIM = 32
+from batch_runner.families.tokenizer import TINY_TEXT_DIM, tiny_text_encoder, tiny_tokenizer
 
 
 class CogVideoX(Family):
@@ -58,19 +56,7 @@ class CogVideoX(Family):
         """
         tokenizer = tiny_tokenizer()
         with seeded(0):
-            text_encoder = T5EncoderModel(
-                T5Config(
-                    vocab_size=tokenizer.vocab_size,
-                    d_model=TINY_TEXT_DIM,
-                    d_kv=8,
-                    d_ff=64,
-                    num_layers=2,
-                    num_heads=4,
-                    relative_attention_num_buckets=8,
-                    feed_forward_proj="gated-gelu",
-                    dropout_rate=0.0,
-                )
-            ).eval()
+            text_encoder = tiny_text_encoder(T5EncoderModel, T5Config, tokenizer.vocab_size)
             transformer = CogVideoXTransformer3DModel(
                 num_attention_heads=2,
                 attention_head_dim=16,

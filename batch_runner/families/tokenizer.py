@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import string
 
+import torch
 from transformers import T5TokenizerFast
 
+TINY_TEXT_DIM = 32
 WORDS = [
     "a",
     "the",
@@ -56,3 +58,19 @@ def tiny_tokenizer(max_length: int = 64) -> T5TokenizerFast:
         extra_ids=0,
         model_max_length=max_length,
     )
+
+
+def tiny_text_encoder(model_class: type, config_class: type, vocab_size: int) -> torch.nn.Module:
+    """A two-layer T5-style encoder (T5 for CogVideoX, UMT5 for Wan) of width 32, in eval mode."""
+    config = config_class(
+        vocab_size=vocab_size,
+        d_model=TINY_TEXT_DIM,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        feed_forward_proj="gated-gelu",
+        dropout_rate=0.0,
+    )
+    return model_class(config).eval()

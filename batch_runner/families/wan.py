@@ -43,9 +43,8 @@ from batch_runner.families.base import (
     arch_json,
     seeded,
 )
-from batch_runner.families.tokenizer import tiny_tokenizer
+from batch_runner.families.tokenizer import TINY_TEXT_DIM, tiny_text_encoder, tiny_tokenizer
 
-TINY_TEXT_DIM = 32
 TINY_HEADS, TINY_HEAD_DIM = 2, 12
 
 
@@ -89,19 +88,7 @@ class Wan(Family):
         ti2v = model.expand_timesteps
         two_experts = model.boundary_ratio is not None
         with seeded(0):
-            text_encoder = UMT5EncoderModel(
-                UMT5Config(
-                    vocab_size=tokenizer.vocab_size,
-                    d_model=TINY_TEXT_DIM,
-                    d_kv=8,
-                    d_ff=64,
-                    num_layers=2,
-                    num_heads=4,
-                    relative_attention_num_buckets=8,
-                    feed_forward_proj="gated-gelu",
-                    dropout_rate=0.0,
-                )
-            ).eval()
+            text_encoder = tiny_text_encoder(UMT5EncoderModel, UMT5Config, tokenizer.vocab_size)
             if ti2v:
                 vae = AutoencoderKLWan(
                     base_dim=3,
