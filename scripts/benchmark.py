@@ -264,7 +264,7 @@ def reference(name: str, image, steps: int, budget_gib: float | None = None) -> 
 
     def call(n, callback):
         # The family's own call for a row, with the texts given as text: the recipe encodes them.
-        job = replace(bench_job(0, n))
+        job = bench_job(0, n)
         arguments = family.call_arguments(config, job, {"image": image}, {job.prompt: None, job.negative_prompt: None})
         arguments |= {"prompt_embeds": None, "negative_prompt_embeds": None}
         return pipe(
