@@ -229,7 +229,7 @@ def test_last_image_makes_a_first_last_frame_video(tmp_path):
     )
     table = pd.read_parquet(out / "results.parquet").set_index("id")
     assert table.loc["ends", "last_image"] == str(last.resolve())
-    assert table.loc["plain", "last_image"] is None
+    assert pd.isna(table.loc["plain", "last_image"])
     # The last frame conditions the video: same seed and prompt, different frames.
     assert not np.array_equal(frames_of(out / "videos/plain.mp4"), frames_of(out / "videos/ends.mp4"))
 
