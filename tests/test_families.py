@@ -205,7 +205,7 @@ def test_full_size_wan_rule_names_the_nearest_frame_count(tmp_path):
     assert "4N+1 frames, 5 to 81, not 100; the nearest valid value is 81" in proc.stderr
 
 
-@pytest.mark.parametrize("name", ["tiny-cogvideox", "tiny-wan22-ti2v"])
+@pytest.mark.parametrize("name", ["tiny-cogvideox", "tiny-wan", "tiny-wan22-ti2v"])
 def test_last_image_is_refused_where_the_model_takes_no_last_frame(tmp_path, name):
     image = photo(tmp_path / "in.png")
     rows = [{"id": "x", "image": str(image), "last_image": str(image), "prompt": "sea"}]
@@ -222,12 +222,10 @@ def test_last_image_makes_a_first_last_frame_video(tmp_path):
         {"id": "ends", "image": str(first), "last_image": "last.png", "prompt": "sea", "seed": 3},
     ]
     out = tmp_path / "out"
-    ok(
-        run_cli(
-            f"manifest={write_manifest(tmp_path / 'j.csv', rows)}", "model=tiny-wan", f"output_dir={out}", cwd=tmp_path
-        )
-    )
+    manifest = write_manifest(tmp_path / "j.csv", rows)
+    ok(run_cli(f"manifest={manifest}", "model=tiny-wan22", f"output_dir={out}", cwd=tmp_path))
     table = pd.read_parquet(out / "results.parquet").set_index("id")
+    assert set(table["status"]) == {"ok"}
     assert table.loc["ends", "last_image"] == str(last.resolve())
     assert pd.isna(table.loc["plain", "last_image"])
     # The last frame conditions the video: same seed and prompt, different frames.

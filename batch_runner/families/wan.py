@@ -75,9 +75,10 @@ class Wan(Family):
         return {"flow_shift": model.flow_shift} if model.scheduler == "unipc" else {"shift": model.flow_shift}
 
     def takes_last_image(self, model: ModelConfig) -> bool:
-        # With expand_timesteps (TI2V 5B) the pipeline conditions on the first frame only and
-        # would silently drop a last frame.
-        return not model.expand_timesteps
+        """A14B conditions on frames through its latents alone and takes a last frame there. TI2V 5B
+        (expand_timesteps) would silently drop it; Wan 2.1 I2V's CLIP conditioning takes one image
+        (only the separate FLF2V checkpoint, with its position embedding, takes two)."""
+        return model.boundary_ratio is not None and not model.expand_timesteps
 
     # --- building ---
 
