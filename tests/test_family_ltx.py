@@ -34,6 +34,13 @@ def frames_of(path: Path) -> np.ndarray:
     return read_video(path)[0]
 
 
+def same_video(a: np.ndarray, b: np.ndarray) -> bool:
+    """Equal up to a rounding flip: the tiny LTX's float32 frames move by ~1e-6 with the thread count
+    (two processes share the cores) and the weights' memory layout (after loading), which flips the
+    rounding of a few uint8 values; a wrong input, weight or seed moves them by tens of levels."""
+    return a.shape == b.shape and int(np.abs(a.astype(int) - b.astype(int)).max()) <= 2
+
+
 @pytest.fixture
 def manifest(tmp_path: Path) -> Path:
     """Three rows on real image files: the default row, a longer one, a different seed."""
@@ -161,24 +168,29 @@ def test_dry_run_plans_the_full_size_model_with_no_weights(tmp_path, manifest):
 @pytest.mark.slow
 def test_tiny_ltx_makes_every_row_in_one_process_and_in_two(tmp_path, manifest):
     single = tmp_path / "single"
-    ok(run_cli(f"manifest={manifest}", "model=tiny-ltx", f"output_dir={single}", cwd=tmp_path))
+    ok(run_cli(f"manifest={manifest}", "model=tiny-ltx", "output.crf=0", f"output_dir={single}", cwd=tmp_path))
     table = pd.read_parquet(single / "results.parquet").set_index("id")
     assert set(table["status"]) == {"ok"} and sorted(table.index) == ["a", "b", "c"]
     frames = {i: frames_of(single / f"videos/{i}.mp4") for i in "abc"}
     assert frames["a"].shape == (9, 64, 96, 3) and frames["b"].shape == (17, 64, 96, 3)
-    assert not np.array_equal(frames["a"], frames["c"])  # another seed and prompt
+    assert not same_video(frames["a"], frames["c"])  # another seed and prompt
 
     double = tmp_path / "double"
     ok(
         run_cli(
-            f"manifest={manifest}", "model=tiny-ltx", f"output_dir={double}", launcher=accelerate_cpu(2), cwd=tmp_path
+            f"manifest={manifest}",
+            "model=tiny-ltx",
+            "output.crf=0",
+            f"output_dir={double}",
+            launcher=accelerate_cpu(2),
+            cwd=tmp_path,
         )
     )
     table = pd.read_parquet(double / "results.parquet").set_index("id")
     assert set(table["status"]) == {"ok"} and set(table["rank"]) <= {0, 1}
     # Placement does not change outputs.
     for i in "abc":
-        assert np.array_equal(frames_of(double / f"videos/{i}.mp4"), frames[i]), i
+        assert same_video(frames_of(double / f"videos/{i}.mp4"), frames[i]), i
 
 
 @pytest.mark.slow
@@ -202,4 +214,4 @@ def test_a_saved_ltx_pipeline_loads_through_model_path_and_makes_the_same_video(
             )
         )
         made[source] = frames_of(out / "videos/a.mp4")
-    assert np.array_equal(made["tiny"], made["pretrained"])
+    assert same_video(made["tiny"], made["pretrained"])
