@@ -1,0 +1,260 @@
+"""LTX-Video image-to-video (Lightricks), as diffusers ships it in `LTXImageToVideoPipeline`.
+
+The VAE compresses 32x32 pixels and 8 frames into one latent (frames 8N+1, sides multiples of
+32) and the transformer takes each latent as one token (patch 1x1x1). Text reaches the video by
+cross-attention only. The pipeline batches the conditional and unconditional passes (batch 2 under
+guidance) and needs each prompt's attention mask beside its embedding, so the cached embedding of a
+text is the pair (embedding, mask).
+
+Its attention processor calls diffusers' attention dispatcher, so the base class's
+`set_attention_backend` chooses the kernel. The stock processor reads `to_q`, `to_k` and `to_v`
+even after `fuse_qkv_projections`, which the runner drops once fused (speed.fuse_qkv): the
+pipeline class here installs a processor that reads the fused projection when there is one.
+
+The 13B checkpoints (0.9.7, 0.9.8) are documented by diffusers with `LTXConditionPipeline` and a
+latent upsampler (multi-scale); they are not configured here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from diffusers import (
+    AutoencoderKLLTXVideo,
+    FlowMatchEulerDiscreteScheduler,
+    LTXImageToVideoPipeline,
+    LTXVideoTransformer3DModel,
+)
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.transformers.transformer_ltx import LTXVideoAttnProcessor, apply_rotary_emb
+from transformers import T5Config, T5EncoderModel
+
+from batch_runner.config import ModelConfig
+from batch_runner.families.base import (
+    DECODER,
+    DENOISER,
+    ENCODER,
+    ActivationTerms,
+    Family,
+    Geometry,
+    arch_json,
+    seeded,
+)
+from batch_runner.families.tokenizer import TINY_TEXT_DIM, tiny_text_encoder, tiny_tokenizer
+
+# The VAE of 0.9.1 and later denoises while it decodes: diffusers' LTX-Video page recommends
+# decode_timestep 0.05 and noise scale 0.025 for these "timestep-aware" VAEs. The pipeline ignores
+# both where the VAE has no timestep conditioning (0.9.0, the tiny model). A per-checkpoint value
+# would belong in ModelConfig, which this family may not change; every configured checkpoint uses
+# the same pair.
+DECODE_TIMESTEP = 0.05
+DECODE_NOISE_SCALE = 0.025
+
+
+class FusedAwareLTXAttention(LTXVideoAttnProcessor):
+    """LTX's attention processor, reading the fused projection where `fuse_qkv_projections` made one.
+
+    diffusers' `LTXAttention` has no `is_cross_attention`, so fusing gives both its self-attention
+    and its cross-attention one `to_qkv` over [to_q; to_k; to_v]. Self-attention applies it once;
+    cross-attention applies its query rows to the video and its key/value rows to the text.
+    """
+
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if getattr(attn, "to_qkv", None) is None:
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        batch_size, sequence_length, _ = (
+            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        )
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+
+        if encoder_hidden_states is None:
+            query, key, value = attn.to_qkv(hidden_states).split(
+                [attn.inner_dim, attn.inner_kv_dim, attn.inner_kv_dim], dim=-1
+            )
+        else:
+            weight, bias = attn.to_qkv.weight, attn.to_qkv.bias
+            q = attn.inner_dim
+            query = torch.nn.functional.linear(hidden_states, weight[:q], None if bias is None else bias[:q])
+            key, value = torch.nn.functional.linear(
+                encoder_hidden_states, weight[q:], None if bias is None else bias[q:]
+            ).split([attn.inner_kv_dim, attn.inner_kv_dim], dim=-1)
+
+        query = attn.norm_q(query)
+        key = attn.norm_k(key)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb)
+            key = apply_rotary_emb(key, image_rotary_emb)
+        query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
+
+        hidden_states = dispatch_attention_fn(
+            query,
+            key,
+            value,
+            attn_mask=attention_mask,
+            dropout_p=0.0,
+            is_causal=False,
+            backend=self._attention_backend,
+            parallel_config=self._parallel_config,
+        )
+        hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
+        hidden_states = attn.to_out[0](hidden_states)
+        return attn.to_out[1](hidden_states)
+
+
+class LTXImageToVideo(LTXImageToVideoPipeline):
+    """diffusers' pipeline, with the fused-aware attention processor on its transformer.
+
+    Installed when the pipeline is built (from_pretrained, tiny or random), so every path the
+    runner takes (any device, compiled or not) runs the same processor.
+    """
+
+    def __init__(
+        self,
+        scheduler: FlowMatchEulerDiscreteScheduler,
+        vae: AutoencoderKLLTXVideo,
+        text_encoder: T5EncoderModel,
+        tokenizer: Any,
+        transformer: LTXVideoTransformer3DModel,
+    ) -> None:
+        super().__init__(
+            scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
+        )
+        if transformer is not None:
+            transformer.set_attn_processor(FusedAwareLTXAttention())
+
+
+class LTX(Family):
+    name = "ltx"
+    pipeline_class = LTXImageToVideo
+    roles: ClassVar[dict[str, str]] = {"text_encoder": ENCODER, "transformer": DENOISER, "vae": DECODER}
+    # PROVISIONAL, NOT MEASURED ON A GPU YET: placeholders between Wan's (16, dispatcher attention)
+    # and CogVideoX's (42) fits until docs/benchmarks.json has an LTX row. Guidance runs the
+    # conditional and unconditional passes as one batch of 2 (pipeline_ltx_image2video.py concatenates
+    # the embeddings and the latents). The VAE tiles 512x512-pixel tiles (diffusers' default).
+    activations = ActivationTerms(
+        resident=24.0, streamed=24.0, decode_per_pixel=2900.0, tiled_pixels=512 * 512 * 2, guidance_batch=2
+    )
+    schedulers: ClassVar[dict[str, str]] = {"euler": "FlowMatchEulerDiscreteScheduler"}
+
+    # --- building ---
+
+    def tiny(self, model: ModelConfig) -> LTXImageToVideo:
+        """LTX at toy scale: the same classes and code paths (timestep-aware VAE decoding included),
+        random weights. The VAE compresses 8x8 pixels and 8 frames (patch 1, three 2x scalings), so
+        the tiny model keeps the real one's 8N+1 frame rule."""
+        tokenizer = tiny_tokenizer()
+        with seeded(0):
+            text_encoder = tiny_text_encoder(T5EncoderModel, T5Config, tokenizer.vocab_size)
+            transformer = LTXVideoTransformer3DModel(
+                in_channels=8,
+                out_channels=8,
+                patch_size=1,
+                patch_size_t=1,
+                num_attention_heads=2,
+                attention_head_dim=8,
+                cross_attention_dim=16,
+                num_layers=2,
+                caption_channels=TINY_TEXT_DIM,
+            )
+            vae = AutoencoderKLLTXVideo(
+                in_channels=3,
+                out_channels=3,
+                latent_channels=8,
+                block_out_channels=(8, 8, 8, 8),
+                decoder_block_out_channels=(8, 8, 8, 8),
+                layers_per_block=(1, 1, 1, 1, 1),
+                decoder_layers_per_block=(1, 1, 1, 1, 1),
+                spatio_temporal_scaling=(True, True, True, False),
+                decoder_spatio_temporal_scaling=(True, True, True, False),
+                decoder_inject_noise=(False, False, False, False, False),
+                upsample_residual=(False, False, False, False),
+                upsample_factor=(1, 1, 1, 1),
+                timestep_conditioning=True,
+                patch_size=1,
+                patch_size_t=1,
+                encoder_causal=True,
+                decoder_causal=False,
+            )
+        return LTXImageToVideo(
+            scheduler=FlowMatchEulerDiscreteScheduler.from_config(arch_json("ltx-video-0.9.5", "scheduler")),
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            transformer=transformer,
+        )
+
+    def assemble(self, model: ModelConfig, modules: dict[str, Any], arch: str) -> LTXImageToVideo:
+        return LTXImageToVideo(
+            tokenizer=tiny_tokenizer(model.max_sequence_length),
+            scheduler=FlowMatchEulerDiscreteScheduler.from_config(arch_json(arch, "scheduler")),
+            **modules,
+        )
+
+    # --- rows ---
+
+    def encode_prompts(
+        self, pipe: Any, texts: list[str], model: ModelConfig, dtype: torch.dtype
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(embedding (1, tokens, dim), attention mask (1, tokens)) per text: LTX's transformer masks
+        the padding of the text in cross-attention, so the mask travels with the embedding."""
+        embedded, masks, _, _ = pipe.encode_prompt(
+            prompt=texts,
+            do_classifier_free_guidance=False,
+            max_sequence_length=model.max_sequence_length,
+            device=pipe._execution_device,
+            dtype=dtype,
+        )
+        return [(e.unsqueeze(0), m.unsqueeze(0)) for e, m in zip(embedded, masks, strict=True)]
+
+    def call_arguments(self, model: ModelConfig, job: Any, images: dict[str, Any], embeds: Any) -> dict[str, Any]:
+        guided = job.guidance_scale > 1
+        prompt, prompt_mask = embeds[job.prompt]
+        negative, negative_mask = embeds[job.negative_prompt] if guided else (None, None)
+        return {
+            "image": images["image"],
+            "prompt_embeds": prompt,
+            "prompt_attention_mask": prompt_mask,
+            "negative_prompt_embeds": negative,
+            "negative_prompt_attention_mask": negative_mask,
+            "height": job.height,
+            "width": job.width,
+            "num_frames": job.num_frames,
+            # Scales the rotary positions in time: the video's own frame rate.
+            "frame_rate": job.fps,
+            "num_inference_steps": job.num_inference_steps,
+            "guidance_scale": job.guidance_scale,
+            "decode_timestep": DECODE_TIMESTEP,
+            "decode_noise_scale": DECODE_NOISE_SCALE,
+            "max_sequence_length": model.max_sequence_length,
+        }
+
+    # --- structure ---
+
+    def blocks(self, transformer: torch.nn.Module) -> torch.nn.ModuleList:
+        return transformer.transformer_blocks
+
+    def geometry(self, configs: dict[str, dict]) -> Geometry:
+        t, vae = configs["transformer"], configs["vae"]
+        scalings = 2 ** sum(vae["spatio_temporal_scaling"])
+        return Geometry(
+            spatial=vae.get("spatial_compression_ratio") or vae["patch_size"] * scalings,
+            temporal=vae.get("temporal_compression_ratio") or vae["patch_size_t"] * scalings,
+            patch=t["patch_size"],
+            patch_t=t["patch_size_t"],
+            hidden=t["num_attention_heads"] * t["attention_head_dim"],
+            text_in_sequence=False,
+            vae_channels=max(vae["decoder_block_out_channels"]),
+        )
+
+
+FAMILY = LTX()

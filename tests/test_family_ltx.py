@@ -1,0 +1,217 @@
+"""LTX-Video image-to-video: the tiny model end to end as a user runs it, its rules, its loading path,
+and the full-size 2B architecture read and planned without weights."""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from batch_runner import memory, speed
+from batch_runner.families import family_named
+from batch_runner.pipeline import anatomy, build_pipeline
+from batch_runner.replica import auto_plan
+from batch_runner.video import read_video
+
+from .conftest import accelerate_cpu, photo, run_cli, run_config, tiny_job, write_manifest
+
+FULL = "ltx-video-2b-0.9.5"
+BUDGETS = (80.0, 48.0, 24.0, 16.0, 12.0)
+
+
+def ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-6000:]}"
+    )
+
+
+def frames_of(path: Path) -> np.ndarray:
+    return read_video(path)[0]
+
+
+def same_video(a: np.ndarray, b: np.ndarray) -> bool:
+    """Equal up to a rounding flip: the tiny LTX's float32 frames move by ~1e-6 with the thread count
+    (two processes share the cores) and the weights' memory layout (after loading), which flips the
+    rounding of a few uint8 values; a wrong input, weight or seed moves them by tens of levels."""
+    return a.shape == b.shape and int(np.abs(a.astype(int) - b.astype(int)).max()) <= 2
+
+
+@pytest.fixture
+def manifest(tmp_path: Path) -> Path:
+    """Three rows on real image files: the default row, a longer one, a different seed."""
+    image = photo(tmp_path / "in" / "first.png", (120, 80))
+    rows = [
+        {"id": "a", "image": str(image), "prompt": "the sea at night", "seed": 1},
+        {"id": "b", "image": str(image), "prompt": "a car in the city", "num_frames": 17},
+        {"id": "c", "image": str(image), "prompt": "light on the water", "seed": 5},
+    ]
+    return write_manifest(tmp_path / "jobs.csv", rows)
+
+
+# --- the family -----------------------------------------------------------------------------------
+
+
+def test_tiny_ltx_has_the_familys_components():
+    model = run_config("manifest=x", "model=tiny-ltx").model
+    pipe = build_pipeline(model)
+    family = family_named("ltx")
+    assert isinstance(pipe, family.pipeline_class)
+    assert (
+        family.components(pipe)
+        == anatomy(model).roles
+        == {
+            "text_encoder": "encoder",
+            "transformer": "denoiser",
+            "vae": "decoder",
+        }
+    )
+
+
+def test_fused_projections_leave_an_ltx_video_unchanged(tmp_path):
+    """The runner fuses QKV and drops the separate projections; LTX's stock processor reads those,
+    so the family's processor must read the fused one (self- and cross-attention alike)."""
+    cfg = run_config("manifest=x", "model=tiny-ltx")
+    family = family_named("ltx")
+    job, images = tiny_job(tmp_path, steps=2)
+    job = replace(job, guidance_scale=3.0)
+    made = []
+    for fuse in (False, True):
+        pipe = build_pipeline(cfg.model)
+        if fuse:
+            assert speed.fuse_qkv(pipe.transformer) > 0
+        texts = [job.prompt, job.negative_prompt]
+        embeds = dict(zip(texts, family.encode_prompts(pipe, texts, cfg.model, torch.float32), strict=True))
+        arguments = family.call_arguments(cfg.model, job, images, embeds)
+        assert arguments["prompt_attention_mask"].shape == arguments["negative_prompt_attention_mask"].shape
+        with torch.no_grad():
+            made.append(pipe(**arguments, generator=torch.Generator().manual_seed(1), output_type="pt").frames[0])
+    torch.testing.assert_close(made[1], made[0], rtol=1e-4, atol=1e-4)
+
+
+def test_full_size_anatomy_is_the_2b_architecture():
+    shape = anatomy(run_config("manifest=x", f"model={FULL}").model)
+    billions = {n: b / 2 / 1e9 for n, b in shape.bytes.items()}  # bf16
+    assert billions["transformer"] == pytest.approx(1.9, rel=0.1)
+    assert billions["text_encoder"] == pytest.approx(4.76, rel=0.05)  # T5-XXL encoder
+    assert shape.blocks == 28
+    assert shape.family.activations.guidance_batch == 2
+    # 161 frames -> 21 latent frames; 512x768 -> 16x24 latents of 32x32 pixels, one token each;
+    # the text stays out of the sequence.
+    assert shape.geometry.tokens(161, 512, 768, 128) == 21 * 16 * 24
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_auto_picks_a_plan_that_fits_every_budget(budget):
+    cfg = run_config("manifest=x", f"model={FULL}", "memory.host_budget_gib=120")
+    choice = auto_plan(cfg, budget, 1)
+    chosen = next(e for e in choice.estimates if e.plan == choice.plan)
+    assert chosen.gpu_gib <= budget
+    assert choice.plan in memory.LADDER and choice.plan != "sequential_cpu_offload", choice.reason
+    faster = memory.LADDER[: memory.LADDER.index(choice.plan)]
+    assert all(e.gpu_gib > budget for e in choice.estimates if e.plan in faster)
+
+
+# --- rows -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("tiny-ltx", 12, "tiny-ltx makes 8N+1 frames, 9 to 49, not 12; the nearest valid value is 9"),
+        (FULL, 121 + 4, f"{FULL} makes 8N+1 frames, 9 to 257, not 125; the nearest valid value is 129"),
+    ],
+)
+def test_a_frame_count_the_model_cannot_make_is_refused_by_name(tmp_path, name, value, message):
+    image = photo(tmp_path / "in.png")
+    rows = [
+        {"id": "ok", "image": str(image), "prompt": "sea"},
+        {"id": "bad", "image": str(image), "prompt": "sea", "num_frames": value},
+    ]
+    extra = ["dry_run=true"] if name == FULL else []
+    proc = run_cli(f"manifest={write_manifest(tmp_path / 'j.csv', rows)}", f"model={name}", *extra, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "'bad'" in proc.stderr and message in proc.stderr, proc.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_a_size_off_the_32_pixel_grid_is_refused_with_the_nearest(tmp_path):
+    image = photo(tmp_path / "in.png")
+    rows = [{"id": "odd", "image": str(image), "prompt": "sea", "width": 100}]
+    proc = run_cli(f"manifest={write_manifest(tmp_path / 'j.csv', rows)}", "model=tiny-ltx", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "multiples of 32" in proc.stderr and "width=96 height=64" in proc.stderr, proc.stderr
+
+
+def test_dry_run_plans_the_full_size_model_with_no_weights(tmp_path, manifest):
+    proc = run_cli(
+        f"manifest={manifest}",
+        f"model={FULL}",
+        "dry_run=true",
+        "memory.budget_gib=24",
+        "memory.host_budget_gib=120",
+        "on_invalid=skip",
+        cwd=tmp_path,
+    )
+    ok(proc)
+    assert "memory plan: " in proc.stdout and "no model loaded" in proc.stdout
+    assert not (tmp_path / "outputs").exists()
+
+
+# --- end to end, as a user runs it ----------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_tiny_ltx_makes_every_row_in_one_process_and_in_two(tmp_path, manifest):
+    single = tmp_path / "single"
+    ok(run_cli(f"manifest={manifest}", "model=tiny-ltx", "output.crf=0", f"output_dir={single}", cwd=tmp_path))
+    table = pd.read_parquet(single / "results.parquet").set_index("id")
+    assert set(table["status"]) == {"ok"} and sorted(table.index) == ["a", "b", "c"]
+    frames = {i: frames_of(single / f"videos/{i}.mp4") for i in "abc"}
+    assert frames["a"].shape == (9, 64, 96, 3) and frames["b"].shape == (17, 64, 96, 3)
+    assert not same_video(frames["a"], frames["c"])  # another seed and prompt
+
+    double = tmp_path / "double"
+    ok(
+        run_cli(
+            f"manifest={manifest}",
+            "model=tiny-ltx",
+            "output.crf=0",
+            f"output_dir={double}",
+            launcher=accelerate_cpu(2),
+            cwd=tmp_path,
+        )
+    )
+    table = pd.read_parquet(double / "results.parquet").set_index("id")
+    assert set(table["status"]) == {"ok"} and set(table["rank"]) <= {0, 1}
+    # Placement does not change outputs.
+    for i in "abc":
+        assert same_video(frames_of(double / f"videos/{i}.mp4"), frames[i]), i
+
+
+@pytest.mark.slow
+def test_a_saved_ltx_pipeline_loads_through_model_path_and_makes_the_same_video(tmp_path, manifest):
+    folder = tmp_path / "saved"
+    build_pipeline(run_config("manifest=x", "model=tiny-ltx").model).save_pretrained(folder)
+    made = {}
+    for source in ("tiny", "pretrained"):
+        out = tmp_path / source
+        extra = [f"model.path={folder}"] if source == "pretrained" else []
+        ok(
+            run_cli(
+                f"manifest={manifest}",
+                "model=tiny-ltx",
+                f"model.weights={source}",
+                *extra,
+                "ids=[a]",
+                "output.crf=0",
+                f"output_dir={out}",
+                cwd=tmp_path,
+            )
+        )
+        made[source] = frames_of(out / "videos/a.mp4")
+    assert same_video(made["tiny"], made["pretrained"])
