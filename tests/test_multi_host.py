@@ -97,8 +97,10 @@ def test_two_launches_acting_as_two_hosts_make_every_row_once(tmp_path: Path) ->
             log.close()
     text = [(tmp_path / f"host{r}.log").read_text() for r in (0, 1)]
     assert codes == [0, 0], "\n\n".join(t[-4000:] for t in text)
-    # One process group of two: host 1's process is rank 1 of 2, not a second run of its own.
-    assert "[rank 1/2]" in text[1] and "[rank 0/2]" in text[0]
+    # One process group of two: host 1's process is rank 1 of 2, not a second run of its own (it
+    # logs below warnings to its file in output_dir, the main process to the terminal).
+    assert "[rank 0/2]" in text[0]
+    assert "[rank 1/2]" in (out / "logs" / "rank00001.log").read_text()
     assert_one_run_made_every_row_once(out, rows)
 
 
@@ -261,5 +263,6 @@ def test_the_sbatch_script_on_two_cpu_nodes_makes_every_row_once(tmp_path: Path)
         OMP_NUM_THREADS="1",  # two "nodes" on one machine share its cores
     )
     assert proc.returncode == 0, proc.stderr[-6000:]
-    assert "[rank 1/2]" in proc.stderr
+    assert "[rank 0/2]" in proc.stderr
+    assert "[rank 1/2]" in (tmp_path / "submitted" / "out" / "logs" / "rank00001.log").read_text()
     assert_one_run_made_every_row_once(tmp_path / "submitted" / "out", rows)
