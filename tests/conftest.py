@@ -140,3 +140,16 @@ def loader_of_a_two_process_host():
     for name in ("text_encoder", "transformer", "vae"):
         store.add(f"host-weights/h/{name}/done", 1)
     return HostPeers(0, 2, store, "h")
+
+
+def ok(proc: subprocess.CompletedProcess) -> None:
+    """The command succeeded; if not, show what it printed."""
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-6000:]}"
+    )
+
+
+def frames_of(path: Path) -> np.ndarray:
+    from batch_runner.video import read_video
+
+    return read_video(path)[0]

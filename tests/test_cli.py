@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import pytest
 from batch_runner.manifest import derive_seed
 from batch_runner.results import PROVENANCE_COLUMNS, RESULT_COLUMNS
 from batch_runner.video import read_video
-from tests.conftest import ROOT, accelerate_cpu, assorted_photos, run_cli, run_config, write_manifest
+from tests.conftest import ROOT, accelerate_cpu, assorted_photos, frames_of, ok, run_cli, run_config, write_manifest
 
 LOSSLESS = "output.crf=0"
 # The columns every results table starts with, in this order (the issue's list).
@@ -57,17 +56,6 @@ TINY = {"height": 64, "width": 96, "fps": 8.0, "num_inference_steps": 4, "guidan
 
 
 # --- helpers --------------------------------------------------------------------------------------
-
-
-def ok(proc: subprocess.CompletedProcess) -> None:
-    assert proc.returncode == 0, (
-        f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-6000:]}"
-    )
-
-
-def frames_of(path: Path) -> np.ndarray:
-    frames, _ = read_video(path)
-    return frames
 
 
 def video_state(out: Path) -> dict[str, tuple[int, bytes]]:

@@ -8,7 +8,6 @@ interface itself is held to its promise: no module outside batch_runner/families
 from __future__ import annotations
 
 import re
-import subprocess
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,9 +20,8 @@ from batch_runner import memory
 from batch_runner.families import FAMILY_MODULES, family_named
 from batch_runner.pipeline import anatomy, build_pipeline
 from batch_runner.replica import auto_plan, workload_of
-from batch_runner.video import read_video
 
-from .conftest import ROOT, accelerate_cpu, photo, run_cli, run_config, write_manifest
+from .conftest import ROOT, accelerate_cpu, frames_of, ok, photo, run_cli, run_config, write_manifest
 
 TINY_WAN = ("tiny-wan", "tiny-wan22", "tiny-wan22-ti2v")
 FULL_SIZE = {
@@ -35,16 +33,6 @@ FULL_SIZE = {
     "wan2.2-i2v-a14b": "wan",
 }
 BUDGETS = (80.0, 48.0, 24.0, 16.0, 12.0)
-
-
-def ok(proc: subprocess.CompletedProcess) -> None:
-    assert proc.returncode == 0, (
-        f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-6000:]}"
-    )
-
-
-def frames_of(path: Path) -> np.ndarray:
-    return read_video(path)[0]
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@ and the full-size 2B architecture read and planned without weights."""
 
 from __future__ import annotations
 
-import subprocess
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,22 +15,11 @@ from batch_runner import memory, speed
 from batch_runner.families import family_named
 from batch_runner.pipeline import anatomy, build_pipeline
 from batch_runner.replica import auto_plan
-from batch_runner.video import read_video
 
-from .conftest import accelerate_cpu, photo, run_cli, run_config, tiny_job, write_manifest
+from .conftest import accelerate_cpu, frames_of, ok, photo, run_cli, run_config, tiny_job, write_manifest
 
 FULL = "ltx-video-2b-0.9.5"
 BUDGETS = (80.0, 48.0, 24.0, 16.0, 12.0)
-
-
-def ok(proc: subprocess.CompletedProcess) -> None:
-    assert proc.returncode == 0, (
-        f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-6000:]}"
-    )
-
-
-def frames_of(path: Path) -> np.ndarray:
-    return read_video(path)[0]
 
 
 def same_video(a: np.ndarray, b: np.ndarray) -> bool:
