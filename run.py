@@ -1,5 +1,6 @@
 """Entry point: `accelerate launch run.py manifest=jobs.csv [Hydra overrides]` (or plain python)."""
 
+from batch_runner import startup  # noqa: F401  first: its import marks the interpreter's start-up done
 from batch_runner.lifecycle import die_with_parent, started_by_launcher
 
 if started_by_launcher():

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from batch_runner import compile_cache, dataset, lifecycle, memory, report
+from batch_runner import compile_cache, dataset, lifecycle, memory, report, startup
 from batch_runner.checks import check_settings
 from batch_runner.cli import log_to_file
 from batch_runner.cluster import Cluster, join_cluster
@@ -65,9 +65,11 @@ def output_dir_of(cfg: RunConfig) -> Path:
 
 def run(cfg: RunConfig) -> int:
     """Run this process's part; returns the exit status."""
+    startup.mark("imports")
     check_settings(cfg)  # before the manifest, the process group or any model
     compile_cache.configure(cfg.speed.compile_cache_dir)  # before anything can compile
     cluster = join_cluster(cpu=not torch.cuda.is_available())
+    startup.mark("process_group")
     lifeline = lifecycle.current()
     if lifeline is not None and cluster.distributed:
         lifeline.watch_store(cluster.counter)  # a heartbeat: stop when the other processes' store is gone
@@ -194,6 +196,7 @@ def _make_videos(
 ) -> None:
     """Claim rows and make their videos until none are left."""
     replica = Replica(cfg, cluster.device, cluster.host_peers(), pending)
+    startup.mark("replica")
     with output_errors(out, "start this process's results log", KEPT_WHILE_MAKING):
         results = ResultLog(out, run_id, cluster.rank)
     base = provenance(cfg, replica) | {"config_hash": config_hash(cfg)}
@@ -202,7 +205,7 @@ def _make_videos(
         queue = WorkQueue(cluster.claims(), len(pending), cluster.world_size, cfg.chunk_size, key="claimed")
     else:  # "static" (check_settings refused anything else)
         queue = StaticQueue(len(pending), cluster.rank, cluster.world_size, cfg.chunk_size)
-    on_step = progress.refresh if progress else None
+    on_step = _first_step_marked(progress.refresh if progress else None)
 
     def finish(record: dict[str, Any]) -> None:
         record = base | record | {"rank": cluster.rank, "finished_at": _now()}
@@ -241,6 +244,7 @@ def _make_videos(
                     finish(record | {"status": "failed", "error": f"{type(e).__name__}: {e}"[:2000]})
                     continue
                 record |= {"seconds": round(time.perf_counter() - started, 3), "peak_memory_gib": _peak_gib()}
+                _note_first_video(out, cluster.rank)
                 writes.append(writer.submit(_publish, out, job, frames, image.result()["image"], record, cfg, finish))
                 while len([w for w in writes if not w.done()]) > MAX_PENDING_WRITES:
                     writes[0].result()
@@ -249,6 +253,25 @@ def _make_videos(
                     progress.refresh()
         for w in writes:
             w.result()
+
+
+def _first_step_marked(on_step: Any) -> Any:
+    """`on_step`, also marking the end of the first denoising step (start-up ends there)."""
+
+    def step() -> None:
+        startup.mark("first_step")
+        if on_step:
+            on_step()
+
+    return step
+
+
+def _note_first_video(out: Path, rank: int) -> None:
+    if "first_video" in startup.marks():
+        return
+    startup.mark("first_video")
+    with contextlib.suppress(OSError):  # timing is not worth failing a row over
+        startup.save(out / LOGS_DIR / f"startup-rank{rank:05d}.json", rank)
 
 
 def _load_images(job: Job, max_pixels: int) -> dict[str, Any]:

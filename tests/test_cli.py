@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+from batch_runner import startup
 from batch_runner.manifest import derive_seed
 from batch_runner.results import PROVENANCE_COLUMNS, RESULT_COLUMNS
 from batch_runner.video import read_video
@@ -172,6 +174,19 @@ def test_only_the_main_process_logs_below_warnings_to_the_terminal(two_process: 
     rank1 = (two_process["out"] / "logs" / "rank00001.log").read_text()
     assert "[rank 1/2] INFO batch_runner.runner: row " in rank1
     assert not (two_process["out"] / "logs" / "rank00000.log").exists()  # the main one has the terminal
+
+
+def test_each_process_records_where_its_start_up_went(two_process: dict) -> None:
+    """Launch-to-first-step is measured per process (scripts/scaling.py reads these files)."""
+    start_ups = sorted((two_process["out"] / "logs").glob("startup-rank*.json"))
+    assert [p.name for p in start_ups] == ["startup-rank00000.json", "startup-rank00001.json"]
+    for rank, path in enumerate(start_ups):
+        marks = json.loads(path.read_text())
+        assert marks["rank"] == rank
+        times = [marks[k] for k in ("process_start", *startup.PHASES)]
+        assert times == sorted(times), marks  # the phases end in order
+        assert time.time() - 600 < times[0] and times[-1] - times[0] < 300  # wall-clock times of this run
+    assert "start-up: first video" in two_process["proc"].stderr
 
 
 def test_readme_launch_commands_leave_accelerate_no_defaults_to_warn_about(monkeypatch, caplog) -> None:

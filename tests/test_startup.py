@@ -1,0 +1,90 @@
+"""Start-up marks (batch_runner/startup.py) and how scripts/scaling.py reads them."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from batch_runner import startup
+from tests.conftest import ROOT
+
+
+@pytest.fixture(autouse=True)
+def fresh_marks():
+    startup.reset()
+    yield
+    startup.reset()
+
+
+def scaling_script():
+    spec = importlib.util.spec_from_file_location("scaling", ROOT / "scripts" / "scaling.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_process_start_is_the_kernels_record_not_the_first_mark() -> None:
+    """The interpreter's own start-up and every import before the first mark must count."""
+    created = psutil.Process(os.getpid()).create_time()
+    assert startup.process_started_at() == pytest.approx(created, abs=0.05)
+    assert startup.process_started_at() < time.time() - 0.5  # pytest's imports ran before this test
+
+
+def test_only_a_phases_first_end_counts_and_marks_come_in_phase_order() -> None:
+    startup.mark("replica")
+    startup.mark("imports")
+    first = startup.marks()["replica"]
+    time.sleep(0.01)
+    startup.mark("replica")  # a later row, not start-up
+    assert startup.marks()["replica"] == first
+    assert list(startup.marks()) == ["process_start", "imports", "replica"]
+
+
+def test_saved_marks_and_summary(tmp_path: Path) -> None:
+    for phase in startup.PHASES:
+        startup.mark(phase)
+    startup.save(tmp_path / "logs" / "startup-rank00003.json", rank=3)
+    saved = json.loads((tmp_path / "logs" / "startup-rank00003.json").read_text())
+    assert saved["rank"] == 3 and saved["pid"] == os.getpid()
+    assert set(startup.PHASES) <= set(saved)
+    text = startup.summary()
+    assert text.startswith("first video ") and "imports " in text and "first_step " in text
+
+
+def test_scaling_reads_each_ranks_phases_from_the_launch(tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    launched = 1000.0
+    for rank, offset in ((0, 0.0), (1, 2.0)):
+        marks = {"rank": rank, "process_start": 1010.0, "interpreter": 1010.5, "imports": 1020.0}
+        marks |= {"process_group": 1023.0 + offset}
+        marks |= {"replica": 1027.0 + offset, "first_step": 1034.0 + offset, "first_video": 1050.0}
+        (logs / f"startup-rank{rank:05d}.json").write_text(json.dumps(marks))
+    ranks = scaling_script().startup_of(tmp_path, launched)
+    assert [r["launch_to_first_step_s"] for r in ranks] == [34.0, 36.0]
+    assert ranks[1]["phases_s"] == {
+        "process_start": 10.0,
+        "interpreter": 0.5,
+        "imports": 9.5,
+        "process_group": 5.0,
+        "replica": 4.0,
+        "first_step": 7.0,
+    }
+
+
+def test_efficiency_compares_whole_commands_with_the_same_budget_and_cache() -> None:
+    records = [
+        {"gpus": 1, "budget_gib": None, "compile_cache": "warm", "videos_per_hour": 100.0},
+        {"gpus": 1, "budget_gib": 8.0, "compile_cache": "warm", "videos_per_hour": 50.0},
+        {"gpus": 4, "budget_gib": None, "compile_cache": "warm", "videos_per_hour": 380.0},
+        {"gpus": 4, "budget_gib": 8.0, "compile_cache": "warm", "videos_per_hour": 200.0},
+        {"gpus": 4, "budget_gib": None, "compile_cache": "cold", "videos_per_hour": 300.0},  # no cold twin
+    ]
+    scaling_script().with_efficiency(records)
+    assert [r.get("efficiency") for r in records] == [1.0, 1.0, 0.95, 1.0, None]
