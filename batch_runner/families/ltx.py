@@ -156,7 +156,9 @@ class LTX(Family):
     # PROVISIONAL, NOT MEASURED ON A GPU YET: placeholders between Wan's (16, dispatcher attention)
     # and CogVideoX's (42) fits until docs/benchmarks.json has an LTX row. Guidance runs the
     # conditional and unconditional passes as one batch of 2 (pipeline_ltx_condition.py concatenates
-    # the embeddings and the latents). The VAE tiles 512x512-pixel tiles (diffusers' default).
+    # the embeddings and the latents). The VAE tiles 512x512-pixel tiles (diffusers' default), in
+    # space only: diffusers' use_framewise_decoding is off, so every frame (161 by default) decodes
+    # at once and decode_per_pixel, fitted on the other families' VAEs, may be low for LTX.
     activations = ActivationTerms(
         resident=24.0, streamed=24.0, decode_per_pixel=2900.0, tiled_pixels=512 * 512 * 2, guidance_batch=2
     )
