@@ -1,4 +1,4 @@
-"""On a CUDA GPU (run on the device machine): for every Wan shape, each memory plan and the speed
+"""On a CUDA GPU (run on the device machine): for every Wan shape and LTX-Video, each memory plan and the speed
 settings make the frames of the diffusers reference recipe (`pipe.to("cuda")`, the prompt given as
 text), same seed, up to bf16 noise."""
 
@@ -19,7 +19,7 @@ from batch_runner.replica import Replica, release_memory
 from .conftest import run_config, tiny_job
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
-MODELS = ("tiny-wan", "tiny-wan22", "tiny-wan22-ti2v")
+MODELS = ("tiny-wan", "tiny-wan22", "tiny-wan22-ti2v", "tiny-ltx")
 OURS = [p for p in PLANS if p not in ("model_cpu_offload", "sequential_cpu_offload")]
 
 
@@ -52,9 +52,11 @@ def reference(request, tmp_path_factory):
     job, images = job_for(tmp_path, name)
     family = anatomy(model).family
     arguments = family.call_arguments(model, job, images, {job.prompt: None, job.negative_prompt: None})
+    # The texts as text: no embeddings, and no attention masks where the family passes them (LTX).
+    text = {k: None for k in arguments if k.endswith(("_embeds", "_attention_mask"))}
     with torch.no_grad():
         video = pipe(
-            **arguments | {"prompt_embeds": None, "negative_prompt_embeds": None},
+            **arguments | text,
             prompt=job.prompt,
             negative_prompt=job.negative_prompt,
             generator=torch.Generator("cuda").manual_seed(job.seed),

@@ -1,4 +1,12 @@
-"""LTX-Video image-to-video (Lightricks), as diffusers ships it in `LTXImageToVideoPipeline`.
+"""LTX-Video image-to-video (Lightricks), through diffusers' `LTXConditionPipeline`.
+
+One pipeline class serves every configured checkpoint (2B 0.9.5, 13B 0.9.7): diffusers wrote
+`LTXConditionPipeline` for 0.9.5 and saves the 13B as one, and its maintainers answer 0.9.5's poor
+videos through `LTXPipeline`/`LTXImageToVideoPipeline` with "use LTXConditionPipeline"
+(huggingface/diffusers#11143, #11147). It does what these checkpoints were trained with and the
+image-to-video pipeline (written for 0.9.0/0.9.1) does not: causal temporal positions (latent frame
+k sits at pixel frame 8k-7, not 8k), the linear-quadratic sigma schedule, and timestep-dependent
+noise on the conditioning frame. The first frame is `LTXVideoCondition(image=..., frame_index=0)`.
 
 The VAE compresses 32x32 pixels and 8 frames into one latent (frames 8N+1, sides multiples of
 32) and the transformer takes each latent as one token (patch 1x1x1). Text reaches the video by
@@ -11,8 +19,8 @@ Its attention processor calls diffusers' attention dispatcher, so the base class
 even after `fuse_qkv_projections`, which the runner drops once fused (speed.fuse_qkv): the
 pipeline class here installs a processor that reads the fused projection when there is one.
 
-The 13B checkpoints (0.9.7, 0.9.8) are documented by diffusers with `LTXConditionPipeline` and a
-latent upsampler (multi-scale); they are not configured here.
+diffusers documents the 13B with a second pass through a latent upsampler (multi-scale rendering);
+this family makes the single pass at the row's size and does not configure the upsampler.
 """
 
 from __future__ import annotations
@@ -23,11 +31,12 @@ import torch
 from diffusers import (
     AutoencoderKLLTXVideo,
     FlowMatchEulerDiscreteScheduler,
-    LTXImageToVideoPipeline,
+    LTXConditionPipeline,
     LTXVideoTransformer3DModel,
 )
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_ltx import LTXVideoAttnProcessor, apply_rotary_emb
+from diffusers.pipelines.ltx.pipeline_ltx_condition import LTXVideoCondition
 from transformers import T5Config, T5EncoderModel
 
 from batch_runner.config import ModelConfig
@@ -43,13 +52,20 @@ from batch_runner.families.base import (
 )
 from batch_runner.families.tokenizer import TINY_TEXT_DIM, tiny_text_encoder, tiny_tokenizer
 
-# The VAE of 0.9.1 and later denoises while it decodes: diffusers' LTX-Video page recommends
-# decode_timestep 0.05 and noise scale 0.025 for these "timestep-aware" VAEs. The pipeline ignores
-# both where the VAE has no timestep conditioning (0.9.0, the tiny model). A per-checkpoint value
-# would belong in ModelConfig, which this family may not change; every configured checkpoint uses
-# the same pair.
+# The VAE of 0.9.1 and later denoises while it decodes: diffusers' LTX-Video page and Lightricks'
+# configs (configs/ltxv-2b-0.9.5.yaml, ltxv-13b-0.9.7-dev.yaml) use decode_timestep 0.05 and noise
+# scale 0.025 for these "timestep-aware" VAEs. The pipeline ignores both where the VAE has no
+# timestep conditioning (0.9.0). Every configured checkpoint uses the same values, so they live here
+# rather than in ModelConfig.
 DECODE_TIMESTEP = 0.05
 DECODE_NOISE_SCALE = 0.025
+# Guidance rescale (arXiv 2305.08891): Lightricks' 0.9.5 config has rescaling_scale 0.7 (the same
+# blend as diffusers' guidance_rescale) and diffusers' 13B examples pass guidance_rescale=0.7.
+GUIDANCE_RESCALE = 0.7
+# Noise on the conditioning frame's latent, scaled by t^2 each step: "helps with motion continuity,
+# especially when conditioned on a single frame" (the pipeline); 0.15 is both the pipeline's and
+# Lightricks' inference.py default.
+IMAGE_COND_NOISE_SCALE = 0.15
 
 
 class FusedAwareLTXAttention(LTXVideoAttnProcessor):
@@ -111,7 +127,7 @@ class FusedAwareLTXAttention(LTXVideoAttnProcessor):
         return attn.to_out[1](hidden_states)
 
 
-class LTXImageToVideo(LTXImageToVideoPipeline):
+class LTXCondition(LTXConditionPipeline):
     """diffusers' pipeline, with the fused-aware attention processor on its transformer.
 
     Installed when the pipeline is built (from_pretrained, tiny or random), so every path the
@@ -135,12 +151,14 @@ class LTXImageToVideo(LTXImageToVideoPipeline):
 
 class LTX(Family):
     name = "ltx"
-    pipeline_class = LTXImageToVideo
+    pipeline_class = LTXCondition
     roles: ClassVar[dict[str, str]] = {"text_encoder": ENCODER, "transformer": DENOISER, "vae": DECODER}
     # PROVISIONAL, NOT MEASURED ON A GPU YET: placeholders between Wan's (16, dispatcher attention)
     # and CogVideoX's (42) fits until docs/benchmarks.json has an LTX row. Guidance runs the
-    # conditional and unconditional passes as one batch of 2 (pipeline_ltx_image2video.py concatenates
-    # the embeddings and the latents). The VAE tiles 512x512-pixel tiles (diffusers' default).
+    # conditional and unconditional passes as one batch of 2 (pipeline_ltx_condition.py concatenates
+    # the embeddings and the latents). The VAE tiles 512x512-pixel tiles (diffusers' default), in
+    # space only: diffusers' use_framewise_decoding is off, so every frame (161 by default) decodes
+    # at once and decode_per_pixel, fitted on the other families' VAEs, may be low for LTX.
     activations = ActivationTerms(
         resident=24.0, streamed=24.0, decode_per_pixel=2900.0, tiled_pixels=512 * 512 * 2, guidance_batch=2
     )
@@ -148,7 +166,7 @@ class LTX(Family):
 
     # --- building ---
 
-    def tiny(self, model: ModelConfig) -> LTXImageToVideo:
+    def tiny(self, model: ModelConfig) -> LTXCondition:
         """LTX at toy scale: the same classes and code paths (timestep-aware VAE decoding included),
         random weights. The VAE compresses 8x8 pixels and 8 frames (patch 1, three 2x scalings), so
         the tiny model keeps the real one's 8N+1 frame rule."""
@@ -185,7 +203,7 @@ class LTX(Family):
                 encoder_causal=True,
                 decoder_causal=False,
             )
-        return LTXImageToVideo(
+        return LTXCondition(
             scheduler=FlowMatchEulerDiscreteScheduler.from_config(arch_json("ltx-video-0.9.5", "scheduler")),
             vae=vae,
             text_encoder=text_encoder,
@@ -193,8 +211,8 @@ class LTX(Family):
             transformer=transformer,
         )
 
-    def assemble(self, model: ModelConfig, modules: dict[str, Any], arch: str) -> LTXImageToVideo:
-        return LTXImageToVideo(
+    def assemble(self, model: ModelConfig, modules: dict[str, Any], arch: str) -> LTXCondition:
+        return LTXCondition(
             tokenizer=tiny_tokenizer(model.max_sequence_length),
             scheduler=FlowMatchEulerDiscreteScheduler.from_config(arch_json(arch, "scheduler")),
             **modules,
@@ -217,11 +235,13 @@ class LTX(Family):
         return [(e.unsqueeze(0), m.unsqueeze(0)) for e, m in zip(embedded, masks, strict=True)]
 
     def call_arguments(self, model: ModelConfig, job: Any, images: dict[str, Any], embeds: Any) -> dict[str, Any]:
+        """The row's image as the condition at frame 0 (strength 1). A text whose embedding is None
+        (diffusers' own recipe, which encodes the prompt itself) passes no embedding and no mask."""
         guided = job.guidance_scale > 1
-        prompt, prompt_mask = embeds[job.prompt]
-        negative, negative_mask = embeds[job.negative_prompt] if guided else (None, None)
+        prompt, prompt_mask = embeds[job.prompt] or (None, None)
+        negative, negative_mask = (embeds[job.negative_prompt] if guided else None) or (None, None)
         return {
-            "image": images["image"],
+            "conditions": [LTXVideoCondition(image=images["image"], frame_index=0)],
             "prompt_embeds": prompt,
             "prompt_attention_mask": prompt_mask,
             "negative_prompt_embeds": negative,
@@ -229,10 +249,12 @@ class LTX(Family):
             "height": job.height,
             "width": job.width,
             "num_frames": job.num_frames,
-            # Scales the rotary positions in time: the video's own frame rate.
+            # Divides the rotary positions in time: the video's own frame rate.
             "frame_rate": job.fps,
             "num_inference_steps": job.num_inference_steps,
             "guidance_scale": job.guidance_scale,
+            "guidance_rescale": GUIDANCE_RESCALE,
+            "image_cond_noise_scale": IMAGE_COND_NOISE_SCALE,
             "decode_timestep": DECODE_TIMESTEP,
             "decode_noise_scale": DECODE_NOISE_SCALE,
             "max_sequence_length": model.max_sequence_length,
