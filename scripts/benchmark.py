@@ -778,9 +778,55 @@ def family_section(model: str, rows: list[dict], peak: float | None) -> list[str
     return lines
 
 
+def is_scaling(record: dict) -> bool:
+    """Records of whole multi-process commands (scripts/scaling.py), not of one replica's calls."""
+    return record.get("recipe", "").startswith("scaling-")
+
+
+START_UP_PHASES = ("process_start", "interpreter", "imports", "process_group", "replica", "first_step")
+
+
+def scaling_section(rows: list[dict]) -> list[str]:
+    """The end-to-end runs on several GPUs: throughput, efficiency against 1 GPU, and start-up."""
+    if not rows:
+        return []
+    lines = [
+        "",
+        "## Several GPUs, end to end (scripts/scaling.py)",
+        "",
+        "The whole `accelerate launch` command timed from launch to exit, the same rows per GPU on 1 and on N GPUs, "
+        "random weights, the example photos. Efficiency = videos/h on N GPUs / (N x videos/h on 1), same budget and "
+        "compile-cache state. Start-up is per process, launch to the end of its first denoising step; the phases "
+        "are means over the processes: `process_start` is accelerate's launcher until the process exists, "
+        "`interpreter` Python's own start, `imports` our imports and the config, `process_group` joining it and CUDA, "
+        "`replica` building the pipeline (random weights here), `first_step` the first step with compilation.",
+        "",
+        "| model | GPU | gpus | per replica | budget GiB | compile cache | rows | wall s | videos/h "
+        "| s/video (median row) | efficiency | launch to first step s (max / mean) | phases s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r.get('model')} | | {r.get('gpus')} | | | | | failed: {r['error'][:200]} |||||")
+            continue
+        first = r.get("launch_to_first_step_s") or {}
+        phases = r.get("phases_mean_s") or {}
+        shown = ", ".join(f"{p} {phases[p]}" for p in START_UP_PHASES if p in phases)
+        lines.append(
+            f"| {r['model']} | {r.get('gpu')} | {r['gpus']} | {r.get('gpus_per_replica', 1)} | "
+            f"{r.get('budget_gib') or 'none'} | {r.get('compile_cache', '—')} | {r.get('rows')} | "
+            f"{r['wall_seconds']} | {r['videos_per_hour']} | {r.get('median_row_seconds', '—')} | "
+            f"{r.get('efficiency', '—')} | {first.get('max', '—')} / {first.get('mean', '—')} | {shown} |"
+        )
+    commands = list(dict.fromkeys(r["command"] for r in rows if r.get("command")))
+    lines += ["", "Commands (manifest, output_dir and compile cache folder left out):", ""]
+    lines += [f"- `{c}`" for c in commands]
+    return lines
+
+
 def write_report(records: list[dict], out: Path, command: str) -> None:
     env = next((r for r in records if r.get("recipe") == "environment"), {})
-    measured = [r for r in records if r.get("recipe") not in ("environment",)]
+    measured = [r for r in records if r.get("recipe") != "environment" and not is_scaling(r)]
     rows = [r for r in measured if r.get("model", FIRST_MODEL) == FIRST_MODEL]
     others = list(dict.fromkeys(r["model"] for r in measured if r.get("model", FIRST_MODEL) != FIRST_MODEL))
     peak = env.get("measured_bf16_matmul_tflops")
@@ -847,6 +893,7 @@ def write_report(records: list[dict], out: Path, command: str) -> None:
         lines += ["", "## Failed measurements", ""] + [f"- {r['recipe']}: {r['error']}" for r in errors]
     for model in others:
         lines += family_section(model, [r for r in measured if r.get("model") == model], peak)
+    lines += scaling_section([r for r in records if is_scaling(r)])
     (out / "benchmarks.md").write_text("\n".join(lines) + "\n")
 
 
