@@ -35,7 +35,7 @@ from batch_runner.errors import UserError
 
 log = logging.getLogger(__name__)
 
-ATTENTIONS = ("ulysses", "ring")
+ATTENTIONS = ("ulysses", "ring")  # in this order: ATTENTIONS[ring]
 
 
 def replica_ranks(world_size: int, gpus: int) -> list[list[int]]:

@@ -24,10 +24,10 @@ from batch_runner.checks import check_replica_rows, check_settings
 from batch_runner.cli import log_to_file
 from batch_runner.cluster import Cluster, join_cluster
 from batch_runner.config import RunConfig
-from batch_runner.parallel import form_team
 from batch_runner.errors import UserError
 from batch_runner.images import ImageLoadError, load_image
 from batch_runner.manifest import Job, Manifest, load_manifest
+from batch_runner.parallel import form_team
 from batch_runner.progress import Progress
 from batch_runner.provenance import config_hash, output_salt, provenance, run_key, save_config
 from batch_runner.replica import Replica, is_out_of_memory, release_memory
