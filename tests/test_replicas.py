@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -19,7 +20,7 @@ from hypothesis import strategies as st
 from batch_runner.checks import check_replica_rows, check_settings
 from batch_runner.errors import UserError
 from batch_runner.manifest import load_manifest
-from batch_runner.parallel import replica_ranks
+from batch_runner.parallel import Team, replica_ranks, split_attention
 from batch_runner.replica import workload_of
 from tests.conftest import ROOT, accelerate_cpu, frames_of, ok, photo, run_cli, run_config, write_manifest
 
@@ -63,8 +64,9 @@ def test_a_world_the_replica_size_does_not_divide_is_refused(monkeypatch: pytest
     assert "--num_processes 2" in message and "replica.gpus=1" in message
 
 
-def test_a_family_diffusers_cannot_split_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    message = refusal(monkeypatch, 2, "model=tiny", "replica.gpus=2")  # CogVideoX: no _cp_plan
+@pytest.mark.parametrize("model", ["tiny", "tiny-ltx"])  # CogVideoX: no _cp_plan; LTX: see families/ltx.py
+def test_a_family_diffusers_cannot_split_is_refused(monkeypatch: pytest.MonkeyPatch, model: str) -> None:
+    message = refusal(monkeypatch, 2, f"model={model}", "replica.gpus=2")
     assert message.startswith("replica.gpus=2 needs a model whose transformer diffusers can split")
     assert "set replica.gpus=1" in message
 
@@ -85,7 +87,7 @@ def test_settings_a_replica_cannot_run_alike_are_refused(monkeypatch, override: 
 def test_one_gpu_per_replica_and_split_families_pass(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WORLD_SIZE", "4")
     check_settings(run_config("manifest=x.csv", "model=tiny"))
-    for model in ("tiny-wan", "tiny-wan22", "tiny-ltx"):
+    for model in ("tiny-wan", "tiny-wan22", "tiny-wan22-ti2v"):
         check_settings(run_config("manifest=x.csv", f"model={model}", "replica.gpus=2"))
         check_settings(run_config("manifest=x.csv", f"model={model}", "replica.gpus=4"))
 
@@ -98,6 +100,13 @@ def test_rows_whose_tokens_the_replica_cannot_split_evenly_are_refused(tmp_path:
     cfg = run_config(f"manifest={cfg.manifest}", "model=tiny-wan", "replica.gpus=5")
     with pytest.raises(UserError, match=r"^Row id 'even': 9 frames at 96x64 make 72 tokens, which replica.gpus=5"):
         check_replica_rows(cfg, load_manifest(cfg.manifest, cfg.model, 0).jobs)
+
+
+def test_a_head_count_ulysses_cannot_share_is_refused() -> None:
+    denoiser = SimpleNamespace(config={"num_attention_heads": 2})  # tiny-wan's
+    team = Team(index=0, count=1, ranks=[0, 1, 2, 3], rank=0)
+    with pytest.raises(UserError, match=r"^replica.gpus=4 does not divide SimpleNamespace's 2 attention heads"):
+        split_attention(denoiser, team, "ulysses")
 
 
 def test_the_command_line_refuses_with_one_sentence_and_exit_2(tmp_path: Path) -> None:

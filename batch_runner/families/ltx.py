@@ -135,6 +135,10 @@ class LTXImageToVideo(LTXImageToVideoPipeline):
 
 class LTX(Family):
     name = "ltx"
+    # Not split across GPUs (replica.gpus > 1): diffusers 0.42's LTX `_cp_plan` leaves the per-token
+    # timestep of the image-to-video pipeline unsplit, and its text attention mask, repeated per
+    # head, does not fit Ulysses' share of the heads (both fail on the CPU with tiny-ltx).
+    context_parallel = False
     pipeline_class = LTXImageToVideo
     roles: ClassVar[dict[str, str]] = {"text_encoder": ENCODER, "transformer": DENOISER, "vae": DECODER}
     # PROVISIONAL, NOT MEASURED ON A GPU YET: placeholders between Wan's (16, dispatcher attention)
