@@ -14,6 +14,8 @@ GPU makes its own videos (throughput), with replica.gpus=k each video is split a
 
     # two H100s, Wan 2.2 TI2V-5B's architecture with random weights, 4 rows at its default size, 10 steps
     python scripts/replicas.py --gpus 2 --replica-gpus 1 2 --rows 4 --steps 10 --out replicas.jsonl
+    # more overrides for every run after `--`
+    python scripts/replicas.py --gpus 2 --replica-gpus 2 --out replicas.jsonl -- speed.compile=on
     # the same path on the CPU, with the tiny Wan model
     python scripts/replicas.py --cpu --gpus 4 --replica-gpus 1 2 --model tiny-wan --weights tiny --rows 4 --steps 2
 """
