@@ -10,12 +10,16 @@ videos that the results called 0 fps).
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
+
+import torch
 
 from batch_runner.config import RunConfig
 from batch_runner.errors import UserError
 from batch_runner.families import FAMILY_MODULES, family_named
 from batch_runner.memory import PLANS
+from batch_runner.parallel import ATTENTIONS
 from batch_runner.pipeline import DTYPES
 from batch_runner.speed import ATTENTION_BACKENDS
 
@@ -32,6 +36,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "speed.compile": ("auto", "on", "off"),
     "speed.attention": ("auto", *ATTENTION_BACKENDS),
     "speed.cache": ("none", "first_block", "pyramid"),
+    "replica.attention": ATTENTIONS,
 }
 # Setting -> (lowest, highest, whole number?); None means no bound. The row defaults use the same
 # ranges as the manifest's per-row columns (batch_runner.manifest).
@@ -51,6 +56,7 @@ RANGES: dict[str, tuple[float | None, float | None, bool]] = {
     "output.crf": (0, 51, True),
     "chunk_size": (1, None, True),
     "max_image_pixels": (1, None, True),
+    "replica.gpus": (1, None, True),
 }
 
 
@@ -59,6 +65,7 @@ def check_settings(cfg: RunConfig) -> None:
     problems = [p for key in CHOICES if (p := _choice_problem(key, _get(cfg, key)))]
     problems += [p for key in RANGES if (p := _range_problem(key, _get(cfg, key)))]
     problems += _model_problems(cfg)
+    problems += _replica_problems(cfg)
     if str(cfg.log_level).upper() not in LOG_LEVELS:
         problems.append(f"log_level={cfg.log_level!r} is not one of {', '.join(LOG_LEVELS)} (e.g. log_level=INFO)")
     if problems:
@@ -73,6 +80,73 @@ def _model_problems(cfg: RunConfig) -> list[str]:
     if cfg.model.scheduler in schedulers:
         return []
     return [f"model.scheduler={cfg.model.scheduler!r} is not one of {', '.join(schedulers)} for {cfg.model.name}"]
+
+
+# diffusers' context-parallel attention runs only on its dispatcher backends that support it (its
+# _AttentionBackendRegistry): speed.attention's efficient and math kernels are not among them.
+CONTEXT_PARALLEL_ATTENTION = ("auto", "cudnn", "flash")
+
+
+def _replica_problems(cfg: RunConfig) -> list[str]:
+    """What replica.gpus > 1 needs: a world it divides, a family diffusers can split, and settings
+    that every process of a replica runs alike (a step cache decides per process, on its part of
+    the sequence, and the processes would part ways)."""
+    gpus = cfg.replica.gpus
+    if not isinstance(gpus, int) or gpus <= 1:
+        return []
+    problems = []
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world % gpus:
+        problems.append(
+            f"replica.gpus={gpus} does not divide the {world} process(es) started; launch a multiple of {gpus} "
+            f"(accelerate launch --num_processes {max(gpus, world - world % gpus)}) or set replica.gpus=1"
+        )
+    if cfg.model.family in FAMILY_MODULES and not family_named(cfg.model.family).context_parallel:
+        problems.append(
+            f"replica.gpus={gpus} needs a model whose transformer diffusers can split across GPUs (context "
+            f"parallelism), and {cfg.model.name} ({cfg.model.family}) has none; set replica.gpus=1 to run one "
+            "replica per GPU"
+        )
+    if cfg.speed.attention not in CONTEXT_PARALLEL_ATTENTION:
+        problems.append(
+            f"speed.attention={cfg.speed.attention!r} cannot be split across replica.gpus={gpus}; use one of "
+            f"{', '.join(CONTEXT_PARALLEL_ATTENTION)}"
+        )
+    if cfg.speed.cache != "none":
+        problems.append(f"speed.cache={cfg.speed.cache!r} does not work with replica.gpus={gpus}; use speed.cache=none")
+    if cfg.replica.attention == "ring" and not torch.cuda.is_available():
+        problems.append(
+            "replica.attention=ring needs a GPU attention kernel that returns its log-sum-exp (cuDNN or flash); "
+            "use replica.attention=ulysses without a GPU"
+        )
+    return problems
+
+
+def check_replica_rows(cfg: RunConfig, jobs: list[Any]) -> None:
+    """Refuse rows whose token sequence replica.gpus does not divide: diffusers splits it in equal parts.
+
+    Called once the manifest is read, before any model loads.
+    """
+    gpus = cfg.replica.gpus
+    if gpus <= 1 or not jobs:
+        return
+    from batch_runner.pipeline import anatomy
+
+    geometry = anatomy(cfg.model).geometry
+    bad = [
+        (job, tokens)
+        for job in jobs
+        if (tokens := geometry.tokens(job.num_frames, job.height, job.width, cfg.model.max_sequence_length)) % gpus
+    ]
+    if not bad:
+        return
+    job, tokens = bad[0]
+    others = f" (and {len(bad) - 1} other row(s))" if len(bad) > 1 else ""
+    raise UserError(
+        f"Row id {job.id!r}{others}: {job.num_frames} frames at {job.width}x{job.height} make {tokens} tokens, which "
+        f"replica.gpus={gpus} cannot split in equal parts; choose a size or frame count whose token count "
+        f"{gpus} divides, or set replica.gpus=1."
+    )
 
 
 def _get(cfg: Any, dotted: str) -> Any:

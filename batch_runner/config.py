@@ -104,6 +104,22 @@ class SpeedConfig:
 
 
 @dataclass
+class ReplicaConfig:
+    """How many GPUs make one video together (batch_runner.parallel).
+
+    `accelerate launch --num_processes N` forms N / gpus replicas; each replica splits every video's
+    token sequence across its processes with diffusers' context parallelism, so a video takes
+    about 1/gpus of the time (lower latency) and activations about 1/gpus of the memory.
+    """
+
+    gpus: int = 1
+    # diffusers' context-parallel attention: "ulysses" (all-to-all over heads; needs the head count
+    # divisible by gpus) or "ring" (passes keys and values around; needs an attention kernel that
+    # returns its log-sum-exp: cuDNN or flash on a GPU).
+    attention: str = "ulysses"
+
+
+@dataclass
 class OutputConfig:
     # "videofolder": videos/ + metadata.parquet (always written); "webdataset": also tar shards.
     format: str = "videofolder"
@@ -121,6 +137,7 @@ class RunConfig:
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     speed: SpeedConfig = field(default_factory=SpeedConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    replica: ReplicaConfig = field(default_factory=ReplicaConfig)
     # Base seed: a row without a seed column gets one derived from this and its id.
     seed: int = 0
     overwrite: bool = False

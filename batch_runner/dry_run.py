@@ -26,20 +26,27 @@ def describe(cfg: RunConfig, manifest: Manifest, cluster: Cluster, out: Path) ->
     done = set() if cfg.overwrite or not out.exists() else finished_ids(out, manifest, output_salt(cfg))
     pending = [job for job in manifest.jobs if job.id not in done]
     world = cluster.world_size
+    gpus = max(1, cfg.replica.gpus)
+    replicas = max(1, world // gpus)
     lines = [
         f"manifest {manifest.path}: {len(manifest.table)} rows, {len(manifest.jobs)} valid, "
         f"{len(manifest.problems)} problem(s)"
         + (" (recorded as failed: on_invalid=skip)" if manifest.problems else ""),
         *(f"  - {p}" for p in manifest.problems[:20]),
         f"output_dir {out}: {len(done)} rows already done, {len(pending)} to make",
-        f"{world} process(es); rows are claimed "
+        f"{world} process(es)"
+        + (f" in {replicas} replica(s) of {gpus} GPUs ({cfg.replica.attention} attention)" if gpus > 1 else "")
+        + "; rows are claimed "
         + ("dynamically in chunks of up to " + str(cfg.chunk_size) if cfg.scheduling == "dynamic" else "statically"),
     ]
-    for rank in range(world):
-        share = static_shard(len(pending), rank, world)
+    for index in range(replicas):
+        share = static_shard(len(pending), index, replicas)
         ids = [pending[i].id for i in share]
         preview = ", ".join(ids[:4]) + (" ..." if len(ids) > 4 else "")
-        lines.append(f"  process {rank}: ~{len(share)} rows" + (f" ({preview})" if ids else ""))
+        who = (
+            f"process {index}" if gpus == 1 else f"replica {index} (processes {index * gpus}-{index * gpus + gpus - 1})"
+        )
+        lines.append(f"  {who}: ~{len(share)} rows" + (f" ({preview})" if ids else ""))
     plan, why, budget = _plan(cfg, cluster, pending)
     lines.append(f"memory plan: {why}")
     estimate = _estimate_seconds(cfg, plan, budget, pending)

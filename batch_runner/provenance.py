@@ -101,6 +101,7 @@ def provenance(cfg: RunConfig, replica: Any) -> dict[str, Any]:
         "transformers_version": _version("transformers"),
         "batch_runner_version": _version("batch_runner"),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "gpus_per_replica": cfg.replica.gpus,
     }
 
 

@@ -24,6 +24,7 @@ from batch_runner.cluster import HostPeers
 from batch_runner.config import RunConfig
 from batch_runner.families.base import DENOISER
 from batch_runner.manifest import Job
+from batch_runner.parallel import Team, split_attention
 from batch_runner.pipeline import Anatomy, anatomy, build_pipeline, torch_dtype
 
 log = logging.getLogger(__name__)
@@ -41,9 +42,15 @@ class Prompts:
 
 class Replica:
     def __init__(
-        self, cfg: RunConfig, device: torch.device, peers: HostPeers | None = None, jobs: Sequence[Job] = ()
+        self,
+        cfg: RunConfig,
+        device: torch.device,
+        peers: HostPeers | None = None,
+        jobs: Sequence[Job] = (),
+        team: Team | None = None,
     ) -> None:
         self.cfg = cfg
+        self.team = team if team is not None and team.size > 1 else None
         self.device = device
         self.dtype = torch_dtype(cfg.model.dtype)
         self.anatomy = anatomy(cfg.model)
@@ -54,9 +61,15 @@ class Replica:
         self.pipe, self.shared = self._build(peers)
         self.roles = self.family.components(self.pipe)
         self.denoisers = [getattr(self.pipe, n) for n, r in self.roles.items() if r == DENOISER]
-        if speed.should_compile(cfg.speed, device) and cfg.speed.cache == "none":
+        if self.team and cfg.speed.compile == "auto" and speed.should_compile(cfg.speed, device):
+            # Not measured with diffusers' context-parallel hooks yet: speed.compile=on tries it.
+            log.info("not compiling the transformer blocks: replica.gpus=%d (speed.compile=on to try)", self.team.size)
+        elif speed.should_compile(cfg.speed, device) and cfg.speed.cache == "none":
             blocks = sum(speed.compile_blocks(self.family.blocks(d)) for d in self.denoisers)
             log.info("compiling %d transformer blocks with torch.compile (the first video is slower)", blocks)
+        if self.team:  # after compiling: the context-parallel hooks wrap the compiled forwards
+            for denoiser in self.denoisers:
+                split_attention(denoiser, self.team, cfg.replica.attention)
         speed.enable_cache(self.pipe, [n for n, r in self.roles.items() if r == DENOISER], cfg.speed)
         memory.apply_plan(self.pipe, self.plan, device, cfg.memory, self.roles)
         speed.keep_timesteps_on_host(self.pipe, self.family, device)
@@ -116,7 +129,13 @@ class Replica:
         return memory.shareable(self.plan, self.anatomy.roles)
 
     def step_down(self) -> str | None:
-        """Move to the next plan down the ladder after an out-of-memory error; None at the bottom."""
+        """Move to the next plan down the ladder after an out-of-memory error; None at the bottom.
+
+        None too in a replica of several GPUs: one process stepping down alone and retrying the row
+        would leave the others in the middle of its collectives.
+        """
+        if self.team:
+            return None
         lower = memory.next_plan_down(self.plan, self.roles)
         if lower is None:
             return None
@@ -197,8 +216,10 @@ def workload_of(cfg: RunConfig, jobs: Sequence[Job] = (), model: Anatomy | None 
     config = cfg.model
     sizes = [(config.num_frames, config.height, config.width)] + [(j.num_frames, j.height, j.width) for j in jobs]
     frames, height, width = max(sizes, key=lambda s: geometry.tokens(*s, config.max_sequence_length))
+    tokens = geometry.tokens(frames, height, width, config.max_sequence_length)
     return memory.Workload(
-        tokens=geometry.tokens(frames, height, width, config.max_sequence_length),
+        # A replica of k GPUs splits the token sequence k ways (weights and the VAE's decode are not split).
+        tokens=-(-tokens // max(1, cfg.replica.gpus)),
         hidden=geometry.hidden,
         guidance=config.guidance_scale > 1 or any(j.guidance_scale > 1 for j in jobs),
         pixels=max(h * w for _, h, w in sizes),

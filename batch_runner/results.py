@@ -61,6 +61,7 @@ PROVENANCE_COLUMNS = [
     "transformers_version",
     "batch_runner_version",
     "gpu",
+    "gpus_per_replica",
     "config_hash",
 ]
 _DTYPES = {
@@ -70,6 +71,7 @@ _DTYPES = {
     "width": "Int64",
     "num_inference_steps": "Int64",
     "rank": "Int64",
+    "gpus_per_replica": "Int64",
     "fps": "float64",
     "guidance_scale": "float64",
     "seconds": "float64",

@@ -20,13 +20,14 @@ import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from batch_runner import compile_cache, dataset, lifecycle, memory, report, startup
-from batch_runner.checks import check_settings
+from batch_runner.checks import check_replica_rows, check_settings
 from batch_runner.cli import log_to_file
 from batch_runner.cluster import Cluster, join_cluster
 from batch_runner.config import RunConfig
 from batch_runner.errors import UserError
 from batch_runner.images import ImageLoadError, load_image
 from batch_runner.manifest import Job, Manifest, load_manifest
+from batch_runner.parallel import form_team
 from batch_runner.progress import Progress
 from batch_runner.provenance import config_hash, output_salt, provenance, run_key, save_config
 from batch_runner.replica import Replica, is_out_of_memory, release_memory
@@ -87,6 +88,7 @@ def _run(cfg: RunConfig, cluster: Cluster) -> int:
     manifest = load_manifest(cfg.manifest, cfg.model, cfg.seed, cfg.ids, cfg.output.format)
     if manifest.problems and cfg.on_invalid != "skip":
         raise UserError(_refusal(manifest))
+    check_replica_rows(cfg, manifest.jobs)  # before any model loads
     if cfg.dry_run:
         if cluster.is_main:
             from batch_runner.dry_run import describe
@@ -194,20 +196,31 @@ def _record_invalid(cfg: RunConfig, manifest: Manifest, out: Path, run_id: str) 
 def _make_videos(
     cfg: RunConfig, cluster: Cluster, out: Path, run_id: str, pending: list[Job], progress: Progress | None
 ) -> None:
-    """Claim rows and make their videos until none are left."""
-    replica = Replica(cfg, cluster.device, cluster.host_peers(), pending)
+    """Claim rows and make their videos until none are left.
+
+    With replica.gpus=k, only each replica's leader claims rows, records results and writes videos;
+    its k - 1 members make the same rows with it (batch_runner.parallel).
+    """
+    ring = cfg.replica.attention == "ring"
+    team = form_team(cluster.rank, cluster.world_size, cfg.replica.gpus, cluster.device.type, ring)
+    replica = Replica(cfg, cluster.device, cluster.host_peers(), pending, team)
     startup.mark("replica")
     with output_errors(out, "start this process's results log", KEPT_WHILE_MAKING):
-        results = ResultLog(out, run_id, cluster.rank)
+        results = ResultLog(out, run_id, cluster.rank) if team.leads else None
     base = provenance(cfg, replica) | {"config_hash": config_hash(cfg)}
     salt = output_salt(cfg)
-    if cfg.scheduling == "dynamic":
-        queue = WorkQueue(cluster.claims(), len(pending), cluster.world_size, cfg.chunk_size, key="claimed")
+    if not team.leads:
+        claims = None  # the leader's chunks arrive through team.share
+    elif cfg.scheduling == "dynamic":
+        claims = WorkQueue(cluster.claims(), len(pending), team.count, cfg.chunk_size, key="claimed")
     else:  # "static" (check_settings refused anything else)
-        queue = StaticQueue(len(pending), cluster.rank, cluster.world_size, cfg.chunk_size)
+        claims = StaticQueue(len(pending), team.index, team.count, cfg.chunk_size)
+    queue = team.share(claims)
     on_step = _first_step_marked(progress.refresh if progress else None)
 
     def finish(record: dict[str, Any]) -> None:
+        if results is None:  # a replica's member: its leader records the row
+            return
         record = base | record | {"rank": cluster.rank, "finished_at": _now()}
         with output_errors(out, f"record row {record['id']}'s result", KEPT_WHILE_MAKING):
             results.append(record)
@@ -245,6 +258,8 @@ def _make_videos(
                     continue
                 record |= {"seconds": round(time.perf_counter() - started, 3), "peak_memory_gib": _peak_gib()}
                 _note_first_video(out, cluster.rank)
+                if not team.leads:
+                    continue
                 writes.append(writer.submit(_publish, out, job, frames, image.result()["image"], record, cfg, finish))
                 while len([w for w in writes if not w.done()]) > MAX_PENDING_WRITES:
                     writes[0].result()

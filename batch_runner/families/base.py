@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
+import typing
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,6 +94,20 @@ class Family:
     def components(self, pipe: Any) -> dict[str, str]:
         """The weight-holding components this pipeline has, with their roles."""
         return {name: role for name, role in self.roles.items() if getattr(pipe, name, None) is not None}
+
+    @property
+    def context_parallel(self) -> bool:
+        """Whether diffusers can split this family's videos across GPUs (replica.gpus > 1): every
+        denoiser class its pipeline takes has a context-parallel plan (`_cp_plan`)."""
+        hints = typing.get_type_hints(self.pipeline_class.__init__)  # resolves `from __future__` annotations
+        classes = [
+            cls
+            for name, role in self.roles.items()
+            if role == DENOISER and name in hints
+            for cls in (typing.get_args(hints[name]) or (hints[name],))
+            if isinstance(cls, type) and cls is not type(None)
+        ]
+        return bool(classes) and all(getattr(cls, "_cp_plan", None) for cls in classes)
 
     def arch_components(self, arch: str) -> dict[str, str]:
         """The components an architecture folder describes, with their roles."""

@@ -151,6 +151,11 @@ class LTXCondition(LTXConditionPipeline):
 
 class LTX(Family):
     name = "ltx"
+    # Not split across GPUs (replica.gpus > 1): diffusers 0.42's LTX `_cp_plan` leaves the per-token
+    # timestep unsplit (the condition pipeline passes one, as the image-to-video one does), and the
+    # text attention mask, repeated per head, does not fit Ulysses' share of the heads (both failed
+    # on the CPU with tiny-ltx through LTXImageToVideoPipeline).
+    context_parallel = False
     pipeline_class = LTXCondition
     roles: ClassVar[dict[str, str]] = {"text_encoder": ENCODER, "transformer": DENOISER, "vae": DECODER}
     # PROVISIONAL, NOT MEASURED ON A GPU YET: placeholders between Wan's (16, dispatcher attention)
