@@ -1,4 +1,4 @@
-"""On a CUDA GPU (run on the device machine): for every Wan shape, each memory plan and the speed
+"""On a CUDA GPU (run on the device machine): for every Wan shape and HunyuanVideo-1.5, each memory plan and the speed
 settings make the frames of the diffusers reference recipe (`pipe.to("cuda")`, the prompt given as
 text), same seed, up to bf16 noise."""
 
@@ -19,7 +19,7 @@ from batch_runner.replica import Replica, release_memory
 from .conftest import run_config, tiny_job
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
-MODELS = ("tiny-wan", "tiny-wan22", "tiny-wan22-ti2v")
+MODELS = ("tiny-wan", "tiny-wan22", "tiny-wan22-ti2v", "tiny-hunyuan15")
 OURS = [p for p in PLANS if p not in ("model_cpu_offload", "sequential_cpu_offload")]
 
 

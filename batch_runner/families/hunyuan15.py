@@ -22,6 +22,8 @@ conditional and unconditional passes are separate forwards of batch 1.
 from __future__ import annotations
 
 import functools
+import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -106,11 +108,33 @@ class HunyuanImageToVideo(HunyuanVideo15ImageToVideoPipeline):
             room = tokenizer.model_max_length - self.prompt_template_encode_start_idx
             self.tokenizer_max_length = min(self.tokenizer_max_length, room)
 
-    def __call__(self, *args: Any, guidance_scale: float | None = None, **kwargs: Any) -> Any:
+    def __call__(
+        self,
+        *args: Any,
+        guidance_scale: float | None = None,
+        callback_on_step_end: Callable[..., Any] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """diffusers' call, plus `guidance_scale` (a guider of that scale for this and later calls) and
+        `callback_on_step_end` (called after each scheduler step, as other pipelines do; this one
+        has no callback of its own, and the runner's progress and step timing need it)."""
         if guidance_scale is not None:
             guider = self.guider.new(guidance_scale=guidance_scale, enabled=guidance_scale > 1)
             self.register_modules(guider=guider)
-        return super().__call__(*args, **kwargs)
+        if callback_on_step_end is None:
+            return super().__call__(*args, **kwargs)
+        step, steps = self.scheduler.step, itertools.count()
+
+        def step_then_call_back(model_output: Any, timestep: Any, *rest: Any, **options: Any) -> Any:
+            out = step(model_output, timestep, *rest, **options)
+            callback_on_step_end(self, next(steps), timestep, {})
+            return out
+
+        self.scheduler.step = step_then_call_back  # an instance attribute, removed below
+        try:
+            return super().__call__(*args, **kwargs)
+        finally:
+            del self.scheduler.step
 
 
 # --- sizes ------------------------------------------------------------------------------------------
@@ -360,6 +384,12 @@ class HunyuanVideo15(Family):
 
     def blocks(self, transformer: torch.nn.Module) -> torch.nn.ModuleList:
         return transformer.transformer_blocks
+
+    def prefer_attention(self, transformer: torch.nn.Module, order: list, backend: str) -> None:
+        """Every attention call carries a mask (the text's padding), which flash attention cannot
+        take and the dispatcher's strict backend would refuse: speed.attention=flash means the
+        memory-efficient kernel here."""
+        super().prefer_attention(transformer, order, "_native_efficient" if backend == "_native_flash" else backend)
 
     def geometry(self, configs: dict[str, dict]) -> Geometry:
         t, vae = configs["transformer"], configs["vae"]
