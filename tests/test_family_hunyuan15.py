@@ -259,3 +259,21 @@ def test_a_saved_hunyuan_pipeline_loads_through_model_path_and_makes_the_same_vi
         )
         made[source] = frames_of(out / "videos/b.mp4")
     assert same_video(made["tiny"], made["pretrained"])
+
+
+def test_flash_attention_falls_to_a_kernel_that_takes_the_text_mask():
+    """Every attention call of this transformer carries a mask; the strict flash backend refuses masks."""
+    from torch.nn.attention import SDPBackend
+
+    pipe = build_pipeline(run_config("manifest=x", f"model={TINY}").model)
+    family = family_named("hunyuan15")
+    family.prefer_attention(pipe.transformer, [SDPBackend.FLASH_ATTENTION], "_native_flash")
+
+    def chosen() -> set:
+        # The dual-stream blocks' processors go through diffusers' dispatcher (the text refiner's do not).
+        processors = pipe.transformer.attn_processors.values()
+        return {p._attention_backend for p in processors if hasattr(p, "_attention_backend")}
+
+    assert chosen() == {"_native_efficient"}
+    family.prefer_attention(pipe.transformer, [SDPBackend.CUDNN_ATTENTION], "_native_cudnn")
+    assert chosen() == {"_native_cudnn"}
