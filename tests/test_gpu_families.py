@@ -1,5 +1,5 @@
-"""On a CUDA GPU (run on the device machine): for every Wan shape and LTX-Video, each memory plan and the speed
-settings make the frames of the diffusers reference recipe (`pipe.to("cuda")`, the prompt given as
+"""On a CUDA GPU (run on the device machine): for every Wan shape, LTX-Video and HunyuanVideo-1.5, each memory
+plan and the speedsettings make the frames of the diffusers reference recipe (`pipe.to("cuda")`, the prompt given as
 text), same seed, up to bf16 noise."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from batch_runner.replica import Replica, release_memory
 from .conftest import run_config, tiny_job
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
-MODELS = ("tiny-wan", "tiny-wan22", "tiny-wan22-ti2v", "tiny-ltx")
+MODELS = ("tiny-wan", "tiny-wan22", "tiny-wan22-ti2v", "tiny-ltx", "tiny-hunyuan15")
 OURS = [p for p in PLANS if p not in ("model_cpu_offload", "sequential_cpu_offload")]
 
 

@@ -10,7 +10,7 @@ from batch_runner.config import ModelConfig
 from batch_runner.errors import UserError
 from batch_runner.families.base import Family
 
-FAMILY_MODULES = ("cogvideox", "wan", "ltx")
+FAMILY_MODULES = ("cogvideox", "wan", "ltx", "hunyuan15")
 
 
 def family_named(name: str) -> Family:

@@ -1,0 +1,279 @@
+"""HunyuanVideo-1.5 image-to-video: the tiny model end to end as a user runs it, its size and frame
+rules, its loading path, and the full-size 480p/720p architectures read and planned without weights."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from batch_runner import memory, speed
+from batch_runner.families import family_named
+from batch_runner.families.hunyuan15 import buckets, nearest_bucket
+from batch_runner.pipeline import anatomy, build_pipeline
+from batch_runner.replica import auto_plan
+
+from .conftest import accelerate_cpu, frames_of, ok, photo, run_cli, run_config, tiny_job, write_manifest
+
+TINY = "tiny-hunyuan15"
+FULL = ("hunyuanvideo1.5-i2v-480p", "hunyuanvideo1.5-i2v-720p")
+
+
+def same_video(a: np.ndarray, b: np.ndarray) -> bool:
+    """Equal up to a rounding flip (thread count, weight layout after loading); a wrong input,
+    weight or seed moves pixels by tens of levels."""
+    return a.shape == b.shape and int(np.abs(a.astype(int) - b.astype(int)).max()) <= 2
+
+
+@pytest.fixture
+def manifest(tmp_path: Path) -> Path:
+    """Three rows on real image files: the default row (48x80), a longer portrait one with quoted
+    text for the glyph encoder, a square one with another seed."""
+    image = photo(tmp_path / "in" / "first.png", (120, 80))
+    rows = [
+        {"id": "a", "image": str(image), "prompt": "the sea at night", "seed": 1},
+        {
+            "id": "b",
+            "image": str(image),
+            "prompt": 'a sign that says "SEA"',
+            "num_frames": 13,
+            "height": 64,
+            "width": 48,
+        },
+        {"id": "c", "image": str(image), "prompt": "light on the water", "seed": 5, "height": 64, "width": 64},
+    ]
+    return write_manifest(tmp_path / "jobs.csv", rows)
+
+
+def _made(cfg, job, images, fuse: bool = False) -> torch.Tensor:
+    family = family_named("hunyuan15")
+    pipe = build_pipeline(cfg.model)
+    if fuse:
+        speed.fuse_qkv(pipe.transformer)
+    texts = [job.prompt, job.negative_prompt]
+    embeds = dict(zip(texts, family.encode_prompts(pipe, texts, cfg.model, torch.float32), strict=True))
+    arguments = family.call_arguments(cfg.model, job, images, embeds)
+    with torch.no_grad():
+        return pipe(**arguments, generator=torch.Generator().manual_seed(1), output_type="pt").frames[0]
+
+
+# --- the family -----------------------------------------------------------------------------------
+
+
+def test_tiny_hunyuan_has_the_familys_components():
+    model = run_config("manifest=x", f"model={TINY}").model
+    pipe = build_pipeline(model)
+    family = family_named("hunyuan15")
+    assert isinstance(pipe, family.pipeline_class)
+    assert (
+        family.components(pipe)
+        == anatomy(model).roles
+        == {
+            "text_encoder": "encoder",
+            "text_encoder_2": "encoder",
+            "image_encoder": "encoder",
+            "transformer": "denoiser",
+            "vae": "decoder",
+        }
+    )
+    assert pipe.guider is not None and pipe.tokenizer.chat_template
+
+
+def test_cached_embeddings_make_the_video_the_pipeline_makes_from_text(tmp_path):
+    """Our path (prompts encoded once per chunk, four tensors each) against the pipeline encoding the
+    texts itself, guided, with text in quotes for the glyph encoder; fusing QKV changes nothing."""
+    cfg = run_config("manifest=x", f"model={TINY}")
+    job, _ = tiny_job(tmp_path, steps=2)
+    job = replace(job, prompt='a sign that says "SEA"', height=48, width=80)
+    from batch_runner.images import load_image
+
+    images = {"image": load_image(job.image, job.height, job.width, 10**8), "last_image": None}
+    ours = _made(cfg, job, images)
+    assert ours.shape == (9, 3, 48, 80)
+    pipe = build_pipeline(cfg.model)
+    arguments = family_named("hunyuan15").call_arguments(cfg.model, job, images, {job.prompt: None, "": None})
+    with torch.no_grad():
+        reference = pipe(
+            **arguments,
+            prompt=job.prompt,
+            negative_prompt=job.negative_prompt,
+            generator=torch.Generator().manual_seed(1),
+            output_type="pt",
+        ).frames[0]
+    torch.testing.assert_close(ours, reference)
+    torch.testing.assert_close(_made(cfg, job, images, fuse=True), ours)
+
+
+def test_the_guidance_scale_of_a_row_reaches_the_guider(tmp_path):
+    cfg = run_config("manifest=x", f"model={TINY}")
+    job, images = tiny_job(tmp_path, steps=2)
+    job = replace(job, height=48, width=80)
+    from batch_runner.images import load_image
+
+    images = {"image": load_image(job.image, 48, 80, 10**8)}
+    guided = _made(cfg, replace(job, guidance_scale=6.0), images)
+    other = _made(cfg, replace(job, guidance_scale=2.0), images)
+    plain = _made(cfg, replace(job, guidance_scale=1.0), images)
+    assert not torch.allclose(guided, other) and not torch.allclose(guided, plain)
+
+
+def test_every_bucket_is_a_size_the_pipeline_makes_from_an_image_of_that_size():
+    from diffusers.pipelines.hunyuan_video1_5.image_processor import HunyuanVideo15ImageProcessor
+
+    processor = HunyuanVideo15ImageProcessor(vae_scale_factor=16)
+    for target in (64, 640, 960):
+        for h, w in buckets(target):
+            assert processor.calculate_default_height_width(h, w, target) == (h, w)
+    # 16:9 at 480p and 720p; a ratio between buckets goes where the pipeline sends it.
+    assert (480, 848) in buckets(640) and (720, 1280) in buckets(960)
+    assert nearest_bucket(480, 832, 640) == (480, 816)
+
+
+@pytest.mark.parametrize("name", FULL)
+def test_full_size_anatomy_is_the_8b_architecture(name):
+    model = run_config("manifest=x", f"model={name}").model
+    shape = anatomy(model)
+    billions = {n: b / 2 / 1e9 for n, b in shape.bytes.items()}  # bf16
+    assert billions["transformer"] == pytest.approx(8.3, rel=0.05)
+    assert billions["text_encoder"] == pytest.approx(7.07, rel=0.05)  # Qwen2.5-VL 7B's language model
+    assert billions["image_encoder"] == pytest.approx(0.43, rel=0.05)  # SigLIP so400m
+    assert shape.blocks == 54
+    assert shape.family.activations.guidance_batch == 1
+    # 121 frames -> 31 latent frames of 16x16 pixels, one token each; 1000 + 256 glyph + 729 image
+    # tokens of text join the sequence.
+    latents = (model.height // 16) * (model.width // 16)
+    assert shape.geometry.tokens(121, model.height, model.width, 1000) == 31 * latents + 1985
+
+
+@pytest.mark.parametrize("name", FULL)
+@pytest.mark.parametrize("budget", (80.0, 141.0))
+def test_auto_picks_a_plan_that_fits_and_says_why(name, budget):
+    cfg = run_config("manifest=x", f"model={name}", "memory.host_budget_gib=200")
+    choice = auto_plan(cfg, budget, 1)
+    chosen = next(e for e in choice.estimates if e.plan == choice.plan)
+    assert chosen.gpu_gib <= budget
+    faster = memory.LADDER[: memory.LADDER.index(choice.plan)]
+    assert all(e.gpu_gib > budget for e in choice.estimates if e.plan in faster)
+    # The weights alone (bf16): 17.3 GB of encoders, 16.7 transformer, 2.5 VAE.
+    none = next(e for e in choice.estimates if e.plan == "none")
+    assert 34 < none.gpu_gib < 100
+
+
+# --- rows -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "column", "value", "message"),
+    [
+        (TINY, "num_frames", 12, f"{TINY} makes 4N+1 frames, 5 to 121, not 12; the nearest valid value is 13"),
+        (FULL[0], "num_frames", 100, f"{FULL[0]} makes 4N+1 frames, 5 to 241, not 100; the nearest valid value is 101"),
+        (TINY, "width", 96, "not 96x48 (width x height); for that aspect ratio it makes width=80 height=48"),
+        (FULL[0], "width", 832, "not 832x480 (width x height); for that aspect ratio it makes width=816 height=480"),
+    ],
+)
+def test_a_row_the_model_cannot_make_is_refused_by_name(tmp_path, name, column, value, message):
+    image = photo(tmp_path / "in.png")
+    rows = [{"id": "ok", "image": str(image), "prompt": "sea"}, {"id": "bad", "image": str(image), "prompt": "sea"}]
+    rows[1][column] = value
+    if column == "width" and name == FULL[0]:
+        rows[1]["height"] = 480
+    extra = ["dry_run=true"] if name != TINY else []
+    proc = run_cli(f"manifest={write_manifest(tmp_path / 'j.csv', rows)}", f"model={name}", *extra, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "'bad'" in proc.stderr and message in proc.stderr, proc.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.parametrize("name", FULL)
+def test_dry_run_plans_the_full_size_model_with_no_weights(tmp_path, manifest, name):
+    proc = run_cli(
+        f"manifest={manifest}",
+        f"model={name}",
+        "dry_run=true",
+        "memory.budget_gib=80",
+        "memory.host_budget_gib=200",
+        "on_invalid=skip",
+        cwd=tmp_path,
+    )
+    ok(proc)
+    assert "memory plan: " in proc.stdout and "no model loaded" in proc.stdout
+    assert not (tmp_path / "outputs").exists()
+
+
+# --- end to end, as a user runs it ----------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_tiny_hunyuan_makes_every_row_in_one_process_and_in_two(tmp_path, manifest):
+    single = tmp_path / "single"
+    ok(run_cli(f"manifest={manifest}", f"model={TINY}", "output.crf=0", f"output_dir={single}", cwd=tmp_path))
+    table = pd.read_parquet(single / "results.parquet").set_index("id")
+    assert set(table["status"]) == {"ok"} and sorted(table.index) == ["a", "b", "c"]
+    frames = {i: frames_of(single / f"videos/{i}.mp4") for i in "abc"}
+    # The recorded size is the video's real size: each row's bucket.
+    for i in "abc":
+        assert frames[i].shape[1:3] == (table.loc[i, "height"], table.loc[i, "width"]), i
+    assert frames["a"].shape == (9, 48, 80, 3) and frames["b"].shape == (13, 64, 48, 3)
+    assert frames["c"].shape == (9, 64, 64, 3)
+
+    double = tmp_path / "double"
+    ok(
+        run_cli(
+            f"manifest={manifest}",
+            f"model={TINY}",
+            "output.crf=0",
+            f"output_dir={double}",
+            launcher=accelerate_cpu(2),
+            cwd=tmp_path,
+        )
+    )
+    table = pd.read_parquet(double / "results.parquet").set_index("id")
+    assert set(table["status"]) == {"ok"} and set(table["rank"]) <= {0, 1}
+    for i in "abc":
+        assert same_video(frames_of(double / f"videos/{i}.mp4"), frames[i]), i
+
+
+@pytest.mark.slow
+def test_a_saved_hunyuan_pipeline_loads_through_model_path_and_makes_the_same_video(tmp_path, manifest):
+    folder = tmp_path / "saved"
+    build_pipeline(run_config("manifest=x", f"model={TINY}").model).save_pretrained(folder)
+    made = {}
+    for source in ("tiny", "pretrained"):
+        out = tmp_path / source
+        extra = [f"model.path={folder}"] if source == "pretrained" else []
+        ok(
+            run_cli(
+                f"manifest={manifest}",
+                f"model={TINY}",
+                f"model.weights={source}",
+                *extra,
+                "ids=[b]",
+                "output.crf=0",
+                f"output_dir={out}",
+                cwd=tmp_path,
+            )
+        )
+        made[source] = frames_of(out / "videos/b.mp4")
+    assert same_video(made["tiny"], made["pretrained"])
+
+
+def test_flash_attention_falls_to_a_kernel_that_takes_the_text_mask():
+    """Every attention call of this transformer carries a mask; the strict flash backend refuses masks."""
+    from torch.nn.attention import SDPBackend
+
+    pipe = build_pipeline(run_config("manifest=x", f"model={TINY}").model)
+    family = family_named("hunyuan15")
+    family.prefer_attention(pipe.transformer, [SDPBackend.FLASH_ATTENTION], "_native_flash")
+
+    def chosen() -> set:
+        # The dual-stream blocks' processors go through diffusers' dispatcher (the text refiner's do not).
+        processors = pipe.transformer.attn_processors.values()
+        return {p._attention_backend for p in processors if hasattr(p, "_attention_backend")}
+
+    assert chosen() == {"_native_efficient"}
+    family.prefer_attention(pipe.transformer, [SDPBackend.CUDNN_ATTENTION], "_native_cudnn")
+    assert chosen() == {"_native_cudnn"}
