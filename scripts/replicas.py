@@ -6,11 +6,11 @@ GPU makes its own videos (throughput), with replica.gpus=k each video is split a
 (latency). Each run writes one record (appended to --out as a JSON line):
 
     gpus, gpus_per_replica, replicas     the launch
-    wall_s                               the whole command, start-up (imports, weights, compile) included
+    wall_seconds                         the whole command, start-up (imports, weights, compile) included
     first_video_s                        launch to the first video recorded
-    seconds_per_video                    median generation time of one video on its replica (latency)
-    videos_per_hour                      rows / wall_s, start-up included
-    videos_per_hour_steady               replicas * 3600 / seconds_per_video, once started
+    median_row_seconds                   median generation time of one video on its replica (latency)
+    videos_per_hour                      rows / wall_seconds, start-up included
+    videos_per_hour_steady               replicas * 3600 / median_row_seconds, once started
 
     # two H100s, Wan 2.2 TI2V-5B's architecture with random weights, 4 rows at its default size, 10 steps
     python scripts/replicas.py --gpus 2 --replica-gpus 1 2 --rows 4 --steps 10 --out replicas.jsonl
@@ -100,9 +100,10 @@ def run_once(args: argparse.Namespace, jobs: Path, k: int, out: Path) -> dict:
     first = min(datetime.fromisoformat(t).timestamp() for t in made["finished_at"]) - started
     replicas = args.gpus // k
     return {
+        "recipe": "scaling-replica",  # rendered with scripts/scaling.py's records in docs/benchmarks.md
         "model": args.model,
         "weights": args.weights,
-        "device": "cpu" if args.cpu else torch.cuda.get_device_name(0),
+        "gpu": "cpu" if args.cpu else torch.cuda.get_device_name(0),
         "gpus": args.gpus,
         "gpus_per_replica": k,
         "replicas": replicas,
@@ -111,12 +112,16 @@ def run_once(args: argparse.Namespace, jobs: Path, k: int, out: Path) -> dict:
         "frames": int(made["num_frames"].iloc[0]),
         "height": int(made["height"].iloc[0]),
         "width": int(made["width"].iloc[0]),
-        "wall_s": round(wall, 2),
+        "wall_seconds": round(wall, 1),
         "first_video_s": round(first, 2),
-        "seconds_per_video": round(latency, 3),
-        "videos_per_hour": round(len(made) * 3600 / wall, 2),
+        "median_row_seconds": round(latency, 2),  # one video on its replica: the latency
+        "videos_per_hour": round(len(made) * 3600 / wall, 1),
         "videos_per_hour_steady": round(replicas * 3600 / latency, 2),
         "overrides": args.overrides,
+        "command": " ".join(
+            ["accelerate", "launch", *command[3 : command.index(str(ROOT / "run.py"))], "run.py"]
+            + [o for o in command if o.startswith(("model", "replica", "speed"))]
+        ),
     }
 
 
