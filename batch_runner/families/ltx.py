@@ -158,14 +158,17 @@ class LTX(Family):
     context_parallel = False
     pipeline_class = LTXCondition
     roles: ClassVar[dict[str, str]] = {"text_encoder": ENCODER, "transformer": DENOISER, "vae": DECODER}
-    # PROVISIONAL, NOT MEASURED ON A GPU YET: placeholders between Wan's (16, dispatcher attention)
-    # and CogVideoX's (42) fits until docs/benchmarks.json has an LTX row. Guidance runs the
-    # conditional and unconditional passes as one batch of 2 (pipeline_ltx_condition.py concatenates
-    # the embeddings and the latents). The VAE tiles 512x512-pixel tiles (diffusers' default), in
-    # space only: diffusers' use_framewise_decoding is off, so every frame (161 by default) decodes
-    # at once and decode_per_pixel, fitted on the other families' VAEs, may be low for LTX.
+    # Fitted to the 2B 0.9.5 on an H100 (docs/benchmarks.json, 161x512x768, 40 steps): 18.8 GiB
+    # allocated and 23.8 reserved with everything resident (weights 14.8), 7.9 allocated streamed.
+    # Guidance runs as one batch of 2 (pipeline_ltx_condition.py concatenates the embeddings and
+    # latents). The peak is the VAE's: it decodes every frame at once (it tiles space only), so the
+    # decode term carries the 6.0 GiB the reserved peak needs above the weights (8250 bytes per pixel
+    # at the default 161 frames; a longer row decodes more, and an out-of-memory error steps the
+    # replica down a plan). The denoising term stays the placeholder between Wan's and CogVideoX's
+    # fits (0.7 GiB for the 2B): it grows with the width, the decode does not, so the 13B (width
+    # 4096, the same VAE, not measured yet) is not charged twice the 2B's decode.
     activations = ActivationTerms(
-        resident=24.0, streamed=24.0, decode_per_pixel=2900.0, tiled_pixels=512 * 512 * 2, guidance_batch=2
+        resident=24.0, streamed=24.0, decode_per_pixel=8250.0, tiled_pixels=512 * 512 * 2, guidance_batch=2
     )
     schedulers: ClassVar[dict[str, str]] = {"euler": "FlowMatchEulerDiscreteScheduler"}
 
