@@ -7,6 +7,8 @@ to its exit, over the same number of rows per GPU, and reads each process's star
 (output_dir/logs/startup-rank<r>.json) to say where the time before the first step went.
 
     python scripts/scaling.py --gpus 1,2 --rows-per-gpu 4 --steps 10 --budgets none,8 --out $OUT
+    # the same path on the CPU (tests/test_startup.py), with the tiny model
+    python scripts/scaling.py --cpu --model tiny --overrides model.weights=tiny --photos examples/images
 
 For each budget and GPU count: a cold run (a fresh compile cache, which it fills), then a warm one
 (the same command again, as a rerun or the next job on the host). `efficiency` = throughput on N
@@ -92,9 +94,19 @@ def startup_of(out: Path, launched: float) -> list[dict]:
 
 
 def measure(
-    model: str, gpus: int, rows: int, steps: int, budget: float | None, cache_dir: Path, cache: str, work: Path, extra
+    model: str,
+    gpus: int,
+    rows: int,
+    steps: int,
+    budget: float | None,
+    cache_dir: Path,
+    cache: str,
+    work: Path,
+    extra: list[str],
+    photos: Path = PHOTOS,
+    cpu: bool = False,
 ) -> dict:
-    manifest = write_manifest(work, rows, PHOTOS)
+    manifest = write_manifest(work, rows, photos)
     out = work / f"out-{gpus}gpu-{'nobudget' if budget is None else f'{budget:g}gib'}-{cache}"
     overrides = [
         f"manifest={manifest}",
@@ -108,7 +120,7 @@ def measure(
         *([f"memory.budget_gib={budget:g}"] if budget is not None else []),
         *extra,
     ]
-    command = launch_command(gpus, overrides, cpu=os.environ.get("SCALING_CPU") == "1")
+    command = launch_command(gpus, overrides, cpu=cpu)
     launched = time.time()
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     wall = time.time() - launched
@@ -176,6 +188,8 @@ def main() -> None:
     parser.add_argument("--cold", default="all", help="'all' or 'none': also time cold-cache runs")
     parser.add_argument("--deadline", type=float, default=560.0, help="start no run after this many seconds")
     parser.add_argument("--overrides", default="", help="extra Hydra overrides, space-separated")
+    parser.add_argument("--photos", type=Path, default=PHOTOS, help="images the rows cycle through")
+    parser.add_argument("--cpu", action="store_true", help="accelerate launch --cpu: a try of the script, no GPU")
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
     args = parser.parse_args()
     began = time.time()
@@ -199,6 +213,8 @@ def main() -> None:
             cache,
             work,
             args.overrides.split(),
+            args.photos,
+            args.cpu,
         )
         records.append(record)
         with_efficiency([r for r in records if r.get("model") == args.model])

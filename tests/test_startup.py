@@ -88,3 +88,24 @@ def test_efficiency_compares_whole_commands_with_the_same_budget_and_cache() -> 
     ]
     scaling_script().with_efficiency(records)
     assert [r.get("efficiency") for r in records] == [1.0, 1.0, 0.95, 1.0, None]
+
+
+@pytest.mark.slow
+def test_scaling_script_times_whole_launches_on_the_cpu(tmp_path: Path) -> None:
+    """The GPU call runs this script unattended: it must get through a real launch and write records."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, str(ROOT / "scripts" / "scaling.py"), "--cpu", "--model", "tiny", "--gpus", "1,2"]
+    command += ["--rows-per-gpu", "1", "--steps", "1", "--budgets", "none", "--cold", "none"]
+    command += ["--overrides", "model.weights=tiny", "--photos", str(ROOT / "examples" / "images")]
+    done = subprocess.run([*command, "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    records = json.loads((tmp_path / "scaling.json").read_text())
+    runs = [(r["gpus"], r["compile_cache"]) for r in records]
+    assert runs == [(1, "warming"), (1, "warm"), (2, "warming"), (2, "warm")]
+    assert all("error" not in r and r["ok_rows"] == r["gpus"] for r in records), records
+    two = records[-1]
+    assert two["efficiency"] > 0 and sorted(two["rows_per_rank"]) == ["0", "1"]  # JSON keys
+    assert [p["rank"] for p in two["per_rank"]] == [0, 1]
+    assert all(p["launch_to_first_step_s"] > p["phases_s"]["imports"] for p in two["per_rank"])
