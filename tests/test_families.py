@@ -315,3 +315,17 @@ def test_fused_projections_leave_a_wan_video_unchanged(tmp_path, name):
             video = pipe(**arguments, generator=torch.Generator().manual_seed(1), output_type="pt").frames[0]
         made.append(video)
     torch.testing.assert_close(made[1], made[0], rtol=1e-4, atol=1e-4)
+
+
+def test_choosing_a_models_attention_kernel_leaves_other_models_default_alone():
+    """diffusers' set_attention_backend also changes the process-wide default: a kernel chosen for
+    one transformer (here cuDNN, which a CPU cannot run) must not reach another pipeline's attention."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+    from torch.nn.attention import SDPBackend
+
+    before = _AttentionBackendRegistry.get_active_backend()[0]
+    pipe = build_pipeline(run_config("manifest=x", "model=tiny-hunyuan15").model)
+    family_named("hunyuan15").prefer_attention(pipe.transformer, [SDPBackend.CUDNN_ATTENTION], "_native_cudnn")
+    processors = pipe.transformer.attn_processors.values()
+    assert {p._attention_backend for p in processors if hasattr(p, "_attention_backend")} == {"_native_cudnn"}
+    assert _AttentionBackendRegistry.get_active_backend()[0] == before

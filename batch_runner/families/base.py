@@ -192,7 +192,13 @@ class Family:
         choice (the tiny test models; every released checkpoint has 64 or 128).
         """
         if transformer.config.get("attention_head_dim", 8) % 8 == 0:
+            from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+            # diffusers also makes the backend the process-wide default of every processor not set
+            # (other models, a benchmark's reference pipeline built next): keep the choice this model's.
+            default = _AttentionBackendRegistry.get_active_backend()[0]
             transformer.set_attention_backend(backend)
+            _AttentionBackendRegistry.set_active_backend(default)
 
 
 # --- helpers the family modules share -------------------------------------------------------------
