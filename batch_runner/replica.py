@@ -102,6 +102,7 @@ class Replica:
             pipe = build_pipeline(cfg.model, build_on, empty=sharing.mapped)
             for name in self.anatomy.of_role(DENOISER):
                 denoiser = getattr(pipe, name)
+                self.family.streamline(denoiser)
                 if cfg.speed.fuse_qkv:
                     speed.fuse_qkv(denoiser)
                 speed.prefer_attention(self.family, denoiser, cfg.speed.attention, self.device)

@@ -185,7 +185,12 @@ def main() -> None:
     parser.add_argument("--rows-per-gpu", type=int, default=4)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--budgets", default="none,8", help="none or GiB per process")
-    parser.add_argument("--cold", default="all", help="'all' or 'none': also time cold-cache runs")
+    parser.add_argument(
+        "--cold",
+        default="all",
+        choices=("all", "none", "only"),
+        help="all: a cold, then a warm run per GPU count; none: the first only warms the cache; only: cold runs",
+    )
     parser.add_argument("--deadline", type=float, default=560.0, help="start no run after this many seconds")
     parser.add_argument("--overrides", default="", help="extra Hydra overrides, space-separated")
     parser.add_argument("--photos", type=Path, default=PHOTOS, help="images the rows cycle through")
@@ -238,8 +243,9 @@ def main() -> None:
             # Inductor keys its cache by the device too (cuda:1's kernels are not cuda:0's), so a
             # cache is warm for N processes once the same command ran on those N GPUs before.
             cache_dir = Path(tempfile.mkdtemp(prefix=f"inductor_{gpus}gpu_", dir=work))
-            run(gpus, budget, cache_dir, "cold" if args.cold == "all" else "warming")
-            run(gpus, budget, cache_dir, "warm")
+            run(gpus, budget, cache_dir, "warming" if args.cold == "none" else "cold")
+            if args.cold != "only":
+                run(gpus, budget, cache_dir, "warm")
     env = {"python": sys.version.split()[0], "visible_gpus": os.environ.get("CUDA_VISIBLE_DEVICES")}
     print(json.dumps(env))
 

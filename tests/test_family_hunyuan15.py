@@ -50,8 +50,10 @@ def manifest(tmp_path: Path) -> Path:
 
 
 def _made(cfg, job, images, fuse: bool = False) -> torch.Tensor:
+    """A video the runner's way: its changes to the transformer, prompts encoded beforehand."""
     family = family_named("hunyuan15")
     pipe = build_pipeline(cfg.model)
+    family.streamline(pipe.transformer)
     if fuse:
         speed.fuse_qkv(pipe.transformer)
     texts = [job.prompt, job.negative_prompt]
@@ -261,19 +263,99 @@ def test_a_saved_hunyuan_pipeline_loads_through_model_path_and_makes_the_same_vi
     assert same_video(made["tiny"], made["pretrained"])
 
 
-def test_flash_attention_falls_to_a_kernel_that_takes_the_text_mask():
-    """Every attention call of this transformer carries a mask; the strict flash backend refuses masks."""
+# --- attention without the text's padding ------------------------------------------------------------
+
+
+def _transformer_inputs(real: list[tuple[int, int]], image: bool = True, seed: int = 0) -> dict:
+    """Random inputs of the tiny transformer for a batch: per sample, how many of the 64 language-model
+    tokens and of the 16 glyph tokens are real (the rest padding), as the pipeline leaves them."""
+    generator = torch.Generator().manual_seed(seed)
+    batch = len(real)
+
+    def mask(counts: list[int], length: int) -> torch.Tensor:
+        return (torch.arange(length)[None] < torch.tensor(counts)[:, None]).long()
+
+    return {
+        "hidden_states": torch.randn(batch, 9, 3, 4, 6, generator=generator),
+        "timestep": torch.full((batch,), 500.0),
+        "encoder_hidden_states": torch.randn(batch, 64, 16, generator=generator),
+        "encoder_attention_mask": mask([r[0] for r in real], 64),
+        "encoder_hidden_states_2": torch.randn(batch, 16, 16, generator=generator),
+        "encoder_attention_mask_2": mask([r[1] for r in real], 16),
+        "image_embeds": torch.randn(batch, 16, 12, generator=generator) * image,
+        "return_dict": False,
+    }
+
+
+@pytest.fixture
+def attention_calls(monkeypatch) -> list[dict]:
+    """The mask and backend of each attention call the dual-stream blocks make."""
+    from batch_runner.families import hunyuan15
+
+    calls = []
+
+    def recorded(*args, **kwargs):
+        calls.append({"masked": kwargs["attn_mask"] is not None, "backend": kwargs["backend"]})
+        return dispatch(*args, **kwargs)
+
+    dispatch = hunyuan15.dispatch_attention_fn
+    monkeypatch.setattr(hunyuan15, "dispatch_attention_fn", recorded)
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("real", "image", "masked"),
+    [
+        ([(5, 0)], True, False),  # no quoted text: no glyph token at all
+        ([(64, 16)], True, False),  # nothing padded
+        ([(9, 3), (9, 3)], True, False),  # a batch of texts of one length
+        ([(9, 3), (20, 3)], True, True),  # lengths differ within the batch: diffusers' mask
+        ([(9, 3)], False, True),  # no image (zeros, text-to-video): its tokens are padding too
+    ],
+)
+def test_dropping_the_text_padding_leaves_the_transformers_output_as_it_is(real, image, masked, attention_calls):
+    model = run_config("manifest=x", f"model={TINY}").model
+    stock, ours = build_pipeline(model).transformer, build_pipeline(model).transformer
+    family_named("hunyuan15").streamline(ours)
+    inputs = _transformer_inputs(real, image)
+    with torch.no_grad():
+        expected = stock(**inputs)[0]
+        attention_calls.clear()
+        made = ours(**inputs)[0]
+    torch.testing.assert_close(made, expected, rtol=1e-5, atol=1e-5)
+    assert len(attention_calls) == len(ours.transformer_blocks)
+    assert {c["masked"] for c in attention_calls} == {masked}
+
+
+def test_the_chosen_kernel_runs_the_unmasked_attention_and_sdpa_chooses_for_a_masked_one(attention_calls):
+    """A dispatcher backend is strict (flash refuses a mask): it runs only the calls without one."""
     from torch.nn.attention import SDPBackend
 
     pipe = build_pipeline(run_config("manifest=x", f"model={TINY}").model)
     family = family_named("hunyuan15")
+    family.streamline(pipe.transformer)
     family.prefer_attention(pipe.transformer, [SDPBackend.FLASH_ATTENTION], "_native_flash")
+    with torch.no_grad():
+        pipe.transformer(**_transformer_inputs([(5, 2)]))
+        pipe.transformer(**_transformer_inputs([(5, 2), (7, 2)]))
+    blocks = len(pipe.transformer.transformer_blocks)
+    assert [c["backend"] for c in attention_calls] == ["_native_flash"] * blocks + [None] * blocks
 
-    def chosen() -> set:
-        # The dual-stream blocks' processors go through diffusers' dispatcher (the text refiner's do not).
-        processors = pipe.transformer.attn_processors.values()
-        return {p._attention_backend for p in processors if hasattr(p, "_attention_backend")}
 
-    assert chosen() == {"_native_efficient"}
-    family.prefer_attention(pipe.transformer, [SDPBackend.CUDNN_ATTENTION], "_native_cudnn")
-    assert chosen() == {"_native_cudnn"}
+@pytest.mark.slow
+def test_compiled_blocks_make_one_graph_for_every_text_length():
+    """Prompts differ in length, so the cut text does: its length is dynamic in the compiled blocks
+    (a graph per length would recompile for nearly every row)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    transformer = build_pipeline(run_config("manifest=x", f"model={TINY}").model).transformer
+    family_named("hunyuan15").streamline(transformer)
+    torch._dynamo.reset()
+    counters.clear()
+    speed.compile_blocks(family_named("hunyuan15").blocks(transformer))
+    with torch.no_grad():
+        for language, glyph in ((5, 0), (9, 3), (30, 7), (64, 16)):
+            made = transformer(**_transformer_inputs([(language, glyph)]))[0]
+            assert torch.isfinite(made).all()
+    assert counters["stats"]["unique_graphs"] == 1, counters["stats"]

@@ -183,6 +183,10 @@ class Family:
         """Token geometry from the components' configs (`config_of` of a pipeline or an arch folder)."""
         raise NotImplementedError
 
+    def streamline(self, transformer: torch.nn.Module) -> None:
+        """Changes to the denoiser that leave its output as it is and only the runner's path takes
+        (diffusers' recipes in the benchmarks keep the stock model): none by default."""
+
     def prefer_attention(self, transformer: torch.nn.Module, order: list, backend: str) -> None:
         """Make the transformer's attention use the chosen kernel (`order`: SDPA backends, fastest first;
         `backend`: the same choice as a diffusers attention-dispatcher name).
