@@ -56,12 +56,17 @@ def write_manifest(folder: Path, rows: int, photos: Path) -> Path:
     return path
 
 
-def launch_command(gpus: int, overrides: list[str], cpu: bool = False) -> list[str]:
+# accelerate's launcher, started as its CLI or as the module itself: the same launch, but the CLI
+# first imports every subcommand (`estimate` pulls in transformers' auto classes: 8.5 s on an H100
+# host, docs/benchmarks.md).
+LAUNCHERS = {"accelerate": ["accelerate", "launch"], "module": ["python", "-m", "accelerate.commands.launch"]}
+
+
+def launch_command(gpus: int, overrides: list[str], cpu: bool = False, launcher: str = "accelerate") -> list[str]:
     """The README's launch line: every accelerate setting passed, one process per GPU (--cpu: a dry check)."""
     parallel = ["--cpu"] if cpu else ["--multi_gpu"] if gpus > 1 else []
     return [
-        "accelerate",
-        "launch",
+        *LAUNCHERS[launcher],
         *parallel,
         "--num_processes",
         str(gpus),
@@ -105,6 +110,7 @@ def measure(
     extra: list[str],
     photos: Path = PHOTOS,
     cpu: bool = False,
+    launcher: str = "accelerate",
 ) -> dict:
     manifest = write_manifest(work, rows, photos)
     out = work / f"out-{gpus}gpu-{'nobudget' if budget is None else f'{budget:g}gib'}-{cache}"
@@ -120,9 +126,11 @@ def measure(
         *([f"memory.budget_gib={budget:g}"] if budget is not None else []),
         *extra,
     ]
-    command = launch_command(gpus, overrides, cpu=cpu)
+    command = launch_command(gpus, overrides, cpu=cpu, launcher=launcher)
     launched = time.time()
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable if w == "python" else w for w in command], cwd=ROOT, capture_output=True, text=True
+    )
     wall = time.time() - launched
     record = {
         "recipe": "scaling-data-parallel",
@@ -134,6 +142,7 @@ def measure(
         "steps": steps,
         "budget_gib": budget,
         "compile_cache": cache,
+        "launcher": " ".join(LAUNCHERS[launcher]),
         "command": " ".join(
             [*command[: command.index(str(ROOT / "run.py"))], "run.py"]
             + [o for o in overrides if not o.startswith(("manifest=", "output_dir=", "speed.compile"))]
@@ -169,7 +178,9 @@ def with_efficiency(records: list[dict]) -> list[dict]:
             (
                 o
                 for o in records
-                if o["gpus"] == 1 and o["budget_gib"] == r["budget_gib"] and o["compile_cache"] == r["compile_cache"]
+                if o["gpus"] == 1
+                and all(o.get(k) == r.get(k) for k in ("budget_gib", "compile_cache"))
+                and o.get("launcher", "accelerate launch") == r.get("launcher", "accelerate launch")
             ),
             None,
         )
@@ -191,6 +202,7 @@ def main() -> None:
         choices=("all", "none", "only"),
         help="all: a cold, then a warm run per GPU count; none: the first only warms the cache; only: cold runs",
     )
+    parser.add_argument("--launcher", default="accelerate", choices=tuple(LAUNCHERS), help="accelerate's CLI or module")
     parser.add_argument("--deadline", type=float, default=560.0, help="start no run after this many seconds")
     parser.add_argument("--overrides", default="", help="extra Hydra overrides, space-separated")
     parser.add_argument("--photos", type=Path, default=PHOTOS, help="images the rows cycle through")
@@ -220,6 +232,7 @@ def main() -> None:
             args.overrides.split(),
             args.photos,
             args.cpu,
+            args.launcher,
         )
         records.append(record)
         with_efficiency([r for r in records if r.get("model") == args.model])

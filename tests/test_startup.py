@@ -109,3 +109,20 @@ def test_scaling_script_times_whole_launches_on_the_cpu(tmp_path: Path) -> None:
     assert two["efficiency"] > 0 and sorted(two["rows_per_rank"]) == ["0", "1"]  # JSON keys
     assert [p["rank"] for p in two["per_rank"]] == [0, 1]
     assert all(p["launch_to_first_step_s"] > p["phases_s"]["imports"] for p in two["per_rank"])
+
+
+@pytest.mark.slow
+def test_scaling_script_launches_through_accelerates_module_too(tmp_path: Path) -> None:
+    """`python -m accelerate.commands.launch` (no CLI imports): two processes, each row once, named so."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, str(ROOT / "scripts" / "scaling.py"), "--cpu", "--model", "tiny", "--gpus", "2"]
+    command += ["--rows-per-gpu", "1", "--steps", "1", "--budgets", "none", "--cold", "only", "--launcher", "module"]
+    command += ["--overrides", "model.weights=tiny", "--photos", str(ROOT / "examples" / "images")]
+    done = subprocess.run([*command, "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (record,) = json.loads((tmp_path / "scaling.json").read_text())
+    assert record["launcher"] == "python -m accelerate.commands.launch" and record["compile_cache"] == "cold"
+    assert record["command"].startswith("python -m accelerate.commands.launch --cpu --num_processes 2")
+    assert record.get("error") is None and record["rows_per_rank"] == {"0": 1, "1": 1}

@@ -334,16 +334,12 @@ class HunyuanVideo15(Family):
         "transformer": DENOISER,
         "vae": DECODER,
     }
-    # Measured once, 480p on an H100 (docs/benchmarks.json): 46.1 GiB allocated, 56.5 reserved with
-    # everything resident; this term's 61.8 GiB covers it; 720p is not measured. The stock attention
-    # builds a dense (sequence x sequence)
-    # boolean mask twice per block and SDPA turns it into an additive one: about 4 bytes per
-    # sequence^2, quadratic where these terms are linear. 121 frames at 480x848 (51k tokens, width
-    # 2048) put that at ~10 GiB, 100 bytes per unit; at 720p (114k tokens) ~48 GiB, 210 per unit.
-    # The term below covers the 720p default (the planner must not under-estimate) and over-estimates
-    # 480p (61.8 GiB against 56.5 reserved). Separate conditional/unconditional forwards.
+    # With diffusers' dense text mask, 480p measured 46.1 GiB allocated on an H100 with everything
+    # resident (docs/benchmarks.json): ~32.5 GiB of weights, ~10 GiB of mask (4 bytes per sequence^2,
+    # ~100 per unit) and ~40 per unit of activations. The runner's path drops the mask
+    # (drop_text_padding): 48 per unit until measured without it. Separate cond/uncond forwards.
     activations = ActivationTerms(
-        resident=230.0, streamed=230.0, decode_per_pixel=2900.0, tiled_pixels=256 * 256 * 2, guidance_batch=1
+        resident=48.0, streamed=48.0, decode_per_pixel=2900.0, tiled_pixels=256 * 256 * 2, guidance_batch=1
     )
     schedulers: ClassVar[dict[str, str]] = {"euler": "FlowMatchEulerDiscreteScheduler"}
 
