@@ -341,6 +341,8 @@ def _stream(module: torch.nn.Module, device: torch.device, offload_type: str) ->
         record_stream=True,
     )
     _keep_top_level_resident(module)
+    if offload_type == "leaf_level":
+        _keep_attention_pools_resident(module, device)
 
 
 def _keep_top_level_resident(module: torch.nn.Module) -> None:
@@ -361,6 +363,20 @@ def _keep_top_level_resident(module: torch.nn.Module) -> None:
         return
     hook.group.onload_()
     hook.group.offload_ = lambda: None
+
+
+def _keep_attention_pools_resident(module: torch.nn.Module, device: torch.device) -> None:
+    """Keep each of torch's `MultiheadAttention` layers on the GPU, unstreamed.
+
+    Leaf-level streaming fetches a layer's weights when the layer is called, but MultiheadAttention
+    reads its `out_proj` weight without calling `out_proj`: streamed, that weight stays on the host
+    and the forward fails (seen on an H100 with HunyuanVideo-1.5's SigLIP image encoder, whose
+    pooling head is one: 0.03 GiB at full size).
+    """
+    for layer in module.modules():
+        if isinstance(layer, torch.nn.MultiheadAttention):
+            remove_offloading_hooks(layer)
+            layer.to(device)
 
 
 def _vae_switches(vae: Any, config: MemoryConfig) -> None:

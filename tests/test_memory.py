@@ -29,7 +29,7 @@ from batch_runner.memory import (
     estimate,
     next_plan_down,
 )
-from batch_runner.pipeline import anatomy, component_bytes
+from batch_runner.pipeline import anatomy, build_pipeline, component_bytes
 from batch_runner.replica import workload_of
 
 from .conftest import ROOT, run_config
@@ -480,3 +480,29 @@ def test_a_step_cache_is_planned_for():
     # At 24 GiB the resident transformer no longer fits with the cache: auto streams it instead.
     assert choose_plan(counted, WORKLOAD_5B, AUTO, 24.0, 120.0, 1).plan == "text_offload"
     assert choose_plan(counted, pyramid, AUTO, 24.0, 120.0, 1).plan == "group_offload"
+
+
+def test_leaf_streaming_leaves_torchs_multihead_attention_whole_on_the_device(monkeypatch):
+    """MultiheadAttention reads out_proj's weight without calling out_proj, which leaf-level streaming
+    would leave on the host (HunyuanVideo-1.5's SigLIP pooling head failed so on an H100)."""
+    import diffusers.hooks
+    from diffusers.hooks.group_offloading import _GROUP_OFFLOADING
+
+    apply = diffusers.hooks.apply_group_offloading
+    monkeypatch.setattr(
+        diffusers.hooks,
+        "apply_group_offloading",
+        lambda *a, **k: apply(*a, **k | {"use_stream": False, "record_stream": False}),
+    )
+    encoder = build_pipeline(run_config("manifest=x", "model=tiny-hunyuan15").model).image_encoder
+
+    def streamed(layer: torch.nn.Module) -> bool:
+        registry = getattr(layer, "_diffusers_hook", None)
+        return registry is not None and registry.get_hook(_GROUP_OFFLOADING) is not None
+
+    memory._stream(encoder, torch.device("cpu"), "leaf_level")
+    pools = [m for m in encoder.modules() if isinstance(m, torch.nn.MultiheadAttention)]
+    assert pools and not any(streamed(layer) for pool in pools for layer in pool.modules())
+    assert any(streamed(layer) for layer in encoder.modules() if isinstance(layer, torch.nn.Linear))
+    with torch.no_grad():
+        encoder(pixel_values=torch.randn(1, 3, 32, 32))
