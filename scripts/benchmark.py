@@ -715,7 +715,8 @@ def family_section(model: str, rows: list[dict], peak: float | None) -> list[str
     """A model's table and its targets: 1.3x the fastest reference that fits each budget, 24 GiB
     within 1.1x of the model's own no-budget time, never above a budget."""
     config = load_model_config(model)
-    ok = [r for r in rows if "error" not in r and r.get("recipe") not in ("probe", "runner-end-to-end")]
+    current = [r for r in rows if not r.get("superseded")]
+    ok = [r for r in current if "error" not in r and r.get("recipe") not in ("probe", "runner-end-to-end")]
     lines = [
         "",
         f"## {model}",
@@ -724,14 +725,15 @@ def family_section(model: str, rows: list[dict], peak: float | None) -> list[str
         f"at {config.width}x{config.height}, {config.num_inference_steps} steps, guidance {config.guidance_scale}; "
         "steps timed with CUDA events after a warm-up and extrapolated as above. 'none' is the whole card.",
         "",
-        "| recipe | budget GiB | plan | s/video | s/step | TFLOP/s | % of matmul peak | peak alloc GiB "
+        "| recipe | GPU | budget GiB | plan | s/video | s/step | TFLOP/s | % of matmul peak | peak alloc GiB "
         "| peak reserved GiB | within budget |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in ok:
         share = f"{100 * r['tflops'] / peak:.0f}%" if peak and r.get("tflops") else ""
         lines.append(
-            f"| {r['recipe']} | {r.get('budget_gib') or 'none'} | {r.get('plan') or '—'} | {r['seconds_per_video']} | "
+            f"| {r['recipe']} | {card(r)} | {r.get('budget_gib') or 'none'} | {r.get('plan') or '—'} "
+            f"| {r['seconds_per_video']} | "
             f"{r['seconds_per_step']} | {r['tflops']} | {share} | {r['peak_allocated_gib']} | {r['peak_reserved_gib']} "
             f"| {'' if r.get('within_budget') is None else r['within_budget']} |"
         )
@@ -740,15 +742,16 @@ def family_section(model: str, rows: list[dict], peak: float | None) -> list[str
     checks = []
     for budget, r in ours.items():
         cap = budget if budget is not None else (r.get("gpu_memory_gib") or 80)
-        fitting = [f for f in refs if f["peak_reserved_gib"] <= cap]
+        where = f"{budget:g} GiB" if budget else "whole card"
+        # Timings compare only on one kind of card (an H200's memory is faster than an H100's).
+        fitting = [f for f in refs if f["peak_reserved_gib"] <= cap and f.get("gpu") == r.get("gpu")]
         if fitting:
             best = min(fitting, key=lambda f: f["seconds_per_video"])
             ratio = best["seconds_per_video"] / r["seconds_per_video"]
             needs = best["seconds_per_video"] / 1.3
             checks.append(
                 (
-                    f"{f'{budget:g} GiB' if budget else 'whole card'}: at least 1.3x faster than {best['recipe']} "
-                    "(fastest measured reference that fits)",
+                    f"{where}: at least 1.3x faster than {best['recipe']} (fastest measured reference that fits)",
                     ratio >= 1.3,
                     f"{ratio:.2f}x ({r['seconds_per_video']} s vs {best['seconds_per_video']} s)"
                     + ("" if ratio >= 1.3 else f"; needs at most {needs:.1f} s"),
@@ -757,14 +760,17 @@ def family_section(model: str, rows: list[dict], peak: float | None) -> list[str
         else:
             checks.append(
                 (
-                    f"{budget:g} GiB: at least 1.3x faster than the fastest reference that fits",
+                    f"{where}: at least 1.3x faster than the fastest reference that fits",
                     None,
-                    "not measured: no reference that was run fits (sequential offload would; not run)",
+                    f"not measured: no reference run on the {card(r)} fits (sequential offload would; not run)",
                 )
             )
-    if None in ours and 24.0 in ours:
+    if None in ours and 24.0 in ours and ours[None].get("gpu") == ours[24.0].get("gpu"):
         ratio = ours[24.0]["seconds_per_video"] / ours[None]["seconds_per_video"]
         checks.append(("24 GiB within 1.1x of the no-budget time", ratio <= 1.1, f"{ratio:.2f}x"))
+    elif None in ours and 24.0 in ours:
+        cards = f"{card(ours[24.0])} and {card(ours[None])}"
+        checks.append(("24 GiB within 1.1x of the no-budget time", None, f"not compared: measured on {cards}"))
     budgeted = [r for r in ok if r.get("within_budget") is not None]
     if budgeted:
         within = sum(bool(r["within_budget"]) for r in budgeted)
@@ -773,9 +779,20 @@ def family_section(model: str, rows: list[dict], peak: float | None) -> list[str
         lines += ["", f"Targets for {model}:", "", "| target | met | measured |", "|---|---|---|"]
         verdict = {True: "yes", False: "**no**", None: "—"}
         lines += [f"| {name} | {verdict[met]} | {measured} |" for name, met, measured in checks]
-    errors = [r for r in rows if "error" in r]
-    lines += [f"- failed: {r['recipe']}: {r['error']}" for r in errors]
+    errors = [r for r in current if "error" in r]
+    lines += [f"- failed ({card(r)}): {r['recipe']}: {r['error']}" for r in errors]
+    lines += [
+        f"- superseded: {r['recipe']} ({r.get('seconds_per_video')} s/video): {r['superseded']}"
+        for r in rows
+        if r.get("superseded")
+    ]
     return lines
+
+
+def card(record: dict) -> str:
+    """The GPU a record ran on, short: 'H100', 'H200'."""
+    name = record.get("gpu") or "?"
+    return next((c for c in ("H100", "H200", "A100") if c in name), name)
 
 
 def is_scaling(record: dict) -> bool:

@@ -179,13 +179,13 @@ def with_efficiency(records: list[dict]) -> list[dict]:
                 o
                 for o in records
                 if o["gpus"] == 1
-                and all(o.get(k) == r.get(k) for k in ("budget_gib", "compile_cache"))
+                and all(o.get(k) == r.get(k) for k in ("budget_gib", "compile_cache", "gpu"))
                 and o.get("launcher", "accelerate launch") == r.get("launcher", "accelerate launch")
             ),
             None,
         )
-        if twin and "videos_per_hour" in r and "videos_per_hour" in twin:
-            r["efficiency"] = round(r["videos_per_hour"] / (r["gpus"] * twin["videos_per_hour"]), 3)
+        fair = twin and "videos_per_hour" in r and "videos_per_hour" in twin
+        r["efficiency"] = round(r["videos_per_hour"] / (r["gpus"] * twin["videos_per_hour"]), 3) if fair else None
     return records
 
 

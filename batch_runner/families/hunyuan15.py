@@ -334,12 +334,16 @@ class HunyuanVideo15(Family):
         "transformer": DENOISER,
         "vae": DECODER,
     }
-    # With diffusers' dense text mask, 480p measured 46.1 GiB allocated on an H100 with everything
-    # resident (docs/benchmarks.json): ~32.5 GiB of weights, ~10 GiB of mask (4 bytes per sequence^2,
-    # ~100 per unit) and ~40 per unit of activations. The runner's path drops the mask
-    # (drop_text_padding): 48 per unit until measured without it. Separate cond/uncond forwards.
+    # Measured without the text mask (docs/benchmarks.json): with everything resident, 46.2 GiB
+    # allocated at 480p (H100) and 46.6 at 720p (H200), 62.9 and 63.0 reserved: the peak does not
+    # grow with the video, so it is the tiled VAE decode (~14 GiB allocated above the 32.2 GiB of
+    # weights), and the uncapped allocator holds ~17 GiB more. The decode term covers that reserve
+    # (24.6 GiB: the planner must not promise less than a card needed), which also refuses what
+    # failed: text_offload under a 48 GiB cap ran out of memory (H200). It over-estimates the capped
+    # group_offload run (22.2 GiB reserved at 24 GiB, H200): 480p at 24 GiB is left to
+    # memory=group_offload chosen by hand. Denoising: 48 per unit, under the decode at both sizes.
     activations = ActivationTerms(
-        resident=48.0, streamed=48.0, decode_per_pixel=2900.0, tiled_pixels=256 * 256 * 2, guidance_batch=1
+        resident=48.0, streamed=48.0, decode_per_pixel=100800.0, tiled_pixels=256 * 256 * 2, guidance_batch=1
     )
     schedulers: ClassVar[dict[str, str]] = {"euler": "FlowMatchEulerDiscreteScheduler"}
 
