@@ -201,11 +201,13 @@ def test_readme_launch_commands_leave_accelerate_no_defaults_to_warn_about(monke
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # as for most users: --cpu must set threads itself
     monkeypatch.setattr(psutil, "cpu_count", lambda logical=True: 64)
     text = (ROOT / "README.md").read_text().replace("\\\n", " ")
-    commands = [line.strip() for line in text.splitlines() if line.strip().startswith("accelerate launch")]
-    assert len(commands) >= 3
+    launchers = ("accelerate launch", "python -m accelerate.commands.launch")  # the CLI, or its module
+    commands = [line.strip() for line in text.splitlines() if line.strip().startswith(launchers)]
+    assert len(commands) >= 4 and any(c.startswith(launchers[1]) for c in commands)
     for command in commands:
         words = shlex.split(command.replace("$RANK", "0").replace("$HEAD", "10.0.0.1"))
-        args = launch.launch_command_parser().parse_args(words[2:])
+        flags = words[2:] if words[0] == "accelerate" else words[3:]
+        args = launch.launch_command_parser().parse_args(flags)
         caplog.clear()
         launch._validate_launch_command(args)
         assert "had defaults used instead" not in caplog.text, command
