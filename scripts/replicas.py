@@ -37,6 +37,8 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from batch_runner.launch import accelerate_launch, shown
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -55,28 +57,9 @@ def manifest(folder: Path, rows: int) -> Path:
     return path
 
 
-def launcher(gpus: int, cpu: bool, port: int) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--cpu" if cpu else "--multi_gpu",
-        "--num_processes",
-        str(gpus),
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(port),
-    ]
-
-
 def run_once(args: argparse.Namespace, jobs: Path, k: int, out: Path) -> dict:
     command = [
-        *launcher(args.gpus, args.cpu, args.port),
+        *accelerate_launch(args.gpus, cpu=args.cpu, port=args.port),
         str(ROOT / "run.py"),
         f"manifest={jobs}",
         f"output_dir={out}",
@@ -118,8 +101,8 @@ def run_once(args: argparse.Namespace, jobs: Path, k: int, out: Path) -> dict:
         "videos_per_hour": round(len(made) * 3600 / wall, 1),
         "videos_per_hour_steady": round(replicas * 3600 / latency, 2),
         "overrides": args.overrides,
-        "command": " ".join(
-            ["accelerate", "launch", *command[3 : command.index(str(ROOT / "run.py"))], "run.py"]
+        "command": shown(
+            [*command[: command.index(str(ROOT / "run.py"))], "run.py"]
             + [o for o in command if o.startswith(("model", "replica", "speed"))]
         ),
     }

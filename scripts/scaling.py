@@ -32,6 +32,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from batch_runner.launch import accelerate_launch, shown
+
 ROOT = Path(__file__).resolve().parent.parent
 PHOTOS = ROOT / ".device_inputs" / "examples" / "images"
 PROMPTS = (
@@ -56,29 +58,8 @@ def write_manifest(folder: Path, rows: int, photos: Path) -> Path:
     return path
 
 
-# accelerate's launcher, started as its CLI or as the module itself: the same launch, but the CLI
-# first imports every subcommand (`estimate` pulls in transformers' auto classes: 8.5 s on an H100
-# host, docs/benchmarks.md).
-LAUNCHERS = {"accelerate": ["accelerate", "launch"], "module": ["python", "-m", "accelerate.commands.launch"]}
-
-
-def launch_command(gpus: int, overrides: list[str], cpu: bool = False, launcher: str = "accelerate") -> list[str]:
-    """The README's launch line: every accelerate setting passed, one process per GPU (--cpu: a dry check)."""
-    parallel = ["--cpu"] if cpu else ["--multi_gpu"] if gpus > 1 else []
-    return [
-        *LAUNCHERS[launcher],
-        *parallel,
-        "--num_processes",
-        str(gpus),
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        str(ROOT / "run.py"),
-        *overrides,
-    ]
+# accelerate's launcher, started as its CLI or as its module (batch_runner.launch.accelerate_launch).
+LAUNCHERS = {"accelerate": "accelerate launch", "module": "python -m accelerate.commands.launch"}
 
 
 def startup_of(out: Path, launched: float) -> list[dict]:
@@ -126,11 +107,9 @@ def measure(
         *([f"memory.budget_gib={budget:g}"] if budget is not None else []),
         *extra,
     ]
-    command = launch_command(gpus, overrides, cpu=cpu, launcher=launcher)
+    command = [*accelerate_launch(gpus, cpu=cpu, cli=launcher == "accelerate"), str(ROOT / "run.py"), *overrides]
     launched = time.time()
-    done = subprocess.run(
-        [sys.executable if w == "python" else w for w in command], cwd=ROOT, capture_output=True, text=True
-    )
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     wall = time.time() - launched
     record = {
         "recipe": "scaling-data-parallel",
@@ -142,8 +121,8 @@ def measure(
         "steps": steps,
         "budget_gib": budget,
         "compile_cache": cache,
-        "launcher": " ".join(LAUNCHERS[launcher]),
-        "command": " ".join(
+        "launcher": LAUNCHERS[launcher],
+        "command": shown(
             [*command[: command.index(str(ROOT / "run.py"))], "run.py"]
             + [o for o in overrides if not o.startswith(("manifest=", "output_dir=", "speed.compile"))]
         ),

@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from batch_runner.config import RunConfig, register_configs
+from batch_runner.launch import accelerate_launch
 
 ROOT = Path(__file__).resolve().parent.parent
 register_configs()
@@ -69,22 +70,7 @@ def free_port() -> int:
 
 def accelerate_cpu(processes: int, port: int | None = None) -> list[str]:
     """accelerate --cpu with a port of its own, so launches of parallel test sessions never meet."""
-    return [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--cpu",
-        "--num_processes",
-        str(processes),
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(port or free_port()),
-    ]
+    return accelerate_launch(processes, cpu=True, port=port or free_port())
 
 
 def assorted_photos(folder: Path) -> dict[str, Path]:
@@ -153,3 +139,47 @@ def frames_of(path: Path) -> np.ndarray:
     from batch_runner.video import read_video
 
     return read_video(path)[0]
+
+
+def same_video(a: np.ndarray, b: np.ndarray) -> bool:
+    """Equal up to a rounding flip: float32 frames move by ~1e-6 with the thread count (two processes
+    share the cores) and the weights' memory layout (after loading), which flips the rounding of a
+    few uint8 values; a wrong input, weight or seed moves them by tens of levels."""
+    return a.shape == b.shape and int(np.abs(a.astype(int) - b.astype(int)).max()) <= 2
+
+
+def made_by_one_process_and_by_two(tmp_path: Path, manifest: Path, *overrides: str) -> tuple[pd.DataFrame, dict]:
+    """Every row of the manifest made by one process, then by two (accelerate --cpu), each run making
+    every row once; placement must not change a video. Returns the one-process results and frames."""
+    made = {}
+    for run, launcher in (("single", None), ("double", accelerate_cpu(2))):
+        out = tmp_path / run
+        ok(run_cli(f"manifest={manifest}", *overrides, f"output_dir={out}", launcher=launcher, cwd=tmp_path))
+        table = pd.read_parquet(out / "results.parquet").set_index("id")
+        assert set(table["status"]) == {"ok"} and set(table["rank"]) <= {0, 1}, run
+        made[run] = table, {i: frames_of(out / "videos" / f"{i}.mp4") for i in table.index}
+    (table, frames), (_, twos) = made["single"], made["double"]
+    assert sorted(twos) == sorted(frames) == sorted(pd.read_csv(manifest)["id"])
+    for i in frames:
+        assert same_video(twos[i], frames[i]), i
+    return table, frames
+
+
+def made_from_a_saved_folder(tmp_path: Path, manifest: Path, model: str, row: str, edit=None) -> tuple:
+    """One row made by the tiny pipeline built in code, and by the same pipeline saved with
+    `save_pretrained` and loaded as a user's folder through model.path (`edit`: changes the saved
+    folder first, as a Hub checkpoint differs). Returns the two videos' frames."""
+    from batch_runner.pipeline import build_pipeline
+
+    folder = tmp_path / "saved"
+    build_pipeline(run_config("manifest=x", f"model={model}").model).save_pretrained(folder)
+    if edit is not None:
+        edit(folder)
+    made = []
+    for source in ("tiny", "pretrained"):
+        out = tmp_path / source
+        extra = [f"model.path={folder}"] if source == "pretrained" else []
+        overrides = [f"model={model}", f"model.weights={source}", *extra, f"ids=[{row}]", "output.crf=0"]
+        ok(run_cli(f"manifest={manifest}", *overrides, f"output_dir={out}", cwd=tmp_path))
+        made.append(frames_of(out / "videos" / f"{row}.mp4"))
+    return tuple(made)

@@ -21,7 +21,17 @@ from batch_runner.families import FAMILY_MODULES, family_named
 from batch_runner.pipeline import anatomy, build_pipeline
 from batch_runner.replica import auto_plan, workload_of
 
-from .conftest import ROOT, accelerate_cpu, frames_of, ok, photo, run_cli, run_config, write_manifest
+from .conftest import (
+    ROOT,
+    accelerate_cpu,
+    frames_of,
+    made_from_a_saved_folder,
+    ok,
+    photo,
+    run_cli,
+    run_config,
+    write_manifest,
+)
 
 TINY_WAN = ("tiny-wan", "tiny-wan22", "tiny-wan22-ti2v")
 FULL_SIZE = {
@@ -252,26 +262,7 @@ def test_wan22_shapes_make_every_row(tmp_path, manifest, name):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["tiny-wan", "tiny-wan22"])
 def test_a_saved_wan_pipeline_loads_through_model_path_and_makes_the_same_video(tmp_path, manifest, name):
-    folder = tmp_path / "saved"
-    build_pipeline(run_config("manifest=x", f"model={name}").model).save_pretrained(folder)
-    made = {}
-    for source in ("tiny", "pretrained"):
-        out = tmp_path / source
-        extra = [f"model.path={folder}"] if source == "pretrained" else []
-        ok(
-            run_cli(
-                f"manifest={manifest}",
-                f"model={name}",
-                f"model.weights={source}",
-                *extra,
-                "ids=[a]",
-                "output.crf=0",
-                f"output_dir={out}",
-                cwd=tmp_path,
-            )
-        )
-        made[source] = frames_of(out / "videos/a.mp4")
-    assert np.array_equal(made["tiny"], made["pretrained"])
+    assert np.array_equal(*made_from_a_saved_folder(tmp_path, manifest, name, "a"))
 
 
 @pytest.mark.parametrize("name", [n for n in FULL_SIZE if n.startswith("wan")])

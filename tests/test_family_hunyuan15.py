@@ -6,8 +6,6 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import pytest
 import torch
 
@@ -17,16 +15,20 @@ from batch_runner.families.hunyuan15 import buckets, nearest_bucket
 from batch_runner.pipeline import anatomy, build_pipeline
 from batch_runner.replica import auto_plan
 
-from .conftest import accelerate_cpu, frames_of, ok, photo, run_cli, run_config, tiny_job, write_manifest
+from .conftest import (
+    made_by_one_process_and_by_two,
+    made_from_a_saved_folder,
+    ok,
+    photo,
+    run_cli,
+    run_config,
+    same_video,
+    tiny_job,
+    write_manifest,
+)
 
 TINY = "tiny-hunyuan15"
 FULL = ("hunyuanvideo1.5-i2v-480p", "hunyuanvideo1.5-i2v-720p")
-
-
-def same_video(a: np.ndarray, b: np.ndarray) -> bool:
-    """Equal up to a rounding flip (thread count, weight layout after loading); a wrong input,
-    weight or seed moves pixels by tens of levels."""
-    return a.shape == b.shape and int(np.abs(a.astype(int) - b.astype(int)).max()) <= 2
 
 
 @pytest.fixture
@@ -211,56 +213,17 @@ def test_dry_run_plans_the_full_size_model_with_no_weights(tmp_path, manifest, n
 
 @pytest.mark.slow
 def test_tiny_hunyuan_makes_every_row_in_one_process_and_in_two(tmp_path, manifest):
-    single = tmp_path / "single"
-    ok(run_cli(f"manifest={manifest}", f"model={TINY}", "output.crf=0", f"output_dir={single}", cwd=tmp_path))
-    table = pd.read_parquet(single / "results.parquet").set_index("id")
-    assert set(table["status"]) == {"ok"} and sorted(table.index) == ["a", "b", "c"]
-    frames = {i: frames_of(single / f"videos/{i}.mp4") for i in "abc"}
+    table, frames = made_by_one_process_and_by_two(tmp_path, manifest, f"model={TINY}", "output.crf=0")
     # The recorded size is the video's real size: each row's bucket.
     for i in "abc":
         assert frames[i].shape[1:3] == (table.loc[i, "height"], table.loc[i, "width"]), i
     assert frames["a"].shape == (9, 48, 80, 3) and frames["b"].shape == (13, 64, 48, 3)
     assert frames["c"].shape == (9, 64, 64, 3)
 
-    double = tmp_path / "double"
-    ok(
-        run_cli(
-            f"manifest={manifest}",
-            f"model={TINY}",
-            "output.crf=0",
-            f"output_dir={double}",
-            launcher=accelerate_cpu(2),
-            cwd=tmp_path,
-        )
-    )
-    table = pd.read_parquet(double / "results.parquet").set_index("id")
-    assert set(table["status"]) == {"ok"} and set(table["rank"]) <= {0, 1}
-    for i in "abc":
-        assert same_video(frames_of(double / f"videos/{i}.mp4"), frames[i]), i
-
 
 @pytest.mark.slow
 def test_a_saved_hunyuan_pipeline_loads_through_model_path_and_makes_the_same_video(tmp_path, manifest):
-    folder = tmp_path / "saved"
-    build_pipeline(run_config("manifest=x", f"model={TINY}").model).save_pretrained(folder)
-    made = {}
-    for source in ("tiny", "pretrained"):
-        out = tmp_path / source
-        extra = [f"model.path={folder}"] if source == "pretrained" else []
-        ok(
-            run_cli(
-                f"manifest={manifest}",
-                f"model={TINY}",
-                f"model.weights={source}",
-                *extra,
-                "ids=[b]",
-                "output.crf=0",
-                f"output_dir={out}",
-                cwd=tmp_path,
-            )
-        )
-        made[source] = frames_of(out / "videos/b.mp4")
-    assert same_video(made["tiny"], made["pretrained"])
+    assert same_video(*made_from_a_saved_folder(tmp_path, manifest, TINY, "b"))
 
 
 # --- attention without the text's padding ------------------------------------------------------------

@@ -8,7 +8,6 @@ cuDNN and flash kernels that ring attention needs.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
+from batch_runner.launch import accelerate_launch
 from tests.conftest import frames_of, ok, photo, run_cli, write_manifest
 
 pytestmark = [
@@ -27,21 +27,7 @@ ROW = {"num_frames": 17, "height": 256, "width": 256, "num_inference_steps": 3} 
 
 
 def two_gpus(*args: str):
-    launcher = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-    ]
-    return run_cli(*MODEL, "output.crf=0", *args, launcher=launcher, timeout=900)
+    return run_cli(*MODEL, "output.crf=0", *args, launcher=accelerate_launch(2), timeout=900)
 
 
 @pytest.fixture(scope="module")
