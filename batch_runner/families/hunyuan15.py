@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+import torch._dynamo  # diffusers imports it too: no start-up cost
 from diffusers import (
     AutoencoderKLHunyuanVideo15,
     ClassifierFreeGuidance,
@@ -205,7 +206,7 @@ class PaddingFreeAttention(HunyuanVideo15AttnProcessor2_0):
         return attn.to_out[1](attn.to_out[0](video)), attn.to_add_out(text)
 
 
-def drop_text_padding(transformer: HunyuanVideo15Transformer3DModel) -> PaddingFreeAttention:
+def drop_text_padding(transformer: HunyuanVideo15Transformer3DModel) -> None:
     """Give every block `PaddingFreeAttention` and the transformer a hook that cuts each text down to
     its real tokens before the forward (one host sync per forward, to count them).
 
@@ -239,13 +240,10 @@ def drop_text_padding(transformer: HunyuanVideo15Transformer3DModel) -> PaddingF
         return args, kwargs
 
     transformer.register_forward_pre_hook(cut, with_kwargs=True)
-    return processor
 
 
 def _text_length_is_dynamic(block: torch.nn.Module, args: tuple) -> None:
     """A block's inputs: (video, text, temb, text mask, rotary embedding); the text's length is dim 1."""
-    import torch._dynamo
-
     for tensor in (args[1], args[3]):
         torch._dynamo.maybe_mark_dynamic(tensor, 1)
 
