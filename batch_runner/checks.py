@@ -50,6 +50,7 @@ RANGES: dict[str, tuple[float | None, float | None, bool]] = {
     "model.max_sequence_length": (1, None, True),
     "memory.budget_gib": (0.01, None, False),
     "memory.host_budget_gib": (0.01, None, False),
+    "memory.vae_tile": (64, None, True),
     "speed.cache_threshold": (0.0, None, False),
     "speed.prefetch": (0, None, True),
     "output.shard_size": (1, None, True),
@@ -76,10 +77,20 @@ def _model_problems(cfg: RunConfig) -> list[str]:
     """The settings whose valid values the model's family decides (its schedulers)."""
     if cfg.model.family not in FAMILY_MODULES:
         return [f"model.family={cfg.model.family!r} is not one of {', '.join(FAMILY_MODULES)}"]
-    schedulers = (*family_named(cfg.model.family).schedulers, "default")
-    if cfg.model.scheduler in schedulers:
-        return []
-    return [f"model.scheduler={cfg.model.scheduler!r} is not one of {', '.join(schedulers)} for {cfg.model.name}"]
+    family = family_named(cfg.model.family)
+    problems = []
+    schedulers = (*family.schedulers, "default")
+    if cfg.model.scheduler not in schedulers:
+        problems.append(
+            f"model.scheduler={cfg.model.scheduler!r} is not one of {', '.join(schedulers)} for {cfg.model.name}"
+        )
+    tile = cfg.memory.vae_tile
+    if isinstance(tile, int) and not family.activations.tile_side:
+        problems.append(f"memory.vae_tile={tile} is not a setting of {cfg.model.name}'s VAE; leave it unset (null)")
+    elif isinstance(tile, int) and tile % 64:
+        # A tile overlaps the next by a quarter, in whole latent pixels (16 pixels each) on both sides.
+        problems.append(f"memory.vae_tile={tile} is not a multiple of 64 pixels (e.g. memory.vae_tile=128)")
+    return problems
 
 
 # diffusers' context-parallel attention runs only on its dispatcher backends that support it (its

@@ -78,6 +78,9 @@ class MemoryConfig:
     share_host_weights: bool = True
     vae_slicing: bool = True
     vae_tiling: bool = True
+    # Pixels a side of one tile of the tiled VAE decode; null: the VAE's own, or a smaller one
+    # memory=auto picks where the model allows it and the budget needs it.
+    vae_tile: int | None = None
     # Store transformer weights in float8 and upcast per layer: halves their memory, changes outputs.
     fp8_weights: bool = False
     # On an out-of-memory error, retry the row once with the next plan down the ladder.

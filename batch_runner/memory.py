@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -115,14 +115,20 @@ class Choice:
     plan: str
     reason: str
     estimates: tuple[Estimate, ...]
+    vae_tile: int | None = None  # the decode tile's side in pixels; None: the VAE's own
 
 
-def activation_gib(workload: Workload, terms: ActivationTerms, vae_tiling: bool, streamed: bool) -> tuple[float, float]:
+def activation_gib(
+    workload: Workload, terms: ActivationTerms, vae_tiling: bool, streamed: bool, vae_tile: int | None = None
+) -> tuple[float, float]:
     """(denoising peak, decoding peak) activations in GiB for one video."""
     batch = terms.guidance_batch if workload.guidance else 1
     per_unit = terms.streamed if streamed else terms.resident
     denoise = per_unit * batch * workload.tokens * workload.hidden
-    pixels = min(workload.pixels, terms.tiled_pixels) if vae_tiling else workload.pixels
+    tiled = terms.tiled_pixels
+    if vae_tile is not None and terms.tile_side:
+        tiled = int(tiled * (vae_tile / terms.tile_side) ** 2)
+    pixels = min(workload.pixels, tiled) if vae_tiling else workload.pixels
     decode = terms.decode_per_pixel * pixels * workload.vae_channels / 512
     # bf16 outputs held across steps (measured with Pyramid Attention Broadcast: 8.6 GiB more).
     denoise += workload.cached_outputs * batch * workload.tokens * workload.hidden * 2
@@ -139,7 +145,8 @@ def estimate(plan: str, model: Anatomy, workload: Workload, config: MemoryConfig
     encoders = [sizes[n] for n, r in model.roles.items() if r == ENCODER]
     denoisers = [sizes[n] for n, r in model.roles.items() if r == DENOISER]
     vae = sum(sizes[n] for n, r in model.roles.items() if r == DECODER)
-    denoise, decode = activation_gib(workload, model.family.activations, config.vae_tiling, plan in STREAMED_PLANS)
+    terms = model.family.activations
+    denoise, decode = activation_gib(workload, terms, config.vae_tiling, plan in STREAMED_PLANS, config.vae_tile)
     # Streamed: the denoiser's weights outside its blocks stay resident; diffusers copies the next
     # block while one computes, and the allocator holds a third while the first is freed.
     streamed = rest + 3 * block
@@ -173,24 +180,43 @@ def choose_plan(
     shared = config.share_host_weights and processes > 1
     usable = [p for p in PLANS if applies(p, model.roles)]
     ladder = [p for p in LADDER if p in usable]
-    estimates = tuple(estimate(p, model, workload, config) for p in usable)
+    tiles = {p: fit_tile(p, model, workload, config, budget_gib) for p in usable}
+    estimates = tuple(estimate(p, model, workload, replace(config, vae_tile=tiles[p])) for p in usable)
     by_plan = {e.plan: e for e in estimates}
     host = {p: _host_need(by_plan[p], model.roles, shared, processes, host_gib) for p in usable}
     for plan in ladder:
-        e = by_plan[plan]
+        e, tile = by_plan[plan], tiles[plan]
         if e.gpu_gib <= budget_gib and host[plan][0]:
             faster = ladder[: ladder.index(plan)]
             why = "; ".join(_why_not(by_plan[p], budget_gib, host[p][1]) for p in faster)
+            plan_named = plan + (f" with {tile}-pixel VAE tiles" if tile != config.vae_tile else "")
             reason = (
-                f"{plan}: needs ~{e.gpu_gib:.2f} GiB of the {budget_gib:.1f} GiB GPU budget and {host[plan][1]}"
+                f"{plan_named}: needs ~{e.gpu_gib:.2f} GiB of the {budget_gib:.1f} GiB GPU budget and {host[plan][1]}"
                 + (f" (faster plans do not fit: {why})" if why else " (the fastest plan)")
             )
-            return Choice(plan, reason, estimates)
+            return Choice(plan, reason, estimates, tile)
     lines = "; ".join(_why_not(by_plan[p], budget_gib, host[p][1]) for p in ladder)
     raise UserError(
         f"No memory plan fits: {lines}. Give more GPU memory (memory.budget_gib), fewer processes per "
         f"host (accelerate launch --num_processes) or more host memory (memory.host_budget_gib)."
     )
+
+
+def fit_tile(
+    plan: str, model: Anatomy, workload: Workload, config: MemoryConfig, budget_gib: float | None
+) -> int | None:
+    """The decode tile `plan` should use: memory.vae_tile when set, else the VAE's own, else the
+    largest smaller tile the model allows whose estimate fits the budget (the smallest if none does).
+
+    Only the decode's peak changes: a smaller tile decodes the same pixels in more, smaller pieces.
+    """
+    terms = model.family.activations
+    if config.vae_tile is not None or not config.vae_tiling or not terms.smaller_tiles or budget_gib is None:
+        return config.vae_tile
+    for tile in (None, *terms.smaller_tiles):
+        if estimate(plan, model, workload, replace(config, vae_tile=tile)).gpu_gib <= budget_gib:
+            return tile
+    return terms.smaller_tiles[-1]
 
 
 def _host_need(e: Estimate, roles: dict[str, str], shared: bool, processes: int, host_gib: float) -> tuple[bool, str]:
@@ -382,3 +408,22 @@ def _keep_attention_pools_resident(module: torch.nn.Module, device: torch.device
 def _vae_switches(vae: Any, config: MemoryConfig) -> None:
     (vae.enable_slicing if config.vae_slicing else vae.disable_slicing)()
     (vae.enable_tiling if config.vae_tiling else vae.disable_tiling)()
+    if config.vae_tiling and config.vae_tile is not None:
+        set_vae_tile(vae, config.vae_tile)
+
+
+def set_vae_tile(vae: Any, side: int) -> None:
+    """Decode in tiles of `side` x `side` pixels, overlapping as the VAE's own tiles do.
+
+    diffusers' video VAEs keep their tile in pixels and, for some, in latents too, without a setter
+    that recomputes one from the other; the ratio of the two they hold is their compression.
+    """
+    own = vae.tile_sample_min_height
+    if hasattr(vae, "tile_latent_min_height"):
+        ratio = own // vae.tile_latent_min_height
+        vae.tile_latent_min_height = vae.tile_latent_min_width = side // ratio
+    if hasattr(vae, "tile_sample_stride_height"):
+        scale = side / own
+        vae.tile_sample_stride_height = int(vae.tile_sample_stride_height * scale)
+        vae.tile_sample_stride_width = int(vae.tile_sample_stride_width * scale)
+    vae.tile_sample_min_height = vae.tile_sample_min_width = side

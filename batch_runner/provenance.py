@@ -102,6 +102,8 @@ def provenance(cfg: RunConfig, replica: Any) -> dict[str, Any]:
         "batch_runner_version": _version("batch_runner"),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "gpus_per_replica": cfg.replica.gpus,
+        # Decoding in smaller tiles moves the seams between them: the pixels differ a little.
+        "vae_tile": replica.memory.vae_tile,
     }
 
 

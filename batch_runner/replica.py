@@ -12,7 +12,7 @@ import gc
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -21,7 +21,7 @@ from PIL import Image
 
 from batch_runner import host_weights, memory, speed
 from batch_runner.cluster import HostPeers
-from batch_runner.config import RunConfig
+from batch_runner.config import MemoryConfig, RunConfig
 from batch_runner.families.base import DENOISER
 from batch_runner.manifest import Job
 from batch_runner.parallel import Team, split_attention
@@ -56,7 +56,7 @@ class Replica:
         self.anatomy = anatomy(cfg.model)
         self.family = self.anatomy.family
         peers = peers or HostPeers(0, 1, None, "")
-        self.plan, self.plan_reason = self._choose_plan(peers.local_world_size, jobs)
+        self.plan, self.plan_reason, self.memory = self._choose_plan(peers.local_world_size, jobs)
         log.info("memory plan %s", self.plan_reason)
         self.pipe, self.shared = self._build(peers)
         self.roles = self.family.components(self.pipe)
@@ -71,7 +71,7 @@ class Replica:
             for denoiser in self.denoisers:
                 split_attention(denoiser, self.team, cfg.replica.attention)
         speed.enable_cache(self.pipe, [n for n, r in self.roles.items() if r == DENOISER], cfg.speed)
-        memory.apply_plan(self.pipe, self.plan, device, cfg.memory, self.roles)
+        memory.apply_plan(self.pipe, self.plan, device, self.memory, self.roles)
         speed.keep_timesteps_on_host(self.pipe, self.family, device)
         if device.type == "cuda":
             release_memory()
@@ -81,14 +81,22 @@ class Replica:
 
     # --- plan ---
 
-    def _choose_plan(self, local_world_size: int, jobs: Sequence[Job]) -> tuple[str, str]:
+    def _choose_plan(self, local_world_size: int, jobs: Sequence[Job]) -> tuple[str, str, MemoryConfig]:
+        """The plan, why, and the memory settings it runs with (the VAE tile it needs filled in)."""
         config = self.cfg.memory
         if self.device.type != "cuda":
-            return "none", "none: no GPU, everything runs on the CPU"
+            return "none", "none: no GPU, everything runs on the CPU", config
+        budget = memory.gpu_budget_gib(config, self.device)
         if config.plan != "auto":
-            return config.plan, f"{config.plan}: chosen in the config (memory={config.plan})"
-        choice = auto_plan(self.cfg, memory.gpu_budget_gib(config, self.device), local_world_size, jobs, self.anatomy)
-        return choice.plan, choice.reason
+            tile = memory.fit_tile(config.plan, self.anatomy, workload_of(self.cfg, jobs, self.anatomy), config, budget)
+            tiles = f", with {tile}-pixel VAE tiles" if tile != config.vae_tile else ""
+            return (
+                config.plan,
+                f"{config.plan}: chosen in the config (memory={config.plan}){tiles}",
+                replace(config, vae_tile=tile),
+            )
+        choice = auto_plan(self.cfg, budget, local_world_size, jobs, self.anatomy)
+        return choice.plan, choice.reason, replace(config, vae_tile=choice.vae_tile)
 
     def _build(self, peers: HostPeers) -> tuple[Any, dict[str, host_weights.SharedBlock]]:
         """The pipeline with its final weights, those that stay on the host shared with the host's
@@ -141,7 +149,7 @@ class Replica:
         if lower is None:
             return None
         release_memory()
-        memory.apply_plan(self.pipe, lower, self.device, self.cfg.memory, self.roles)
+        memory.apply_plan(self.pipe, lower, self.device, self.memory, self.roles)
         self._cache.clear()
         self.plan = lower
         return lower

@@ -62,6 +62,7 @@ PROVENANCE_COLUMNS = [
     "batch_runner_version",
     "gpu",
     "gpus_per_replica",
+    "vae_tile",
     "config_hash",
 ]
 _DTYPES = {
@@ -72,6 +73,7 @@ _DTYPES = {
     "num_inference_steps": "Int64",
     "rank": "Int64",
     "gpus_per_replica": "Int64",
+    "vae_tile": "Int64",
     "fps": "float64",
     "guidance_scale": "float64",
     "seconds": "float64",

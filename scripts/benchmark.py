@@ -336,6 +336,7 @@ def project(label: str, image, steps: int, budget: float | None, chunk: int, **o
         "description": f"batch_runner memory=auto -> {replica.plan}",
         "plan": replica.plan,
         "plan_reason": replica.plan_reason,
+        "vae_tile": replica.memory.vae_tile,
         "budget_gib": budget,
         "changes_output": bool(cfg.memory.fp8_weights or cfg.speed.cache != "none"),
         "overrides": overrides or None,

@@ -6,14 +6,16 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
 from batch_runner import memory, speed
+from batch_runner.errors import UserError
 from batch_runner.families import family_named
 from batch_runner.families.hunyuan15 import buckets, nearest_bucket
 from batch_runner.pipeline import anatomy, build_pipeline
-from batch_runner.replica import auto_plan
+from batch_runner.replica import auto_plan, workload_of
 
 from .conftest import (
     made_by_one_process_and_by_two,
@@ -165,6 +167,84 @@ def test_auto_picks_a_plan_that_fits_and_says_why(name, budget):
     # The weights alone (bf16): 17.3 GB of encoders, 16.7 transformer, 2.5 VAE.
     none = next(e for e in choice.estimates if e.plan == "none")
     assert 34 < none.gpu_gib < 100
+
+
+@pytest.mark.parametrize(
+    ("budget", "plan", "tile"),
+    [
+        (79.0, "none", None),  # a whole H100: the VAE's own 256-pixel tiles
+        (48.0, "none", 128),
+        (40.0, "text_offload", 128),
+        (24.0, "group_offload", 128),  # an RTX 4090
+        (16.0, "group_offload", 128),
+        (12.0, "group_offload", 128),
+    ],
+)
+def test_a_smaller_budget_decodes_in_smaller_tiles_before_it_streams_more(budget, plan, tile):
+    """The 256-pixel tiles decode all 121 frames of a tile at once (~14 GiB at 480p): below a whole
+    card the planner decodes 128-pixel tiles (a quarter of that) rather than step down a plan."""
+    cfg = run_config("manifest=x", f"model={FULL[0]}", "memory.host_budget_gib=200")
+    choice = auto_plan(cfg, budget, 1)
+    assert (choice.plan, choice.vae_tile) == (plan, tile)
+    chosen = next(e for e in choice.estimates if e.plan == plan)
+    assert chosen.gpu_gib <= budget
+    assert ("with 128-pixel VAE tiles" in choice.reason) == (tile == 128)
+
+
+def test_a_budget_below_every_plan_is_refused_with_the_smaller_tiles_counted():
+    cfg = run_config("manifest=x", f"model={FULL[0]}", "memory.host_budget_gib=200")
+    with pytest.raises(UserError, match=r"No memory plan fits: none needs ~4\d\.\d\d GiB GPU > 6\.00"):
+        auto_plan(cfg, 6.0, 1)
+
+
+def test_a_chosen_plan_also_gets_the_tile_its_budget_needs():
+    model = anatomy(run_config("manifest=x", f"model={FULL[0]}").model)
+    cfg = run_config("manifest=x", f"model={FULL[0]}")
+    workload = workload_of(cfg, (), model)
+    assert memory.fit_tile("group_offload", model, workload, cfg.memory, 24.0) == 128
+    assert memory.fit_tile("none", model, workload, cfg.memory, 79.0) is None
+    assert memory.fit_tile("group_offload", model, workload, cfg.memory, None) is None  # no budget: the VAE's own
+    fixed = replace(cfg.memory, vae_tile=192)
+    assert memory.fit_tile("group_offload", model, workload, fixed, 24.0) == 192  # the user's tile stands
+
+
+def test_a_smaller_tile_decodes_the_tiny_video_in_pieces():
+    vae = build_pipeline(run_config("manifest=x", f"model={TINY}").model, torch.device("cpu")).vae
+    vae.enable_tiling()
+    latents = torch.randn(1, vae.config.latent_channels, 3, 6, 6)  # 96 x 96 pixels
+    calls = []
+    tiled = vae.tiled_decode
+    vae.tiled_decode = lambda z, **kw: calls.append(z.shape) or tiled(z, **kw)
+    whole = vae.decode(latents).sample
+    assert not calls  # 96 pixels fit the VAE's own tile
+    memory.set_vae_tile(vae, 64)
+    assert (vae.tile_sample_min_height, vae.tile_latent_min_height) == (64, 4)
+    pieces = vae.decode(latents).sample
+    assert calls and pieces.shape == whole.shape == (1, 3, 9, 96, 96)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["model=tiny-cogvideox", "memory.vae_tile=128"],
+            "memory.vae_tile=128 is not a setting of tiny-cogvideox",
+        ),
+        ([f"model={TINY}", "memory.vae_tile=96"], "memory.vae_tile=96 is not a multiple of 64 pixels"),
+        ([f"model={TINY}", "memory.vae_tile=0"], "memory.vae_tile"),
+    ],
+)
+def test_a_vae_tile_the_model_cannot_use_is_refused(tmp_path, manifest, overrides, message):
+    proc = run_cli(f"manifest={manifest}", *overrides, cwd=tmp_path)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.slow
+def test_the_vae_tile_a_row_was_decoded_with_is_in_its_results(tmp_path, manifest):
+    ok(run_cli(f"manifest={manifest}", f"model={TINY}", "memory.vae_tile=64", "ids=[a]", cwd=tmp_path))
+    table = pd.read_parquet(tmp_path / "outputs" / "jobs" / "results.parquet")
+    assert table["status"].tolist() == ["ok"] and table["vae_tile"].tolist() == [64]
 
 
 # --- rows -----------------------------------------------------------------------------------------

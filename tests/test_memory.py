@@ -130,7 +130,7 @@ def test_estimates_cover_what_the_benchmark_measured():
         # Every family's records against its own anatomy and default row (the first records name no model).
         cfg = run_config("manifest=unused.csv", f"model={r.get('model', 'cogvideox-5b-i2v')}")
         counted = anatomy(cfg.model)
-        config = MemoryConfig(fp8_weights="fp8" in r["recipe"])
+        config = MemoryConfig(fp8_weights="fp8" in r["recipe"], vae_tile=r.get("vae_tile"))
         # Pyramid Attention Broadcast keeps every block's attention output between steps.
         workload = replace(workload_of(cfg), cached_outputs=counted.blocks if "pyramid" in r["recipe"] else 0)
         need = estimate(r["plan"], counted, workload, config).gpu_gib

@@ -38,7 +38,9 @@ class ActivationTerms:
     output pixel per 512 channels of the VAE's widest block, over at most `tiled_pixels` pixels at
     once when the VAE tiles. `guidance_batch`: the batch of one transformer forward under
     classifier-free guidance (2 where the conditional and unconditional passes share a batch, 1
-    where they run as separate forwards).
+    where they run as separate forwards). `tile_side`: the VAE's own decode tile (pixels a side),
+    and `smaller_tiles`: the sides, largest first, the planner may decode with instead when the
+    VAE's own tiles do not fit the budget (the decode's activations scale with a tile's area).
     """
 
     resident: float
@@ -46,6 +48,8 @@ class ActivationTerms:
     decode_per_pixel: float
     tiled_pixels: int
     guidance_batch: int = 2
+    tile_side: int | None = None
+    smaller_tiles: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

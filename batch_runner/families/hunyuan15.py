@@ -335,13 +335,20 @@ class HunyuanVideo15(Family):
     # Measured without the text mask (docs/benchmarks.json): with everything resident, 46.2 GiB
     # allocated at 480p (H100) and 46.6 at 720p (H200), 62.9 and 63.0 reserved: the peak does not
     # grow with the video, so it is the tiled VAE decode (~14 GiB allocated above the 32.2 GiB of
-    # weights), and the uncapped allocator holds ~17 GiB more. The decode term covers that reserve
-    # (24.6 GiB: the planner must not promise less than a card needed), which also refuses what
-    # failed: text_offload under a 48 GiB cap ran out of memory (H200). It over-estimates the capped
-    # group_offload run (22.2 GiB reserved at 24 GiB, H200): 480p at 24 GiB is left to
-    # memory=group_offload chosen by hand. Denoising: 48 per unit, under the decode at both sizes.
+    # weights), and the uncapped allocator holds ~17 GiB more. This VAE decodes all 121 frames of a
+    # 256-pixel tile at once. The decode term covers that reserve (24.6 GiB: the planner must not
+    # promise less than a card needed), which also refuses what failed: text_offload under a 48 GiB
+    # cap with 256-pixel tiles ran out of memory (H200). Where a budget needs it, the planner decodes
+    # in 128-pixel tiles: a quarter of the tile's area, the same pixels (the overlap is a quarter of
+    # a tile either way). Denoising: 48 per unit, under the decode at both sizes.
     activations = ActivationTerms(
-        resident=48.0, streamed=48.0, decode_per_pixel=100800.0, tiled_pixels=256 * 256 * 2, guidance_batch=1
+        resident=48.0,
+        streamed=48.0,
+        decode_per_pixel=100800.0,
+        tiled_pixels=256 * 256 * 2,
+        guidance_batch=1,
+        tile_side=256,
+        smaller_tiles=(128,),
     )
     schedulers: ClassVar[dict[str, str]] = {"euler": "FlowMatchEulerDiscreteScheduler"}
 
