@@ -318,6 +318,8 @@ def apply_plan(pipe: Any, plan: str, device: torch.device, config: MemoryConfig,
         pipe.enable_model_cpu_offload(device=device)
     elif plan == "sequential_cpu_offload":
         pipe.enable_sequential_cpu_offload(device=device)
+        for name in roles:
+            _keep_attention_pools_resident(getattr(pipe, name), device)
     else:
         streamed = host_resident(plan, roles)
         for name, role in roles.items():
@@ -397,11 +399,15 @@ def _keep_attention_pools_resident(module: torch.nn.Module, device: torch.device
     Leaf-level streaming fetches a layer's weights when the layer is called, but MultiheadAttention
     reads its `out_proj` weight without calling `out_proj`: streamed, that weight stays on the host
     and the forward fails (seen on an H100 with HunyuanVideo-1.5's SigLIP image encoder, whose
-    pooling head is one: 0.03 GiB at full size).
+    pooling head is one: 0.03 GiB at full size). diffusers' sequential CPU offload (accelerate's
+    per-layer hooks) leaves it on the meta device the same way: its recipe fails on HunyuanVideo-1.5.
     """
+    from accelerate.hooks import remove_hook_from_module
+
     for layer in module.modules():
         if isinstance(layer, torch.nn.MultiheadAttention):
             remove_offloading_hooks(layer)
+            remove_hook_from_module(layer, recurse=True)  # accelerate's: puts the offloaded weights back
             layer.to(device)
 
 

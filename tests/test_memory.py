@@ -506,3 +506,21 @@ def test_leaf_streaming_leaves_torchs_multihead_attention_whole_on_the_device(mo
     assert any(streamed(layer) for layer in encoder.modules() if isinstance(layer, torch.nn.Linear))
     with torch.no_grad():
         encoder(pixel_values=torch.randn(1, 3, 32, 32))
+
+
+def test_per_layer_cpu_offload_keeps_attention_pools_whole():
+    """accelerate's per-layer hooks (diffusers' sequential CPU offload) put MultiheadAttention's
+    out_proj weight on the meta device, and the layer never calls out_proj: the forward fails, as
+    diffusers' recipe does on HunyuanVideo-1.5 (H100), until the pools are kept whole."""
+    from accelerate import cpu_offload
+
+    encoder = build_pipeline(run_config("manifest=x", "model=tiny-hunyuan15").model).image_encoder
+    pixels = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        expected = encoder(pixel_values=pixels).pooler_output
+    cpu_offload(encoder, execution_device=torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="meta"), torch.no_grad():
+        encoder(pixel_values=pixels)
+    memory._keep_attention_pools_resident(encoder, torch.device("cpu"))
+    with torch.no_grad():
+        assert torch.equal(encoder(pixel_values=pixels).pooler_output, expected)
