@@ -421,15 +421,9 @@ def _vae_switches(vae: Any, config: MemoryConfig) -> None:
 def set_vae_tile(vae: Any, side: int) -> None:
     """Decode in tiles of `side` x `side` pixels, overlapping as the VAE's own tiles do.
 
-    diffusers' video VAEs keep their tile in pixels and, for some, in latents too, without a setter
-    that recomputes one from the other; the ratio of the two they hold is their compression.
+    HunyuanVideo-1.5's VAE keeps its tile in pixels and in latents, and its `enable_tiling` does not
+    recompute one from the other; the ratio of the two it holds is its compression.
     """
-    own = vae.tile_sample_min_height
-    if hasattr(vae, "tile_latent_min_height"):
-        ratio = own // vae.tile_latent_min_height
-        vae.tile_latent_min_height = vae.tile_latent_min_width = side // ratio
-    if hasattr(vae, "tile_sample_stride_height"):
-        scale = side / own
-        vae.tile_sample_stride_height = int(vae.tile_sample_stride_height * scale)
-        vae.tile_sample_stride_width = int(vae.tile_sample_stride_width * scale)
+    ratio = vae.tile_sample_min_height // vae.tile_latent_min_height
+    vae.tile_latent_min_height = vae.tile_latent_min_width = side // ratio
     vae.tile_sample_min_height = vae.tile_sample_min_width = side
