@@ -9,6 +9,18 @@ folder that outlives the run (speed.compile_cache_dir) before anything compiles,
 the processes of a host, and every later run with the same model and torch, then load instead of
 compiling. Entries are written to a temporary name and renamed, so processes (and hosts sharing a
 network home) can fill it at the same time.
+
+Two settings make that reuse whole on a GPU host:
+* AOTAutograd's cache (the step after dynamo's trace) refuses a graph that calls a function it does
+  not know, and SDPA's backend context (`sdpa_kernel`), which our attention preference and
+  diffusers' native attention backends enter inside every compiled block, puts torch.nn.attention's
+  own helpers into the graph. Every warm start then traced each block graph through AOTAutograd and
+  inductor's graph passes again, about 2 s per process on an H100 host (CogVideoX-5B). Their
+  arguments, the backends, are constants of the graph and so part of the cache key: we mark them
+  cacheable, keyed by the torch version.
+* Inductor compiles with a pool of min(32, cores) worker processes per process. Four processes on a
+  16-core host then start 64 workers, each importing torch, that compete with the processes'
+  own start-up; each process gets its share of the host's cores instead.
 """
 
 from __future__ import annotations
@@ -28,13 +40,14 @@ def default_cache_dir() -> Path:
     return base / "batch_runner" / "inductor"
 
 
-def configure(cache_dir: str | None) -> Path:
-    """Point inductor's caches at `cache_dir`; returns the folder used.
+def configure(cache_dir: str | None, processes_on_host: int = 1) -> Path:
+    """Point inductor's caches at `cache_dir`, and size its compile workers; returns the folder used.
 
     `cache_dir` None keeps a TORCHINDUCTOR_CACHE_DIR the user exported (e.g. node-local scratch)
     and otherwise uses default_cache_dir(). Must run before the first compile: inductor reads the
     variable when it compiles, and its compile workers inherit it from this process's environment.
     Nothing is created here; inductor makes the folder when it first writes to it.
+    `processes_on_host`: this process and the others of its run on this host, which share its cores.
     """
     if cache_dir:
         folder = Path(cache_dir).expanduser().resolve()
@@ -51,5 +64,31 @@ def configure(cache_dir: str | None) -> Path:
         inductor_config.fx_graph_cache = True
     if hasattr(functorch_config, "enable_autograd_cache"):
         functorch_config.enable_autograd_cache = True
+    if hasattr(inductor_config, "unsafe_marked_cacheable_functions"):
+        inductor_config.unsafe_marked_cacheable_functions = (
+            inductor_config.unsafe_marked_cacheable_functions | attention_context_functions()
+        )
+    if "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ:  # the user's own choice stands
+        inductor_config.compile_threads = compile_threads(processes_on_host)
     log.debug("compile cache: %s", folder)
     return folder
+
+
+def attention_context_functions() -> dict[str, str]:
+    """torch.nn.attention's functions, by qualified name, keyed by the torch version (see module docstring)."""
+    import inspect
+
+    import torch
+    import torch.nn.attention as attention
+
+    return {
+        f"{attention.__name__}.{name}": torch.__version__
+        for name, member in vars(attention).items()
+        if inspect.isfunction(member) and member.__module__ == attention.__name__
+    }
+
+
+def compile_threads(processes_on_host: int) -> int:
+    """Inductor's own default, min(32, usable cores), shared among the processes of this host."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(32, cores // max(1, processes_on_host)))

@@ -68,8 +68,8 @@ def run(cfg: RunConfig) -> int:
     """Run this process's part; returns the exit status."""
     startup.mark("imports")
     check_settings(cfg)  # before the manifest, the process group or any model
-    compile_cache.configure(cfg.speed.compile_cache_dir)  # before anything can compile
     cluster = join_cluster(cpu=not torch.cuda.is_available())
+    compile_cache.configure(cfg.speed.compile_cache_dir, cluster.local_world_size)  # before anything can compile
     startup.mark("process_group")
     lifeline = lifecycle.current()
     if lifeline is not None and cluster.distributed:

@@ -21,7 +21,9 @@ ENV = "TORCHINDUCTOR_CACHE_DIR"
 def clean(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Each test starts without the variable and with the caches off, and leaves both as found."""
     monkeypatch.delenv(ENV, raising=False)
-    with inductor_config.patch(fx_graph_cache=False), functorch_config.patch(enable_autograd_cache=False):
+    monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS", raising=False)
+    kept = {"compile_threads": inductor_config.compile_threads, "unsafe_marked_cacheable_functions": {}}
+    with inductor_config.patch(fx_graph_cache=False, **kept), functorch_config.patch(enable_autograd_cache=False):
         yield
 
 
@@ -46,6 +48,23 @@ def test_default_is_per_user_and_kept_but_an_exported_variable_wins(tmp_path, mo
     monkeypatch.setenv(ENV, str(tmp_path / "scratch"))
     assert compile_cache.configure(None) == tmp_path / "scratch"
     assert compile_cache.configure(str(tmp_path / "mine")) == tmp_path / "mine"  # the setting beats the variable
+
+
+def test_compile_workers_share_the_hosts_cores_unless_the_user_chose(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    compile_cache.configure(None, processes_on_host=4)
+    assert inductor_config.compile_threads == 4
+    compile_cache.configure(None, processes_on_host=1)
+    assert inductor_config.compile_threads == 16
+    compile_cache.configure(None, processes_on_host=64)
+    assert inductor_config.compile_threads == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(128)), raising=False)
+    compile_cache.configure(None, processes_on_host=2)
+    assert inductor_config.compile_threads == 32  # inductor's own cap
+    monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "3")
+    inductor_config.compile_threads = 3
+    compile_cache.configure(None, processes_on_host=4)
+    assert inductor_config.compile_threads == 3
 
 
 def test_the_run_sets_the_cache_before_the_replica_is_built(tmp_path, monkeypatch):
@@ -98,3 +117,50 @@ def test_a_second_process_loads_what_the_first_compiled(tmp_path):
     assert compile_in_a_new_process() == (0, 1)
     assert (cache / "fxgraph").is_dir()
     assert compile_in_a_new_process() == (1, 0)
+
+
+# A block that chooses its attention kernel inside the compiled region, as our CogVideoX attention
+# preference and diffusers' native attention backends do.
+COMPILE_ATTENTION = """
+import sys
+import torch
+import torch._inductor.config as inductor_config
+from torch._dynamo.utils import counters
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from batch_runner import compile_cache
+
+compile_cache.configure(sys.argv[1])
+if sys.argv[2] == "unmarked":
+    inductor_config.unsafe_marked_cacheable_functions = {}
+
+def block(q):
+    with sdpa_kernel([SDPBackend.MATH, SDPBackend.EFFICIENT_ATTENTION], set_priority=True):
+        return torch.nn.functional.scaled_dot_product_attention(q, q, q).sin()
+
+with torch.no_grad():
+    torch.compile(block, dynamic=False)(torch.randn(1, 2, 8, 16))
+print(" ".join(str(counters["aot_autograd"][k]) for k in ("autograd_cache_hit", "autograd_cache_bypass")))
+"""
+
+
+@pytest.mark.slow
+def test_a_block_that_chooses_its_attention_kernel_is_loaded_whole_from_the_cache(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != ENV} | {"PYTHONPATH": str(ROOT)}
+
+    def compile_in_a_new_process(cache: str, marking: str) -> tuple[int, int]:
+        proc = subprocess.run(
+            [sys.executable, "-c", COMPILE_ATTENTION, str(tmp_path / cache), marking],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        hit, bypass = proc.stdout.split()
+        return int(hit), int(bypass)
+
+    # torch's default: the graph is refused by AOTAutograd's cache, so every start traces it again.
+    assert compile_in_a_new_process("unmarked", "unmarked") == (0, 1)
+    assert compile_in_a_new_process("unmarked", "unmarked") == (0, 1)
+    assert compile_in_a_new_process("marked", "marked") == (0, 0)
+    assert compile_in_a_new_process("marked", "marked") == (1, 0)
