@@ -21,6 +21,7 @@ import contextlib
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -805,7 +806,47 @@ def is_scaling(record: dict) -> bool:
     return record.get("recipe", "").startswith("scaling-")
 
 
+def is_startup(record: dict) -> bool:
+    """Records of one-row start-ups, before and after a change (scripts/startup_ab.sh)."""
+    return record.get("recipe") == "startup-ab"
+
+
 START_UP_PHASES = ("process_start", "interpreter", "imports", "process_group", "replica", "first_step")
+
+
+def startup_section(rows: list[dict]) -> list[str]:
+    """One-row runs of two trees, alternating on one host: where a change moved the start-up."""
+    if not rows:
+        return []
+    lines = [
+        "",
+        "## Start-up, before and after a change (scripts/startup_ab.sh)",
+        "",
+        "One process, one row at 2 steps, the two trees alternating on one host, each with its own compile cache "
+        "(the cold run fills it). Seconds from the process's start to the end of its first denoising step, and the "
+        "phases of that time (as in the table below).",
+        "",
+        "| model | GPU | code | compile cache | run | process start to first step s | phases s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        phases = ", ".join(f"{p} {r['phases_s'][p]}" for p in START_UP_PHASES if p in r["phases_s"])
+        lines.append(
+            f"| {r['model']} | {r['gpu']} | {r['side']} ({r['code']}) | {r['compile_cache']} | {r['run']} | "
+            f"{r['process_to_first_step_s']} | {phases} |"
+        )
+    for side in dict.fromkeys(r["side"] for r in rows):
+        warm = [r for r in rows if r["side"] == side and r["compile_cache"] == "warm"]
+        if warm:
+            total = statistics.mean(r["process_to_first_step_s"] for r in warm)
+            first = statistics.mean(r["phases_s"]["first_step"] for r in warm)
+            lines.append(
+                f"\nWarm, {side} ({warm[0]['code']}), mean of {len(warm)}: {total:.1f} s to the first step, "
+                f"of which the first step itself {first:.2f} s."
+            )
+    commands = list(dict.fromkeys(r["command"] for r in rows if r.get("command")))
+    lines += ["", "Commands:", ""] + [f"- `{c}`" for c in commands]
+    return lines
 
 
 def scaling_section(rows: list[dict]) -> list[str]:
@@ -843,12 +884,18 @@ def scaling_section(rows: list[dict]) -> list[str]:
     commands = list(dict.fromkeys(r["command"] for r in rows if r.get("command")))
     lines += ["", "Commands (manifest, output_dir and compile cache folder left out):", ""]
     lines += [f"- `{c}`" for c in commands]
+    notes = [r for r in rows if r.get("note")]
+    if notes:
+        lines += ["", "Notes:", ""]
+        lines += [
+            f"- {r['model']}, {r['gpus']} GPU(s), {r.get('compile_cache', '—')} cache: {r['note']}" for r in notes
+        ]
     return lines
 
 
 def write_report(records: list[dict], out: Path, command: str) -> None:
     env = next((r for r in records if r.get("recipe") == "environment"), {})
-    measured = [r for r in records if r.get("recipe") != "environment" and not is_scaling(r)]
+    measured = [r for r in records if r.get("recipe") != "environment" and not is_scaling(r) and not is_startup(r)]
     rows = [r for r in measured if r.get("model", FIRST_MODEL) == FIRST_MODEL]
     others = list(dict.fromkeys(r["model"] for r in measured if r.get("model", FIRST_MODEL) != FIRST_MODEL))
     peak = env.get("measured_bf16_matmul_tflops")
@@ -915,6 +962,7 @@ def write_report(records: list[dict], out: Path, command: str) -> None:
         lines += ["", "## Failed measurements", ""] + [f"- {r['recipe']}: {r['error']}" for r in errors]
     for model in others:
         lines += family_section(model, [r for r in measured if r.get("model") == model], peak)
+    lines += startup_section([r for r in records if is_startup(r)])
     lines += scaling_section([r for r in records if is_scaling(r)])
     (out / "benchmarks.md").write_text("\n".join(lines) + "\n")
 
