@@ -32,6 +32,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 ENV = "TORCHINDUCTOR_CACHE_DIR"
+# What dynamo records for `with sdpa_kernel(backends, set_priority=...)` inside a compiled region.
+SDPA_CONTEXT_HELPERS = ("_backend_from_string", "_cur_sdpa_kernel_backends", "_sdpa_kernel", "_sdpa_kernel_variadic")
 
 
 def default_cache_dir() -> Path:
@@ -75,16 +77,12 @@ def configure(cache_dir: str | None, processes_on_host: int = 1) -> Path:
 
 
 def attention_context_functions() -> dict[str, str]:
-    """torch.nn.attention's functions, by qualified name, keyed by the torch version (see module docstring)."""
-    import inspect
-
+    """The helpers `sdpa_kernel` leaves in a traced graph, keyed by the torch version (see module docstring)."""
     import torch
     import torch.nn.attention as attention
 
     return {
-        f"{attention.__name__}.{name}": torch.__version__
-        for name, member in vars(attention).items()
-        if inspect.isfunction(member) and member.__module__ == attention.__name__
+        f"{attention.__name__}.{name}": torch.__version__ for name in SDPA_CONTEXT_HELPERS if hasattr(attention, name)
     }
 
 
