@@ -15,9 +15,9 @@ Two settings make that reuse whole on a GPU host:
   not know, and SDPA's backend context (`sdpa_kernel`), which our attention preference and
   diffusers' native attention backends enter inside every compiled block, puts torch.nn.attention's
   own helpers into the graph. Every warm start then traced each block graph through AOTAutograd and
-  inductor's graph passes again, about 2 s per process on an H100 host (CogVideoX-5B). Their
-  arguments, the backends, are constants of the graph and so part of the cache key: we mark them
-  cacheable, keyed by the torch version.
+  inductor's graph passes again: 1.7 s of a warm first step per process on an H100 host
+  (CogVideoX-5B, means of 3). Their arguments, the backends, are constants of the graph and so part
+  of the cache key: we mark them cacheable, keyed by the torch version.
 * Inductor compiles with a pool of min(32, cores) worker processes per process. Four processes on a
   16-core host then start 64 workers, each importing torch, that compete with the processes'
   own start-up; each process gets its share of the host's cores instead.
