@@ -18,12 +18,12 @@ from pathlib import Path; import sys; sys.path.insert(0, 'scripts')
 from scaling import write_manifest, PHOTOS; print(write_manifest(Path('/tmp'), 1, PHOTOS))")
 L="python -m accelerate.commands.launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no"
 A="manifest=$MANIFEST model=${MODEL:-cogvideox-5b-i2v} model.weights=random model.num_inference_steps=2 overwrite=true output.report=false ${EXTRA:-}"
-show() {
-  python -c "
-import json; m = json.load(open('$1/logs/startup-rank00000.json')); prev = float('$2'); out = []
-for k in ['process_start', 'interpreter', 'imports', 'process_group', 'replica', 'first_step']:
-    out.append(f'{k} {m[k] - prev:.2f}'); prev = m[k]
-print('$3 launch->first_step %.2f |' % (m['first_step'] - float('$2')), ', '.join(out))" | tee -a "$OUT/startup.txt"
+show() {  # scaling.py's reading of the marks: seconds from launch to the first step, and per phase
+  (cd "$AFTER/scripts" && python -c "
+from pathlib import Path; from scaling import startup_of
+r = startup_of(Path('$1'), float('$2'))[0]
+print('$3 launch->first_step', r['launch_to_first_step_s'], '|', ', '.join(f'{k} {v}' for k, v in r['phases_s'].items()))") \
+    | tee -a "$OUT/startup.txt"
 }
 one() {  # $1: before | after, $2: the run's name
   if [ "$1" = before ]; then D=$BASE; else D=$AFTER; fi
