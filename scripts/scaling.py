@@ -11,7 +11,9 @@ to its exit, over the same number of rows per GPU, and reads each process's star
     python scripts/scaling.py --cpu --model tiny --overrides model.weights=tiny --photos examples/images
 
 For each budget and GPU count: a cold run (a fresh compile cache, which it fills), then a warm one
-(the same command again, as a rerun or the next job on the host). `efficiency` = throughput on N
+(the same command again, as a rerun or the next job on the host); with --cache shared, one cache
+for all of them, so only the first command is cold (each process sees its own GPU as cuda:0, so what
+one GPU compiled serves N). `efficiency` = throughput on N
 GPUs / (N x throughput on 1), both whole commands, same budget and same cache state. Records go to
 <out>/scaling.json, one per command, each naming the recipe `scaling-data-parallel`, the model,
 `gpus` and `efficiency`.
@@ -181,6 +183,13 @@ def main() -> None:
         choices=("all", "none", "only"),
         help="all: a cold, then a warm run per GPU count; none: the first only warms the cache; only: cold runs",
     )
+    parser.add_argument(
+        "--cache",
+        default="per-count",
+        choices=("per-count", "shared"),
+        help="per-count: a fresh compile cache per GPU count; shared: one for the whole script, which its "
+        "first run fills (each process sees its GPU as cuda:0, so a cache warmed on 1 GPU is warm on N)",
+    )
     parser.add_argument("--launcher", default="accelerate", choices=tuple(LAUNCHERS), help="accelerate's CLI or module")
     parser.add_argument("--deadline", type=float, default=560.0, help="start no run after this many seconds")
     parser.add_argument("--overrides", default="", help="extra Hydra overrides, space-separated")
@@ -229,12 +238,16 @@ def main() -> None:
             flush=True,
         )
 
+    shared = Path(tempfile.mkdtemp(prefix="inductor_shared_", dir=work))
+    filled = False  # the shared cache, once a command of this script ran with it
     for b in args.budgets.split(","):
         budget = None if b == "none" else float(b)
         for gpus in counts:
-            # Inductor keys its cache by the device too (cuda:1's kernels are not cuda:0's), so a
-            # cache is warm for N processes once the same command ran on those N GPUs before.
-            cache_dir = Path(tempfile.mkdtemp(prefix=f"inductor_{gpus}gpu_", dir=work))
+            if args.cache == "shared" and filled:
+                run(gpus, budget, shared, "warm")
+                continue
+            fresh = Path(tempfile.mkdtemp(prefix=f"inductor_{gpus}gpu_", dir=work))
+            cache_dir, filled = (shared, True) if args.cache == "shared" else (fresh, False)
             run(gpus, budget, cache_dir, "warming" if args.cold == "none" else "cold")
             if args.cold != "only":
                 run(gpus, budget, cache_dir, "warm")
