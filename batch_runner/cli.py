@@ -10,7 +10,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from batch_runner import lifecycle
+from batch_runner import devices, lifecycle
 from batch_runner.config import RunConfig
 from batch_runner.errors import UserError
 from batch_runner.provenance import CONFIG_FILE
@@ -117,10 +117,14 @@ def main(cfg: DictConfig) -> int:
     import os
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    setup_logging(str(cfg.get("log_level", "INFO")), rank, world)
     lifeline = lifecycle.install()
     try:
         run_config = to_run_config(cfg)
+        # Before setting up logging, which imports diffusers and transformers: they may start CUDA.
+        gpu = devices.see_own_gpu_only() if run_config.replica.gpus == 1 else None
+        setup_logging(str(cfg.get("log_level", "INFO")), rank, world)
+        if gpu is not None:
+            log.info("this process sees only GPU %s, as cuda:0", gpu)
         from batch_runner.runner import output_dir_of, run
 
         lifeline.output_dir = output_dir_of(run_config)

@@ -6,10 +6,6 @@ other processes that polls that counter instead of entering a collective barrier
 time out while a slow process still makes its last video; and the processes of one host, which
 can share one copy of the weights in host memory (batch_runner.host_weights).
 
-A process that is a replica of its own (replica.gpus=1) sees only its own GPU, as its "cuda:0":
-inductor keys what it compiles by the device index, so otherwise a compile cache that a run warmed
-on cuda:0 stays cold for the processes on cuda:1, cuda:2, ... of every later run.
-
 A rendezvous is only a host and a port: a process of another run (another manifest, output_dir or
 config, or a process of an earlier launch on that port) could meet this run there. The processes
 compare their run keys through the store before anything is made, and each claim checks that the
@@ -197,48 +193,9 @@ class Cluster:
             self.state.destroy_process_group()
 
 
-def own_gpu(environ: dict[str, str] | os._Environ = os.environ) -> str | None:
-    """The GPU this launched process should see alone: the one accelerate would give it, or None.
-
-    accelerate gives local rank r the visible GPU r % count; that GPU becomes this process's whole
-    CUDA_VISIBLE_DEVICES (an index or a UUID, whichever the list names). None where there is nothing
-    to narrow: not started by a launcher (no LOCAL_RANK), no GPU or one only, CUDA already started in
-    this process (the variable is read once, when CUDA starts), or a GPU count NVML cannot give
-    without starting CUDA.
-    """
-    if "LOCAL_RANK" not in environ or torch.cuda.is_initialized():
-        return None
-    visible = environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is None:
-        # The count without starting CUDA: NVML; a negative count says NVML could not tell.
-        count = torch.cuda._device_count_nvml() if torch.cuda._is_compiled() else 0
-        gpus = [str(i) for i in range(max(count, 0))]
-    else:
-        # CUDA reads the list up to its first entry that is not a GPU (so "-1" hides them all).
-        gpus = [g.strip() for g in visible.split(",")]
-        gpus = gpus[: next((i for i, g in enumerate(gpus) if not g or g.startswith("-")), len(gpus))]
-    if len(gpus) < 2:
-        return None
-    return gpus[int(environ["LOCAL_RANK"]) % len(gpus)]
-
-
-def see_own_gpu_only(environ: dict[str, str] | os._Environ = os.environ) -> str | None:
-    """Narrow this process's CUDA_VISIBLE_DEVICES to own_gpu(); returns it (None: left as it was)."""
-    gpu = own_gpu(environ)
-    if gpu is not None:
-        log.debug("local rank %s sees only GPU %s", environ["LOCAL_RANK"], gpu)
-        environ["CUDA_VISIBLE_DEVICES"] = gpu
-    return gpu
-
-
-def join_cluster(own_gpu_only: bool = False) -> Cluster:
-    """Start (or join) the process group accelerate describes in the environment.
-
-    `own_gpu_only`: this process is a replica by itself, so it sees only its GPU (module docstring).
-    """
-    if own_gpu_only:
-        see_own_gpu_only()
-    state = PartialState(cpu=not torch.cuda.is_available())
+def join_cluster(cpu: bool = False) -> Cluster:
+    """Start (or join) the process group accelerate describes in the environment."""
+    state = PartialState(cpu=cpu)
     counter: Counter = LocalCounter()
     if state.num_processes > 1:
         from torch.distributed.distributed_c10d import _get_default_store

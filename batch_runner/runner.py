@@ -68,7 +68,7 @@ def run(cfg: RunConfig) -> int:
     """Run this process's part; returns the exit status."""
     startup.mark("imports")
     check_settings(cfg)  # before the manifest, the process group or any model
-    cluster = join_cluster(own_gpu_only=cfg.replica.gpus == 1)
+    cluster = join_cluster(cpu=not torch.cuda.is_available())
     compile_cache.configure(cfg.speed.compile_cache_dir, cluster.local_world_size)  # before anything can compile
     startup.mark("process_group")
     lifeline = lifecycle.current()

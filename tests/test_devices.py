@@ -1,0 +1,88 @@
+"""Each launched process of replica.gpus=1 sees only the GPU accelerate would give it, as its cuda:0."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hypothesis import given
+from hypothesis import strategies as st
+
+from batch_runner import cli, devices, runner
+from tests.conftest import ROOT, photo, write_manifest
+
+DRIVER_STARTED = devices.cuda_driver_started
+
+
+@pytest.fixture(autouse=True)
+def driver_not_started(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As in a process that has not started CUDA yet (a GPU test earlier in this session may have)."""
+    monkeypatch.setattr(devices, "cuda_driver_started", lambda: False)
+
+
+gpu_lists = st.lists(st.sampled_from(["0", "1", "2", "3", "5", "7", "GPU-3f2a", "MIG-9c1e"]), min_size=2, max_size=8)
+
+
+@given(gpus=gpu_lists, local_rank=st.integers(0, 31))
+def test_a_process_keeps_the_gpu_accelerate_would_give_it(gpus, local_rank):
+    """accelerate gives local rank r the visible GPU r % count; narrowing the list keeps that GPU."""
+    environ = {"LOCAL_RANK": str(local_rank), "CUDA_VISIBLE_DEVICES": ",".join(gpus)}
+    assert devices.see_own_gpu_only(environ) == gpus[local_rank % len(gpus)]
+    assert environ["CUDA_VISIBLE_DEVICES"] == gpus[local_rank % len(gpus)]
+
+
+@pytest.mark.parametrize(
+    ("environ", "why"),
+    [
+        ({"CUDA_VISIBLE_DEVICES": "0,1"}, "not started by a launcher"),
+        ({"LOCAL_RANK": "1", "CUDA_VISIBLE_DEVICES": "3"}, "one GPU already"),
+        ({"LOCAL_RANK": "1", "CUDA_VISIBLE_DEVICES": "-1"}, "no GPU visible"),
+        ({"LOCAL_RANK": "1", "CUDA_VISIBLE_DEVICES": "2,-1,3"}, "CUDA reads up to the first entry that is not a GPU"),
+        ({"LOCAL_RANK": "0", "CUDA_VISIBLE_DEVICES": ""}, "an empty list hides every GPU"),
+    ],
+)
+def test_nothing_is_narrowed_where_there_is_nothing_to_choose(environ, why):
+    before = dict(environ)
+    assert devices.see_own_gpu_only(environ) is None, why
+    assert environ == before
+
+
+def test_without_a_list_the_count_comes_from_nvml(monkeypatch):
+    monkeypatch.setattr(devices, "nvml_gpu_count", lambda: 4)
+    environ = {"LOCAL_RANK": "6"}
+    assert devices.see_own_gpu_only(environ) == "2"
+    assert environ["CUDA_VISIBLE_DEVICES"] == "2"
+    for unknown in (-1, 1):  # NVML could not tell; one GPU only
+        monkeypatch.setattr(devices, "nvml_gpu_count", lambda unknown=unknown: unknown)
+        assert devices.see_own_gpu_only({"LOCAL_RANK": "1"}) is None
+
+
+def test_once_the_driver_started_the_list_is_left_alone(monkeypatch):
+    """It has read the list: narrowing it now would make every process take the same GPU as cuda:0."""
+    monkeypatch.setattr(devices, "cuda_driver_started", lambda: True)
+    environ = {"LOCAL_RANK": "1", "CUDA_VISIBLE_DEVICES": "0,1"}
+    assert devices.see_own_gpu_only(environ) is None
+    assert environ["CUDA_VISIBLE_DEVICES"] == "0,1"
+
+
+def test_without_a_driver_it_has_not_started():
+    if not os.path.exists("/proc/driver/nvidia"):
+        assert not DRIVER_STARTED()
+
+
+@pytest.mark.parametrize(("gpus", "seen"), [(1, "6"), (2, "4,6")])
+def test_the_run_narrows_a_replica_of_one_gpu_before_logging_imports_the_libraries(tmp_path, monkeypatch, gpus, seen):
+    """A replica that spans GPUs keeps them all: its processes split each video over NCCL between them."""
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
+    at = {}
+    monkeypatch.setattr(cli, "setup_logging", lambda *a: at.setdefault("logging", os.environ["CUDA_VISIBLE_DEVICES"]))
+    monkeypatch.setattr(runner, "run", lambda cfg: at.setdefault("run", os.environ["CUDA_VISIBLE_DEVICES"]) and 0)
+    row = {"id": "a", "image": str(photo(tmp_path / "a.png")), "prompt": "p"}
+    manifest = write_manifest(tmp_path / "jobs.csv", [row])
+    overrides = [f"manifest={manifest}", f"output_dir={tmp_path / 'out'}", "model=tiny", f"replica.gpus={gpus}"]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        cfg = compose("config", overrides=overrides)
+    assert cli.main(cfg) == 0
+    assert at == {"logging": seen, "run": seen}
