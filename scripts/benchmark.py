@@ -865,12 +865,13 @@ def scaling_section(rows: list[dict]) -> list[str]:
         "`replica` building the pipeline (random weights here), `first_step` the first step with compilation.",
         "",
         "| model | GPU | gpus | per replica | budget GiB | compile cache | rows | wall s | videos/h "
-        "| s/video (median row) | efficiency | launch to first step s (max / mean) | phases s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| s/video (median row) | efficiency | launch to first step s (max / mean) | phases s | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    notes = list(dict.fromkeys(r["note"] for r in rows if r.get("note")))
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r.get('model')} | | {r.get('gpus')} | | | | | failed: {r['error'][:200]} |||||")
+            lines.append(f"| {r.get('model')} | | {r.get('gpus')} | | | | | failed: {r['error'][:200]} ||||||")
             continue
         first = r.get("launch_to_first_step_s") or {}
         phases = r.get("phases_mean_s") or {}
@@ -879,17 +880,15 @@ def scaling_section(rows: list[dict]) -> list[str]:
             f"| {r['model']} | {r.get('gpu')} | {r['gpus']} | {r.get('gpus_per_replica', 1)} | "
             f"{r.get('budget_gib') or 'none'} | {r.get('compile_cache', '—')} | {r.get('rows')} | "
             f"{r['wall_seconds']} | {r['videos_per_hour']} | {r.get('median_row_seconds', '—')} | "
-            f"{r.get('efficiency', '—')} | {first.get('max', '—')} / {first.get('mean', '—')} | {shown} |"
+            f"{r.get('efficiency', '—')} | {first.get('max', '—')} / {first.get('mean', '—')} | {shown} | "
+            f"{notes.index(r['note']) + 1 if r.get('note') else ''} |"
         )
     commands = list(dict.fromkeys(r["command"] for r in rows if r.get("command")))
     lines += ["", "Commands (manifest, output_dir and compile cache folder left out):", ""]
     lines += [f"- `{c}`" for c in commands]
-    notes = [r for r in rows if r.get("note")]
     if notes:
         lines += ["", "Notes:", ""]
-        lines += [
-            f"- {r['model']}, {r['gpus']} GPU(s), {r.get('compile_cache', '—')} cache: {r['note']}" for r in notes
-        ]
+        lines += [f"{n}. {note}" for n, note in enumerate(notes, 1)]
     return lines
 
 
