@@ -15,11 +15,9 @@ put every process on the same GPU.
 from __future__ import annotations
 
 import ctypes
-import logging
 import os
 from collections.abc import MutableMapping
 
-log = logging.getLogger(__name__)
 CUDA_ERROR_NOT_INITIALIZED = 3
 
 

@@ -11,10 +11,10 @@ to its exit, over the same number of rows per GPU, and reads each process's star
     python scripts/scaling.py --cpu --model tiny --overrides model.weights=tiny --photos examples/images
 
 For each budget and GPU count: a cold run (a fresh compile cache, which it fills), then a warm one
-(the same command again, as a rerun or the next job on the host); with --cache shared, one cache
-for all of them, so only the first command is cold (each process sees its own GPU as cuda:0, so what
-one GPU compiled serves N). `efficiency` = throughput on N
-GPUs / (N x throughput on 1), both whole commands, same budget and same cache state. Records go to
+(the same command again, as a rerun or the next job on the host). With --cache shared, one cache
+serves all of them, so only the script's first command is cold: each process sees its own GPU as
+cuda:0, so what one GPU compiled serves N. `efficiency` = throughput on N GPUs / (N x throughput
+on 1), both whole commands, same budget and same cache state. Records go to
 <out>/scaling.json, one per command, each naming the recipe `scaling-data-parallel`, the model,
 `gpus` and `efficiency`.
 """
@@ -246,8 +246,10 @@ def main() -> None:
             if args.cache == "shared" and filled:
                 run(gpus, budget, shared, "warm")
                 continue
-            fresh = Path(tempfile.mkdtemp(prefix=f"inductor_{gpus}gpu_", dir=work))
-            cache_dir, filled = (shared, True) if args.cache == "shared" else (fresh, False)
+            if args.cache == "shared":
+                cache_dir, filled = shared, True
+            else:
+                cache_dir = Path(tempfile.mkdtemp(prefix=f"inductor_{gpus}gpu_", dir=work))
             run(gpus, budget, cache_dir, "warming" if args.cold == "none" else "cold")
             if args.cold != "only":
                 run(gpus, budget, cache_dir, "warm")

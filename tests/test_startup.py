@@ -104,6 +104,11 @@ def test_scaling_script_times_whole_launches_on_the_cpu(tmp_path: Path) -> None:
     records = json.loads((tmp_path / "scaling.json").read_text())
     runs = [(r["gpus"], r["compile_cache"]) for r in records]
     assert runs == [(1, "warming"), (1, "warm"), (2, "warming"), (2, "warm")]
+    assert all("error" not in r and r["ok_rows"] == r["gpus"] for r in records), records
+    two = records[-1]
+    assert two["efficiency"] > 0 and sorted(two["rows_per_rank"]) == ["0", "1"]  # JSON keys
+    assert [p["rank"] for p in two["per_rank"]] == [0, 1]
+    assert all(p["launch_to_first_step_s"] > p["phases_s"]["imports"] for p in two["per_rank"])
     # One cache for the whole script: only its first command fills it, the 2-process one is warm.
     shared = subprocess.run(
         [*command, "--cache", "shared", "--out", str(tmp_path / "shared")], capture_output=True, text=True, timeout=600
@@ -111,11 +116,6 @@ def test_scaling_script_times_whole_launches_on_the_cpu(tmp_path: Path) -> None:
     assert shared.returncode == 0, shared.stderr[-2000:]
     records = json.loads((tmp_path / "shared" / "scaling.json").read_text())
     assert [(r["gpus"], r["compile_cache"]) for r in records] == [(1, "warming"), (1, "warm"), (2, "warm")]
-    assert all("error" not in r and r["ok_rows"] == r["gpus"] for r in records), records
-    two = records[-1]
-    assert two["efficiency"] > 0 and sorted(two["rows_per_rank"]) == ["0", "1"]  # JSON keys
-    assert [p["rank"] for p in two["per_rank"]] == [0, 1]
-    assert all(p["launch_to_first_step_s"] > p["phases_s"]["imports"] for p in two["per_rank"])
 
 
 @pytest.mark.slow
