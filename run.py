@@ -1,7 +1,7 @@
 """Entry point: `accelerate launch run.py manifest=jobs.csv [Hydra overrides]` (or plain python)."""
 
-from batch_runner import startup  # noqa: F401  first: its import marks the interpreter's start-up done
-from batch_runner.lifecycle import die_with_parent, started_by_launcher
+from batch_runner.run import startup  # noqa: F401  first: its import marks the interpreter's start-up done
+from batch_runner.run.lifecycle import die_with_parent, started_by_launcher
 
 if started_by_launcher():
     die_with_parent()  # before the slow imports below: a launcher killed meanwhile still takes us along
@@ -15,15 +15,15 @@ from omegaconf import DictConfig
 
 from batch_runner.config import register_configs
 from batch_runner.errors import UserError
-from batch_runner.launch import requested_cpu_launch, respawn_with_torchrun
-from batch_runner.overrides import check_overrides
+from batch_runner.run.launch import requested_cpu_launch, respawn_with_torchrun
+from batch_runner.run.overrides import check_overrides
 
 register_configs()
 
 
 @hydra.main(config_path="conf", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
-    from batch_runner.cli import main as run_main  # imports torch: after the overrides were checked
+    from batch_runner.run.cli import main as run_main  # imports torch: after the overrides were checked
 
     sys.exit(run_main(cfg))
 

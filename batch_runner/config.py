@@ -63,7 +63,7 @@ class ModelConfig:
 
 @dataclass
 class MemoryConfig:
-    """How the replica's weights and activations share the GPU (see batch_runner.memory)."""
+    """How the replica's weights and activations share the GPU (see batch_runner.replica.placement)."""
 
     plan: str = "auto"
     # GiB this process may use on its GPU; null means what the GPU has free at start.
@@ -102,13 +102,14 @@ class SpeedConfig:
     # Images decoded ahead of the GPU by a background thread.
     prefetch: int = 2
     # Where torch.compile's caches live, reused by a host's processes and by later runs.
-    # null: $TORCHINDUCTOR_CACHE_DIR if set, else ~/.cache/batch_runner/inductor (batch_runner/compile_cache.py).
+    # null: $TORCHINDUCTOR_CACHE_DIR if set, else ~/.cache/batch_runner/inductor
+    # (batch_runner/replica/compile_cache.py).
     compile_cache_dir: str | None = None
 
 
 @dataclass
 class ReplicaConfig:
-    """How many GPUs make one video together (batch_runner.parallel).
+    """How many GPUs make one video together (batch_runner.cluster.parallel).
 
     `accelerate launch --num_processes N` forms N / gpus replicas; each replica splits every video's
     token sequence across its processes with diffusers' context parallelism, so a video takes

@@ -36,12 +36,13 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from batch_runner import memory  # noqa: E402
 from batch_runner.config import MemoryConfig, ModelConfig, RunConfig, SpeedConfig  # noqa: E402
-from batch_runner.images import load_image  # noqa: E402
-from batch_runner.manifest import Job  # noqa: E402
-from batch_runner.pipeline import anatomy, build_pipeline, random_pipeline  # noqa: E402
-from batch_runner.replica import Replica, release_memory  # noqa: E402
+from batch_runner.inputs.images import load_image  # noqa: E402
+from batch_runner.inputs.manifest import Job  # noqa: E402
+from batch_runner.replica import placement as memory  # noqa: E402
+from batch_runner.replica.anatomy import anatomy  # noqa: E402
+from batch_runner.replica.pipeline import build_pipeline, random_pipeline  # noqa: E402
+from batch_runner.replica.replica import Replica, release_memory  # noqa: E402
 
 GIB = 1024**3
 OVER_SEQUENTIAL_AT_8GIB = 2.5  # the 8 GiB target: this many times faster than sequential offload
@@ -350,7 +351,7 @@ def project(label: str, image, steps: int, budget: float | None, chunk: int, **o
 
 @contextlib.contextmanager
 def replica_inference(replica):
-    from batch_runner import speed
+    from batch_runner.replica import speed
 
     with speed.inference(replica.cfg.speed, replica.device):
         yield
@@ -407,7 +408,7 @@ def probe(out: Path) -> list[dict]:
     import torch._dynamo
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from batch_runner.speed import compile_blocks
+    from batch_runner.replica.speed import compile_blocks
 
     transformer = random_component("transformer")
     args = transformer_inputs(transformer)
@@ -425,7 +426,7 @@ def probe(out: Path) -> list[dict]:
         "cudnn": SDPBackend.CUDNN_ATTENTION,
         "efficient": SDPBackend.EFFICIENT_ATTENTION,
     }
-    from batch_runner.speed import fuse_qkv, prefer_attention
+    from batch_runner.replica.speed import fuse_qkv, prefer_attention
 
     for stage in ("eager", "fused", "compiled", "compiled-inner"):
         if stage == "fused":

@@ -63,7 +63,7 @@ class Sampler(threading.Thread):
 def save_random_pipeline(folder: Path) -> float:
     """The real architecture with random weights, saved as a diffusers pipeline folder; returns GiB."""
     from batch_runner.config import ModelConfig
-    from batch_runner.pipeline import build_pipeline
+    from batch_runner.replica.pipeline import build_pipeline
 
     model = ModelConfig(name="cogvideox-5b-i2v", family="cogvideox", weights="random", arch="cogvideox-5b-i2v")
     pipe = build_pipeline(model, "cuda").to("cpu")

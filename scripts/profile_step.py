@@ -39,9 +39,10 @@ from benchmark import (  # noqa: E402
     transformer_tflop_per_step,
 )
 
-from batch_runner import memory, speed  # noqa: E402
 from batch_runner.families.cogvideox import FAMILY  # noqa: E402
-from batch_runner.replica import release_memory  # noqa: E402
+from batch_runner.replica import placement as memory  # noqa: E402
+from batch_runner.replica import speed  # noqa: E402
+from batch_runner.replica.replica import release_memory  # noqa: E402
 
 ARCH = transformer_arch()
 TOKENS, HEADS, HEAD_DIM = step_tokens(ARCH), ARCH["num_attention_heads"], ARCH["attention_head_dim"]

@@ -37,7 +37,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from batch_runner.launch import accelerate_launch, shown
+from batch_runner.run.launch import accelerate_launch, shown
 
 ROOT = Path(__file__).resolve().parent.parent
 

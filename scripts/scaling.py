@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from batch_runner.launch import accelerate_launch, shown
+from batch_runner.run.launch import accelerate_launch, shown
 
 ROOT = Path(__file__).resolve().parent.parent
 PHOTOS = ROOT / ".device_inputs" / "examples" / "images"
@@ -60,7 +60,7 @@ def write_manifest(folder: Path, rows: int, photos: Path) -> Path:
     return path
 
 
-# accelerate's launcher, started as its CLI or as its module (batch_runner.launch.accelerate_launch).
+# accelerate's launcher, started as its CLI or as its module (batch_runner.run.launch.accelerate_launch).
 LAUNCHERS = {"accelerate": "accelerate launch", "module": "python -m accelerate.commands.launch"}
 
 

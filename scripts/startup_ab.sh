@@ -8,7 +8,7 @@
 #   MODEL=tiny EXTRA=model.weights=tiny bash scripts/startup_ab.sh /tmp/before /tmp/ab   # a try on the CPU
 #
 # Prints one line per run (and appends it to $OUT/startup.txt): the time from launch to the end of
-# the first denoising step and the phases of batch_runner.startup, from that run's
+# the first denoising step and the phases of batch_runner.run.startup, from that run's
 # logs/startup-rank00000.json. Each run's log is kept as $OUT/<before|after>-<run>.log.
 set -u
 BASE=$(cd "$1" && pwd); OUT=$2; AFTER=$(cd "$(dirname "$0")/.." && pwd)

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from batch_runner.config import RunConfig, register_configs
-from batch_runner.launch import accelerate_launch
+from batch_runner.run.launch import accelerate_launch
 
 ROOT = Path(__file__).resolve().parent.parent
 register_configs()
@@ -92,8 +92,8 @@ def photos(tmp_path: Path) -> dict[str, Path]:
 
 def tiny_job(tmp_path, steps: int = 4):
     """A small guided row and its images (as Replica.make takes them), for the tiny pipeline."""
-    from batch_runner.images import load_image
-    from batch_runner.manifest import Job
+    from batch_runner.inputs.images import load_image
+    from batch_runner.inputs.manifest import Job
 
     job = Job(
         index=0,
@@ -119,7 +119,7 @@ def loader_of_a_two_process_host():
 
     from torch.distributed import HashStore
 
-    from batch_runner.cluster import HostPeers
+    from batch_runner.cluster.cluster import HostPeers
 
     store = HashStore()
     store.set("host-weights/h/wants/1", json.dumps(["text_encoder", "transformer", "vae"]))
@@ -136,7 +136,7 @@ def ok(proc: subprocess.CompletedProcess) -> None:
 
 
 def frames_of(path: Path) -> np.ndarray:
-    from batch_runner.video import read_video
+    from batch_runner.outputs.video import read_video
 
     return read_video(path)[0]
 
@@ -169,7 +169,7 @@ def made_from_a_saved_folder(tmp_path: Path, manifest: Path, model: str, row: st
     """One row made by the tiny pipeline built in code, and by the same pipeline saved with
     `save_pretrained` and loaded as a user's folder through model.path (`edit`: changes the saved
     folder first, as a Hub checkpoint differs). Returns the two videos' frames."""
-    from batch_runner.pipeline import build_pipeline
+    from batch_runner.replica.pipeline import build_pipeline
 
     folder = tmp_path / "saved"
     build_pipeline(run_config("manifest=x", f"model={model}").model).save_pretrained(folder)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from batch_runner.checks import check_settings
 from batch_runner.errors import UserError
+from batch_runner.run.checks import check_settings
 from tests.conftest import photo, run_cli, run_config, write_manifest
 
 # override -> words the refusal must hold (besides the setting's name)

@@ -20,10 +20,10 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from batch_runner import startup
-from batch_runner.manifest import derive_seed
-from batch_runner.results import PROVENANCE_COLUMNS, RESULT_COLUMNS
-from batch_runner.video import read_video
+from batch_runner.inputs.manifest import derive_seed
+from batch_runner.outputs.results import PROVENANCE_COLUMNS, RESULT_COLUMNS
+from batch_runner.outputs.video import read_video
+from batch_runner.run import startup
 from tests.conftest import ROOT, accelerate_cpu, assorted_photos, frames_of, ok, run_cli, run_config, write_manifest
 
 LOSSLESS = "output.crf=0"
@@ -172,7 +172,7 @@ def test_only_the_main_process_logs_below_warnings_to_the_terminal(two_process: 
     assert "[rank 0/2] INFO" in stderr
     assert "[rank 1/2] INFO" not in stderr
     rank1 = (two_process["out"] / "logs" / "rank00001.log").read_text()
-    assert "[rank 1/2] INFO batch_runner.runner: row " in rank1
+    assert "[rank 1/2] INFO batch_runner.run.runner: row " in rank1
     assert not (two_process["out"] / "logs" / "rank00000.log").exists()  # the main one has the terminal
 
 
@@ -363,7 +363,7 @@ def test_parquet_manifest_relative_paths_and_clean_cwd(data: dict, one_process: 
 def test_saved_tiny_pipeline_loads_through_model_path_and_makes_the_same_videos(
     data: dict, one_process: Path, tmp_path: Path
 ) -> None:
-    from batch_runner.pipeline import build_pipeline
+    from batch_runner.replica.pipeline import build_pipeline
 
     folder = tmp_path / "tiny-saved"
     build_pipeline(run_config("manifest=x", "model=tiny").model).save_pretrained(folder)
@@ -390,7 +390,7 @@ def test_saved_tiny_pipeline_loads_through_model_path_and_makes_the_same_videos(
 
 def test_two_processes_load_a_saved_pipeline_once_and_share_it(data: dict, one_process: Path, tmp_path: Path) -> None:
     """Rank 0 reads the folder; rank 1 builds the components empty and maps rank 0's copy."""
-    from batch_runner.pipeline import build_pipeline
+    from batch_runner.replica.pipeline import build_pipeline
 
     folder = tmp_path / "tiny-saved"
     build_pipeline(run_config("manifest=x", "model=tiny").model).save_pretrained(folder)
@@ -409,8 +409,8 @@ def test_two_processes_load_a_saved_pipeline_once_and_share_it(data: dict, one_p
     ok(proc)
     rank1 = (out / "logs" / "rank00001.log").read_text()  # not on the terminal: the main process owns it
     for name in ("text_encoder", "transformer", "vae"):
-        assert f"[rank 0/2] INFO batch_runner.host_weights: shared {name} on this host" in proc.stderr
-        assert f"[rank 1/2] INFO batch_runner.host_weights: mapped {name} from the copy process" in rank1
+        assert f"[rank 0/2] INFO batch_runner.replica.host_weights: shared {name} on this host" in proc.stderr
+        assert f"[rank 1/2] INFO batch_runner.replica.host_weights: mapped {name} from the copy process" in rank1
     table = pd.read_parquet(out / "results.parquet")
     assert set(table["status"]) == {"ok"} and sorted(set(table["rank"])) == [0, 1]
     for row_id in ("rgba", "webp", "gray"):
@@ -429,7 +429,7 @@ def test_two_processes_without_sharing_load_their_own_copies(data: dict, tmp_pat
         launcher=accelerate_cpu(2),
     )
     ok(proc)
-    assert "batch_runner.host_weights" not in proc.stderr
+    assert "batch_runner.replica.host_weights" not in proc.stderr
     assert set(pd.read_parquet(out / "results.parquet")["status"]) == {"ok"}
 
 
@@ -490,7 +490,7 @@ def test_a_rerun_and_a_from_run_regeneration_write_byte_identical_videos(data: d
 
 def test_from_run_with_a_group_choice_composes_that_group(tmp_path: Path) -> None:
     """`from_run=DIR model=...` once failed with "Bad setting a setting: Merge error"."""
-    from batch_runner.provenance import save_config
+    from batch_runner.outputs.provenance import save_config
     from tests.conftest import run_config
 
     earlier = tmp_path / "earlier"
@@ -534,7 +534,7 @@ def test_a_misspelt_override_is_one_line_with_the_valid_choices_and_exit_2(tmp_p
 
 
 def test_valid_overrides_pass_the_check() -> None:
-    from batch_runner.overrides import check_overrides
+    from batch_runner.run.overrides import check_overrides
 
     check_overrides(
         ["manifest=a.csv", "model=tiny", "memory.plan=none", "ids=[a,b]", "hydra.run.dir=.", "--cfg", "job", "seed=3"],

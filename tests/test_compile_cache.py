@@ -11,7 +11,8 @@ import pytest
 import torch._functorch.config as functorch_config
 import torch._inductor.config as inductor_config
 
-from batch_runner import compile_cache, runner
+from batch_runner.replica import compile_cache
+from batch_runner.run import runner
 from tests.conftest import ROOT, photo, run_config, write_manifest
 
 ENV = "TORCHINDUCTOR_CACHE_DIR"
@@ -92,7 +93,7 @@ COMPILE_ONCE = """
 import sys
 import torch
 from torch._dynamo.utils import counters
-from batch_runner import compile_cache
+from batch_runner.replica import compile_cache
 
 compile_cache.configure(sys.argv[1])
 f = torch.compile(lambda x: torch.sin(x) * 2 + x.cos(), dynamic=False)
@@ -127,7 +128,7 @@ import torch
 import torch._inductor.config as inductor_config
 from torch._dynamo.utils import counters
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from batch_runner import compile_cache
+from batch_runner.replica import compile_cache
 
 compile_cache.configure(sys.argv[1])
 if sys.argv[2] == "unmarked":

@@ -9,7 +9,8 @@ from hydra import compose, initialize_config_dir
 from hypothesis import given
 from hypothesis import strategies as st
 
-from batch_runner import cli, devices, runner
+from batch_runner.cluster import devices
+from batch_runner.run import cli, runner
 from tests.conftest import ROOT, photo, write_manifest
 
 DRIVER_STARTED = devices.cuda_driver_started

@@ -16,10 +16,11 @@ import pandas as pd
 import pytest
 import torch
 
-from batch_runner import memory
 from batch_runner.families import FAMILY_MODULES, family_named
-from batch_runner.pipeline import anatomy, build_pipeline
-from batch_runner.replica import auto_plan, workload_of
+from batch_runner.replica import placement as memory
+from batch_runner.replica.anatomy import anatomy
+from batch_runner.replica.pipeline import build_pipeline
+from batch_runner.replica.replica import auto_plan, workload_of
 
 from .conftest import (
     ROOT,
@@ -285,7 +286,7 @@ def test_dry_run_plans_each_full_size_wan_model_with_no_weights(tmp_path, manife
 def test_fused_projections_leave_a_wan_video_unchanged(tmp_path, name):
     """Fusing drops the separate projections, Wan 2.1's image-token ones included, without
     changing what the pipeline makes (a None there would make Wan read image tokens as text)."""
-    from batch_runner import speed
+    from batch_runner.replica import speed
 
     from .conftest import tiny_job
 

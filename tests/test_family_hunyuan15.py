@@ -10,12 +10,14 @@ import pandas as pd
 import pytest
 import torch
 
-from batch_runner import memory, speed
 from batch_runner.errors import UserError
 from batch_runner.families import family_named
 from batch_runner.families.hunyuan15 import buckets, nearest_bucket
-from batch_runner.pipeline import anatomy, build_pipeline
-from batch_runner.replica import auto_plan, workload_of
+from batch_runner.replica import placement as memory
+from batch_runner.replica import speed
+from batch_runner.replica.anatomy import anatomy
+from batch_runner.replica.pipeline import build_pipeline
+from batch_runner.replica.replica import auto_plan, workload_of
 
 from .conftest import (
     made_by_one_process_and_by_two,
@@ -95,7 +97,7 @@ def test_cached_embeddings_make_the_video_the_pipeline_makes_from_text(tmp_path)
     cfg = run_config("manifest=x", f"model={TINY}")
     job, _ = tiny_job(tmp_path, steps=2)
     job = replace(job, prompt='a sign that says "SEA"', height=48, width=80)
-    from batch_runner.images import load_image
+    from batch_runner.inputs.images import load_image
 
     images = {"image": load_image(job.image, job.height, job.width, 10**8), "last_image": None}
     ours = _made(cfg, job, images)
@@ -118,7 +120,7 @@ def test_the_guidance_scale_of_a_row_reaches_the_guider(tmp_path):
     cfg = run_config("manifest=x", f"model={TINY}")
     job, images = tiny_job(tmp_path, steps=2)
     job = replace(job, height=48, width=80)
-    from batch_runner.images import load_image
+    from batch_runner.inputs.images import load_image
 
     images = {"image": load_image(job.image, 48, 80, 10**8)}
     guided = _made(cfg, replace(job, guidance_scale=6.0), images)

@@ -11,10 +11,12 @@ import pytest
 import torch
 from diffusers import LTXConditionPipeline
 
-from batch_runner import memory, speed
 from batch_runner.families import family_named
-from batch_runner.pipeline import anatomy, build_pipeline, random_pipeline
-from batch_runner.replica import auto_plan
+from batch_runner.replica import placement as memory
+from batch_runner.replica import speed
+from batch_runner.replica.anatomy import anatomy
+from batch_runner.replica.pipeline import build_pipeline, random_pipeline
+from batch_runner.replica.replica import auto_plan
 
 from .conftest import (
     made_by_one_process_and_by_two,

@@ -17,10 +17,10 @@ import pytest
 import torch
 from PIL import Image
 
-from batch_runner import replica as replica_module
-from batch_runner import runner
-from batch_runner.storage import mark_output_dir
-from batch_runner.video import read_video
+from batch_runner.outputs.storage import mark_output_dir
+from batch_runner.outputs.video import read_video
+from batch_runner.replica import replica as replica_module
+from batch_runner.run import runner
 from tests.conftest import ROOT, accelerate_cpu, photo, run_cli, run_config, write_manifest
 
 pytestmark = pytest.mark.slow

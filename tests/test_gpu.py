@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from batch_runner.families.cogvideox import FAMILY
-from batch_runner.memory import PLANS, applies
-from batch_runner.replica import Replica, release_memory
+from batch_runner.replica.placement import PLANS, applies
+from batch_runner.replica.replica import Replica, release_memory
 
 from .conftest import loader_of_a_two_process_host, run_config, tiny_job
 
@@ -75,7 +75,7 @@ def test_compiled_blocks_survive_a_plan_change(tmp_path, reference):
     assert replica.step_down() == "text_offload" and replica.step_down() == "group_offload"
     frames = replica.make(job, images, replica.encode([job])).astype(np.int16)
     assert np.abs(frames - reference).mean() < 1.0
-    from batch_runner.memory import remove_offloading
+    from batch_runner.replica.placement import remove_offloading
 
     remove_offloading(replica.pipe, replica.roles)
     assert [block.forward for block in replica.pipe.transformer.transformer_blocks] == compiled

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
-from batch_runner.launch import accelerate_launch
+from batch_runner.run.launch import accelerate_launch
 from tests.conftest import frames_of, ok, photo, run_cli, write_manifest
 
 pytestmark = [

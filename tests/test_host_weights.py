@@ -1,4 +1,4 @@
-"""One host copy of the weights, shared by the processes of a host (batch_runner.host_weights).
+"""One host copy of the weights, shared by the processes of a host (batch_runner.replica.host_weights).
 
 Real processes with a real c10d TCPStore, as `accelerate launch` gives them: the check that a
 process holds no private copy is that its parameters point into the loader's memfd.
@@ -14,9 +14,9 @@ from datetime import timedelta
 import torch
 from torch.distributed import TCPStore
 
-from batch_runner import host_weights
-from batch_runner.cluster import HostPeers
+from batch_runner.cluster.cluster import HostPeers
 from batch_runner.errors import UserError
+from batch_runner.replica import host_weights
 
 from .conftest import free_port
 
@@ -159,7 +159,7 @@ def test_a_replica_that_loads_for_its_host_makes_the_same_video(tmp_path):
     component ends in shared pages, none pinned without a GPU, and the video is unchanged."""
     import numpy as np
 
-    from batch_runner.replica import Replica
+    from batch_runner.replica.replica import Replica
 
     from .conftest import loader_of_a_two_process_host, run_config, tiny_job
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from batch_runner.images import ImageLoadError, load_image
+from batch_runner.inputs.images import ImageLoadError, load_image
 
 from .conftest import photo
 
@@ -291,7 +291,7 @@ def test_pixel_cap_boundary(tmp_path):
 
 
 def test_an_image_path_that_is_a_folder_is_called_a_folder(tmp_path: Path) -> None:
-    from batch_runner.manifest import load_manifest
+    from batch_runner.inputs.manifest import load_manifest
 
     from .conftest import run_config, write_manifest
 

@@ -45,7 +45,10 @@ def start_slow_run(
     while time.time() < deadline and proc.poll() is None:
         text = log.read_text(errors="replace")
         other = rank1.read_text(errors="replace") if rank1.exists() else ""
-        if "[rank 0/2] INFO batch_runner.replica" in text and "[rank 1/2] INFO batch_runner.replica" in other:
+        if (
+            "[rank 0/2] INFO batch_runner.replica.replica" in text
+            and "[rank 1/2] INFO batch_runner.replica.replica" in other
+        ):
             break
         time.sleep(0.2)
     assert proc.poll() is None, "the run ended before it could be stopped:\n" + log.read_text()[-3000:]
@@ -141,7 +144,7 @@ def test_processes_of_different_runs_at_one_rendezvous_all_refuse(tmp_path):
 def test_a_process_of_an_earlier_launch_claims_nothing_from_a_later_one():
     from torch.distributed import HashStore
 
-    from batch_runner.cluster import LAUNCH_KEY, SameLaunch
+    from batch_runner.cluster.cluster import LAUNCH_KEY, SameLaunch
     from batch_runner.errors import UserError
 
     store = HashStore()

@@ -15,7 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from batch_runner.errors import UserError
-from batch_runner.manifest import (
+from batch_runner.families.rules import frame_problem, nearest_size, size_problem, valid_frame_counts
+from batch_runner.inputs.manifest import (
     KNOWN_COLUMNS,
     MAX_SEED,
     Job,
@@ -25,7 +26,6 @@ from batch_runner.manifest import (
     derive_seed,
     load_manifest,
 )
-from batch_runner.rules import frame_problem, nearest_size, size_problem, valid_frame_counts
 
 from .conftest import photo, run_config, write_manifest
 

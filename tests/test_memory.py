@@ -14,11 +14,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from batch_runner import memory
 from batch_runner.config import MemoryConfig
 from batch_runner.errors import UserError
 from batch_runner.families.cogvideox import FAMILY
-from batch_runner.memory import (
+from batch_runner.replica import placement as memory
+from batch_runner.replica.anatomy import anatomy, component_bytes
+from batch_runner.replica.pipeline import build_pipeline
+from batch_runner.replica.placement import (
     FRAGMENTATION,
     GIB,
     HEADROOM_GIB,
@@ -29,8 +31,7 @@ from batch_runner.memory import (
     estimate,
     next_plan_down,
 )
-from batch_runner.pipeline import anatomy, build_pipeline, component_bytes
-from batch_runner.replica import workload_of
+from batch_runner.replica.replica import workload_of
 
 from .conftest import ROOT, run_config
 
@@ -392,7 +393,7 @@ def test_gpu_budget_is_the_configured_one_capped_by_the_card(monkeypatch, caplog
     device = torch.device("cuda", 0)
     assert memory.gpu_budget_gib(MemoryConfig(), device) == 20.0
     assert memory.gpu_budget_gib(MemoryConfig(budget_gib=12.0), device) == 12.0
-    with caplog.at_level(logging.WARNING, logger="batch_runner.memory"):
+    with caplog.at_level(logging.WARNING, logger="batch_runner.replica.placement"):
         assert memory.gpu_budget_gib(MemoryConfig(budget_gib=40.0), device) == 24.0
     assert "memory.budget_gib=40.0 is more than the GPU's 24.0 GiB" in caplog.text
 
@@ -407,7 +408,7 @@ def test_unknown_plan_is_refused_before_touching_the_pipeline():
 
 
 def test_the_planner_sizes_for_the_largest_row_of_the_run():
-    from batch_runner.manifest import Job
+    from batch_runner.inputs.manifest import Job
 
     # Short clips by default, but some rows ask for the model's longest.
     cfg = run_config("manifest=unused.csv", "model=cogvideox1.5-5b-i2v", "model.num_frames=17")
@@ -443,8 +444,8 @@ def test_blocks_are_compiled_under_the_offloading_hooks():
     """compile_blocks runs before a plan hooks the blocks; removing the hooks hands back the compiled forward."""
     from diffusers.hooks import apply_group_offloading
 
-    from batch_runner import speed
-    from batch_runner.memory import remove_offloading_hooks
+    from batch_runner.replica import speed
+    from batch_runner.replica.placement import remove_offloading_hooks
 
     transformer = FAMILY.tiny(run_config("manifest=unused.csv", "model=tiny").model).transformer
     blocks = transformer.transformer_blocks

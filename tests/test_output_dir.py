@@ -22,9 +22,8 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from batch_runner import runner
 from batch_runner.errors import UserError
-from batch_runner.storage import (
+from batch_runner.outputs.storage import (
     LOCK_FILE,
     MARKER_FILE,
     STALE_AFTER_S,
@@ -33,6 +32,7 @@ from batch_runner.storage import (
     check_output_dir,
     mark_output_dir,
 )
+from batch_runner.run import runner
 from tests.conftest import ROOT, photo, run_cli, run_config, write_manifest
 
 
@@ -105,7 +105,7 @@ def test_a_folder_of_an_earlier_runner_version_is_adopted_only_with_its_results_
 HOLD = """
 import sys, time
 from pathlib import Path
-from batch_runner.storage import OutputLock
+from batch_runner.outputs.storage import OutputLock
 lock = OutputLock(Path(sys.argv[1])).acquire()
 print("locked", flush=True)
 time.sleep(600)
@@ -247,7 +247,7 @@ def test_a_full_disk_while_making_videos_ends_in_one_sentence_and_keeps_finished
 
 @pytest.mark.slow
 def test_a_full_disk_at_the_results_table_ends_in_one_sentence(tmp_path, monkeypatch):
-    from batch_runner import results
+    from batch_runner.outputs import results
 
     manifest = write_manifest(tmp_path / "jobs.csv", rows(tmp_path / "in", ["a"]))
     out = tmp_path / "out"

@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from batch_runner.manifest import derive_seed
-from batch_runner.video import read_video
+from batch_runner.inputs.manifest import derive_seed
+from batch_runner.outputs.video import read_video
 from tests.conftest import accelerate_cpu, photo, run_cli, write_manifest
 
 pytestmark = pytest.mark.slow
@@ -234,7 +234,7 @@ def test_dry_run_with_two_processes_plans_without_loading_or_writing(runs, tmp_p
     assert "memory plan: none" in result.stdout
     assert "dry run: no model loaded, nothing written." in result.stdout
     assert result.stdout.count("dry run:") == 1  # printed by the main process only
-    assert "batch_runner.replica" not in result.stderr  # no replica (no model) was built
+    assert "batch_runner.replica.replica" not in result.stderr  # no replica (no model) was built
     assert not fresh.exists()
 
     # Over the finished run: everything is done, and nothing there changes.

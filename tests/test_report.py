@@ -10,7 +10,7 @@ from urllib.parse import unquote, urlsplit
 import numpy as np
 import pandas as pd
 
-from batch_runner import report
+from batch_runner.outputs import report
 
 IDS = ["a#1", "50%", "two words", "plain"]
 

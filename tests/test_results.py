@@ -13,12 +13,13 @@ import pyarrow.parquet as pq
 import pytest
 from omegaconf.errors import OmegaConfBaseException
 
-from batch_runner import dataset, runner
-from batch_runner.cli import _from_run
 from batch_runner.errors import UserError
-from batch_runner.manifest import load_manifest
-from batch_runner.provenance import save_config
-from batch_runner.results import PARTS_DIR, ResultLog, merge, read_records
+from batch_runner.inputs.manifest import load_manifest
+from batch_runner.outputs import dataset
+from batch_runner.outputs.provenance import save_config
+from batch_runner.outputs.results import PARTS_DIR, ResultLog, merge, read_records
+from batch_runner.run import runner
+from batch_runner.run.cli import _from_run
 from tests.conftest import photo, run_config, write_manifest
 
 STRUCT = pa.struct([("n", pa.int64()), ("label", pa.string())])

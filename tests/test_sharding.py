@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from batch_runner.manifest import derive_seed, load_manifest
-from batch_runner.sharding import LocalCounter, StaticQueue, WorkQueue, chunk_size, static_shard
+from batch_runner.cluster.sharding import LocalCounter, StaticQueue, WorkQueue, chunk_size, static_shard
+from batch_runner.inputs.manifest import derive_seed, load_manifest
 
 from .conftest import photo, run_config, write_manifest
 

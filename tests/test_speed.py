@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from batch_runner import speed
-from batch_runner.pipeline import build_pipeline
+from batch_runner.replica import speed
+from batch_runner.replica.pipeline import build_pipeline
 
 from .conftest import run_config
 

@@ -1,4 +1,4 @@
-"""Start-up marks (batch_runner/startup.py) and how scripts/scaling.py reads them."""
+"""Start-up marks (batch_runner/run/startup.py) and how scripts/scaling.py reads them."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from batch_runner import startup
+from batch_runner.run import startup
 from tests.conftest import ROOT
 
 

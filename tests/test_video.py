@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from batch_runner.video import read_video, write_video
+from batch_runner.outputs.video import read_video, write_video
 from tests.conftest import ROOT
 
 # Encodes the frames that frames() makes, in a fresh interpreter limited to the CPUs given.
@@ -20,7 +20,7 @@ import os, sys
 from pathlib import Path
 os.sched_setaffinity(0, {int(c) for c in sys.argv[2].split(",")})
 from tests.test_video import frames
-from batch_runner.video import write_video
+from batch_runner.outputs.video import write_video
 write_video(frames(), Path(sys.argv[1]), 8.0)
 """
 

@@ -21,7 +21,7 @@ import torch
 
 from batch_runner.config import ModelConfig
 from batch_runner.errors import UserError
-from batch_runner.rules import frame_problem, size_problem
+from batch_runner.families.rules import frame_problem, size_problem
 
 ARCH_DIR = Path(__file__).resolve().parent.parent.parent / "conf" / "arch"
 
@@ -261,3 +261,16 @@ def seeded(seed: int) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
+
+
+def local_source(model: ModelConfig) -> tuple[str, bool]:
+    """model.path as from_pretrained takes it, and whether it names a local folder.
+
+    Public: families that read a saved folder themselves (HunyuanVideo-1.5's tokenizers) resolve
+    model.path exactly as the pipeline loader does."""
+    source = model.path
+    local = Path(source).expanduser()
+    looks_local = source.startswith((".", "/", "~")) or local.exists()
+    if looks_local and not local.is_dir():
+        raise UserError(f"model.path={source!r} is not a folder; point it at a downloaded copy of {model.name}.")
+    return (str(local) if looks_local else source), looks_local

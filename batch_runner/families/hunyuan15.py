@@ -61,6 +61,7 @@ from batch_runner.families.base import (
     Family,
     Geometry,
     arch_json,
+    local_source,
     seeded,
 )
 
@@ -282,9 +283,7 @@ def target_size_of(model: ModelConfig) -> int:
     if model.arch:
         return int(arch_json(model.arch, "transformer")["target_size"])
     if model.weights == "pretrained" and model.path:
-        from batch_runner.pipeline import _local_source
-
-        source, _ = _local_source(model)
+        source, _ = local_source(model)
         config = HunyuanVideo15Transformer3DModel.load_config(source, subfolder="transformer", revision=model.revision)
         return int(config.get("target_size", 640))
     return TINY_TARGET

@@ -10,7 +10,7 @@ the launcher's command line and start this machine's N/M processes with torchrun
 multi-GPU launcher does (static rendezvous at --main_process_ip:--main_process_port).
 
 This process then is torchrun's agent: a stop signal makes it stop the processes and wait for them
-(batch_runner.lifecycle makes them stop cleanly, and die with it if it is killed); torchrun's log
+(batch_runner.run.lifecycle makes them stop cleanly, and die with it if it is killed); torchrun's log
 folder lives in a temporary folder removed when it ends (and swept at the next launch if it was
 killed); a rendezvous port already taken is refused with one sentence.
 """
@@ -29,8 +29,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from batch_runner.lifecycle import GRACE_SECONDS, LAUNCHER_PID_ENV, STOP_SIGNALS
-from batch_runner.storage import pid_alive
+from batch_runner.outputs.storage import pid_alive
+from batch_runner.run.lifecycle import GRACE_SECONDS, LAUNCHER_PID_ENV, STOP_SIGNALS
 
 LOG_DIR_PREFIX = "batch_runner_torchrun_"
 

@@ -19,21 +19,17 @@ from typing import Any
 import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from batch_runner import compile_cache, dataset, lifecycle, memory, report, startup
-from batch_runner.checks import check_replica_rows, check_settings
-from batch_runner.cli import log_to_file
-from batch_runner.cluster import Cluster, join_cluster
+from batch_runner.cluster.cluster import Cluster, join_cluster
+from batch_runner.cluster.parallel import form_team
+from batch_runner.cluster.sharding import StaticQueue, WorkQueue
 from batch_runner.config import RunConfig
 from batch_runner.errors import UserError
-from batch_runner.images import ImageLoadError, load_image
-from batch_runner.manifest import Job, Manifest, load_manifest
-from batch_runner.parallel import form_team
-from batch_runner.progress import Progress
-from batch_runner.provenance import config_hash, output_salt, provenance, run_key, save_config
-from batch_runner.replica import Replica, is_out_of_memory, release_memory
-from batch_runner.results import ResultLog, finished_ids, merge
-from batch_runner.sharding import StaticQueue, WorkQueue
-from batch_runner.storage import (
+from batch_runner.inputs.images import ImageLoadError, load_image
+from batch_runner.inputs.manifest import Job, Manifest, load_manifest
+from batch_runner.outputs import dataset, report
+from batch_runner.outputs.provenance import config_hash, output_salt, provenance, run_key, save_config
+from batch_runner.outputs.results import ResultLog, finished_ids, merge
+from batch_runner.outputs.storage import (
     OutputError,
     OutputLock,
     check_output_dir,
@@ -41,7 +37,14 @@ from batch_runner.storage import (
     output_errors,
     sweep_temporaries,
 )
-from batch_runner.video import write_video
+from batch_runner.outputs.video import write_video
+from batch_runner.replica import compile_cache
+from batch_runner.replica import placement as memory
+from batch_runner.replica.replica import Replica, is_out_of_memory, release_memory
+from batch_runner.run import lifecycle, startup
+from batch_runner.run.checks import check_replica_rows, check_settings
+from batch_runner.run.logs import log_to_file
+from batch_runner.run.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +94,7 @@ def _run(cfg: RunConfig, cluster: Cluster) -> int:
     check_replica_rows(cfg, manifest.jobs)  # before any model loads
     if cfg.dry_run:
         if cluster.is_main:
-            from batch_runner.dry_run import describe
+            from batch_runner.run.dry_run import describe
 
             print(describe(cfg, manifest, cluster, out))
         return 0
@@ -109,7 +112,7 @@ def _run(cfg: RunConfig, cluster: Cluster) -> int:
 def _run_claimed(
     cfg: RunConfig, cluster: Cluster, manifest: Manifest, out: Path, plan: dict[str, Any], started: float
 ) -> int:
-    if not cluster.is_main:  # the terminal shows only its warnings (cli.setup_logging); all goes here
+    if not cluster.is_main:  # the terminal shows only its warnings (logs.setup_logging); all goes here
         log_to_file(out / LOGS_DIR / f"rank{cluster.rank:05d}.log")
     pending = [manifest.jobs[i] for i in plan["pending"]]
     log.info("%d rows to make, %d already done", len(pending), plan["done"])
@@ -199,7 +202,7 @@ def _make_videos(
     """Claim rows and make their videos until none are left.
 
     With replica.gpus=k, only each replica's leader claims rows, records results and writes videos;
-    its k - 1 members make the same rows with it (batch_runner.parallel).
+    its k - 1 members make the same rows with it (batch_runner.cluster.parallel).
     """
     ring = cfg.replica.attention == "ring"
     team = form_team(cluster.rank, cluster.world_size, cfg.replica.gpus, cluster.device.type, ring)

@@ -18,8 +18,8 @@ from typing import Any
 
 import pandas as pd
 
-from batch_runner.manifest import Manifest
-from batch_runner.storage import atomic_write_parquet, atomic_write_text
+from batch_runner.inputs.manifest import Manifest
+from batch_runner.outputs.storage import atomic_write_parquet, atomic_write_text
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import torch
 from omegaconf import OmegaConf
 
 from batch_runner.config import RunConfig
-from batch_runner.storage import atomic_write_text
+from batch_runner.outputs.storage import atomic_write_text
 
 CONFIG_FILE = "config.yaml"
 
@@ -34,7 +34,7 @@ def config_hash(cfg: RunConfig) -> str:
 def run_key(cfg: RunConfig, output_dir: Path) -> str:
     """What makes processes parts of one run: the manifest file (path, size, time), output_dir and config.
 
-    Processes that met at one rendezvous compare it before they make anything (batch_runner.cluster).
+    Processes that met at one rendezvous compare it before they make anything (batch_runner.cluster.cluster).
     """
     manifest = Path(cfg.manifest).expanduser().resolve()
     try:

@@ -4,7 +4,7 @@ accelerate's PartialState owns the process group; we add what a long batch run n
 a shared counter (the process group's own TCPStore) for claims and progress, and a wait for the
 other processes that polls that counter instead of entering a collective barrier, which would
 time out while a slow process still makes its last video; and the processes of one host, which
-can share one copy of the weights in host memory (batch_runner.host_weights).
+can share one copy of the weights in host memory (batch_runner.replica.host_weights).
 
 A rendezvous is only a host and a port: a process of another run (another manifest, output_dir or
 config, or a process of an earlier launch on that port) could meet this run there. The processes
@@ -27,8 +27,8 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 
+from batch_runner.cluster.sharding import Counter, LocalCounter
 from batch_runner.errors import UserError
-from batch_runner.sharding import Counter, LocalCounter
 
 log = logging.getLogger(__name__)
 

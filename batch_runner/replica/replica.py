@@ -19,13 +19,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from batch_runner import host_weights, memory, speed
-from batch_runner.cluster import HostPeers
+from batch_runner.cluster.cluster import HostPeers
+from batch_runner.cluster.parallel import Team, split_attention
 from batch_runner.config import MemoryConfig, RunConfig
 from batch_runner.families.base import DENOISER
-from batch_runner.manifest import Job
-from batch_runner.parallel import Team, split_attention
-from batch_runner.pipeline import Anatomy, anatomy, build_pipeline, torch_dtype
+from batch_runner.inputs.manifest import Job
+from batch_runner.replica import host_weights, speed
+from batch_runner.replica import placement as memory
+from batch_runner.replica.anatomy import Anatomy, anatomy
+from batch_runner.replica.pipeline import build_pipeline, torch_dtype
 
 log = logging.getLogger(__name__)
 

@@ -15,13 +15,13 @@ from typing import Any
 
 import torch
 
+from batch_runner.cluster.parallel import ATTENTIONS
 from batch_runner.config import RunConfig
 from batch_runner.errors import UserError
 from batch_runner.families import FAMILY_MODULES, family_named
-from batch_runner.memory import PLANS
-from batch_runner.parallel import ATTENTIONS
-from batch_runner.pipeline import DTYPES
-from batch_runner.speed import ATTENTION_BACKENDS
+from batch_runner.replica.pipeline import DTYPES
+from batch_runner.replica.placement import PLANS
+from batch_runner.replica.speed import ATTENTION_BACKENDS
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # Setting -> its valid values. The plans, dtypes and attention backends come from the modules that
@@ -39,7 +39,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "replica.attention": ATTENTIONS,
 }
 # Setting -> (lowest, highest, whole number?); None means no bound. The row defaults use the same
-# ranges as the manifest's per-row columns (batch_runner.manifest).
+# ranges as the manifest's per-row columns (batch_runner.inputs.manifest).
 RANGES: dict[str, tuple[float | None, float | None, bool]] = {
     "model.num_frames": (1, 10_000, True),
     "model.num_inference_steps": (1, 1000, True),
@@ -141,7 +141,7 @@ def check_replica_rows(cfg: RunConfig, jobs: list[Any]) -> None:
     gpus = cfg.replica.gpus
     if gpus <= 1 or not jobs:
         return
-    from batch_runner.pipeline import anatomy
+    from batch_runner.replica.anatomy import anatomy
 
     geometry = anatomy(cfg.model).geometry
     bad = [

@@ -10,14 +10,16 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from batch_runner import devices, lifecycle
+from batch_runner.cluster import devices
 from batch_runner.config import RunConfig
 from batch_runner.errors import UserError
-from batch_runner.provenance import CONFIG_FILE
-from batch_runner.storage import OutputError
+from batch_runner.outputs.provenance import CONFIG_FILE
+from batch_runner.outputs.storage import OutputError
+from batch_runner.run import lifecycle
+from batch_runner.run.logs import setup_logging
 
 log = logging.getLogger("batch_runner")
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 def to_run_config(cfg: DictConfig) -> RunConfig:
@@ -74,45 +76,6 @@ def _compose(choices: list[str]) -> DictConfig:
         raise UserError(f"{' '.join(choices)} with from_run: {str(e).splitlines()[0]}") from e
 
 
-def setup_logging(level: str, rank: int, world: int) -> None:
-    """Log to the terminal; the main process owns it, so the others write only warnings and errors.
-
-    Lines from other processes would break the main process's progress bar (tqdm redraws its line
-    in place, and only knows of its own process's log lines); what they log below warnings goes to
-    their own file in output_dir (log_to_file) once the run has one.
-    """
-    prefix = f"[rank {rank}/{world}] " if world > 1 else ""
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format=f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-        force=True,
-    )
-    if rank != 0:
-        for handler in logging.getLogger().handlers:
-            handler.setLevel(logging.WARNING)
-    for noisy in ("diffusers", "transformers", "accelerate", "torch._dynamo", "torch._inductor"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    try:
-        from diffusers.utils import logging as diffusers_logging
-        from transformers.utils import logging as transformers_logging
-
-        diffusers_logging.set_verbosity_error()
-        transformers_logging.set_verbosity_error()
-    except ImportError:
-        pass
-
-
-def log_to_file(path: Path) -> None:
-    """Also log everything this process logs (at the run's level) to `path`: a non-main rank's full log."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    root = logging.getLogger()
-    handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setFormatter(root.handlers[0].formatter if root.handlers else None)
-    root.addHandler(handler)
-
-
 def main(cfg: DictConfig) -> int:
     import os
 
@@ -125,7 +88,7 @@ def main(cfg: DictConfig) -> int:
         setup_logging(str(cfg.get("log_level", "INFO")), rank, world)
         if gpu is not None:
             log.info("this process sees only GPU %s, as cuda:0", gpu)
-        from batch_runner.runner import output_dir_of, run
+        from batch_runner.run.runner import output_dir_of, run
 
         lifeline.output_dir = output_dir_of(run_config)
         return run(run_config)

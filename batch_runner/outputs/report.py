@@ -20,8 +20,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from batch_runner.manifest import id_problem
-from batch_runner.storage import atomic_path, atomic_write_text
+from batch_runner.inputs.manifest import id_problem
+from batch_runner.outputs.storage import atomic_path, atomic_write_text
 
 PREVIEWS_DIR = "previews"
 PREVIEW_WIDTH = 256

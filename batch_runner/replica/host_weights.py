@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from batch_runner.cluster import HostPeers, Store
+from batch_runner.cluster.cluster import HostPeers, Store
 from batch_runner.errors import UserError
 
 log = logging.getLogger(__name__)

@@ -37,7 +37,7 @@ GRACE_SECONDS = 10.0
 POLL_SECONDS = 0.5
 HEARTBEAT_SECONDS = 2.0
 _PR_SET_PDEATHSIG = 1
-# Set by batch_runner.launch in the environment of the processes it starts: their parent's pid.
+# Set by batch_runner.run.launch in the environment of the processes it starts: their parent's pid.
 LAUNCHER_PID_ENV = "BATCH_RUNNER_LAUNCHER_PID"
 
 
@@ -62,7 +62,7 @@ def started_by_launcher() -> bool:
 def die_with_parent(sig: int = signal.SIGTERM) -> bool:
     """Have the kernel send `sig` to this process when its parent exits (Linux); False where it cannot.
 
-    Exits at once when the launcher batch_runner.launch named is already gone (this process was
+    Exits at once when the launcher batch_runner.run.launch named is already gone (this process was
     reparented before it could ask).
     """
     parent = os.environ.get(LAUNCHER_PID_ENV)
@@ -80,8 +80,8 @@ def die_with_parent(sig: int = signal.SIGTERM) -> bool:
 
 
 def own_temporaries(root: Path, pid: int | None = None) -> list[Path]:
-    """This process's unfinished atomic writes under `root` (batch_runner.storage names them by pid)."""
-    from batch_runner.storage import TEMP_SUFFIX  # here: run.py imports this module before anything slow
+    """This process's unfinished atomic writes under `root` (batch_runner.outputs.storage names them by pid)."""
+    from batch_runner.outputs.storage import TEMP_SUFFIX  # here: run.py imports this module before anything slow
 
     return list(root.rglob(f".*.{pid or os.getpid()}{TEMP_SUFFIX}")) if root.is_dir() else []
 

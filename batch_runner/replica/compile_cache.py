@@ -4,7 +4,7 @@ Compiling the transformer blocks is most of the time to the first video. Inducto
 compiles (FX graphs, AOTAutograd graphs, Triton kernels and their autotuning, dynamo's profiles of
 dynamic shapes) by the graph, the torch version and the device, and looks it up in one folder,
 TORCHINDUCTOR_CACHE_DIR. The device includes its index; every process of a one-GPU replica sees its
-GPU as cuda:0 (batch_runner.devices), so what one GPU compiled serves them all. The folder's default,
+GPU as cuda:0 (batch_runner.cluster.devices), so what one GPU compiled serves them all. The folder's default,
 /tmp/torchinductor_<user>, is lost when a node reboots or a SLURM job's private /tmp is wiped, so
 every job on a fresh node compiles again. We point it at a folder that outlives the run
 (speed.compile_cache_dir) before anything compiles, in every process: the processes of a host, and

@@ -11,7 +11,7 @@ import time
 
 from tqdm import tqdm
 
-from batch_runner.sharding import Counter
+from batch_runner.cluster.sharding import Counter
 
 REFRESH_SECONDS = 0.5
 

@@ -6,9 +6,6 @@ Three sources of weights, one pipeline class per family (batch_runner.families):
   so that benchmarks need no download (time and memory do not depend on weight values);
 * tiny: a few-thousand-parameter pipeline the family builds in code, tokenizer included, for tests
   and the quickstart: deterministic, offline, seconds on a CPU.
-
-`anatomy` describes a model without loading any weights (built on the meta device), so dry runs
-and the planner know what each plan costs before anything is read from disk.
 """
 
 from __future__ import annotations
@@ -16,8 +13,6 @@ from __future__ import annotations
 import importlib
 import logging
 from collections.abc import Collection
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,13 +22,10 @@ from batch_runner.config import ModelConfig
 from batch_runner.errors import UserError
 from batch_runner.families import family_of
 from batch_runner.families.base import (
-    DENOISER,
-    ENCODER,
     Family,
-    Geometry,
     arch_json,
-    config_of,
     default_dtype,
+    local_source,
     module_from_config,
     seeded,
 )
@@ -73,19 +65,9 @@ def build_pipeline(model: ModelConfig, device: torch.device | str = "cpu", empty
     return pipe
 
 
-def _local_source(model: ModelConfig) -> tuple[str, bool]:
-    """model.path as from_pretrained takes it, and whether it names a local folder."""
-    source = model.path
-    local = Path(source).expanduser()
-    looks_local = source.startswith((".", "/", "~")) or local.exists()
-    if looks_local and not local.is_dir():
-        raise UserError(f"model.path={source!r} is not a folder; point it at a downloaded copy of {model.name}.")
-    return (str(local) if looks_local else source), looks_local
-
-
 def load_pretrained(model: ModelConfig, family: Family, dtype: torch.dtype, empty: Collection[str] = ()) -> Any:
     """from_pretrained on a local folder or hub id, failing with one sentence that says what to do."""
-    source, looks_local = _local_source(model)
+    source, looks_local = local_source(model)
     try:
         skeletons = {name: empty_component(family, source, name, dtype, model.revision) for name in empty}
         return family.pipeline_class.from_pretrained(source, torch_dtype=dtype, revision=model.revision, **skeletons)
@@ -133,74 +115,3 @@ def random_pipeline(
             with torch.device("meta" if name in empty else device):
                 modules[name] = module_from_config(arch_json(model.arch, name)).to(dtype)
     return family.assemble(model, modules, model.arch)
-
-
-# --- what a model is made of, without its weights -------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Anatomy:
-    """A model's components and sizes, from its architecture: what the memory planner needs."""
-
-    family: Family
-    roles: dict[str, str]  # component -> encoder | denoiser | decoder
-    bytes: dict[str, int]  # component -> bytes of weights in the run's dtype
-    block_bytes: int  # the largest repeated block of any denoiser (streamed one at a time)
-    denoiser_rest_bytes: int  # a denoiser's weights outside its blocks (resident while streaming)
-    blocks: int  # repeated blocks per denoiser
-    leaf_bytes: int  # the largest single layer of any encoder (streamed layer by layer)
-    geometry: Geometry
-
-    def of_role(self, role: str) -> tuple[str, ...]:
-        return tuple(name for name, r in self.roles.items() if r == role)
-
-
-def anatomy(model: ModelConfig) -> Anatomy:
-    """The model's anatomy, built on the meta device from conf/arch/<arch>, the saved pipeline's
-    configs (pretrained without an arch) or the tiny pipeline."""
-    family = family_of(model)
-    dtype = torch_dtype(model.dtype)
-    if model.weights == "tiny" or (not model.arch and model.weights != "pretrained"):
-        pipe = family.tiny(model)
-        modules = {name: getattr(pipe, name) for name in family.components(pipe)}
-    elif model.arch:
-        with torch.device("meta"):
-            modules = {
-                name: module_from_config(arch_json(model.arch, name)) for name in family.arch_components(model.arch)
-            }
-    else:
-        source, looks_local = _local_source(model)
-        try:
-            saved = family.pipeline_class.load_config(source, revision=model.revision)
-            names = [n for n in family.roles if isinstance(saved.get(n), list | tuple) and saved[n][0]]
-            modules = {n: empty_component(family, source, n, dtype, model.revision) for n in names}
-        except (OSError, ValueError) as e:
-            raise load_error(model, source, looks_local, e) from e
-    size = torch.finfo(dtype).bits // 8
-    roles = {name: family.roles[name] for name in modules}
-
-    def nbytes(module: torch.nn.Module) -> int:
-        return sum(p.numel() for p in module.parameters()) * size
-
-    denoisers = [modules[n] for n, r in roles.items() if r == DENOISER]
-    block_lists = [family.blocks(d) for d in denoisers]
-    block_bytes = max(nbytes(b) for blocks in block_lists for b in blocks)
-    rest = max(nbytes(d) - sum(nbytes(b) for b in blocks) for d, blocks in zip(denoisers, block_lists, strict=True))
-    leaves = [
-        nbytes(m) for n, r in roles.items() if r == ENCODER for m in modules[n].modules() if not list(m.children())
-    ]
-    return Anatomy(
-        family=family,
-        roles=roles,
-        bytes={name: nbytes(m) for name, m in modules.items()},
-        block_bytes=block_bytes,
-        denoiser_rest_bytes=rest,
-        blocks=max(len(b) for b in block_lists),
-        leaf_bytes=max(leaves, default=0),
-        geometry=family.geometry({name: config_of(m) for name, m in modules.items()}),
-    )
-
-
-def component_bytes(model: ModelConfig) -> dict[str, int]:
-    """Bytes of each component's weights in the run's dtype, without loading any weights."""
-    return anatomy(model).bytes

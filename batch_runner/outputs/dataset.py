@@ -22,8 +22,8 @@ from typing import Any
 
 import pandas as pd
 
-from batch_runner.manifest import Manifest, sample_key
-from batch_runner.storage import atomic_path, atomic_write_parquet
+from batch_runner.inputs.manifest import Manifest, sample_key
+from batch_runner.outputs.storage import atomic_path, atomic_write_parquet
 
 log = logging.getLogger(__name__)
 

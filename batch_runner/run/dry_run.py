@@ -7,16 +7,16 @@ from pathlib import Path
 
 import torch
 
-from batch_runner import memory
-from batch_runner.cluster import Cluster
+from batch_runner.cluster.cluster import Cluster
+from batch_runner.cluster.sharding import static_shard
 from batch_runner.config import RunConfig
-from batch_runner.manifest import Job, Manifest
-from batch_runner.provenance import output_salt
-from batch_runner.replica import auto_plan
-from batch_runner.results import finished_ids
-from batch_runner.sharding import static_shard
+from batch_runner.inputs.manifest import Job, Manifest
+from batch_runner.outputs.provenance import output_salt
+from batch_runner.outputs.results import finished_ids
+from batch_runner.replica import placement as memory
+from batch_runner.replica.replica import auto_plan
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.json"
+BENCHMARKS = Path(__file__).resolve().parents[2] / "docs" / "benchmarks.json"
 # The first records, from before records named their model, are all CogVideoX-5B-I2V's.
 FIRST_BENCHMARKED_MODEL = "cogvideox-5b-i2v"
 BENCHMARKED_FRAMES = 49  # theirs, at CogVideoX-5B-I2V's default row; later records say their own

@@ -19,7 +19,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from batch_runner.storage import atomic_path
+from batch_runner.outputs.storage import atomic_path
 
 
 def write_video(frames: np.ndarray, path: Path, fps: float, crf: int = 18) -> None:

@@ -17,7 +17,7 @@ so a text encoder (9.5 GB for CogVideoX's T5, 11 GB for Wan's UMT5) crosses the 
 not once per video. Which components a model has, and their roles, come from its family.
 
 `auto` picks the fastest plan whose estimated peak fits the GPU budget and whose pinned host memory
-fits this host (one copy shared by the host's processes, batch_runner.host_weights, or a copy
+fits this host (one copy shared by the host's processes, batch_runner.replica.host_weights, or a copy
 each out of an equal share), and says why. The estimates are weights (counted from the architecture)
 plus activation terms each model family fits to measurements on an H100 (docs/benchmarks.md).
 """
@@ -36,7 +36,7 @@ from batch_runner.errors import UserError
 from batch_runner.families.base import DECODER, DENOISER, ENCODER, ActivationTerms
 
 if TYPE_CHECKING:
-    from batch_runner.pipeline import Anatomy
+    from batch_runner.replica.anatomy import Anatomy
 
 log = logging.getLogger(__name__)
 

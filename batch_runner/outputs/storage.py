@@ -298,7 +298,7 @@ def _inode(path: Path) -> int | None:
 
 
 def _host_id() -> str:
-    from batch_runner.cluster import this_host
+    from batch_runner.cluster.cluster import this_host
 
     return this_host()
 

@@ -1,0 +1,1 @@
+"""The inputs: the manifest read and validated, and its images."""

@@ -1,0 +1,93 @@
+"""What a model is made of, without its weights: components, sizes and block structure.
+
+Built on the meta device (from conf/arch/<arch>, a saved pipeline's configs, or the tiny pipeline),
+so dry runs and the planner know what each plan costs before anything is read from disk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from batch_runner.config import ModelConfig
+from batch_runner.families import family_of
+from batch_runner.families.base import (
+    DENOISER,
+    ENCODER,
+    Family,
+    Geometry,
+    arch_json,
+    config_of,
+    local_source,
+    module_from_config,
+)
+from batch_runner.replica.pipeline import empty_component, load_error, torch_dtype
+
+
+@dataclass(frozen=True)
+class Anatomy:
+    """A model's components and sizes, from its architecture: what the memory planner needs."""
+
+    family: Family
+    roles: dict[str, str]  # component -> encoder | denoiser | decoder
+    bytes: dict[str, int]  # component -> bytes of weights in the run's dtype
+    block_bytes: int  # the largest repeated block of any denoiser (streamed one at a time)
+    denoiser_rest_bytes: int  # a denoiser's weights outside its blocks (resident while streaming)
+    blocks: int  # repeated blocks per denoiser
+    leaf_bytes: int  # the largest single layer of any encoder (streamed layer by layer)
+    geometry: Geometry
+
+    def of_role(self, role: str) -> tuple[str, ...]:
+        return tuple(name for name, r in self.roles.items() if r == role)
+
+
+def anatomy(model: ModelConfig) -> Anatomy:
+    """The model's anatomy, built on the meta device from conf/arch/<arch>, the saved pipeline's
+    configs (pretrained without an arch) or the tiny pipeline."""
+    family = family_of(model)
+    dtype = torch_dtype(model.dtype)
+    if model.weights == "tiny" or (not model.arch and model.weights != "pretrained"):
+        pipe = family.tiny(model)
+        modules = {name: getattr(pipe, name) for name in family.components(pipe)}
+    elif model.arch:
+        with torch.device("meta"):
+            modules = {
+                name: module_from_config(arch_json(model.arch, name)) for name in family.arch_components(model.arch)
+            }
+    else:
+        source, looks_local = local_source(model)
+        try:
+            saved = family.pipeline_class.load_config(source, revision=model.revision)
+            names = [n for n in family.roles if isinstance(saved.get(n), list | tuple) and saved[n][0]]
+            modules = {n: empty_component(family, source, n, dtype, model.revision) for n in names}
+        except (OSError, ValueError) as e:
+            raise load_error(model, source, looks_local, e) from e
+    size = torch.finfo(dtype).bits // 8
+    roles = {name: family.roles[name] for name in modules}
+
+    def nbytes(module: torch.nn.Module) -> int:
+        return sum(p.numel() for p in module.parameters()) * size
+
+    denoisers = [modules[n] for n, r in roles.items() if r == DENOISER]
+    block_lists = [family.blocks(d) for d in denoisers]
+    block_bytes = max(nbytes(b) for blocks in block_lists for b in blocks)
+    rest = max(nbytes(d) - sum(nbytes(b) for b in blocks) for d, blocks in zip(denoisers, block_lists, strict=True))
+    leaves = [
+        nbytes(m) for n, r in roles.items() if r == ENCODER for m in modules[n].modules() if not list(m.children())
+    ]
+    return Anatomy(
+        family=family,
+        roles=roles,
+        bytes={name: nbytes(m) for name, m in modules.items()},
+        block_bytes=block_bytes,
+        denoiser_rest_bytes=rest,
+        blocks=max(len(b) for b in block_lists),
+        leaf_bytes=max(leaves, default=0),
+        geometry=family.geometry({name: config_of(m) for name, m in modules.items()}),
+    )
+
+
+def component_bytes(model: ModelConfig) -> dict[str, int]:
+    """Bytes of each component's weights in the run's dtype, without loading any weights."""
+    return anatomy(model).bytes
