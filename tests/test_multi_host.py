@@ -111,8 +111,9 @@ SBATCH = ROOT / "scripts" / "slurm" / "run.sbatch"
 
 def fake_tools(folder: Path, accelerate: bool = True) -> Path:
     """`srun` that runs its command once per node of the fake allocation (as SLURM does with
-    --ntasks-per-node=1: SLURM_NODEID set per task), `scontrol show hostnames` for gpu[07-08], and
-    an `accelerate` that prints which node called it with which arguments instead of launching."""
+    --ntasks-per-node=1: SLURM_NODEID set per task), `scontrol show hostnames` for gpu[07-08] and
+    `scontrol show node` for gpu07 (NodeAddr 10.1.0.7, or an error with FAKE_NO_NODE set), and an
+    `accelerate` that prints which node called it with which arguments instead of launching."""
     folder.mkdir(parents=True)
     tools = {
         "srun": f"""#!{sys.executable}
@@ -125,10 +126,16 @@ tasks = [subprocess.Popen(command, env=os.environ | {{"SLURM_NODEID": str(node),
 sys.exit(max(task.wait() for task in tasks))
 """,
         "scontrol": f"""#!{sys.executable}
-import sys
-assert sys.argv[1:] == ["show", "hostnames", "gpu[07-08]"], sys.argv
-print("gpu07")
-print("gpu08")
+import os, sys
+if sys.argv[1:] == ["show", "node", "gpu07"] and os.environ.get("FAKE_NO_NODE"):
+    sys.exit("slurm_load_node error: Invalid node name specified")
+elif sys.argv[1:] == ["show", "node", "gpu07"]:  # gpu07 does not resolve: SLURM reaches it at its NodeAddr
+    print("NodeName=gpu07 Arch=x86_64 CoresPerSocket=32")
+    print("   NodeAddr=10.1.0.7 NodeHostName=gpu07 Version=22.05.8")
+else:
+    assert sys.argv[1:] == ["show", "hostnames", "gpu[07-08]"], sys.argv
+    print("gpu07")
+    print("gpu08")
 """,
         "accelerate": f"""#!{sys.executable}
 import json, os, sys
@@ -180,7 +187,7 @@ def expected(rank: int, *overrides: str, device: tuple[str, ...] = ("--multi_gpu
         "launch",
         *device,
         *("--num_machines", "2", "--machine_rank", str(rank)),
-        *("--main_process_ip", "gpu07", "--main_process_port", "11234"),  # 10000 + 1234 % 20000
+        *("--main_process_ip", "10.1.0.7", "--main_process_port", "11234"),  # gpu07's NodeAddr; 10000 + 1234 % 20000
         *("--num_processes", str(total), "--mixed_precision", "no", "--dynamo_backend", "no"),
         str(ROOT / "run.py"),
         *overrides,
@@ -217,7 +224,12 @@ def test_sbatch_reads_gpus_from_the_allocation_and_takes_overrides(tmp_path: Pat
         MAIN_PROCESS_IP="10.0.0.7",
     )
     _, commands = launched(proc)
-    assert commands["0"] == [a.replace("gpu07", "10.0.0.7") for a in expected(0, "manifest=j.csv", total=4)]
+    assert commands["0"] == [a.replace("10.1.0.7", "10.0.0.7") for a in expected(0, "manifest=j.csv", total=4)]
+
+
+def test_sbatch_meets_at_the_first_node_name_where_slurm_gives_no_node_addr(tmp_path: Path) -> None:
+    _, commands = launched(run_sbatch(tmp_path, "manifest=j.csv", FAKE_NO_NODE="1"))
+    assert commands["1"] == [a.replace("10.1.0.7", "gpu07") for a in expected(1, "manifest=j.csv")]
 
 
 def test_sbatch_on_nodes_without_gpus_launches_on_the_cpu(tmp_path: Path) -> None:

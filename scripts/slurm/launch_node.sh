@@ -6,7 +6,8 @@
 #
 #   machines      SLURM_NNODES
 #   machine rank  SLURM_NODEID
-#   main address  MAIN_PROCESS_IP, else the first host of `scontrol show hostnames $SLURM_JOB_NODELIST`
+#   main address  MAIN_PROCESS_IP, else the NodeAddr of the first node of SLURM_JOB_NODELIST
+#                 (`scontrol show node`), else that node's name
 #   main port     MASTER_PORT, else 10000 + SLURM_JOB_ID % 20000 (two jobs sharing a node do not collide)
 #   per node      PROCESSES_PER_NODE, else the node's GPUs: GPUS_PER_NODE, SLURM_GPUS_ON_NODE,
 #                 SLURM_GPUS_PER_NODE, CUDA_VISIBLE_DEVICES, `nvidia-smi -L`; with no GPU: --cpu, 1 process
@@ -55,7 +56,17 @@ if [ "$total" -eq 1 ]; then
     device=() # --multi_gpu refuses a single process; one GPU or the CPU is found on its own
 fi
 
-main_ip="${MAIN_PROCESS_IP:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}"
+# The main address is the first node's NodeAddr, the address SLURM itself reaches it at: node names
+# need not resolve (NodeName=gpu07 NodeAddr=10.1.0.7). Without a NodeAddr, the node name.
+main_address() {
+    local first address
+    first="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)" || true
+    [ -n "$first" ] || return 0
+    address="$(scontrol show node "$first" 2>/dev/null | grep -o 'NodeAddr=[^ ]*' | head -n 1)" || true
+    address="${address#NodeAddr=}"
+    echo "${address:-$first}"
+}
+main_ip="${MAIN_PROCESS_IP:-$(main_address)}"
 [ -n "$main_ip" ] || fail "scontrol gave no host for SLURM_JOB_NODELIST=$SLURM_JOB_NODELIST; set MAIN_PROCESS_IP."
 port="${MASTER_PORT:-$((10000 + ${SLURM_JOB_ID:-19500} % 20000))}"
 
