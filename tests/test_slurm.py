@@ -311,12 +311,19 @@ def test_sbatch_on_two_real_slurm_nodes_makes_every_row_once_meeting_at_the_firs
     manifest, ids = jobs(tmp_path, 6)
     job_id = submit(cluster, tmp_path, f"manifest={manifest.name}", "output_dir=out", "model=tiny", "chunk_size=1")
     log = tmp_path / f"slurm-{job_id}.out"
-    job = wait_until_over(cluster, job_id, log)
-    text = log.read_text(errors="replace")
-    assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), text[-6000:]
+
+    def launches() -> list[tuple[str, str]] | None:
+        text = log.read_text(errors="replace") if log.exists() else ""
+        found = sorted(re.findall(r"node (\d) of 2 \(.*--main_process_ip (\S+) ", text))
+        if len(found) < 2 and cluster.job(job_id)["JobState"] not in ("PENDING", "CONFIGURING", "RUNNING"):
+            pytest.fail(f"job {job_id} ended before both nodes launched:\n{text[-6000:]}")
+        return found if len(found) == 2 else None
+
     # brnode1 resolves nowhere: the main address is its NodeAddr, read from `scontrol show node`.
-    launches = re.findall(r"node (\d) of 2 \(.*--main_process_ip (\S+) ", text)
-    assert sorted(launches) == [("0", "127.0.0.1"), ("1", "127.0.0.1")], text[-6000:]
+    # (Checked as soon as both nodes log their command: with the name, they would wait on a lookup.)
+    assert wait_for("both nodes to log their launch", launches, timeout=600) == [("0", "127.0.0.1"), ("1", "127.0.0.1")]
+    job = wait_until_over(cluster, job_id, log)
+    assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), log.read_text(errors="replace")[-6000:]
     table = assert_every_row_once(tmp_path / "out", ids)
     assert set(table["rank"]) == {0, 1}, "both nodes made rows"
 
