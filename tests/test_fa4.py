@@ -44,8 +44,29 @@ def test_without_the_package_fa4_is_not_chosen_and_says_so_once(no_package, monk
     with caplog.at_level(logging.WARNING, logger=fa4.__name__):
         assert not fa4.chosen("fa4", 128, torch.device("cuda"))
     assert [r.getMessage() for r in caplog.records] == [
-        "speed.attention=fa4: flash-attn-4 is not installed (README: FlashAttention-4); attention runs on cuDNN instead"
+        "speed.attention=fa4: flash-attn-4 is not installed or does not import (README: FlashAttention-4); "
+        "attention runs on cuDNN instead"
     ]
+
+
+def test_an_import_failure_is_named_in_the_log_line(monkeypatch):
+    """The real import, made to fail as a missing CUTLASS DSL would: the reason reaches the user."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def failing_import(name, *args, **kwargs):
+        if name.startswith("flash_attn"):
+            raise ImportError("No module named 'cutlass'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", failing_import)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    fa4._load.cache_clear()
+    try:
+        assert "ImportError: No module named 'cutlass'" in fa4.unavailable_reason(torch.device("cuda"))
+    finally:
+        fa4._load.cache_clear()
 
 
 def test_on_an_unsupported_gpu_fa4_falls_back(stub_kernel, monkeypatch, caplog):

@@ -43,13 +43,16 @@ SUPPORTED_MAJORS = (9, 10, 11)
 OP_NAME = "batch_runner::fa4_attention"
 
 
+_import_error: list[str] = []  # why the last import failed, for the log line
+
+
 @functools.cache
 def _load() -> Callable | None:
     """The package's forward, or None when it cannot be imported (not installed, a broken CUDA DSL)."""
     try:
         from flash_attn.cute import flash_attn_func
     except Exception as error:  # ImportError, or the DSL failing to load its native libraries
-        log.debug("flash-attn-4 unavailable: %s", error)
+        _import_error[:] = [f"{type(error).__name__}: {error}"]
         return None
     return flash_attn_func
 
@@ -59,7 +62,8 @@ def unavailable_reason(device: torch.device) -> str | None:
     if device.type != "cuda":
         return f"{device.type} is not a CUDA device"
     if _load() is None:
-        return "flash-attn-4 is not installed (README: FlashAttention-4)"
+        why = f" ({_import_error[0]})" if _import_error else ""
+        return f"flash-attn-4 is not installed or does not import{why} (README: FlashAttention-4)"
     major, minor = torch.cuda.get_device_capability(device)
     if major not in SUPPORTED_MAJORS:
         return f"its kernels do not support this GPU (compute capability {major}.{minor})"
