@@ -94,7 +94,7 @@ class SpeedConfig:
     # Regional torch.compile of the repeated transformer blocks: "auto" compiles on CUDA only.
     compile: str = "auto"
     fuse_qkv: bool = True
-    # Scaled-dot-product-attention backend: auto | flash | cudnn | efficient | math
+    # Scaled-dot-product-attention backend: auto | cudnn | fa4 (FlashAttention-4) | flash | efficient | math
     attention: str = "auto"
     # Opt-in step caching that changes outputs: none | first_block | pyramid
     cache: str = "none"

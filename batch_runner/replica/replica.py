@@ -115,7 +115,9 @@ class Replica:
                 self.family.streamline(denoiser)
                 if cfg.speed.fuse_qkv:
                     speed.fuse_qkv(denoiser)
-                speed.prefer_attention(self.family, denoiser, cfg.speed.attention, self.device)
+                speed.prefer_attention(
+                    self.family, denoiser, cfg.speed.attention, self.device, context_parallel=self.team is not None
+                )
                 if cfg.memory.fp8_weights:
                     denoiser.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=self.dtype)
             # Shared once the weights' shapes and types are final.

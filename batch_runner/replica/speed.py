@@ -27,6 +27,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from batch_runner.config import SpeedConfig
 from batch_runner.errors import UserError
 from batch_runner.families.base import Family
+from batch_runner.replica import fa4
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,8 @@ ATTENTION_BACKENDS = {
     "cudnn": [SDPBackend.CUDNN_ATTENTION],
     "efficient": [SDPBackend.EFFICIENT_ATTENTION],
     "math": [SDPBackend.MATH],
+    # FlashAttention-4 (batch_runner/replica/fa4.py) for the transformer; cuDNN for every other SDPA call.
+    "fa4": [SDPBackend.CUDNN_ATTENTION],
 }
 # Fastest first on Hopper for CogVideoX's head size of 64 (measured: docs/benchmarks.md).
 AUTO_ORDER = [
@@ -75,12 +78,28 @@ DISPATCHER_BACKENDS = {
 }
 
 
-def prefer_attention(family: Family, transformer: Any, name: str, device: torch.device) -> None:
-    """Give the transformer's attention the configured kernel, the family's way."""
+def prefer_attention(
+    family: Family, transformer: Any, name: str, device: torch.device, context_parallel: bool = False
+) -> None:
+    """Give the transformer's attention the configured kernel, the family's way.
+
+    FA4 (speed.attention=fa4, or auto at a head size where it was measured faster) goes on top of the
+    cuDNN choice, so any attention FA4 cannot take stays on cuDNN.
+    """
     if device.type != "cuda":
         return
     order = backend_order(name)
     family.prefer_attention(transformer, order, DISPATCHER_BACKENDS[order[0]])
+    head_dim = transformer.config.get("attention_head_dim")
+    if not fa4.chosen(name, head_dim, device, context_parallel):
+        return
+    routed = fa4.use_in(transformer) if isinstance(head_dim, int) and head_dim % 8 == 0 else 0
+    if routed:
+        log.info("attention: FlashAttention-4 in %d attention layers (head size %s)", routed, head_dim)
+    elif name == "fa4":
+        log.warning(
+            "speed.attention=fa4: head size %s is not a multiple of 8; attention runs on cuDNN instead", head_dim
+        )
 
 
 def fuse_qkv(transformer: torch.nn.Module) -> int:

@@ -95,7 +95,8 @@ def _model_problems(cfg: RunConfig) -> list[str]:
 
 # diffusers' context-parallel attention runs only on its dispatcher backends that support it (its
 # _AttentionBackendRegistry): speed.attention's efficient and math kernels are not among them.
-CONTEXT_PARALLEL_ATTENTION = ("auto", "cudnn", "flash")
+# fa4 is accepted: a split replica runs it on cuDNN (batch_runner/replica/fa4.py says why).
+CONTEXT_PARALLEL_ATTENTION = ("auto", "cudnn", "flash", "fa4")
 
 
 def _replica_problems(cfg: RunConfig) -> list[str]:
