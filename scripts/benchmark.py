@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 from batch_runner.config import MemoryConfig, ModelConfig, RunConfig, SpeedConfig  # noqa: E402
 from batch_runner.inputs.images import load_image  # noqa: E402
 from batch_runner.inputs.manifest import Job  # noqa: E402
-from batch_runner.replica import placement as memory  # noqa: E402
+from batch_runner.replica import placement  # noqa: E402
 from batch_runner.replica.anatomy import anatomy  # noqa: E402
 from batch_runner.replica.pipeline import build_pipeline, random_pipeline  # noqa: E402
 from batch_runner.replica.replica import Replica, release_memory  # noqa: E402
@@ -337,15 +337,15 @@ def project(label: str, image, steps: int, budget: float | None, chunk: int, **o
         "recipe": label,
         "description": f"batch_runner memory=auto -> {replica.plan}",
         "plan": replica.plan,
-        "plan_reason": replica.plan_reason,
-        "vae_tile": replica.memory.vae_tile,
+        "plan_reason": replica.placement.reason,
+        "vae_tile": replica.placement.vae_tile,
         "budget_gib": budget,
         "changes_output": bool(cfg.memory.fp8_weights or cfg.speed.cache != "none"),
         "overrides": overrides or None,
         "compile": cfg.speed.compile,
         "attention": cfg.speed.attention,
     } | result
-    memory.remove_offloading(replica.pipe, replica.roles)
+    placement.remove_offloading(replica.pipe, replica.roles)
     return record
 
 

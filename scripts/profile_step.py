@@ -40,8 +40,7 @@ from benchmark import (  # noqa: E402
 )
 
 from batch_runner.families.cogvideox import FAMILY  # noqa: E402
-from batch_runner.replica import placement as memory  # noqa: E402
-from batch_runner.replica import speed  # noqa: E402
+from batch_runner.replica import placement, speed  # noqa: E402
 from batch_runner.replica.replica import release_memory  # noqa: E402
 
 ARCH = transformer_arch()
@@ -302,13 +301,13 @@ def main() -> None:
                 block._compiled_call_impl = None
                 for child in block.children():
                     child._compiled_call_impl = None
-            memory.remove_offloading_hooks(transformer)
+            placement.remove_offloading_hooks(transformer)
             torch._dynamo.reset()
             release_memory()
             torch.cuda.reset_peak_memory_stats()
             if label == "streamed-blocks-compiled":
                 compile_fn(transformer)  # before the hooks, as the replica does
-            memory._stream(transformer, device, "block_level")
+            placement._stream(transformer, device, "block_level")
             if label == "streamed-sub-layers-compiled":
                 compile_fn(transformer)
             save(measure(label, transformer))

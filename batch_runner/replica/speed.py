@@ -202,15 +202,6 @@ def enable_cache(pipe: Any, denoisers: Sequence[str], config: SpeedConfig) -> No
     log.warning("speed.cache=%s approximates: videos differ from the uncached model's", config.cache)
 
 
-def cached_block_outputs(cache: str, layers: int) -> int:
-    """Block outputs the step cache keeps from one step to the next (the planner makes room).
-
-    Pyramid Attention Broadcast keeps every block's attention output (measured: 8.6 GiB for
-    CogVideoX-5B at 49x480x720); First Block Cache keeps the residuals of the blocks it skips.
-    """
-    return {"pyramid": layers, "first_block": 2}.get(cache, 0)
-
-
 @contextlib.contextmanager
 def inference(config: SpeedConfig, device: torch.device) -> Iterator[None]:
     with torch.no_grad(), attention_context(config.attention, device):
