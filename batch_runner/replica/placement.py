@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from batch_runner import upstream
 from batch_runner.errors import UserError
 from batch_runner.families.base import ENCODER
 from batch_runner.replica.planner import GIB, PLANS, Placement, applies, host_resident
@@ -36,10 +37,7 @@ ALLOCATOR_SETTINGS = "garbage_collection_threshold:0.7"
 
 def _collect_before_the_cap() -> None:
     """Have the allocator reclaim unused cached blocks once 70% of the budget is reserved."""
-    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
-    if setter is None:  # older torch
-        setter = torch.cuda.memory._set_allocator_settings
-    setter(ALLOCATOR_SETTINGS)
+    upstream.set_allocator_settings(ALLOCATOR_SETTINGS)
 
 
 # --- applying a plan ------------------------------------------------------------------------------
@@ -87,14 +85,9 @@ def remove_offloading(pipe: Any, roles: dict[str, str]) -> None:
 def remove_offloading_hooks(module: torch.nn.Module) -> None:
     """Take diffusers' group offloading hooks off `module` and everything inside it."""
     from diffusers.hooks import HookRegistry
-    from diffusers.hooks.group_offloading import (
-        _GROUP_OFFLOADING,
-        _LAYER_EXECUTION_TRACKER,
-        _LAZY_PREFETCH_GROUP_OFFLOADING,
-    )
 
     registry = HookRegistry.check_if_exists_or_initialize(module)
-    for name in (_GROUP_OFFLOADING, _LAYER_EXECUTION_TRACKER, _LAZY_PREFETCH_GROUP_OFFLOADING):
+    for name in upstream.group_offloading_hook_names():
         registry.remove_hook(name, recurse=True)
 
 
@@ -130,14 +123,9 @@ def _keep_top_level_resident(module: torch.nn.Module) -> None:
     H100 that cost 0.2 s of a 1.6 s step (docs/experiments/step_profile.json). Onloaded once and
     never offloaded, the group's per-step onload finds its tensors in place and moves nothing.
     """
-    from diffusers.hooks.group_offloading import _GROUP_OFFLOADING
-
-    registry = getattr(module, "_diffusers_hook", None)
-    hook = registry.get_hook(_GROUP_OFFLOADING) if registry is not None else None
-    if hook is None:
-        return
-    hook.group.onload_()
-    hook.group.offload_ = lambda: None
+    hook = upstream.group_offloading_hook(module)
+    if hook is not None:
+        upstream.keep_group_onloaded(hook)
 
 
 def _keep_attention_pools_resident(module: torch.nn.Module, device: torch.device) -> None:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from batch_runner import upstream
 from batch_runner.cluster.cluster import HostPeers
 from batch_runner.cluster.parallel import Team, split_attention
 from batch_runner.config import RunConfig
@@ -180,7 +181,7 @@ class Replica:
 
         `images` holds the row's "image" and, where the row gives one, its "last_image".
         """
-        execution_device = self.pipe._execution_device
+        execution_device = upstream.execution_device(self.pipe)
         generator = torch.Generator(device=execution_device).manual_seed(job.seed)
         arguments = self.family.call_arguments(self.cfg.model, job, images, prompts.embeddings)
         with speed.inference(self.cfg.speed, self.device):
