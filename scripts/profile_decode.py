@@ -75,12 +75,13 @@ def in_fresh_process(variant: str, timeout: int) -> dict:
 
 
 def measure(variant: str) -> dict:
-    from benchmark import LATENT_FRAMES, LATENT_HEIGHT, LATENT_WIDTH, random_component
+    from benchmark import FIRST_MODEL, Target, random_component
 
-    vae = random_component("vae")
+    target = Target.of(FIRST_MODEL)  # CogVideoX-5B-I2V's default row
+    vae = random_component(target, "vae")
     vae.enable_tiling()
     generator = torch.Generator("cuda").manual_seed(0)
-    shape = (1, vae.config.latent_channels, LATENT_FRAMES, LATENT_HEIGHT, LATENT_WIDTH)
+    shape = (1, vae.config.latent_channels, *target.latent)
     latents = torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=generator)
     decode_seconds(vae, latents)  # cuDNN's first-call set-up
     torch.cuda.reset_peak_memory_stats()

@@ -31,21 +31,21 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from benchmark import (  # noqa: E402
+    FIRST_MODEL,
+    Target,
     random_component,
     seconds_per_call,
-    step_tokens,
     transformer_arch,
     transformer_inputs,
-    transformer_tflop_per_step,
 )
 
 from batch_runner.families.cogvideox import FAMILY  # noqa: E402
-from batch_runner.replica import placement as memory  # noqa: E402
-from batch_runner.replica import speed  # noqa: E402
+from batch_runner.replica import placement, speed  # noqa: E402
 from batch_runner.replica.replica import release_memory  # noqa: E402
 
 ARCH = transformer_arch()
-TOKENS, HEADS, HEAD_DIM = step_tokens(ARCH), ARCH["num_attention_heads"], ARCH["attention_head_dim"]
+TARGET = Target.of(FIRST_MODEL)  # CogVideoX-5B-I2V's default row: the step this script takes apart
+TOKENS, HEADS, HEAD_DIM = TARGET.tokens, ARCH["num_attention_heads"], ARCH["attention_head_dim"]
 HIDDEN = HEADS * HEAD_DIM  # the feed-forward is 4x wider
 
 
@@ -65,7 +65,7 @@ def measure(label: str, transformer: torch.nn.Module, repeats: int = 4) -> dict:
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    args = transformer_inputs(transformer)
+    args = transformer_inputs(TARGET, transformer)
     with torch.no_grad():
         for _ in range(2):  # warm-up: compilation, group offloading's first (order-recording) pass
             transformer(**args)
@@ -93,7 +93,7 @@ def measure(label: str, transformer: torch.nn.Module, repeats: int = 4) -> dict:
         "variant": label,
         "seconds_per_forward": round(seconds, 4),
         "host_seconds_to_launch": round(launched, 4),
-        "tflops": round(transformer_tflop_per_step() / seconds, 1),
+        "tflops": round(TARGET.tflop_per_step / seconds, 1),
         "kernel_seconds": {k: round(v, 4) for k, v in sorted(kernels.items())},
         "compute_kernel_seconds": round(busy, 4),
         "gpu_idle_seconds": round(seconds - busy, 4),
@@ -101,10 +101,10 @@ def measure(label: str, transformer: torch.nn.Module, repeats: int = 4) -> dict:
         "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
     }
     if kernels.get("attention"):
-        attention = transformer_tflop_per_step(attention_only=True)
+        attention = TARGET.attention_tflop_per_step
         record["attention_tflops"] = round(attention / kernels["attention"], 1)
     if kernels.get("matmul"):
-        linear = transformer_tflop_per_step() - transformer_tflop_per_step(attention_only=True)
+        linear = TARGET.tflop_per_step - TARGET.attention_tflop_per_step
         record["matmul_tflops"] = round(linear / kernels["matmul"], 1)
     print(json.dumps({k: v for k, v in record.items() if k != "top_kernels"}), flush=True)
     return record
@@ -282,7 +282,7 @@ def main() -> None:
     if "resident" not in parts and "streamed" not in parts:
         print(f"wrote {path}")
         return
-    transformer = random_component("transformer")
+    transformer = random_component(TARGET, "transformer")
     speed.fuse_qkv(transformer)
     speed.prefer_attention(FAMILY, transformer, "auto", torch.device("cuda"))
     device = torch.device("cuda")
@@ -302,13 +302,13 @@ def main() -> None:
                 block._compiled_call_impl = None
                 for child in block.children():
                     child._compiled_call_impl = None
-            memory.remove_offloading_hooks(transformer)
+            placement.remove_offloading_hooks(transformer)
             torch._dynamo.reset()
             release_memory()
             torch.cuda.reset_peak_memory_stats()
             if label == "streamed-blocks-compiled":
                 compile_fn(transformer)  # before the hooks, as the replica does
-            memory._stream(transformer, device, "block_level")
+            placement._stream(transformer, device, "block_level")
             if label == "streamed-sub-layers-compiled":
                 compile_fn(transformer)
             save(measure(label, transformer))

@@ -1,4 +1,4 @@
-"""docs/benchmarks.md is what scripts/benchmark.py writes from the committed measurements.
+"""docs/benchmarks.md is what scripts/bench_report.py writes from the committed measurements.
 
 The table, the targets and "What bounds a step" are generated from docs/benchmarks.json and
 docs/experiments/step_profile.json; a hand edit to the markdown, or a record changed without
@@ -22,7 +22,7 @@ def test_benchmarks_md_is_generated_from_the_records(tmp_path):
     shutil.copytree(ROOT / "docs", tmp_path / "docs")
     (tmp_path / "docs" / "benchmarks.md").unlink()
     subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--report", "--out", str(tmp_path / "docs")],
+        [sys.executable, str(ROOT / "scripts" / "bench_report.py"), "--out", str(tmp_path / "docs")],
         check=True,
         env=os.environ | {"BENCHMARK_COMMAND": command},
     )

@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from batch_runner.families import FAMILY_MODULES, family_named
-from batch_runner.replica import placement as memory
+from batch_runner.replica import planner
 from batch_runner.replica.anatomy import anatomy
 from batch_runner.replica.pipeline import build_pipeline
-from batch_runner.replica.replica import auto_plan, workload_of
+from batch_runner.replica.planner import auto_plan, workload_of
 
 from .conftest import (
     ROOT,
@@ -125,27 +125,27 @@ def test_auto_picks_a_plan_that_fits_every_budget_for_every_wan_model(name, budg
     choice = auto_plan(cfg, budget, 1)
     chosen = next(e for e in choice.estimates if e.plan == choice.plan)
     assert chosen.gpu_gib <= budget
-    assert choice.plan in memory.LADDER and choice.plan != "sequential_cpu_offload", choice.reason
+    assert choice.plan in planner.LADDER and choice.plan != "sequential_cpu_offload", choice.reason
     # Nothing faster would have fitted.
-    faster = memory.LADDER[: memory.LADDER.index(choice.plan)]
+    faster = planner.LADDER[: planner.LADDER.index(choice.plan)]
     assert all(e.gpu_gib > budget for e in choice.estimates if e.plan in faster)
 
 
 def test_a14b_keeps_one_expert_on_the_gpu_where_both_do_not_fit():
     cfg = run_config("manifest=x", "model=wan2.2-i2v-a14b", "memory.host_budget_gib=120")
     shape = anatomy(cfg.model)
-    assert memory.applies("expert_offload", shape.roles)
-    assert memory.host_resident("expert_offload", shape.roles) == ("text_encoder", "transformer")
+    assert planner.applies("expert_offload", shape.roles)
+    assert planner.host_resident("expert_offload", shape.roles) == ("text_encoder", "transformer")
     assert auto_plan(cfg, 48.0, 1).plan == "expert_offload"
     # One expert streamed weighs less on the GPU than two resident, more than both streamed.
     workload = workload_of(cfg)
-    gpu = {p: memory.estimate(p, shape, workload, cfg.memory).gpu_gib for p in memory.LADDER}
+    gpu = {p: planner.estimate(p, shape, workload, cfg.memory).gpu_gib for p in planner.LADDER}
     assert gpu["text_offload"] > gpu["expert_offload"] > gpu["group_offload"]
     # A model with one transformer has no such plan.
     single = anatomy(run_config("manifest=x", "model=wan2.1-i2v-14b-480p").model)
-    assert not memory.applies("expert_offload", single.roles)
-    assert memory.next_plan_down("text_offload", single.roles) == "group_offload"
-    assert memory.next_plan_down("text_offload", shape.roles) == "expert_offload"
+    assert not planner.applies("expert_offload", single.roles)
+    assert planner.next_plan_down("text_offload", single.roles) == "group_offload"
+    assert planner.next_plan_down("text_offload", shape.roles) == "expert_offload"
 
 
 def test_separate_guidance_passes_halve_the_denoising_activations():
@@ -155,7 +155,7 @@ def test_separate_guidance_passes_halve_the_denoising_activations():
     assert wan.family.activations.guidance_batch == 1 and cog.family.activations.guidance_batch == 2
     workload = workload_of(run_config("manifest=x", "model=wan2.1-i2v-14b-480p"))
     guided, unguided = (
-        memory.activation_gib(replace(workload, guidance=g), wan.family.activations, True, False)[0]
+        planner.activation_gib(replace(workload, guidance=g), wan.family.activations, True, False)[0]
         for g in (True, False)
     )
     assert guided == unguided

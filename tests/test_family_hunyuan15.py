@@ -13,11 +13,10 @@ import torch
 from batch_runner.errors import UserError
 from batch_runner.families import family_named
 from batch_runner.families.hunyuan15 import buckets, nearest_bucket
-from batch_runner.replica import placement as memory
-from batch_runner.replica import speed
+from batch_runner.replica import placement, planner, speed
 from batch_runner.replica.anatomy import anatomy
 from batch_runner.replica.pipeline import build_pipeline
-from batch_runner.replica.replica import auto_plan, workload_of
+from batch_runner.replica.planner import auto_plan, workload_of
 
 from .conftest import (
     made_by_one_process_and_by_two,
@@ -164,7 +163,7 @@ def test_auto_picks_a_plan_that_fits_and_says_why(name, budget):
     choice = auto_plan(cfg, budget, 1)
     chosen = next(e for e in choice.estimates if e.plan == choice.plan)
     assert chosen.gpu_gib <= budget
-    faster = memory.LADDER[: memory.LADDER.index(choice.plan)]
+    faster = planner.LADDER[: planner.LADDER.index(choice.plan)]
     assert all(e.gpu_gib > budget for e in choice.estimates if e.plan in faster)
     # The weights alone (bf16): 17.3 GB of encoders, 16.7 transformer, 2.5 VAE.
     none = next(e for e in choice.estimates if e.plan == "none")
@@ -203,11 +202,11 @@ def test_a_chosen_plan_also_gets_the_tile_its_budget_needs():
     model = anatomy(run_config("manifest=x", f"model={FULL[0]}").model)
     cfg = run_config("manifest=x", f"model={FULL[0]}")
     workload = workload_of(cfg, (), model)
-    assert memory.fit_tile("group_offload", model, workload, cfg.memory, 24.0) == 128
-    assert memory.fit_tile("none", model, workload, cfg.memory, 79.0) is None
-    assert memory.fit_tile("group_offload", model, workload, cfg.memory, None) is None  # no budget: the VAE's own
+    assert planner.fit_tile("group_offload", model, workload, cfg.memory, 24.0) == 128
+    assert planner.fit_tile("none", model, workload, cfg.memory, 79.0) is None
+    assert planner.fit_tile("group_offload", model, workload, cfg.memory, None) is None  # no budget: the VAE's own
     fixed = replace(cfg.memory, vae_tile=192)
-    assert memory.fit_tile("group_offload", model, workload, fixed, 24.0) == 192  # the user's tile stands
+    assert planner.fit_tile("group_offload", model, workload, fixed, 24.0) == 192  # the user's tile stands
 
 
 def test_a_smaller_tile_decodes_the_tiny_video_in_pieces():
@@ -219,7 +218,7 @@ def test_a_smaller_tile_decodes_the_tiny_video_in_pieces():
     vae.tiled_decode = lambda z, **kw: calls.append(z.shape) or tiled(z, **kw)
     whole = vae.decode(latents).sample
     assert not calls  # 96 pixels fit the VAE's own tile
-    memory.set_vae_tile(vae, 64)
+    placement.set_vae_tile(vae, 64)
     assert (vae.tile_sample_min_height, vae.tile_latent_min_height) == (64, 4)
     pieces = vae.decode(latents).sample
     assert calls and pieces.shape == whole.shape == (1, 3, 9, 96, 96)

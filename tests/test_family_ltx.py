@@ -12,11 +12,10 @@ import torch
 from diffusers import LTXConditionPipeline
 
 from batch_runner.families import family_named
-from batch_runner.replica import placement as memory
-from batch_runner.replica import speed
+from batch_runner.replica import planner, speed
 from batch_runner.replica.anatomy import anatomy
 from batch_runner.replica.pipeline import build_pipeline, random_pipeline
-from batch_runner.replica.replica import auto_plan
+from batch_runner.replica.planner import auto_plan
 
 from .conftest import (
     made_by_one_process_and_by_two,
@@ -191,8 +190,8 @@ def test_auto_picks_a_plan_that_fits_every_budget(name, budget):
     choice = auto_plan(cfg, budget, 1)
     chosen = next(e for e in choice.estimates if e.plan == choice.plan)
     assert chosen.gpu_gib <= budget
-    assert choice.plan in memory.LADDER and choice.plan != "sequential_cpu_offload", choice.reason
-    faster = memory.LADDER[: memory.LADDER.index(choice.plan)]
+    assert choice.plan in planner.LADDER and choice.plan != "sequential_cpu_offload", choice.reason
+    faster = planner.LADDER[: planner.LADDER.index(choice.plan)]
     assert all(e.gpu_gib > budget for e in choice.estimates if e.plan in faster)
 
 

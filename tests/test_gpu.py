@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from batch_runner.families.cogvideox import FAMILY
-from batch_runner.replica.placement import PLANS, applies
+from batch_runner.replica.planner import PLANS, applies
 from batch_runner.replica.replica import Replica, release_memory
 
 from .conftest import loader_of_a_two_process_host, run_config, tiny_job

@@ -14,7 +14,7 @@ from batch_runner.inputs.images import load_image
 from batch_runner.inputs.manifest import Job
 from batch_runner.replica.anatomy import anatomy
 from batch_runner.replica.pipeline import build_pipeline
-from batch_runner.replica.placement import PLANS, applies
+from batch_runner.replica.planner import PLANS, applies
 from batch_runner.replica.replica import Replica, release_memory
 
 from .conftest import run_config, tiny_job

@@ -17,10 +17,10 @@ from hypothesis import strategies as st
 from batch_runner.config import MemoryConfig
 from batch_runner.errors import UserError
 from batch_runner.families.cogvideox import FAMILY
-from batch_runner.replica import placement as memory
+from batch_runner.replica import placement, planner
 from batch_runner.replica.anatomy import anatomy, component_bytes
 from batch_runner.replica.pipeline import build_pipeline
-from batch_runner.replica.placement import (
+from batch_runner.replica.planner import (
     FRAGMENTATION,
     GIB,
     HEADROOM_GIB,
@@ -30,8 +30,8 @@ from batch_runner.replica.placement import (
     choose_plan,
     estimate,
     next_plan_down,
+    workload_of,
 )
-from batch_runner.replica.replica import workload_of
 
 from .conftest import ROOT, run_config
 
@@ -43,8 +43,8 @@ COUNTED_5B = anatomy(CFG_5B.model)  # weights counted from the shipped architect
 MODEL_5B = replace(COUNTED_5B, bytes=WEIGHTS_5B)  # the same model with the round figures
 ROLES = MODEL_5B.roles
 # The plans that mean something for CogVideoX (one denoiser: no expert_offload), fastest first.
-COG_PLANS = tuple(p for p in PLANS if memory.applies(p, ROLES))
-COG_LADDER = tuple(p for p in LADDER if memory.applies(p, ROLES))
+COG_PLANS = tuple(p for p in PLANS if planner.applies(p, ROLES))
+COG_LADDER = tuple(p for p in LADDER if planner.applies(p, ROLES))
 WORKLOAD_5B = workload_of(CFG_5B)
 AUTO = CFG_5B.memory  # memory=auto as composed from conf/
 PRIVATE = replace(AUTO, share_host_weights=False)  # every process holds its own host copy
@@ -138,7 +138,7 @@ def test_estimates_cover_what_the_benchmark_measured():
         assert need >= r["peak_allocated_gib"], r["recipe"]
         if r["budget_gib"] is not None:
             assert r["within_budget"], r["recipe"]
-        if r["plan"] in memory.STREAMED_PLANS and r["budget_gib"] is not None:
+        if r["plan"] in planner.STREAMED_PLANS and r["budget_gib"] is not None:
             # Weights streamed on a side stream are freed on the compute stream, so the allocator's
             # reservation grows with whatever the cap allows; the capped run is the evidence.
             continue
@@ -244,9 +244,9 @@ def test_eight_ranks_sharing_one_host_copy_need_it_once():
 
 
 def test_model_cpu_offload_weights_are_never_counted_as_shared():
-    assert memory.shareable("model_cpu_offload", ROLES) == ()
-    assert memory.shareable("group_offload", ROLES) == ("text_encoder", "transformer")
-    assert memory.shareable("none", ROLES) == ()
+    assert planner.shareable("model_cpu_offload", ROLES) == ()
+    assert planner.shareable("group_offload", ROLES) == ("text_encoder", "transformer")
+    assert planner.shareable("none", ROLES) == ()
 
 
 def test_eight_ranks_on_a_host_with_little_ram_refuse_host_plans():
@@ -377,11 +377,11 @@ def test_walking_down_from_none_reaches_the_bottom_in_three_steps():
 
 
 def test_host_available_uses_the_configured_budget():
-    assert memory.host_available_gib(MemoryConfig(host_budget_gib=123.5)) == 123.5
+    assert planner.host_available_gib(MemoryConfig(host_budget_gib=123.5)) == 123.5
 
 
 def test_host_available_reads_this_machine():
-    available = memory.host_available_gib(MemoryConfig())
+    available = planner.host_available_gib(MemoryConfig())
     with open("/proc/meminfo") as f:
         total_kib = next(int(line.split()[1]) for line in f if line.startswith("MemTotal:"))
     assert 0 < available <= total_kib * 1024 / GIB
@@ -391,20 +391,55 @@ def test_gpu_budget_is_the_configured_one_capped_by_the_card(monkeypatch, caplog
     # The only thing faked is the card itself: 20 GiB free of 24 GiB.
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (20 * GIB, 24 * GIB))
     device = torch.device("cuda", 0)
-    assert memory.gpu_budget_gib(MemoryConfig(), device) == 20.0
-    assert memory.gpu_budget_gib(MemoryConfig(budget_gib=12.0), device) == 12.0
-    with caplog.at_level(logging.WARNING, logger="batch_runner.replica.placement"):
-        assert memory.gpu_budget_gib(MemoryConfig(budget_gib=40.0), device) == 24.0
+    assert planner.gpu_budget_gib(MemoryConfig(), device) == 20.0
+    assert planner.gpu_budget_gib(MemoryConfig(budget_gib=12.0), device) == 12.0
+    with caplog.at_level(logging.WARNING, logger="batch_runner.replica.planner"):
+        assert planner.gpu_budget_gib(MemoryConfig(budget_gib=40.0), device) == 24.0
     assert "memory.budget_gib=40.0 is more than the GPU's 24.0 GiB" in caplog.text
 
 
 def test_enforce_budget_does_nothing_without_a_gpu():
-    memory.enforce_budget(MemoryConfig(budget_gib=4.0), torch.device("cpu"))  # must not touch CUDA
+    placement.enforce_budget(4.0, torch.device("cpu"))  # must not touch CUDA
 
 
 def test_unknown_plan_is_refused_before_touching_the_pipeline():
     with pytest.raises(UserError, match=r"memory='fast' is not a plan .*; choose auto or one of none, text_offload"):
-        memory.apply_plan(None, "fast", torch.device("cpu"), AUTO, ROLES)
+        placement.apply_plan(None, planner.Placement("fast", "chosen in a test"), torch.device("cpu"), ROLES)
+
+
+def test_placement_is_decided_once_with_the_settings_placement_needs(monkeypatch):
+    """The planner hands weight placement one frozen object; the config's memory settings travel in it."""
+    cfg = run_config(
+        "manifest=unused.csv", "memory.budget_gib=24", "memory.fp8_weights=true", "memory.vae_slicing=false"
+    )
+    cpu = planner.place(cfg, torch.device("cpu"), 1, (), COUNTED_5B)
+    assert (cpu.plan, cpu.vae_tile, cpu.cap_gib, cpu.fp8_weights, cpu.vae_slicing) == ("none", None, 24.0, True, False)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (80 * GIB, 80 * GIB))
+    monkeypatch.setattr(planner, "host_available_gib", lambda config: 512.0)
+    gpu = planner.place(cfg, torch.device("cuda", 0), 1, (), COUNTED_5B)
+    choice = choose_plan(COUNTED_5B, workload_of(cfg), cfg.memory, 24.0, 512.0, 1)
+    assert (gpu.plan, gpu.reason, gpu.vae_tile) == (choice.plan, choice.reason, choice.vae_tile)
+    uncapped = replace(cfg, memory=replace(cfg.memory, enforce_budget=False))
+    assert planner.place(uncapped, torch.device("cpu"), 1, (), COUNTED_5B).cap_gib is None
+    with pytest.raises(AttributeError):
+        gpu.plan = "none"  # frozen: stepping down makes a new placement
+
+
+def test_the_planner_and_dry_run_import_no_replica_or_pipeline_module():
+    """dry_run plans without a replica: the planner's imports stop below the replica's heavy modules."""
+    import ast
+
+    def imported(module: str) -> set[str]:
+        tree = ast.parse((ROOT / (module.replace(".", "/") + ".py")).read_text())
+        top = [n for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom)]
+        return {n.module for n in top if isinstance(n, ast.ImportFrom)} | {
+            f"{n.module}.{a.name}" if isinstance(n, ast.ImportFrom) else a.name for n in top for a in n.names
+        }
+
+    heavy = {"batch_runner.replica.replica", "batch_runner.replica.pipeline", "batch_runner.replica.anatomy"}
+    assert not imported("batch_runner.replica.planner") & heavy
+    assert not imported("batch_runner.run.dry_run") & heavy
+    assert "batch_runner.replica.planner" in imported("batch_runner.run.dry_run")
 
 
 def test_the_planner_sizes_for_the_largest_row_of_the_run():
@@ -501,7 +536,7 @@ def test_leaf_streaming_leaves_torchs_multihead_attention_whole_on_the_device(mo
         registry = getattr(layer, "_diffusers_hook", None)
         return registry is not None and registry.get_hook(_GROUP_OFFLOADING) is not None
 
-    memory._stream(encoder, torch.device("cpu"), "leaf_level")
+    placement._stream(encoder, torch.device("cpu"), "leaf_level")
     pools = [m for m in encoder.modules() if isinstance(m, torch.nn.MultiheadAttention)]
     assert pools and not any(streamed(layer) for pool in pools for layer in pool.modules())
     assert any(streamed(layer) for layer in encoder.modules() if isinstance(layer, torch.nn.Linear))
@@ -522,6 +557,6 @@ def test_per_layer_cpu_offload_keeps_attention_pools_whole():
     cpu_offload(encoder, execution_device=torch.device("cpu"))
     with pytest.raises(RuntimeError, match="meta"), torch.no_grad():
         encoder(pixel_values=pixels)
-    memory._keep_attention_pools_resident(encoder, torch.device("cpu"))
+    placement._keep_attention_pools_resident(encoder, torch.device("cpu"))
     with torch.no_grad():
         assert torch.equal(encoder(pixel_values=pixels).pooler_output, expected)

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from batch_runner.cluster.parallel import Team, replica_ranks, split_attention
 from batch_runner.errors import UserError
 from batch_runner.inputs.manifest import load_manifest
-from batch_runner.replica.replica import workload_of
+from batch_runner.replica.planner import workload_of
 from batch_runner.run.checks import check_replica_rows, check_settings
 from tests.conftest import ROOT, accelerate_cpu, frames_of, ok, photo, run_cli, run_config, write_manifest
 

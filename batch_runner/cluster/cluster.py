@@ -27,6 +27,7 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 
+from batch_runner import upstream
 from batch_runner.cluster.sharding import Counter, LocalCounter
 from batch_runner.errors import UserError
 
@@ -198,7 +199,5 @@ def join_cluster(cpu: bool = False) -> Cluster:
     state = PartialState(cpu=cpu)
     counter: Counter = LocalCounter()
     if state.num_processes > 1:
-        from torch.distributed.distributed_c10d import _get_default_store
-
-        counter = _get_default_store()
+        counter = upstream.default_store()
     return Cluster(state=state, counter=counter)

@@ -51,6 +51,7 @@ from batch_runner.families.base import (
     seeded,
 )
 from batch_runner.families.tokenizer import TINY_TEXT_DIM, tiny_text_encoder, tiny_tokenizer
+from batch_runner.upstream import weights_on_device
 
 # The VAE of 0.9.1 and later denoises while it decodes: diffusers' LTX-Video page and Lightricks'
 # configs (configs/ltxv-2b-0.9.5.yaml, ltxv-13b-0.9.7-dev.yaml) use decode_timestep 0.05 and noise
@@ -98,12 +99,13 @@ class FusedAwareLTXAttention(LTXVideoAttnProcessor):
                 [attn.inner_dim, attn.inner_kv_dim, attn.inner_kv_dim], dim=-1
             )
         else:
-            weight, bias = attn.to_qkv.weight, attn.to_qkv.bias
             q = attn.inner_dim
-            query = torch.nn.functional.linear(hidden_states, weight[:q], None if bias is None else bias[:q])
-            key, value = torch.nn.functional.linear(
-                encoder_hidden_states, weight[q:], None if bias is None else bias[q:]
-            ).split([attn.inner_kv_dim, attn.inner_kv_dim], dim=-1)
+            with weights_on_device(attn.to_qkv):  # sequential CPU offload loads them only around a forward
+                weight, bias = attn.to_qkv.weight, attn.to_qkv.bias
+                query = torch.nn.functional.linear(hidden_states, weight[:q], None if bias is None else bias[:q])
+                key, value = torch.nn.functional.linear(
+                    encoder_hidden_states, weight[q:], None if bias is None else bias[q:]
+                ).split([attn.inner_kv_dim, attn.inner_kv_dim], dim=-1)
 
         query = attn.norm_q(query)
         key = attn.norm_k(key)

@@ -103,7 +103,7 @@ def provenance(cfg: RunConfig, replica: Any) -> dict[str, Any]:
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "gpus_per_replica": cfg.replica.gpus,
         # Decoding in smaller tiles moves the seams between them: the pixels differ a little.
-        "vae_tile": replica.memory.vae_tile,
+        "vae_tile": replica.placement.vae_tile,
     }
 
 

@@ -31,11 +31,11 @@ import logging
 import os
 from pathlib import Path
 
+from batch_runner import upstream
+
 log = logging.getLogger(__name__)
 
 ENV = "TORCHINDUCTOR_CACHE_DIR"
-# What dynamo records for `with sdpa_kernel(backends, set_priority=...)` inside a compiled region.
-SDPA_CONTEXT_HELPERS = ("_backend_from_string", "_cur_sdpa_kernel_backends", "_sdpa_kernel", "_sdpa_kernel_variadic")
 
 
 def default_cache_dir() -> Path:
@@ -61,9 +61,7 @@ def configure(cache_dir: str | None, processes_on_host: int = 1) -> Path:
         folder = default_cache_dir()
     os.environ[ENV] = str(folder)
     # Both are on by default in recent torch; older versions that have them need them switched on.
-    import torch._functorch.config as functorch_config
-    import torch._inductor.config as inductor_config
-
+    inductor_config, functorch_config = upstream.inductor_config(), upstream.functorch_config()
     if hasattr(inductor_config, "fx_graph_cache"):
         inductor_config.fx_graph_cache = True
     if hasattr(functorch_config, "enable_autograd_cache"):
@@ -84,7 +82,9 @@ def attention_context_functions() -> dict[str, str]:
     import torch.nn.attention as attention
 
     return {
-        f"{attention.__name__}.{name}": torch.__version__ for name in SDPA_CONTEXT_HELPERS if hasattr(attention, name)
+        f"{attention.__name__}.{name}": torch.__version__
+        for name in upstream.SDPA_CONTEXT_HELPERS
+        if hasattr(attention, name)
     }
 
 

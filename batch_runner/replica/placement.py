@@ -1,268 +1,29 @@
-"""Memory plans: where each component's weights live while a process makes its videos.
+"""Weight placement: applying a memory plan to a built pipeline (offloading hooks, pinned streams,
+the VAE's decode switches) and capping the allocator at the budget.
 
-A batch runner makes hundreds of videos with one replica, so the plans here are batch-aware:
-
-| plan                   | encoders (text, image)    | transformer(s)            | VAE      |
-|------------------------|---------------------------|---------------------------|----------|
-| none                   | GPU                       | GPU                       | GPU      |
-| text_offload           | streamed                  | GPU                       | GPU      |
-| expert_offload         | streamed                  | 1st expert streamed, 2nd on the GPU (two-expert models) | GPU |
-| group_offload          | streamed                  | streamed block by block   | GPU      |
-| model_cpu_offload      | diffusers' whole-model CPU offload, per video (reference recipe)  |
-| sequential_cpu_offload | diffusers' per-layer CPU offload, per video (reference recipe)    |
-
-"Streamed" is diffusers' group offloading with CUDA streams: weights sit in pinned host memory and
-the next group is copied while the current one computes. Prompts of a chunk are encoded together,
-so a text encoder (9.5 GB for CogVideoX's T5, 11 GB for Wan's UMT5) crosses the bus once per chunk,
-not once per video. Which components a model has, and their roles, come from its family.
-
-`auto` picks the fastest plan whose estimated peak fits the GPU budget and whose pinned host memory
-fits this host (one copy shared by the host's processes, batch_runner.replica.host_weights, or a copy
-each out of an equal share), and says why. The estimates are weights (counted from the architecture)
-plus activation terms each model family fits to measurements on an H100 (docs/benchmarks.md).
+Which plan, and the settings it runs with, the planner decides (batch_runner.replica.planner); this
+module only carries out its `Placement`.
 """
 
 from __future__ import annotations
 
-import logging
-import os
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from batch_runner.config import MemoryConfig
+from batch_runner import upstream
 from batch_runner.errors import UserError
-from batch_runner.families.base import DECODER, DENOISER, ENCODER, ActivationTerms
-
-if TYPE_CHECKING:
-    from batch_runner.replica.anatomy import Anatomy
-
-log = logging.getLogger(__name__)
-
-GIB = 1024**3
-# Fastest first. `auto` and the out-of-memory fallback walk down this ladder; a plan a model cannot
-# use (expert_offload without two experts) is passed over.
-LADDER = ("none", "text_offload", "expert_offload", "group_offload", "sequential_cpu_offload")
-PLANS = ("none", "text_offload", "expert_offload", "group_offload", "model_cpu_offload", "sequential_cpu_offload")
-# The caching allocator reserves more than it allocates (measured: reserved/allocated up to 1.11),
-# and the CUDA context and cuBLAS workspaces want room of their own.
-FRAGMENTATION = 1.12
-HEADROOM_GIB = 0.5
-STREAMED_PLANS = ("expert_offload", "group_offload", "sequential_cpu_offload")
-# The plans that stream their host-resident components with diffusers' group offloading.
-GROUP_OFFLOADED = ("text_offload", "expert_offload", "group_offload")
+from batch_runner.families.base import ENCODER
+from batch_runner.replica.planner import GIB, PLANS, Placement, applies, host_resident
 
 
-def host_resident(plan: str, roles: dict[str, str]) -> tuple[str, ...]:
-    """The components whose weights stay in host memory while `plan` runs.
-
-    expert_offload streams the first expert (Wan 2.2 A14B's high-noise transformer, which runs
-    the fewer steps) and keeps the second on the GPU.
-    """
-    encoders = tuple(n for n, r in roles.items() if r == ENCODER)
-    denoisers = tuple(n for n, r in roles.items() if r == DENOISER)
-    return {
-        "none": (),
-        "text_offload": encoders,
-        "expert_offload": encoders + denoisers[:1],
-        "group_offload": encoders + denoisers,
-        "model_cpu_offload": tuple(roles),
-        "sequential_cpu_offload": tuple(roles),
-    }[plan]
-
-
-def applies(plan: str, roles: dict[str, str]) -> bool:
-    """Whether `plan` means something for a model with these components."""
-    return plan != "expert_offload" or sum(r == DENOISER for r in roles.values()) > 1
-
-
-def pinned(plan: str, roles: dict[str, str]) -> tuple[str, ...]:
-    """The components group offloading streams under `plan`: it wants their host copy pinned."""
-    return host_resident(plan, roles) if plan in GROUP_OFFLOADED else ()
-
-
-def shareable(plan: str, roles: dict[str, str]) -> tuple[str, ...]:
-    """The host-resident components one host copy can serve for the whole run.
-
-    Model CPU offload moves whole models back to the host with `.to("cpu")`, which makes a new
-    private copy each time, so its weights cannot stay shared.
-    """
-    return () if plan == "model_cpu_offload" else host_resident(plan, roles)
-
-
-@dataclass(frozen=True)
-class Workload:
-    """The largest video a process will make: what sizes the activations."""
-
-    tokens: int  # transformer tokens of one sequence (family geometry)
-    hidden: int  # transformer width (heads x head dim)
-    guidance: bool
-    pixels: int  # height x width of one output frame
-    vae_channels: int  # widest VAE block
-    cached_outputs: int = 0  # block outputs a step cache keeps between steps (speed.cached_block_outputs)
-
-
-@dataclass(frozen=True)
-class Estimate:
-    plan: str
-    gpu_gib: float
-    host_gib: float  # pinned or private host memory this process holds
-
-
-@dataclass(frozen=True)
-class Choice:
-    plan: str
-    reason: str
-    estimates: tuple[Estimate, ...]
-    vae_tile: int | None = None  # the decode tile's side in pixels; None: the VAE's own
-
-
-def activation_gib(
-    workload: Workload, terms: ActivationTerms, vae_tiling: bool, streamed: bool, vae_tile: int | None = None
-) -> tuple[float, float]:
-    """(denoising peak, decoding peak) activations in GiB for one video."""
-    batch = terms.guidance_batch if workload.guidance else 1
-    per_unit = terms.streamed if streamed else terms.resident
-    denoise = per_unit * batch * workload.tokens * workload.hidden
-    tiled = terms.tiled_pixels
-    if vae_tile is not None and terms.tile_side:
-        tiled = int(tiled * (vae_tile / terms.tile_side) ** 2)
-    pixels = min(workload.pixels, tiled) if vae_tiling else workload.pixels
-    decode = terms.decode_per_pixel * pixels * workload.vae_channels / 512
-    # bf16 outputs held across steps (measured with Pyramid Attention Broadcast: 8.6 GiB more).
-    denoise += workload.cached_outputs * batch * workload.tokens * workload.hidden * 2
-    return denoise / GIB, decode / GIB
-
-
-def estimate(plan: str, model: Anatomy, workload: Workload, config: MemoryConfig) -> Estimate:
-    """Peak GPU memory (as the allocator reserves it) and host memory of `plan`, in GiB."""
-    sizes = {name: b / GIB for name, b in model.bytes.items()}
-    block, rest = model.block_bytes / GIB, model.denoiser_rest_bytes / GIB
-    if config.fp8_weights:
-        sizes = {n: s / 2 if model.roles[n] == DENOISER else s for n, s in sizes.items()}
-        block, rest = block / 2, rest / 2
-    encoders = [sizes[n] for n, r in model.roles.items() if r == ENCODER]
-    denoisers = [sizes[n] for n, r in model.roles.items() if r == DENOISER]
-    vae = sum(sizes[n] for n, r in model.roles.items() if r == DECODER)
-    terms = model.family.activations
-    denoise, decode = activation_gib(workload, terms, config.vae_tiling, plan in STREAMED_PLANS, config.vae_tile)
-    # Streamed: the denoiser's weights outside its blocks stay resident; diffusers copies the next
-    # block while one computes, and the allocator holds a third while the first is freed.
-    streamed = rest + 3 * block
-    encoder_streamed = 2 * model.leaf_bytes / GIB
-    gpu = {
-        "none": sum(sizes.values()) + max(denoise, decode),
-        "text_offload": sum(denoisers) + vae + max(denoise, decode, encoder_streamed),
-        "expert_offload": sum(denoisers[1:]) + streamed + vae + max(denoise, decode, encoder_streamed),
-        "group_offload": vae + streamed + max(denoise, decode, encoder_streamed),
-        "model_cpu_offload": max(max(encoders, default=0), max(denoisers) + denoise, vae + decode),
-        "sequential_cpu_offload": max(denoise, decode) + 2 * block,
-    }[plan]
-    host = sum(sizes[name] for name in host_resident(plan, model.roles))
-    return Estimate(plan, round(gpu * FRAGMENTATION + HEADROOM_GIB, 2), round(host, 2))
-
-
-def choose_plan(
-    model: Anatomy,
-    workload: Workload,
-    config: MemoryConfig,
-    budget_gib: float,
-    host_gib: float,
-    local_world_size: int,
-) -> Choice:
-    """The fastest plan that fits both the GPU budget and the host's memory.
-
-    With memory.share_host_weights, the processes of a host hold one copy of a plan's host-resident
-    weights between them; otherwise each process needs its own, out of an equal share of the host.
-    """
-    processes = max(1, local_world_size)
-    shared = config.share_host_weights and processes > 1
-    usable = [p for p in PLANS if applies(p, model.roles)]
-    ladder = [p for p in LADDER if p in usable]
-    tiles = {p: fit_tile(p, model, workload, config, budget_gib) for p in usable}
-    estimates = tuple(estimate(p, model, workload, replace(config, vae_tile=tiles[p])) for p in usable)
-    by_plan = {e.plan: e for e in estimates}
-    host = {p: _host_need(by_plan[p], model.roles, shared, processes, host_gib) for p in usable}
-    for plan in ladder:
-        e, tile = by_plan[plan], tiles[plan]
-        if e.gpu_gib <= budget_gib and host[plan][0]:
-            faster = ladder[: ladder.index(plan)]
-            why = "; ".join(_why_not(by_plan[p], budget_gib, host[p][1]) for p in faster)
-            plan_named = plan + (f" with {tile}-pixel VAE tiles" if tile != config.vae_tile else "")
-            reason = (
-                f"{plan_named}: needs ~{e.gpu_gib:.2f} GiB of the {budget_gib:.1f} GiB GPU budget and {host[plan][1]}"
-                + (f" (faster plans do not fit: {why})" if why else " (the fastest plan)")
-            )
-            return Choice(plan, reason, estimates, tile)
-    lines = "; ".join(_why_not(by_plan[p], budget_gib, host[p][1]) for p in ladder)
-    raise UserError(
-        f"No memory plan fits: {lines}. Give more GPU memory (memory.budget_gib), fewer processes per "
-        f"host (accelerate launch --num_processes) or more host memory (memory.host_budget_gib)."
-    )
-
-
-def fit_tile(
-    plan: str, model: Anatomy, workload: Workload, config: MemoryConfig, budget_gib: float | None
-) -> int | None:
-    """The decode tile `plan` should use: memory.vae_tile when set, else the VAE's own, else the
-    largest smaller tile the model allows whose estimate fits the budget (the smallest if none does).
-
-    Only the decode's peak changes: a smaller tile decodes the same pixels in more, smaller pieces.
-    """
-    terms = model.family.activations
-    if config.vae_tile is not None or not config.vae_tiling or not terms.smaller_tiles or budget_gib is None:
-        return config.vae_tile
-    for tile in (None, *terms.smaller_tiles):
-        if estimate(plan, model, workload, replace(config, vae_tile=tile)).gpu_gib <= budget_gib:
-            return tile
-    return terms.smaller_tiles[-1]
-
-
-def _host_need(e: Estimate, roles: dict[str, str], shared: bool, processes: int, host_gib: float) -> tuple[bool, str]:
-    """Whether `e`'s host-resident weights fit this host, and the sentence that says so."""
-    if shared and shareable(e.plan, roles):
-        fits = e.host_gib <= host_gib
-        return fits, f"{e.host_gib:.1f} GiB of host memory, one copy for the {processes} processes of this host " + (
-            f"(of {host_gib:.1f} GiB)" if fits else f"> {host_gib:.1f} GiB"
-        )
-    share = host_gib / processes
-    fits = e.host_gib <= share
-    return fits, f"{e.host_gib:.1f} GiB of this process's {share:.1f} GiB host share" if fits else (
-        f"{e.host_gib:.2f} GiB host > {share:.2f} per process"
-    )
-
-
-def _why_not(e: Estimate, budget_gib: float, host: str) -> str:
-    if e.gpu_gib > budget_gib:
-        return f"{e.plan} needs ~{e.gpu_gib:.2f} GiB GPU > {budget_gib:.2f}"
-    return f"{e.plan} needs {host}"
-
-
-def next_plan_down(plan: str, roles: dict[str, str]) -> str | None:
-    """The plan to retry with after an out-of-memory error, or None at the bottom."""
-    ladder = [p for p in LADDER if applies(p, roles)]
-    position = ladder.index(plan) if plan in ladder else ladder.index("group_offload")
-    return ladder[position + 1] if position + 1 < len(ladder) else None
-
-
-def gpu_budget_gib(config: MemoryConfig, device: torch.device) -> float:
-    """The GPU memory this process may use: the configured budget, else what is free now."""
-    free, total = torch.cuda.mem_get_info(device)
-    if config.budget_gib is None:
-        return free / GIB
-    if config.budget_gib * GIB > total:
-        log.warning("memory.budget_gib=%.1f is more than the GPU's %.1f GiB", config.budget_gib, total / GIB)
-    return min(config.budget_gib, total / GIB)
-
-
-def enforce_budget(config: MemoryConfig, device: torch.device) -> None:
-    """Cap PyTorch's allocator, so a run sized for a 24 GB card never uses more than 24 GB."""
-    if config.budget_gib is None or not config.enforce_budget or device.type != "cuda":
+def enforce_budget(cap_gib: float | None, device: torch.device) -> None:
+    """Cap PyTorch's allocator at `cap_gib`, so a run sized for a 24 GB card never uses more than 24 GB."""
+    if cap_gib is None or device.type != "cuda":
         return
     index = device.index if device.index is not None else torch.cuda.current_device()
     total = torch.cuda.get_device_properties(index).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, config.budget_gib * GIB / total), index)
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * GIB / total), index)
     _collect_before_the_cap()
 
 
@@ -276,40 +37,24 @@ ALLOCATOR_SETTINGS = "garbage_collection_threshold:0.7"
 
 def _collect_before_the_cap() -> None:
     """Have the allocator reclaim unused cached blocks once 70% of the budget is reserved."""
-    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
-    if setter is None:  # older torch
-        setter = torch.cuda.memory._set_allocator_settings
-    setter(ALLOCATOR_SETTINGS)
-
-
-def host_available_gib(config: MemoryConfig) -> float:
-    """Host memory the processes on this host may share: the configured budget, else MemAvailable."""
-    if config.host_budget_gib is not None:
-        return config.host_budget_gib
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024 / GIB
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") / GIB
+    upstream.set_allocator_settings(ALLOCATOR_SETTINGS)
 
 
 # --- applying a plan ------------------------------------------------------------------------------
 
 
-def apply_plan(pipe: Any, plan: str, device: torch.device, config: MemoryConfig, roles: dict[str, str]) -> None:
-    """Place the pipeline's weights as `plan` says, undoing any earlier plan first.
+def apply_plan(pipe: Any, placement: Placement, device: torch.device, roles: dict[str, str]) -> None:
+    """Place the pipeline's weights as `placement.plan` says, undoing any earlier plan first.
 
     `roles` names the pipeline's components (family.components): encoders stream layer by layer,
     denoisers block by block, and the VAE stays on the GPU under every plan of our own.
     """
+    plan = placement.plan
     if plan not in PLANS or not applies(plan, roles):
         usable = ", ".join(p for p in PLANS if applies(p, roles))
         raise UserError(f"memory={plan!r} is not a plan for this model; choose auto or one of {usable}.")
     remove_offloading(pipe, roles)
-    _vae_switches(pipe.vae, config)
+    _vae_switches(pipe.vae, placement)
     if device.type != "cuda":
         # Plans move weights between a GPU and the host; without a GPU everything runs in place.
         pipe.to(device)
@@ -340,14 +85,9 @@ def remove_offloading(pipe: Any, roles: dict[str, str]) -> None:
 def remove_offloading_hooks(module: torch.nn.Module) -> None:
     """Take diffusers' group offloading hooks off `module` and everything inside it."""
     from diffusers.hooks import HookRegistry
-    from diffusers.hooks.group_offloading import (
-        _GROUP_OFFLOADING,
-        _LAYER_EXECUTION_TRACKER,
-        _LAZY_PREFETCH_GROUP_OFFLOADING,
-    )
 
     registry = HookRegistry.check_if_exists_or_initialize(module)
-    for name in (_GROUP_OFFLOADING, _LAYER_EXECUTION_TRACKER, _LAZY_PREFETCH_GROUP_OFFLOADING):
+    for name in upstream.group_offloading_hook_names():
         registry.remove_hook(name, recurse=True)
 
 
@@ -383,14 +123,9 @@ def _keep_top_level_resident(module: torch.nn.Module) -> None:
     H100 that cost 0.2 s of a 1.6 s step (docs/experiments/step_profile.json). Onloaded once and
     never offloaded, the group's per-step onload finds its tensors in place and moves nothing.
     """
-    from diffusers.hooks.group_offloading import _GROUP_OFFLOADING
-
-    registry = getattr(module, "_diffusers_hook", None)
-    hook = registry.get_hook(_GROUP_OFFLOADING) if registry is not None else None
-    if hook is None:
-        return
-    hook.group.onload_()
-    hook.group.offload_ = lambda: None
+    hook = upstream.group_offloading_hook(module)
+    if hook is not None:
+        upstream.keep_group_onloaded(hook)
 
 
 def _keep_attention_pools_resident(module: torch.nn.Module, device: torch.device) -> None:
@@ -411,11 +146,11 @@ def _keep_attention_pools_resident(module: torch.nn.Module, device: torch.device
             layer.to(device)
 
 
-def _vae_switches(vae: Any, config: MemoryConfig) -> None:
-    (vae.enable_slicing if config.vae_slicing else vae.disable_slicing)()
-    (vae.enable_tiling if config.vae_tiling else vae.disable_tiling)()
-    if config.vae_tiling and config.vae_tile is not None:
-        set_vae_tile(vae, config.vae_tile)
+def _vae_switches(vae: Any, placement: Placement) -> None:
+    (vae.enable_slicing if placement.vae_slicing else vae.disable_slicing)()
+    (vae.enable_tiling if placement.vae_tiling else vae.disable_tiling)()
+    if placement.vae_tiling and placement.vae_tile is not None:
+        set_vae_tile(vae, placement.vae_tile)
 
 
 def set_vae_tile(vae: Any, side: int) -> None:

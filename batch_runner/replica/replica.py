@@ -19,14 +19,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from batch_runner import upstream
 from batch_runner.cluster.cluster import HostPeers
 from batch_runner.cluster.parallel import Team, split_attention
-from batch_runner.config import MemoryConfig, RunConfig
+from batch_runner.config import RunConfig
 from batch_runner.families.base import DENOISER
 from batch_runner.inputs.manifest import Job
-from batch_runner.replica import host_weights, speed
-from batch_runner.replica import placement as memory
-from batch_runner.replica.anatomy import Anatomy, anatomy
+from batch_runner.replica import host_weights, placement, planner, speed
+from batch_runner.replica.anatomy import anatomy
 from batch_runner.replica.pipeline import build_pipeline, torch_dtype
 
 log = logging.getLogger(__name__)
@@ -58,8 +58,9 @@ class Replica:
         self.anatomy = anatomy(cfg.model)
         self.family = self.anatomy.family
         peers = peers or HostPeers(0, 1, None, "")
-        self.plan, self.plan_reason, self.memory = self._choose_plan(peers.local_world_size, jobs)
-        log.info("memory plan %s", self.plan_reason)
+        # Decided once; each component below gets its slice of the config, the weights their placement.
+        self.placement = planner.place(cfg, device, peers.local_world_size, jobs, self.anatomy)
+        log.info("memory plan %s", self.placement.reason)
         self.pipe, self.shared = self._build(peers)
         self.roles = self.family.components(self.pipe)
         self.denoisers = [getattr(self.pipe, n) for n, r in self.roles.items() if r == DENOISER]
@@ -73,38 +74,24 @@ class Replica:
             for denoiser in self.denoisers:
                 split_attention(denoiser, self.team, cfg.replica.attention)
         speed.enable_cache(self.pipe, [n for n, r in self.roles.items() if r == DENOISER], cfg.speed)
-        memory.apply_plan(self.pipe, self.plan, device, self.memory, self.roles)
+        placement.apply_plan(self.pipe, self.placement, device, self.roles)
         speed.keep_timesteps_on_host(self.pipe, self.family, device)
         if device.type == "cuda":
             release_memory()
-            memory.enforce_budget(cfg.memory, device)
+            placement.enforce_budget(self.placement.cap_gib, device)
             torch.cuda.reset_peak_memory_stats(device)
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
 
-    # --- plan ---
-
-    def _choose_plan(self, local_world_size: int, jobs: Sequence[Job]) -> tuple[str, str, MemoryConfig]:
-        """The plan, why, and the memory settings it runs with (the VAE tile it needs filled in)."""
-        config = self.cfg.memory
-        if self.device.type != "cuda":
-            return "none", "none: no GPU, everything runs on the CPU", config
-        budget = memory.gpu_budget_gib(config, self.device)
-        if config.plan != "auto":
-            tile = memory.fit_tile(config.plan, self.anatomy, workload_of(self.cfg, jobs, self.anatomy), config, budget)
-            tiles = f", with {tile}-pixel VAE tiles" if tile != config.vae_tile else ""
-            return (
-                config.plan,
-                f"{config.plan}: chosen in the config (memory={config.plan}){tiles}",
-                replace(config, vae_tile=tile),
-            )
-        choice = auto_plan(self.cfg, budget, local_world_size, jobs, self.anatomy)
-        return choice.plan, choice.reason, replace(config, vae_tile=choice.vae_tile)
+    @property
+    def plan(self) -> str:
+        """The memory plan the replica runs now (lower than the first after an out-of-memory error)."""
+        return self.placement.plan
 
     def _build(self, peers: HostPeers) -> tuple[Any, dict[str, host_weights.SharedBlock]]:
         """The pipeline with its final weights, those that stay on the host shared with the host's
         other processes (host_weights) and pinned where the plan streams them."""
         cfg = self.cfg
-        wanted = self._host_components() if cfg.memory.share_host_weights else ()
+        wanted = self._host_components() if self.placement.share_host_weights else ()
         sharing = host_weights.HostSharing.agree(peers, wanted)
         with sharing.reporting_failure():
             # Random weights are born on the GPU (fast) and moved where the plan wants them.
@@ -118,12 +105,12 @@ class Replica:
                 speed.prefer_attention(
                     self.family, denoiser, cfg.speed.attention, self.device, context_parallel=self.team is not None
                 )
-                if cfg.memory.fp8_weights:
+                if self.placement.fp8_weights:
                     denoiser.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=self.dtype)
             # Shared once the weights' shapes and types are final.
             shared = {name: sharing.share(name, getattr(pipe, name)) for name in sharing.groups}
         if self.device.type == "cuda":
-            for name in memory.pinned(self.plan, self.anatomy.roles):
+            for name in planner.pinned(self.plan, self.anatomy.roles):
                 if name in shared:
                     shared[name].pin()
         return pipe, shared
@@ -139,7 +126,7 @@ class Replica:
         """
         if self.device.type != "cuda":
             return tuple(self.anatomy.roles)
-        return memory.shareable(self.plan, self.anatomy.roles)
+        return planner.shareable(self.plan, self.anatomy.roles)
 
     def step_down(self) -> str | None:
         """Move to the next plan down the ladder after an out-of-memory error; None at the bottom.
@@ -149,13 +136,13 @@ class Replica:
         """
         if self.team:
             return None
-        lower = memory.next_plan_down(self.plan, self.roles)
+        lower = planner.next_plan_down(self.plan, self.roles)
         if lower is None:
             return None
         release_memory()
-        memory.apply_plan(self.pipe, lower, self.device, self.memory, self.roles)
+        placement.apply_plan(self.pipe, replace(self.placement, plan=lower), self.device, self.roles)
         self._cache.clear()
-        self.plan = lower
+        self.placement = replace(self.placement, plan=lower)
         return lower
 
     # --- prompts ---
@@ -196,7 +183,7 @@ class Replica:
 
         `images` holds the row's "image" and, where the row gives one, its "last_image".
         """
-        execution_device = self.pipe._execution_device
+        execution_device = upstream.execution_device(self.pipe)
         generator = torch.Generator(device=execution_device).manual_seed(job.seed)
         arguments = self.family.call_arguments(self.cfg.model, job, images, prompts.embeddings)
         with speed.inference(self.cfg.speed, self.device):
@@ -217,47 +204,6 @@ def _step_callback(on_step: Callable[[], None]) -> Callable[..., dict]:
         return tensors
 
     return callback
-
-
-def workload_of(cfg: RunConfig, jobs: Sequence[Job] = (), model: Anatomy | None = None) -> memory.Workload:
-    """The largest video the planner must make room for: the model's default row or any row given.
-
-    Any process may claim any row, so every process plans for the largest row of the run.
-    """
-    model = model or anatomy(cfg.model)
-    geometry = model.geometry
-    config = cfg.model
-    sizes = [(config.num_frames, config.height, config.width)] + [(j.num_frames, j.height, j.width) for j in jobs]
-    frames, height, width = max(sizes, key=lambda s: geometry.tokens(*s, config.max_sequence_length))
-    tokens = geometry.tokens(frames, height, width, config.max_sequence_length)
-    return memory.Workload(
-        # A replica of k GPUs splits the token sequence k ways (weights and the VAE's decode are not split).
-        tokens=-(-tokens // max(1, cfg.replica.gpus)),
-        hidden=geometry.hidden,
-        guidance=config.guidance_scale > 1 or any(j.guidance_scale > 1 for j in jobs),
-        pixels=max(h * w for _, h, w in sizes),
-        vae_channels=geometry.vae_channels,
-        cached_outputs=speed.cached_block_outputs(cfg.speed.cache, model.blocks),
-    )
-
-
-def auto_plan(
-    cfg: RunConfig,
-    budget_gib: float,
-    local_world_size: int,
-    jobs: Sequence[Job] = (),
-    model: Anatomy | None = None,
-) -> memory.Choice:
-    """memory=auto's choice for this run: the fastest plan that fits the GPU budget and the host's memory."""
-    model = model or anatomy(cfg.model)
-    return memory.choose_plan(
-        model,
-        workload_of(cfg, jobs, model),
-        cfg.memory,
-        budget_gib,
-        memory.host_available_gib(cfg.memory),
-        local_world_size,
-    )
 
 
 def release_memory() -> None:

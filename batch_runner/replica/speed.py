@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from batch_runner import upstream
 from batch_runner.config import SpeedConfig
 from batch_runner.errors import UserError
 from batch_runner.families.base import Family
@@ -164,13 +165,11 @@ def compile_blocks(blocks: torch.nn.ModuleList) -> int:
     break the graph; compiling the block's sub-layers one by one leaves the glue between them
     eager). Removing a hook hands the compiled forward back, so every plan keeps it.
     """
-    import torch._dynamo
-
     # All blocks share one graph; room for a few variants (plans, frame counts) before eager fallback.
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    upstream.raise_compile_cache_limit(64)
     for block in blocks:
-        registry = getattr(block, "_diffusers_hook", None)
-        if (registry is not None and registry.hooks) or hasattr(block, "_hf_hook"):
+        registry = upstream.hook_registry(block)
+        if (registry is not None and registry.hooks) or upstream.has_accelerate_hook(block):
             raise RuntimeError("compile_blocks must run before a memory plan hooks the blocks")
         block.forward = torch.compile(block.forward, dynamic=False)
     return len(blocks)
@@ -219,15 +218,6 @@ def enable_cache(pipe: Any, denoisers: Sequence[str], config: SpeedConfig) -> No
             raise UserError(f"speed.cache={config.cache!r} must be none, first_block or pyramid.")
         getattr(pipe, name).enable_cache(cache)
     log.warning("speed.cache=%s approximates: videos differ from the uncached model's", config.cache)
-
-
-def cached_block_outputs(cache: str, layers: int) -> int:
-    """Block outputs the step cache keeps from one step to the next (the planner makes room).
-
-    Pyramid Attention Broadcast keeps every block's attention output (measured: 8.6 GiB for
-    CogVideoX-5B at 49x480x720); First Block Cache keeps the residuals of the blocks it skips.
-    """
-    return {"pyramid": layers, "first_block": 2}.get(cache, 0)
 
 
 @contextlib.contextmanager

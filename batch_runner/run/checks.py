@@ -20,7 +20,7 @@ from batch_runner.config import RunConfig
 from batch_runner.errors import UserError
 from batch_runner.families import FAMILY_MODULES, family_named
 from batch_runner.replica.pipeline import DTYPES
-from batch_runner.replica.placement import PLANS
+from batch_runner.replica.planner import PLANS
 from batch_runner.replica.speed import ATTENTION_BACKENDS
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")

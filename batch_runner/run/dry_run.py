@@ -13,8 +13,7 @@ from batch_runner.config import RunConfig
 from batch_runner.inputs.manifest import Job, Manifest
 from batch_runner.outputs.provenance import output_salt
 from batch_runner.outputs.results import finished_ids
-from batch_runner.replica import placement as memory
-from batch_runner.replica.replica import auto_plan
+from batch_runner.replica.planner import auto_plan, gpu_budget_gib
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "docs" / "benchmarks.json"
 # The first records, from before records named their model, are all CogVideoX-5B-I2V's.
@@ -66,7 +65,7 @@ def _plan(cfg: RunConfig, cluster: Cluster, pending: list[Job]) -> tuple[str, st
     config = cfg.memory
     if not torch.cuda.is_available() and config.budget_gib is None:
         return "none", "none (no GPU found and no memory.budget_gib given: a GPU run would choose then)", None
-    budget = config.budget_gib if config.budget_gib is not None else memory.gpu_budget_gib(config, cluster.device)
+    budget = config.budget_gib if config.budget_gib is not None else gpu_budget_gib(config, cluster.device)
     if config.plan != "auto":
         return config.plan, f"{config.plan} (set in the config)", budget
     choice = auto_plan(cfg, budget, cluster.local_world_size, pending)

@@ -39,7 +39,7 @@ from batch_runner.outputs.storage import (
 )
 from batch_runner.outputs.video import write_video
 from batch_runner.replica import compile_cache
-from batch_runner.replica import placement as memory
+from batch_runner.replica.planner import GIB
 from batch_runner.replica.replica import Replica, is_out_of_memory, release_memory
 from batch_runner.run import lifecycle, startup
 from batch_runner.run.checks import check_replica_rows, check_settings
@@ -368,7 +368,7 @@ def _join(first: str | None, second: str) -> str:
 def _peak_gib() -> float | None:
     if not torch.cuda.is_available():
         return None
-    return round(torch.cuda.max_memory_allocated() / memory.GIB, 3)
+    return round(torch.cuda.max_memory_allocated() / GIB, 3)
 
 
 def _now() -> str:

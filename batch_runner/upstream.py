@@ -1,0 +1,204 @@
+"""The private names of torch, diffusers and accelerate that batch_runner relies on, in one place.
+
+Each is an internal of the library, free to change in any release. Reaching them only through this
+module means an upgrade is checked here: `MIRRORS` says which version each name was read from, and
+tests/test_upstream.py fails when the installed versions leave that range or a name has gone.
+Model families (batch_runner/families/) reach a few of their own; the same test lists them.
+
+Imports happen inside the functions: nothing here is loaded before it is used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+# The versions the names below were read from (torch 2.11 on the GPU machines, 2.13 on CPU-only ones).
+TORCH_VERSIONS = ("2.11", "2.12", "2.13")
+DIFFUSERS_VERSIONS = ("0.42.1",)
+ACCELERATE_VERSIONS = ("1.16",)
+
+
+@dataclass(frozen=True)
+class Mirror:
+    """One private name: where it lives, the library version it mirrors, and what we use it for."""
+
+    library: str  # torch | diffusers | accelerate
+    path: str  # module path, then attributes after a colon: "pkg.mod:Class.attr"
+    versions: tuple[str, ...]
+    why: str
+
+
+MIRRORS = (
+    Mirror("torch", "torch._dynamo.config:cache_size_limit", TORCH_VERSIONS, "room for compiled block variants"),
+    Mirror("torch", "torch._inductor.config:fx_graph_cache", TORCH_VERSIONS, "the compile cache across runs"),
+    Mirror("torch", "torch._inductor.config:compile_threads", TORCH_VERSIONS, "compile workers per process"),
+    Mirror(
+        "torch",
+        "torch._inductor.config:unsafe_marked_cacheable_functions",
+        TORCH_VERSIONS,
+        "cache graphs that call sdpa_kernel's helpers",
+    ),
+    Mirror("torch", "torch._functorch.config:enable_autograd_cache", TORCH_VERSIONS, "the compile cache across runs"),
+    Mirror("torch", "torch._C:_accelerator_setAllocatorSettings", TORCH_VERSIONS, "allocator garbage collection"),
+    Mirror("torch", "torch.distributed.distributed_c10d:_get_default_store", TORCH_VERSIONS, "the shared row counter"),
+    *(
+        Mirror("torch", f"torch.nn.attention:{name}", TORCH_VERSIONS, "helpers dynamo records for sdpa_kernel")
+        for name in ("_backend_from_string", "_cur_sdpa_kernel_backends", "_sdpa_kernel", "_sdpa_kernel_variadic")
+    ),
+    *(
+        Mirror("diffusers", f"diffusers.hooks.group_offloading:{name}", DIFFUSERS_VERSIONS, "remove every offload hook")
+        for name in ("_GROUP_OFFLOADING", "_LAYER_EXECUTION_TRACKER", "_LAZY_PREFETCH_GROUP_OFFLOADING")
+    ),
+    Mirror("diffusers", "diffusers.hooks.group_offloading:ModuleGroup.onload_", DIFFUSERS_VERSIONS, "pin top level"),
+    Mirror("diffusers", "diffusers.hooks.group_offloading:ModuleGroup.offload_", DIFFUSERS_VERSIONS, "pin top level"),
+    Mirror("diffusers", "diffusers:DiffusionPipeline._execution_device", DIFFUSERS_VERSIONS, "the generator's device"),
+    *(
+        Mirror("diffusers", f"diffusers.models.attention_dispatch:AttentionBackendName.{name}", DIFFUSERS_VERSIONS, why)
+        for name, why in (
+            ("_NATIVE_CUDNN", "speed.attention=cudnn"),
+            ("_NATIVE_FLASH", "speed.attention=flash"),
+            ("_NATIVE_EFFICIENT", "speed.attention=efficient"),
+            ("_NATIVE_MATH", "speed.attention=math"),
+        )
+    ),  # named as strings in speed.DISPATCHER_BACKENDS
+    # Used by model families (batch_runner/families/), which reach them directly:
+    Mirror("torch", "torch._dynamo:maybe_mark_dynamic", TORCH_VERSIONS, "hunyuan15: prompts of any length"),
+    Mirror(
+        "diffusers",
+        "diffusers.models.attention_dispatch:_AttentionBackendRegistry",
+        DIFFUSERS_VERSIONS,
+        "families.base: the transformer's attention backend",
+    ),
+)
+# Attributes the libraries set on a module they hook: not importable, so the test adds a hook and looks.
+HOOK_ATTRIBUTES = (
+    Mirror("diffusers", "torch.nn.Module._diffusers_hook", DIFFUSERS_VERSIONS, "a module's diffusers hooks"),
+    Mirror("accelerate", "torch.nn.Module._hf_hook", ACCELERATE_VERSIONS, "a module's accelerate hooks"),
+)
+
+
+# --- torch ---------------------------------------------------------------------------------------
+
+
+def raise_compile_cache_limit(at_least: int) -> None:
+    """Let dynamo keep `at_least` compiled variants of one code object before it falls back to eager."""
+    import torch._dynamo
+
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, at_least)
+
+
+def inductor_config() -> Any:
+    """torch._inductor.config: the compile cache, its workers and what it may cache."""
+    import torch._inductor.config
+
+    return torch._inductor.config
+
+
+def functorch_config() -> Any:
+    """torch._functorch.config: the autograd cache that sits beside inductor's."""
+    import torch._functorch.config
+
+    return torch._functorch.config
+
+
+# What dynamo records for `with sdpa_kernel(backends, set_priority=...)` inside a compiled region:
+# torch.nn.attention's private helpers.
+SDPA_CONTEXT_HELPERS = ("_backend_from_string", "_cur_sdpa_kernel_backends", "_sdpa_kernel", "_sdpa_kernel_variadic")
+
+
+def set_allocator_settings(settings: str) -> None:
+    """PYTORCH_CUDA_ALLOC_CONF's settings, changed in a running process."""
+    import torch
+
+    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
+    if setter is None:  # older torch
+        setter = torch.cuda.memory._set_allocator_settings
+    setter(settings)
+
+
+def default_store() -> Any:
+    """The process group's key-value store (the TCPStore accelerate started), for counters every rank shares."""
+    from torch.distributed.distributed_c10d import _get_default_store
+
+    return _get_default_store()
+
+
+# --- diffusers -----------------------------------------------------------------------------------
+
+
+def group_offloading_hook_names() -> tuple[str, ...]:
+    """The names group offloading registers its hooks under, to take them all off again."""
+    from diffusers.hooks.group_offloading import (
+        _GROUP_OFFLOADING,
+        _LAYER_EXECUTION_TRACKER,
+        _LAZY_PREFETCH_GROUP_OFFLOADING,
+    )
+
+    return (_GROUP_OFFLOADING, _LAYER_EXECUTION_TRACKER, _LAZY_PREFETCH_GROUP_OFFLOADING)
+
+
+def group_offloading_hook(module: Any) -> Any | None:
+    """The group-offloading hook diffusers put on `module` itself, or None."""
+    from diffusers.hooks.group_offloading import _GROUP_OFFLOADING
+
+    registry = hook_registry(module)
+    return registry.get_hook(_GROUP_OFFLOADING) if registry is not None else None
+
+
+def keep_group_onloaded(hook: Any) -> None:
+    """Onload the hook's group once and never offload it again."""
+    hook.group.onload_()
+    hook.group.offload_ = lambda: None
+
+
+def hook_registry(module: Any) -> Any | None:
+    """diffusers' HookRegistry on `module`, or None when no diffusers hook was ever added."""
+    return getattr(module, "_diffusers_hook", None)
+
+
+def execution_device(pipe: Any) -> Any:
+    """The device a diffusers pipeline runs its models on, offloading hooks considered."""
+    return pipe._execution_device
+
+
+# --- accelerate ----------------------------------------------------------------------------------
+
+
+def has_accelerate_hook(module: Any) -> bool:
+    """Whether accelerate's hooks (model or sequential CPU offload) wrap `module`."""
+    return hasattr(module, "_hf_hook")
+
+
+@contextlib.contextmanager
+def weights_on_device(module: Any) -> Iterator[None]:
+    """`module`'s own weights where its forward would see them, for code that reads them directly.
+
+    Sequential CPU offload (accelerate's AlignDevicesHook) keeps a layer's weights on the meta
+    device and loads them only around that layer's forward; a processor that slices `weight`
+    itself (a fused projection applied to two inputs) must ask the hook the same way.
+    """
+    hook = getattr(module, "_hf_hook", None)
+    if hook is None:
+        yield
+        return
+    hook.pre_forward(module)
+    try:
+        yield
+    finally:
+        hook.post_forward(module, None)
+
+
+# --- checking the mirrors ------------------------------------------------------------------------
+
+
+def resolve(path: str) -> Any:
+    """The object a Mirror's path names; raises ImportError or AttributeError when it has gone."""
+    module, _, attributes = path.partition(":")
+    found: Any = importlib.import_module(module)
+    for name in attributes.split("."):
+        found = getattr(found, name)
+    return found

@@ -1,0 +1,92 @@
+"""The private torch, diffusers and accelerate names batch_runner uses: still there, in the versions mirrored.
+
+A failure here after an upgrade is the signal to re-read each name in the new release, then widen
+the versions in batch_runner/upstream.py.
+"""
+
+from __future__ import annotations
+
+import accelerate
+import diffusers
+import pytest
+import torch
+
+from batch_runner import upstream
+from batch_runner.replica import speed
+
+INSTALLED = {"torch": torch.__version__, "diffusers": diffusers.__version__, "accelerate": accelerate.__version__}
+
+
+def mirrored(version: str, versions: tuple[str, ...]) -> bool:
+    """Whether `version` is one of `versions`, or a release of one given as major.minor."""
+    release = version.split("+")[0]
+    return any(release == v or release.startswith(v + ".") for v in versions)
+
+
+@pytest.mark.parametrize("library", sorted(INSTALLED))
+def test_the_installed_libraries_are_the_versions_the_private_names_were_read_from(library):
+    versions = {m.versions for m in upstream.MIRRORS + upstream.HOOK_ATTRIBUTES if m.library == library}
+    assert len(versions) == 1
+    assert mirrored(INSTALLED[library], versions.pop()), (
+        f"{library} {INSTALLED[library]} is not a version batch_runner/upstream.py mirrors"
+    )
+
+
+def test_version_matching_takes_releases_of_a_minor_version_and_nothing_else():
+    assert mirrored("2.13.0+cpu", ("2.11", "2.13")) and mirrored("0.42.1", ("0.42.1",))
+    assert not mirrored("2.1.0", ("2.11",)) and not mirrored("0.42.10", ("0.42.1",))
+
+
+@pytest.mark.parametrize("mirror", upstream.MIRRORS, ids=lambda m: m.path)
+def test_each_private_name_still_exists(mirror):
+    upstream.resolve(mirror.path)
+
+
+def test_a_name_that_has_gone_is_noticed():
+    with pytest.raises(AttributeError):
+        upstream.resolve("torch.nn.attention:_no_such_helper")
+
+
+def test_hook_attributes_are_where_the_libraries_put_them():
+    from accelerate.hooks import ModelHook, add_hook_to_module
+    from diffusers.hooks import HookRegistry
+
+    module = torch.nn.Linear(2, 2)
+    assert upstream.hook_registry(module) is None and not upstream.has_accelerate_hook(module)
+    registry = HookRegistry.check_if_exists_or_initialize(module)
+    add_hook_to_module(module, ModelHook())
+    assert upstream.hook_registry(module) is registry
+    assert upstream.has_accelerate_hook(module)
+
+
+def test_group_offloading_hooks_are_found_kept_onloaded_and_removed():
+    from diffusers.hooks import HookRegistry, apply_group_offloading
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    apply_group_offloading(model, onload_device=torch.device("cpu"), offload_type="leaf_level")
+    leaf = model[0]
+    hook = upstream.group_offloading_hook(leaf)
+    assert hook is not None and upstream.group_offloading_hook(torch.nn.Linear(2, 2)) is None
+    offload = hook.group.offload_
+    upstream.keep_group_onloaded(hook)
+    assert hook.group.offload_ is not offload
+    registry = HookRegistry.check_if_exists_or_initialize(model)
+    for name in upstream.group_offloading_hook_names():
+        registry.remove_hook(name, recurse=True)
+    assert upstream.group_offloading_hook(leaf) is None
+
+
+def test_the_attention_dispatcher_knows_the_backends_speed_names():
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    for name in speed.DISPATCHER_BACKENDS.values():
+        AttentionBackendName(name)
+
+
+def test_the_pipeline_knows_its_execution_device():
+    from batch_runner.families.cogvideox import FAMILY
+
+    from .conftest import run_config
+
+    pipe = FAMILY.tiny(run_config("manifest=unused.csv", "model=tiny").model)
+    assert upstream.execution_device(pipe) == torch.device("cpu")
