@@ -659,13 +659,16 @@ def test_ids_with_one_webdataset_key_are_refused_only_for_webdataset(folder):
     assert [job.id for job in manifest.jobs] == ["a.b", "c"]
 
 
-def test_a_file_name_column_is_refused_before_anything_runs(folder):
+def test_a_file_name_column_is_carried_under_a_name_of_its_own_before_anything_runs(folder):
     # metadata.parquet names each video's path file_name: a manifest column of that name would be a
-    # second file_name column there.
+    # second file_name column there, so it is carried as manifest_file_name, and the user is told.
     write_manifest(folder / "m.csv", [good_row(id="a", file_name="cat.png")])
-    with pytest.raises(UserError, match=r"has a column 'file_name'.*rename that column") as caught:
-        load(folder / "m.csv")
-    assert "\n" not in str(caught.value)
+    manifest = load(folder / "m.csv")
+    assert "manifest_file_name" in manifest.passthrough and "file_name" not in manifest.table.columns
+    assert manifest.notes == [
+        f"The manifest {str(folder / 'm.csv')!r} has column(s) named like the runner's own; they are carried as "
+        "'file_name' -> 'manifest_file_name'."
+    ]
 
 
 def test_list_and_struct_columns_are_refused_for_webdataset_only(folder):

@@ -10,12 +10,13 @@ import hashlib
 import math
 import numbers
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batch_runner.config import ModelConfig
@@ -114,6 +115,8 @@ class Manifest:
     # Every row of the manifest, also those `ids=` left out: results.parquet, metadata.parquet and the
     # report keep their earlier rows, so regenerating one video never shrinks the dataset. None: `table`.
     all_rows: pd.DataFrame | None = None
+    # What was done to the manifest's columns up front (runner columns renamed or dropped), to tell the user.
+    notes: list[str] = field(default_factory=list)
 
     @property
     def rows(self) -> pd.DataFrame:
@@ -201,7 +204,10 @@ def _read_parquet(path: Path) -> pd.DataFrame:
     arrow = pq.read_table(path)
     table = arrow.to_pandas()
     for name in arrow.column_names:
-        if str(name).strip() not in KNOWN_COLUMNS:
+        if str(name).strip() == "seed" and pa.types.is_integer(arrow.column(name).type):
+            # a seed column with a null (a previous run's results: its invalid rows) would pass through float64
+            table[name] = arrow.column(name).to_pandas(types_mapper={arrow.column(name).type: pd.Int64Dtype()}.get)
+        elif str(name).strip() not in KNOWN_COLUMNS:
             column = arrow.column(name).to_pandas(types_mapper=pd.ArrowDtype)
             column.index = table.index
             table[name] = column
@@ -237,6 +243,7 @@ def load_manifest(
             f"(found {found}); add them to its header row."
         )
     table = table.reset_index(drop=True)
+    table, notes = _own_columns(path, table)
     if "id" in table.columns:
         table["id"] = [_as_id(v, i) for i, v in enumerate(table["id"])]
     else:
@@ -268,21 +275,75 @@ def load_manifest(
         problems=problems,
         passthrough=passthrough,
         all_rows=None if ids is None else table,
+        notes=notes,
     )
 
 
-# Columns the runner writes itself into metadata.parquet, which a manifest column would duplicate.
-RESERVED_COLUMNS = ("file_name",)
+# Columns the runner writes itself into results.parquet and metadata.parquet, besides the row inputs
+# (KNOWN_COLUMNS): a manifest column of one of these names would be a second column of that name there.
+# tests/test_hardening_columns.py checks that this list follows the results' own columns.
+RUNNER_COLUMNS = (
+    "status",
+    "video_path",
+    "rank",
+    "seconds",
+    "peak_memory_gib",
+    "error",
+    "warnings",
+    "memory_plan",
+    "params_hash",
+    "finished_at",
+    "model",
+    "model_path",
+    "model_revision",
+    "scheduler",
+    "dtype",
+    "torch_version",
+    "diffusers_version",
+    "transformers_version",
+    "batch_runner_version",
+    "gpu",
+    "gpus_per_replica",
+    "vae_tile",
+    "config_hash",
+    "file_name",
+)
+# A table holding all of these is a previous run's results.parquet.
+_RESULTS_SIGNATURE = ("status", "params_hash", "finished_at")
+RENAMED_PREFIX = "manifest_"
+
+
+def _own_columns(path: Path, table: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """The manifest with no column named like one the runner writes, decided before anything runs.
+
+    The rule: a previous run's results.parquet (it has status, params_hash and finished_at) is a
+    manifest of its row inputs; its runner columns are dropped. In any other manifest a column named
+    like a runner column is kept as `manifest_<name>`. Both are said in a note; a clash of the new
+    name with another column is refused.
+    """
+    clashing = [c for c in table.columns if c in RUNNER_COLUMNS]
+    if not clashing:
+        return table, []
+    if all(c in table.columns for c in _RESULTS_SIGNATURE):
+        return table.drop(columns=clashing), [
+            f"The manifest {str(path)!r} is a previous run's results table: its runner columns "
+            f"({', '.join(clashing)}) are dropped, and each row is made from its inputs (id, image, prompt, seed, ...)."
+        ]
+    renamed = {c: f"{RENAMED_PREFIX}{c}" for c in clashing}
+    taken = [new for new in renamed.values() if new in table.columns]
+    if taken:
+        raise UserError(
+            f"The manifest {str(path)!r} has a column {taken[0].removeprefix(RENAMED_PREFIX)!r}, a name the runner "
+            f"writes itself, and a column {taken[0]!r} as well; rename one of them."
+        )
+    listed = ", ".join(f"{old!r} -> {new!r}" for old, new in renamed.items())
+    return table.rename(columns=renamed), [
+        f"The manifest {str(path)!r} has column(s) named like the runner's own; they are carried as {listed}."
+    ]
 
 
 def _check_columns(path: Path, table: pd.DataFrame, output_format: str) -> None:
     """Columns the outputs cannot carry: refused before anything loads, naming the column."""
-    for column in RESERVED_COLUMNS:
-        if column in table.columns:
-            raise UserError(
-                f"The manifest {str(path)!r} has a column {column!r}, the name metadata.parquet gives each "
-                f"video's path; rename that column (e.g. to 'source_{column}')."
-            )
     if output_format != "webdataset":
         return
     for column in table.columns:

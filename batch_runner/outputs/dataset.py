@@ -49,7 +49,7 @@ _SHARD_NAME = re.compile(r"shard-(\d{6})\.tar$")
 def samples(table: pd.DataFrame, manifest: Manifest) -> pd.DataFrame:
     """The ok rows with the columns a training pipeline wants, manifest columns included."""
     ok = table[table["status"] == "ok"]
-    passthrough = [c for c in ok.columns if c in manifest.passthrough or c.endswith("_manifest")]
+    passthrough = [c for c in ok.columns if c in manifest.passthrough]
     return ok[["video_path", *SAMPLE_COLUMNS, *passthrough]].reset_index(drop=True)
 
 

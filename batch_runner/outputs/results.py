@@ -223,12 +223,8 @@ def merge(output_dir: Path, manifest: Manifest) -> pd.DataFrame:
             records[column] = None
     table = records[RESULT_COLUMNS + PROVENANCE_COLUMNS].astype(_DTYPES)
     # A duplicate id (refused, recorded under on_invalid=skip) must not double its first row here.
-    passthrough = (
-        manifest.rows[manifest.passthrough]
-        .assign(id=ids)
-        .drop_duplicates("id")
-        .rename(columns={c: f"{c}_manifest" for c in manifest.passthrough if c in table.columns})
-    )
+    # Passthrough columns never share a name with the table's (load_manifest renamed or dropped those).
+    passthrough = manifest.rows[manifest.passthrough].assign(id=ids).drop_duplicates("id")
     table = table.merge(passthrough, on="id", how="left", validate="one_to_one")
     atomic_write_parquet(table, output_dir / RESULTS_FILE)
     return table

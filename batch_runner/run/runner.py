@@ -89,6 +89,9 @@ def run(cfg: RunConfig) -> int:
 def _run(cfg: RunConfig, cluster: Cluster) -> int:
     out = output_dir_of(cfg)
     manifest = load_manifest(cfg.manifest, cfg.model, cfg.seed, cfg.ids, cfg.output.format)
+    if cluster.is_main:
+        for note in manifest.notes:
+            log.warning("%s", note)
     if manifest.problems and cfg.on_invalid != "skip":
         raise UserError(_refusal(manifest))
     check_replica_rows(cfg, manifest.jobs)  # before any model loads
