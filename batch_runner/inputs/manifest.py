@@ -124,8 +124,9 @@ class Manifest:
 
     @property
     def record_ids(self) -> pd.Series:
-        """Each row's id as results record it: a blank id cell becomes the row-number id."""
-        return record_ids(self.table)
+        """Each row's id as results record it: a blank id cell becomes the row-number id. Made over
+        every row, so that a selected row's record id is the one it has in the whole manifest."""
+        return self.all_record_ids[self.table.index]
 
     @property
     def all_record_ids(self) -> pd.Series:
@@ -144,11 +145,26 @@ class Manifest:
 
 def record_ids(table: pd.DataFrame) -> pd.Series:
     """Each row's id as results record it: a blank id cell, or a later repeat of an id already used
-    (refused as a duplicate), becomes the row-number id, so every row has a record."""
+    (refused as a duplicate), becomes the row-number id, so every row has a record.
+
+    A row-number id that a row uses as its real id ('row000002') gets a suffix ('row000002-2'), so a
+    fallback never replaces a real row's record.
+    """
     ids = table["id"]
     repeated = ids.duplicated(keep="first") & (ids != "")
-    rows = zip(ids.index, ids, repeated, strict=True)
-    return pd.Series([default_id(i) if not row_id or again else row_id for i, row_id, again in rows], index=ids.index)
+    taken = set(ids[~repeated & (ids != "")])
+    record = []
+    for i, row_id, again in zip(ids.index, ids, repeated, strict=True):
+        if row_id and not again:
+            record.append(row_id)
+            continue
+        fallback, n = default_id(i), 1
+        while fallback in taken:
+            n += 1
+            fallback = f"{default_id(i)}-{n}"
+        taken.add(fallback)
+        record.append(fallback)
+    return pd.Series(record, index=ids.index)
 
 
 def sample_key(row_id: str) -> str:

@@ -188,14 +188,9 @@ def _prepare(cfg: RunConfig, manifest: Manifest, out: Path) -> dict[str, Any]:
 
 def _record_invalid(cfg: RunConfig, manifest: Manifest, out: Path, run_id: str) -> None:
     results = ResultLog(out, run_id, rank=0)
-    valid = {job.id for job in manifest.jobs}
+    # Record ids never meet a valid row's id (manifest.record_ids): every refused row gets its record.
     for row_id, reason in manifest.invalid_ids.items():
         log.warning("row %s skipped: %s", row_id, reason)
-        if row_id in valid:
-            # A row-number id (of a blank or repeated id) that a valid row uses as its own id: the record
-            # would replace that row's own (and on a resume, turn its video into a failure). The refusal
-            # is in the log above.
-            continue
         results.append(ResultRow.invalid(row_id, reason, finished_at=_now()))
 
 
