@@ -20,7 +20,7 @@ from typing import Any
 import pandas as pd
 
 from batch_runner.inputs.manifest import Job, Manifest
-from batch_runner.outputs.storage import atomic_write_parquet, atomic_write_text
+from batch_runner.outputs.storage import append_nofollow, atomic_write_parquet, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ class ResultLog:
 
     def append(self, row: ResultRow) -> None:
         line = json.dumps(row.record(), ensure_ascii=False, default=str) + "\n"
-        with self._lock, open(self.path, "a", encoding="utf-8") as f:
+        with self._lock, append_nofollow(self.path) as f:
             f.write(line)
             f.flush()
             os.fsync(f.fileno())
