@@ -128,6 +128,8 @@ RUN_ENTRIES = frozenset(
         "config.yaml",
     }
 )
+# Files a desktop leaves in any folder it shows: a folder holding only these counts as empty.
+DESKTOP_CLUTTER = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
 # What a run writes into (folders) or opens in place (files): none may be a link, or the run would
 # write where it points, outside output_dir. Files it replaces atomically (tables, reports) may.
 NO_LINKS = (MARKER_FILE, LOCK_FILE, "videos", "logs", "parts", "previews", "shards")
@@ -162,7 +164,11 @@ def check_output_dir(out: Path, manifest: Path) -> None:
     check_no_links(out)
     if not out.is_dir() or (out / MARKER_FILE).is_file():
         return
-    entries = [p for p in out.iterdir() if not (p.name.startswith(".") and p.name.endswith(TEMP_SUFFIX))]
+    entries = [
+        p
+        for p in out.iterdir()
+        if not (p.name.startswith(".") and p.name.endswith(TEMP_SUFFIX)) and p.name not in DESKTOP_CLUTTER
+    ]
     foreign = sorted(p.name for p in entries if p.name not in RUN_ENTRIES)
     if not entries or (not foreign and any((out / "parts").glob("*.jsonl"))):
         return
