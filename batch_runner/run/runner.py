@@ -99,6 +99,9 @@ def _run(cfg: RunConfig, cluster: Cluster) -> int:
         if cluster.is_main:
             from batch_runner.run.dry_run import describe
 
+            with output_errors(out, "check the output folder", "nothing was made"):
+                check_output_dir(out, manifest.path)  # the dry run refuses the folder the run would refuse
+
             print(describe(cfg, manifest, cluster, out))
         return 0
 
