@@ -379,6 +379,8 @@ RUNNER_COLUMNS = (
     "memory_plan",
     "params_hash",
     "finished_at",
+    "motion",
+    "brightness",
     "model",
     "model_path",
     "model_revision",

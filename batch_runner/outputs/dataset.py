@@ -42,6 +42,8 @@ SAMPLE_COLUMNS = [
     "guidance_scale",
     "model",
     "params_hash",
+    "motion",
+    "brightness",
 ]
 _SHARD_NAME = re.compile(r"shard-(\d{6})\.tar$")
 

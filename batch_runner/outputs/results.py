@@ -60,6 +60,8 @@ class ResultRow:
     memory_plan: str | None = None
     params_hash: str | None = None
     finished_at: str | None = None
+    motion: float | None = None  # mean absolute difference of consecutive frames, 0..1 (outputs/quality.py)
+    brightness: float | None = None  # mean pixel value, 0..1
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @classmethod
@@ -137,6 +139,8 @@ _DTYPES = {
     "guidance_scale": "float64",
     "seconds": "float64",
     "peak_memory_gib": "float64",
+    "motion": "float64",
+    "brightness": "float64",
 }
 
 

@@ -28,6 +28,7 @@ from batch_runner.inputs.images import ImageLoadError, load_image
 from batch_runner.inputs.manifest import Job, Manifest, load_manifest
 from batch_runner.outputs import dataset, report
 from batch_runner.outputs.provenance import config_hash, output_salt, provenance, run_key, save_config
+from batch_runner.outputs.quality import measure
 from batch_runner.outputs.results import ResultLog, ResultRow, finished_ids, merge
 from batch_runner.outputs.storage import (
     OutputError,
@@ -328,8 +329,14 @@ def _make_one(replica: Replica, job: Job, image: Any, prompts: Any, row: ResultR
 
 
 def _publish(out: Path, job: Job, frames: Any, image: Any, row: ResultRow, cfg: RunConfig, finish: Any) -> None:
-    """Writer thread: video first (atomically), then the preview, then the durable result row."""
+    """Writer thread: the frames' quality, the video (atomically), the preview, then the durable result row.
+    A constant video fails its row with the reason and is not written."""
     relative = f"{VIDEOS_DIR}/{job.id}.mp4"
+    quality = measure(frames)
+    row = row.but(motion=quality.motion, brightness=quality.brightness)
+    if quality.problem:
+        finish(row.failed(quality.problem))
+        return
     try:
         # A full or read-only folder ends the run (every later row would fail the same way).
         with output_errors(out, f"write {relative}", KEPT_WHILE_MAKING):
