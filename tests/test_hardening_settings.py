@@ -25,6 +25,7 @@ CONF = ROOT / "conf"
         ("overwrite=maybe", "overwrite=maybe is not true or false"),
         ("model.guidance_scale=high", "model.guidance_scale=high is not a number"),
         ("ids=c", "ids is a list; write ids=[c] (several: ids=[a,b])."),
+        ("ids=a,b", "ids is a list; write ids=[a,b]."),
         ("manifest=/data/a(1).csv", """quote it, e.g. 'manifest="/data/a(1).csv"' (single quotes for the shell"""),
         ("manifest=/data/a,b.csv", """reserves (,); quote it, e.g. 'manifest="/data/a,b.csv"'"""),
     ],

@@ -55,6 +55,8 @@ def check_overrides(args: list[str], conf_dir: Path) -> None:
             continue
         leaf = _check_key(key, groups)
         if override.is_sweep_override() and not multirun:
+            if leaf is not None and _is_list(leaf):
+                raise UserError(f"{key} is a list; write {key}=[{arg.split('=', 1)[1]}].")
             _refuse_unparsed(arg)  # a path with ',' reads as a sweep over its parts
         if leaf is not None and not override.is_sweep_override():
             _check_type(key, arg.split("=", 1)[1] if "=" in arg else "", override.value(), leaf)
@@ -73,6 +75,10 @@ def _refuse_unparsed(arg: str) -> None:
         f"The value of {key.lstrip('+~')} holds characters Hydra's override grammar reserves ({shown}); quote it, "
         f"e.g. '{key}=\"{value}\"' (single quotes for the shell, double quotes for Hydra)."
     )
+
+
+def _is_list(hint: object) -> bool:
+    return any((typing.get_origin(h) or h) is list for h in (hint, *typing.get_args(hint)))
 
 
 _KINDS = {int: "a whole number", float: "a number", bool: "true or false", str: "text"}
