@@ -17,7 +17,7 @@ from batch_runner.errors import UserError
 from batch_runner.inputs.manifest import load_manifest
 from batch_runner.outputs import dataset
 from batch_runner.outputs.provenance import save_config
-from batch_runner.outputs.results import PARTS_DIR, ResultLog, merge, read_records
+from batch_runner.outputs.results import PARTS_DIR, ResultLog, ResultRow, merge, read_records
 from batch_runner.run import runner
 from batch_runner.run.cli import _from_run
 from tests.conftest import photo, run_config, write_manifest
@@ -25,15 +25,15 @@ from tests.conftest import photo, run_config, write_manifest
 STRUCT = pa.struct([("n", pa.int64()), ("label", pa.string())])
 
 
-def record(row_id: str, **fields) -> dict:
-    return {
-        "id": row_id,
-        "status": "ok",
-        "video_path": f"videos/{row_id}.mp4",
-        "params_hash": "h",
-        "finished_at": "2030-01-01T00:00:00+00:00",
-        "seed": 1,
-    } | fields
+def record(row_id: str, **fields) -> ResultRow:
+    return ResultRow(
+        id=row_id,
+        status="ok",
+        video_path=f"videos/{row_id}.mp4",
+        params_hash="h",
+        finished_at="2030-01-01T00:00:00+00:00",
+        seed=1,
+    ).but(**fields)
 
 
 def made(out: Path, manifest, ids: list[str]) -> None:
@@ -64,8 +64,8 @@ def test_a_refused_duplicate_row_is_recorded_under_its_row_number_id(tmp_path: P
 def test_a_torn_results_line_is_reported_once_and_removed(tmp_path: Path, caplog) -> None:
     part = tmp_path / PARTS_DIR / "run1.rank00000.jsonl"
     part.parent.mkdir(parents=True)
-    whole = json.dumps(record("a")) + "\n"
-    part.write_text(whole + json.dumps(record("b"))[:25])  # killed while writing b's line
+    whole = json.dumps(record("a").record()) + "\n"
+    part.write_text(whole + json.dumps(record("b").record())[:25])  # killed while writing b's line
     with caplog.at_level(logging.WARNING):
         assert read_records(tmp_path)["id"].tolist() == ["a"]
     assert "unfinished line" in caplog.text

@@ -20,7 +20,13 @@ class ImageLoadError(Exception):
 
 
 def load_image(path: str | Path, height: int, width: int, max_pixels: int) -> Image.Image:
-    """Decode `path` and return an RGB image of exactly width x height."""
+    """Decode `path` and return an RGB image of exactly width x height.
+
+    `max_pixels` (the max_image_pixels setting) is the bomb limit, not Pillow's own (89 MP, errors from
+    179 MP): Pillow's check is turned off and ours runs on the header that Image.open reads, before any
+    pixel is decoded, so the limit can be raised above Pillow's and the refusal cites our number.
+    """
+    Image.MAX_IMAGE_PIXELS = None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -6,16 +6,22 @@ the column and the fix, so that a run over thousands of rows is never stopped ha
 
 from __future__ import annotations
 
+import csv
+import errno
 import hashlib
 import math
 import numbers
+import os
 import re
-from dataclasses import asdict, dataclass
+import stat
+import unicodedata
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batch_runner.config import ModelConfig
@@ -35,7 +41,7 @@ OVERRIDE_COLUMNS = (
     "fps",
 )
 KNOWN_COLUMNS = ("id", *REQUIRED_COLUMNS, *OVERRIDE_COLUMNS)
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jfif", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 MANIFEST_SUFFIXES = (".csv", ".parquet")
 MAX_SEED = 2**63 - 1
 MAX_ID_BYTES = 200
@@ -48,7 +54,16 @@ _RESERVED_NAMES = {
     *(f"com{i}" for i in range(10)),
     *(f"lpt{i}" for i in range(10)),
 }
-_UNSAFE_ID_CHARS = re.compile(r'[/\\:*?"<>|\x00-\x1f\x7f]')
+_UNSAFE_ID_CHARS = re.compile(r'[/\\:*?"<>|]')
+# Unicode categories refused in ids: controls (Cc), format characters (Cf: bidi overrides such as
+# U+202E, zero-width spaces and joiners, BOMs), line/paragraph separators, private use, surrogates and
+# unassigned code points. They hide what a file name is, or reorder how it is shown.
+_UNSAFE_ID_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Co", "Cs", "Cn"})
+# What id_problem refuses, in the words of its refusals; the rule and this text are tested together.
+ID_RULE = (
+    'ids name the video files, so use letters, digits, spaces and punctuation except / \\ : * ? " < > |, '
+    "with no control, bidi or zero-width characters, not starting with '.' or '~' nor ending with '.' or a space"
+)
 
 
 @dataclass(frozen=True)
@@ -114,6 +129,8 @@ class Manifest:
     # Every row of the manifest, also those `ids=` left out: results.parquet, metadata.parquet and the
     # report keep their earlier rows, so regenerating one video never shrinks the dataset. None: `table`.
     all_rows: pd.DataFrame | None = None
+    # What was done to the manifest's columns up front (runner columns renamed or dropped), to tell the user.
+    notes: list[str] = field(default_factory=list)
 
     @property
     def rows(self) -> pd.DataFrame:
@@ -121,8 +138,9 @@ class Manifest:
 
     @property
     def record_ids(self) -> pd.Series:
-        """Each row's id as results record it: a blank id cell becomes the row-number id."""
-        return record_ids(self.table)
+        """Each row's id as results record it: a blank id cell becomes the row-number id. Made over
+        every row, so that a selected row's record id is the one it has in the whole manifest."""
+        return self.all_record_ids[self.table.index]
 
     @property
     def all_record_ids(self) -> pd.Series:
@@ -141,11 +159,26 @@ class Manifest:
 
 def record_ids(table: pd.DataFrame) -> pd.Series:
     """Each row's id as results record it: a blank id cell, or a later repeat of an id already used
-    (refused as a duplicate), becomes the row-number id, so every row has a record."""
+    (refused as a duplicate), becomes the row-number id, so every row has a record.
+
+    A row-number id that a row uses as its real id ('row000002') gets a suffix ('row000002-2'), so a
+    fallback never replaces a real row's record.
+    """
     ids = table["id"]
     repeated = ids.duplicated(keep="first") & (ids != "")
-    rows = zip(ids.index, ids, repeated, strict=True)
-    return pd.Series([default_id(i) if not row_id or again else row_id for i, row_id, again in rows], index=ids.index)
+    taken = set(ids[~repeated & (ids != "")])
+    record = []
+    for i, row_id, again in zip(ids.index, ids, repeated, strict=True):
+        if row_id and not again:
+            record.append(row_id)
+            continue
+        fallback, n = default_id(i), 1
+        while fallback in taken:
+            n += 1
+            fallback = f"{default_id(i)}-{n}"
+        taken.add(fallback)
+        record.append(fallback)
+    return pd.Series(record, index=ids.index)
 
 
 def sample_key(row_id: str) -> str:
@@ -166,8 +199,9 @@ def derive_seed(base_seed: int, row_id: str) -> int:
 
 def read_table(path: Path) -> pd.DataFrame:
     """The manifest as a DataFrame, text columns as text, however a spreadsheet saved it."""
-    if not path.exists():
-        raise UserError(f"The manifest {str(path)!r} does not exist; pass manifest=PATH to a .csv or .parquet file.")
+    what = _not_a_file(path)
+    if what:
+        raise UserError(f"The manifest {str(path)!r} {what}; pass manifest=PATH to a .csv or .parquet file.")
     suffix = path.suffix.lower()
     if suffix not in MANIFEST_SUFFIXES:
         raise UserError(
@@ -185,6 +219,7 @@ def read_table(path: Path) -> pd.DataFrame:
         with open(path, encoding="utf-8-sig", newline="") as f:
             header = f.readline()
         sep = "," if "," in header else next((s for s in (";", "\t") if s in header), ",")
+        _check_csv_shape(path, sep)
         return _read_csv(path, sep, text_columns)
     except UnicodeDecodeError as e:
         raise UserError(
@@ -194,14 +229,64 @@ def read_table(path: Path) -> pd.DataFrame:
         raise UserError(f"The manifest {str(path)!r} could not be read as {suffix[1:]}: {e}") from e
 
 
+def _not_a_file(path: Path) -> str | None:
+    """Why `path` cannot be read as a file (None if it can), in words that say what it is."""
+    text = str(path)
+    if "://" in text:
+        return "is a URL; download it and pass the local path (manifests and images are read from disk)"
+    try:
+        mode = path.stat().st_mode
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "is a symbolic link that points back to itself (a loop)"
+        if path.is_symlink():
+            return f"is a symbolic link to {os.readlink(path)!r}, which does not exist"
+        return "does not exist"
+    if stat.S_ISDIR(mode):
+        return "is a folder"
+    if not stat.S_ISREG(mode):
+        return "is not a regular file (a pipe, socket or device)"
+    return None
+
+
+def _check_csv_shape(path: Path, sep: str) -> None:
+    """Refuse a header that names a column twice and a row with more fields than the header, naming
+    them (pandas would rename the second 'prompt' to 'prompt.1', or take extra fields for an index)."""
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f, delimiter=sep)
+        header = [c.strip() for c in next(reader, [])]
+        twice = sorted({c for c in header if header.count(c) > 1})
+        if twice:
+            raise UserError(
+                f"The manifest {str(path)!r} names the column(s) {', '.join(map(repr, twice))} more than once in its "
+                "header row; keep one of each."
+            )
+        for number, fields in enumerate(reader, 1):
+            if len(fields) > len(header):
+                raise UserError(
+                    f"The manifest {str(path)!r} has {len(fields)} fields in row {number} but {len(header)} column "
+                    f'names in its header; quote fields that hold {sep!r} ("a{sep} b"), or name every column.'
+                )
+
+
 def _read_parquet(path: Path) -> pd.DataFrame:
     """The columns batch_runner reads as NumPy-backed pandas; passthrough columns keep their Arrow
     type (pd.ArrowDtype), so they reach results.parquet and metadata.parquet as they were: a struct's
     int64 field or an int64 column with nulls would otherwise come back as double."""
     arrow = pq.read_table(path)
+    names = [str(c).strip() for c in arrow.column_names]
+    twice = sorted({c for c in names if names.count(c) > 1})
+    if twice:
+        raise UserError(
+            f"The manifest {str(path)!r} has the column(s) {', '.join(map(repr, twice))} more than once; "
+            "keep one of each."
+        )
     table = arrow.to_pandas()
     for name in arrow.column_names:
-        if str(name).strip() not in KNOWN_COLUMNS:
+        if str(name).strip() == "seed" and pa.types.is_integer(arrow.column(name).type):
+            # a seed column with a null (a previous run's results: its invalid rows) would pass through float64
+            table[name] = arrow.column(name).to_pandas(types_mapper={arrow.column(name).type: pd.Int64Dtype()}.get)
+        elif str(name).strip() not in KNOWN_COLUMNS:
             column = arrow.column(name).to_pandas(types_mapper=pd.ArrowDtype)
             column.index = table.index
             table[name] = column
@@ -226,7 +311,14 @@ def load_manifest(
     Every row is validated (ids must be unique across the whole manifest), but with `ids` only the
     selected rows become jobs and only their problems are reported.
     """
-    path = Path(path).expanduser().resolve()
+    if "://" in str(path):
+        raise UserError(
+            f"The manifest {str(path)!r} is a URL; download it and pass the local path (manifests are read from disk)."
+        )
+    try:
+        path = Path(path).expanduser().resolve()
+    except (RuntimeError, OSError):  # a symbolic link loop (Python < 3.13 raises RuntimeError)
+        path = Path(path).expanduser().absolute()
     table = read_table(path)
     table.columns = [str(c).strip() for c in table.columns]
     missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
@@ -237,6 +329,7 @@ def load_manifest(
             f"(found {found}); add them to its header row."
         )
     table = table.reset_index(drop=True)
+    table, notes = _own_columns(path, table)
     if "id" in table.columns:
         table["id"] = [_as_id(v, i) for i, v in enumerate(table["id"])]
     else:
@@ -268,21 +361,77 @@ def load_manifest(
         problems=problems,
         passthrough=passthrough,
         all_rows=None if ids is None else table,
+        notes=notes,
     )
 
 
-# Columns the runner writes itself into metadata.parquet, which a manifest column would duplicate.
-RESERVED_COLUMNS = ("file_name",)
+# Columns the runner writes itself into results.parquet and metadata.parquet, besides the row inputs
+# (KNOWN_COLUMNS): a manifest column of one of these names would be a second column of that name there.
+# tests/test_hardening_columns.py checks that this list follows the results' own columns.
+RUNNER_COLUMNS = (
+    "status",
+    "video_path",
+    "rank",
+    "seconds",
+    "peak_memory_gib",
+    "error",
+    "warnings",
+    "memory_plan",
+    "params_hash",
+    "finished_at",
+    "motion",
+    "brightness",
+    "model",
+    "model_path",
+    "model_revision",
+    "scheduler",
+    "dtype",
+    "torch_version",
+    "diffusers_version",
+    "transformers_version",
+    "batch_runner_version",
+    "gpu",
+    "gpus_per_replica",
+    "vae_tile",
+    "config_hash",
+    "file_name",
+)
+# A table holding all of these is a previous run's results.parquet.
+_RESULTS_SIGNATURE = ("status", "params_hash", "finished_at")
+RENAMED_PREFIX = "manifest_"
+
+
+def _own_columns(path: Path, table: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """The manifest with no column named like one the runner writes, decided before anything runs.
+
+    The rule: a previous run's results.parquet (it has status, params_hash and finished_at) is a
+    manifest of its row inputs; its runner columns are dropped. In any other manifest a column named
+    like a runner column is kept as `manifest_<name>`. Both are said in a note; a clash of the new
+    name with another column is refused.
+    """
+    clashing = [c for c in table.columns if c in RUNNER_COLUMNS]
+    if not clashing:
+        return table, []
+    if all(c in table.columns for c in _RESULTS_SIGNATURE):
+        return table.drop(columns=clashing), [
+            f"The manifest {str(path)!r} is a previous run's results table: its runner columns "
+            f"({', '.join(clashing)}) are dropped, and each row is made from its inputs (id, image, prompt, seed, ...)."
+        ]
+    renamed = {c: f"{RENAMED_PREFIX}{c}" for c in clashing}
+    taken = [new for new in renamed.values() if new in table.columns]
+    if taken:
+        raise UserError(
+            f"The manifest {str(path)!r} has a column {taken[0].removeprefix(RENAMED_PREFIX)!r}, a name the runner "
+            f"writes itself, and a column {taken[0]!r} as well; rename one of them."
+        )
+    listed = ", ".join(f"{old!r} -> {new!r}" for old, new in renamed.items())
+    return table.rename(columns=renamed), [
+        f"The manifest {str(path)!r} has column(s) named like the runner's own; they are carried as {listed}."
+    ]
 
 
 def _check_columns(path: Path, table: pd.DataFrame, output_format: str) -> None:
     """Columns the outputs cannot carry: refused before anything loads, naming the column."""
-    for column in RESERVED_COLUMNS:
-        if column in table.columns:
-            raise UserError(
-                f"The manifest {str(path)!r} has a column {column!r}, the name metadata.parquet gives each "
-                f"video's path; rename that column (e.g. to 'source_{column}')."
-            )
     if output_format != "webdataset":
         return
     for column in table.columns:
@@ -297,13 +446,15 @@ def _check_columns(path: Path, table: pd.DataFrame, output_format: str) -> None:
 class _SeenIds:
     """The ids of earlier rows, to refuse an id that would name the same file as another's.
 
-    Exact duplicates, ids that differ only by case (one file on macOS and Windows file systems)
+    Exact duplicates, ids equal once Unicode-normalised (NFC and NFD 'ü'), ids that differ only by
+    case (one file on macOS and Windows file systems)
     and, for WebDataset, ids that map to the same sample key ('a.b' and 'a_b').
     """
 
     def __init__(self, webdataset: bool) -> None:
         self.webdataset = webdataset
         self.exact: dict[str, int] = {}
+        self.normal: dict[str, tuple[str, int]] = {}
         self.folded: dict[str, tuple[str, int]] = {}
         self.keys: dict[str, tuple[str, int]] = {}
 
@@ -311,7 +462,14 @@ class _SeenIds:
         """Why `row_id` clashes with an earlier row's id (None if not); remembers it otherwise."""
         if row_id in self.exact:
             return f"duplicate id, also used by row {self.exact[row_id]}; ids must be unique"
-        folded = row_id.casefold()
+        normal = unicodedata.normalize("NFC", row_id)
+        if normal in self.normal:
+            other, first = self.normal[normal]
+            return (
+                f"is row {first}'s id {other!r} written with other Unicode code points (NFC normalisation makes "
+                "them equal), so their videos would be one file on macOS; make the ids differ"
+            )
+        folded = normal.casefold()
         if folded in self.folded:
             other, first = self.folded[folded]
             return (
@@ -326,6 +484,7 @@ class _SeenIds:
                 "rename one of them"
             )
         self.exact[row_id] = row
+        self.normal[normal] = (row_id, row)
         self.folded[folded] = (row_id, row)
         self.keys[key] = (row_id, row)
         return None
@@ -403,13 +562,19 @@ def _validate_row(
 
 def id_problem(row_id: str) -> str | None:
     """Why `row_id` cannot name a file inside output_dir, or None if it can."""
-    fix = "ids name the video files, so use letters, digits, '-', '_' and '.'"
+    fix = ID_RULE
     if not row_id:
         return f"the id is empty; {fix}"
     if _UNSAFE_ID_CHARS.search(row_id) or row_id in (".", "..") or row_id.startswith("~"):
         return f"{row_id!r} could write outside output_dir or is not a portable file name; {fix}"
+    hidden = sorted({f"U+{ord(c):04X}" for c in row_id if unicodedata.category(c) in _UNSAFE_ID_CATEGORIES})
+    if hidden:
+        return (
+            f"{row_id!r} holds {', '.join(hidden)} (control, bidi or zero-width), which is not a portable "
+            f"file name; {fix}"
+        )
     if row_id.startswith("."):
-        return f"{row_id!r} would be a hidden file; {fix}, not starting with '.'"
+        return f"{row_id!r} would be a hidden file; {fix}"
     if row_id.endswith((".", " ")) or row_id != row_id.strip():
         return f"{row_id!r} starts or ends with a space or ends with '.'; {fix}"
     if row_id.split(".")[0].lower() in _RESERVED_NAMES:
@@ -424,6 +589,9 @@ def _check_image(value: Any, base_dir: Path, problem: Any, column: str = "image"
         problem(column, "no image path; give a path relative to the manifest's folder or an absolute one")
         return None
     raw = str(value).strip()
+    if "://" in raw:
+        problem(column, f"{raw!r} is a URL; download the image and give its path on disk")
+        return None
     path = Path(raw).expanduser()
     path = path if path.is_absolute() else base_dir / path
     if path.is_dir():
@@ -435,11 +603,15 @@ def _check_image(value: Any, base_dir: Path, problem: Any, column: str = "image"
             f"{raw!r} is not a supported image type ({', '.join(IMAGE_SUFFIXES)}); convert it to PNG or JPEG",
         )
         return None
-    if not path.is_file():
+    what = _not_a_file(path)
+    if what == "does not exist":
         problem(
             column,
             f"{raw!r} does not exist (looked for {str(path)!r}); relative paths are read from the manifest's folder",
         )
+        return None
+    if what:
+        problem(column, f"{raw!r} {what} (looked at {str(path)!r}); give the path of an image file")
         return None
     return path.resolve()
 

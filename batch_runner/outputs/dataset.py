@@ -3,11 +3,11 @@
 * metadata.parquet beside videos/ with a `file_name` column: `datasets.load_dataset("videofolder",
   data_dir=output_dir)` gives one example per ok row with its prompt, id, seed and the manifest's
   own columns.
-* output.format=webdataset: tar shards under shards/, `<key>.mp4` + `<key>.json` per sample. Each
-  shard is written atomically; which samples a shard holds is read from the shard itself, so a
-  resumed run packs only samples no complete shard holds (no duplicates) and drops shards whose
-  samples were regenerated or whose metadata changed (an edited passthrough column of the
-  manifest): a shard is kept only while every sample's JSON is what it would be written as now.
+* output.format=webdataset: tar shards under shards/, `<key>.mp4` + `<key>.json` per sample. The
+  layout follows the manifest: its ok rows in order, shard_size to a shard, numbered from 000000
+  without gaps. Each shard is written atomically and kept only while it holds exactly its samples
+  with the JSON they would be written with now (an edited passthrough column changes it), so a
+  resumed run rewrites only shards that changed, and no sample is in two shards.
 """
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ SAMPLE_COLUMNS = [
     "guidance_scale",
     "model",
     "params_hash",
+    "motion",
+    "brightness",
 ]
 _SHARD_NAME = re.compile(r"shard-(\d{6})\.tar$")
 
@@ -49,7 +51,7 @@ _SHARD_NAME = re.compile(r"shard-(\d{6})\.tar$")
 def samples(table: pd.DataFrame, manifest: Manifest) -> pd.DataFrame:
     """The ok rows with the columns a training pipeline wants, manifest columns included."""
     ok = table[table["status"] == "ok"]
-    passthrough = [c for c in ok.columns if c in manifest.passthrough or c.endswith("_manifest")]
+    passthrough = [c for c in ok.columns if c in manifest.passthrough]
     return ok[["video_path", *SAMPLE_COLUMNS, *passthrough]].reset_index(drop=True)
 
 
@@ -63,32 +65,34 @@ def write_metadata(output_dir: Path, table: pd.DataFrame, manifest: Manifest) ->
 def write_shards(
     output_dir: Path, table: pd.DataFrame, manifest: Manifest, shard_size: int, rebuild: bool = False
 ) -> list[Path]:
-    """Bring shards/ in line with the ok rows; returns the shards written now."""
+    """Bring shards/ in line with the ok rows; returns the shards written now.
+
+    The layout depends on the manifest alone: the ok rows in manifest order, `shard_size` to a shard,
+    numbered from shard-000000 without gaps (so `shard-{000000..00000N}.tar` patterns hold). A shard
+    already holding exactly its samples, with the same JSON, is kept; any other is written again, and
+    shards past the last are removed.
+    """
     folder = output_dir / SHARDS_DIR
     folder.mkdir(exist_ok=True)
-    wanted = {sample_key(r["id"]): r for r in samples(table, manifest).to_dict("records")}
-    if len(wanted) != len(samples(table, manifest)):
+    ok = samples(table, manifest)
+    wanted = {sample_key(r["id"]): r for r in ok.to_dict("records")}
+    if len(wanted) != len(ok):
         raise ValueError("two ids map to the same WebDataset key (ids differing only by '.' and '_')")
-    held: set[str] = set()
-    last_index = -1
+    keys = list(wanted)
+    size = max(1, shard_size)
+    layout = {f"shard-{i // size:06d}.tar": keys[i : i + size] for i in range(0, len(keys), size)}
     for shard in sorted(folder.glob("shard-*.tar")):
-        match = _SHARD_NAME.search(shard.name)
-        contents = _shard_contents(shard)
-        fresh = all(key in wanted and _sample_json(wanted[key]) == meta for key, meta in contents.items())
-        if rebuild or not fresh or match is None:
+        if shard.name not in layout or not _SHARD_NAME.search(shard.name):
             shard.unlink()
-            continue
-        held |= contents.keys()
-        last_index = max(last_index, int(match.group(1)))
-    todo = [key for key in wanted if key not in held]
     written = []
-    for start in range(0, len(todo), max(1, shard_size)):
-        last_index += 1
-        path = folder / f"shard-{last_index:06d}.tar"
-        _write_shard(path, output_dir, [wanted[k] | {"__key__": k} for k in todo[start : start + shard_size]])
+    for name, chunk in layout.items():
+        path = folder / name
+        if not rebuild and path.is_file() and _shard_contents(path) == {k: _sample_json(wanted[k]) for k in chunk}:
+            continue
+        _write_shard(path, output_dir, [wanted[k] | {"__key__": k} for k in chunk])
         written.append(path)
     if written:
-        log.info("wrote %d WebDataset shard(s) with %d samples", len(written), len(todo))
+        log.info("wrote %d WebDataset shard(s) of %d", len(written), len(layout))
     return written
 
 

@@ -13,43 +13,104 @@ import json
 import logging
 import os
 import threading
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from batch_runner.inputs.manifest import Manifest
-from batch_runner.outputs.storage import atomic_write_parquet, atomic_write_text
+from batch_runner.inputs.manifest import Job, Manifest
+from batch_runner.outputs.storage import append_nofollow, atomic_write_parquet, atomic_write_text
 
 log = logging.getLogger(__name__)
 
 PARTS_DIR = "parts"
 RESULTS_FILE = "results.parquet"
+
+
+@dataclass(frozen=True)
+class ResultRow:
+    """One row of the results table, as one line of a part file.
+
+    Built only through its constructors, so that every record has the same fields whatever happened
+    to its row: `from_job` (a valid row about to be made), then `.ok(video_path)` or `.failed(error)`;
+    `invalid` (a row the manifest refused, under on_invalid=skip). The results columns are its fields,
+    in this order; `extra` (provenance, and anything a run adds per row) follows them in the record.
+    """
+
+    id: str
+    status: str | None = None  # "ok" / "failed"
+    video_path: str | None = None  # relative to output_dir
+    seed: int | None = None
+    num_frames: int | None = None
+    height: int | None = None
+    width: int | None = None
+    fps: float | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    rank: int | None = None
+    seconds: float | None = None
+    peak_memory_gib: float | None = None
+    error: str | None = None
+    warnings: str | None = None
+    prompt: str | None = None
+    negative_prompt: str | None = None
+    image: str | None = None
+    last_image: str | None = None
+    memory_plan: str | None = None
+    params_hash: str | None = None
+    finished_at: str | None = None
+    motion: float | None = None  # mean absolute difference of consecutive frames, 0..1 (outputs/quality.py)
+    brightness: float | None = None  # mean pixel value, 0..1
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @classmethod
+    def from_job(cls, job: Job, salt: str, warnings: str | None = None, memory_plan: str | None = None) -> ResultRow:
+        """A valid row before it is made: its inputs, with every default filled in."""
+        return cls(
+            id=job.id,
+            seed=job.seed,
+            num_frames=job.num_frames,
+            height=job.height,
+            width=job.width,
+            fps=job.fps,
+            num_inference_steps=job.num_inference_steps,
+            guidance_scale=job.guidance_scale,
+            prompt=job.prompt,
+            negative_prompt=job.negative_prompt,
+            image=job.image,
+            last_image=job.last_image,
+            params_hash=job.params_hash(salt),
+            warnings=warnings,
+            memory_plan=memory_plan,
+        )
+
+    @classmethod
+    def invalid(cls, row_id: str, reason: str, finished_at: str) -> ResultRow:
+        """A row the manifest refused: only its (record) id and why."""
+        return cls(id=row_id, status="failed", error=f"invalid row: {reason}", finished_at=finished_at)
+
+    def ok(self, video_path: str) -> ResultRow:
+        return replace(self, status="ok", video_path=video_path, error=None)
+
+    def failed(self, error: str) -> ResultRow:
+        return replace(self, status="failed", error=error[:2000])
+
+    def but(self, **changes: Any) -> ResultRow:
+        """This row with some fields changed (timing, plan, warnings, rank); `extra` keys are merged."""
+        extra = changes.pop("extra", None)
+        row = replace(self, **changes)
+        return replace(row, extra=self.extra | extra) if extra else row
+
+    def record(self) -> dict[str, Any]:
+        """The JSON line's fields: `extra` first (as the runner always wrote them), then the columns."""
+        columns = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        return self.extra | columns
+
+
 # The columns every results table starts with, in this order; passthrough columns follow.
-RESULT_COLUMNS = [
-    "id",
-    "status",
-    "video_path",
-    "seed",
-    "num_frames",
-    "height",
-    "width",
-    "fps",
-    "num_inference_steps",
-    "guidance_scale",
-    "rank",
-    "seconds",
-    "peak_memory_gib",
-    "error",
-    "warnings",
-    "prompt",
-    "negative_prompt",
-    "image",
-    "last_image",
-    "memory_plan",
-    "params_hash",
-    "finished_at",
-]
+RESULT_COLUMNS = [f.name for f in fields(ResultRow) if f.name != "extra"]
+
 PROVENANCE_COLUMNS = [
     "model",
     "model_path",
@@ -78,6 +139,8 @@ _DTYPES = {
     "guidance_scale": "float64",
     "seconds": "float64",
     "peak_memory_gib": "float64",
+    "motion": "float64",
+    "brightness": "float64",
 }
 
 
@@ -89,9 +152,9 @@ class ResultLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
 
-    def append(self, record: dict[str, Any]) -> None:
-        line = json.dumps(record, ensure_ascii=False, default=str) + "\n"
-        with self._lock, open(self.path, "a", encoding="utf-8") as f:
+    def append(self, row: ResultRow) -> None:
+        line = json.dumps(row.record(), ensure_ascii=False, default=str) + "\n"
+        with self._lock, append_nofollow(self.path) as f:
             f.write(line)
             f.flush()
             os.fsync(f.fileno())
@@ -164,12 +227,8 @@ def merge(output_dir: Path, manifest: Manifest) -> pd.DataFrame:
             records[column] = None
     table = records[RESULT_COLUMNS + PROVENANCE_COLUMNS].astype(_DTYPES)
     # A duplicate id (refused, recorded under on_invalid=skip) must not double its first row here.
-    passthrough = (
-        manifest.rows[manifest.passthrough]
-        .assign(id=ids)
-        .drop_duplicates("id")
-        .rename(columns={c: f"{c}_manifest" for c in manifest.passthrough if c in table.columns})
-    )
+    # Passthrough columns never share a name with the table's (load_manifest renamed or dropped those).
+    passthrough = manifest.rows[manifest.passthrough].assign(id=ids).drop_duplicates("id")
     table = table.merge(passthrough, on="id", how="left", validate="one_to_one")
     atomic_write_parquet(table, output_dir / RESULTS_FILE)
     return table

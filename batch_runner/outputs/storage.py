@@ -67,6 +67,23 @@ def atomic_write_parquet(table: pd.DataFrame, final: Path) -> None:
         table.to_parquet(tmp, index=False)
 
 
+def open_nofollow(path: Path, flags: int, mode: int = 0o644) -> int:
+    """os.open that never follows a link at `path` (ELOOP instead): a link planted in output_dir must
+    not make a run write to the file it points to, outside the folder."""
+    return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+
+
+def append_nofollow(path: Path, encoding: str = "utf-8") -> Any:
+    """`open(path, "a")` through open_nofollow."""
+    return os.fdopen(open_nofollow(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "a", encoding=encoding)
+
+
+def write_text_nofollow(path: Path, text: str) -> None:
+    """`path.write_text(text)` through open_nofollow."""
+    with os.fdopen(open_nofollow(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "w", encoding="utf-8") as f:
+        f.write(text)
+
+
 def fsync_dir(folder: Path) -> None:
     """Make a rename in `folder` durable (a no-op where directories cannot be opened)."""
     try:
@@ -100,6 +117,7 @@ RUN_ENTRIES = frozenset(
         MARKER_FILE,
         LOCK_FILE,
         "videos",
+        "logs",
         "previews",
         "parts",
         "shards",
@@ -110,6 +128,11 @@ RUN_ENTRIES = frozenset(
         "config.yaml",
     }
 )
+# Files a desktop leaves in any folder it shows: a folder holding only these counts as empty.
+DESKTOP_CLUTTER = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
+# What a run writes into (folders) or opens in place (files): none may be a link, or the run would
+# write where it points, outside output_dir. Files it replaces atomically (tables, reports) may.
+NO_LINKS = (MARKER_FILE, LOCK_FILE, "videos", "logs", "parts", "previews", "shards")
 # The main process touches its lock this often; another host's lock untouched for STALE_AFTER_S
 # belongs to a run that was killed (file locks do not reach across hosts on every file system).
 HEARTBEAT_S = 60.0
@@ -138,9 +161,14 @@ def check_output_dir(out: Path, manifest: Path) -> None:
             f"output_dir {str(out)!r} holds the manifest {str(manifest)!r}, and a run would write its files "
             "among yours; pick an output_dir of its own (e.g. the default outputs/<manifest name>)."
         )
+    check_no_links(out)
     if not out.is_dir() or (out / MARKER_FILE).is_file():
         return
-    entries = [p for p in out.iterdir() if not (p.name.startswith(".") and p.name.endswith(TEMP_SUFFIX))]
+    entries = [
+        p
+        for p in out.iterdir()
+        if not (p.name.startswith(".") and p.name.endswith(TEMP_SUFFIX)) and p.name not in DESKTOP_CLUTTER
+    ]
     foreign = sorted(p.name for p in entries if p.name not in RUN_ENTRIES)
     if not entries or (not foreign and any((out / "parts").glob("*.jsonl"))):
         return
@@ -151,10 +179,27 @@ def check_output_dir(out: Path, manifest: Path) -> None:
     )
 
 
+def check_no_links(out: Path) -> None:
+    """Refuse an output_dir whose own folders or files (NO_LINKS, and the files in logs/ and parts/)
+    are symbolic links, naming them: the run would write through them to wherever they point."""
+    if not out.is_dir():
+        return
+    links = [name for name in NO_LINKS if (out / name).is_symlink()]
+    for folder in ("logs", "parts"):
+        if (out / folder).is_dir() and not (out / folder).is_symlink():
+            links += sorted(f"{folder}/{p.name}" for p in (out / folder).iterdir() if p.is_symlink())
+    if links:
+        shown = ", ".join(map(repr, links[:3])) + (f" and {len(links) - 3} more" if len(links) > 3 else "")
+        raise OutputError(
+            f"output_dir {str(out)!r} holds symbolic links where the run writes ({shown}), and a run would write "
+            "through them outside the folder; remove them (or make them real folders) and rerun."
+        )
+
+
 def mark_output_dir(out: Path) -> None:
     """Say that `out` is a run's own folder (once; later runs resume in it)."""
     marker = out / MARKER_FILE
-    if not marker.is_file():
+    if not marker.is_file() or marker.is_symlink():
         atomic_write_text(
             json.dumps({"written_by": "batch_runner", "note": "this folder holds a batch_runner run's outputs"}),
             marker,
@@ -179,7 +224,7 @@ class OutputLock:
 
     def acquire(self) -> OutputLock:
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = open_nofollow(self.path, os.O_RDWR | os.O_CREAT)
             try:
                 flock = _try_flock(fd)
                 holder = _read_holder(fd)
@@ -320,6 +365,7 @@ _FIXES = {
     errno.EISDIR: "remove what is in the way or pick another output_dir",
     errno.EEXIST: "remove what is in the way or pick another output_dir",
     errno.ENAMETOOLONG: "pick a shorter output_dir",
+    errno.ELOOP: "remove the symbolic link there (a run writes only real files in its folder)",
 }
 
 

@@ -194,6 +194,8 @@ class Replica:
                 callback_on_step_end=_step_callback(on_step) if on_step else None,
             )
             video = output.frames[0]  # (F, C, H, W) in [0, 1]
+            if not torch.isfinite(video).all():  # they would round to black frames, recorded ok
+                raise FloatingPointError("the frames hold NaN or infinite values (the latents went non-finite)")
             frames = (video * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
         return frames.cpu().numpy()
 

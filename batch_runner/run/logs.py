@@ -41,10 +41,20 @@ def setup_logging(level: str, rank: int, world: int) -> None:
         pass
 
 
+class _NoFollowFileHandler(logging.FileHandler):
+    """A FileHandler that appends to `path` only if it is not a link (a planted link in output_dir
+    would have this process append its log to the file it points to)."""
+
+    def _open(self):  # logging.FileHandler._open, which has no annotations
+        from batch_runner.outputs.storage import append_nofollow
+
+        return append_nofollow(Path(self.baseFilename), encoding=self.encoding or "utf-8")
+
+
 def log_to_file(path: Path) -> None:
     """Also log everything this process logs (at the run's level) to `path`: a non-main rank's full log."""
     path.parent.mkdir(parents=True, exist_ok=True)
     root = logging.getLogger()
-    handler = logging.FileHandler(path, encoding="utf-8")
+    handler = _NoFollowFileHandler(path, encoding="utf-8")
     handler.setFormatter(root.handlers[0].formatter if root.handlers else None)
     root.addHandler(handler)

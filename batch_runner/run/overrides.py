@@ -3,7 +3,9 @@
 Hydra refuses a misspelt key (`memroy=none`) or group choice (`model=wan`) with a stack of lines
 and exit 1. This reads the same overrides with Hydra's own parser against the typed schema
 (batch_runner.config) and the groups in conf/, and refuses the first wrong one with one sentence:
-the valid choices of a group, or the nearest valid key. Everything else is left to Hydra.
+the valid choices of a group, the nearest valid key, a value of the wrong type (`seed=abc`,
+`chunk_size=1e9`, `overwrite=maybe`, `ids=c`), or a value Hydra's grammar cannot read (a path with
+`(` or `,`), saying how to quote it. Everything else is left to Hydra.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ def check_overrides(args: list[str], conf_dir: Path) -> None:
         if folder.is_dir() and any(folder.glob("*.yaml"))
     }
     skip_next = False
+    multirun = "-m" in args or "--multirun" in args
     for arg in args:
         if skip_next or arg.startswith("-"):
             skip_next = arg in _OPTIONS_WITH_VALUE
@@ -38,7 +41,8 @@ def check_overrides(args: list[str], conf_dir: Path) -> None:
         try:
             (override,) = parser.parse_overrides([arg])
         except Exception:
-            continue  # malformed: Hydra says what is wrong with it
+            _refuse_unparsed(arg)
+            continue  # malformed otherwise: Hydra says what is wrong with it
         key = override.key_or_group
         if key.startswith("hydra") or override.package is not None or override.is_delete():
             continue
@@ -49,10 +53,64 @@ def check_overrides(args: list[str], conf_dir: Path) -> None:
                     f"{key}={value} is not one of the {key} choices in conf/{key}/: {', '.join(groups[key])}."
                 )
             continue
-        _check_key(key, groups)
+        leaf = _check_key(key, groups)
+        if override.is_sweep_override() and not multirun:
+            if leaf is not None and _is_list(leaf):
+                raise UserError(f"{key} is a list; write {key}=[{arg.split('=', 1)[1]}].")
+            _refuse_unparsed(arg)  # a path with ',' reads as a sweep over its parts
+        if leaf is not None and not override.is_sweep_override():
+            _check_type(key, arg.split("=", 1)[1] if "=" in arg else "", override.value(), leaf)
 
 
-def _check_key(key: str, groups: dict[str, list[str]]) -> None:
+def _refuse_unparsed(arg: str) -> None:
+    """A key=value whose value Hydra's grammar cannot read: how to quote it, in one sentence."""
+    key, sep, value = arg.partition("=")
+    if not sep or not key.replace(".", "").replace("_", "").lstrip("+~").isalnum():
+        return
+    special = sorted({c for c in value if c in "()[]{},:=\\'\" "})
+    if not special:
+        return
+    shown = " ".join(special)
+    raise UserError(
+        f"The value of {key.lstrip('+~')} holds characters Hydra's override grammar reserves ({shown}); quote it, "
+        f"e.g. '{key}=\"{value}\"' (single quotes for the shell, double quotes for Hydra)."
+    )
+
+
+def _is_list(hint: object) -> bool:
+    return any((typing.get_origin(h) or h) is list for h in (hint, *typing.get_args(hint)))
+
+
+_KINDS = {int: "a whole number", float: "a number", bool: "true or false", str: "text"}
+
+
+def _check_type(key: str, raw: str, value: object, hint: object) -> None:
+    """Refuse a value Hydra parsed as the wrong type for the setting, before OmegaConf's four lines."""
+    args = typing.get_args(hint)
+    if type(None) in args:
+        if value is None:
+            return
+        hint = next(a for a in args if a is not type(None))
+    origin = typing.get_origin(hint) or hint
+    if origin is list:
+        if not isinstance(value, list):
+            raise UserError(f"{key} is a list; write {key}=[{raw}] (several: {key}=[a,b]).")
+        return
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        return  # text, or a type this check does not know: OmegaConf converts or refuses it
+    if not ok:
+        kind = _KINDS[hint]
+        raise UserError(f"{key}={raw} is not {kind}; write {key}=<{kind}> (see batch_runner/config.py).")
+
+
+def _check_key(key: str, groups: dict[str, list[str]]) -> object | None:
+    """The setting's type hint, or None where it is a group of settings; refuses an unknown key."""
     schema: type = RunConfig
     parts = key.split(".")
     for depth, part in enumerate(parts):
@@ -71,5 +129,6 @@ def _check_key(key: str, groups: dict[str, list[str]]) -> None:
             if depth + 1 < len(parts):
                 leaf = ".".join(parts[: depth + 1])
                 raise UserError(f"The setting {leaf!r} has no keys below it, so {key!r} does not exist.")
-            return
+            return hint
         schema = hint  # type: ignore[assignment]
+    return None

@@ -28,7 +28,8 @@ from batch_runner.inputs.images import ImageLoadError, load_image
 from batch_runner.inputs.manifest import Job, Manifest, load_manifest
 from batch_runner.outputs import dataset, report
 from batch_runner.outputs.provenance import config_hash, output_salt, provenance, run_key, save_config
-from batch_runner.outputs.results import ResultLog, finished_ids, merge
+from batch_runner.outputs.quality import measure
+from batch_runner.outputs.results import ResultLog, ResultRow, finished_ids, merge
 from batch_runner.outputs.storage import (
     OutputError,
     OutputLock,
@@ -89,12 +90,18 @@ def run(cfg: RunConfig) -> int:
 def _run(cfg: RunConfig, cluster: Cluster) -> int:
     out = output_dir_of(cfg)
     manifest = load_manifest(cfg.manifest, cfg.model, cfg.seed, cfg.ids, cfg.output.format)
+    if cluster.is_main:
+        for note in manifest.notes:
+            log.warning("%s", note)
     if manifest.problems and cfg.on_invalid != "skip":
         raise UserError(_refusal(manifest))
     check_replica_rows(cfg, manifest.jobs)  # before any model loads
     if cfg.dry_run:
         if cluster.is_main:
             from batch_runner.run.dry_run import describe
+
+            with output_errors(out, "check the output folder", "nothing was made"):
+                check_output_dir(out, manifest.path)  # the dry run refuses the folder the run would refuse
 
             print(describe(cfg, manifest, cluster, out))
         return 0
@@ -185,15 +192,10 @@ def _prepare(cfg: RunConfig, manifest: Manifest, out: Path) -> dict[str, Any]:
 
 def _record_invalid(cfg: RunConfig, manifest: Manifest, out: Path, run_id: str) -> None:
     results = ResultLog(out, run_id, rank=0)
-    valid = {job.id for job in manifest.jobs}
+    # Record ids never meet a valid row's id (manifest.record_ids): every refused row gets its record.
     for row_id, reason in manifest.invalid_ids.items():
         log.warning("row %s skipped: %s", row_id, reason)
-        if row_id in valid:
-            # A row-number id (of a blank or repeated id) that a valid row uses as its own id: the record
-            # would replace that row's own (and on a resume, turn its video into a failure). The refusal
-            # is in the log above.
-            continue
-        results.append({"id": row_id, "status": "failed", "error": f"invalid row: {reason}", "finished_at": _now()})
+        results.append(ResultRow.invalid(row_id, reason, finished_at=_now()))
 
 
 def _make_videos(
@@ -221,21 +223,21 @@ def _make_videos(
     queue = team.share(claims)
     on_step = _first_step_marked(progress.refresh if progress else None)
 
-    def finish(record: dict[str, Any]) -> None:
+    def finish(row: ResultRow) -> None:
         if results is None:  # a replica's member: its leader records the row
             return
-        record = base | record | {"rank": cluster.rank, "finished_at": _now()}
-        with output_errors(out, f"record row {record['id']}'s result", KEPT_WHILE_MAKING):
-            results.append(record)
+        row = row.but(extra=base, rank=cluster.rank, finished_at=_now())
+        with output_errors(out, f"record row {row.id}'s result", KEPT_WHILE_MAKING):
+            results.append(row)
         cluster.counter.add("done", 1)
-        level = logging.INFO if record["status"] == "ok" else logging.WARNING
+        level = logging.INFO if row.status == "ok" else logging.WARNING
         log.log(
             level,
             "row %s %s in %.1f s%s",
-            record["id"],
-            record["status"],
-            record.get("seconds") or 0.0,
-            f": {record['error']}" if record.get("error") else "",
+            row.id,
+            row.status,
+            row.seconds or 0.0,
+            f": {row.error}" if row.error else "",
         )
 
     with (
@@ -248,22 +250,22 @@ def _make_videos(
             images = [loader.submit(_load_images, j, cfg.max_image_pixels) for j in jobs]
             prompts = replica.encode(jobs)
             for job, image in zip(jobs, images, strict=False):
-                record = _row_record(job, salt, prompts.warnings.get(job.id)) | {"memory_plan": replica.plan}
+                row = ResultRow.from_job(job, salt, prompts.warnings.get(job.id), memory_plan=replica.plan)
                 started = time.perf_counter()
                 try:
-                    frames = _make_one(replica, job, image.result(), prompts, record, on_step)
+                    frames, row = _make_one(replica, job, image.result(), prompts, row, on_step)
                 except ImageLoadError as e:
-                    finish(record | {"status": "failed", "error": f"image: {e}"})
+                    finish(row.failed(f"image: {e}"))
                     continue
                 except Exception as e:
                     release_memory()
-                    finish(record | {"status": "failed", "error": f"{type(e).__name__}: {e}"[:2000]})
+                    finish(getattr(e, "result_row", row).failed(f"{type(e).__name__}: {e}"))
                     continue
-                record |= {"seconds": round(time.perf_counter() - started, 3), "peak_memory_gib": _peak_gib()}
+                row = row.but(seconds=round(time.perf_counter() - started, 3), peak_memory_gib=_peak_gib())
                 _note_first_video(out, cluster.rank)
                 if not team.leads:
                     continue
-                writes.append(writer.submit(_publish, out, job, frames, image.result()["image"], record, cfg, finish))
+                writes.append(writer.submit(_publish, out, job, frames, image.result()["image"], row, cfg, finish))
                 while len([w for w in writes if not w.done()]) > MAX_PENDING_WRITES:
                     writes[0].result()
                     writes = [w for w in writes if not w.done()]
@@ -300,12 +302,13 @@ def _load_images(job: Job, max_pixels: int) -> dict[str, Any]:
     }
 
 
-def _make_one(replica: Replica, job: Job, image: Any, prompts: Any, record: dict, on_step: Any) -> Any:
-    """Generate one row; on CUDA out-of-memory, step the replica down one plan and retry once."""
+def _make_one(replica: Replica, job: Job, image: Any, prompts: Any, row: ResultRow, on_step: Any) -> tuple:
+    """Generate one row; on CUDA out-of-memory, step the replica down one plan and retry once.
+    Returns the frames and the row, which names the plan that made them and any fallback."""
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     try:
-        return replica.make(job, image, prompts, on_step)
+        return replica.make(job, image, prompts, on_step), row
     except Exception as e:
         if not (is_out_of_memory(e) and replica.cfg.memory.fallback_on_oom):
             raise
@@ -314,16 +317,26 @@ def _make_one(replica: Replica, job: Job, image: Any, prompts: Any, record: dict
         if lower is None:
             raise
         log.warning("row %s ran out of GPU memory under plan %s; retrying with %s", job.id, before, lower)
-        record["memory_plan"] = lower
-        record["warnings"] = _join(
-            record.get("warnings"), f"out of GPU memory under plan {before}, redone with {lower}"
+        row = row.but(
+            memory_plan=lower,
+            warnings=_join(row.warnings, f"out of GPU memory under plan {before}, redone with {lower}"),
         )
-        return replica.make(job, image, replica.encode([job]), on_step)
+        try:
+            return replica.make(job, image, replica.encode([job]), on_step), row
+        except Exception as again:
+            again.result_row = row  # type: ignore[attr-defined]  # its failure names the plan it failed under
+            raise
 
 
-def _publish(out: Path, job: Job, frames: Any, image: Any, record: dict, cfg: RunConfig, finish: Any) -> None:
-    """Writer thread: video first (atomically), then the preview, then the durable result row."""
+def _publish(out: Path, job: Job, frames: Any, image: Any, row: ResultRow, cfg: RunConfig, finish: Any) -> None:
+    """Writer thread: the frames' quality, the video (atomically), the preview, then the durable result row.
+    A constant video fails its row with the reason and is not written."""
     relative = f"{VIDEOS_DIR}/{job.id}.mp4"
+    quality = measure(frames)
+    row = row.but(motion=quality.motion, brightness=quality.brightness)
+    if quality.problem:
+        finish(row.failed(quality.problem))
+        return
     try:
         # A full or read-only folder ends the run (every later row would fail the same way).
         with output_errors(out, f"write {relative}", KEPT_WHILE_MAKING):
@@ -331,34 +344,12 @@ def _publish(out: Path, job: Job, frames: Any, image: Any, record: dict, cfg: Ru
     except OutputError:
         raise
     except Exception as e:
-        finish(record | {"status": "failed", "error": f"writing video: {type(e).__name__}: {e}"})
+        finish(row.failed(f"writing video: {type(e).__name__}: {e}"))
         return
     if cfg.output.report:
         with output_errors(out, f"write {job.id}'s previews", KEPT_WHILE_MAKING):
             report.save_previews(out, job.id, frames, image)
-    finish(record | {"status": "ok", "video_path": relative, "error": None})
-
-
-def _row_record(job: Job, salt: str, warning: str | None) -> dict[str, Any]:
-    return {
-        "id": job.id,
-        "seed": job.seed,
-        "num_frames": job.num_frames,
-        "height": job.height,
-        "width": job.width,
-        "fps": job.fps,
-        "num_inference_steps": job.num_inference_steps,
-        "guidance_scale": job.guidance_scale,
-        "prompt": job.prompt,
-        "negative_prompt": job.negative_prompt,
-        "image": job.image,
-        "last_image": job.last_image,
-        "params_hash": job.params_hash(salt),
-        "warnings": warning,
-        "video_path": None,
-        "seconds": None,
-        "peak_memory_gib": None,
-    }
+    finish(row.ok(relative))
 
 
 def _join(first: str | None, second: str) -> str:

@@ -63,7 +63,9 @@ def save(path: Path, rank: int) -> None:
     log.info("start-up: %s", summary())
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {"rank": rank, "host": os.uname().nodename, "pid": os.getpid()} | marks()
-    path.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    from batch_runner.outputs.storage import write_text_nofollow  # never through a link planted in output_dir
+
+    write_text_nofollow(path, json.dumps(record, indent=1) + "\n")
 
 
 def reset() -> None:
