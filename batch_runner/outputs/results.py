@@ -63,6 +63,7 @@ PROVENANCE_COLUMNS = [
     "gpu",
     "gpus_per_replica",
     "vae_tile",
+    "loras",
     "config_hash",
 ]
 _DTYPES = {

@@ -29,6 +29,7 @@ from batch_runner.families.base import (
     module_from_config,
     seeded,
 )
+from batch_runner.replica.lora import apply_loras
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,8 @@ def build_pipeline(model: ModelConfig, device: torch.device | str = "cpu", empty
         pipe = random_pipeline(model, dtype, device, empty)
     else:
         raise UserError(f"model.weights={model.weights!r} must be 'pretrained', 'random' or 'tiny'.")
+    # LoRAs fused before anything else sees the weights (placement, compile, host sharing).
+    apply_loras(pipe, model, family, skip=() if model.weights == "tiny" else empty)
     pipe.scheduler = family.make_scheduler(model, pipe.scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
