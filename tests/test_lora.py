@@ -141,6 +141,27 @@ def test_a_partly_matching_lora_is_reported_with_counts(tmp_path, caplog, lora_c
     assert "blocks.7.attn1.to_q" in caplog.text
 
 
+def unrelated_lora(folder: Path) -> Path:
+    file = folder / "other.safetensors"
+    save_file({"unet.down.0.lora_A.weight": torch.ones(4, 8), "unet.down.0.lora_B.weight": torch.ones(8, 4)}, str(file))
+    return file
+
+
+def test_a_lora_for_another_model_is_refused_before_a_saved_models_weights_are_read(tmp_path, monkeypatch):
+    from batch_runner.errors import UserError
+    from batch_runner.families import family_of
+
+    folder = tmp_path / "saved"
+    build_pipeline(model_of("tiny-wan")).save_pretrained(folder)
+    lora = f"model.loras=[{{path:{unrelated_lora(tmp_path)}}}]"
+    model = model_of("tiny-wan", "model.weights=pretrained", f"model.path={folder}", lora)
+    read = []
+    monkeypatch.setattr(family_of(model).pipeline_class, "from_pretrained", lambda *a, **k: read.append(1))
+    with pytest.raises(UserError, match=r"unet\.down\.0\.lora_A\.weight"):
+        build_pipeline(model)
+    assert not read
+
+
 # --- provenance and the output salt ---------------------------------------------------------------
 
 
@@ -194,8 +215,7 @@ def test_each_distilled_tiny_twin_makes_its_rows(preset, tmp_path):
 
 
 def test_a_lora_of_unrelated_keys_is_refused_with_exit_2_before_any_row(tmp_path):
-    file = tmp_path / "other.safetensors"
-    save_file({"unet.down.0.lora_A.weight": torch.ones(4, 8), "unet.down.0.lora_B.weight": torch.ones(8, 4)}, str(file))
+    file = unrelated_lora(tmp_path)
     out = tmp_path / "out"
     proc = run_cli(
         f"manifest={rows(tmp_path)}", "model=tiny-wan", f"model.loras=[{{path:{file}}}]", f"output_dir={out}"

@@ -22,7 +22,7 @@ import hashlib
 import logging
 import os
 import tempfile
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -163,10 +163,11 @@ def layer_of(key: str, prefix: str) -> str | None:
     return None
 
 
-def converted_state_dict(pipe: Any, lora: Lora) -> dict[str, Any]:
-    """The LoRA's tensors under diffusers' names, converted as load_lora_weights converts them."""
+def converted_state_dict(loader: Any, lora: Lora) -> dict[str, Any]:
+    """The LoRA's tensors under diffusers' names, converted as load_lora_weights converts them
+    (`loader`: the pipeline or its class: `lora_state_dict` is a class method)."""
     try:
-        return pipe.lora_state_dict(str(lora.file))
+        return loader.lora_state_dict(str(lora.file))
     except Exception as e:  # the converters assume their format and fail on anything else
         from safetensors import safe_open
 
@@ -178,10 +179,11 @@ def converted_state_dict(pipe: Any, lora: Lora) -> dict[str, Any]:
         ) from e
 
 
-def check_keys(pipe: Any, lora: Lora, state: dict[str, Any], model_name: str) -> None:
-    """Refuse a LoRA none of whose keys names a layer of its denoiser; report one that matches in part."""
-    prefix = getattr(pipe, "transformer_name", "transformer")
-    modules = {name for name, _ in getattr(pipe, lora.component).named_modules()}
+def check_keys(loader: Any, module: Any, lora: Lora, state: dict[str, Any], model_name: str) -> None:
+    """Refuse a LoRA none of whose keys names a layer of its denoiser `module`; report one that
+    matches in part. `module` may be empty (on the meta device): only its layers' names count."""
+    prefix = getattr(loader, "transformer_name", "transformer")
+    modules = {name for name, _ in module.named_modules()}
     layers = {key: layer_of(key, prefix) for key in state}
     unmatched = sorted(k for k, layer in layers.items() if layer is None or layer not in modules)
     if len(unmatched) == len(state):
@@ -201,6 +203,22 @@ def check_keys(pipe: Any, lora: Lora, state: dict[str, Any], model_name: str) ->
         )
 
 
+def check_before_loading(model: ModelConfig, family: Family, skeleton: Callable[[str], Any]) -> None:
+    """Check every LoRA's keys against its denoiser built empty from its config (`skeleton(name)`),
+    before minutes go into reading the model's weights. Where the skeleton cannot be built, the
+    check after loading (apply_loras) still runs, and the loader reports what is missing."""
+    loader = family.pipeline_class
+    if not model.loras or not hasattr(loader, "lora_state_dict"):
+        return
+    for lora in resolve(model, family):
+        try:
+            module = skeleton(lora.component)
+        except Exception as e:  # a folder or Hub id the loader will explain better
+            log.debug("LoRA keys not checked before loading: %s", e)
+            return
+        check_keys(loader, module, lora, converted_state_dict(loader, lora), model.name)
+
+
 def apply_loras(pipe: Any, model: ModelConfig, family: Family, skip: Collection[str] = ()) -> list[Lora]:
     """Fuse every `model.loras` entry into its denoiser, then drop the adapters.
 
@@ -212,7 +230,7 @@ def apply_loras(pipe: Any, model: ModelConfig, family: Family, skip: Collection[
         raise UserError(f"model.loras: {model.name}'s pipeline ({type(pipe).__name__}) takes no LoRAs.")
     for number, lora in enumerate(loras):
         state = converted_state_dict(pipe, lora)
-        check_keys(pipe, lora, state, model.name)
+        check_keys(pipe, getattr(pipe, lora.component), lora, state, model.name)
         if lora.component in skip:
             continue
         adapter = f"lora_{number}"
