@@ -191,6 +191,9 @@ def test_guidance_one_encodes_no_negative_prompt_and_runs_one_branch_per_step(tm
     replica.pipe.transformer.register_forward_hook(lambda module, args, output: calls.append(1))
     replica.make(job, images, prompts)
     assert len(calls) == 3
+    stages = replica.stages
+    assert set(stages) == {"image_encode_seconds", "denoise_seconds", "decode_seconds"}
+    assert all(v >= 0 for v in stages.values()) and stages["denoise_seconds"] > 0
     guided = replace(job, guidance_scale=5.0)
     calls.clear()
     replica.make(guided, images, replica.encode([guided]))
@@ -237,6 +240,9 @@ def test_changing_a_loras_scale_remakes_the_rows_and_no_lora_makes_other_frames(
     table = pd.read_parquet(out / "results.parquet")
     assert table["finished_at"].iloc[0] != stamp, "a new scale must remake the row"
     assert json.loads(table["loras"].iloc[0])[0]["scale"] == 0.3
+    from batch_runner.outputs.results import STAGE_COLUMNS
+
+    assert table[STAGE_COLUMNS].notna().all(axis=None) and table["denoise_seconds"].iloc[0] > 0
     rescaled = frames_of(out / "videos" / "r0.mp4")
     ok(run_cli(*common, "model.loras=[]", f"output_dir={tmp_path / 'plain'}", cwd=tmp_path))
     plain = frames_of(tmp_path / "plain" / "videos" / "r0.mp4")

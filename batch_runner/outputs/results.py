@@ -39,6 +39,15 @@ RESULT_COLUMNS = [
     "guidance_scale",
     "rank",
     "seconds",
+    # Where a row's time went: its share of the chunk's text encode, then inside the pipeline call
+    # image/VAE encode, denoising steps and VAE decode; the video's write (writer thread) and the
+    # time the GPU waited for the writer before this row's write could be queued.
+    "text_encode_seconds",
+    "image_encode_seconds",
+    "denoise_seconds",
+    "decode_seconds",
+    "write_seconds",
+    "writer_wait_seconds",
     "peak_memory_gib",
     "error",
     "warnings",
@@ -49,6 +58,14 @@ RESULT_COLUMNS = [
     "memory_plan",
     "params_hash",
     "finished_at",
+]
+STAGE_COLUMNS = [
+    "text_encode_seconds",
+    "image_encode_seconds",
+    "denoise_seconds",
+    "decode_seconds",
+    "write_seconds",
+    "writer_wait_seconds",
 ]
 PROVENANCE_COLUMNS = [
     "model",
@@ -78,6 +95,7 @@ _DTYPES = {
     "fps": "float64",
     "guidance_scale": "float64",
     "seconds": "float64",
+    **dict.fromkeys(STAGE_COLUMNS, "float64"),
     "peak_memory_gib": "float64",
 }
 
