@@ -205,7 +205,8 @@ def test_guidance_one_encodes_no_negative_prompt_and_runs_one_branch_per_step(tm
 
 @pytest.mark.parametrize("preset", list(LORA_TWINS))
 def test_each_tiny_twin_with_a_lora_makes_every_row_with_one_and_two_processes(preset, tmp_path):
-    table, _ = made_by_one_process_and_by_two(tmp_path, rows(tmp_path), f"model={preset}")
+    # Lossless: the comparison is of the frames made, not of x264's choices on frames of noise.
+    table, _ = made_by_one_process_and_by_two(tmp_path, rows(tmp_path), f"model={preset}", "output.crf=0")
     recorded = json.loads(table["loras"].iloc[0])
     assert len(recorded) == LORA_TWINS[preset] and all(len(e["sha256"]) == 64 for e in recorded)
 
