@@ -25,6 +25,17 @@ log = logging.getLogger(__name__)
 
 PARTS_DIR = "parts"
 RESULTS_FILE = "results.parquet"
+# Where a row's time went: its share of the chunk's text encode, then inside the pipeline call
+# image/VAE encode, denoising steps and VAE decode; the video's write (writer thread) and the time
+# the GPU waited for the writer before this row's write could be queued.
+STAGE_COLUMNS = [
+    "text_encode_seconds",
+    "image_encode_seconds",
+    "denoise_seconds",
+    "decode_seconds",
+    "write_seconds",
+    "writer_wait_seconds",
+]
 # The columns every results table starts with, in this order; passthrough columns follow.
 RESULT_COLUMNS = [
     "id",
@@ -39,15 +50,6 @@ RESULT_COLUMNS = [
     "guidance_scale",
     "rank",
     "seconds",
-    # Where a row's time went: its share of the chunk's text encode, then inside the pipeline call
-    # image/VAE encode, denoising steps and VAE decode; the video's write (writer thread) and the
-    # time the GPU waited for the writer before this row's write could be queued.
-    "text_encode_seconds",
-    "image_encode_seconds",
-    "denoise_seconds",
-    "decode_seconds",
-    "write_seconds",
-    "writer_wait_seconds",
     "peak_memory_gib",
     "error",
     "warnings",
@@ -58,14 +60,7 @@ RESULT_COLUMNS = [
     "memory_plan",
     "params_hash",
     "finished_at",
-]
-STAGE_COLUMNS = [
-    "text_encode_seconds",
-    "image_encode_seconds",
-    "denoise_seconds",
-    "decode_seconds",
-    "write_seconds",
-    "writer_wait_seconds",
+    *STAGE_COLUMNS,
 ]
 PROVENANCE_COLUMNS = [
     "model",
