@@ -14,6 +14,21 @@ from omegaconf import MISSING
 
 
 @dataclass
+class LoraConfig:
+    """One LoRA fused into the model's weights before anything else sees them (batch_runner.replica.lora).
+
+    `path`: a LoRA file, a folder holding one, a Hugging Face Hub id, or `tiny://NAME` (a LoRA its
+    family writes in code for the tiny test models). `weight_name`: the file inside a folder or repo.
+    `expert`: the denoiser it goes into, for models of two (Wan 2.2 A14B: transformer | transformer_2).
+    """
+
+    path: str = MISSING
+    weight_name: str | None = None
+    scale: float = 1.0
+    expert: str | None = None
+
+
+@dataclass
 class ModelConfig:
     """Which pipeline to build and the generation defaults its authors recommend.
 
@@ -59,6 +74,8 @@ class ModelConfig:
     short_side: int | None = None
     min_side: int = 16
     max_long_side: int | None = None
+    # LoRAs fused into the weights at start, in order (see LoraConfig).
+    loras: list[LoraConfig] = field(default_factory=list)
 
 
 @dataclass

@@ -131,6 +131,20 @@ class Family:
     def scheduler_overrides(self, model: ModelConfig) -> dict[str, Any]:
         return {}
 
+    # --- LoRAs (batch_runner.replica.lora) ---
+
+    def lora_target(self, model: ModelConfig, expert: str | None) -> tuple[str, dict[str, Any]]:
+        """The denoiser a `model.loras` entry goes into, and the extra `load_lora_weights` arguments
+        that put it there. One denoiser by default: `transformer`."""
+        if expert not in (None, "transformer"):
+            raise UserError(f"model.loras: expert={expert!r} is not a denoiser of {model.name} (it has: transformer).")
+        return "transformer", {}
+
+    def tiny_lora(self, model: ModelConfig, name: str) -> dict[str, torch.Tensor]:
+        """The tensors of `tiny://NAME`: a LoRA for the tiny model in a published LoRA's key format,
+        so that diffusers' conversion of that format runs in the tests."""
+        raise UserError(f"model.loras: the {self.name} family has no tiny LoRA {name!r}.")
+
     # --- rows ---
 
     def takes_last_image(self, model: ModelConfig) -> bool:

@@ -32,6 +32,7 @@ from transformers import (
 )
 
 from batch_runner.config import ModelConfig
+from batch_runner.errors import UserError
 from batch_runner.families.base import (
     DECODER,
     DENOISER,
@@ -79,6 +80,49 @@ class Wan(Family):
         (expand_timesteps) would silently drop it; Wan 2.1 I2V's CLIP conditioning takes one image
         (only the separate FLF2V checkpoint, with its position embedding, takes two)."""
         return model.boundary_ratio is not None and not model.expand_timesteps
+
+    # --- LoRAs ---
+
+    def lora_target(self, model: ModelConfig, expert: str | None) -> tuple[str, dict[str, Any]]:
+        """A14B's two experts take a LoRA each (Lightning: one for high noise, one for low); diffusers
+        puts one into the second with `load_into_transformer_2`."""
+        if expert == "transformer_2" and model.boundary_ratio is not None:
+            return "transformer_2", {"load_into_transformer_2": True}
+        if expert not in (None, "transformer"):
+            experts = "transformer, transformer_2" if model.boundary_ratio is not None else "transformer"
+            raise UserError(f"model.loras: expert={expert!r} is not a denoiser of {model.name} (it has: {experts}).")
+        return "transformer", {}
+
+    def tiny_lora(self, model: ModelConfig, name: str) -> dict[str, torch.Tensor]:
+        """A LoRA for the tiny transformer in a published Wan LoRA's keys (`diffusion_model.blocks.N...`):
+        `lightx2v` as lightx2v's Wan 2.1 step-distill LoRAs (`lora_down`/`lora_up`/`alpha`, image
+        cross-attention included where the model has it); `lightning-high` / `lightning-low` as
+        Wan2.2-Lightning's per-expert LoRAs (`lora_A`/`lora_B`/`alpha`)."""
+        formats = {"lightx2v": ("lora_down", "lora_up", 1), "lightning-high": ("lora_A", "lora_B", 2)}
+        formats["lightning-low"] = ("lora_A", "lora_B", 3)
+        if name not in formats:
+            raise UserError(f"model.loras: tiny://{name} is not a tiny Wan LoRA (known: {', '.join(formats)}).")
+        down, up, seed = formats[name]
+        clip = not model.expand_timesteps and model.boundary_ratio is None
+        with seeded(0):
+            transformer = self._tiny_transformer(model.expand_timesteps, clip)
+        layers = {"self_attn": "attn1", "cross_attn": "attn2"}
+        names = {"q": "to_q", "k": "to_k", "v": "to_v", "o": "to_out.0", "k_img": "add_k_proj", "v_img": "add_v_proj"}
+        rank, tensors = 4, {}
+        generator = torch.Generator().manual_seed(seed)
+        for i, block in enumerate(transformer.blocks):
+            targets = {"ffn.0": block.ffn.net[0].proj, "ffn.2": block.ffn.net[2]}
+            for theirs, ours in layers.items():
+                for o, c in names.items():
+                    if o.endswith("_img") and (theirs == "self_attn" or not clip):
+                        continue
+                    targets[f"{theirs}.{o}"] = getattr(block, ours).get_submodule(c)
+            for key, linear in targets.items():
+                prefix = f"diffusion_model.blocks.{i}.{key}"
+                tensors[f"{prefix}.{down}.weight"] = torch.randn(rank, linear.in_features, generator=generator) * 0.5
+                tensors[f"{prefix}.{up}.weight"] = torch.randn(linear.out_features, rank, generator=generator) * 0.5
+                tensors[f"{prefix}.alpha"] = torch.tensor(float(rank))
+        return tensors
 
     # --- building ---
 

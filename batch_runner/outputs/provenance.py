@@ -70,6 +70,8 @@ def output_salt(cfg: RunConfig) -> str:
         "fp8_weights": cfg.memory.fp8_weights,
         "cache": [cfg.speed.cache, cfg.speed.cache_threshold if cfg.speed.cache != "none" else None],
     }
+    if cfg.model.loras:  # each file's hash too: a LoRA changed in place remakes the rows
+        decisive["loras"] = lora_identities(cfg)
     return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -104,7 +106,15 @@ def provenance(cfg: RunConfig, replica: Any) -> dict[str, Any]:
         "gpus_per_replica": cfg.replica.gpus,
         # Decoding in smaller tiles moves the seams between them: the pixels differ a little.
         "vae_tile": replica.placement.vae_tile,
+        # The LoRAs fused into the weights: path, weight_name, scale, expert and sha256 of each file.
+        "loras": json.dumps(lora_identities(cfg)) if cfg.model.loras else None,
     }
+
+
+def lora_identities(cfg: RunConfig) -> list[dict[str, Any]]:
+    from batch_runner.replica.lora import identities
+
+    return identities(cfg.model)
 
 
 def _version(package: str) -> str | None:

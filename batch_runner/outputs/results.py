@@ -28,6 +28,19 @@ PARTS_DIR = "parts"
 RESULTS_FILE = "results.parquet"
 
 
+# Where a row's time went: its share of the chunk's text encode, then inside the pipeline call
+# image/VAE encode, denoising steps and VAE decode; the video's write (writer thread) and the time
+# the GPU waited for the writer before this row's write could be queued.
+STAGE_COLUMNS = [
+    "text_encode_seconds",
+    "image_encode_seconds",
+    "denoise_seconds",
+    "decode_seconds",
+    "write_seconds",
+    "writer_wait_seconds",
+]
+
+
 @dataclass(frozen=True)
 class ResultRow:
     """One row of the results table, as one line of a part file.
@@ -62,6 +75,13 @@ class ResultRow:
     finished_at: str | None = None
     motion: float | None = None  # mean absolute difference of consecutive frames, 0..1 (outputs/quality.py)
     brightness: float | None = None  # mean pixel value, 0..1
+    # Where the row's time went (STAGE_COLUMNS below), seconds.
+    text_encode_seconds: float | None = None
+    image_encode_seconds: float | None = None
+    denoise_seconds: float | None = None
+    decode_seconds: float | None = None
+    write_seconds: float | None = None
+    writer_wait_seconds: float | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @classmethod
@@ -124,6 +144,7 @@ PROVENANCE_COLUMNS = [
     "gpu",
     "gpus_per_replica",
     "vae_tile",
+    "loras",
     "config_hash",
 ]
 _DTYPES = {
@@ -138,6 +159,7 @@ _DTYPES = {
     "fps": "float64",
     "guidance_scale": "float64",
     "seconds": "float64",
+    **dict.fromkeys(STAGE_COLUMNS, "float64"),
     "peak_memory_gib": "float64",
     "motion": "float64",
     "brightness": "float64",

@@ -29,6 +29,7 @@ from batch_runner.families.base import (
     module_from_config,
     seeded,
 )
+from batch_runner.replica.lora import apply_loras, check_before_loading
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,8 @@ def build_pipeline(model: ModelConfig, device: torch.device | str = "cpu", empty
         pipe = random_pipeline(model, dtype, device, empty)
     else:
         raise UserError(f"model.weights={model.weights!r} must be 'pretrained', 'random' or 'tiny'.")
+    # LoRAs fused before anything else sees the weights (placement, compile, host sharing).
+    apply_loras(pipe, model, family, skip=() if model.weights == "tiny" else empty)
     pipe.scheduler = family.make_scheduler(model, pipe.scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -68,6 +71,8 @@ def build_pipeline(model: ModelConfig, device: torch.device | str = "cpu", empty
 def load_pretrained(model: ModelConfig, family: Family, dtype: torch.dtype, empty: Collection[str] = ()) -> Any:
     """from_pretrained on a local folder or hub id, failing with one sentence that says what to do."""
     source, looks_local = local_source(model)
+    # A LoRA for another model is refused before the weights are read (minutes for a 14B model).
+    check_before_loading(model, family, lambda name: empty_component(family, source, name, dtype, model.revision))
     try:
         skeletons = {name: empty_component(family, source, name, dtype, model.revision) for name in empty}
         return family.pipeline_class.from_pretrained(source, torch_dtype=dtype, revision=model.revision, **skeletons)

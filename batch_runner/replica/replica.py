@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -81,6 +82,8 @@ class Replica:
             placement.enforce_budget(self.placement.cap_gib, device)
             torch.cuda.reset_peak_memory_stats(device)
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        # Seconds of the last video's stages inside the pipeline call (see make).
+        self.stages: dict[str, float] = {}
 
     @property
     def plan(self) -> str:
@@ -186,23 +189,71 @@ class Replica:
         execution_device = upstream.execution_device(self.pipe)
         generator = torch.Generator(device=execution_device).manual_seed(job.seed)
         arguments = self.family.call_arguments(self.cfg.model, job, images, prompts.embeddings)
-        with speed.inference(self.cfg.speed, self.device):
-            output = self.pipe(
-                **arguments,
-                generator=generator,
-                output_type="pt",
-                callback_on_step_end=_step_callback(on_step) if on_step else None,
-            )
-            video = output.frames[0]  # (F, C, H, W) in [0, 1]
-            if not torch.isfinite(video).all():  # they would round to black frames, recorded ok
-                raise FloatingPointError("the frames hold NaN or infinite values (the latents went non-finite)")
-            frames = (video * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
-        return frames.cpu().numpy()
+        clock = _StageClock(self.device, job.num_inference_steps)
+        hooks = [d.register_forward_pre_hook(clock.denoiser_called) for d in self.denoisers]
+        try:
+            with speed.inference(self.cfg.speed, self.device):
+                output = self.pipe(
+                    **arguments,
+                    generator=generator,
+                    output_type="pt",
+                    callback_on_step_end=_step_callback(on_step, clock),
+                )
+                video = output.frames[0]  # (F, C, H, W) in [0, 1]
+                if not torch.isfinite(video).all():  # they would round to black frames, recorded ok
+                    raise FloatingPointError("the frames hold NaN or infinite values (the latents went non-finite)")
+                frames = (video * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+                frames = frames.cpu().numpy()
+        finally:
+            for hook in hooks:
+                hook.remove()
+        self.stages = clock.stages()
+        return frames
 
 
-def _step_callback(on_step: Callable[[], None]) -> Callable[..., dict]:
+class _StageClock:
+    """Where one pipeline call's time goes: before the first denoiser call (image and VAE encode,
+    latents), the denoising steps, and after the last step (VAE decode, frames to the host).
+
+    Waits for the GPU twice per video (at the first denoiser call and after the last step), so
+    the split is true without slowing the steps between.
+    """
+
+    def __init__(self, device: torch.device, steps: int) -> None:
+        self.device, self.steps = device, steps
+        self.start = time.perf_counter()
+        self.first: float | None = None
+        self.last: float | None = None
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def denoiser_called(self, module: Any, args: Any) -> None:
+        if self.first is None:
+            self.first = self._now()
+
+    def step_done(self, step: int) -> None:
+        # The last step waits for the GPU; a schedule of another length still has its latest step's end.
+        self.last = self._now() if step >= self.steps - 1 else time.perf_counter()
+
+    def stages(self) -> dict[str, float]:
+        end = time.perf_counter()
+        first = self.first if self.first is not None else self.start
+        last = self.last if self.last is not None else end
+        return {
+            "image_encode_seconds": round(first - self.start, 4),
+            "denoise_seconds": round(last - first, 4),
+            "decode_seconds": round(end - last, 4),
+        }
+
+
+def _step_callback(on_step: Callable[[], None] | None, clock: _StageClock) -> Callable[..., dict]:
     def callback(pipe: Any, step: int, timestep: Any, tensors: dict) -> dict:
-        on_step()
+        clock.step_done(step)
+        if on_step:
+            on_step()
         return tensors
 
     return callback

@@ -248,9 +248,13 @@ def _make_videos(
         for chunk in queue:
             jobs = [pending[i] for i in chunk]
             images = [loader.submit(_load_images, j, cfg.max_image_pixels) for j in jobs]
+            encoding = time.perf_counter()
             prompts = replica.encode(jobs)
+            # The chunk's texts are encoded in one pass: each row is charged its share.
+            text_seconds = round((time.perf_counter() - encoding) / max(1, len(jobs)), 4)
             for job, image in zip(jobs, images, strict=False):
                 row = ResultRow.from_job(job, salt, prompts.warnings.get(job.id), memory_plan=replica.plan)
+                row = row.but(text_encode_seconds=text_seconds)
                 started = time.perf_counter()
                 try:
                     frames, row = _make_one(replica, job, image.result(), prompts, row, on_step)
@@ -262,13 +266,17 @@ def _make_videos(
                     finish(getattr(e, "result_row", row).failed(f"{type(e).__name__}: {e}"))
                     continue
                 row = row.but(seconds=round(time.perf_counter() - started, 3), peak_memory_gib=_peak_gib())
+                row = row.but(**replica.stages)
                 _note_first_video(out, cluster.rank)
                 if not team.leads:
                     continue
-                writes.append(writer.submit(_publish, out, job, frames, image.result()["image"], row, cfg, finish))
-                while len([w for w in writes if not w.done()]) > MAX_PENDING_WRITES:
+                waiting = time.perf_counter()
+                while len([w for w in writes if not w.done()]) >= MAX_PENDING_WRITES:
                     writes[0].result()
                     writes = [w for w in writes if not w.done()]
+                # Time the GPU stood idle because the writer was behind (before this row's write is queued).
+                row = row.but(writer_wait_seconds=round(time.perf_counter() - waiting, 4))
+                writes.append(writer.submit(_publish, out, job, frames, image.result()["image"], row, cfg, finish))
                 if progress:
                     progress.refresh()
         for w in writes:
@@ -337,10 +345,12 @@ def _publish(out: Path, job: Job, frames: Any, image: Any, row: ResultRow, cfg: 
     if quality.problem:
         finish(row.failed(quality.problem))
         return
+    writing = time.perf_counter()
     try:
         # A full or read-only folder ends the run (every later row would fail the same way).
         with output_errors(out, f"write {relative}", KEPT_WHILE_MAKING):
             write_video(frames, out / relative, job.fps, cfg.output.crf)
+        row = row.but(write_seconds=round(time.perf_counter() - writing, 4))
     except OutputError:
         raise
     except Exception as e:
