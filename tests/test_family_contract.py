@@ -35,6 +35,15 @@ from batch_runner.run.checks import check_settings
 from .conftest import ROOT, made_by_one_process_and_by_two, photo, run_config, same_video, write_manifest
 
 BUDGETS = (80.0, 48.0, 24.0, 16.0, 12.0)
+# The model fields that became families' options, at the defaults they had (as every config.yaml saved
+# before them holds them, whatever the family).
+FORMER_DEFAULTS = {
+    "timestep_spacing": "trailing",
+    "use_dynamic_cfg": True,
+    "guidance_scale_2": None,
+    "boundary_ratio": None,
+    "expand_timesteps": False,
+}
 
 
 @dataclass(frozen=True)
@@ -134,6 +143,26 @@ class FamilyContract:
                 other = _other_value(family, key, value)
                 changed = replace(cfg, model=replace(cfg.model, options={**cfg.model.options, key: other}))
                 assert output_salt(changed) != output_salt(cfg), (t.name, key)
+
+    def test_a_folder_saved_before_options_were_per_family_replays_with_the_same_options_and_salt(self, tmp_path):
+        """config.yaml of earlier runs held every family's options at the top of `model` (at their
+        defaults where another family's): from_run=FOLDER still runs, and resumes, as it did."""
+        from omegaconf import OmegaConf
+
+        from batch_runner.outputs.provenance import CONFIG_FILE, output_salt
+        from batch_runner.run.cli import _from_run
+
+        for t in self.tiny:
+            cfg = run_config("manifest=x", f"model={t.name}")
+            saved = OmegaConf.to_container(OmegaConf.structured(cfg))
+            options = saved["model"].pop("options")
+            saved["model"] |= FORMER_DEFAULTS | options
+            folder = tmp_path / t.name
+            folder.mkdir()
+            (folder / CONFIG_FILE).write_text(OmegaConf.to_yaml(saved))
+            replayed = OmegaConf.to_object(_from_run(folder, []))
+            assert replayed.model == cfg.model, t.name
+            assert output_salt(replayed) == output_salt(cfg)
 
     # --- the tiny models --------------------------------------------------------------------------
 

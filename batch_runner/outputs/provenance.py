@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from batch_runner.config import RunConfig
-from batch_runner.families import family_of
+from batch_runner.families import family_of, upgrade_saved_model
 from batch_runner.outputs.storage import atomic_write_text
 
 CONFIG_FILE = "config.yaml"
@@ -62,6 +62,14 @@ def output_salt(cfg: RunConfig) -> str:
         "cache": [cfg.speed.cache, cfg.speed.cache_threshold if cfg.speed.cache != "none" else None],
     }
     return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def load_saved_config(path: Path) -> DictConfig:
+    """An output_dir's config.yaml in today's schema (one saved before options were per family is upgraded)."""
+    saved = OmegaConf.load(path)
+    if isinstance(saved.get("model"), DictConfig):
+        saved.model = upgrade_saved_model(OmegaConf.to_container(saved.model))
+    return saved
 
 
 def save_config(cfg: RunConfig, output_dir: Path) -> None:
