@@ -57,12 +57,15 @@ class Tiny:
 
 @dataclass(frozen=True)
 class FullSize:
-    """A full-size config, read from its architecture without weights: billions of parameters per
-    denoiser (bf16), repeated blocks, and the tokens of one video ((frames, height, width, text) -> count)."""
+    """A full-size config, read from its architecture without weights: its components, billions of
+    parameters per denoiser (bf16), repeated blocks, the transformer's width, and the tokens of one
+    video ((frames, height, width, text) -> count)."""
 
     name: str
+    components: frozenset[str]
     denoiser_b: float
     blocks: int
+    hidden: int
     tokens: tuple[tuple[int, int, int, int], int]
     others_b: dict[str, float] = field(default_factory=dict)  # other components' billions, where measured
     budgets: tuple[float, ...] = BUDGETS
@@ -211,7 +214,8 @@ class FamilyContract:
         assert denoisers and all(billions[d] == pytest.approx(full.denoiser_b, rel=0.1) for d in denoisers), billions
         for name, expected in full.others_b.items():
             assert billions[name] == pytest.approx(expected, rel=0.05), (name, billions)
-        assert shape.blocks == full.blocks
+        assert set(shape.roles) == full.components
+        assert shape.blocks == full.blocks and shape.geometry.hidden == full.hidden
         assert shape.family.activations.guidance_batch == self.guidance_batch
         (frames, height, width, text), tokens = full.tokens
         assert shape.geometry.tokens(frames, height, width, text) == tokens
@@ -254,7 +258,7 @@ class FamilyContract:
         manifest = load_manifest(cfg.manifest, cfg.model, cfg.seed)
         assert manifest.problems == [] and len(manifest.jobs) == 2
         text = describe(cfg, manifest, join_cluster(cpu=True), tmp_path / "out")
-        assert "memory plan: " in text and "2 to make" in text
+        assert "memory plan: " in text and "2 to make" in text and "no model loaded" in text
         assert not (tmp_path / "out").exists()
 
     # --- rows -------------------------------------------------------------------------------------
@@ -358,14 +362,17 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 # --- the families ---------------------------------------------------------------------------------
 
 T5 = frozenset({"text_encoder", "transformer", "vae"})
+CLIP = T5 | {"image_encoder"}
+EXPERTS = T5 | {"transformer_2"}
+HUNYUAN = frozenset({"text_encoder", "text_encoder_2", "image_encoder", "transformer", "vae"})
 
 
 class TestCogVideoX(FamilyContract):
     family = "cogvideox"
     tiny = (Tiny("tiny-cogvideox", T5, (9, 64, 96)),)
     full_size = (
-        FullSize("cogvideox-5b-i2v", 5.6, 42, ((49, 480, 720, 226), 13 * 30 * 45 + 226)),
-        FullSize("cogvideox1.5-5b-i2v", 5.6, 42, ((81, 768, 1360, 226), 11 * 48 * 85 + 226)),
+        FullSize("cogvideox-5b-i2v", T5, 5.6, 42, 3072, ((49, 480, 720, 226), 13 * 30 * 45 + 226)),
+        FullSize("cogvideox1.5-5b-i2v", T5, 5.6, 42, 3072, ((81, 768, 1360, 226), 11 * 48 * 85 + 226)),
     )
     bad_rows = (
         BadRow("tiny-cogvideox", {"num_frames": 12}, "8N+1 frames, 9 to 49, not 12; the nearest valid value is 9"),
@@ -379,18 +386,18 @@ class TestCogVideoX(FamilyContract):
 class TestWan(FamilyContract):
     family = "wan"
     tiny = (
-        Tiny("tiny-wan", frozenset({"text_encoder", "image_encoder", "transformer", "vae"}), (9, 64, 96)),
-        Tiny("tiny-wan22", frozenset({"text_encoder", "transformer", "transformer_2", "vae"}), (13, 64, 96)),
+        Tiny("tiny-wan", CLIP, (9, 64, 96)),
+        Tiny("tiny-wan22", EXPERTS, (13, 64, 96)),
         Tiny("tiny-wan22-ti2v", T5, (13, 64, 128)),
     )
     # Parameters per transformer: Wan 2.1 I2V 16.4B (its image cross-attention included), each A14B
     # expert 14.3B, TI2V 5.0B. Tokens: 81 frames -> 21 latent frames; 480x832 -> 30x52 tokens of 2x2
     # latents of 8x8 pixels; the text stays out of the sequence. TI2V: 16x16 pixels per latent.
     full_size = (
-        FullSize("wan2.1-i2v-14b-480p", 16.4, 40, ((81, 480, 832, 512), 21 * 30 * 52)),
-        FullSize("wan2.1-i2v-14b-720p", 16.4, 40, ((81, 720, 1280, 512), 21 * 45 * 80)),
-        FullSize("wan2.2-i2v-a14b", 14.3, 40, ((81, 480, 832, 512), 21 * 30 * 52)),
-        FullSize("wan2.2-ti2v-5b", 5.0, 30, ((121, 704, 1280, 512), 31 * 22 * 40)),
+        FullSize("wan2.1-i2v-14b-480p", CLIP, 16.4, 40, 5120, ((81, 480, 832, 512), 21 * 30 * 52)),
+        FullSize("wan2.1-i2v-14b-720p", CLIP, 16.4, 40, 5120, ((81, 720, 1280, 512), 21 * 45 * 80)),
+        FullSize("wan2.2-i2v-a14b", EXPERTS, 14.3, 40, 5120, ((81, 480, 832, 512), 21 * 30 * 52)),
+        FullSize("wan2.2-ti2v-5b", T5, 5.0, 30, 3072, ((121, 704, 1280, 512), 31 * 22 * 40)),
     )
     bad_rows = (
         BadRow("tiny-wan", {"num_frames": 12}, "4N+1 frames, 5 to 81, not 12; the nearest valid value is 13"),
@@ -419,8 +426,11 @@ class TestLTX(FamilyContract):
     # 161 frames -> 21 latent frames; 512x768 -> 16x24 latents of 32x32 pixels, one token each; the
     # text stays out of the sequence. The T5-XXL encoder and 0.9.5's VAE (the 13B keeps it).
     full_size = tuple(
-        FullSize(name, b, blocks, ((161, 512, 768, 128), 21 * 16 * 24), {"text_encoder": 4.76, "vae": 1.25})
-        for name, b, blocks in (("ltx-video-2b-0.9.5", 1.9, 28), ("ltx-video-13b-0.9.7-dev", 13.0, 48))
+        FullSize(name, T5, b, blocks, hidden, ((161, 512, 768, 128), 21 * 16 * 24), {"text_encoder": 4.76, "vae": 1.25})
+        for name, b, blocks, hidden in (
+            ("ltx-video-2b-0.9.5", 1.9, 28, 2048),
+            ("ltx-video-13b-0.9.7-dev", 13.0, 48, 4096),
+        )
     )
     bad_rows = (
         BadRow(
@@ -452,20 +462,16 @@ class TestLTX(FamilyContract):
 
 class TestHunyuanVideo15(FamilyContract):
     family = "hunyuan15"
-    tiny = (
-        Tiny(
-            "tiny-hunyuan15",
-            frozenset({"text_encoder", "text_encoder_2", "image_encoder", "transformer", "vae"}),
-            (9, 48, 80),
-        ),
-    )
+    tiny = (Tiny("tiny-hunyuan15", HUNYUAN, (9, 48, 80)),)
     # 121 frames -> 31 latent frames of 16x16 pixels, one token each; 1000 + 256 glyph + 729 image
     # tokens of text join the sequence. Qwen2.5-VL 7B's language model, SigLIP so400m.
     full_size = tuple(
         FullSize(
             name,
+            HUNYUAN,
             8.3,
             54,
+            2048,
             ((121, h, w, 1000), 31 * (h // 16) * (w // 16) + 1985),
             {"text_encoder": 7.07, "image_encoder": 0.43},
             budgets=(80.0, 141.0),
