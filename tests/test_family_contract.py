@@ -288,6 +288,7 @@ class FamilyContract:
 
     # --- end to end, as a user runs it ------------------------------------------------------------
 
+    @pytest.mark.slow
     def test_the_tiny_model_makes_every_row_in_one_process_and_in_two(self, tmp_path):
         """The one process test per family: every row made once, by one process and by two, the same
         videos, each of its row's shape, with the row's columns in the results."""
