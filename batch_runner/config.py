@@ -8,6 +8,7 @@ these objects, never raw dicts.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -37,7 +38,7 @@ class ModelConfig:
     """
 
     name: str = MISSING
-    # The model family module (batch_runner/families/<family>.py): cogvideox | wan
+    # The model family (batch_runner/families/<family>): one of families.FAMILY_MODULES.
     family: str = "cogvideox"
     # "pretrained": from_pretrained(path); "random": the architecture in conf/arch/<arch> with random
     # weights built on the GPU (benchmarks); "tiny": a small random pipeline built in code (tests).
@@ -46,16 +47,12 @@ class ModelConfig:
     revision: str | None = None
     arch: str | None = None
     dtype: str = "bfloat16"
-    # A scheduler the family names (CogVideoX: dpm as CogVideo's demo, ddim; Wan: unipc, euler), or
-    # "default" (as saved with the model).
+    # A scheduler the family names (its `schedulers`), or "default" (as saved with the model).
     scheduler: str = "dpm"
-    timestep_spacing: str = "trailing"  # CogVideoX
-    use_dynamic_cfg: bool = True  # CogVideoX
-    flow_shift: float | None = None  # flow-matching families (Wan): the scheduler's shift; null keeps the saved one
-    guidance_scale_2: float | None = None  # Wan 2.2 A14B: guidance of the low-noise expert; null: guidance_scale
-    # Wan 2.2: the checkpoint's shape, as its model_index.json says (the tiny model is built to match).
-    boundary_ratio: float | None = None  # two experts, switched at this fraction of the schedule
-    expand_timesteps: bool = False  # TI2V: the first latent frame is the image
+    flow_shift: float | None = None  # flow-matching families: the scheduler's shift; null keeps the saved one
+    # Settings only this model's family reads, by name (e.g. model.options.guidance_scale_2=3.0): the
+    # family declares them (its `Options`) and refuses any other key or a value of the wrong type.
+    options: dict[str, Any] = field(default_factory=dict)
     max_sequence_length: int = 226
     # Row defaults, overridable per row by manifest columns of the same name.
     num_frames: int = 49

@@ -1,57 +1,30 @@
-"""HunyuanVideo-1.5 image-to-video: the tiny model end to end as a user runs it, its size and frame
-rules, its loading path, and the full-size 480p/720p architectures read and planned without weights."""
+"""What only HunyuanVideo-1.5 does: sizes as the pipeline's buckets, guidance as a component, four
+cached tensors per prompt, attention without the text's padding, smaller VAE tiles for smaller
+budgets. The shared checks of every family are in test_family_contract.py."""
 
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 
-import pandas as pd
 import pytest
 import torch
 
 from batch_runner.errors import UserError
 from batch_runner.families import family_named
-from batch_runner.families.hunyuan15 import buckets, nearest_bucket
+from batch_runner.families.hunyuan15.buckets import buckets, nearest_bucket
 from batch_runner.replica import placement, planner, speed
 from batch_runner.replica.anatomy import anatomy
 from batch_runner.replica.pipeline import build_pipeline
 from batch_runner.replica.planner import auto_plan, workload_of
+from batch_runner.run.checks import check_settings
 
 from .conftest import (
-    made_by_one_process_and_by_two,
-    made_from_a_saved_folder,
-    ok,
-    photo,
-    run_cli,
     run_config,
-    same_video,
     tiny_job,
-    write_manifest,
 )
 
 TINY = "tiny-hunyuan15"
 FULL = ("hunyuanvideo1.5-i2v-480p", "hunyuanvideo1.5-i2v-720p")
-
-
-@pytest.fixture
-def manifest(tmp_path: Path) -> Path:
-    """Three rows on real image files: the default row (48x80), a longer portrait one with quoted
-    text for the glyph encoder, a square one with another seed."""
-    image = photo(tmp_path / "in" / "first.png", (120, 80))
-    rows = [
-        {"id": "a", "image": str(image), "prompt": "the sea at night", "seed": 1},
-        {
-            "id": "b",
-            "image": str(image),
-            "prompt": 'a sign that says "SEA"',
-            "num_frames": 13,
-            "height": 64,
-            "width": 48,
-        },
-        {"id": "c", "image": str(image), "prompt": "light on the water", "seed": 5, "height": 64, "width": 64},
-    ]
-    return write_manifest(tmp_path / "jobs.csv", rows)
 
 
 def _made(cfg, job, images, fuse: bool = False) -> torch.Tensor:
@@ -71,22 +44,9 @@ def _made(cfg, job, images, fuse: bool = False) -> torch.Tensor:
 # --- the family -----------------------------------------------------------------------------------
 
 
-def test_tiny_hunyuan_has_the_familys_components():
-    model = run_config("manifest=x", f"model={TINY}").model
-    pipe = build_pipeline(model)
-    family = family_named("hunyuan15")
-    assert isinstance(pipe, family.pipeline_class)
-    assert (
-        family.components(pipe)
-        == anatomy(model).roles
-        == {
-            "text_encoder": "encoder",
-            "text_encoder_2": "encoder",
-            "image_encoder": "encoder",
-            "transformer": "denoiser",
-            "vae": "decoder",
-        }
-    )
+def test_tiny_hunyuan_has_a_guider_and_a_chat_template():
+    """Guidance is a component here, and the language model reads the prompt through a chat template."""
+    pipe = build_pipeline(run_config("manifest=x", f"model={TINY}").model)
     assert pipe.guider is not None and pipe.tokenizer.chat_template
 
 
@@ -141,32 +101,10 @@ def test_every_bucket_is_a_size_the_pipeline_makes_from_an_image_of_that_size():
 
 
 @pytest.mark.parametrize("name", FULL)
-def test_full_size_anatomy_is_the_8b_architecture(name):
-    model = run_config("manifest=x", f"model={name}").model
-    shape = anatomy(model)
-    billions = {n: b / 2 / 1e9 for n, b in shape.bytes.items()}  # bf16
-    assert billions["transformer"] == pytest.approx(8.3, rel=0.05)
-    assert billions["text_encoder"] == pytest.approx(7.07, rel=0.05)  # Qwen2.5-VL 7B's language model
-    assert billions["image_encoder"] == pytest.approx(0.43, rel=0.05)  # SigLIP so400m
-    assert shape.blocks == 54
-    assert shape.family.activations.guidance_batch == 1
-    # 121 frames -> 31 latent frames of 16x16 pixels, one token each; 1000 + 256 glyph + 729 image
-    # tokens of text join the sequence.
-    latents = (model.height // 16) * (model.width // 16)
-    assert shape.geometry.tokens(121, model.height, model.width, 1000) == 31 * latents + 1985
-
-
-@pytest.mark.parametrize("name", FULL)
-@pytest.mark.parametrize("budget", (80.0, 141.0))
-def test_auto_picks_a_plan_that_fits_and_says_why(name, budget):
+def test_the_plan_without_offloading_needs_the_weights_and_the_decode(name):
+    """The weights alone (bf16): 17.3 GB of encoders, 16.7 transformer, 2.5 VAE; the decode's reserve above."""
     cfg = run_config("manifest=x", f"model={name}", "memory.host_budget_gib=200")
-    choice = auto_plan(cfg, budget, 1)
-    chosen = next(e for e in choice.estimates if e.plan == choice.plan)
-    assert chosen.gpu_gib <= budget
-    faster = planner.LADDER[: planner.LADDER.index(choice.plan)]
-    assert all(e.gpu_gib > budget for e in choice.estimates if e.plan in faster)
-    # The weights alone (bf16): 17.3 GB of encoders, 16.7 transformer, 2.5 VAE.
-    none = next(e for e in choice.estimates if e.plan == "none")
+    none = next(e for e in auto_plan(cfg, 141.0, 1).estimates if e.plan == "none")
     assert 34 < none.gpu_gib < 100
 
 
@@ -235,76 +173,10 @@ def test_a_smaller_tile_decodes_the_tiny_video_in_pieces():
         ([f"model={TINY}", "memory.vae_tile=0"], "memory.vae_tile"),
     ],
 )
-def test_a_vae_tile_the_model_cannot_use_is_refused(tmp_path, manifest, overrides, message):
-    proc = run_cli(f"manifest={manifest}", *overrides, cwd=tmp_path)
-    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
-    assert not (tmp_path / "outputs").exists()
-
-
-@pytest.mark.slow
-def test_the_vae_tile_a_row_was_decoded_with_is_in_its_results(tmp_path, manifest):
-    ok(run_cli(f"manifest={manifest}", f"model={TINY}", "memory.vae_tile=64", "ids=[a]", cwd=tmp_path))
-    table = pd.read_parquet(tmp_path / "outputs" / "jobs" / "results.parquet")
-    assert table["status"].tolist() == ["ok"] and table["vae_tile"].tolist() == [64]
-
-
-# --- rows -----------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("name", "column", "value", "message"),
-    [
-        (TINY, "num_frames", 12, f"{TINY} makes 4N+1 frames, 5 to 121, not 12; the nearest valid value is 13"),
-        (FULL[0], "num_frames", 100, f"{FULL[0]} makes 4N+1 frames, 5 to 241, not 100; the nearest valid value is 101"),
-        (TINY, "width", 96, "not 96x48 (width x height); for that aspect ratio it makes width=80 height=48"),
-        (FULL[0], "width", 832, "not 832x480 (width x height); for that aspect ratio it makes width=816 height=480"),
-    ],
-)
-def test_a_row_the_model_cannot_make_is_refused_by_name(tmp_path, name, column, value, message):
-    image = photo(tmp_path / "in.png")
-    rows = [{"id": "ok", "image": str(image), "prompt": "sea"}, {"id": "bad", "image": str(image), "prompt": "sea"}]
-    rows[1][column] = value
-    if column == "width" and name == FULL[0]:
-        rows[1]["height"] = 480
-    extra = ["dry_run=true"] if name != TINY else []
-    proc = run_cli(f"manifest={write_manifest(tmp_path / 'j.csv', rows)}", f"model={name}", *extra, cwd=tmp_path)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "'bad'" in proc.stderr and message in proc.stderr, proc.stderr
-    assert not (tmp_path / "outputs").exists()
-
-
-@pytest.mark.parametrize("name", FULL)
-def test_dry_run_plans_the_full_size_model_with_no_weights(tmp_path, manifest, name):
-    proc = run_cli(
-        f"manifest={manifest}",
-        f"model={name}",
-        "dry_run=true",
-        "memory.budget_gib=80",
-        "memory.host_budget_gib=200",
-        "on_invalid=skip",
-        cwd=tmp_path,
-    )
-    ok(proc)
-    assert "memory plan: " in proc.stdout and "no model loaded" in proc.stdout
-    assert not (tmp_path / "outputs").exists()
-
-
-# --- end to end, as a user runs it ----------------------------------------------------------------
-
-
-@pytest.mark.slow
-def test_tiny_hunyuan_makes_every_row_in_one_process_and_in_two(tmp_path, manifest):
-    table, frames = made_by_one_process_and_by_two(tmp_path, manifest, f"model={TINY}", "output.crf=0")
-    # The recorded size is the video's real size: each row's bucket.
-    for i in "abc":
-        assert frames[i].shape[1:3] == (table.loc[i, "height"], table.loc[i, "width"]), i
-    assert frames["a"].shape == (9, 48, 80, 3) and frames["b"].shape == (13, 64, 48, 3)
-    assert frames["c"].shape == (9, 64, 64, 3)
-
-
-@pytest.mark.slow
-def test_a_saved_hunyuan_pipeline_loads_through_model_path_and_makes_the_same_video(tmp_path, manifest):
-    assert same_video(*made_from_a_saved_folder(tmp_path, manifest, TINY, "b"))
+def test_a_vae_tile_the_model_cannot_use_is_refused(overrides, message):
+    with pytest.raises(UserError) as refused:
+        check_settings(run_config("manifest=x", *overrides))
+    assert message in str(refused.value)
 
 
 # --- attention without the text's padding ------------------------------------------------------------
@@ -334,7 +206,7 @@ def _transformer_inputs(real: list[tuple[int, int]], image: bool = True, seed: i
 @pytest.fixture
 def attention_calls(monkeypatch) -> list[dict]:
     """The mask and backend of each attention call the dual-stream blocks make."""
-    from batch_runner.families import hunyuan15
+    from batch_runner.families.hunyuan15 import attention
 
     calls = []
 
@@ -342,8 +214,8 @@ def attention_calls(monkeypatch) -> list[dict]:
         calls.append({"masked": kwargs["attn_mask"] is not None, "backend": kwargs["backend"]})
         return dispatch(*args, **kwargs)
 
-    dispatch = hunyuan15.dispatch_attention_fn
-    monkeypatch.setattr(hunyuan15, "dispatch_attention_fn", recorded)
+    dispatch = attention.dispatch_attention_fn
+    monkeypatch.setattr(attention, "dispatch_attention_fn", recorded)
     return calls
 
 
@@ -403,3 +275,17 @@ def test_compiled_blocks_make_one_graph_for_every_text_length():
             made = transformer(**_transformer_inputs([(language, glyph)]))[0]
             assert torch.isfinite(made).all()
     assert counters["stats"]["unique_graphs"] == 1, counters["stats"]
+
+
+def test_choosing_a_models_attention_kernel_leaves_other_models_default_alone():
+    """diffusers' set_attention_backend also changes the process-wide default: a kernel chosen for
+    one transformer (here cuDNN, which a CPU cannot run) must not reach another pipeline's attention."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+    from torch.nn.attention import SDPBackend
+
+    before = _AttentionBackendRegistry.get_active_backend()[0]
+    pipe = build_pipeline(run_config("manifest=x", f"model={TINY}").model)
+    family_named("hunyuan15").prefer_attention(pipe.transformer, [SDPBackend.CUDNN_ATTENTION], "_native_cudnn")
+    processors = pipe.transformer.attn_processors.values()
+    assert {p._attention_backend for p in processors if hasattr(p, "_attention_backend")} == {"_native_cudnn"}
+    assert _AttentionBackendRegistry.get_active_backend()[0] == before

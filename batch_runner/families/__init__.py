@@ -6,11 +6,16 @@ checkpoint in conf/model/ (plus conf/arch/<arch>/ for the benchmarks' random-wei
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 from batch_runner.config import ModelConfig
 from batch_runner.errors import UserError
 from batch_runner.families.base import Family
 
 FAMILY_MODULES = ("cogvideox", "wan", "ltx", "hunyuan15")
+# Model fields that became families' options: a config.yaml saved before holds them at the top of `model`.
+FORMER_MODEL_FIELDS = ("timestep_spacing", "use_dynamic_cfg", "boundary_ratio", "expand_timesteps", "guidance_scale_2")
 
 
 def family_named(name: str) -> Family:
@@ -24,3 +29,14 @@ def family_named(name: str) -> Family:
 
 def family_of(model: ModelConfig) -> Family:
     return family_named(model.family)
+
+
+def upgrade_saved_model(model: dict[str, Any]) -> dict[str, Any]:
+    """A saved model section as today's schema takes it (from_run of a folder made before options were
+    per family): the family's own options move under `options`; the other families' go, as they were
+    saved at their defaults and never read."""
+    former = {key: model.pop(key) for key in FORMER_MODEL_FIELDS if key in model}
+    if former and model.get("family") in FAMILY_MODULES:
+        keys = {f.name for f in dataclasses.fields(family_named(model["family"]).Options)}
+        model["options"] = {**{k: v for k, v in former.items() if k in keys}, **(model.get("options") or {})}
+    return model

@@ -9,8 +9,10 @@ arguments, which blocks repeat, how its attention kernel is chosen.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import json
+import types
 import typing
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,6 +29,15 @@ ARCH_DIR = Path(__file__).resolve().parent.parent.parent / "conf" / "arch"
 
 # A component's role decides where the memory plans put it.
 ENCODER, DENOISER, DECODER = "encoder", "denoiser", "decoder"
+
+# Before options were per family, every run's output salt held these two CogVideoX settings at their
+# defaults, whatever its family: the salt keeps them, so that those runs' output folders still resume.
+SALTED_BEFORE_OPTIONS: dict[str, Any] = {"timestep_spacing": "trailing", "use_dynamic_cfg": True}
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """The options of a family that has none (model.options must then be empty)."""
 
 
 @dataclass(frozen=True)
@@ -84,6 +95,41 @@ class Family:
     schedulers: ClassVar[dict[str, str]] = {}
     # Whether the scheduler's arithmetic may stay on the host (speed.keep_timesteps_on_host).
     host_timesteps: ClassVar[bool] = False
+    # The settings only this family reads (model.options), as a frozen dataclass: its fields are the
+    # valid keys, their annotations the types a value must have, their defaults what a missing key means.
+    Options: ClassVar[type] = NoOptions
+
+    # --- options ---
+
+    def option_problems(self, model: ModelConfig) -> list[str]:
+        """What is wrong with model.options, one phrase each naming the key and the fix (checks.py)."""
+        fields = {f.name: f for f in dataclasses.fields(self.Options)}
+        hints = typing.get_type_hints(self.Options)
+        problems = []
+        for key, value in (model.options or {}).items():
+            if key not in fields:
+                fix = f"its options are {', '.join(fields)}" if fields else "it has none; leave model.options empty"
+                problems.append(f"model.options.{key} is not an option of {model.name} ({self.name}): {fix}")
+            elif (reason := _type_problem(value, hints[key])) is not None:
+                problems.append(f"model.options.{key}={value!r} {reason}")
+        return problems
+
+    def options(self, model: ModelConfig) -> Any:
+        """model.options as this family's `Options`, its defaults filling what the config leaves out."""
+        if problems := self.option_problems(model):
+            raise UserError("; ".join(problems) + ".")
+        hints = typing.get_type_hints(self.Options)
+        values = {key: _coerce(value, hints[key]) for key, value in (model.options or {}).items()}
+        return self.Options(**values)
+
+    def output_options(self, model: ModelConfig) -> dict[str, Any]:
+        """The options that change this family's videos, by name: they salt the output (a row made
+        with other values is made again) and are recorded with the run. None by default."""
+        return {}
+
+    def salted_options(self, model: ModelConfig) -> dict[str, Any]:
+        """`output_options` as the output salt holds them (with the settings every earlier run's salt held)."""
+        return SALTED_BEFORE_OPTIONS | self.output_options(model)
 
     # --- building ---
 
@@ -224,6 +270,47 @@ class Family:
 
 
 # --- helpers the family modules share -------------------------------------------------------------
+
+
+def _allowed(annotation: Any) -> tuple[Any, ...]:
+    """The types an option's annotation admits: `float | None` -> (float, None)."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return tuple(None if a is type(None) else a for a in typing.get_args(annotation))
+    return (annotation,)
+
+
+def _type_problem(value: Any, annotation: Any) -> str | None:
+    """None if `value` is a valid value of the annotation, else what it must be instead."""
+    allowed = _allowed(annotation)
+    for kind in allowed:
+        if kind is None and value is None:
+            return None
+        if kind is bool and isinstance(value, bool):
+            return None
+        if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return None
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return None
+        if kind is str and isinstance(value, str):
+            return None
+        if typing.get_origin(kind) is typing.Literal and value in typing.get_args(kind):
+            return None
+    names = []
+    for kind in allowed:
+        if kind is None:
+            names.append("null")
+        elif typing.get_origin(kind) is typing.Literal:
+            names.append("one of " + ", ".join(map(str, typing.get_args(kind))))
+        else:
+            names.append({bool: "true or false", float: "a number", int: "an integer", str: "a string"}[kind])
+    return "must be " + " or ".join(names)
+
+
+def _coerce(value: Any, annotation: Any) -> Any:
+    """A whole number where the option is a float (Hydra reads `3` as an int) becomes that float."""
+    if float in _allowed(annotation) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
 
 
 def arch_folder(arch: str) -> Path:

@@ -7,7 +7,8 @@ video tokens in self-attention, so they count towards the activation memory.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar, Literal
 
 import torch
 from diffusers import (
@@ -33,8 +34,21 @@ from batch_runner.families.base import (
 from batch_runner.families.tokenizer import TINY_TEXT_DIM, tiny_text_encoder, tiny_tokenizer
 
 
+@dataclass(frozen=True)
+class CogVideoXOptions:
+    """model.options of CogVideoX, defaults as CogVideo's own demo.
+
+    `timestep_spacing`: how the scheduler spaces its steps over the training timesteps;
+    `use_dynamic_cfg`: the pipeline's cosine-ramped guidance scale over the steps.
+    """
+
+    timestep_spacing: Literal["trailing", "leading", "linspace"] = "trailing"
+    use_dynamic_cfg: bool = True
+
+
 class CogVideoX(Family):
     name = "cogvideox"
+    Options = CogVideoXOptions
     pipeline_class = CogVideoXImageToVideoPipeline
     roles: ClassVar[dict[str, str]] = {"text_encoder": ENCODER, "transformer": DENOISER, "vae": DECODER}
     # Fitted to CogVideoX-5B-I2V at 49x480x720 with guidance, compiled blocks, on an H100
@@ -46,7 +60,11 @@ class CogVideoX(Family):
     host_timesteps = True
 
     def scheduler_overrides(self, model: ModelConfig) -> dict[str, Any]:
-        return {"timestep_spacing": model.timestep_spacing}
+        return {"timestep_spacing": self.options(model).timestep_spacing}
+
+    def output_options(self, model: ModelConfig) -> dict[str, Any]:
+        """Both options change the video."""
+        return asdict(self.options(model))
 
     def tiny(self, model: ModelConfig) -> CogVideoXImageToVideoPipeline:
         """CogVideoX image-to-video at toy scale: same classes and code paths, random weights.
@@ -102,7 +120,8 @@ class CogVideoX(Family):
         )
 
     def call_arguments(self, model: ModelConfig, job: Any, images: dict[str, Any], embeds: Any) -> dict[str, Any]:
-        return super().call_arguments(model, job, images, embeds) | {"use_dynamic_cfg": model.use_dynamic_cfg}
+        arguments = super().call_arguments(model, job, images, embeds)
+        return arguments | {"use_dynamic_cfg": self.options(model).use_dynamic_cfg}
 
     def blocks(self, transformer: torch.nn.Module) -> torch.nn.ModuleList:
         return transformer.transformer_blocks

@@ -14,6 +14,7 @@ not lengthen the self-attention sequence.
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -49,8 +50,24 @@ from batch_runner.families.tokenizer import TINY_TEXT_DIM, tiny_text_encoder, ti
 TINY_HEADS, TINY_HEAD_DIM = 2, 12
 
 
+@dataclass(frozen=True)
+class WanOptions:
+    """model.options of Wan. The first two are the checkpoint's shape, as its model_index.json says
+    (the tiny model is built to match); the third is a setting of the A14B's call.
+
+    `boundary_ratio`: Wan 2.2 A14B's two experts, switched at this fraction of the schedule (null: one
+    transformer); `expand_timesteps`: Wan 2.2 TI2V, the first latent frame is the image;
+    `guidance_scale_2`: the guidance of the low-noise expert (null: guidance_scale).
+    """
+
+    boundary_ratio: float | None = None
+    expand_timesteps: bool = False
+    guidance_scale_2: float | None = None
+
+
 class Wan(Family):
     name = "wan"
+    Options = WanOptions
     pipeline_class = WanImageToVideoPipeline
     roles: ClassVar[dict[str, str]] = {
         "text_encoder": ENCODER,
@@ -79,17 +96,24 @@ class Wan(Family):
         """A14B conditions on frames through its latents alone and takes a last frame there. TI2V 5B
         (expand_timesteps) would silently drop it; Wan 2.1 I2V's CLIP conditioning takes one image
         (only the separate FLF2V checkpoint, with its position embedding, takes two)."""
-        return model.boundary_ratio is not None and not model.expand_timesteps
+        options = self.options(model)
+        return options.boundary_ratio is not None and not options.expand_timesteps
+
+    def output_options(self, model: ModelConfig) -> dict[str, Any]:
+        """Every option changes the video; those left at their defaults are not named (the salt of the
+        runs made before Wan 2.2 named none of them)."""
+        return {key: value for key, value in asdict(self.options(model)).items() if value}
 
     # --- LoRAs ---
 
     def lora_target(self, model: ModelConfig, expert: str | None) -> tuple[str, dict[str, Any]]:
         """A14B's two experts take a LoRA each (Lightning: one for high noise, one for low); diffusers
         puts one into the second with `load_into_transformer_2`."""
-        if expert == "transformer_2" and model.boundary_ratio is not None:
+        two_experts = self.options(model).boundary_ratio is not None
+        if expert == "transformer_2" and two_experts:
             return "transformer_2", {"load_into_transformer_2": True}
         if expert not in (None, "transformer"):
-            experts = "transformer, transformer_2" if model.boundary_ratio is not None else "transformer"
+            experts = "transformer, transformer_2" if two_experts else "transformer"
             raise UserError(f"model.loras: expert={expert!r} is not a denoiser of {model.name} (it has: {experts}).")
         return "transformer", {}
 
@@ -103,9 +127,10 @@ class Wan(Family):
         if name not in formats:
             raise UserError(f"model.loras: tiny://{name} is not a tiny Wan LoRA (known: {', '.join(formats)}).")
         down, up, seed = formats[name]
-        clip = not model.expand_timesteps and model.boundary_ratio is None
+        options = self.options(model)
+        clip = not options.expand_timesteps and options.boundary_ratio is None
         with seeded(0):
-            transformer = self._tiny_transformer(model.expand_timesteps, clip)
+            transformer = self._tiny_transformer(options.expand_timesteps, clip)
         layers = {"self_attn": "attn1", "cross_attn": "attn2"}
         names = {"q": "to_q", "k": "to_k", "v": "to_v", "o": "to_out.0", "k_img": "add_k_proj", "v_img": "add_v_proj"}
         rank, tensors = 4, {}
@@ -130,8 +155,9 @@ class Wan(Family):
         """Wan at toy scale, in the shape the config names: 2.1 with a CLIP image encoder, 2.2 TI2V
         (`expand_timesteps`, 48-channel VAE) or 2.2 A14B (two experts, `boundary_ratio`)."""
         tokenizer = tiny_tokenizer()
-        ti2v = model.expand_timesteps
-        two_experts = model.boundary_ratio is not None
+        options = self.options(model)
+        ti2v = options.expand_timesteps
+        two_experts = options.boundary_ratio is not None
         with seeded(0):
             text_encoder = tiny_text_encoder(UMT5EncoderModel, UMT5Config, tokenizer.vocab_size)
             if ti2v:
@@ -184,7 +210,7 @@ class Wan(Family):
             image_encoder=image_encoder,
             transformer=transformers[0],
             transformer_2=transformers[1] if two_experts else None,
-            boundary_ratio=model.boundary_ratio,
+            boundary_ratio=options.boundary_ratio,
             expand_timesteps=ti2v,
         )
 
@@ -231,8 +257,8 @@ class Wan(Family):
         arguments = super().call_arguments(model, job, images, embeds)
         if images.get("last_image") is not None:
             arguments["last_image"] = images["last_image"]
-        if model.guidance_scale_2 is not None:
-            arguments["guidance_scale_2"] = model.guidance_scale_2
+        if (guidance_2 := self.options(model).guidance_scale_2) is not None:
+            arguments["guidance_scale_2"] = guidance_2
         return arguments
 
     # --- structure ---

@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from batch_runner.config import RunConfig
+from batch_runner.families import family_of, upgrade_saved_model
 from batch_runner.outputs.storage import atomic_write_text
 
 CONFIG_FILE = "config.yaml"
@@ -47,32 +48,30 @@ def run_key(cfg: RunConfig, output_dir: Path) -> str:
 
 
 def output_salt(cfg: RunConfig) -> str:
-    """Fingerprint of the settings that change a video beyond its row's own parameters."""
+    """Fingerprint of the settings that change a video beyond its row's own parameters.
+
+    The model's family names its own options that do (`salted_options`)."""
     model = asdict(cfg.model)
+    shared = ("name", "weights", "path", "revision", "arch", "dtype", "scheduler", "max_sequence_length")
     decisive = {
-        "model": {
-            k: model[k]
-            for k in (
-                "name",
-                "weights",
-                "path",
-                "revision",
-                "arch",
-                "dtype",
-                "scheduler",
-                "timestep_spacing",
-                "use_dynamic_cfg",
-                "max_sequence_length",
-            )
-        }
+        "model": {k: model[k] for k in shared}
+        | family_of(cfg.model).salted_options(cfg.model)
         # Settings newer than the first runs count only when set, so those runs still resume.
-        | {k: model[k] for k in ("flow_shift", "guidance_scale_2", "boundary_ratio", "expand_timesteps") if model[k]},
+        | ({"flow_shift": model["flow_shift"]} if model["flow_shift"] else {}),
         "fp8_weights": cfg.memory.fp8_weights,
         "cache": [cfg.speed.cache, cfg.speed.cache_threshold if cfg.speed.cache != "none" else None],
     }
     if cfg.model.loras:  # each file's hash too: a LoRA changed in place remakes the rows
         decisive["loras"] = lora_identities(cfg)
     return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def load_saved_config(path: Path) -> DictConfig:
+    """An output_dir's config.yaml in today's schema (one saved before options were per family is upgraded)."""
+    saved = OmegaConf.load(path)
+    if isinstance(saved.get("model"), DictConfig):
+        saved.model = upgrade_saved_model(OmegaConf.to_container(saved.model))
+    return saved
 
 
 def save_config(cfg: RunConfig, output_dir: Path) -> None:

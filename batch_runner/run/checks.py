@@ -74,11 +74,11 @@ def check_settings(cfg: RunConfig) -> None:
 
 
 def _model_problems(cfg: RunConfig) -> list[str]:
-    """The settings whose valid values the model's family decides (its schedulers)."""
+    """The settings whose valid values the model's family decides (its schedulers and its options)."""
     if cfg.model.family not in FAMILY_MODULES:
         return [f"model.family={cfg.model.family!r} is not one of {', '.join(FAMILY_MODULES)}"]
     family = family_named(cfg.model.family)
-    problems = []
+    problems = family.option_problems(cfg.model)
     schedulers = (*family.schedulers, "default")
     if cfg.model.scheduler not in schedulers:
         problems.append(

@@ -13,7 +13,7 @@ from omegaconf.errors import OmegaConfBaseException
 from batch_runner.cluster import devices
 from batch_runner.config import RunConfig
 from batch_runner.errors import UserError
-from batch_runner.outputs.provenance import CONFIG_FILE
+from batch_runner.outputs.provenance import CONFIG_FILE, load_saved_config
 from batch_runner.outputs.storage import OutputError
 from batch_runner.run import lifecycle
 from batch_runner.run.logs import setup_logging
@@ -46,7 +46,7 @@ def _from_run(folder: Path, overrides: list[str]) -> DictConfig:
     saved = folder / CONFIG_FILE
     if not saved.is_file():
         raise UserError(f"from_run={str(folder)!r} holds no {CONFIG_FILE}; point it at an earlier run's output_dir.")
-    base = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(saved))
+    base = OmegaConf.merge(OmegaConf.structured(RunConfig), load_saved_config(saved))
     mine = [o.lstrip("+") for o in overrides if not o.split("=", 1)[0].lstrip("+~").startswith("from_run")]
     # A group choice (model=..., memory=...) replaces that whole group with its YAML, composed by
     # Hydra as a fresh run composes it; plain keys (model.path=...) then apply on top, as they do there.
