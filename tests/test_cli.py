@@ -525,11 +525,22 @@ def test_misspelt_key_fails_clearly_before_anything_runs(data: dict, tmp_path: P
         ("model.num_inferenc_steps=3", "did you mean model.num_inference_steps?"),
     ],
 )
-def test_a_misspelt_override_is_one_line_with_the_valid_choices_and_exit_2(tmp_path: Path, override, sentence) -> None:
-    proc = run_cli("manifest=jobs.csv", "model=tiny", override, cwd=tmp_path)
+def test_a_misspelt_override_is_one_sentence_with_the_valid_choices(override, sentence) -> None:
+    """In-process: the check run.py makes before anything else (its exit path is tested once, below)."""
+    from batch_runner.errors import UserError
+    from batch_runner.run.overrides import check_overrides
+
+    with pytest.raises(UserError) as refused:
+        check_overrides(["manifest=jobs.csv", "model=tiny", override], ROOT / "conf")
+    assert str(refused.value).startswith(sentence) or sentence in str(refused.value), refused.value
+    assert "\n" not in str(refused.value)
+
+
+def test_a_misspelt_override_is_one_line_and_exit_2_on_the_command_line(tmp_path: Path) -> None:
+    proc = run_cli("manifest=jobs.csv", "model=tiny", "memroy=none", cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.splitlines() == [proc.stderr.strip()], proc.stderr
-    assert proc.stderr.startswith(f"error: {sentence}") or sentence in proc.stderr, proc.stderr
+    assert proc.stderr.startswith("error: There is no setting 'memroy' among the settings"), proc.stderr
     assert list(tmp_path.iterdir()) == []
 
 

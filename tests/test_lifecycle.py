@@ -17,7 +17,7 @@ import pytest
 from tests.conftest import ROOT, accelerate_cpu, free_port, run_cli, write_manifest
 from tests.test_faults import alive, good_rows, process_tree
 
-pytestmark = pytest.mark.slow
+# Tests that start processes are marked slow by tests/conftest.py.
 
 STOP_WITHIN_SECONDS = 60  # a few seconds on an idle machine (GRACE_SECONDS at worst); slack for a loaded host
 
