@@ -255,6 +255,8 @@ def _item_starts_processes(item: pytest.Item) -> bool:
         return True
     fixtures = getattr(item, "_fixtureinfo", None)
     for name in getattr(item, "fixturenames", ()):
+        if name == "_processes_only_in_the_slow_lane":  # the guard names what it refuses; it starts nothing
+            continue
         for definition in fixtures.name2fixturedefs.get(name, ()) if fixtures else ():
             if _starts_processes(definition.func, set()):
                 return True
@@ -290,7 +292,9 @@ def _processes_only_in_the_slow_lane(request: pytest.FixtureRequest, monkeypatch
         yield
         return
     # subprocess (and multiprocessing's spawn) go through fork_exec; the rest are os's own ways.
-    monkeypatch.setattr(_posixsubprocess, "fork_exec", _refuse("subprocess"))
+    monkeypatch.setattr(_posixsubprocess, "fork_exec", _refuse("a child process"))
+    if getattr(subprocess, "_fork_exec", None) is not None:  # subprocess binds its own name at import
+        monkeypatch.setattr(subprocess, "_fork_exec", _refuse("subprocess"))
     for name in ("fork", "forkpty", "posix_spawn", "posix_spawnp", "system", "execv", "execve"):
         if hasattr(os, name):
             monkeypatch.setattr(os, name, _refuse(f"os.{name}"))
