@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import _posixsubprocess
 import inspect
+import multiprocessing
 import os
 import socket
 import subprocess
@@ -208,7 +209,7 @@ def made_from_a_saved_folder(tmp_path: Path, manifest: Path, model: str, row: st
 # tests/, or through a fixture) is marked slow.
 _SPAWNING_OBJECTS = (run_cli, subprocess.run, subprocess.Popen, subprocess.call, subprocess.check_call)
 _SPAWNING_OBJECTS += (subprocess.check_output, os.system, os.fork, os.popen)
-_SPAWNING_MODULES = (subprocess,)
+_SPAWNING_MODULES = (subprocess, multiprocessing)
 _SPAWNING_OS_NAMES = {"system", "popen", "fork", "forkpty", "posix_spawn", "posix_spawnp", "spawnv", "spawnl"}
 _SPAWNING_OS_NAMES |= {"execv", "execve", "execvp", "execvpe", "execl", "execlp"}
 

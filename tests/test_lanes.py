@@ -34,6 +34,7 @@ def test_a_test_reaching_run_cli_or_subprocess_through_helpers_is_seen_to_start_
     assert _starts_processes(shared["made_by_one_process_and_by_two"], set())
     assert _starts_processes(shared["made_from_a_saved_folder"], set())
     assert _starts_processes(here["_names_conftest_run_cli"], set())
+    assert _starts_processes(vars(importlib.import_module("tests.test_host_weights"))["run_processes"], set())
     assert not _starts_processes(_pure, set())
     assert not _starts_processes(conftest.run_config, set())
     assert not _starts_processes(conftest.photo, set())
