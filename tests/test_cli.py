@@ -437,8 +437,21 @@ def test_two_processes_without_sharing_load_their_own_copies(data: dict, tmp_pat
     assert set(pd.read_parquet(out / "results.parquet")["status"]) == {"ok"}
 
 
-@pytest.mark.parametrize("path", ["/nonexistent", "nobody-here/no-such-model"])
-def test_missing_model_is_one_sentence_and_exit_2(data: dict, tmp_path: Path, path: str) -> None:
+def test_a_missing_model_folder_is_one_sentence_naming_model_path() -> None:
+    """In-process: the refusal's text (its way to exit 2 on the command line is tested below, once)."""
+    from batch_runner.errors import UserError
+    from batch_runner.replica.pipeline import build_pipeline
+
+    model = run_config("manifest=x", "model=tiny", "model.weights=pretrained", "model.path=/nonexistent").model
+    with pytest.raises(UserError) as refused:
+        build_pipeline(model)
+    line = str(refused.value)
+    assert "\n" not in line and "model.path" in line and "/nonexistent" in line
+    assert line.rstrip().endswith((".", ")"))
+
+
+def test_missing_model_is_one_sentence_and_exit_2(data: dict, tmp_path: Path) -> None:
+    path = "nobody-here/no-such-model"  # offline, as a cluster node is: not a folder, and no Hub
     env = os.environ | {"HF_HUB_OFFLINE": "1"}
     out = tmp_path / "out"
     proc = run_cli(
