@@ -1,10 +1,22 @@
-"""Shared helpers: configs composed exactly as the command line composes them, and real inputs on disk."""
+"""Shared helpers: configs composed exactly as the command line composes them, and real inputs on disk.
+
+Test lanes. `python -m pytest -q -m "not slow and not gpu"` is the development lane: in-process tests
+only. A test that starts a process (`run_cli`, `subprocess`, a helper that calls them) is marked
+`slow` here at collection, by reading what its code and its fixtures' code call, so nobody has to
+remember the marker; and a test left unmarked that starts a process anyway (through a path the
+reading missed) fails with a sentence saying so, so none can slip into the fast lane.
+"""
 
 from __future__ import annotations
 
+import _posixsubprocess
+import inspect
+import multiprocessing
+import os
 import socket
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +72,12 @@ def run_cli(
     """The command line as a user types it: `python run.py ...` or `accelerate launch ... run.py ...`."""
     command = [*(launcher or [sys.executable]), str(ROOT / "run.py"), *args]
     return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture
+def cli():
+    """`run_cli`, as a fixture: a test that takes it is marked slow (as is one that calls run_cli)."""
+    return run_cli
 
 
 def free_port() -> int:
@@ -183,3 +201,102 @@ def made_from_a_saved_folder(tmp_path: Path, manifest: Path, model: str, row: st
         ok(run_cli(f"manifest={manifest}", *overrides, f"output_dir={out}", cwd=tmp_path))
         made.append(frames_of(out / "videos" / f"{row}.mp4"))
     return tuple(made)
+
+
+# --- test lanes --------------------------------------------------------------------------------------------
+
+# What starts a process when called. A test reaching one of these (directly, through a helper defined in
+# tests/, or through a fixture) is marked slow.
+_SPAWNING_OBJECTS = (run_cli, subprocess.run, subprocess.Popen, subprocess.call, subprocess.check_call)
+_SPAWNING_OBJECTS += (subprocess.check_output, os.system, os.fork, os.popen)
+_SPAWNING_MODULES = (subprocess, multiprocessing)
+_SPAWNING_OS_NAMES = {"system", "popen", "fork", "forkpty", "posix_spawn", "posix_spawnp", "spawnv", "spawnl"}
+_SPAWNING_OS_NAMES |= {"execv", "execve", "execvp", "execvpe", "execl", "execlp"}
+
+
+def _names(code: types.CodeType) -> set[str]:
+    """Every global or attribute name a function's code (its nested functions and comprehensions too) uses."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _names(const)
+    return names
+
+
+def _starts_processes(func, seen: set[int]) -> bool:
+    """Whether calling `func` may start a process: it uses a spawning name, or calls a tests/ helper that does."""
+    func = inspect.unwrap(getattr(func, "__func__", func))
+    code = getattr(func, "__code__", None)
+    if code is None or id(code) in seen:
+        return False
+    seen.add(id(code))
+    names = _names(code)
+    scope = getattr(func, "__globals__", {})
+    for name in names:
+        if name not in scope:
+            continue
+        obj = scope[name]
+        if obj is os and names & _SPAWNING_OS_NAMES:
+            return True
+        if any(obj is spawner for spawner in _SPAWNING_MODULES + _SPAWNING_OBJECTS):
+            return True
+        if isinstance(obj, types.ModuleType) and obj.__name__.startswith("tests"):
+            # `conftest.run_cli`, `test_faults.good_rows`: the attribute names used are in `names` too.
+            helpers = [getattr(obj, n) for n in names if inspect.isfunction(getattr(obj, n, None))]
+            if any(_starts_processes(helper, seen) for helper in helpers):
+                return True
+            continue
+        if inspect.isfunction(obj) and obj.__module__.startswith("tests") and _starts_processes(obj, seen):
+            return True
+    return False
+
+
+def _item_starts_processes(item: pytest.Item) -> bool:
+    if _starts_processes(getattr(item, "function", None), set()):
+        return True
+    fixtures = getattr(item, "_fixtureinfo", None)
+    for name in getattr(item, "fixturenames", ()):
+        if name == "_processes_only_in_the_slow_lane":  # the guard names what it refuses; it starts nothing
+            continue
+        for definition in fixtures.name2fixturedefs.get(name, ()) if fixtures else ():
+            if _starts_processes(definition.func, set()):
+                return True
+    return False
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark slow every test that starts a process: the fast lane (`-m "not slow"`) never runs one."""
+    for item in items:
+        if item.get_closest_marker("slow") is None and _item_starts_processes(item):
+            item.add_marker(pytest.mark.slow)
+
+
+class StartedAProcess(AssertionError):
+    """An unmarked test started a process: it would slow the fast lane."""
+
+
+def _refuse(what: str):
+    def refused(*args, **kwargs):
+        raise StartedAProcess(
+            f"this test started a process ({what}) but is not marked slow: start it with tests.conftest.run_cli "
+            "or the `cli` fixture (which mark it automatically), or mark the test @pytest.mark.slow"
+        )
+
+    return refused
+
+
+@pytest.fixture(autouse=True)
+def _processes_only_in_the_slow_lane(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
+    """In a test not marked slow (or gpu), starting any process fails the test with a sentence saying why."""
+    if request.node.get_closest_marker("slow") or request.node.get_closest_marker("gpu"):
+        yield
+        return
+    # subprocess (and multiprocessing's spawn) go through fork_exec; the rest are os's own ways.
+    monkeypatch.setattr(_posixsubprocess, "fork_exec", _refuse("a child process"))
+    if getattr(subprocess, "_fork_exec", None) is not None:  # subprocess binds its own name at import
+        monkeypatch.setattr(subprocess, "_fork_exec", _refuse("subprocess"))
+    for name in ("fork", "forkpty", "posix_spawn", "posix_spawnp", "system", "execv", "execve"):
+        if hasattr(os, name):
+            monkeypatch.setattr(os, name, _refuse(f"os.{name}"))
+    yield

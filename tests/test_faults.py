@@ -23,7 +23,7 @@ from batch_runner.replica import replica as replica_module
 from batch_runner.run import runner
 from tests.conftest import ROOT, accelerate_cpu, photo, run_cli, run_config, write_manifest
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow  # its in-process tests too: each makes real rows (about a minute)
 
 
 # --- helpers ------------------------------------------------------------------------------------------

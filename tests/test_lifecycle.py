@@ -17,9 +17,9 @@ import pytest
 from tests.conftest import ROOT, accelerate_cpu, free_port, run_cli, write_manifest
 from tests.test_faults import alive, good_rows, process_tree
 
-pytestmark = pytest.mark.slow
+# Tests that start processes are marked slow by tests/conftest.py.
 
-STOP_WITHIN_SECONDS = 20  # a few seconds on an idle machine; the slack is for a loaded CI host
+STOP_WITHIN_SECONDS = 60  # a few seconds on an idle machine (GRACE_SECONDS at worst); slack for a loaded host
 
 
 def start_slow_run(
@@ -94,8 +94,13 @@ def test_a_stopped_launcher_takes_every_process_along_and_frees_its_port(tmp_pat
         kill_all(pids)
     out = tmp_path / "out"
     assert not list(out.rglob("*.partial"))
-    # Each process stopped through its handler (not killed by the agent after its grace period).
-    assert "stopped by SIG" in log.read_text(errors="replace"), log.read_text()[-3000:]
+    # Each process stopped through its handler (not killed by the agent after its grace period). Rank 1
+    # says so in its own log file. Rank 0 says so on the terminal, which a killed launcher takes along:
+    # accelerate relays the processes' stderr through a pipe that dies with it.
+    rank1 = (out / "logs" / "rank00001.log").read_text(errors="replace")
+    assert "stopped by SIG" in rank1, rank1[-3000:]
+    if sig != signal.SIGKILL:
+        assert "stopped by SIG" in log.read_text(errors="replace"), log.read_text()[-3000:]
 
     if sig != signal.SIGKILL:
         return

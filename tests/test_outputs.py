@@ -19,7 +19,7 @@ from batch_runner.inputs.manifest import derive_seed
 from batch_runner.outputs.video import read_video
 from tests.conftest import accelerate_cpu, photo, run_cli, write_manifest
 
-pytestmark = pytest.mark.slow
+# Tests that start processes are marked slow by tests/conftest.py.
 
 CHROMIUM = Path("/usr/bin/chromium")
 CATEGORIES = {"a": "harbour", "b": "forest", "c": "harbour", "d.v2": "city", "e": "city", "broken": "forest"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import subprocess
@@ -36,6 +37,27 @@ def frames() -> np.ndarray:
     return np.clip(np.stack(video), 0, 255).astype(np.uint8)
 
 
+@contextlib.contextmanager
+def state_earlier_tests_leave():
+    """Process-wide settings other code in a test run changes: torch's threads and denormal mode,
+    FFmpeg's log level and the CPUs this process may use. None of them may move a byte."""
+    import av
+    import torch
+
+    threads, cpus, level = torch.get_num_threads(), os.sched_getaffinity(0), av.logging.get_level()
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)
+    av.logging.set_level(av.logging.DEBUG if level is None else None)
+    os.sched_setaffinity(0, {max(cpus)})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, cpus)
+        av.logging.set_level(level)
+        torch.set_flush_denormal(False)
+        torch.set_num_threads(threads)
+
+
 def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -60,7 +82,8 @@ def test_processes_that_may_use_different_cpus_write_the_same_bytes(tmp_path: Pa
     """x264's default thread count follows the usable CPUs; a rank pinned to fewer must not differ."""
     cpus = os.sched_getaffinity(0)
     here = tmp_path / "here.mp4"
-    write_video(frames(), here, 8.0)
+    with state_earlier_tests_leave():
+        write_video(frames(), here, 8.0)
     one_cpu = encode_elsewhere(tmp_path / "one.mp4", {min(cpus)})
     all_cpus = encode_elsewhere(tmp_path / "all.mp4", cpus)
     assert digest(one_cpu) == digest(all_cpus) == digest(here)

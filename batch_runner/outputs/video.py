@@ -8,7 +8,10 @@ content hashes and deduplication depend on it. x264 is deterministic for a given
 its default thread count follows the CPUs this process may use (which differ between hosts, ranks
 and CPU-affinity settings), and frame threads change how frames are coded. So the encoder runs on
 one thread: it works in the background while the GPU makes the next video, so it costs no
-throughput.
+throughput. The RGB-to-YUV conversion is ours too, not left to the encoder's defaults: swscale's
+bit-exact C path on one thread, so neither the CPU's SIMD features, nor the thread count, nor what
+ran earlier in the process moves a rounding (a full test run once saw an encode differ from a
+fresh process's).
 """
 
 from __future__ import annotations
@@ -18,8 +21,12 @@ from pathlib import Path
 
 import av
 import numpy as np
+from av.video.reformatter import Interpolation
 
 from batch_runner.outputs.storage import atomic_path
+
+# swscale's reference arithmetic: the same bytes on any CPU (its SIMD paths round differently).
+_EXACT = Interpolation.BILINEAR | Interpolation.ACCURATE_RND | Interpolation.BITEXACT
 
 
 def write_video(frames: np.ndarray, path: Path, fps: float, crf: int = 18) -> None:
@@ -40,7 +47,10 @@ def write_video(frames: np.ndarray, path: Path, fps: float, crf: int = 18) -> No
         stream.codec_context.thread_count = 1  # deterministic output (see the module docstring)
         stream.options = {"crf": str(crf), "preset": "medium"}
         for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+            yuv = av.VideoFrame.from_ndarray(frame, format="rgb24").reformat(
+                format="yuv420p", interpolation=_EXACT, threads=1
+            )
+            container.mux(stream.encode(yuv))
         container.mux(stream.encode())
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from pathlib import Path
@@ -99,7 +100,11 @@ def main(cfg: DictConfig) -> int:
         return 2
     except lifecycle.Interrupted as e:
         if rank == 0:
-            print(f"{e.why}: finished rows are kept; rerun the same command to make the rest.", file=sys.stderr)
+            # The terminal may be gone with the launcher (accelerate relays our stderr through a pipe).
+            with contextlib.suppress(OSError):
+                print(f"{e.why}: finished rows are kept; rerun the same command to make the rest.", file=sys.stderr)
+        else:  # below warnings: to this process's own log file only, which outlives a killed launcher
+            log.info("%s: finished rows are kept", e.why)
         return e.exit_code
     finally:
         lifecycle.uninstall()
