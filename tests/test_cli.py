@@ -508,10 +508,12 @@ def test_a_rerun_and_a_from_run_regeneration_write_byte_identical_videos(data: d
 def test_from_run_with_a_group_choice_composes_that_group(tmp_path: Path) -> None:
     """`from_run=DIR model=...` once failed with "Bad setting a setting: Merge error"."""
     from batch_runner.outputs.provenance import save_config
+    from batch_runner.outputs.storage import mark_output_dir
     from tests.conftest import run_config
 
-    earlier = tmp_path / "earlier"
+    earlier = tmp_path / "earlier"  # an earlier run's folder: its marker and its config
     save_config(run_config(f"manifest={ROOT / 'examples/jobs.csv'}", "model=tiny", "memory=group_offload"), earlier)
+    mark_output_dir(earlier)
     proc = run_cli(f"from_run={earlier}", "model=tiny", "memory=none", "dry_run=true", cwd=tmp_path)
     ok(proc)
     assert "dry run: no model loaded, nothing written." in proc.stdout
