@@ -50,7 +50,7 @@ class ModelConfig:
     # A scheduler the family names (its `schedulers`), or "default" (as saved with the model).
     scheduler: str = "dpm"
     flow_shift: float | None = None  # flow-matching families: the scheduler's shift; null keeps the saved one
-    # Settings only this model's family reads, by name (e.g. model.options.guidance_scale_2=3.0): the
+    # Settings only this model's family reads, by name (e.g. model.options.<key>=<value>): the
     # family declares them (its `Options`) and refuses any other key or a value of the wrong type.
     options: dict[str, Any] = field(default_factory=dict)
     max_sequence_length: int = 226

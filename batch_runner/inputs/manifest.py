@@ -393,7 +393,14 @@ RUNNER_COLUMNS = (
     "gpu",
     "gpus_per_replica",
     "vae_tile",
+    "loras",
     "config_hash",
+    "text_encode_seconds",
+    "image_encode_seconds",
+    "denoise_seconds",
+    "decode_seconds",
+    "write_seconds",
+    "writer_wait_seconds",
     "file_name",
 )
 # A table holding all of these is a previous run's results.parquet.
