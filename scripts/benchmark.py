@@ -346,7 +346,8 @@ def project(target: Target, label: str, image, steps: int, budget: float | None,
         "changes_output": bool(cfg.memory.fp8_weights or cfg.speed.cache != "none"),
         "overrides": overrides or None,
         "compile": cfg.speed.compile,
-        "attention": cfg.speed.attention,
+        "attention": replica.attention,  # the kernel the transformer ran on, not the setting
+        "attention_setting": cfg.speed.attention,
     } | result
     placement.remove_offloading(replica.pipe, replica.roles)
     return record

@@ -55,6 +55,7 @@ class Replica:
         self.cfg = cfg
         self.team = team if team is not None and team.size > 1 else None
         self.device = device
+        self.attention = "sdpa"  # the kernel the denoisers run on, set in _build
         self.dtype = torch_dtype(cfg.model.dtype)
         self.anatomy = anatomy(cfg.model)
         self.family = self.anatomy.family
@@ -105,7 +106,7 @@ class Replica:
                 self.family.streamline(denoiser)
                 if cfg.speed.fuse_qkv:
                     speed.fuse_qkv(denoiser)
-                speed.prefer_attention(
+                self.attention = speed.prefer_attention(
                     self.family, denoiser, cfg.speed.attention, self.device, context_parallel=self.team is not None
                 )
                 if self.placement.fp8_weights:

@@ -81,26 +81,31 @@ DISPATCHER_BACKENDS = {
 
 def prefer_attention(
     family: Family, transformer: Any, name: str, device: torch.device, context_parallel: bool = False
-) -> None:
-    """Give the transformer's attention the configured kernel, the family's way.
+) -> str:
+    """Give the transformer's attention the configured kernel, the family's way; returns the kernel
+    it runs on (`fa4`, `cudnn`, `flash`, `efficient`, `math`, or `sdpa` off the GPU), which records
+    and logs name instead of the setting.
 
     FA4 (speed.attention=fa4, or auto at a head size where it was measured faster) goes on top of the
     cuDNN choice, so any attention FA4 cannot take stays on cuDNN.
     """
     if device.type != "cuda":
-        return
+        return "sdpa"
     order = backend_order(name)
     family.prefer_attention(transformer, order, DISPATCHER_BACKENDS[order[0]])
+    chosen = DISPATCHER_BACKENDS[order[0]].removeprefix("_native_")
     head_dim = transformer.config.get("attention_head_dim")
     if not fa4.chosen(name, head_dim, device, context_parallel):
-        return
+        return chosen
     routed = fa4.use_in(transformer) if isinstance(head_dim, int) and head_dim % 8 == 0 else 0
     if routed:
         log.info("attention: FlashAttention-4 in %d attention layers (head size %s)", routed, head_dim)
-    elif name == "fa4":
+        return "fa4"
+    if name == "fa4":
         log.warning(
             "speed.attention=fa4: head size %s is not a multiple of 8; attention runs on cuDNN instead", head_dim
         )
+    return chosen
 
 
 def fuse_qkv(transformer: torch.nn.Module) -> int:
