@@ -300,3 +300,16 @@ def _processes_only_in_the_slow_lane(request: pytest.FixtureRequest, monkeypatch
         if hasattr(os, name):
             monkeypatch.setattr(os, name, _refuse(f"os.{name}"))
     yield
+
+
+@pytest.fixture(autouse=True)
+def uncapped_gpu_after_each_test(request: pytest.FixtureRequest):
+    """A budgeted replica caps this process's CUDA allocator for the rest of its life (a run has one
+    replica, so the cap never needs lifting). In one test process the cap would outlive its test and
+    size the next tests' references and replicas: lift it after every GPU test."""
+    yield
+    if request.node.get_closest_marker("gpu"):
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.set_per_process_memory_fraction(1.0)
