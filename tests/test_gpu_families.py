@@ -9,6 +9,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from batch_runner.inputs.images import load_image
 from batch_runner.inputs.manifest import Job
@@ -46,7 +47,12 @@ def ours(tmp_path, name: str, *overrides: str) -> tuple[np.ndarray, str]:
 
 @pytest.fixture(scope="module", params=MODELS)
 def reference(request, tmp_path_factory):
-    """diffusers' own recipe: the pipeline on the GPU, called with the prompt as text."""
+    """diffusers' own recipe: the pipeline on the GPU, called with the prompt as text.
+
+    Also returns the recipe's own bf16 noise: how far its frames move when its attention runs on
+    PyTorch's math kernel instead (both exact). Over a tiny random model's few steps that is about
+    one pixel level for some families, and it is what "up to bf16 noise" means for them.
+    """
     name = request.param
     tmp_path = tmp_path_factory.mktemp(name)
     model = replace(run_config("manifest=-", f"model={name}").model, dtype="bfloat16")
@@ -56,38 +62,49 @@ def reference(request, tmp_path_factory):
     arguments = family.call_arguments(model, job, images, {job.prompt: None, job.negative_prompt: None})
     # The texts as text: no embeddings, and no attention masks where the family passes them (LTX).
     text = {k: None for k in arguments if k.endswith(("_embeds", "_attention_mask"))}
-    with torch.no_grad():
-        video = pipe(
-            **arguments | text,
-            prompt=job.prompt,
-            negative_prompt=job.negative_prompt,
-            generator=torch.Generator("cuda").manual_seed(job.seed),
-            output_type="pt",
-        ).frames[0]
-    frames = (video * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+    def frames_of_the_recipe(pipe) -> np.ndarray:
+        with torch.no_grad():
+            video = pipe(
+                **arguments | text,
+                prompt=job.prompt,
+                negative_prompt=job.negative_prompt,
+                generator=torch.Generator("cuda").manual_seed(job.seed),
+                output_type="pt",
+            ).frames[0]
+        return (video * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy().astype(np.int16)
+
+    frames = frames_of_the_recipe(pipe)
+    with sdpa_kernel(SDPBackend.MATH):
+        noise = float(np.abs(frames_of_the_recipe(pipe) - frames).mean())
     del pipe
     release_memory()
-    return name, frames.astype(np.int16)
+    return name, frames, noise
 
 
 def close(frames: np.ndarray, reference: np.ndarray, mean: float = 1.0) -> bool:
     return frames.shape == reference.shape and np.abs(frames - reference).mean() < mean
 
 
+def tolerance(noise: float, floor: float = 1.0) -> float:
+    """`floor` pixel levels on average, or twice the recipe's own kernel-to-kernel noise where that is larger."""
+    return max(floor, 2 * noise)
+
+
 @pytest.mark.parametrize("plan", OURS)
 def test_each_plan_makes_the_reference_frames(tmp_path, reference, plan):
-    name, expected = reference
+    name, expected, noise = reference
     if not applies(plan, anatomy(run_config("manifest=-", f"model={name}").model).roles):
         pytest.skip(f"{plan} needs two experts")
     frames, used = ours(tmp_path, name, f"memory={plan}", "speed.compile=off")
     assert used == plan
-    assert close(frames, expected), np.abs(frames - expected).mean()
+    assert close(frames, expected, tolerance(noise)), (np.abs(frames - expected).mean(), noise)
 
 
 def test_compiled_fused_cudnn_blocks_make_the_reference_frames(tmp_path, reference):
-    name, expected = reference
+    name, expected, noise = reference
     for plan in ("none", "group_offload"):
         frames, _ = ours(tmp_path, name, f"memory={plan}", "speed.compile=on", "speed.attention=cudnn")
         # Inductor fuses and reorders bf16 arithmetic; over 4 steps of a random tiny model that
         # moves pixels by up to 1.5 on average (measured on an H100), still far from a wrong video.
-        assert close(frames, expected, mean=2.0), (plan, np.abs(frames - expected).mean())
+        assert close(frames, expected, tolerance(noise, floor=2.0)), (plan, np.abs(frames - expected).mean(), noise)
