@@ -14,11 +14,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from batch_runner.columns import KNOWN_COLUMNS
 from batch_runner.errors import UserError
 from batch_runner.families.rules import frame_problem, nearest_size, size_problem, valid_frame_counts
 from batch_runner.inputs.manifest import (
     ID_RULE,
-    KNOWN_COLUMNS,
     MAX_SEED,
     Job,
     Manifest,

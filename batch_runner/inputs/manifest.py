@@ -24,23 +24,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from batch_runner.columns import KNOWN_COLUMNS, REQUIRED_COLUMNS, RUNNER_COLUMNS
 from batch_runner.config import ModelConfig
 from batch_runner.errors import UserError
 from batch_runner.families import family_of
 
-REQUIRED_COLUMNS = ("image", "prompt")
-OVERRIDE_COLUMNS = (
-    "last_image",
-    "seed",
-    "negative_prompt",
-    "num_frames",
-    "num_inference_steps",
-    "guidance_scale",
-    "height",
-    "width",
-    "fps",
-)
-KNOWN_COLUMNS = ("id", *REQUIRED_COLUMNS, *OVERRIDE_COLUMNS)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jfif", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 MANIFEST_SUFFIXES = (".csv", ".parquet")
 MAX_SEED = 2**63 - 1
@@ -365,44 +353,6 @@ def load_manifest(
     )
 
 
-# Columns the runner writes itself into results.parquet and metadata.parquet, besides the row inputs
-# (KNOWN_COLUMNS): a manifest column of one of these names would be a second column of that name there.
-# tests/test_hardening_columns.py checks that this list follows the results' own columns.
-RUNNER_COLUMNS = (
-    "status",
-    "video_path",
-    "rank",
-    "seconds",
-    "peak_memory_gib",
-    "error",
-    "warnings",
-    "memory_plan",
-    "params_hash",
-    "finished_at",
-    "motion",
-    "brightness",
-    "model",
-    "model_path",
-    "model_revision",
-    "scheduler",
-    "dtype",
-    "torch_version",
-    "diffusers_version",
-    "transformers_version",
-    "batch_runner_version",
-    "gpu",
-    "gpus_per_replica",
-    "vae_tile",
-    "loras",
-    "config_hash",
-    "text_encode_seconds",
-    "image_encode_seconds",
-    "denoise_seconds",
-    "decode_seconds",
-    "write_seconds",
-    "writer_wait_seconds",
-    "file_name",
-)
 # A table holding all of these is a previous run's results.parquet.
 _RESULTS_SIGNATURE = ("status", "params_hash", "finished_at")
 RENAMED_PREFIX = "manifest_"
