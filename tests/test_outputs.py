@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from batch_runner.inputs.manifest import derive_seed
+from batch_runner.inputs.ids import derive_seed
 from batch_runner.outputs.video import read_video
 from tests.conftest import accelerate_cpu, photo, run_cli, write_manifest
 

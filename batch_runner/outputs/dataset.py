@@ -23,7 +23,8 @@ from typing import Any
 import pandas as pd
 
 from batch_runner.columns import FILE_NAME_COLUMN
-from batch_runner.inputs.manifest import Manifest, sample_key
+from batch_runner.inputs.ids import sample_key
+from batch_runner.inputs.manifest import Manifest
 from batch_runner.outputs.storage import atomic_path, atomic_write_parquet
 
 log = logging.getLogger(__name__)
