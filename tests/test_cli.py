@@ -20,7 +20,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from batch_runner.inputs.manifest import derive_seed
+from batch_runner.inputs.ids import derive_seed
 from batch_runner.outputs.results import PROVENANCE_COLUMNS, RESULT_COLUMNS
 from batch_runner.outputs.video import read_video
 from batch_runner.run import startup

@@ -89,40 +89,11 @@ def test_the_run_sets_the_cache_before_the_replica_is_built(tmp_path, monkeypatc
     assert seen == {"env": str(tmp_path / "cc"), "fx_graph_cache": True}
 
 
-COMPILE_ONCE = """
-import sys
-import torch
-from torch._dynamo.utils import counters
-from batch_runner.replica import compile_cache
-
-compile_cache.configure(sys.argv[1])
-f = torch.compile(lambda x: torch.sin(x) * 2 + x.cos(), dynamic=False)
-f(torch.randn(8, 8))
-print(counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"])
-"""
-
-
-@pytest.mark.slow
-def test_a_second_process_loads_what_the_first_compiled(tmp_path):
-    cache = tmp_path / "cache"
-    env = {k: v for k, v in os.environ.items() if k != ENV} | {"PYTHONPATH": str(ROOT)}
-
-    def compile_in_a_new_process() -> tuple[int, int]:
-        proc = subprocess.run(
-            [sys.executable, "-c", COMPILE_ONCE, str(cache)], capture_output=True, text=True, env=env, timeout=300
-        )
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        hit, miss = proc.stdout.split()
-        return int(hit), int(miss)
-
-    assert compile_in_a_new_process() == (0, 1)
-    assert (cache / "fxgraph").is_dir()
-    assert compile_in_a_new_process() == (1, 0)
-
-
-# A block that chooses its attention kernel inside the compiled region, as our CogVideoX attention
-# preference and diffusers' native attention backends do.
-COMPILE_ATTENTION = """
+# Compiles, in a new process, what argv names after the cache folder and the marking: "elementwise" (a
+# plain graph) and "attention" (a block that chooses its attention kernel inside the compiled region,
+# as our CogVideoX attention preference and diffusers' native attention backends do). Prints, for
+# each, the cache counters it moved: inductor's FX-graph hits and misses, AOTAutograd's hits and bypasses.
+COMPILE = """
 import sys
 import torch
 import torch._inductor.config as inductor_config
@@ -138,30 +109,63 @@ def block(q):
     with sdpa_kernel([SDPBackend.MATH, SDPBackend.EFFICIENT_ATTENTION], set_priority=True):
         return torch.nn.functional.scaled_dot_product_attention(q, q, q).sin()
 
-with torch.no_grad():
-    torch.compile(block, dynamic=False)(torch.randn(1, 2, 8, 16))
-print(" ".join(str(counters["aot_autograd"][k]) for k in ("autograd_cache_hit", "autograd_cache_bypass")))
+def moved(group, keys, run):
+    before = [counters[group][k] for k in keys]
+    run()
+    return [counters[group][k] - b for k, b in zip(keys, before)]
+
+if "elementwise" in sys.argv[3:]:
+    f = torch.compile(lambda x: torch.sin(x) * 2 + x.cos(), dynamic=False)
+    print(*moved("inductor", ("fxgraph_cache_hit", "fxgraph_cache_miss"), lambda: f(torch.randn(8, 8))))
+if "attention" in sys.argv[3:]:
+    with torch.no_grad():
+        g = torch.compile(block, dynamic=False)
+        q = torch.randn(1, 2, 8, 16)
+        print(*moved("aot_autograd", ("autograd_cache_hit", "autograd_cache_bypass"), lambda: g(q)))
 """
 
 
-@pytest.mark.slow
-def test_a_block_that_chooses_its_attention_kernel_is_loaded_whole_from_the_cache(tmp_path):
+@pytest.fixture(scope="module")
+def starts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """Four processes compiling into one new cache folder, one after the other (each cold compile costs
+    half a minute on two cores, so the tests below share these): two with the attention helpers left
+    unmarked (torch's default), then two with them marked as batch_runner marks them. Returns each
+    start's counters by name, and the folder."""
+    cache = tmp_path_factory.mktemp("compile") / "cache"
     env = {k: v for k, v in os.environ.items() if k != ENV} | {"PYTHONPATH": str(ROOT)}
 
-    def compile_in_a_new_process(cache: str, marking: str) -> tuple[int, int]:
+    def compile_in_a_new_process(marking: str, *graphs: str) -> list[tuple[int, int]]:
         proc = subprocess.run(
-            [sys.executable, "-c", COMPILE_ATTENTION, str(tmp_path / cache), marking],
+            [sys.executable, "-c", COMPILE, str(cache), marking, *graphs],
             capture_output=True,
             text=True,
             env=env,
             timeout=300,
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
-        hit, bypass = proc.stdout.split()
-        return int(hit), int(bypass)
+        return [tuple(int(n) for n in line.split()) for line in proc.stdout.splitlines()]
 
-    # torch's default: the graph is refused by AOTAutograd's cache, so every start traces it again.
-    assert compile_in_a_new_process("unmarked", "unmarked") == (0, 1)
-    assert compile_in_a_new_process("unmarked", "unmarked") == (0, 1)
-    assert compile_in_a_new_process("marked", "marked") == (0, 0)
-    assert compile_in_a_new_process("marked", "marked") == (1, 0)
+    first, first_attention = compile_in_a_new_process("unmarked", "elementwise", "attention")
+    fxgraph_written = (cache / "fxgraph").is_dir()
+    second, second_attention = compile_in_a_new_process("unmarked", "elementwise", "attention")
+    (marked,) = compile_in_a_new_process("marked", "attention")
+    (marked_again,) = compile_in_a_new_process("marked", "attention")
+    return {
+        "elementwise": [first, second],
+        "fxgraph_written": fxgraph_written,
+        "unmarked": [first_attention, second_attention],
+        "marked": [marked, marked_again],
+    }
+
+
+def test_a_second_process_loads_what_the_first_compiled(starts):
+    assert starts["elementwise"] == [(0, 1), (1, 0)]  # (hits, misses): compiled, then loaded
+    assert starts["fxgraph_written"]
+
+
+def test_a_block_that_chooses_its_attention_kernel_is_loaded_whole_from_the_cache(starts):
+    # (hits, bypasses). torch's default: the graph is refused by AOTAutograd's cache, so every start
+    # traces it again.
+    assert starts["unmarked"] == [(0, 1), (0, 1)]
+    # Marked, the first start stores it and the next loads it whole.
+    assert starts["marked"] == [(0, 0), (1, 0)]

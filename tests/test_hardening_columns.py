@@ -9,10 +9,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from batch_runner.columns import KNOWN_COLUMNS, PROVENANCE_COLUMNS, RESULT_COLUMNS, RUNNER_COLUMNS
 from batch_runner.errors import UserError
-from batch_runner.inputs.manifest import KNOWN_COLUMNS, RUNNER_COLUMNS, load_manifest
+from batch_runner.inputs.manifest import load_manifest
 from batch_runner.outputs import dataset
-from batch_runner.outputs.results import PROVENANCE_COLUMNS, RESULT_COLUMNS, ResultLog, ResultRow, merge
+from batch_runner.outputs.results import ResultLog, ResultRow, merge
 from tests.conftest import photo, run_config, write_manifest
 
 CFG = run_config("manifest=unused.csv", "model=tiny")
@@ -22,8 +23,14 @@ def load(path: Path):
     return load_manifest(path, CFG.model, 0)
 
 
-def test_the_runner_columns_the_manifest_avoids_are_every_column_the_runner_writes() -> None:
-    written = {*RESULT_COLUMNS, *PROVENANCE_COLUMNS, "file_name"} - set(KNOWN_COLUMNS)
+def test_the_runner_columns_the_manifest_avoids_are_every_column_the_runner_writes(tmp_path: Path) -> None:
+    row = {"id": "a", "image": str(photo(tmp_path / "a.png")), "prompt": "sea", "label": 1}
+    manifest = load(write_manifest(tmp_path / "m.csv", [row]))
+    out = tmp_path / "out"
+    ResultLog(out, "r", 0).append(ResultRow(id="a", status="ok", video_path="videos/a.mp4", finished_at="1"))
+    table = merge(out, manifest)
+    metadata = pd.read_parquet(dataset.write_metadata(out, table, manifest))
+    written = {*table.columns, *metadata.columns} - set(KNOWN_COLUMNS) - set(manifest.passthrough)
     assert written == set(RUNNER_COLUMNS)
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from batch_runner.errors import UserError
-from batch_runner.inputs.manifest import ID_RULE, id_problem, load_manifest
+from batch_runner.inputs.ids import ID_RULE, id_problem
+from batch_runner.inputs.manifest import load_manifest
 from batch_runner.outputs import dataset
 from batch_runner.outputs.results import ResultLog, ResultRow, merge
 from batch_runner.outputs.storage import check_output_dir

@@ -229,15 +229,19 @@ def test_a_lora_of_unrelated_keys_is_refused_with_exit_2_before_any_row(tmp_path
     assert not list(out.glob("videos/*.mp4"))
 
 
+@pytest.mark.slow  # four runs of the tiny model: in-process (the command line adds nothing here), but not quick
 def test_changing_a_loras_scale_remakes_the_rows_and_no_lora_makes_other_frames(tmp_path):
+    from batch_runner.run import runner
+
     manifest, out = rows(tmp_path, 1), tmp_path / "out"
     common = [f"manifest={manifest}", "model=tiny-wan-lightx2v", "output.crf=0"]
-    ok(run_cli(*common, f"output_dir={out}", cwd=tmp_path))
+    assert runner.run(run_config(*common, f"output_dir={out}")) == 0
     first = frames_of(out / "videos" / "r0.mp4")
     stamp = pd.read_parquet(out / "results.parquet")["finished_at"].iloc[0]
-    ok(run_cli(*common, f"output_dir={out}", cwd=tmp_path))  # resumed: nothing to make
+    assert runner.run(run_config(*common, f"output_dir={out}")) == 0  # resumed: nothing to make
     assert pd.read_parquet(out / "results.parquet")["finished_at"].iloc[0] == stamp
-    ok(run_cli(*common, "model.loras=[{path:'tiny://lightx2v',scale:0.3}]", f"output_dir={out}", cwd=tmp_path))
+    scaled = "model.loras=[{path:'tiny://lightx2v',scale:0.3}]"
+    assert runner.run(run_config(*common, scaled, f"output_dir={out}")) == 0
     table = pd.read_parquet(out / "results.parquet")
     assert table["finished_at"].iloc[0] != stamp, "a new scale must remake the row"
     assert json.loads(table["loras"].iloc[0])[0]["scale"] == 0.3
@@ -245,6 +249,6 @@ def test_changing_a_loras_scale_remakes_the_rows_and_no_lora_makes_other_frames(
 
     assert table[STAGE_COLUMNS].notna().all(axis=None) and table["denoise_seconds"].iloc[0] > 0
     rescaled = frames_of(out / "videos" / "r0.mp4")
-    ok(run_cli(*common, "model.loras=[]", f"output_dir={tmp_path / 'plain'}", cwd=tmp_path))
+    assert runner.run(run_config(*common, "model.loras=[]", f"output_dir={tmp_path / 'plain'}")) == 0
     plain = frames_of(tmp_path / "plain" / "videos" / "r0.mp4")
     assert not same_video(first, rescaled) and not same_video(first, plain) and not same_video(rescaled, plain)

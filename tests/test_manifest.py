@@ -14,19 +14,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from batch_runner.columns import KNOWN_COLUMNS
 from batch_runner.errors import UserError
 from batch_runner.families.rules import frame_problem, nearest_size, size_problem, valid_frame_counts
-from batch_runner.inputs.manifest import (
-    ID_RULE,
-    KNOWN_COLUMNS,
-    MAX_SEED,
-    Job,
-    Manifest,
-    RowProblem,
-    default_id,
-    derive_seed,
-    load_manifest,
-)
+from batch_runner.inputs.ids import ID_RULE, default_id, derive_seed
+from batch_runner.inputs.manifest import Job, Manifest, load_manifest
+from batch_runner.inputs.validation import MAX_SEED, RowProblem
 
 from .conftest import photo, run_config, write_manifest
 

@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from batch_runner.cluster.sharding import LocalCounter, StaticQueue, WorkQueue, chunk_size, static_shard
-from batch_runner.inputs.manifest import derive_seed, load_manifest
+from batch_runner.inputs.ids import derive_seed
+from batch_runner.inputs.manifest import load_manifest
 
 from .conftest import photo, run_config, write_manifest
 

@@ -90,6 +90,34 @@ def test_efficiency_compares_whole_commands_with_the_same_budget_and_cache() -> 
     assert [r.get("efficiency") for r in records] == [1.0, 1.0, 0.95, 1.0, None]
 
 
+@pytest.mark.parametrize(
+    ("cache", "runs"),
+    [
+        ("per-count", [(1, "warming", "1gpu"), (1, "warm", "1gpu"), (2, "warming", "2gpu"), (2, "warm", "2gpu")]),
+        # One cache for the whole script: only its first command fills it, the 2-process one is warm.
+        ("shared", [(1, "warming", "shared"), (1, "warm", "shared"), (2, "warm", "shared")]),
+    ],
+)
+def test_the_scaling_script_warms_a_cache_per_gpu_count_or_one_for_all(tmp_path, monkeypatch, cache, runs) -> None:
+    """Which commands the script runs, on which compile cache: decided in-process, each launch stubbed
+    (the launches themselves are timed by the test below)."""
+    script = scaling_script()
+    launched = []
+
+    def measure(model, gpus, rows, steps, budget, cache_dir, cache, *rest) -> dict:
+        launched.append((gpus, cache, Path(cache_dir).name.split("_")[1]))
+        return {"model": model, "gpus": gpus, "budget_gib": budget, "compile_cache": cache, "videos_per_hour": 1.0}
+
+    monkeypatch.setattr(script, "measure", measure)
+    monkeypatch.setattr(script.tempfile, "tempdir", str(tmp_path))
+    argv = ["scaling.py", "--cpu", "--model", "tiny", "--gpus", "1,2", "--budgets", "none", "--cold", "none"]
+    monkeypatch.setattr("sys.argv", [*argv, "--cache", cache, "--out", str(tmp_path / "out")])
+    script.main()
+    assert launched == runs
+    records = json.loads((tmp_path / "out" / "scaling.json").read_text())
+    assert [(r["gpus"], r["compile_cache"]) for r in records] == [(g, c) for g, c, _ in runs]
+
+
 @pytest.mark.slow
 def test_scaling_script_times_whole_launches_on_the_cpu(tmp_path: Path) -> None:
     """The GPU call runs this script unattended: it must get through a real launch and write records."""
@@ -97,25 +125,18 @@ def test_scaling_script_times_whole_launches_on_the_cpu(tmp_path: Path) -> None:
     import sys
 
     command = [sys.executable, str(ROOT / "scripts" / "scaling.py"), "--cpu", "--model", "tiny", "--gpus", "1,2"]
-    command += ["--rows-per-gpu", "1", "--steps", "1", "--budgets", "none", "--cold", "none"]
+    command += ["--rows-per-gpu", "1", "--steps", "1", "--budgets", "none", "--cold", "none", "--cache", "shared"]
     command += ["--overrides", "model.weights=tiny", "--photos", str(ROOT / "examples" / "images")]
     done = subprocess.run([*command, "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     records = json.loads((tmp_path / "scaling.json").read_text())
     runs = [(r["gpus"], r["compile_cache"]) for r in records]
-    assert runs == [(1, "warming"), (1, "warm"), (2, "warming"), (2, "warm")]
+    assert runs == [(1, "warming"), (1, "warm"), (2, "warm")]
     assert all("error" not in r and r["ok_rows"] == r["gpus"] for r in records), records
     two = records[-1]
     assert two["efficiency"] > 0 and sorted(two["rows_per_rank"]) == ["0", "1"]  # JSON keys
     assert [p["rank"] for p in two["per_rank"]] == [0, 1]
     assert all(p["launch_to_first_step_s"] > p["phases_s"]["imports"] for p in two["per_rank"])
-    # One cache for the whole script: only its first command fills it, the 2-process one is warm.
-    shared = subprocess.run(
-        [*command, "--cache", "shared", "--out", str(tmp_path / "shared")], capture_output=True, text=True, timeout=600
-    )
-    assert shared.returncode == 0, shared.stderr[-2000:]
-    records = json.loads((tmp_path / "shared" / "scaling.json").read_text())
-    assert [(r["gpus"], r["compile_cache"]) for r in records] == [(1, "warming"), (1, "warm"), (2, "warm")]
 
 
 @pytest.mark.slow

@@ -22,7 +22,9 @@ from typing import Any
 
 import pandas as pd
 
-from batch_runner.inputs.manifest import Manifest, sample_key
+from batch_runner.columns import FILE_NAME_COLUMN
+from batch_runner.inputs.ids import sample_key
+from batch_runner.inputs.manifest import Manifest
 from batch_runner.outputs.storage import atomic_path, atomic_write_parquet
 
 log = logging.getLogger(__name__)
@@ -56,7 +58,7 @@ def samples(table: pd.DataFrame, manifest: Manifest) -> pd.DataFrame:
 
 
 def write_metadata(output_dir: Path, table: pd.DataFrame, manifest: Manifest) -> Path:
-    metadata = samples(table, manifest).rename(columns={"video_path": "file_name"})
+    metadata = samples(table, manifest).rename(columns={"video_path": FILE_NAME_COLUMN})
     path = output_dir / METADATA_FILE
     atomic_write_parquet(metadata, path)
     return path

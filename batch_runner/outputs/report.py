@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from batch_runner.inputs.manifest import id_problem
+from batch_runner.inputs.ids import id_problem
 from batch_runner.outputs.storage import atomic_path, atomic_write_text
 
 PREVIEWS_DIR = "previews"

@@ -19,6 +19,7 @@ from typing import Any
 
 import pandas as pd
 
+from batch_runner.columns import PROVENANCE_COLUMNS, RESULT_COLUMNS, STAGE_COLUMNS, ResultColumns
 from batch_runner.inputs.manifest import Job, Manifest
 from batch_runner.outputs.storage import append_nofollow, atomic_write_parquet, atomic_write_text
 
@@ -28,60 +29,17 @@ PARTS_DIR = "parts"
 RESULTS_FILE = "results.parquet"
 
 
-# Where a row's time went: its share of the chunk's text encode, then inside the pipeline call
-# image/VAE encode, denoising steps and VAE decode; the video's write (writer thread) and the time
-# the GPU waited for the writer before this row's write could be queued.
-STAGE_COLUMNS = [
-    "text_encode_seconds",
-    "image_encode_seconds",
-    "denoise_seconds",
-    "decode_seconds",
-    "write_seconds",
-    "writer_wait_seconds",
-]
-
-
 @dataclass(frozen=True)
-class ResultRow:
+class ResultRow(ResultColumns):
     """One row of the results table, as one line of a part file.
 
     Built only through its constructors, so that every record has the same fields whatever happened
     to its row: `from_job` (a valid row about to be made), then `.ok(video_path)` or `.failed(error)`;
-    `invalid` (a row the manifest refused, under on_invalid=skip). The results columns are its fields,
-    in this order; `extra` (provenance, and anything a run adds per row) follows them in the record.
+    `invalid` (a row the manifest refused, under on_invalid=skip). The results columns are its fields
+    (declared in batch_runner.columns, in their order); `extra` (provenance, and anything a run adds
+    per row) follows them in the record.
     """
 
-    id: str
-    status: str | None = None  # "ok" / "failed"
-    video_path: str | None = None  # relative to output_dir
-    seed: int | None = None
-    num_frames: int | None = None
-    height: int | None = None
-    width: int | None = None
-    fps: float | None = None
-    num_inference_steps: int | None = None
-    guidance_scale: float | None = None
-    rank: int | None = None
-    seconds: float | None = None
-    peak_memory_gib: float | None = None
-    error: str | None = None
-    warnings: str | None = None
-    prompt: str | None = None
-    negative_prompt: str | None = None
-    image: str | None = None
-    last_image: str | None = None
-    memory_plan: str | None = None
-    params_hash: str | None = None
-    finished_at: str | None = None
-    motion: float | None = None  # mean absolute difference of consecutive frames, 0..1 (outputs/quality.py)
-    brightness: float | None = None  # mean pixel value, 0..1
-    # Where the row's time went (STAGE_COLUMNS below), seconds.
-    text_encode_seconds: float | None = None
-    image_encode_seconds: float | None = None
-    denoise_seconds: float | None = None
-    decode_seconds: float | None = None
-    write_seconds: float | None = None
-    writer_wait_seconds: float | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @classmethod
@@ -128,25 +86,6 @@ class ResultRow:
         return self.extra | columns
 
 
-# The columns every results table starts with, in this order; passthrough columns follow.
-RESULT_COLUMNS = [f.name for f in fields(ResultRow) if f.name != "extra"]
-
-PROVENANCE_COLUMNS = [
-    "model",
-    "model_path",
-    "model_revision",
-    "scheduler",
-    "dtype",
-    "torch_version",
-    "diffusers_version",
-    "transformers_version",
-    "batch_runner_version",
-    "gpu",
-    "gpus_per_replica",
-    "vae_tile",
-    "loras",
-    "config_hash",
-]
 _DTYPES = {
     "seed": "Int64",
     "num_frames": "Int64",

@@ -19,6 +19,7 @@ from batch_runner.cluster.parallel import ATTENTIONS
 from batch_runner.config import RunConfig
 from batch_runner.errors import UserError
 from batch_runner.families import FAMILY_MODULES, family_named
+from batch_runner.inputs.validation import ROW_RANGES
 from batch_runner.replica.pipeline import DTYPES
 from batch_runner.replica.planner import PLANS
 from batch_runner.replica.speed import ATTENTION_BACKENDS
@@ -38,15 +39,13 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "speed.cache": ("none", "first_block", "pyramid"),
     "replica.attention": ATTENTIONS,
 }
-# Setting -> (lowest, highest, whole number?); None means no bound. The row defaults use the same
-# ranges as the manifest's per-row columns (batch_runner.inputs.manifest).
+# Setting -> (lowest, highest, whole number?); None means no bound. The row defaults take the ranges
+# of the manifest's per-row columns from their one table (batch_runner.inputs.validation).
 RANGES: dict[str, tuple[float | None, float | None, bool]] = {
-    "model.num_frames": (1, 10_000, True),
-    "model.num_inference_steps": (1, 1000, True),
-    "model.height": (8, 8192, True),
-    "model.width": (8, 8192, True),
-    "model.fps": (0.1, 240.0, False),
-    "model.guidance_scale": (0.0, 100.0, False),
+    **{
+        f"model.{column}": ROW_RANGES[column]
+        for column in ("num_frames", "num_inference_steps", "height", "width", "fps", "guidance_scale")
+    },
     "model.max_sequence_length": (1, None, True),
     "memory.budget_gib": (0.01, None, False),
     "memory.host_budget_gib": (0.01, None, False),
