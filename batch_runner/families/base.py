@@ -51,7 +51,9 @@ class ActivationTerms:
     classifier-free guidance (2 where the conditional and unconditional passes share a batch, 1
     where they run as separate forwards). `tile_side`: the VAE's own decode tile (pixels a side),
     and `smaller_tiles`: the sides, largest first, the planner may decode with instead when the
-    VAE's own tiles do not fit the budget (the decode's activations scale with a tile's area).
+    VAE's own tiles do not fit the budget. The decode's peak grows with a tile's side to the power
+    `tile_scaling`: 2 where it grows with the area; more where the allocator's slack around a tile's
+    buffers grows faster than they do.
     """
 
     resident: float
@@ -61,6 +63,7 @@ class ActivationTerms:
     guidance_batch: int = 2
     tile_side: int | None = None
     smaller_tiles: tuple[int, ...] = ()
+    tile_scaling: float = 2.0
 
 
 @dataclass(frozen=True)
