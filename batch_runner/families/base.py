@@ -240,6 +240,18 @@ class Family:
         )
         return [e.unsqueeze(0) for e in embedded]
 
+    def higher_precision(self, pipe: Any) -> tuple[str, contextlib.AbstractContextManager] | None:
+        """How to redo, once, a row whose frames came out non-finite or constant: (what it changes, a
+        context to run the row in), or None where this family has no such remedy.
+
+        By default the VAE decodes in float32: a half-precision decode is where large latents overflow
+        to infinities and NaNs. Families whose pipelines cannot take it return None.
+        """
+        vae = getattr(pipe, "vae", None)
+        if vae is None:
+            return None
+        return "the VAE in float32", _vae_in_float32(vae)
+
     # --- structure, for compile, streaming and the planner ---
 
     def blocks(self, transformer: torch.nn.Module) -> torch.nn.ModuleList:
@@ -348,6 +360,27 @@ def config_of(module: Any) -> dict:
     """A component's config as a plain dict, for diffusers and transformers models alike."""
     config = module.config
     return dict(config) if not hasattr(config, "to_dict") else config.to_dict()
+
+
+@contextlib.contextmanager
+def _vae_in_float32(vae: Any) -> Iterator[None]:
+    """The VAE in float32 for the duration, the floating inputs of its encode and decode cast to
+    match (pipelines hand it latents in the denoiser's dtype); then as it was."""
+    dtype = vae.dtype
+
+    def in_float32(method: Any) -> Any:
+        def up(value: Any) -> Any:
+            return value.float() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+
+        return lambda *args, **kwargs: method(*(up(a) for a in args), **{k: up(v) for k, v in kwargs.items()})
+
+    vae.to(torch.float32)
+    vae.encode, vae.decode = in_float32(vae.encode), in_float32(vae.decode)
+    try:
+        yield
+    finally:
+        del vae.encode, vae.decode  # the instance attributes: the class's methods show through again
+        vae.to(dtype)
 
 
 @contextlib.contextmanager

@@ -216,6 +216,7 @@ def choose_plan(
                 f"{plan}{_decode_words(tiling, tile, config)}: needs ~{e.gpu_gib:.2f} GiB of the {budget_gib:.1f} GiB "
                 f"GPU budget and {host[plan][1]}"
                 + (f" (faster plans do not fit: {why})" if why else " (the fastest plan)")
+                + _whole_words(tiling, config, whole)
             )
             return Choice(plan, reason, estimates, tile, tiling, whole)
     lines = "; ".join(_why_not(by_plan[p], budget_gib, host[p][1]) for p in ladder)
@@ -226,10 +227,17 @@ def choose_plan(
 
 
 def _decode_words(tiling: bool, tile: int | None, config: MemoryConfig) -> str:
-    """How the VAE decodes, as the plan's reason says it: nothing where it is the configured way."""
-    if not tiling:
-        return " with whole-frame VAE decoding" if config.vae_tiling else ""
-    return f" with {tile}-pixel VAE tiles" if tile != config.vae_tile else " with VAE tiling"
+    """The tiles the plan's reason names after the plan: none for whole frames or the configured tile."""
+    return f" with {tile}-pixel VAE tiles" if tiling and tile != config.vae_tile else ""
+
+
+def _whole_words(tiling: bool, config: MemoryConfig, whole_gib: float) -> str:
+    """The end of a reason: how the VAE decodes, where the planner decided it."""
+    if not config.vae_tiling or config.vae_tile is not None:
+        return ""
+    if tiling:
+        return f"; VAE decoding in tiles (whole frames would need ~{whole_gib:.1f} GiB)"
+    return f"; whole-frame VAE decoding (~{whole_gib:.1f} GiB)"
 
 
 def fit_decode(
@@ -488,7 +496,7 @@ def plan_rows(
             config,
             "none",
             "none: no GPU, everything runs on the CPU",
-            config.vae_tiling and config.vae_tile is not None,
+            config.vae_tiling,  # as configured: nothing to fit on the CPU
             config.vae_tile,
         )
         return RowPlans(tuple((s, one) for s in shapes), one)
@@ -504,7 +512,8 @@ def plan_rows(
             plan = config.plan
             tiling, tile = fit_decode(plan, model, workload, config, budget_gib)
             how = _decode_words(tiling, tile, config).replace(" with", ", with", 1)
-            reason = f"{plan}: chosen in the config (memory={plan}){how}"
+            whole = estimate(plan, model, workload, replace(config, vae_tiling=False)).decode_gib
+            reason = f"{plan}: chosen in the config (memory={plan}){how}{_whole_words(tiling, config, whole)}"
         need = estimate(plan, model, workload, replace(config, vae_tiling=tiling, vae_tile=tile))
         whole = estimate(plan, model, workload, replace(config, vae_tiling=False)).decode_gib
         by_shape.append((shape, _placement(config, plan, reason, tiling, tile, need.gpu_gib, whole)))
