@@ -203,7 +203,7 @@ class Replica:
             placement.apply_plan(self.pipe, lower, self.device, self.roles, self.copies)
         self._cache.clear()
         self.placement = lower
-        return describe(lower)
+        return lower.plan if lower.plan != current.plan else f"{lower.plan} with VAE tiling"
 
     def restore(self, job: Job, before: planner.Placement) -> None:
         """Undo a step down for `job`'s shape: the failure was the row's, not its plan's (the next row
@@ -347,15 +347,6 @@ def _step_callback(on_step: Callable[[], None] | None, clock: _StageClock) -> Ca
         return tensors
 
     return callback
-
-
-def describe(placement: planner.Placement) -> str:
-    """A placement in a few words: its plan, and how its VAE decodes where that is not whole frames."""
-    if not placement.vae_tiling:
-        return placement.plan
-    return placement.plan + (
-        f" with {placement.vae_tile}-pixel VAE tiles" if placement.vae_tile else " with VAE tiling"
-    )
 
 
 def release_memory() -> None:
