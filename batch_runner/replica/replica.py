@@ -69,6 +69,7 @@ class Replica:
         # Rows of a shape whose plan failed move down the ladder for the rest of the run.
         self._lowered: dict[planner.Shape, planner.Placement] = {}
         self._broken: set[str] = set()  # plans that failed a row another plan then made
+        self._lowered_default: planner.Placement | None = None
         self.pipe, self.shared = self._build(peers)
         self.roles = self.family.components(self.pipe)
         self.denoisers = [getattr(self.pipe, n) for n, r in self.roles.items() if r == DENOISER]
@@ -82,8 +83,11 @@ class Replica:
             for denoiser in self.denoisers:
                 split_attention(denoiser, self.team, cfg.replica.attention)
         speed.enable_cache(self.pipe, [n for n, r in self.roles.items() if r == DENOISER], cfg.speed)
-        switching = len(self.plans.placements) > 1
-        self.copies = placement.HostCopies(self._host_components(self.plans.slowest) if switching else ())
+        # Where rows of the run need different plans, the host copies of what the slowest keeps on the
+        # host stay referenced while faster plans hold those components on the GPU.
+        switching = device.type == "cuda" and len({p.plan for p in self.plans.placements}) > 1
+        keep = planner.host_resident(self.plans.slowest.plan, self.anatomy.roles) if switching else ()
+        self.copies = placement.HostCopies(keep)
         placement.apply_plan(self.pipe, self.placement, device, self.roles, self.copies)
         speed.keep_timesteps_on_host(self.pipe, self.family, device)
         if device.type == "cuda":
@@ -153,7 +157,11 @@ class Replica:
     def placement_for(self, job: Job) -> planner.Placement:
         """The placement `job` runs under: its shape's, or lower where that shape's plan failed."""
         shape = planner.shape_of(job)
-        return self._lowered.get(shape) or self.plans.for_shape(shape)
+        if shape in self._lowered:
+            return self._lowered[shape]
+        if shape in dict(self.plans.by_shape):
+            return self.plans.for_shape(shape)
+        return self._lowered_default or self.plans.default
 
     def order(self, jobs: list[Job]) -> list[Job]:
         """`jobs` with those of the current placement first, then by plan, fastest first: rows of one
@@ -175,7 +183,8 @@ class Replica:
         self.placement = wanted
 
     def step_down(self, job: Job | None = None, out_of_memory: bool = True) -> str | None:
-        """Move `job`'s shape (and the replica) one step down after its plan failed; None at the bottom.
+        """Move `job`'s shape (every row's without a job) one step down after its plan failed; None at
+        the bottom.
 
         A whole-frame decode that ran out of memory steps down to tiles, under the same plan; anything
         else to the next plan of the ladder that has not failed. None too in a replica of several GPUs:
@@ -196,6 +205,9 @@ class Replica:
             lower = replace(current, plan=plan, reason=f"{plan} (one plan down after a failure)")
         if job is not None:
             self._lowered[planner.shape_of(job)] = lower
+        else:  # every row from now on
+            self._lowered = {shape: lower for shape, _ in self.plans.by_shape}
+            self._lowered_default = lower
         release_memory()
         if lower.same_weights(current):
             placement.set_vae_decode(self.pipe.vae, lower)
