@@ -141,6 +141,9 @@ def activation_gib(
     if vae_tile is not None and terms.tile_side:
         tiled = int(tiled * (vae_tile / terms.tile_side) ** terms.tile_scaling)
     pixels = min(workload.pixels, tiled) if vae_tiling else workload.pixels
+    if pixels > terms.tiled_pixels:
+        # Beyond the VAE's own tile the decode grows as a tile's does with its side (tile_scaling).
+        pixels = int(terms.tiled_pixels * (pixels / terms.tiled_pixels) ** (terms.tile_scaling / 2))
     decode = terms.decode_per_pixel * pixels * workload.vae_channels / 512
     # bf16 outputs held across steps (measured with Pyramid Attention Broadcast: 8.6 GiB more).
     denoise += workload.cached_outputs * batch * workload.tokens * workload.hidden * 2
