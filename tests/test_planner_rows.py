@@ -60,6 +60,30 @@ def test_the_ltx_13b_manifest_of_the_issue_runs_every_row_under_group_offload_in
     assert 6.65 <= plans.for_job(rows[0]).gpu_gib <= 1.3 * 6.65
 
 
+def test_the_dry_run_prints_the_plan_of_each_row_shape(tmp_path):
+    """With no model loaded: the dry run imports no replica module (test_memory checks the imports)."""
+    from batch_runner.cluster.cluster import join_cluster
+    from batch_runner.inputs.manifest import load_manifest
+    from batch_runner.run.dry_run import describe
+
+    from .conftest import photo, write_manifest
+
+    image = str(photo(tmp_path / "in.png"))
+    rows = [
+        {"id": "small", "image": image, "prompt": "sea", "height": 256, "width": 448},
+        {"id": "large", "image": image, "prompt": "car", "height": 480, "width": 832},
+    ]
+    manifest_path = write_manifest(tmp_path / "jobs.csv", rows)
+    overrides = ("model=wan2.1-i2v-14b-480p", "memory.budget_gib=50", "memory.host_budget_gib=512", "dry_run=true")
+    cfg = run_config(f"manifest={manifest_path}", *overrides)
+    manifest = load_manifest(cfg.manifest, cfg.model, cfg.seed)
+    assert manifest.problems == []
+    text = describe(cfg, manifest, join_cluster(cpu=True), tmp_path / "out")
+    assert "memory plans, one per row shape (rows of one plan run together):" in text
+    assert "  rows of 256x448x81: none: needs ~" in text
+    assert "  rows of 480x832x81: text_offload: needs ~" in text
+
+
 def test_a_row_of_a_shape_not_planned_for_gets_the_slowest_placement():
     cfg, model = counted("cogvideox-5b-i2v")
     plans = plan_rows(cfg, 24.0, 1, [job(49, 240, 360), job(49, 480, 720)], model)
