@@ -205,3 +205,24 @@ def test_shape_names_read_as_the_manifest_gives_them():
 @pytest.mark.parametrize("plan", ["none", "text_offload", "group_offload"])
 def test_placement_ranks_follow_the_ladder(plan):
     assert planner.Placement(plan, "").rank == planner.PLANS.index(plan)
+
+
+def test_out_of_memory_in_a_whole_frame_decode_steps_down_to_tiles_and_elsewhere_to_the_next_plan(monkeypatch):
+    from types import SimpleNamespace
+
+    from batch_runner.replica import replica as replica_module
+
+    cfg = run_config("manifest=unused.csv", "model=tiny")
+    row = job(9, 32, 32)
+    whole = planner.Placement("none", "whole frames", vae_tiling=False)
+    monkeypatch.setattr(planner, "place", lambda *args, **kwargs: RowPlans(((planner.shape_of(row), whole),), whole))
+    replica = replica_module.Replica(cfg, torch.device("cpu"), jobs=[row])
+    assert not replica.pipe.vae.use_tiling
+    replica._clock = SimpleNamespace(done=4, steps=4)  # the steps were done: it failed in the decode
+    assert replica.step_down(row) == "none with VAE tiling"
+    assert replica.placement_for(row).vae_tiling and replica.pipe.vae.use_tiling
+    replica._clock = SimpleNamespace(done=2, steps=4)  # in the steps: tiles would not help
+    assert replica.step_down(row) == "text_offload"
+    # Not out of memory: the next plan, whatever failed.
+    replica._clock = SimpleNamespace(done=4, steps=4)
+    assert replica.step_down(row, out_of_memory=False) == planner.next_plan_down("text_offload", replica.roles)
