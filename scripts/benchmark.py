@@ -342,6 +342,7 @@ def project(target: Target, label: str, image, steps: int, budget: float | None,
         "plan": replica.plan,
         "plan_reason": replica.placement.reason,
         "vae_tile": replica.placement.vae_tile,
+        "vae_tiling": replica.placement.vae_tiling,  # whole-frame decoding where False (the planner's choice)
         "budget_gib": budget,
         "changes_output": bool(cfg.memory.fp8_weights or cfg.speed.cache != "none"),
         "overrides": overrides or None,

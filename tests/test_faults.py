@@ -299,29 +299,78 @@ def run_here(tmp_path: Path, rows: list[dict], *overrides: str) -> Path:
     return out
 
 
-def test_an_error_while_generating_fails_that_row_and_the_run_goes_on(tmp_path, monkeypatch):
+def test_an_error_under_two_plans_fails_that_row_and_the_run_goes_on(tmp_path, monkeypatch):
     real_make = replica_module.Replica.make
-    calls: list[str] = []
+    calls: list[tuple[str, str]] = []
 
     def make(self, job, *args, **kwargs):
-        calls.append(job.id)
+        calls.append((job.id, self.placement_for(job).plan))
         if job.id == "good1":
             raise RuntimeError("the sampler diverged")
         return real_make(self, job, *args, **kwargs)
 
     monkeypatch.setattr(replica_module.Replica, "make", make)
-    out = run_here(tmp_path, good_rows(tmp_path / "inputs", 4))
+    out = run_here(tmp_path, good_rows(tmp_path / "inputs", 4), "chunk_size=1")
 
     table = results_of(out)
-    assert calls.count("good1") == 1  # not an out-of-memory error: not retried
+    # Not out of memory: redone once under the next plan, in case the plan was at fault.
+    assert [c for c in calls if c[0] == "good1"] == [("good1", "none"), ("good1", "text_offload")]
     assert table.loc["good1", "status"] == "failed"
     assert table.loc["good1", "error"] == "RuntimeError: the sampler diverged"
+    assert table.loc["good1", "warnings"] == (
+        "failed under plan none (RuntimeError: the sampler diverged), redone with text_offload"
+    )
     assert not (out / "videos" / "good1.mp4").exists()
     for row_id in ("good0", "good2", "good3"):
         assert table.loc[row_id, "status"] == "ok"
+        # It failed under both: the row's fault, not the plan's, so the next rows keep the faster plan.
+        assert table.loc[row_id, "memory_plan"] == "none"
         assert (out / "videos" / f"{row_id}.mp4").stat().st_size > 0
     summary = json.loads((out / "report.json").read_text())
     assert summary["failures"] == [{"reason": "RuntimeError: the sampler diverged", "count": 1, "ids": ["good1"]}]
+
+
+def test_an_error_only_one_plan_makes_is_redone_under_the_next_and_the_rows_after_avoid_it(tmp_path, monkeypatch):
+    real_make = replica_module.Replica.make
+    calls: list[tuple[str, str]] = []
+
+    def make(self, job, *args, **kwargs):
+        calls.append((job.id, self.placement_for(job).plan))
+        if self.placement_for(job).plan == "none":
+            raise RuntimeError("Tensor on device meta is not on the expected device")
+        return real_make(self, job, *args, **kwargs)
+
+    monkeypatch.setattr(replica_module.Replica, "make", make)
+    out = run_here(tmp_path, good_rows(tmp_path / "inputs", 3), "chunk_size=1")
+
+    table = results_of(out)
+    assert calls == [("good0", "none"), ("good0", "text_offload"), ("good1", "text_offload"), ("good2", "text_offload")]
+    assert list(table["status"]) == ["ok", "ok", "ok"]
+    assert list(table["memory_plan"]) == ["text_offload"] * 3
+    assert table.loc["good0", "warnings"].startswith("failed under plan none (RuntimeError: Tensor on device meta")
+    assert table.loc["good0", "warnings"].endswith("redone with text_offload")
+
+
+def test_non_finite_frames_are_redone_once_at_the_familys_higher_precision(tmp_path, monkeypatch):
+    real_make = replica_module.Replica.make
+    vae_dtypes: list[torch.dtype] = []
+
+    def make(self, job, *args, **kwargs):
+        vae_dtypes.append(self.pipe.vae.dtype)
+        if job.id == "good1" and len(vae_dtypes) == 2:
+            raise replica_module.BadFrames("the frames hold NaN or infinite values (the latents went non-finite)")
+        return real_make(self, job, *args, **kwargs)
+
+    monkeypatch.setattr(replica_module.Replica, "make", make)
+    out = run_here(tmp_path, good_rows(tmp_path / "inputs", 3), "chunk_size=1", "model.dtype=bfloat16")
+
+    table = results_of(out)
+    assert vae_dtypes == [torch.bfloat16, torch.bfloat16, torch.float32, torch.bfloat16]
+    assert list(table["status"]) == ["ok", "ok", "ok"]
+    assert table.loc["good1", "warnings"] == (
+        "the frames hold NaN or infinite values (the latents went non-finite); redone with the VAE in float32"
+    )
+    assert table.loc["good1", "memory_plan"] == "none"  # not a plan's fault: no step down
 
 
 def test_out_of_memory_retries_the_row_one_plan_down(tmp_path, monkeypatch):

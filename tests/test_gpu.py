@@ -121,3 +121,38 @@ def test_streamed_weights_shared_with_the_host_are_pinned_in_place(tmp_path, ref
     job, images = tiny_job(tmp_path)
     frames = replica.make(job, images, replica.encode([job])).astype(np.int16)
     assert np.abs(frames - reference).mean() < 1.0
+
+
+def test_rows_of_two_shapes_switch_plans_and_make_the_same_frames(tmp_path, reference, monkeypatch):
+    """A run whose shapes need different plans switches placement between rows (none -> group_offload
+    -> none): each row's frames are those of memory=none, and the streamed component comes back to
+    the very host tensors it left (no new copy)."""
+    from dataclasses import replace
+
+    from batch_runner.replica import planner
+
+    cfg = run_config("manifest=-", "model=tiny", "model.dtype=bfloat16", "speed.compile=off", "speed.fuse_qkv=false")
+    job, images = tiny_job(tmp_path)
+    other = replace(job, id="y", guidance_scale=1.0)  # another shape: unguided
+    fast, slow = planner.Placement("none", "test: fast"), planner.Placement("group_offload", "test: slow")
+    plans = planner.RowPlans(((planner.shape_of(job), fast), (planner.shape_of(other), slow)), slow)
+    monkeypatch.setattr(planner, "place", lambda *args, **kwargs: plans)
+    replica = Replica(cfg, torch.device("cuda"), jobs=[job, other])
+    first = replica.make(job, images, replica.encode([job])).astype(np.int16)
+    assert replica.plan == "none"
+    replica.make(other, images, replica.encode([other]))
+    assert replica.plan == "group_offload"
+    host = {n: t.data_ptr() for n, t in replica.pipe.transformer.transformer_blocks[0].state_dict().items()}
+    again = replica.make(job, images, replica.encode([job])).astype(np.int16)
+    assert replica.plan == "none"
+    assert np.abs(first - reference).mean() < 1.0 and np.abs(again - reference).mean() < 1.0
+    replica.make(other, images, replica.encode([other]))
+    replica.prepare(other)
+    from batch_runner.replica.placement import remove_offloading
+
+    remove_offloading(replica.pipe, replica.roles)
+    block = replica.pipe.transformer.transformer_blocks[0].state_dict()
+    assert all(t.device.type == "cpu" for t in block.values())
+    assert {n: t.data_ptr() for n, t in block.items()} == host
+    del replica
+    release_memory()

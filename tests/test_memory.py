@@ -6,6 +6,8 @@ also given as round figures; the workload is the model's default row (49 frames 
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 from dataclasses import replace
 
@@ -119,36 +121,112 @@ def test_estimates_for_cogvideox_5b():
     assert by_plan["sequential_cpu_offload"].gpu_gib < 5
 
 
-def test_estimates_cover_what_the_benchmark_measured():
-    """The planner must never promise less than the H100 benchmark saw (docs/benchmarks.json)."""
-    import json
+# Plans that stream weights on a side stream (encoders, denoisers or both): under a cap, their
+# allocator's reservation grows with whatever the cap allows, so only the allocation is evidence.
+STREAMING = ("text_offload", "expert_offload", "group_offload", "sequential_cpu_offload")
 
+
+def measured_records() -> list[dict]:
+    """The benchmark's measured batch_runner runs (docs/benchmarks.json), each with `measured`: the
+    least memory a card was seen to need for that model, plan and decode.
+
+    Left out: runs that failed (`error`), runs whose code has changed since (`superseded`), and runs
+    whose peak spans an out-of-memory attempt under another plan (`oom_fallback`). The need is the
+    allocator's reservation where nothing streamed and no cap squeezed it (the VAE decode's slack is
+    real: HunyuanVideo-1.5 ran out of memory under a 48 GiB cap with 9 GiB reserved and free), the
+    smallest such of the same model, plan and decode (the uncapped allocator keeps what a capped
+    run of the same video gave back: LTX-Video 2B reserved 23.8 GiB uncapped, 21.1 under a 24 GiB
+    cap); where weights stream under a cap, the allocation.
+    """
     records = json.loads((ROOT / "docs" / "benchmarks.json").read_text())
-    measured = [r for r in records if r.get("plan") in PLANS and r.get("peak_allocated_gib")]
-    assert {r["plan"] for r in measured} >= {"none", "text_offload", "group_offload"}
-    assert any("pyramid" in r["recipe"] for r in measured)
-    counted_once = {}  # composing the config and counting the model once per model, not per record
+    kept = [
+        r
+        for r in records
+        if r.get("plan") in PLANS
+        and r.get("peak_allocated_gib")
+        and not r.get("error")
+        and not r.get("superseded")
+        and not r.get("oom_fallback")
+    ]
+
+    def key(r: dict) -> tuple:
+        overrides = r.get("overrides") or {}
+        return (
+            r.get("model", "cogvideox-5b-i2v"),
+            r["plan"],
+            r.get("vae_tile"),
+            r.get("vae_tiling", True),
+            bool(overrides.get("fp8_weights")),
+            overrides.get("cache", "none"),
+        )
+
+    def evidence(r: dict) -> float:
+        capped = r["budget_gib"] is not None
+        if capped and r["plan"] in STREAMING:
+            return r["peak_allocated_gib"]
+        if not capped or r["peak_reserved_gib"] < r["budget_gib"] - 0.5:
+            return r["peak_reserved_gib"]
+        return r["peak_allocated_gib"]
+
+    least: dict[tuple, float] = {}
+    for r in kept:
+        least[key(r)] = min(least.get(key(r), float("inf")), evidence(r))
+    return [r | {"measured": least[key(r)]} for r in kept]
+
+
+@functools.cache
+def counted(name: str) -> tuple:
+    """A preset's composed config and anatomy, counted once per test session (seconds for the large ones)."""
+    composed = run_config("manifest=unused.csv", f"model={name}")
+    return composed, anatomy(composed.model)
+
+
+def record_estimate(r: dict) -> float:
+    """The planner's estimate for a benchmark record: its model, plan, decode and default row."""
+    cfg, model = counted(r.get("model", "cogvideox-5b-i2v"))
+    overrides = r.get("overrides") or {}
+    config = MemoryConfig(
+        fp8_weights=bool(overrides.get("fp8_weights")), vae_tile=r.get("vae_tile"), vae_tiling=r.get("vae_tiling", True)
+    )
+    # Pyramid Attention Broadcast keeps every block's attention output between steps.
+    cached = model.blocks if overrides.get("cache") == "pyramid" else 0
+    workload = replace(workload_of(cfg), cached_outputs=cached)
+    return estimate(r["plan"], model, workload, config).gpu_gib
+
+
+def test_estimates_are_within_1_3x_of_what_the_benchmark_measured_for_every_family_and_budget():
+    """Never less than a card was seen to need, and at most 1.3x of it (docs/benchmarks.json)."""
+    measured = measured_records()
+    models = {r.get("model", "cogvideox-5b-i2v") for r in measured}
+    assert {"cogvideox-5b-i2v", "wan2.1-i2v-14b-480p", "ltx-video-13b-0.9.7-dev", "hunyuanvideo1.5-i2v-480p"} <= models
+    assert {r["plan"] for r in measured} >= {"none", "text_offload", "expert_offload", "group_offload"}
+    assert any((r.get("overrides") or {}).get("cache") == "pyramid" for r in measured)
+    off = []
     for r in measured:
-        # Every family's records against its own anatomy and default row (the first records name no model).
-        name = r.get("model", "cogvideox-5b-i2v")
-        if name not in counted_once:
-            composed = run_config("manifest=unused.csv", f"model={name}")
-            counted_once[name] = composed, anatomy(composed.model)
-        cfg, counted = counted_once[name]
-        config = MemoryConfig(fp8_weights="fp8" in r["recipe"], vae_tile=r.get("vae_tile"))
-        # Pyramid Attention Broadcast keeps every block's attention output between steps.
-        workload = replace(workload_of(cfg), cached_outputs=counted.blocks if "pyramid" in r["recipe"] else 0)
-        need = estimate(r["plan"], counted, workload, config).gpu_gib
-        assert need >= r["peak_allocated_gib"], r["recipe"]
+        need = record_estimate(r)
+        ratio = need / r["measured"]
+        if not (need >= r["peak_allocated_gib"] and 1.0 <= ratio <= 1.3):
+            off.append(
+                f"{r.get('model')} {r['recipe']} {r['plan']}: estimated {need:.2f}, measured {r['measured']:.2f}"
+            )
         if r["budget_gib"] is not None:
             assert r["within_budget"], r["recipe"]
-        if r["plan"] in planner.STREAMED_PLANS and r["budget_gib"] is not None:
-            # Weights streamed on a side stream are freed on the compute stream, so the allocator's
-            # reservation grows with whatever the cap allows; the capped run is the evidence.
-            continue
-        if r["budget_gib"] is None or r["peak_reserved_gib"] < r["budget_gib"] - 0.5:
-            # Where no cap squeezed the allocator, what it reserved is what a card must have.
-            assert need >= r["peak_reserved_gib"], r["recipe"]
+    assert not off, "\n".join(off)
+
+
+@pytest.mark.parametrize(
+    ("model", "plan", "tile", "budget"),
+    [
+        # LTX-Video 2B's text_offload ran out of memory under a 12 GiB cap (its record's oom_fallback).
+        ("ltx-video-2b-0.9.5", "text_offload", None, 12.0),
+        # HunyuanVideo-1.5's text_offload with 256-pixel tiles, under a 48 GiB cap (its record's error).
+        ("hunyuanvideo1.5-i2v-480p", "text_offload", None, 48.0),
+    ],
+)
+def test_what_ran_out_of_memory_is_estimated_above_its_budget(model, plan, tile, budget):
+    cfg, counted_model = counted(model)
+    config = MemoryConfig(vae_tile=tile, vae_tiling=True)
+    assert estimate(plan, counted_model, workload_of(cfg), config).gpu_gib > budget
 
 
 def test_fp8_weights_halve_the_transformer():
@@ -185,7 +263,7 @@ def test_budget_walks_down_the_ladder(budget, plan):
     assert {e.plan for e in choice.estimates} == set(COG_PLANS)
     assert choice.reason.startswith(f"{plan}: needs ~{chosen.gpu_gib:.2f} GiB of the {budget:.1f} GiB GPU budget")
     if plan == "none":
-        assert choice.reason.endswith("(the fastest plan)")
+        assert "(the fastest plan)" in choice.reason
     else:
         assert "faster plans do not fit" in choice.reason
         for faster in COG_LADDER[: COG_LADDER.index(plan)]:
@@ -198,7 +276,7 @@ def test_large_budget_reason_in_full():
     none = choice.estimates[0]
     assert choice.reason == (
         f"none: needs ~{none.gpu_gib:.2f} GiB of the 80.0 GiB GPU budget and 0.0 GiB of this process's "
-        "64.0 GiB host share (the fastest plan)"
+        f"64.0 GiB host share (the fastest plan); whole-frame VAE decoding (~{none.decode_gib:.1f} GiB)"
     )
 
 
@@ -416,15 +494,16 @@ def test_placement_is_decided_once_with_the_settings_placement_needs(monkeypatch
     cfg = run_config(
         "manifest=unused.csv", "memory.budget_gib=24", "memory.fp8_weights=true", "memory.vae_slicing=false"
     )
-    cpu = planner.place(cfg, torch.device("cpu"), 1, (), COUNTED_5B)
+    cpu = planner.place(cfg, torch.device("cpu"), 1, (), COUNTED_5B).default
     assert (cpu.plan, cpu.vae_tile, cpu.cap_gib, cpu.fp8_weights, cpu.vae_slicing) == ("none", None, 24.0, True, False)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (80 * GIB, 80 * GIB))
     monkeypatch.setattr(planner, "host_available_gib", lambda config: 512.0)
-    gpu = planner.place(cfg, torch.device("cuda", 0), 1, (), COUNTED_5B)
+    gpu = planner.place(cfg, torch.device("cuda", 0), 1, (), COUNTED_5B).default
     choice = choose_plan(COUNTED_5B, workload_of(cfg), cfg.memory, 24.0, 512.0, 1)
     assert (gpu.plan, gpu.reason, gpu.vae_tile) == (choice.plan, choice.reason, choice.vae_tile)
+    assert (gpu.vae_tiling, gpu.whole_decode_gib) == (choice.vae_tiling, choice.whole_decode_gib)
     uncapped = replace(cfg, memory=replace(cfg.memory, enforce_budget=False))
-    assert planner.place(uncapped, torch.device("cpu"), 1, (), COUNTED_5B).cap_gib is None
+    assert planner.place(uncapped, torch.device("cpu"), 1, (), COUNTED_5B).default.cap_gib is None
     with pytest.raises(AttributeError):
         gpu.plan = "none"  # frozen: stepping down makes a new placement
 

@@ -51,7 +51,9 @@ class ActivationTerms:
     classifier-free guidance (2 where the conditional and unconditional passes share a batch, 1
     where they run as separate forwards). `tile_side`: the VAE's own decode tile (pixels a side),
     and `smaller_tiles`: the sides, largest first, the planner may decode with instead when the
-    VAE's own tiles do not fit the budget (the decode's activations scale with a tile's area).
+    VAE's own tiles do not fit the budget. The decode's peak grows with a tile's side to the power
+    `tile_scaling`: 2 where it grows with the area; more where the allocator's slack around a tile's
+    buffers grows faster than they do.
     """
 
     resident: float
@@ -61,6 +63,7 @@ class ActivationTerms:
     guidance_batch: int = 2
     tile_side: int | None = None
     smaller_tiles: tuple[int, ...] = ()
+    tile_scaling: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -237,6 +240,18 @@ class Family:
         )
         return [e.unsqueeze(0) for e in embedded]
 
+    def higher_precision(self, pipe: Any) -> tuple[str, contextlib.AbstractContextManager] | None:
+        """How to redo, once, a row whose frames came out non-finite or constant: (what it changes, a
+        context to run the row in), or None where this family has no such remedy.
+
+        By default the VAE decodes in float32: a half-precision decode is where large latents overflow
+        to infinities and NaNs. Families whose pipelines cannot take it return None.
+        """
+        vae = getattr(pipe, "vae", None)
+        if vae is None:
+            return None
+        return "the VAE in float32", _vae_in_float32(vae)
+
     # --- structure, for compile, streaming and the planner ---
 
     def blocks(self, transformer: torch.nn.Module) -> torch.nn.ModuleList:
@@ -345,6 +360,27 @@ def config_of(module: Any) -> dict:
     """A component's config as a plain dict, for diffusers and transformers models alike."""
     config = module.config
     return dict(config) if not hasattr(config, "to_dict") else config.to_dict()
+
+
+@contextlib.contextmanager
+def _vae_in_float32(vae: Any) -> Iterator[None]:
+    """The VAE in float32 for the duration, the floating inputs of its encode and decode cast to
+    match (pipelines hand it latents in the denoiser's dtype); then as it was."""
+    dtype = vae.dtype
+
+    def in_float32(method: Any) -> Any:
+        def up(value: Any) -> Any:
+            return value.float() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+
+        return lambda *args, **kwargs: method(*(up(a) for a in args), **{k: up(v) for k, v in kwargs.items()})
+
+    vae.to(torch.float32)
+    vae.encode, vae.decode = in_float32(vae.encode), in_float32(vae.decode)
+    try:
+        yield
+    finally:
+        del vae.encode, vae.decode  # the instance attributes: the class's methods show through again
+        vae.to(dtype)
 
 
 @contextlib.contextmanager

@@ -163,14 +163,15 @@ class LTX(Family):
     # Fitted to the 2B 0.9.5 on an H100 (docs/benchmarks.json, 161x512x768, 40 steps): 18.8 GiB
     # allocated and 23.8 reserved with everything resident (weights 14.8), 7.9 allocated streamed.
     # Guidance runs as one batch of 2 (pipeline_ltx_condition.py concatenates the embeddings and
-    # latents). The peak is the VAE's: it decodes every frame at once (it tiles space only), so the
-    # decode term carries the 6.0 GiB the reserved peak needs above the weights (8250 bytes per pixel
-    # at the default 161 frames; a longer row decodes more, and an out-of-memory error steps the
-    # replica down a plan). The denoising term stays the placeholder between Wan's and CogVideoX's
-    # fits (0.7 GiB for the 2B): it grows with the width, the decode does not, so the 13B (width
-    # 4096, the same VAE, not measured yet) is not charged twice the 2B's decode.
+    # latents). The peak is the VAE's: it decodes every frame at once (it tiles space only). Measured
+    # at the default 161 frames (docs/benchmarks.json), the decode allocates 4.05 GiB above the
+    # resident weights under every plan and both sizes, and a cap needs ~2 GiB more for the
+    # allocator's slack around its buffers (text_offload of the 2B ran out of memory under a 12 GiB
+    # cap at 9.96 GiB allocated): 4.5 GiB before the planner's fragmentation factor, 6150 bytes per
+    # pixel. A longer row decodes more, and an out-of-memory error steps the replica down a plan.
+    # The denoising term stays the placeholder between Wan's and CogVideoX's fits: always under the decode.
     activations = ActivationTerms(
-        resident=24.0, streamed=24.0, decode_per_pixel=8250.0, tiled_pixels=512 * 512 * 2, guidance_batch=2
+        resident=24.0, streamed=24.0, decode_per_pixel=6150.0, tiled_pixels=512 * 512 * 2, guidance_batch=2
     )
     schedulers: ClassVar[dict[str, str]] = {"euler": "FlowMatchEulerDiscreteScheduler"}
 

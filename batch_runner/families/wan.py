@@ -78,9 +78,11 @@ class Wan(Family):
     }
     # Fitted to Wan2.1-I2V-14B at 81x480x832 on an H100 (docs/benchmarks.json): 2.4 GiB allocated
     # above the weights with the transformer resident (15.5 bytes per unit; 16 here). The
-    # conditional and unconditional passes are separate forwards of batch 1.
+    # conditional and unconditional passes are separate forwards of batch 1. The decode: Wan 2.2
+    # TI2V-5B's peak is 3.1 GiB above the resident weights under none, text_offload and group_offload
+    # alike (704x1280, its VAE's widest block 1024 channels, tiled): 12700 bytes per pixel.
     activations = ActivationTerms(
-        resident=16.0, streamed=16.0, decode_per_pixel=2900.0, tiled_pixels=256 * 256 * 2, guidance_batch=1
+        resident=16.0, streamed=16.0, decode_per_pixel=12700.0, tiled_pixels=256 * 256 * 2, guidance_batch=1
     )
     schedulers: ClassVar[dict[str, str]] = {
         "unipc": "UniPCMultistepScheduler",

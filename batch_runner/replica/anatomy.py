@@ -35,7 +35,9 @@ class Anatomy:
     block_bytes: int  # the largest repeated block of any denoiser (streamed one at a time)
     denoiser_rest_bytes: int  # a denoiser's weights outside its blocks (resident while streaming)
     blocks: int  # repeated blocks per denoiser
-    leaf_bytes: int  # the largest single layer of any encoder (streamed layer by layer)
+    # The two largest single layers of any encoder together: streamed layer by layer, one computes
+    # while the next is copied in.
+    leaf_bytes: int
     geometry: Geometry
 
     def of_role(self, role: str) -> tuple[str, ...]:
@@ -73,9 +75,13 @@ def anatomy(model: ModelConfig) -> Anatomy:
     block_lists = [family.blocks(d) for d in denoisers]
     block_bytes = max(nbytes(b) for blocks in block_lists for b in blocks)
     rest = max(nbytes(d) - sum(nbytes(b) for b in blocks) for d, blocks in zip(denoisers, block_lists, strict=True))
-    leaves = [
-        nbytes(m) for n, r in roles.items() if r == ENCODER for m in modules[n].modules() if not list(m.children())
-    ]
+    # Layers that share their weights (T5's input embedding is its `shared` table) count once.
+    leaf_sizes: dict[tuple[int, ...], int] = {}
+    for name in (n for n, r in roles.items() if r == ENCODER):
+        for m in modules[name].modules():
+            if not list(m.children()):
+                leaf_sizes[tuple(id(p) for p in m.parameters())] = nbytes(m)
+    leaves = list(leaf_sizes.values())
     return Anatomy(
         family=family,
         roles=roles,
@@ -83,7 +89,7 @@ def anatomy(model: ModelConfig) -> Anatomy:
         block_bytes=block_bytes,
         denoiser_rest_bytes=rest,
         blocks=max(len(b) for b in block_lists),
-        leaf_bytes=max(leaves, default=0),
+        leaf_bytes=sum(sorted(leaves)[-2:]),
         geometry=family.geometry({name: config_of(m) for name, m in modules.items()}),
     )
 

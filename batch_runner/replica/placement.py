@@ -43,22 +43,79 @@ def _collect_before_the_cap() -> None:
 # --- applying a plan ------------------------------------------------------------------------------
 
 
-def apply_plan(pipe: Any, placement: Placement, device: torch.device, roles: dict[str, str]) -> None:
+class HostCopies:
+    """The host tensors of components that move between the GPU and the host as rows change plans.
+
+    A run whose row shapes need different plans switches placement between them. A component that
+    goes to the GPU keeps its host tensors here (references: the host-shared, pinned copy), and
+    coming back to the host it is pointed at them again instead of copied: no new private copy, no
+    new pinning, no copy back over the bus. Only the components named in `keep` (those some plan of
+    the run keeps on the host) are kept: a one-plan run keeps nothing.
+    """
+
+    def __init__(self, keep: tuple[str, ...] = ()) -> None:
+        self.keep = set(keep)
+        self.saved: dict[str, dict[str, torch.Tensor]] = {}
+
+    def to_device(self, name: str, module: torch.nn.Module, device: torch.device) -> None:
+        if name in self.keep:
+            saved = self.saved.setdefault(name, {})
+            saved.update({key: t.data for key, t in _tensors(module) if t.device.type == "cpu"})
+        module.to(device)
+
+    def to_host(self, name: str, module: torch.nn.Module) -> None:
+        saved = self.saved.get(name, {})
+        for key, tensor in _tensors(module):
+            if key in saved:
+                _rebind(module, key, tensor, saved[key])
+            elif tensor.device.type != "cpu":
+                tensor.data = tensor.data.cpu()
+
+
+def _rebind(module: torch.nn.Module, key: str, tensor: torch.Tensor, host: torch.Tensor) -> None:
+    """Point `tensor` (module's `key`) at `host`: in place where torch allows it (a GPU tensor),
+    else (the meta device) as a new parameter or buffer of its owner."""
+    try:
+        tensor.data = host
+    except RuntimeError:
+        owner_name, _, leaf = key.rpartition(".")
+        owner = module.get_submodule(owner_name)
+        if isinstance(tensor, torch.nn.Parameter):
+            setattr(owner, leaf, torch.nn.Parameter(host, requires_grad=tensor.requires_grad))
+        else:
+            owner.register_buffer(leaf, host)
+
+
+def _tensors(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return [*module.named_parameters(), *module.named_buffers()]
+
+
+def apply_plan(
+    pipe: Any, placement: Placement, device: torch.device, roles: dict[str, str], copies: HostCopies | None = None
+) -> None:
     """Place the pipeline's weights as `placement.plan` says, undoing any earlier plan first.
 
     `roles` names the pipeline's components (family.components): encoders stream layer by layer,
     denoisers block by block, and the VAE stays on the GPU under every plan of our own.
     """
     plan = placement.plan
+    copies = copies or HostCopies()
     if plan not in PLANS or not applies(plan, roles):
         usable = ", ".join(p for p in PLANS if applies(p, roles))
         raise UserError(f"memory={plan!r} is not a plan for this model; choose auto or one of {usable}.")
     remove_offloading(pipe, roles)
-    _vae_switches(pipe.vae, placement)
+    set_vae_decode(pipe.vae, placement)
     if device.type != "cuda":
         # Plans move weights between a GPU and the host; without a GPU everything runs in place.
         pipe.to(device)
         return
+    on_host = host_resident(plan, roles)
+    for name in roles:
+        module = getattr(pipe, name)
+        if name in on_host:
+            copies.to_host(name, module)
+        else:
+            copies.to_device(name, module, device)
     if plan == "model_cpu_offload":
         pipe.enable_model_cpu_offload(device=device)
     elif plan == "sequential_cpu_offload":
@@ -66,13 +123,9 @@ def apply_plan(pipe: Any, placement: Placement, device: torch.device, roles: dic
         for name in roles:
             _keep_attention_pools_resident(getattr(pipe, name), device)
     else:
-        streamed = host_resident(plan, roles)
         for name, role in roles.items():
-            module = getattr(pipe, name)
-            if name not in streamed:
-                module.to(device)
-            else:
-                _stream(module, device, "leaf_level" if role == ENCODER else "block_level")
+            if name in on_host:
+                _stream(getattr(pipe, name), device, "leaf_level" if role == ENCODER else "block_level")
 
 
 def remove_offloading(pipe: Any, roles: dict[str, str]) -> None:
@@ -146,7 +199,8 @@ def _keep_attention_pools_resident(module: torch.nn.Module, device: torch.device
             layer.to(device)
 
 
-def _vae_switches(vae: Any, placement: Placement) -> None:
+def set_vae_decode(vae: Any, placement: Placement) -> None:
+    """The VAE's decode as the placement says: whole frames, or tiles of the planned size."""
     (vae.enable_slicing if placement.vae_slicing else vae.disable_slicing)()
     (vae.enable_tiling if placement.vae_tiling else vae.disable_tiling)()
     if placement.vae_tiling and placement.vae_tile is not None:

@@ -57,6 +57,8 @@ PLANS = ("none", "text_offload", "expert_offload", "group_offload", "model_cpu_o
 FRAGMENTATION = 1.12
 HEADROOM_GIB = 0.5
 STREAMED_PLANS = ("expert_offload", "group_offload", "sequential_cpu_offload")
+# Blocks of a streamed denoiser on the GPU at once: the one computing and the next being copied in.
+STREAMED_BLOCKS = 2
 # The plans that stream their host-resident components with diffusers' group offloading.
 GROUP_OFFLOADED = ("text_offload", "expert_offload", "group_offload")
 
@@ -115,6 +117,7 @@ class Estimate:
     plan: str
     gpu_gib: float
     host_gib: float  # pinned or private host memory this process holds
+    decode_gib: float = 0.0  # the VAE decode's activations (whole frames or tiles, as estimated)
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,8 @@ class Choice:
     reason: str
     estimates: tuple[Estimate, ...]
     vae_tile: int | None = None  # the decode tile's side in pixels; None: the VAE's own
+    vae_tiling: bool = True  # whether the VAE decodes in tiles (False: whole frames, where they fit)
+    whole_decode_gib: float = 0.0  # the whole-frame decode's estimated activations
 
 
 def activation_gib(
@@ -134,8 +139,11 @@ def activation_gib(
     denoise = per_unit * batch * workload.tokens * workload.hidden
     tiled = terms.tiled_pixels
     if vae_tile is not None and terms.tile_side:
-        tiled = int(tiled * (vae_tile / terms.tile_side) ** 2)
+        tiled = int(tiled * (vae_tile / terms.tile_side) ** terms.tile_scaling)
     pixels = min(workload.pixels, tiled) if vae_tiling else workload.pixels
+    if pixels > terms.tiled_pixels:
+        # Beyond the VAE's own tile the decode grows as a tile's does with its side (tile_scaling).
+        pixels = int(terms.tiled_pixels * (pixels / terms.tiled_pixels) ** (terms.tile_scaling / 2))
     decode = terms.decode_per_pixel * pixels * workload.vae_channels / 512
     # bf16 outputs held across steps (measured with Pyramid Attention Broadcast: 8.6 GiB more).
     denoise += workload.cached_outputs * batch * workload.tokens * workload.hidden * 2
@@ -143,7 +151,15 @@ def activation_gib(
 
 
 def estimate(plan: str, model: Anatomy, workload: Workload, config: MemoryConfig) -> Estimate:
-    """Peak GPU memory (as the allocator reserves it) and host memory of `plan`, in GiB."""
+    """Peak GPU memory (as the allocator reserves it) and host memory of `plan`, in GiB.
+
+    A video passes three phases, and the peak is the largest: the text (and image) encoders, the
+    denoising steps, the VAE decode. Under the streamed plans only the VAE and the denoiser's weights
+    outside its blocks stay resident through all three; streaming adds the block being copied in
+    beside the one computing (measured: Wan 2.1 14B's group_offload peak is its resident weights,
+    the denoising activations and two blocks, docs/benchmarks.json) during the steps only, and the
+    encoders' largest layer with the next during the text encoding only.
+    """
     sizes = {name: b / GIB for name, b in model.bytes.items()}
     block, rest = model.block_bytes / GIB, model.denoiser_rest_bytes / GIB
     if config.fp8_weights:
@@ -154,20 +170,19 @@ def estimate(plan: str, model: Anatomy, workload: Workload, config: MemoryConfig
     vae = sum(sizes[n] for n, r in model.roles.items() if r == DECODER)
     terms = model.family.activations
     denoise, decode = activation_gib(workload, terms, config.vae_tiling, plan in STREAMED_PLANS, config.vae_tile)
-    # Streamed: the denoiser's weights outside its blocks stay resident; diffusers copies the next
-    # block while one computes, and the allocator holds a third while the first is freed.
-    streamed = rest + 3 * block
-    encoder_streamed = 2 * model.leaf_bytes / GIB
+    streaming = STREAMED_BLOCKS * block + denoise  # the steps of a streamed denoiser
+    encoder_streamed = model.leaf_bytes / GIB
     gpu = {
         "none": sum(sizes.values()) + max(denoise, decode),
         "text_offload": sum(denoisers) + vae + max(denoise, decode, encoder_streamed),
-        "expert_offload": sum(denoisers[1:]) + streamed + vae + max(denoise, decode, encoder_streamed),
-        "group_offload": vae + streamed + max(denoise, decode, encoder_streamed),
+        # The second expert resident, the first streamed (its top level stays resident).
+        "expert_offload": sum(denoisers[1:]) + rest + vae + max(streaming, decode, encoder_streamed),
+        "group_offload": vae + rest + max(streaming, decode, encoder_streamed),
         "model_cpu_offload": max(max(encoders, default=0), max(denoisers) + denoise, vae + decode),
-        "sequential_cpu_offload": max(denoise, decode) + 2 * block,
+        "sequential_cpu_offload": max(denoise, decode) + STREAMED_BLOCKS * block,
     }[plan]
     host = sum(sizes[name] for name in host_resident(plan, model.roles))
-    return Estimate(plan, round(gpu * FRAGMENTATION + HEADROOM_GIB, 2), round(host, 2))
+    return Estimate(plan, round(gpu * FRAGMENTATION + HEADROOM_GIB, 2), round(host, 2), round(decode, 2))
 
 
 def choose_plan(
@@ -178,7 +193,8 @@ def choose_plan(
     host_gib: float,
     local_world_size: int,
 ) -> Choice:
-    """The fastest plan that fits both the GPU budget and the host's memory.
+    """The fastest plan that fits both the GPU budget and the host's memory, decoding whole frames
+    where they fit and in tiles only where they do not.
 
     With memory.share_host_weights, the processes of a host hold one copy of a plan's host-resident
     weights between them; otherwise each process needs its own, out of an equal share of the host.
@@ -187,21 +203,25 @@ def choose_plan(
     shared = config.share_host_weights and processes > 1
     usable = [p for p in PLANS if applies(p, model.roles)]
     ladder = [p for p in LADDER if p in usable]
-    tiles = {p: fit_tile(p, model, workload, config, budget_gib) for p in usable}
-    estimates = tuple(estimate(p, model, workload, replace(config, vae_tile=tiles[p])) for p in usable)
+    decodes = {p: fit_decode(p, model, workload, config, budget_gib) for p in usable}
+    estimates = tuple(
+        estimate(p, model, workload, replace(config, vae_tiling=decodes[p][0], vae_tile=decodes[p][1])) for p in usable
+    )
     by_plan = {e.plan: e for e in estimates}
+    whole = estimate("none", model, workload, replace(config, vae_tiling=False)).decode_gib
     host = {p: _host_need(by_plan[p], model.roles, shared, processes, host_gib) for p in usable}
     for plan in ladder:
-        e, tile = by_plan[plan], tiles[plan]
+        e, (tiling, tile) = by_plan[plan], decodes[plan]
         if e.gpu_gib <= budget_gib and host[plan][0]:
             faster = ladder[: ladder.index(plan)]
             why = "; ".join(_why_not(by_plan[p], budget_gib, host[p][1]) for p in faster)
-            plan_named = plan + (f" with {tile}-pixel VAE tiles" if tile != config.vae_tile else "")
             reason = (
-                f"{plan_named}: needs ~{e.gpu_gib:.2f} GiB of the {budget_gib:.1f} GiB GPU budget and {host[plan][1]}"
+                f"{plan}{_decode_words(tiling, tile, config)}: needs ~{e.gpu_gib:.2f} GiB of the {budget_gib:.1f} GiB "
+                f"GPU budget and {host[plan][1]}"
                 + (f" (faster plans do not fit: {why})" if why else " (the fastest plan)")
+                + _whole_words(tiling, config, whole)
             )
-            return Choice(plan, reason, estimates, tile)
+            return Choice(plan, reason, estimates, tile, tiling, whole)
     lines = "; ".join(_why_not(by_plan[p], budget_gib, host[p][1]) for p in ladder)
     raise UserError(
         f"No memory plan fits: {lines}. Give more GPU memory (memory.budget_gib), fewer processes per "
@@ -209,11 +229,43 @@ def choose_plan(
     )
 
 
+def _decode_words(tiling: bool, tile: int | None, config: MemoryConfig) -> str:
+    """The tiles the plan's reason names after the plan: none for whole frames or the configured tile."""
+    return f" with {tile}-pixel VAE tiles" if tiling and tile != config.vae_tile else ""
+
+
+def _whole_words(tiling: bool, config: MemoryConfig, whole_gib: float) -> str:
+    """The end of a reason: how the VAE decodes, where the planner decided it."""
+    if not config.vae_tiling or config.vae_tile is not None:
+        return ""
+    if tiling:
+        return f"; VAE decoding in tiles (whole frames would need ~{whole_gib:.1f} GiB)"
+    return f"; whole-frame VAE decoding (~{whole_gib:.1f} GiB)"
+
+
+def fit_decode(
+    plan: str, model: Anatomy, workload: Workload, config: MemoryConfig, budget_gib: float | None
+) -> tuple[bool, int | None]:
+    """(tiling, tile) for `plan`: whole frames wherever their decode fits the budget, else tiles.
+
+    Tiling costs time (Wan 2.1 480p: 7.83 s outside the steps tiled, 3.09 s whole, with 47 GiB of a
+    140 GiB card in use), so it is only where the whole-frame decode does not fit. memory.vae_tiling=false
+    never tiles; a memory.vae_tile the user sets always does. Without a budget, nothing is tiled.
+    """
+    if not config.vae_tiling:
+        return False, None
+    if config.vae_tile is not None:
+        return True, config.vae_tile
+    if budget_gib is None or estimate(plan, model, workload, replace(config, vae_tiling=False)).gpu_gib <= budget_gib:
+        return False, None
+    return True, fit_tile(plan, model, workload, config, budget_gib)
+
+
 def fit_tile(
     plan: str, model: Anatomy, workload: Workload, config: MemoryConfig, budget_gib: float | None
 ) -> int | None:
-    """The decode tile `plan` should use: memory.vae_tile when set, else the VAE's own, else the
-    largest smaller tile the model allows whose estimate fits the budget (the smallest if none does).
+    """The decode tile `plan` should use when it tiles: memory.vae_tile when set, else the VAE's own,
+    else the largest smaller tile the model allows whose estimate fits the budget (the smallest if none does).
 
     Only the decode's peak changes: a smaller tile decodes the same pixels in more, smaller pieces.
     """
@@ -286,23 +338,50 @@ def cached_block_outputs(cache: str, layers: int) -> int:
     return {"pyramid": layers, "first_block": 2}.get(cache, 0)
 
 
-def workload_of(cfg: RunConfig, jobs: Sequence[Job] = (), model: Anatomy | None = None) -> Workload:
-    """The largest video the planner must make room for: the model's default row or any row given.
+@dataclass(frozen=True)
+class Shape:
+    """A row's size as the planner sees it: rows of one shape need the same plan."""
 
-    Any process may claim any row, so every process plans for the largest row of the run.
-    """
+    frames: int
+    height: int
+    width: int
+    guided: bool
+
+    def __str__(self) -> str:
+        return f"{self.height}x{self.width}x{self.frames}" + ("" if self.guided else " unguided")
+
+
+def shape_of(job: Job) -> Shape:
+    return Shape(job.num_frames, job.height, job.width, job.guidance_scale > 1)
+
+
+def default_shape(cfg: RunConfig) -> Shape:
+    model = cfg.model
+    return Shape(model.num_frames, model.height, model.width, model.guidance_scale > 1)
+
+
+def workload_of(cfg: RunConfig, jobs: Sequence[Job] = (), model: Anatomy | None = None) -> Workload:
+    """The largest video among the model's default row and the rows given (what one plan for all
+    of them must make room for)."""
     model = model or _anatomy_of(cfg)
     geometry = model.geometry
     config = cfg.model
     sizes = [(config.num_frames, config.height, config.width)] + [(j.num_frames, j.height, j.width) for j in jobs]
     frames, height, width = max(sizes, key=lambda s: geometry.tokens(*s, config.max_sequence_length))
-    tokens = geometry.tokens(frames, height, width, config.max_sequence_length)
+    largest = Shape(frames, height, width, config.guidance_scale > 1 or any(j.guidance_scale > 1 for j in jobs))
+    return replace(shape_workload(cfg, model, largest), pixels=max(h * w for _, h, w in sizes))
+
+
+def shape_workload(cfg: RunConfig, model: Anatomy, shape: Shape) -> Workload:
+    """The workload of one row shape."""
+    geometry = model.geometry
+    tokens = geometry.tokens(shape.frames, shape.height, shape.width, cfg.model.max_sequence_length)
     return Workload(
         # A replica of k GPUs splits the token sequence k ways (weights and the VAE's decode are not split).
         tokens=-(-tokens // max(1, cfg.replica.gpus)),
         hidden=geometry.hidden,
-        guidance=config.guidance_scale > 1 or any(j.guidance_scale > 1 for j in jobs),
-        pixels=max(h * w for _, h, w in sizes),
+        guidance=shape.guided,
+        pixels=shape.height * shape.width,
         vae_channels=geometry.vae_channels,
         cached_outputs=cached_block_outputs(cfg.speed.cache, model.blocks),
     )
@@ -315,7 +394,7 @@ def auto_plan(
     jobs: Sequence[Job] = (),
     model: Anatomy | None = None,
 ) -> Choice:
-    """memory=auto's choice for this run: the fastest plan that fits the GPU budget and the host's memory."""
+    """memory=auto's one choice for the largest row of the run (see `plan_rows` for a plan per shape)."""
     model = model or _anatomy_of(cfg)
     return choose_plan(
         model,
@@ -339,7 +418,8 @@ def _anatomy_of(cfg: RunConfig) -> Anatomy:
 
 @dataclass(frozen=True)
 class Placement:
-    """Where a replica's weights live and how its VAE decodes: decided once, before anything is built.
+    """Where a replica's weights live and how its VAE decodes, for the rows of one shape: decided
+    before anything is built.
 
     Weight placement (batch_runner.replica.placement) applies it and host_weights shares what it
     keeps on the host; neither reads the run's config. An out-of-memory error steps `plan` down.
@@ -353,6 +433,118 @@ class Placement:
     fp8_weights: bool = False  # denoiser weights stored in float8
     share_host_weights: bool = True  # one host copy of the host-resident weights for the host's processes
     cap_gib: float | None = None  # the allocator's cap (memory.budget_gib, enforced); None: uncapped
+    gpu_gib: float | None = None  # the plan's estimated peak; None where nothing was estimated (no GPU)
+    whole_decode_gib: float | None = None  # the whole-frame VAE decode's estimated activations
+
+    @property
+    def rank(self) -> int:
+        """Position on the ladder, fastest first (model_cpu_offload between group and sequential)."""
+        return PLANS.index(self.plan)
+
+    def same_weights(self, other: Placement) -> bool:
+        """Whether the weights sit where `other` puts them (only the VAE's decode switches may differ)."""
+        return self.plan == other.plan and self.fp8_weights == other.fp8_weights
+
+
+@dataclass(frozen=True)
+class RowPlans:
+    """One placement per row shape of the run: rows that fit a faster plan run under it.
+
+    The replica switches placement between shapes only when a row needs another; the runner orders
+    each chunk's rows by plan, so that the switches stay few.
+    """
+
+    by_shape: tuple[tuple[Shape, Placement], ...]
+    default: Placement  # rows of a shape not planned for (none in a run; a row given later)
+
+    def for_shape(self, shape: Shape) -> Placement:
+        return dict(self.by_shape).get(shape, self.default)
+
+    def for_job(self, job: Job) -> Placement:
+        return self.for_shape(shape_of(job))
+
+    @property
+    def placements(self) -> tuple[Placement, ...]:
+        """The distinct placements, fastest first."""
+        seen = {p: None for _, p in sorted(self.by_shape, key=lambda sp: sp[1].rank)}
+        return tuple(seen) or (self.default,)
+
+    @property
+    def slowest(self) -> Placement:
+        return max(self.placements, key=lambda p: p.rank)
+
+    def lines(self) -> list[str]:
+        """One line per placement, naming the shapes it serves (logs and the dry run)."""
+        if len(self.placements) == 1:
+            return [self.placements[0].reason]
+        return [f"rows of {', '.join(str(s) for s, q in self.by_shape if q == p)}: {p.reason}" for p in self.placements]
+
+
+def plan_rows(
+    cfg: RunConfig,
+    budget_gib: float | None,
+    local_world_size: int,
+    jobs: Sequence[Job] = (),
+    model: Anatomy | None = None,
+) -> RowPlans:
+    """The placement of every row shape of `jobs` (the model's default row where none are given).
+
+    Pure: from the model's anatomy, the budget and the host's memory; `dry_run` shows it, the replica
+    carries it out. `budget_gib` None means no GPU: everything runs in place on the CPU.
+    """
+    config = cfg.memory
+    shapes = list(dict.fromkeys(shape_of(j) for j in jobs)) or [default_shape(cfg)]
+    if budget_gib is None:
+        one = _placement(
+            config,
+            "none",
+            "none: no GPU, everything runs on the CPU",
+            config.vae_tiling,  # as configured: nothing to fit on the CPU
+            config.vae_tile,
+        )
+        return RowPlans(tuple((s, one) for s in shapes), one)
+    model = model or _anatomy_of(cfg)
+    host = host_available_gib(config)
+    by_shape = []
+    for shape in shapes:
+        workload = shape_workload(cfg, model, shape)
+        if config.plan == "auto":
+            choice = choose_plan(model, workload, config, budget_gib, host, local_world_size)
+            plan, reason, tiling, tile = choice.plan, choice.reason, choice.vae_tiling, choice.vae_tile
+        else:
+            plan = config.plan
+            tiling, tile = fit_decode(plan, model, workload, config, budget_gib)
+            how = _decode_words(tiling, tile, config).replace(" with", ", with", 1)
+            whole = estimate(plan, model, workload, replace(config, vae_tiling=False)).decode_gib
+            reason = f"{plan}: chosen in the config (memory={plan}){how}{_whole_words(tiling, config, whole)}"
+        need = estimate(plan, model, workload, replace(config, vae_tiling=tiling, vae_tile=tile))
+        whole = estimate(plan, model, workload, replace(config, vae_tiling=False)).decode_gib
+        by_shape.append((shape, _placement(config, plan, reason, tiling, tile, need.gpu_gib, whole)))
+    slowest = max((p for _, p in by_shape), key=lambda p: p.rank)
+    return RowPlans(tuple(by_shape), slowest)
+
+
+def _placement(
+    config: MemoryConfig,
+    plan: str,
+    reason: str,
+    tiling: bool,
+    tile: int | None,
+    gpu_gib: float | None = None,
+    whole_decode_gib: float | None = None,
+) -> Placement:
+    return Placement(
+        plan=plan,
+        reason=reason,
+        vae_slicing=config.vae_slicing,
+        vae_tiling=tiling,
+        vae_tile=tile if tiling else None,
+        fp8_weights=config.fp8_weights,
+        share_host_weights=config.share_host_weights,
+        cap_gib=config.budget_gib if config.enforce_budget else None,
+        gpu_gib=gpu_gib,
+        whole_decode_gib=whole_decode_gib,
+    )
 
 
 def place(
@@ -361,27 +553,8 @@ def place(
     local_world_size: int,
     jobs: Sequence[Job] = (),
     model: Anatomy | None = None,
-) -> Placement:
-    """The replica's placement: the configured or the fastest fitting plan, the VAE tile it needs, and why."""
-    config = cfg.memory
-    if device.type != "cuda":
-        plan, reason, tile = "none", "none: no GPU, everything runs on the CPU", config.vae_tile
-    elif config.plan != "auto":
-        budget = gpu_budget_gib(config, device)
-        model = model or _anatomy_of(cfg)
-        tile = fit_tile(config.plan, model, workload_of(cfg, jobs, model), config, budget)
-        tiles = f", with {tile}-pixel VAE tiles" if tile != config.vae_tile else ""
-        plan, reason = config.plan, f"{config.plan}: chosen in the config (memory={config.plan}){tiles}"
-    else:
-        choice = auto_plan(cfg, gpu_budget_gib(config, device), local_world_size, jobs, model)
-        plan, reason, tile = choice.plan, choice.reason, choice.vae_tile
-    return Placement(
-        plan=plan,
-        reason=reason,
-        vae_slicing=config.vae_slicing,
-        vae_tiling=config.vae_tiling,
-        vae_tile=tile,
-        fp8_weights=config.fp8_weights,
-        share_host_weights=config.share_host_weights,
-        cap_gib=config.budget_gib if config.enforce_budget else None,
-    )
+) -> RowPlans:
+    """The replica's placements, one per row shape of `jobs`: the configured or the fastest fitting
+    plan, how the VAE decodes, and why."""
+    budget = gpu_budget_gib(cfg.memory, device) if device.type == "cuda" else None
+    return plan_rows(cfg, budget, local_world_size, jobs, model)

@@ -60,9 +60,16 @@ class Replica:
         self.anatomy = anatomy(cfg.model)
         self.family = self.anatomy.family
         peers = peers or HostPeers(0, 1, None, "")
-        # Decided once; each component below gets its slice of the config, the weights their placement.
-        self.placement = planner.place(cfg, device, peers.local_world_size, jobs, self.anatomy)
-        log.info("memory plan %s", self.placement.reason)
+        # Decided once, per row shape; each component below gets its slice of the config, the weights
+        # their placement. Built for the slowest placement's host copies, placed for the first row's.
+        self.plans = planner.place(cfg, device, peers.local_world_size, jobs, self.anatomy)
+        self.placement = self.plans.for_job(jobs[0]) if jobs else self.plans.default
+        for line in self.plans.lines():
+            log.info("memory plan %s", line)
+        # Rows of a shape whose plan failed move down the ladder for the rest of the run.
+        self._lowered: dict[planner.Shape, planner.Placement] = {}
+        self._broken: set[str] = set()  # plans that failed a row another plan then made
+        self._lowered_default: planner.Placement | None = None
         self.pipe, self.shared = self._build(peers)
         self.roles = self.family.components(self.pipe)
         self.denoisers = [getattr(self.pipe, n) for n, r in self.roles.items() if r == DENOISER]
@@ -76,26 +83,33 @@ class Replica:
             for denoiser in self.denoisers:
                 split_attention(denoiser, self.team, cfg.replica.attention)
         speed.enable_cache(self.pipe, [n for n, r in self.roles.items() if r == DENOISER], cfg.speed)
-        placement.apply_plan(self.pipe, self.placement, device, self.roles)
+        # Where rows of the run need different plans, the host copies of what the slowest keeps on the
+        # host stay referenced while faster plans hold those components on the GPU.
+        switching = device.type == "cuda" and len({p.plan for p in self.plans.placements}) > 1
+        keep = planner.host_resident(self.plans.slowest.plan, self.anatomy.roles) if switching else ()
+        self.copies = placement.HostCopies(keep)
+        placement.apply_plan(self.pipe, self.placement, device, self.roles, self.copies)
         speed.keep_timesteps_on_host(self.pipe, self.family, device)
         if device.type == "cuda":
             release_memory()
             placement.enforce_budget(self.placement.cap_gib, device)
             torch.cuda.reset_peak_memory_stats(device)
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._clock: _StageClock | None = None
         # Seconds of the last video's stages inside the pipeline call (see make).
         self.stages: dict[str, float] = {}
 
     @property
     def plan(self) -> str:
-        """The memory plan the replica runs now (lower than the first after an out-of-memory error)."""
+        """The memory plan the replica runs now (the current row shape's; lower after a failure)."""
         return self.placement.plan
 
     def _build(self, peers: HostPeers) -> tuple[Any, dict[str, host_weights.SharedBlock]]:
         """The pipeline with its final weights, those that stay on the host shared with the host's
-        other processes (host_weights) and pinned where the plan streams them."""
+        other processes (host_weights) and pinned where a plan of the run streams them."""
         cfg = self.cfg
-        wanted = self._host_components() if self.placement.share_host_weights else ()
+        slowest = self.plans.slowest
+        wanted = self._host_components(slowest) if slowest.share_host_weights else ()
         sharing = host_weights.HostSharing.agree(peers, wanted)
         with sharing.reporting_failure():
             # Random weights are born on the GPU (fast) and moved where the plan wants them.
@@ -109,19 +123,20 @@ class Replica:
                 self.attention = speed.prefer_attention(
                     self.family, denoiser, cfg.speed.attention, self.device, context_parallel=self.team is not None
                 )
-                if self.placement.fp8_weights:
+                if slowest.fp8_weights:
                     denoiser.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=self.dtype)
             # Shared once the weights' shapes and types are final.
             shared = {name: sharing.share(name, getattr(pipe, name)) for name in sharing.groups}
         if self.device.type == "cuda":
-            for name in planner.pinned(self.plan, self.anatomy.roles):
+            streamed = {n for p in self.plans.placements for n in planner.pinned(p.plan, self.anatomy.roles)}
+            for name in streamed:
                 if name in shared:
                     shared[name].pin()
         return pipe, shared
 
-    def _host_components(self) -> tuple[str, ...]:
+    def _host_components(self, slowest: planner.Placement) -> tuple[str, ...]:
         """The components whose weights stay in host memory for the whole run: all of them without
-        a GPU, else those the plan keeps there.
+        a GPU, else those the run's slowest plan keeps there (the faster plans keep fewer).
 
         Components that go to the GPU are not shared: diffusers reads safetensors through a memory
         map, so their loading costs page cache every process shares already. Routed through one
@@ -130,24 +145,98 @@ class Replica:
         """
         if self.device.type != "cuda":
             return tuple(self.anatomy.roles)
-        return planner.shareable(self.plan, self.anatomy.roles)
+        return planner.shareable(slowest.plan, self.anatomy.roles)
 
-    def step_down(self) -> str | None:
-        """Move to the next plan down the ladder after an out-of-memory error; None at the bottom.
+    # --- placement per row ---
 
-        None too in a replica of several GPUs: one process stepping down alone and retrying the row
-        would leave the others in the middle of its collectives.
+    @property
+    def failed_decoding(self) -> bool:
+        """Whether the last video got past its denoising steps (so a failure was in the VAE decode)."""
+        return self._clock is not None and self._clock.done >= self._clock.steps
+
+    def placement_for(self, job: Job) -> planner.Placement:
+        """The placement `job` runs under: its shape's, or lower where that shape's plan failed."""
+        shape = planner.shape_of(job)
+        if shape in self._lowered:
+            return self._lowered[shape]
+        if shape in dict(self.plans.by_shape):
+            return self.plans.for_shape(shape)
+        return self._lowered_default or self.plans.default
+
+    def order(self, jobs: list[Job]) -> list[Job]:
+        """`jobs` with those of the current placement first, then by plan, fastest first: rows of one
+        plan run together, so the replica switches placement at most once per plan in a chunk."""
+        return sorted(jobs, key=lambda j: (self.placement_for(j) != self.placement, self.placement_for(j).rank))
+
+    def prepare(self, job: Job) -> None:
+        """Switch to `job`'s placement if it is not the current one (weights only where the plan changes)."""
+        wanted = self.placement_for(job)
+        if wanted == self.placement:
+            return
+        if wanted.same_weights(self.placement):
+            placement.set_vae_decode(self.pipe.vae, wanted)
+        else:
+            log.info("row %s: memory plan %s -> %s (%s)", job.id, self.placement.plan, wanted.plan, wanted.reason)
+            release_memory()
+            placement.apply_plan(self.pipe, wanted, self.device, self.roles, self.copies)
+            self._cache.clear()
+        self.placement = wanted
+
+    def step_down(self, job: Job | None = None, out_of_memory: bool = True) -> str | None:
+        """Move `job`'s shape (every row's without a job) one step down after its plan failed; None at
+        the bottom.
+
+        A whole-frame decode that ran out of memory steps down to tiles, under the same plan; anything
+        else to the next plan of the ladder that has not failed. None too in a replica of several GPUs:
+        one process stepping down alone and retrying the row would leave the others in the middle of
+        its collectives.
         """
         if self.team:
             return None
-        lower = planner.next_plan_down(self.plan, self.roles)
-        if lower is None:
-            return None
+        current = self.placement
+        if out_of_memory and not current.vae_tiling and self.cfg.memory.vae_tiling and self.failed_decoding:
+            lower = replace(current, vae_tiling=True, reason=f"{current.plan} with VAE tiling (after a failure)")
+        else:
+            plan = planner.next_plan_down(current.plan, self.roles)
+            while plan in self._broken:
+                plan = planner.next_plan_down(plan, self.roles)
+            if plan is None:
+                return None
+            lower = replace(current, plan=plan, reason=f"{plan} (one plan down after a failure)")
+        if job is not None:
+            self._lowered[planner.shape_of(job)] = lower
+        else:  # every row from now on
+            self._lowered = {shape: lower for shape, _ in self.plans.by_shape}
+            self._lowered_default = lower
         release_memory()
-        placement.apply_plan(self.pipe, replace(self.placement, plan=lower), self.device, self.roles)
+        if lower.same_weights(current):
+            placement.set_vae_decode(self.pipe.vae, lower)
+        else:
+            placement.apply_plan(self.pipe, lower, self.device, self.roles, self.copies)
         self._cache.clear()
-        self.placement = replace(self.placement, plan=lower)
-        return lower
+        self.placement = lower
+        return lower.plan if lower.plan != current.plan else f"{lower.plan} with VAE tiling"
+
+    def restore(self, job: Job, before: planner.Placement) -> None:
+        """Undo a step down for `job`'s shape: the failure was the row's, not its plan's (the next row
+        of the shape switches back)."""
+        shape = planner.shape_of(job)
+        if before == self.plans.for_shape(shape):
+            self._lowered.pop(shape, None)
+        else:
+            self._lowered[shape] = before
+
+    def mark_broken(self, failed: planner.Placement, working: planner.Placement) -> None:
+        """`failed`'s plan failed where `working`'s made the same row: every shape planned for the
+        failed plan runs under the working one from now on."""
+        self._broken.add(failed.plan)
+        for shape, planned in self.plans.by_shape:
+            if planned.plan == failed.plan and shape not in self._lowered:
+                self._lowered[shape] = replace(planned, plan=working.plan, reason=working.reason)
+
+    def higher_precision(self) -> tuple[str, Any] | None:
+        """The family's way to redo a row at higher precision (what it changes, a context), or None."""
+        return self.family.higher_precision(self.pipe)
 
     # --- prompts ---
 
@@ -187,10 +276,11 @@ class Replica:
 
         `images` holds the row's "image" and, where the row gives one, its "last_image".
         """
+        self.prepare(job)
         execution_device = upstream.execution_device(self.pipe)
         generator = torch.Generator(device=execution_device).manual_seed(job.seed)
         arguments = self.family.call_arguments(self.cfg.model, job, images, prompts.embeddings)
-        clock = _StageClock(self.device, job.num_inference_steps)
+        clock = self._clock = _StageClock(self.device, job.num_inference_steps)
         hooks = [d.register_forward_pre_hook(clock.denoiser_called) for d in self.denoisers]
         try:
             with speed.inference(self.cfg.speed, self.device):
@@ -202,14 +292,23 @@ class Replica:
                 )
                 video = output.frames[0]  # (F, C, H, W) in [0, 1]
                 if not torch.isfinite(video).all():  # they would round to black frames, recorded ok
-                    raise FloatingPointError("the frames hold NaN or infinite values (the latents went non-finite)")
+                    raise BadFrames("the frames hold NaN or infinite values (the latents went non-finite)")
                 frames = (video * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+                if len(frames) > 1 and bool((frames[1:] == frames[:-1]).all()):  # checked where they are
+                    raise BadFrames(
+                        f"constant video: all {len(frames)} frames are identical, as a model makes them when its "
+                        "latents went non-finite or its guidance collapsed"
+                    )
                 frames = frames.cpu().numpy()
         finally:
             for hook in hooks:
                 hook.remove()
         self.stages = clock.stages()
         return frames
+
+
+class BadFrames(FloatingPointError):
+    """A video that must not count as made: non-finite or constant frames (higher precision may help)."""
 
 
 class _StageClock:
@@ -225,6 +324,7 @@ class _StageClock:
         self.start = time.perf_counter()
         self.first: float | None = None
         self.last: float | None = None
+        self.done = 0  # denoising steps finished
 
     def _now(self) -> float:
         if self.device.type == "cuda":
@@ -236,6 +336,7 @@ class _StageClock:
             self.first = self._now()
 
     def step_done(self, step: int) -> None:
+        self.done = step + 1
         # The last step waits for the GPU; a schedule of another length still has its latest step's end.
         self.last = self._now() if step >= self.steps - 1 else time.perf_counter()
 

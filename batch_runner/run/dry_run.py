@@ -13,7 +13,7 @@ from batch_runner.config import RunConfig
 from batch_runner.inputs.manifest import Job, Manifest
 from batch_runner.outputs.provenance import output_salt
 from batch_runner.outputs.results import finished_ids
-from batch_runner.replica.planner import auto_plan, gpu_budget_gib
+from batch_runner.replica.planner import RowPlans, gpu_budget_gib, plan_rows
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "docs" / "benchmarks.json"
 # The first records, from before records named their model, are all CogVideoX-5B-I2V's.
@@ -46,9 +46,13 @@ def describe(cfg: RunConfig, manifest: Manifest, cluster: Cluster, out: Path) ->
             f"process {index}" if gpus == 1 else f"replica {index} (processes {index * gpus}-{index * gpus + gpus - 1})"
         )
         lines.append(f"  {who}: ~{len(share)} rows" + (f" ({preview})" if ids else ""))
-    plan, why, budget = _plan(cfg, cluster, pending)
-    lines.append(f"memory plan: {why}")
-    estimate = _estimate_seconds(cfg, plan, budget, pending)
+    plans, why, budget = _plan(cfg, cluster, pending)
+    if plans is None or len(plans.placements) == 1:
+        lines.append(f"memory plan: {why}")
+    else:
+        lines.append("memory plans, one per row shape (rows of one plan run together):")
+        lines.extend(f"  {line}" for line in plans.lines())
+    estimate = _estimate_seconds(cfg, plans, budget, pending)
     if estimate is not None:
         per_process = estimate / max(1, world)
         lines.append(
@@ -61,19 +65,21 @@ def describe(cfg: RunConfig, manifest: Manifest, cluster: Cluster, out: Path) ->
     return "\n".join(lines)
 
 
-def _plan(cfg: RunConfig, cluster: Cluster, pending: list[Job]) -> tuple[str, str, float | None]:
+def _plan(cfg: RunConfig, cluster: Cluster, pending: list[Job]) -> tuple[RowPlans | None, str, float | None]:
+    """The placement of every row shape, the sentence for a single one, and the GPU budget."""
     config = cfg.memory
     if not torch.cuda.is_available() and config.budget_gib is None:
-        return "none", "none (no GPU found and no memory.budget_gib given: a GPU run would choose then)", None
+        return None, "none (no GPU found and no memory.budget_gib given: a GPU run would choose then)", None
     budget = config.budget_gib if config.budget_gib is not None else gpu_budget_gib(config, cluster.device)
-    if config.plan != "auto":
-        return config.plan, f"{config.plan} (set in the config)", budget
-    choice = auto_plan(cfg, budget, cluster.local_world_size, pending)
-    return choice.plan, choice.reason, budget
+    plans = plan_rows(cfg, budget, cluster.local_world_size, pending)
+    if config.plan != "auto" and len(plans.placements) == 1:
+        return plans, f"{config.plan} (set in the config)", budget
+    return plans, plans.placements[0].reason, budget
 
 
-def _estimate_seconds(cfg: RunConfig, plan: str, budget: float | None, pending: list) -> float | None:
-    """Seconds for `pending` from the benchmark's measured step and decode times on an H100.
+def _estimate_seconds(cfg: RunConfig, plans: RowPlans | None, budget: float | None, pending: list) -> float | None:
+    """Seconds for `pending` from the benchmark's measured step and decode times on an H100, each row
+    under its own shape's plan.
 
     The benchmark runs each model at its default row; steps scale with a row's step count, and both
     parts roughly with its frame count.
@@ -84,16 +90,22 @@ def _estimate_seconds(cfg: RunConfig, plan: str, budget: float | None, pending: 
         r
         for r in json.loads(BENCHMARKS.read_text())
         if r.get("model", FIRST_BENCHMARKED_MODEL) == cfg.model.name
-        and r.get("plan") == plan
         and not r.get("changes_output")
         and r.get("seconds_per_step")
     ]
     if not records:
         return None
-    best = min(records, key=lambda r: abs((r.get("budget_gib") or 80) - (budget or 80)))
-    step, outside = best["seconds_per_step"], best["seconds_outside_steps"]
-    frames = best.get("frames", BENCHMARKED_FRAMES)  # the row the benchmark made, not today's default
-    return sum((outside + step * job.num_inference_steps) * job.num_frames / frames for job in pending)
+    total = 0.0
+    for job in pending:
+        plan = plans.for_job(job).plan if plans is not None else "none"
+        of_plan = [r for r in records if r.get("plan") == plan]
+        if not of_plan:
+            return None
+        best = min(of_plan, key=lambda r: abs((r.get("budget_gib") or 80) - (budget or 80)))
+        step, outside = best["seconds_per_step"], best["seconds_outside_steps"]
+        frames = best.get("frames", BENCHMARKED_FRAMES)  # the row the benchmark made, not today's default
+        total += (outside + step * job.num_inference_steps) * job.num_frames / frames
+    return total
 
 
 def _duration(seconds: float) -> str:

@@ -41,7 +41,7 @@ from batch_runner.outputs.storage import (
 from batch_runner.outputs.video import write_video
 from batch_runner.replica import compile_cache
 from batch_runner.replica.planner import GIB
-from batch_runner.replica.replica import Replica, is_out_of_memory, release_memory
+from batch_runner.replica.replica import BadFrames, Replica, is_out_of_memory, release_memory
 from batch_runner.run import lifecycle, startup
 from batch_runner.run.checks import check_replica_rows, check_settings
 from batch_runner.run.logs import log_to_file
@@ -246,14 +246,16 @@ def _make_videos(
     ):
         writes: list[Future] = []
         for chunk in queue:
-            jobs = [pending[i] for i in chunk]
+            jobs = replica.order([pending[i] for i in chunk])  # rows of one plan together
             images = [loader.submit(_load_images, j, cfg.max_image_pixels) for j in jobs]
             encoding = time.perf_counter()
             prompts = replica.encode(jobs)
             # The chunk's texts are encoded in one pass: each row is charged its share.
             text_seconds = round((time.perf_counter() - encoding) / max(1, len(jobs)), 4)
             for job, image in zip(jobs, images, strict=False):
-                row = ResultRow.from_job(job, salt, prompts.warnings.get(job.id), memory_plan=replica.plan)
+                row = ResultRow.from_job(
+                    job, salt, prompts.warnings.get(job.id), memory_plan=replica.placement_for(job).plan
+                )
                 row = row.but(text_encode_seconds=text_seconds)
                 started = time.perf_counter()
                 try:
@@ -311,29 +313,56 @@ def _load_images(job: Job, max_pixels: int) -> dict[str, Any]:
 
 
 def _make_one(replica: Replica, job: Job, image: Any, prompts: Any, row: ResultRow, on_step: Any) -> tuple:
-    """Generate one row; on CUDA out-of-memory, step the replica down one plan and retry once.
-    Returns the frames and the row, which names the plan that made them and any fallback."""
+    """Generate one row, redoing it once where that may help:
+    * out of GPU memory: one step down (tiles for a whole-frame decode, else the next plan);
+    * another error: under the next plan of the ladder (the plan may be what failed);
+    * non-finite or constant frames: at the higher precision the family allows.
+    Returns the frames and the row, which names the plan that made them and any redo."""
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    planned = replica.placement_for(job)
+    row = row.but(memory_plan=planned.plan)
     try:
-        return replica.make(job, image, prompts, on_step), row
-    except Exception as e:
-        if not (is_out_of_memory(e) and replica.cfg.memory.fallback_on_oom):
+        return replica.make(job, image, prompts, on_step), row.but(memory_plan=replica.plan)
+    except BadFrames as e:
+        remedy = replica.higher_precision()
+        if remedy is None:
             raise
-        before = replica.plan
-        lower = replica.step_down()
+        what, context = remedy
+        log.warning("row %s: %s; redoing it once with %s", job.id, e, what)
+        row = row.but(warnings=_join(row.warnings, f"{e}; redone with {what}"))
+        try:
+            with context:
+                return replica.make(job, image, prompts, on_step), row
+        except Exception as again:
+            again.result_row = row  # type: ignore[attr-defined]
+            raise
+    except Exception as e:
+        oom = is_out_of_memory(e)
+        if (oom and not replica.cfg.memory.fallback_on_oom) or isinstance(e, UserError):
+            raise
+        failed = replica.placement
+        lower = replica.step_down(job, out_of_memory=oom)
         if lower is None:
             raise
-        log.warning("row %s ran out of GPU memory under plan %s; retrying with %s", job.id, before, lower)
-        row = row.but(
-            memory_plan=lower,
-            warnings=_join(row.warnings, f"out of GPU memory under plan {before}, redone with {lower}"),
-        )
+        if oom:
+            log.warning("row %s ran out of GPU memory under plan %s; retrying with %s", job.id, failed.plan, lower)
+            note = f"out of GPU memory under plan {failed.plan}, redone with {lower}"
+        else:
+            why = f"{type(e).__name__}: {e}"
+            log.warning("row %s failed under plan %s (%s); retrying once with %s", job.id, failed.plan, why, lower)
+            note = f"failed under plan {failed.plan} ({why}), redone with {lower}"
+        row = row.but(memory_plan=replica.plan, warnings=_join(row.warnings, note))
         try:
-            return replica.make(job, image, replica.encode([job]), on_step), row
+            frames = replica.make(job, image, replica.encode([job]), on_step)
         except Exception as again:
+            if not oom:  # it failed under both: the row's failure, not its plan's
+                replica.restore(job, planned)
             again.result_row = row  # type: ignore[attr-defined]  # its failure names the plan it failed under
             raise
+        if not oom:
+            replica.mark_broken(failed, replica.placement)
+        return frames, row
 
 
 def _publish(out: Path, job: Job, frames: Any, image: Any, row: ResultRow, cfg: RunConfig, finish: Any) -> None:

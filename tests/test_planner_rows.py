@@ -1,0 +1,228 @@
+"""A plan per row shape, VAE tiling decided by the plan, and switching placement between rows
+(issues #26 item 1, #23): in-process, from the models' anatomies and the tiny model on the CPU."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import replace
+
+import pytest
+import torch
+
+from batch_runner.errors import UserError
+from batch_runner.inputs.manifest import Job
+from batch_runner.replica import placement, planner
+from batch_runner.replica.anatomy import anatomy
+from batch_runner.replica.planner import RowPlans, Shape, plan_rows
+
+from .conftest import run_config
+
+
+def job(frames: int, height: int, width: int, guidance: float = 3.0, row_id: str = "x") -> Job:
+    return Job(0, row_id, "x.png", "p", "", 0, frames, height, width, 24.0, 30, guidance)
+
+
+@functools.cache
+def counted(name: str, *overrides: str) -> tuple:
+    cfg = run_config("manifest=unused.csv", f"model={name}", "memory.host_budget_gib=512", *overrides)
+    return cfg, anatomy(cfg.model)
+
+
+def test_rows_that_fit_a_faster_plan_run_under_it():
+    """One large row must not push the small ones onto its slower plan."""
+    cfg, model = counted("cogvideox-5b-i2v")
+    small, large = job(49, 240, 360, row_id="small"), job(49, 480, 720, row_id="large")
+    plans = plan_rows(cfg, 24.0, 1, [small, large, small], model)
+    assert plans.for_job(small).plan == "none"
+    assert plans.for_job(large).plan == "text_offload"
+    # The one-plan-for-all choice, for comparison: the largest row's.
+    assert planner.auto_plan(cfg, 24.0, 1, [small, large], model).plan == "text_offload"
+    assert [p.plan for p in plans.placements] == ["none", "text_offload"]  # fastest first
+    assert plans.slowest.plan == "text_offload"
+    # Each shape is planned once, in order of first appearance, and says which rows it serves.
+    assert [str(s) for s, _ in plans.by_shape] == ["240x360x49", "480x720x49"]
+    lines = plans.lines()
+    assert lines[0].startswith("rows of 240x360x49: none: needs ~")
+    assert lines[1].startswith("rows of 480x720x49: text_offload: needs ~")
+
+
+def test_the_ltx_13b_manifest_of_the_issue_runs_every_row_under_group_offload_in_12_gib():
+    """#26: at memory.budget_gib=12, one 480x1216x97 row pushed all three rows onto
+    sequential_cpu_offload; each shape now gets the fastest plan that fits it."""
+    cfg, model = counted("ltx-video-13b-0.9.7-dev")
+    rows = [job(161, 512, 768), job(161, 768, 512), job(97, 480, 1216)]
+    plans = plan_rows(cfg, 12.0, 1, rows, model)
+    for row in rows:
+        chosen = plans.for_job(row)
+        assert chosen.plan == "group_offload", chosen.reason
+        assert chosen.gpu_gib <= 12.0
+    # The measured peak of the first row under group_offload was 6.65 GiB: the estimate is within 1.3x.
+    assert 6.65 <= plans.for_job(rows[0]).gpu_gib <= 1.3 * 6.65
+
+
+def test_the_dry_run_prints_the_plan_of_each_row_shape(tmp_path):
+    """With no model loaded: the dry run imports no replica module (test_memory checks the imports)."""
+    from batch_runner.cluster.cluster import join_cluster
+    from batch_runner.inputs.manifest import load_manifest
+    from batch_runner.run.dry_run import describe
+
+    from .conftest import photo, write_manifest
+
+    image = str(photo(tmp_path / "in.png"))
+    rows = [
+        {"id": "small", "image": image, "prompt": "sea", "height": 256, "width": 448},
+        {"id": "large", "image": image, "prompt": "car", "height": 480, "width": 832},
+    ]
+    manifest_path = write_manifest(tmp_path / "jobs.csv", rows)
+    overrides = ("model=wan2.1-i2v-14b-480p", "memory.budget_gib=50", "memory.host_budget_gib=512", "dry_run=true")
+    cfg = run_config(f"manifest={manifest_path}", *overrides)
+    manifest = load_manifest(cfg.manifest, cfg.model, cfg.seed)
+    assert manifest.problems == []
+    text = describe(cfg, manifest, join_cluster(cpu=True), tmp_path / "out")
+    assert "memory plans, one per row shape (rows of one plan run together):" in text
+    assert "  rows of 256x448x81: none: needs ~" in text
+    assert "  rows of 480x832x81: text_offload: needs ~" in text
+
+
+def test_a_row_of_a_shape_not_planned_for_gets_the_slowest_placement():
+    cfg, model = counted("cogvideox-5b-i2v")
+    plans = plan_rows(cfg, 24.0, 1, [job(49, 240, 360), job(49, 480, 720)], model)
+    assert plans.for_job(job(49, 320, 480)) == plans.slowest
+
+
+def test_no_rows_plan_the_default_row_and_no_gpu_runs_everything_in_place():
+    cfg, model = counted("cogvideox-5b-i2v")
+    plans = plan_rows(cfg, 24.0, 1, [], model)
+    assert [s for s, _ in plans.by_shape] == [planner.default_shape(cfg)]
+    cpu = plan_rows(cfg, None, 1, [job(49, 240, 360)], model)
+    assert cpu.default.plan == "none" and cpu.default.gpu_gib is None
+    assert cpu.default.vae_tiling == cfg.memory.vae_tiling  # nothing to fit on the CPU: as configured
+
+
+def test_a_configured_plan_holds_for_every_shape():
+    cfg, model = counted("cogvideox-5b-i2v", "memory=group_offload")
+    plans = plan_rows(cfg, 24.0, 1, [job(49, 240, 360), job(49, 480, 720)], model)
+    assert {p.plan for p in plans.placements} == {"group_offload"}
+    assert all("chosen in the config (memory=group_offload)" in p.reason for p in plans.placements)
+
+
+# --- VAE tiling, decided by the plan (#23) -------------------------------------------------------------
+
+
+def test_without_a_budget_a_big_card_decodes_whole_frames():
+    """Wan 2.1 480p on a 140 GiB card: tiling cost 7.83 s outside the steps against 3.09 s whole."""
+    cfg, model = counted("wan2.1-i2v-14b-480p")
+    chosen = plan_rows(cfg, 139.0, 1, [], model).default
+    assert (chosen.plan, chosen.vae_tiling, chosen.vae_tile) == ("none", False, None)
+    assert chosen.whole_decode_gib > 0
+    assert "whole-frame VAE decoding" in chosen.reason
+    # Its estimate counts the whole-frame decode, not a tile's.
+    workload = planner.workload_of(cfg, (), model)
+    tiled = planner.estimate("none", model, workload, cfg.memory)
+    whole = planner.estimate("none", model, workload, replace(cfg.memory, vae_tiling=False))
+    assert whole.decode_gib > tiled.decode_gib
+    assert chosen.gpu_gib == whole.gpu_gib and chosen.whole_decode_gib == whole.decode_gib
+
+
+def test_tiles_only_where_the_whole_frame_decode_does_not_fit():
+    cfg, model = counted("hunyuanvideo1.5-i2v-480p")
+    workload = planner.workload_of(cfg, (), model)
+    whole = planner.estimate("none", model, workload, replace(cfg.memory, vae_tiling=False)).gpu_gib
+    tiled = planner.estimate("none", model, workload, cfg.memory).gpu_gib
+    assert tiled < whole
+    roomy = plan_rows(cfg, whole + 1, 1, [], model).default
+    assert (roomy.plan, roomy.vae_tiling) == ("none", False)
+    tight = plan_rows(cfg, (whole + tiled) / 2, 1, [], model).default
+    assert (tight.plan, tight.vae_tiling, tight.vae_tile) == ("none", True, None)
+    assert "VAE decoding in tiles (whole frames would need ~" in tight.reason
+    assert tight.whole_decode_gib == roomy.whole_decode_gib  # the planner's term, in the placement
+
+
+def test_the_users_vae_settings_stand():
+    cfg, model = counted("hunyuanvideo1.5-i2v-480p", "memory.vae_tiling=false")
+    assert not plan_rows(cfg, 139.0, 1, [], model).default.vae_tiling  # never tiles
+    with pytest.raises(UserError, match="No memory plan fits"):  # not even where tiles would have fitted
+        plan_rows(cfg, 24.0, 1, [], model)
+    cfg, model = counted("hunyuanvideo1.5-i2v-480p", "memory.vae_tile=192")
+    fixed = plan_rows(cfg, 139.0, 1, [], model).default
+    assert (fixed.vae_tiling, fixed.vae_tile) == (True, 192)  # a tile the user sets always tiles
+
+
+# --- switching placement between shapes ------------------------------------------------------------------
+
+
+def test_host_copies_bring_a_component_back_to_the_very_same_host_tensors():
+    """Switching plans must not copy the host-shared, pinned weights: they are pointed at again."""
+    module = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    before = {name: t.data_ptr() for name, t in module.state_dict().items()}
+    copies = placement.HostCopies(keep=("m",))
+    copies.to_device("m", module, torch.device("meta"))
+    assert all(t.device.type == "meta" for t in module.state_dict().values())
+    copies.to_host("m", module)
+    assert {name: t.data_ptr() for name, t in module.state_dict().items()} == before
+
+
+def test_host_copies_keep_nothing_of_a_component_no_plan_keeps_on_the_host():
+    module = torch.nn.Linear(4, 4)
+    copies = placement.HostCopies(keep=())
+    copies.to_device("m", module, torch.device("meta"))
+    assert copies.saved == {}
+
+
+def test_the_replica_runs_each_row_under_its_shapes_placement_and_orders_rows_by_plan(monkeypatch):
+    from batch_runner.replica import replica as replica_module
+
+    cfg = run_config("manifest=unused.csv", "model=tiny")
+    small, large = job(9, 32, 32, row_id="small"), job(9, 48, 48, row_id="large")
+    fast = planner.Placement("none", "fast")
+    slow = planner.Placement("text_offload", "slow")
+    plans = RowPlans(
+        ((planner.shape_of(small), fast), (planner.shape_of(large), slow)),
+        slow,
+    )
+    monkeypatch.setattr(planner, "place", lambda *args, **kwargs: plans)
+    applied: list[str] = []
+    real_apply = placement.apply_plan
+    monkeypatch.setattr(
+        placement, "apply_plan", lambda pipe, p, *a, **k: (applied.append(p.plan), real_apply(pipe, p, *a, **k))
+    )
+    replica = replica_module.Replica(cfg, torch.device("cpu"), jobs=[small, large])
+    assert replica.plan == "none" and applied == ["none"]
+    # The current placement's rows first, then by plan: one switch for the chunk, not one per row.
+    ordered = replica.order([large, small, large, small])
+    assert [j.id for j in ordered] == ["small", "small", "large", "large"]
+    replica.prepare(large)
+    replica.prepare(large)
+    assert replica.plan == "text_offload" and applied == ["none", "text_offload"]
+    assert replica.placement_for(small) is fast
+
+
+def test_shape_names_read_as_the_manifest_gives_them():
+    assert str(Shape(161, 512, 768, True)) == "512x768x161"
+    assert str(Shape(9, 32, 32, False)) == "32x32x9 unguided"
+
+
+@pytest.mark.parametrize("plan", ["none", "text_offload", "group_offload"])
+def test_placement_ranks_follow_the_ladder(plan):
+    assert planner.Placement(plan, "").rank == planner.PLANS.index(plan)
+
+
+def test_out_of_memory_in_a_whole_frame_decode_steps_down_to_tiles_and_elsewhere_to_the_next_plan(monkeypatch):
+    from types import SimpleNamespace
+
+    from batch_runner.replica import replica as replica_module
+
+    cfg = run_config("manifest=unused.csv", "model=tiny")
+    row = job(9, 32, 32)
+    whole = planner.Placement("none", "whole frames", vae_tiling=False)
+    monkeypatch.setattr(planner, "place", lambda *args, **kwargs: RowPlans(((planner.shape_of(row), whole),), whole))
+    replica = replica_module.Replica(cfg, torch.device("cpu"), jobs=[row])
+    assert not replica.pipe.vae.use_tiling
+    replica._clock = SimpleNamespace(done=4, steps=4)  # the steps were done: it failed in the decode
+    assert replica.step_down(row) == "none with VAE tiling"
+    assert replica.placement_for(row).vae_tiling and replica.pipe.vae.use_tiling
+    replica._clock = SimpleNamespace(done=2, steps=4)  # in the steps: tiles would not help
+    assert replica.step_down(row) == "text_offload"
+    # Not out of memory: the next plan, whatever failed.
+    replica._clock = SimpleNamespace(done=4, steps=4)
+    assert replica.step_down(row, out_of_memory=False) == planner.next_plan_down("text_offload", replica.roles)
