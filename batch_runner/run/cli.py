@@ -15,7 +15,6 @@ from batch_runner.cluster import devices
 from batch_runner.config import RunConfig
 from batch_runner.errors import UserError
 from batch_runner.outputs.provenance import CONFIG_FILE, load_saved_config
-from batch_runner.outputs.storage import OutputError
 from batch_runner.run import lifecycle
 from batch_runner.run.logs import setup_logging
 
@@ -94,8 +93,9 @@ def main(cfg: DictConfig) -> int:
         lifeline.output_dir = output_dir_of(run_config)
         return run(run_config)
     except UserError as e:
-        # Any process may find the output folder full first; other problems are the same on all.
-        if rank == 0 or isinstance(e, OutputError):
+        # Any process may find the output folder full first, or its host's launch at odds with
+        # another's (e.every_rank); other problems are the same on all.
+        if rank == 0 or e.every_rank:
             print(f"error: {e}", file=sys.stderr)
         return 2
     except lifecycle.Interrupted as e:
