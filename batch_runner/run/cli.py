@@ -57,7 +57,7 @@ def _from_run(folder: Path, overrides: list[str]) -> DictConfig:
             base[group] = composed[group]
     plain = [o for o in mine if o not in choices]
     merged = OmegaConf.merge(base, OmegaConf.from_dotlist(plain))
-    merged.from_run = None
+    merged.from_run = str(folder.resolve())  # the run reads its rows' saved parameters there (run/replay.py)
     return merged
 
 

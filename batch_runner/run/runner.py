@@ -46,6 +46,7 @@ from batch_runner.run import lifecycle, startup
 from batch_runner.run.checks import check_replica_rows, check_settings
 from batch_runner.run.logs import log_to_file
 from batch_runner.run.progress import Progress
+from batch_runner.run.replay import replayed
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,8 @@ def _run(cfg: RunConfig, cluster: Cluster) -> int:
             log.warning("%s", note)
     if manifest.problems and cfg.on_invalid != "skip":
         raise UserError(_refusal(manifest))
+    if cfg.from_run:  # the rows as that run made them, or a refusal naming those changed since
+        manifest = replayed(cfg, manifest)
     check_replica_rows(cfg, manifest.jobs)  # before any model loads
     if cfg.dry_run:
         if cluster.is_main:
