@@ -13,6 +13,7 @@ import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from batch_runner.cluster.cluster import Cluster, join_cluster
 from batch_runner.cluster.parallel import form_team
-from batch_runner.cluster.sharding import StaticQueue, WorkQueue
+from batch_runner.cluster.sharding import Claims, StaticQueue
 from batch_runner.config import RunConfig
 from batch_runner.errors import UserError
 from batch_runner.inputs.images import ImageLoadError, load_image
@@ -220,11 +221,31 @@ def _make_videos(
     if not team.leads:
         claims = None  # the leader's chunks arrive through team.share
     elif cfg.scheduling == "dynamic":
-        claims = WorkQueue(cluster.claims(), len(pending), team.count, cfg.chunk_size, key="claimed")
+        claims = Claims(
+            cluster.claims(),
+            len(pending),
+            team.count,
+            cfg.chunk_size,
+            key="claimed",
+            rank=team.index,
+            timeout=cfg.claim_timeout,
+            on_idle=lambda: _idle(writes, progress),
+        )
     else:  # "static" (check_settings refused anything else)
         claims = StaticQueue(len(pending), team.index, team.count, cfg.chunk_size)
     queue = team.share(claims)
-    on_step = _first_step_marked(progress.refresh if progress else None)
+    # Dynamic claims: a straggler's rows can be taken over, so each row is started and published by
+    # one process alone (a replica of several GPUs makes every row its leader yielded, all together).
+    owns = claims if isinstance(claims, Claims) else None
+    beat = owns.beat if owns else None
+    on_step = _first_step_marked(_both(progress.refresh if progress else None, beat))
+
+    def first(position: int, job: Job) -> bool:
+        """Whether this copy of the row is the first finished one (a straggler's may come second)."""
+        if owns is None or owns.publish(position):
+            return True
+        log.info("row %s was finished first by another process while this one made no progress: copy discarded", job.id)
+        return False
 
     def finish(row: ResultRow) -> None:
         if results is None:  # a replica's member: its leader records the row
@@ -243,11 +264,11 @@ def _make_videos(
             f": {row.error}" if row.error else "",
         )
 
+    writes: list[Future] = []
     with (
         ThreadPoolExecutor(1, thread_name_prefix="images") as loader,
         ThreadPoolExecutor(1, thread_name_prefix="videos") as writer,
     ):
-        writes: list[Future] = []
         for chunk in queue:
             jobs = [pending[i] for i in chunk]
             images = [loader.submit(_load_images, j, cfg.max_image_pixels) for j in jobs]
@@ -255,18 +276,22 @@ def _make_videos(
             prompts = replica.encode(jobs)
             # The chunk's texts are encoded in one pass: each row is charged its share.
             text_seconds = round((time.perf_counter() - encoding) / max(1, len(jobs)), 4)
-            for job, image in zip(jobs, images, strict=False):
+            for position, job, image in zip(chunk, jobs, images, strict=False):
+                if owns is not None and team.size == 1 and not owns.start(position):
+                    continue  # taken over by another process while this one made no progress
                 row = ResultRow.from_job(job, salt, prompts.warnings.get(job.id), memory_plan=replica.plan)
                 row = row.but(text_encode_seconds=text_seconds)
                 started = time.perf_counter()
                 try:
                     frames, row = _make_one(replica, job, image.result(), prompts, row, on_step)
                 except ImageLoadError as e:
-                    finish(row.failed(f"image: {e}"))
+                    if first(position, job):
+                        finish(row.failed(f"image: {e}"))
                     continue
                 except Exception as e:
                     release_memory()
-                    finish(getattr(e, "result_row", row).failed(f"{type(e).__name__}: {e}"))
+                    if first(position, job):
+                        finish(getattr(e, "result_row", row).failed(f"{type(e).__name__}: {e}"))
                     continue
                 row = row.but(seconds=round(time.perf_counter() - started, 3), peak_memory_gib=_peak_gib())
                 row = row.but(**replica.stages)
@@ -279,11 +304,32 @@ def _make_videos(
                     writes = [w for w in writes if not w.done()]
                 # Time the GPU stood idle because the writer was behind (before this row's write is queued).
                 row = row.but(writer_wait_seconds=round(time.perf_counter() - waiting, 4))
-                writes.append(writer.submit(_publish, out, job, frames, image.result()["image"], row, cfg, finish))
+                won = partial(first, position, job)
+                writes.append(writer.submit(_publish, out, job, frames, image.result()["image"], row, cfg, finish, won))
                 if progress:
                     progress.refresh()
         for w in writes:
             w.result()
+
+
+def _idle(writes: list[Future], progress: Progress | None) -> None:
+    """While waiting for other processes' rows: end on a failed write of ours, keep the bar moving."""
+    for w in writes:
+        if w.done():
+            w.result()
+    if progress:
+        progress.refresh()
+
+
+def _both(first: Any, second: Any) -> Any:
+    if first is None or second is None:
+        return first or second
+
+    def both() -> None:
+        first()
+        second()
+
+    return both
 
 
 def _first_step_marked(on_step: Any) -> Any:
@@ -339,9 +385,14 @@ def _make_one(replica: Replica, job: Job, image: Any, prompts: Any, row: ResultR
             raise
 
 
-def _publish(out: Path, job: Job, frames: Any, image: Any, row: ResultRow, cfg: RunConfig, finish: Any) -> None:
+def _publish(
+    out: Path, job: Job, frames: Any, image: Any, row: ResultRow, cfg: RunConfig, finish: Any, first: Any
+) -> None:
     """Writer thread: the frames' quality, the video (atomically), the preview, then the durable result row.
-    A constant video fails its row with the reason and is not written."""
+    A constant video fails its row with the reason and is not written; a copy that another process
+    finished first (`first()` is False) is discarded."""
+    if not first():
+        return
     relative = f"{VIDEOS_DIR}/{job.id}.mp4"
     quality = measure(frames)
     row = row.but(motion=quality.motion, brightness=quality.brightness)
