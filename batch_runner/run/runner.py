@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -32,9 +33,11 @@ from batch_runner.outputs.provenance import config_hash, output_salt, provenance
 from batch_runner.outputs.quality import measure
 from batch_runner.outputs.results import ResultLog, ResultRow, finished_ids, merge
 from batch_runner.outputs.storage import (
+    TEMP_SUFFIX,
     OutputError,
     OutputLock,
     check_output_dir,
+    fsync_dir,
     mark_output_dir,
     output_errors,
     sweep_temporaries,
@@ -389,27 +392,38 @@ def _publish(
     out: Path, job: Job, frames: Any, image: Any, row: ResultRow, cfg: RunConfig, finish: Any, first: Any
 ) -> None:
     """Writer thread: the frames' quality, the video (atomically), the preview, then the durable result row.
-    A constant video fails its row with the reason and is not written; a copy that another process
-    finished first (`first()` is False) is discarded."""
-    if not first():
-        return
+    A constant video fails its row with the reason and is not written. The video is written under a
+    name of this process's own first, and renamed into place only if this copy is the row's first
+    finished one (`first()`); a copy that another process finished first is discarded."""
     relative = f"{VIDEOS_DIR}/{job.id}.mp4"
     quality = measure(frames)
     row = row.but(motion=quality.motion, brightness=quality.brightness)
     if quality.problem:
-        finish(row.failed(quality.problem))
+        if first():
+            finish(row.failed(quality.problem))
         return
+    final = out / relative
+    staged = final.with_name(f".{final.name}.{os.getpid()}.staged{TEMP_SUFFIX}")  # swept at start if killed
     writing = time.perf_counter()
     try:
         # A full or read-only folder ends the run (every later row would fail the same way).
         with output_errors(out, f"write {relative}", KEPT_WHILE_MAKING):
-            write_video(frames, out / relative, job.fps, cfg.output.crf)
+            write_video(frames, staged, job.fps, cfg.output.crf)
         row = row.but(write_seconds=round(time.perf_counter() - writing, 4))
     except OutputError:
+        staged.unlink(missing_ok=True)
         raise
     except Exception as e:
-        finish(row.failed(f"writing video: {type(e).__name__}: {e}"))
+        staged.unlink(missing_ok=True)
+        if first():
+            finish(row.failed(f"writing video: {type(e).__name__}: {e}"))
         return
+    if not first():
+        staged.unlink(missing_ok=True)
+        return
+    with output_errors(out, f"write {relative}", KEPT_WHILE_MAKING):
+        os.replace(staged, final)
+        fsync_dir(final.parent)
     if cfg.output.report:
         with output_errors(out, f"write {job.id}'s previews", KEPT_WHILE_MAKING):
             report.save_previews(out, job.id, frames, image)
