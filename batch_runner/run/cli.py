@@ -22,11 +22,12 @@ log = logging.getLogger("batch_runner")
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
-def to_run_config(cfg: DictConfig) -> RunConfig:
-    """The typed config; with from_run=DIR, DIR's saved config plus this command's overrides."""
+def to_run_config(cfg: DictConfig, overrides: list[str] | None = None) -> RunConfig:
+    """The typed config; with from_run=DIR, DIR's saved config plus this command's overrides
+    (`overrides`, or those Hydra's app was given)."""
     try:
         if cfg.get("from_run"):
-            cfg = _from_run(Path(cfg.from_run).expanduser(), _overrides())
+            cfg = _from_run(Path(cfg.from_run).expanduser(), _overrides() if overrides is None else overrides)
         return OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "a setting"

@@ -49,6 +49,7 @@ from batch_runner.replica.replica import Replica, is_out_of_memory, release_memo
 from batch_runner.run import lifecycle, startup
 from batch_runner.run.checks import check_replica_rows, check_settings
 from batch_runner.run.logs import log_to_file
+from batch_runner.run.preflight import refusal as manifest_refusal
 from batch_runner.run.progress import Progress
 from batch_runner.run.replay import replayed
 
@@ -99,7 +100,7 @@ def _run(cfg: RunConfig, cluster: Cluster) -> int:
         for note in manifest.notes:
             log.warning("%s", note)
     if manifest.problems and cfg.on_invalid != "skip":
-        raise UserError(_refusal(manifest))
+        raise UserError(manifest_refusal(manifest))
     if cfg.from_run:  # the rows as that run made them, or a refusal naming those changed since
         manifest = replayed(cfg, manifest)
     check_replica_rows(cfg, manifest.jobs)  # before any model loads
@@ -154,15 +155,6 @@ def _run_claimed(
     print(report.summary_text(summary, out))
     # Failed rows are recorded, not fatal: the run itself succeeded (see the README's exit codes).
     return 0
-
-
-def _refusal(manifest: Manifest) -> str:
-    lines = "\n".join(f"  - {p}" for p in manifest.problems)
-    rows = len({p.row for p in manifest.problems})
-    return (
-        f"The manifest {str(manifest.path)!r} has {rows} invalid row(s); nothing was run or written:\n{lines}\n"
-        "Fix them, or pass on_invalid=skip to record them as failed and make the other rows."
-    )
 
 
 def _claim_and_prepare(cfg: RunConfig, manifest: Manifest, out: Path, owner: contextlib.ExitStack) -> dict[str, Any]:
