@@ -40,7 +40,7 @@ if __name__ == "__main__":
         from batch_runner.run.preflight import preflight
 
         try:
-            preflight(sys.argv[1:], Path(__file__).resolve().parent / "conf")
+            preflight(sys.argv[1:], Path(__file__).resolve().parent / "conf", launch.nproc_per_node * launch.nnodes)
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)

@@ -85,3 +85,19 @@ def test_a_bad_setting_and_a_bad_row_end_accelerate_launch_with_exit_2_and_one_s
         assert len(errors) == 1, proc.stderr[-3000:]
         assert said in proc.stderr
         assert not out.exists()
+
+
+def test_the_launching_process_refuses_what_its_processes_would(tmp_path: Path) -> None:
+    from batch_runner.errors import UserError
+    from batch_runner.run.preflight import preflight
+
+    conf = ROOT / "conf"
+    good = write_manifest(tmp_path / "good.csv", [{"id": "a", "image": str(photo(tmp_path / "a.png")), "prompt": "x"}])
+    preflight([f"manifest={good}", "model=tiny"], conf, world_size=2)  # nothing to refuse
+    bad = write_manifest(tmp_path / "bad.csv", [{"id": "a", "image": str(tmp_path / "gone.png"), "prompt": "x"}])
+    with pytest.raises(UserError, match=r"row 1 \(id 'a'\), column 'image'"):
+        preflight([f"manifest={bad}", "model=tiny"], conf, world_size=2)
+    with pytest.raises(UserError, match=r"replica.gpus=2 does not divide the 3 process\(es\) started"):
+        preflight([f"manifest={good}", "model=tiny", "replica.gpus=2"], conf, world_size=3)
+    # Hydra's own options are left to the run (the option's value reads as no override).
+    preflight(["--config-name", "config", f"manifest={good}"], conf, world_size=2)

@@ -11,14 +11,15 @@ replacement, so anything it cannot compose is left to them.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from batch_runner.errors import UserError
 from batch_runner.inputs.manifest import Manifest
 
 
-def preflight(args: list[str], conf_dir: Path) -> None:
-    """Raise UserError for what the launch's processes would refuse before loading a model."""
+def preflight(args: list[str], conf_dir: Path, world_size: int) -> None:
+    """Raise UserError for what the launch's `world_size` processes would refuse before loading a model."""
     from hydra import compose, initialize_config_dir
 
     from batch_runner.inputs.manifest import load_manifest
@@ -33,7 +34,15 @@ def preflight(args: list[str], conf_dir: Path) -> None:
     except Exception:
         return  # Hydra's options or grammar this check does not follow: the processes say what is wrong
     cfg = to_run_config(composed, overrides)
-    check_settings(cfg)
+    before = os.environ.get("WORLD_SIZE")
+    os.environ["WORLD_SIZE"] = str(world_size)  # as the processes will see it (replica.gpus must divide it)
+    try:
+        check_settings(cfg)
+    finally:
+        if before is None:
+            del os.environ["WORLD_SIZE"]
+        else:
+            os.environ["WORLD_SIZE"] = before
     manifest = load_manifest(cfg.manifest, cfg.model, cfg.seed, cfg.ids, cfg.output.format)
     if manifest.problems and cfg.on_invalid != "skip":
         raise UserError(refusal(manifest))
