@@ -92,3 +92,23 @@ def test_a_stopped_process_loses_its_rows_and_every_row_is_recorded_once(tmp_pat
     assert sorted(p.name for p in (out / "videos").glob("*.mp4")) == sorted(f"{i}.mp4" for i in ROWS)
     assert not list((out / "videos").glob(".*partial")), "no copy left half-written"
     assert len([r for r in recorded(out) if r["rank"] == 1]) <= 1, "rank 1 made nothing more once continued"
+
+
+def test_a_copy_finished_second_leaves_neither_a_video_nor_a_record(tmp_path: Path) -> None:
+    import numpy as np
+
+    from batch_runner.inputs.manifest import Job
+    from batch_runner.outputs.results import ResultRow
+    from batch_runner.run import runner
+    from tests.conftest import run_config
+
+    cfg = run_config("manifest=unused.csv", "model=tiny", "output.report=false")
+    job = Job(0, "a", str(photo(tmp_path / "a.png")), "sea", "", 1, 3, 4, 6, 8.0, 2, 6.0)
+    frames = np.random.default_rng(0).integers(0, 255, (3, 4, 6, 3)).astype(np.uint8)
+    row = ResultRow.from_job(job, "")
+    finished: list[ResultRow] = []
+    for first in (False, True):
+        runner._publish(tmp_path, job, frames, None, row, cfg, finished.append, lambda first=first: first)
+        videos = sorted(p.name for p in (tmp_path / "videos").iterdir())
+        assert videos == (["a.mp4"] if first else []), "only the first copy is renamed into place; no staged copy stays"
+        assert [r.status for r in finished] == (["ok"] if first else [])

@@ -381,12 +381,15 @@ def _make_one(replica: Replica, job: Job, image: Any, prompts: Any, row: ResultR
 
 
 def _publish(
-    out: Path, job: Job, frames: Any, image: Any, row: ResultRow, cfg: RunConfig, finish: Any, first: Any
+    out: Path, job: Job, frames: Any, image: Any, row: ResultRow, cfg: RunConfig, finish: Any, first: Any = None
 ) -> None:
     """Writer thread: the frames' quality, the video (atomically), the preview, then the durable result row.
     A constant video fails its row with the reason and is not written. The video is written under a
     name of this process's own first, and renamed into place only if this copy is the row's first
-    finished one (`first()`); a copy that another process finished first is discarded."""
+    finished one (`first()`); a copy that another process finished first is discarded. Without
+    `first` (one process), every copy is the first."""
+    if first is None:
+        first = _always
     relative = f"{VIDEOS_DIR}/{job.id}.mp4"
     quality = measure(frames)
     row = row.but(motion=quality.motion, brightness=quality.brightness)
@@ -420,6 +423,10 @@ def _publish(
         with output_errors(out, f"write {job.id}'s previews", KEPT_WHILE_MAKING):
             report.save_previews(out, job.id, frames, image)
     finish(row.ok(relative))
+
+
+def _always() -> bool:
+    return True
 
 
 def _join(first: str | None, second: str) -> str:
