@@ -36,4 +36,12 @@ if __name__ == "__main__":
             print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     launch = requested_cpu_launch()
+    if launch.needs_respawn:  # this launch's one process, before it starts the others: refuse here, once
+        from batch_runner.run.preflight import preflight
+
+        try:
+            preflight(sys.argv[1:], Path(__file__).resolve().parent / "conf", launch.nproc_per_node * launch.nnodes)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
     sys.exit(respawn_with_torchrun(launch)) if launch.needs_respawn else main()

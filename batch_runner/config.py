@@ -170,6 +170,9 @@ class RunConfig:
     scheduling: str = "dynamic"
     # Most rows claimed (and prompts encoded) at once.
     chunk_size: int = 8
+    # Seconds a process may go without progress (a row started or finished, a denoising step) before
+    # the others take over its claimed rows (dynamic scheduling; batch_runner/cluster/sharding.py).
+    claim_timeout: float = 300.0
     # Input images above this many pixels are refused as decompression bombs.
     max_image_pixels: int = 64_000_000
     log_level: str = "INFO"

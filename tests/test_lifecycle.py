@@ -119,7 +119,8 @@ def test_a_stopped_launcher_takes_every_process_along_and_frees_its_port(tmp_pat
 
 
 def test_processes_of_different_runs_at_one_rendezvous_all_refuse(tmp_path):
-    """Two processes meet at one port (as two hosts would), started for two output folders: neither runs."""
+    """Two processes meet at one port (as two hosts would), started for two output folders: neither runs,
+    and each prints why."""
     manifest = write_manifest(tmp_path / "jobs.csv", good_rows(tmp_path / "inputs", 2))
     port = str(free_port())
     procs = []
@@ -138,10 +139,12 @@ def test_processes_of_different_runs_at_one_rendezvous_all_refuse(tmp_path):
     errors = [proc.communicate(timeout=300)[1] for proc in procs]
 
     assert [proc.returncode for proc in procs] == [2, 2], errors
-    lines = [line for line in errors[0].splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, errors[0][-3000:]
-    assert f"rank(s) 1 at the rendezvous 127.0.0.1:{port} were started for another run" in lines[0]
-    assert "--main_process_port" in lines[0]
+    # Every rank says why (on two hosts each terminal is read on its own), once each.
+    for text in errors:
+        lines = [line for line in text.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1, text[-3000:]
+        assert f"rank(s) 1 at the rendezvous 127.0.0.1:{port} were started for another run" in lines[0]
+        assert "--main_process_port" in lines[0]
     assert "Traceback" not in errors[0] + errors[1]
     assert not (tmp_path / "out0").exists() and not (tmp_path / "out1").exists()
 

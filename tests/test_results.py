@@ -148,7 +148,7 @@ def test_from_run_applies_group_choices_as_a_fresh_run_composes_them(tmp_path: P
     assert cfg.memory.plan == "none"
     again = _from_run(tmp_path, ["model=tiny"])
     assert again.model.num_inference_steps == 4  # the group's YAML, not the earlier run's override
-    assert again.manifest.endswith("jobs.csv") and again.from_run is None
+    assert again.manifest.endswith("jobs.csv") and again.from_run == str(tmp_path.resolve())
 
 
 def test_from_run_with_an_unknown_group_choice_is_one_sentence(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from batch_runner.cluster.sharding import LocalCounter, StaticQueue, WorkQueue, chunk_size, static_shard
+from batch_runner.cluster.sharding import Claims, LocalCounter, StaticQueue, WorkQueue, chunk_size, static_shard
 from batch_runner.inputs.ids import derive_seed
 from batch_runner.inputs.manifest import load_manifest
 
@@ -263,3 +263,77 @@ def test_row_seed_does_not_depend_on_world_size_or_rank(tmp_path):
             for i in queues[rank].claim():
                 made[jobs[i].id] = jobs[i].seed
         assert made == single
+
+
+# --- stragglers -----------------------------------------------------------------------------------
+
+
+class Clock:
+    """A clock that moves only when a process sleeps: timeouts without waiting them out."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def claims_of(counter, rank: int, clock: Clock, num_items: int = 12, max_chunk: int = 3) -> Claims:
+    return Claims(counter, num_items, 2, max_chunk, "claimed", rank, timeout=10.0, clock=clock, sleep=clock.sleep)
+
+
+def make(claims: Claims, chunks, published: list[tuple[int, int]]) -> None:
+    """A process that makes every row it may start and publishes each one it finishes first."""
+    for chunk in chunks:
+        for position in chunk:
+            if claims.start(position) and claims.publish(position):
+                published.append((claims.rank, position))
+
+
+def test_a_stalled_process_loses_its_claimed_rows_and_its_late_copy_is_discarded():
+    counter, clock, published = LocalCounter(), Clock(), []
+    stalled, other = claims_of(counter, 0, clock), claims_of(counter, 1, clock)
+    held = iter(stalled)
+    chunk = next(held)  # rows 0..2 claimed
+    assert list(chunk) == [0, 1, 2]
+    assert stalled.start(0)  # row 0 started, then the process stops (SIGSTOP, a hung GPU)
+
+    make(other, other, published)  # its own rows, then, after the timeout, the stalled one's
+
+    assert sorted(p for _, p in published) == list(range(12)), "the other process finished every row"
+    assert clock.now >= 10.0, "only after claim_timeout without progress"
+    # The stalled process wakes: the rows it had not started are gone, its copy of row 0 comes second.
+    assert not stalled.start(1) and not stalled.start(2)
+    assert not stalled.publish(0)
+    assert list(held) == [], "nothing left for it to claim or take over"
+    assert sorted(p for _, p in published) == list(range(12)), "each row published once"
+
+
+def test_a_process_that_makes_progress_keeps_its_rows():
+    counter, clock, published = LocalCounter(), Clock(), []
+    slow, other = claims_of(counter, 0, clock, max_chunk=2), claims_of(counter, 1, clock, max_chunk=2)
+    chunk = next(iter(slow))
+    assert slow.start(chunk[0])
+
+    def slow_but_alive(seconds: float) -> None:  # each poll of the other process sees one more step
+        clock.sleep(seconds)
+        slow.beat()
+        if clock.now > 100:  # then it finishes its rows
+            for position in chunk:
+                if position == chunk[0] or slow.start(position):
+                    slow.publish(position)
+
+    other.sleep = slow_but_alive
+    make(other, other, published)
+    assert not {p for _, p in published} & set(chunk), "none of the live process's rows was taken or remade"
+    assert sorted(p for _, p in published) == sorted(set(range(12)) - set(chunk))
+
+
+def test_a_single_process_never_waits_for_others():
+    counter, clock, published = LocalCounter(), Clock(), []
+    alone = Claims(counter, 5, 1, 2, "claimed", 0, timeout=10.0, clock=clock, sleep=clock.sleep)
+    make(alone, alone, published)
+    assert sorted(p for _, p in published) == list(range(5)) and clock.now == 0.0

@@ -80,6 +80,13 @@ def rendezvous() -> str:
     return f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
 
 
+class LaunchMismatch(UserError):
+    """Processes that met at one rendezvous are not one launch of one run. Every process prints it:
+    on several hosts each host's terminal (or job log) is the only one its user reads."""
+
+    every_rank = True
+
+
 class SameLaunch:
     """The claim counter, refusing a process whose launch is no longer the one the store serves."""
 
@@ -90,7 +97,7 @@ class SameLaunch:
     def add(self, key: str, amount: int) -> int:
         # check() before get(): a store without the key would make get() wait for it.
         if not self.store.check([LAUNCH_KEY]) or self.store.get(LAUNCH_KEY).decode() != self.launch:
-            raise UserError(
+            raise LaunchMismatch(
                 f"This process (pid {os.getpid()}) belongs to an earlier launch than the run now at the "
                 f"rendezvous {rendezvous()}, so it stops instead of claiming that run's rows."
             )
@@ -150,7 +157,7 @@ class Cluster:
         strangers = [rank for rank, other in enumerate(keys) if other != keys[0]]
         if strangers:
             ranks = ", ".join(map(str, strangers))
-            raise UserError(
+            raise LaunchMismatch(
                 f"Process rank(s) {ranks} at the rendezvous {rendezvous()} were started for another run "
                 "(a different manifest, output_dir or config) than rank 0, so none of them runs; give each run "
                 "its own accelerate launch --main_process_port, and start every machine of one run with the "

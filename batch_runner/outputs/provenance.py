@@ -2,7 +2,8 @@
 
 The resolved config is saved once as output_dir/config.yaml; every result row carries the model,
 scheduler, memory plan, dtype, library versions, GPU and the config's hash. `python run.py
-from_run=OUTPUT_DIR ids=[ID] output_dir=NEW` reruns exactly that row's settings.
+from_run=OUTPUT_DIR ids=[ID] output_dir=NEW` reruns exactly that row's settings, from the
+parameters saved with it (batch_runner.run.replay).
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ CONFIG_FILE = "config.yaml"
 
 
 def config_yaml(cfg: RunConfig) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    """The resolved config, whole in itself: from_run (where it came from) is left out, so a replay
+    saves and hashes the same config as the run it replays."""
+    return OmegaConf.to_yaml(OmegaConf.structured(replace(cfg, from_run=None)))
 
 
 def config_hash(cfg: RunConfig) -> str:
@@ -43,7 +46,7 @@ def run_key(cfg: RunConfig, output_dir: Path) -> str:
         stamp = [stat.st_size, stat.st_mtime_ns]
     except OSError:
         stamp = None
-    identity = [str(manifest), stamp, str(output_dir), config_hash(cfg)]
+    identity = [str(manifest), stamp, str(output_dir), config_hash(cfg), cfg.from_run]
     return hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
 
 

@@ -146,6 +146,8 @@ class OutputError(UserError):
     space first.
     """
 
+    every_rank = True
+
 
 def check_output_dir(out: Path, manifest: Path) -> None:
     """Refuse, before anything is written, a folder that is not a run's own to write in.

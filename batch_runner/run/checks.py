@@ -55,6 +55,7 @@ RANGES: dict[str, tuple[float | None, float | None, bool]] = {
     "output.shard_size": (1, None, True),
     "output.crf": (0, 51, True),
     "chunk_size": (1, None, True),
+    "claim_timeout": (1, None, False),
     "max_image_pixels": (1, None, True),
     "replica.gpus": (1, None, True),
 }

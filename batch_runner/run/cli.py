@@ -15,7 +15,6 @@ from batch_runner.cluster import devices
 from batch_runner.config import RunConfig
 from batch_runner.errors import UserError
 from batch_runner.outputs.provenance import CONFIG_FILE, load_saved_config
-from batch_runner.outputs.storage import OutputError
 from batch_runner.run import lifecycle
 from batch_runner.run.logs import setup_logging
 
@@ -23,11 +22,12 @@ log = logging.getLogger("batch_runner")
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
-def to_run_config(cfg: DictConfig) -> RunConfig:
-    """The typed config; with from_run=DIR, DIR's saved config plus this command's overrides."""
+def to_run_config(cfg: DictConfig, overrides: list[str] | None = None) -> RunConfig:
+    """The typed config; with from_run=DIR, DIR's saved config plus this command's overrides
+    (`overrides`, or those Hydra's app was given)."""
     try:
         if cfg.get("from_run"):
-            cfg = _from_run(Path(cfg.from_run).expanduser(), _overrides())
+            cfg = _from_run(Path(cfg.from_run).expanduser(), _overrides() if overrides is None else overrides)
         return OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "a setting"
@@ -58,7 +58,7 @@ def _from_run(folder: Path, overrides: list[str]) -> DictConfig:
             base[group] = composed[group]
     plain = [o for o in mine if o not in choices]
     merged = OmegaConf.merge(base, OmegaConf.from_dotlist(plain))
-    merged.from_run = None
+    merged.from_run = str(folder.resolve())  # the run reads its rows' saved parameters there (run/replay.py)
     return merged
 
 
@@ -94,8 +94,9 @@ def main(cfg: DictConfig) -> int:
         lifeline.output_dir = output_dir_of(run_config)
         return run(run_config)
     except UserError as e:
-        # Any process may find the output folder full first; other problems are the same on all.
-        if rank == 0 or isinstance(e, OutputError):
+        # Any process may find the output folder full first, or its host's launch at odds with
+        # another's (e.every_rank); other problems are the same on all.
+        if rank == 0 or e.every_rank:
             print(f"error: {e}", file=sys.stderr)
         return 2
     except lifecycle.Interrupted as e:

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from batch_runner.cluster.cluster import Cluster, join_cluster
 from batch_runner.cluster.parallel import form_team
-from batch_runner.cluster.sharding import StaticQueue, WorkQueue
+from batch_runner.cluster.sharding import Claims, StaticQueue
 from batch_runner.config import RunConfig
 from batch_runner.errors import UserError
 from batch_runner.inputs.images import ImageLoadError, load_image
@@ -31,9 +33,11 @@ from batch_runner.outputs.provenance import config_hash, output_salt, provenance
 from batch_runner.outputs.quality import measure
 from batch_runner.outputs.results import ResultLog, ResultRow, finished_ids, merge
 from batch_runner.outputs.storage import (
+    TEMP_SUFFIX,
     OutputError,
     OutputLock,
     check_output_dir,
+    fsync_dir,
     mark_output_dir,
     output_errors,
     sweep_temporaries,
@@ -45,7 +49,9 @@ from batch_runner.replica.replica import BadFrames, Replica, is_out_of_memory, r
 from batch_runner.run import lifecycle, startup
 from batch_runner.run.checks import check_replica_rows, check_settings
 from batch_runner.run.logs import log_to_file
+from batch_runner.run.preflight import refusal as manifest_refusal
 from batch_runner.run.progress import Progress
+from batch_runner.run.replay import replayed
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +100,9 @@ def _run(cfg: RunConfig, cluster: Cluster) -> int:
         for note in manifest.notes:
             log.warning("%s", note)
     if manifest.problems and cfg.on_invalid != "skip":
-        raise UserError(_refusal(manifest))
+        raise UserError(manifest_refusal(manifest))
+    if cfg.from_run:  # the rows as that run made them, or a refusal naming those changed since
+        manifest = replayed(cfg, manifest)
     check_replica_rows(cfg, manifest.jobs)  # before any model loads
     if cfg.dry_run:
         if cluster.is_main:
@@ -147,15 +155,6 @@ def _run_claimed(
     print(report.summary_text(summary, out))
     # Failed rows are recorded, not fatal: the run itself succeeded (see the README's exit codes).
     return 0
-
-
-def _refusal(manifest: Manifest) -> str:
-    lines = "\n".join(f"  - {p}" for p in manifest.problems)
-    rows = len({p.row for p in manifest.problems})
-    return (
-        f"The manifest {str(manifest.path)!r} has {rows} invalid row(s); nothing was run or written:\n{lines}\n"
-        "Fix them, or pass on_invalid=skip to record them as failed and make the other rows."
-    )
 
 
 def _claim_and_prepare(cfg: RunConfig, manifest: Manifest, out: Path, owner: contextlib.ExitStack) -> dict[str, Any]:
@@ -217,11 +216,31 @@ def _make_videos(
     if not team.leads:
         claims = None  # the leader's chunks arrive through team.share
     elif cfg.scheduling == "dynamic":
-        claims = WorkQueue(cluster.claims(), len(pending), team.count, cfg.chunk_size, key="claimed")
+        claims = Claims(
+            cluster.claims(),
+            len(pending),
+            team.count,
+            cfg.chunk_size,
+            key="claimed",
+            rank=team.index,
+            timeout=cfg.claim_timeout,
+            on_idle=lambda: _idle(writes, progress),
+        )
     else:  # "static" (check_settings refused anything else)
         claims = StaticQueue(len(pending), team.index, team.count, cfg.chunk_size)
     queue = team.share(claims)
-    on_step = _first_step_marked(progress.refresh if progress else None)
+    # Dynamic claims: a straggler's rows can be taken over, so each row is started and published by
+    # one process alone (a replica of several GPUs makes every row its leader yielded, all together).
+    owns = claims if isinstance(claims, Claims) else None
+    beat = owns.beat if owns else None
+    on_step = _first_step_marked(_both(progress.refresh if progress else None, beat))
+
+    def first(position: int, job: Job) -> bool:
+        """Whether this copy of the row is the first finished one (a straggler's may come second)."""
+        if owns is None or owns.publish(position):
+            return True
+        log.info("row %s was finished first by another process while this one made no progress: copy discarded", job.id)
+        return False
 
     def finish(row: ResultRow) -> None:
         if results is None:  # a replica's member: its leader records the row
@@ -240,19 +259,24 @@ def _make_videos(
             f": {row.error}" if row.error else "",
         )
 
+    writes: list[Future] = []
     with (
         ThreadPoolExecutor(1, thread_name_prefix="images") as loader,
         ThreadPoolExecutor(1, thread_name_prefix="videos") as writer,
     ):
-        writes: list[Future] = []
         for chunk in queue:
-            jobs = replica.order([pending[i] for i in chunk])  # rows of one plan together
+            # Rows of one plan together; each keeps its claimed position.
+            by_job = {id(pending[i]): i for i in chunk}
+            jobs = replica.order([pending[i] for i in chunk])
+            positions = [by_job[id(j)] for j in jobs]
             images = [loader.submit(_load_images, j, cfg.max_image_pixels) for j in jobs]
             encoding = time.perf_counter()
             prompts = replica.encode(jobs)
             # The chunk's texts are encoded in one pass: each row is charged its share.
             text_seconds = round((time.perf_counter() - encoding) / max(1, len(jobs)), 4)
-            for job, image in zip(jobs, images, strict=False):
+            for position, job, image in zip(positions, jobs, images, strict=False):
+                if owns is not None and team.size == 1 and not owns.start(position):
+                    continue  # taken over by another process while this one made no progress
                 row = ResultRow.from_job(
                     job, salt, prompts.warnings.get(job.id), memory_plan=replica.placement_for(job).plan
                 )
@@ -261,11 +285,13 @@ def _make_videos(
                 try:
                     frames, row = _make_one(replica, job, image.result(), prompts, row, on_step)
                 except ImageLoadError as e:
-                    finish(row.failed(f"image: {e}"))
+                    if first(position, job):
+                        finish(row.failed(f"image: {e}"))
                     continue
                 except Exception as e:
                     release_memory()
-                    finish(getattr(e, "result_row", row).failed(f"{type(e).__name__}: {e}"))
+                    if first(position, job):
+                        finish(getattr(e, "result_row", row).failed(f"{type(e).__name__}: {e}"))
                     continue
                 row = row.but(seconds=round(time.perf_counter() - started, 3), peak_memory_gib=_peak_gib())
                 row = row.but(**replica.stages)
@@ -278,11 +304,32 @@ def _make_videos(
                     writes = [w for w in writes if not w.done()]
                 # Time the GPU stood idle because the writer was behind (before this row's write is queued).
                 row = row.but(writer_wait_seconds=round(time.perf_counter() - waiting, 4))
-                writes.append(writer.submit(_publish, out, job, frames, image.result()["image"], row, cfg, finish))
+                won = partial(first, position, job)
+                writes.append(writer.submit(_publish, out, job, frames, image.result()["image"], row, cfg, finish, won))
                 if progress:
                     progress.refresh()
         for w in writes:
             w.result()
+
+
+def _idle(writes: list[Future], progress: Progress | None) -> None:
+    """While waiting for other processes' rows: end on a failed write of ours, keep the bar moving."""
+    for w in writes:
+        if w.done():
+            w.result()
+    if progress:
+        progress.refresh()
+
+
+def _both(first: Any, second: Any) -> Any:
+    if first is None or second is None:
+        return first or second
+
+    def both() -> None:
+        first()
+        second()
+
+    return both
 
 
 def _first_step_marked(on_step: Any) -> Any:
@@ -365,30 +412,53 @@ def _make_one(replica: Replica, job: Job, image: Any, prompts: Any, row: ResultR
         return frames, row
 
 
-def _publish(out: Path, job: Job, frames: Any, image: Any, row: ResultRow, cfg: RunConfig, finish: Any) -> None:
+def _publish(
+    out: Path, job: Job, frames: Any, image: Any, row: ResultRow, cfg: RunConfig, finish: Any, first: Any = None
+) -> None:
     """Writer thread: the frames' quality, the video (atomically), the preview, then the durable result row.
-    A constant video fails its row with the reason and is not written."""
+    A constant video fails its row with the reason and is not written. The video is written under a
+    name of this process's own first, and renamed into place only if this copy is the row's first
+    finished one (`first()`); a copy that another process finished first is discarded. Without
+    `first` (one process), every copy is the first."""
+    if first is None:
+        first = _always
     relative = f"{VIDEOS_DIR}/{job.id}.mp4"
     quality = measure(frames)
     row = row.but(motion=quality.motion, brightness=quality.brightness)
     if quality.problem:
-        finish(row.failed(quality.problem))
+        if first():
+            finish(row.failed(quality.problem))
         return
+    final = out / relative
+    staged = final.with_name(f".{final.name}.{os.getpid()}.staged{TEMP_SUFFIX}")  # swept at start if killed
     writing = time.perf_counter()
     try:
         # A full or read-only folder ends the run (every later row would fail the same way).
         with output_errors(out, f"write {relative}", KEPT_WHILE_MAKING):
-            write_video(frames, out / relative, job.fps, cfg.output.crf)
+            write_video(frames, staged, job.fps, cfg.output.crf)
         row = row.but(write_seconds=round(time.perf_counter() - writing, 4))
     except OutputError:
+        staged.unlink(missing_ok=True)
         raise
     except Exception as e:
-        finish(row.failed(f"writing video: {type(e).__name__}: {e}"))
+        staged.unlink(missing_ok=True)
+        if first():
+            finish(row.failed(f"writing video: {type(e).__name__}: {e}"))
         return
+    if not first():
+        staged.unlink(missing_ok=True)
+        return
+    with output_errors(out, f"write {relative}", KEPT_WHILE_MAKING):
+        os.replace(staged, final)
+        fsync_dir(final.parent)
     if cfg.output.report:
         with output_errors(out, f"write {job.id}'s previews", KEPT_WHILE_MAKING):
             report.save_previews(out, job.id, frames, image)
     finish(row.ok(relative))
+
+
+def _always() -> bool:
+    return True
 
 
 def _join(first: str | None, second: str) -> str:

@@ -1,0 +1,60 @@
+"""What a multi-process launch refuses before it starts its processes.
+
+`accelerate launch --cpu --num_processes N run.py ...` starts this script once, which then starts
+the N processes under torchrun (batch_runner.run.launch). A bad setting or a bad manifest row found
+by those processes was reported by rank 0, then repeated by torchrun's failure lines and
+tracebacks. The launching process checks the same things first (the settings, the manifest's rows,
+from_run's saved rows), prints the one sentence once and exits 2 with no process started. The
+processes still check everything themselves: this is an early copy of their first checks, not a
+replacement, so anything it cannot compose is left to them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from batch_runner.errors import UserError
+from batch_runner.inputs.manifest import Manifest
+
+
+def preflight(args: list[str], conf_dir: Path, world_size: int) -> None:
+    """Raise UserError for what the launch's `world_size` processes would refuse before loading a model."""
+    from hydra import compose, initialize_config_dir
+
+    from batch_runner.inputs.manifest import load_manifest
+    from batch_runner.run.checks import check_settings
+    from batch_runner.run.cli import to_run_config
+    from batch_runner.run.replay import replayed
+
+    overrides = [arg for arg in args if not arg.startswith("-")]
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir), version_base=None):
+            composed = compose("config", overrides=overrides)
+    except Exception:
+        return  # Hydra's options or grammar this check does not follow: the processes say what is wrong
+    cfg = to_run_config(composed, overrides)
+    before = os.environ.get("WORLD_SIZE")
+    os.environ["WORLD_SIZE"] = str(world_size)  # as the processes will see it (replica.gpus must divide it)
+    try:
+        check_settings(cfg)
+    finally:
+        if before is None:
+            del os.environ["WORLD_SIZE"]
+        else:
+            os.environ["WORLD_SIZE"] = before
+    manifest = load_manifest(cfg.manifest, cfg.model, cfg.seed, cfg.ids, cfg.output.format)
+    if manifest.problems and cfg.on_invalid != "skip":
+        raise UserError(refusal(manifest))
+    if cfg.from_run:
+        replayed(cfg, manifest)
+
+
+def refusal(manifest: Manifest) -> str:
+    """The sentence that refuses a manifest with invalid rows, one line per problem."""
+    lines = "\n".join(f"  - {p}" for p in manifest.problems)
+    rows = len({p.row for p in manifest.problems})
+    return (
+        f"The manifest {str(manifest.path)!r} has {rows} invalid row(s); nothing was run or written:\n{lines}\n"
+        "Fix them, or pass on_invalid=skip to record them as failed and make the other rows."
+    )
