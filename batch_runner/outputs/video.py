@@ -7,11 +7,11 @@ The same frames always give the same bytes, whatever machine or process encodes 
 content hashes and deduplication depend on it. x264 is deterministic for a given thread count, but
 its default thread count follows the CPUs this process may use (which differ between hosts, ranks
 and CPU-affinity settings), and frame threads change how frames are coded. So the encoder runs on
-one thread: it works in the background while the GPU makes the next video, so it costs no
-throughput. The RGB-to-YUV conversion is ours too, not left to the encoder's defaults: swscale's
-bit-exact C path on one thread, so neither the CPU's SIMD features, nor the thread count, nor what
-ran earlier in the process moves a rounding (a full test run once saw an encode differ from a
-fresh process's).
+one thread, and throughput comes from encoding several videos at once, in the background while the
+GPU makes the next ones (batch_runner.outputs.writers). The RGB-to-YUV conversion is ours too, not
+left to the encoder's defaults: swscale's bit-exact C path on one thread, so neither the CPU's SIMD
+features, nor the thread count, nor what ran earlier in the process moves a rounding (a full test
+run once saw an encode differ from a fresh process's).
 """
 
 from __future__ import annotations

@@ -9,9 +9,10 @@ the output folder and the claim counter.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ from batch_runner.outputs.storage import (
     sweep_temporaries,
 )
 from batch_runner.outputs.video import write_video
+from batch_runner.outputs.writers import Writers, encoder_count
 from batch_runner.replica import compile_cache
 from batch_runner.replica.planner import GIB
 from batch_runner.replica.replica import Replica, is_out_of_memory, release_memory
@@ -51,7 +53,6 @@ log = logging.getLogger(__name__)
 
 VIDEOS_DIR = "videos"
 LOGS_DIR = "logs"
-MAX_PENDING_WRITES = 2
 # What a run that cannot write its output folder keeps, in the sentence that ends it.
 KEPT_WHILE_MAKING = (
     "every row finished so far is kept (its video and its line under parts/), and a rerun makes only the others"
@@ -240,11 +241,13 @@ def _make_videos(
             f": {row.error}" if row.error else "",
         )
 
+    # Videos are encoded in parallel, each on one thread (batch_runner.outputs.writers); rows are recorded in order.
+    encoders = encoder_count(cluster.local_world_size)
+    log.info("writing videos with up to %d encoders in parallel", encoders)
     with (
         ThreadPoolExecutor(1, thread_name_prefix="images") as loader,
-        ThreadPoolExecutor(1, thread_name_prefix="videos") as writer,
+        Writers(finish, encoders) as writers,
     ):
-        writes: list[Future] = []
         for chunk in queue:
             jobs = [pending[i] for i in chunk]
             images = [loader.submit(_load_images, j, cfg.max_image_pixels) for j in jobs]
@@ -270,17 +273,11 @@ def _make_videos(
                 _note_first_video(out, cluster.rank)
                 if not team.leads:
                     continue
-                waiting = time.perf_counter()
-                while len([w for w in writes if not w.done()]) >= MAX_PENDING_WRITES:
-                    writes[0].result()
-                    writes = [w for w in writes if not w.done()]
-                # Time the GPU stood idle because the writer was behind (before this row's write is queued).
-                row = row.but(writer_wait_seconds=round(time.perf_counter() - waiting, 4))
-                writes.append(writer.submit(_publish, out, job, frames, image.result()["image"], row, cfg, finish))
+                # Time the GPU stood idle because every encoder was busy (before this row's write is queued).
+                row = row.but(writer_wait_seconds=round(writers.wait_for_room(), 4))
+                writers.submit(functools.partial(_publish, out, job, frames, image.result()["image"], row, cfg))
                 if progress:
                     progress.refresh()
-        for w in writes:
-            w.result()
 
 
 def _first_step_marked(on_step: Any) -> Any:
@@ -337,7 +334,7 @@ def _make_one(replica: Replica, job: Job, image: Any, prompts: Any, row: ResultR
 
 
 def _publish(out: Path, job: Job, frames: Any, image: Any, row: ResultRow, cfg: RunConfig, finish: Any) -> None:
-    """Writer thread: the frames' quality, the video (atomically), the preview, then the durable result row.
+    """An encoder thread: the frames' quality, the video (atomically), the preview, then the durable result row.
     A constant video fails its row with the reason and is not written."""
     relative = f"{VIDEOS_DIR}/{job.id}.mp4"
     quality = measure(frames)
