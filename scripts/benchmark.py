@@ -50,6 +50,7 @@ from bench_report import FIRST_MODEL, REFERENCE_NAMES, load_model_config, write_
 
 from batch_runner.config import MemoryConfig, ModelConfig, RunConfig, SpeedConfig  # noqa: E402
 from batch_runner.families import family_of  # noqa: E402
+from batch_runner.families.base import DENOISER  # noqa: E402
 from batch_runner.inputs.images import load_image  # noqa: E402
 from batch_runner.inputs.manifest import Job  # noqa: E402
 from batch_runner.replica import placement  # noqa: E402
@@ -202,7 +203,7 @@ class StageEvents:
     def __init__(self, pipe, config: ModelConfig) -> None:
         roles = family_of(config).components(pipe)
         self.text = [getattr(pipe, n) for n in roles if n.startswith("text_encoder")]
-        self.denoisers = [getattr(pipe, n) for n, role in roles.items() if role == "denoiser"]
+        self.denoisers = [getattr(pipe, n) for n, role in roles.items() if role == DENOISER]
         self.spans: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self.first: torch.cuda.Event | None = None
         self._hooks: list = []
