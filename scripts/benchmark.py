@@ -13,6 +13,16 @@ directly, the 50-step figure is extrapolated from them.
 writes docs/benchmarks.json (one record per measurement, with the model, its row's frames, tokens and
 FLOPs per step) and docs/benchmarks.md (the table, written by scripts/bench_report.py, which needs no
 GPU). Parts can be run in separate invocations (--append) and merged into one table with --report.
+
+The fast presets (`--model wan2.1-i2v-14b-480p-lightx2v`, `ltx-video-13b-0.9.7-distilled`, ...) are
+measured at their own steps and guidance. A preset's LoRAs become random files in the published
+key format and rank (the family's `published_lora`), so that our plans time diffusers' conversion
+and the fusing, and the reference runs the model card's recipe: `load_lora_weights` on the plain
+pipeline, unfused. A distilled checkpoint is its architecture with random weights. Every record
+names the preset as `model` and splits the video into stages (`text_encode_s`, `image_encode_s`,
+`denoise_s`, `decode_s`).
+
+    python scripts/benchmark.py --model wan2.1-i2v-14b-480p-lightx2v --parts refs,plans,e2e --refs ref-gpu --append
 """
 
 from __future__ import annotations
@@ -39,10 +49,13 @@ sys.path.insert(0, str(ROOT))
 from bench_report import FIRST_MODEL, REFERENCE_NAMES, load_model_config, write_report  # noqa: E402
 
 from batch_runner.config import MemoryConfig, ModelConfig, RunConfig, SpeedConfig  # noqa: E402
+from batch_runner.families import family_of  # noqa: E402
+from batch_runner.families.base import DENOISER  # noqa: E402
 from batch_runner.inputs.images import load_image  # noqa: E402
 from batch_runner.inputs.manifest import Job  # noqa: E402
 from batch_runner.replica import placement  # noqa: E402
 from batch_runner.replica.anatomy import anatomy  # noqa: E402
+from batch_runner.replica.lora import resolve  # noqa: E402
 from batch_runner.replica.pipeline import build_pipeline, random_pipeline  # noqa: E402
 from batch_runner.replica.replica import Replica, release_memory  # noqa: E402
 
@@ -72,9 +85,12 @@ class Target:
     attention_tflop_per_step: float
 
     @classmethod
-    def of(cls, name: str) -> Target:
-        """`name` (a config of conf/model) at its default row: frames, size, steps and guidance from its config."""
+    def of(cls, name: str, loras: Path | None = None) -> Target:
+        """`name` (a config of conf/model) at its default row: frames, size, steps and guidance from its config.
+        Its LoRAs, if any, become random files of the published format written into `loras` (random_loras)."""
         config = replace(load_model_config(name), weights="random")
+        if config.loras:
+            config = random_loras(config, loras or Path(tempfile.mkdtemp(prefix="batch_runner_loras_")))
         shape = anatomy(config)
         geometry = shape.geometry
         frames, height, width = config.num_frames, config.height, config.width
@@ -133,6 +149,107 @@ def transformer_arch(model: str = FIRST_MODEL) -> dict:
     return json.loads((ROOT / "conf" / "arch" / model / "transformer.json").read_text())
 
 
+def random_loras(config: ModelConfig, folder: Path) -> ModelConfig:
+    """`config` with each LoRA replaced by a file of random values in the key format and rank of the
+    published one it names, for the denoiser it goes into: the fusing path (diffusers' conversion of
+    that format, then fuse_lora) runs as with the real file, which needs no download."""
+    from safetensors.torch import save_file
+
+    family = family_of(config)
+    plain = replace(config, loras=[])
+    # The tiny model itself, else the architecture's shapes on the meta device (no memory, no time).
+    pipe = family.tiny(plain) if config.weights == "tiny" else random_pipeline(plain, torch.bfloat16, "meta")
+    folder.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for number, entry in enumerate(config.loras):
+        component, _ = family.lora_target(config, entry.expert)
+        tensors = family.published_lora(config, entry, getattr(pipe, component))
+        file = folder / f"{config.name}-{number}-{component}.safetensors"
+        save_file({k: v.to(torch.bfloat16).contiguous() for k, v in tensors.items()}, str(file))
+        entries.append(replace(entry, path=str(file), weight_name=None))
+    return replace(config, loras=entries)
+
+
+def load_adapters(pipe, config: ModelConfig) -> list[str]:
+    """The model cards' diffusers recipe for a LoRA: `load_lora_weights` into the plain pipeline,
+    each as an adapter at its scale, left unfused (every step runs the LoRA layers)."""
+    names, scales = [], []
+    for number, lora in enumerate(resolve(config)):
+        names.append(f"lora_{number}")
+        scales.append(float(lora.entry.scale))
+        pipe.load_lora_weights(str(lora.file), adapter_name=names[-1], **lora.load_arguments)
+    if any(scale != 1.0 for scale in scales):
+        pipe.set_adapters(names, adapter_weights=scales)
+    return names
+
+
+def lora_overrides(config: ModelConfig) -> list[str]:
+    """The command-line form of `config`'s LoRAs (`'model.loras=[{path:...,scale:...}]'`)."""
+    if not config.loras:
+        return []
+    entries = []
+    for entry in config.loras:
+        fields = [f"path:'{entry.path}'", f"scale:{float(entry.scale)}"]
+        fields += [f"weight_name:'{entry.weight_name}'"] if entry.weight_name else []
+        fields += [f"expert:{entry.expert}"] if entry.expert else []
+        entries.append("{" + ",".join(fields) + "}")
+    return [f"model.loras=[{','.join(entries)}]"]
+
+
+class StageEvents:
+    """CUDA events around one pipeline call's stages: the text encoders' calls, the first denoiser
+    call (image and VAE encode end there) and, from timed_call, the last step's end (decode starts)."""
+
+    def __init__(self, pipe, config: ModelConfig) -> None:
+        roles = family_of(config).components(pipe)
+        self.text = [getattr(pipe, n) for n in roles if n.startswith("text_encoder")]
+        self.denoisers = [getattr(pipe, n) for n, role in roles.items() if role == DENOISER]
+        self.spans: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self.first: torch.cuda.Event | None = None
+        self._hooks: list = []
+        self._open: torch.cuda.Event | None = None
+
+    @staticmethod
+    def _event() -> torch.cuda.Event:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def _text_started(self, module, args) -> None:
+        self._open = self._event()
+
+    def _text_done(self, module, args, output) -> None:
+        if self._open is not None:
+            self.spans.append((self._open, self._event()))
+            self._open = None
+
+    def _denoiser_called(self, module, args) -> None:
+        if self.first is None:
+            self.first = self._event()
+
+    def __enter__(self) -> StageEvents:
+        for module in self.text:
+            self._hooks += [module.register_forward_pre_hook(self._text_started)]
+            self._hooks += [module.register_forward_hook(self._text_done)]
+        self._hooks += [d.register_forward_pre_hook(self._denoiser_called) for d in self.denoisers]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for hook in self._hooks:
+            hook.remove()
+
+    def split(self, start: torch.cuda.Event, last_step: torch.cuda.Event, stop: torch.cuda.Event) -> dict:
+        """Seconds of each stage of the call (after torch.cuda.synchronize)."""
+        text = sum(a.elapsed_time(b) for a, b in self.spans) / 1000
+        first = self.first or start
+        return {
+            "text_encode_s": text,
+            "image_encode_s": max(0.0, start.elapsed_time(first) / 1000 - text),
+            "denoise_s": first.elapsed_time(last_step) / 1000,
+            "decode_s": last_step.elapsed_time(stop) / 1000,
+        }
+
+
 def random_component(target: Target, name: str) -> torch.nn.Module:
     """One component of the random-weight pipeline, on the GPU in bf16; the others are freed."""
     pipe = random_pipeline(target.model_config(), torch.bfloat16, "cuda")
@@ -187,8 +304,9 @@ class SyncCounter:
             self.count += 1
 
 
-def timed_call(target: Target, call, steps: int, budget_gib: float | None) -> dict:
-    """Warm up, then time one call of `steps` steps; returns the measurement."""
+def timed_call(target: Target, call, steps: int, budget_gib: float | None, pipe=None) -> dict:
+    """Warm up, then time one call of `steps` steps; returns the measurement, split into stages
+    where `pipe` (the pipeline `call` runs) is given."""
     call(1, None)
     torch.cuda.synchronize()
     release_memory()
@@ -208,14 +326,16 @@ def timed_call(target: Target, call, steps: int, budget_gib: float | None) -> di
     original = warnings.showwarning
     warnings.showwarning = syncs.on_warning
     torch.cuda.set_sync_debug_mode("warn")
+    stages = StageEvents(pipe, target.config) if pipe is not None else contextlib.nullcontext()
     try:
-        torch.cuda.synchronize()
-        wall = time.perf_counter()
-        start.record()
-        call(steps, on_step)
-        stop.record()
-        torch.cuda.synchronize()
-        wall = time.perf_counter() - wall
+        with stages:
+            torch.cuda.synchronize()
+            wall = time.perf_counter()
+            start.record()
+            call(steps, on_step)
+            stop.record()
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - wall
     finally:
         torch.cuda.set_sync_debug_mode(0)
         warnings.showwarning = original
@@ -228,7 +348,10 @@ def timed_call(target: Target, call, steps: int, budget_gib: float | None) -> di
     # All steps of a video timed (the caches, whose steps differ): the call itself is the video.
     per_video = wall if steps >= target.steps else outside + target.steps * median
     tflop = target.tflop_per_step
-    return {
+    split = stages.split(start, ends[-1], stop) if isinstance(stages, StageEvents) else {}
+    if split and steps < target.steps:  # the video's steps, as seconds_per_video counts them
+        split["denoise_s"] = target.steps * median
+    return {k: round(v, 3) for k, v in split.items()} | {
         "seconds_per_video": round(per_video, 2),
         "videos_per_hour": round(3600 / per_video, 1),
         "seconds_per_step": round(median, 4),
@@ -252,7 +375,9 @@ def reference(target: Target, name: str, image, steps: int, budget_gib: float | 
     """
     if budget_gib is not None:
         torch.cuda.set_per_process_memory_fraction(budget_gib * GIB / torch.cuda.get_device_properties(0).total_memory)
-    pipe = build_pipeline(target.model_config(), "cuda")
+    # The plain pipeline, then the card's recipe for its LoRAs: load_lora_weights, unfused.
+    pipe = build_pipeline(replace(target.model_config(), loras=[]), "cuda")
+    adapters = load_adapters(pipe, target.model_config())
     if name != "ref-gpu":
         pipe.vae.enable_slicing()
         pipe.vae.enable_tiling()
@@ -284,7 +409,7 @@ def reference(target: Target, name: str, image, steps: int, budget_gib: float | 
     label = name if budget_gib is None else f"{name}-{budget_gib:g}gib"
     try:
         with torch.no_grad():
-            result = timed_call(target, call, steps, budget_gib)
+            result = timed_call(target, call, steps, budget_gib, pipe)
     except torch.OutOfMemoryError as e:
         if budget_gib is None:
             raise
@@ -292,7 +417,9 @@ def reference(target: Target, name: str, image, steps: int, budget_gib: float | 
     pipe.remove_all_hooks()
     return {
         "recipe": label,
-        "description": REFERENCE_NAMES[name] + ("" if budget_gib is None else f", capped at {budget_gib:g} GiB"),
+        "description": REFERENCE_NAMES[name]
+        + (f" + load_lora_weights ({len(adapters)} LoRA(s), unfused)" if adapters else "")
+        + ("" if budget_gib is None else f", capped at {budget_gib:g} GiB"),
         "budget_gib": budget_gib,
         "changes_output": False,
         "plan": None,
@@ -325,20 +452,22 @@ def project(target: Target, label: str, image, steps: int, budget: float | None,
             return replica.pipe(**arguments, generator=generator, output_type="pt", callback_on_step_end=callback)
 
     try:
-        result = timed_call(target, call, steps, budget)
+        result = timed_call(target, call, steps, budget, replica.pipe)
     except torch.OutOfMemoryError:
         # As the runner does: one plan down the ladder, then the same measurement.
         before = replica.plan
         release_memory()
         replica.step_down()
         prompts = replica.encode(jobs)
-        result = timed_call(target, call, steps, budget) | {"oom_fallback": f"{before} -> {replica.plan}"}
+        result = timed_call(target, call, steps, budget, replica.pipe) | {"oom_fallback": f"{before} -> {replica.plan}"}
     result["seconds_per_video"] = round(result["seconds_per_video"] + encode_per_video, 2)
     result["videos_per_hour"] = round(3600 / result["seconds_per_video"], 1)
     result["text_encoding_s_per_video"] = round(encode_per_video, 3)
+    result["text_encode_s"] = round(encode_per_video, 3)  # outside the call: the replica encodes a chunk at once
     record = {
         "recipe": label,
-        "description": f"batch_runner memory=auto -> {replica.plan}",
+        "description": f"batch_runner memory=auto -> {replica.plan}"
+        + (f", {len(target.config.loras)} LoRA(s) fused" if target.config.loras else ""),
         "plan": replica.plan,
         "plan_reason": replica.placement.reason,
         "vae_tile": replica.placement.vae_tile,
@@ -362,8 +491,19 @@ def replica_inference(replica):
         yield
 
 
-def end_to_end(rows: int, steps: int, out: Path, photos: Path) -> dict:
-    """The command line itself over a manifest of `rows` rows: time to first video and steady rate."""
+STAGE_COLUMNS = (
+    "text_encode_seconds",
+    "image_encode_seconds",
+    "denoise_seconds",
+    "decode_seconds",
+    "write_seconds",
+    "writer_wait_seconds",
+)
+
+
+def end_to_end(rows: int, steps: int, out: Path, photos: Path, target: Target | None = None) -> dict:
+    """The command line itself over a manifest of `rows` rows (the target's preset, random weights,
+    its random LoRAs): time to first video, steady rate, and the median seconds of each stage."""
     import pandas as pd
 
     work = Path(tempfile.mkdtemp(prefix="batch_runner_e2e_"))
@@ -380,8 +520,10 @@ def end_to_end(rows: int, steps: int, out: Path, photos: Path) -> dict:
         sys.executable,
         str(ROOT / "run.py"),
         f"manifest={work / 'jobs.csv'}",
+        *([f"model={target.model}"] if target else []),
         "model.weights=random",
         f"model.num_inference_steps={steps}",
+        *(lora_overrides(target.config) if target else []),
         f"output_dir={work / 'out'}",
         "overwrite=true",
     ]
@@ -392,9 +534,12 @@ def end_to_end(rows: int, steps: int, out: Path, photos: Path) -> dict:
     finished = pd.to_datetime(table["finished_at"]).sort_values()
     first = finished.iloc[0].timestamp() - started
     steady = (finished.iloc[-1] - finished.iloc[0]).total_seconds() / max(1, len(finished) - 1)
+    ok = table[table["status"] == "ok"]
+    stages = {c: round(float(ok[c].median()), 3) for c in STAGE_COLUMNS if c in ok and ok[c].notna().any()}
     return {
         "recipe": "runner-end-to-end",
         "description": f"accelerate-free `python run.py` over {rows} rows at {steps} steps (memory=auto, no budget)",
+        "median_stage_seconds": stages,
         "budget_gib": None,
         "changes_output": False,
         "rows": rows,
@@ -508,7 +653,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=FIRST_MODEL, help="a config of conf/model, measured at its default row")
     parser.add_argument("--parts", default="refs,plans,approx,e2e")
-    parser.add_argument("--steps", type=int, default=3, help="denoising steps timed per measurement")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="denoising steps timed per measurement (default: all of a preset's 8 or fewer, else 3)",
+    )
     parser.add_argument("--budgets", default="none,24,16,12,8")
     parser.add_argument("--refs", default=",".join(REFERENCE_NAMES))
     parser.add_argument("--capped-refs", default="ref-gpu-tiled", help="references to run under a 24 GiB cap")
@@ -518,8 +668,8 @@ def main() -> None:
     )
     parser.add_argument("--label", default="", help="suffix for the plans' recipe names")
     parser.add_argument("--chunk", type=int, default=8, help="prompts encoded together by the replica")
-    parser.add_argument("--e2e-rows", type=int, default=8)
-    parser.add_argument("--e2e-steps", type=int, default=5)
+    parser.add_argument("--e2e-rows", type=int, default=16)
+    parser.add_argument("--e2e-steps", type=int, default=None, help="default: a preset's 8 or fewer, else 5")
     parser.add_argument("--photos", type=Path, default=ROOT / ".device_inputs" / "examples" / "images")
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
     parser.add_argument("--append", action="store_true", help="add to an existing benchmarks.json")
@@ -533,6 +683,7 @@ def main() -> None:
         write_report(records, args.out, os.environ.get("BENCHMARK_COMMAND", command))
         return
     target = Target.of(args.model)
+    args.steps = args.steps or (target.steps if target.steps <= 8 else 3)
     env = environment()
     records = [r for r in records if r.get("recipe") != "environment"] + [{"recipe": "environment"} | env]
     image = load_image(sorted(args.photos.glob("*.png"))[0], target.height, target.width, 10**8)
@@ -611,7 +762,8 @@ def main() -> None:
             ),
         )
     if "e2e" in parts:
-        attempt("runner-end-to-end", None, lambda: end_to_end(args.e2e_rows, args.e2e_steps, args.out, args.photos))
+        e2e_steps = args.e2e_steps or (target.steps if target.steps <= 8 else 5)
+        attempt("runner-end-to-end", None, lambda: end_to_end(args.e2e_rows, e2e_steps, args.out, args.photos, target))
     write_report(records, args.out, command)
 
 

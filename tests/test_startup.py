@@ -10,6 +10,8 @@ from pathlib import Path
 
 import psutil
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from batch_runner.run import startup
 from tests.conftest import ROOT
@@ -29,11 +31,71 @@ def scaling_script():
     return module
 
 
-def test_process_start_is_the_kernels_record_not_the_first_mark() -> None:
-    """The interpreter's own start-up and every import before the first mark must count."""
-    created = psutil.Process(os.getpid()).create_time()
-    assert startup.process_started_at() == pytest.approx(created, abs=0.05)
-    assert startup.process_started_at() < time.time() - 0.5  # pytest's imports ran before this test
+def fake_proc(root: Path, start_ticks: int, uptime: float, btime: int, comm: str = "python") -> Path:
+    """A /proc of one process: its stat (field 22: start in ticks after boot), the uptime, a boot time."""
+    (root / "self").mkdir(parents=True, exist_ok=True)
+    fields = ["S", "1", *["0"] * 17, str(start_ticks), "12345", "678"]  # fields 3.. of /proc/self/stat
+    (root / "self" / "stat").write_text(f"4242 ({comm}) {' '.join(fields)}\n")
+    (root / "uptime").write_text(f"{uptime:.2f} 1.00\n")
+    (root / "stat").write_text(f"cpu  1 2 3 4\nbtime {btime}\n")
+    return root
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    start=st.integers(0, 10**9),
+    age=st.integers(0, 10**7),
+    hertz=st.sampled_from([100, 250, 1000]),
+    now=st.floats(1e9, 4e9),
+    btime=st.integers(0, 2**31),
+    comm=st.text(alphabet="ab )(x1", max_size=12),
+)
+def test_process_start_is_now_less_its_age_whatever_the_boot_time_says(start, age, hertz, now, btime, comm) -> None:
+    """The age is uptime less the start after boot, both counted by the kernel from the same boot; the
+    boot time of /proc/stat, which drifts from the wall clock, must not move the answer."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        uptime = (start + age) / hertz
+        proc = fake_proc(Path(folder), start, uptime, btime, comm)
+        started = startup.started_at(proc, lambda: now, hertz)
+    assert started == pytest.approx(now - age / hertz, abs=0.006)  # /proc/uptime has 10 ms
+    assert started <= now
+
+
+def test_a_booted_vm_whose_clock_was_set_after_boot_reports_the_seconds_since_the_process_started(tmp_path) -> None:
+    """The issue's case: btime says boot was 82 s earlier than it was; the process started 7 s ago."""
+    now = 1_800_000_000.0
+    proc = fake_proc(tmp_path, start_ticks=2_300, uptime=30.0, btime=int(now - 30.0 - 82.0))
+    assert now - startup.started_at(proc, lambda: now, 100) == pytest.approx(7.0)
+
+
+def test_a_proc_that_cannot_tell_gives_no_start(tmp_path) -> None:
+    assert startup.started_at(tmp_path / "missing", time.time, 100) is None
+    proc = fake_proc(tmp_path, 100, 5.0, 0)
+    (proc / "uptime").write_text("garbage\n")
+    assert startup.started_at(proc, time.time, 100) is None
+
+
+@pytest.mark.slow
+def test_a_child_reports_a_start_between_the_moments_before_and_after_it_was_launched() -> None:
+    """Measured on this machine's own /proc against its wall clock (no drift to hide behind)."""
+    import subprocess
+    import sys
+
+    code = "import batch_runner.run.startup as s; print(repr(s.process_started_at()))"
+    before = time.time()
+    child = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    after = time.time()
+    started = float(child.communicate(timeout=60)[0])
+    assert before - 0.03 <= started <= after + 0.03, (before, started, after)  # ticks and uptime: 10 ms each
+
+
+def test_the_process_start_is_read_once_and_precedes_every_import_of_this_test_run() -> None:
+    started = startup.process_started_at()
+    assert startup.process_started_at() == started
+    assert started < time.time() - 0.5  # pytest's imports ran before this test
+    assert started == pytest.approx(psutil.Process(os.getpid()).create_time(), abs=120)  # same process, roughly
 
 
 def test_only_a_phases_first_end_counts_and_marks_come_in_phase_order() -> None:

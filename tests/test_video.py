@@ -87,3 +87,39 @@ def test_processes_that_may_use_different_cpus_write_the_same_bytes(tmp_path: Pa
     one_cpu = encode_elsewhere(tmp_path / "one.mp4", {min(cpus)})
     all_cpus = encode_elsewhere(tmp_path / "all.mp4", cpus)
     assert digest(one_cpu) == digest(all_cpus) == digest(here)
+
+
+def leave_garbage_in_the_heap(seed: int) -> None:
+    """Allocate and free frames and buffers full of random bytes: what other code leaves behind."""
+    import av
+
+    rng = np.random.default_rng(seed)
+    kept = []
+    for _ in range(40):
+        pixels = rng.integers(0, 256, (240, 320, 3), dtype=np.uint8)
+        kept.append(av.VideoFrame.from_ndarray(pixels, format="rgb24").reformat(format="yuv420p"))
+        kept.append(bytearray(rng.bytes(1 << 20)))
+    del kept
+
+
+def test_what_the_heap_held_before_does_not_move_a_byte(tmp_path: Path) -> None:
+    """x264's AVX-512 code reads memory it never wrote: on a CPU with AVX-512 the bytes followed the
+    heap's garbage until x264's SIMD level was fixed (video.x264_simd)."""
+    clip = np.roll(frames()[:9], 28, axis=2)  # one that showed it (x264 defaults: 4 encodes, 4 different files)
+    write_video(clip, tmp_path / "first.mp4", 8.0)
+    for seed in range(3):
+        leave_garbage_in_the_heap(seed)
+        write_video(clip, tmp_path / f"{seed}.mp4", 8.0)
+        assert digest(tmp_path / f"{seed}.mp4") == digest(tmp_path / "first.mp4"), seed
+
+
+def test_x264s_simd_level_is_fixed_only_where_the_cpu_has_all_of_it(tmp_path: Path) -> None:
+    from batch_runner.outputs.video import X86_64_V3, x264_simd
+
+    every = " ".join(X86_64_V3.values())
+    (tmp_path / "v4").write_text(f"processor : 0\nflags : fpu {every} avx512f avx512bw\n")
+    (tmp_path / "old").write_text("processor : 0\nflags : fpu mmx sse sse2 pni ssse3\n")
+    (tmp_path / "arm").write_text("processor : 0\nFeatures : fp asimd\n")
+    assert x264_simd(tmp_path / "v4") == ",".join(X86_64_V3) and "AVX512" not in x264_simd(tmp_path / "v4")
+    assert x264_simd(tmp_path / "old") is None and x264_simd(tmp_path / "arm") is None
+    assert x264_simd(tmp_path / "missing") is None

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from batch_runner.config import ModelConfig
+from batch_runner.config import LoraConfig, ModelConfig
 from batch_runner.errors import UserError
 from batch_runner.families.rules import frame_problem, size_problem
 
@@ -193,6 +193,14 @@ class Family:
         """The tensors of `tiny://NAME`: a LoRA for the tiny model in a published LoRA's key format,
         so that diffusers' conversion of that format runs in the tests."""
         raise UserError(f"model.loras: the {self.name} family has no tiny LoRA {name!r}.")
+
+    def published_lora(
+        self, model: ModelConfig, entry: LoraConfig, denoiser: torch.nn.Module
+    ) -> dict[str, torch.Tensor]:
+        """Random values in the key format and rank of the published LoRA `entry` names, for `denoiser`
+        (on the meta device or not): what scripts/benchmark.py fuses with random weights, so that the
+        conversion and fusing of that format are timed without downloading it."""
+        raise UserError(f"model.loras: the {self.name} family cannot make a stand-in for {entry.path!r}.")
 
     # --- rows ---
 

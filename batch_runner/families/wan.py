@@ -14,6 +14,7 @@ not lengthen the self-attention sequence.
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
@@ -32,7 +33,7 @@ from transformers import (
     UMT5EncoderModel,
 )
 
-from batch_runner.config import ModelConfig
+from batch_runner.config import LoraConfig, ModelConfig
 from batch_runner.errors import UserError
 from batch_runner.families.base import (
     DECODER,
@@ -133,23 +134,19 @@ class Wan(Family):
         clip = not options.expand_timesteps and options.boundary_ratio is None
         with seeded(0):
             transformer = self._tiny_transformer(options.expand_timesteps, clip)
-        layers = {"self_attn": "attn1", "cross_attn": "attn2"}
-        names = {"q": "to_q", "k": "to_k", "v": "to_v", "o": "to_out.0", "k_img": "add_k_proj", "v_img": "add_v_proj"}
-        rank, tensors = 4, {}
-        generator = torch.Generator().manual_seed(seed)
-        for i, block in enumerate(transformer.blocks):
-            targets = {"ffn.0": block.ffn.net[0].proj, "ffn.2": block.ffn.net[2]}
-            for theirs, ours in layers.items():
-                for o, c in names.items():
-                    if o.endswith("_img") and (theirs == "self_attn" or not clip):
-                        continue
-                    targets[f"{theirs}.{o}"] = getattr(block, ours).get_submodule(c)
-            for key, linear in targets.items():
-                prefix = f"diffusion_model.blocks.{i}.{key}"
-                tensors[f"{prefix}.{down}.weight"] = torch.randn(rank, linear.in_features, generator=generator) * 0.5
-                tensors[f"{prefix}.{up}.weight"] = torch.randn(linear.out_features, rank, generator=generator) * 0.5
-                tensors[f"{prefix}.alpha"] = torch.tensor(float(rank))
-        return tensors
+        return _lora_in_wan_keys(transformer, down, up, rank=4, seed=seed, scales=(0.5, 0.5))
+
+    def published_lora(
+        self, model: ModelConfig, entry: LoraConfig, denoiser: torch.nn.Module
+    ) -> dict[str, torch.Tensor]:
+        """Random values in the keys and rank of the published LoRA `entry` names: Wan2.2-Lightning's
+        (`lora_A`/`lora_B`) where its path says Lightning, else lightx2v's (`lora_down`/`lora_up`);
+        the rank its file name gives (`rank64`), else 64. Small values: the fused weights stay finite."""
+        name = f"{entry.path}/{entry.weight_name or ''}"
+        down, up = ("lora_A", "lora_B") if "lightning" in name.lower() else ("lora_down", "lora_up")
+        rank = int(match.group(1)) if (match := re.search(r"rank(\d+)", name)) else 64
+        seed = 3 if entry.expert == "transformer_2" else 2
+        return _lora_in_wan_keys(denoiser, down, up, rank=rank, seed=seed, scales=(None, 0.01))
 
     # --- building ---
 
@@ -283,3 +280,30 @@ class Wan(Family):
 
 
 FAMILY = Wan()
+
+
+def _lora_in_wan_keys(
+    transformer: torch.nn.Module, down: str, up: str, rank: int, seed: int, scales: tuple[float | None, float]
+) -> dict[str, torch.Tensor]:
+    """A random LoRA for every attention and feed-forward linear of `transformer` (real or on the meta
+    device: only its layers' shapes are read), in the original Wan checkpoints' keys. `scales`: of the
+    down and up matrices (None: 1/sqrt(in_features), as an initialised layer)."""
+    layers = {"self_attn": "attn1", "cross_attn": "attn2"}
+    names = {"q": "to_q", "k": "to_k", "v": "to_v", "o": "to_out.0", "k_img": "add_k_proj", "v_img": "add_v_proj"}
+    tensors = {}
+    generator = torch.Generator().manual_seed(seed)
+    for i, block in enumerate(transformer.blocks):
+        targets = {"ffn.0": block.ffn.net[0].proj, "ffn.2": block.ffn.net[2]}
+        for theirs, ours in layers.items():
+            for o, c in names.items():
+                attention = getattr(block, ours)
+                if o.endswith("_img") and (theirs == "self_attn" or getattr(attention, c, None) is None):
+                    continue
+                targets[f"{theirs}.{o}"] = attention.get_submodule(c)
+        for key, linear in targets.items():
+            prefix = f"diffusion_model.blocks.{i}.{key}"
+            down_scale = scales[0] if scales[0] is not None else linear.in_features**-0.5
+            tensors[f"{prefix}.{down}.weight"] = torch.randn(rank, linear.in_features, generator=generator) * down_scale
+            tensors[f"{prefix}.{up}.weight"] = torch.randn(linear.out_features, rank, generator=generator) * scales[1]
+            tensors[f"{prefix}.alpha"] = torch.tensor(float(rank))
+    return tensors

@@ -7,15 +7,24 @@ The same frames always give the same bytes, whatever machine or process encodes 
 content hashes and deduplication depend on it. x264 is deterministic for a given thread count, but
 its default thread count follows the CPUs this process may use (which differ between hosts, ranks
 and CPU-affinity settings), and frame threads change how frames are coded. So the encoder runs on
-one thread: it works in the background while the GPU makes the next video, so it costs no
-throughput. The RGB-to-YUV conversion is ours too, not left to the encoder's defaults: swscale's
-bit-exact C path on one thread, so neither the CPU's SIMD features, nor the thread count, nor what
-ran earlier in the process moves a rounding (a full test run once saw an encode differ from a
-fresh process's).
+one thread, and throughput comes from encoding several videos at once, in the background while the
+GPU makes the next ones (batch_runner.outputs.writers). The RGB-to-YUV conversion is ours too, not
+left to the encoder's defaults: swscale's bit-exact C path on one thread, so neither the CPU's SIMD
+features, nor the thread count, nor what ran earlier in the process moves a rounding (a full test
+run once saw an encode differ from a fresh process's).
+
+x264's SIMD level is fixed too, where the CPU has it: x86-64-v3 (AVX2, FMA3, BMI; every x86 server
+since 2015), not the CPU's best. Its AVX-512 code reads memory it never wrote (its macroblock-tree
+rate control): the bytes followed whatever the heap held before, so encodes of the same frames in
+one process differed once other code had run, and more often with several encoders at work. And its
+float code rounds differently at each level (SSE2-only and AVX2 give different bytes), so a fixed
+level also makes the bytes the same on machines with and without AVX-512. Elsewhere (other CPUs,
+other architectures) x264 keeps its own choice.
 """
 
 from __future__ import annotations
 
+import functools
 from fractions import Fraction
 from pathlib import Path
 
@@ -27,6 +36,35 @@ from batch_runner.outputs.storage import atomic_path
 
 # swscale's reference arithmetic: the same bytes on any CPU (its SIMD paths round differently).
 _EXACT = Interpolation.BILINEAR | Interpolation.ACCURATE_RND | Interpolation.BITEXACT
+# x264's names for the x86-64-v3 SIMD level, and the /proc/cpuinfo flags a CPU needs for each.
+X86_64_V3 = {
+    "MMX2": "mmx",
+    "SSE": "sse",
+    "SSE2Fast": "sse2",
+    "SSE3": "pni",
+    "SSSE3": "ssse3",
+    "SSE4.1": "sse4_1",
+    "SSE4.2": "sse4_2",
+    "LZCNT": "abm",
+    "AVX": "avx",
+    "FMA3": "fma",
+    "BMI1": "bmi1",
+    "BMI2": "bmi2",
+    "AVX2": "avx2",
+}
+
+
+@functools.cache
+def x264_simd(cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
+    """x264's `asm` setting: the x86-64-v3 level where the CPU has all of it, else None (x264 decides)."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return None
+    if not all(flag in flags for flag in X86_64_V3.values()):
+        return None
+    return ",".join(X86_64_V3)
 
 
 def write_video(frames: np.ndarray, path: Path, fps: float, crf: int = 18) -> None:
@@ -45,7 +83,10 @@ def write_video(frames: np.ndarray, path: Path, fps: float, crf: int = 18) -> No
         stream.height = frames.shape[1]
         stream.pix_fmt = "yuv420p"
         stream.codec_context.thread_count = 1  # deterministic output (see the module docstring)
-        stream.options = {"crf": str(crf), "preset": "medium"}
+        options = {"crf": str(crf), "preset": "medium"}
+        if simd := x264_simd():  # the same bytes whatever the heap held (see the module docstring)
+            options["x264-params"] = f"asm={simd}"
+        stream.options = options
         for frame in frames:
             yuv = av.VideoFrame.from_ndarray(frame, format="rgb24").reformat(
                 format="yuv420p", interpolation=_EXACT, threads=1

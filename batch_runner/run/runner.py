@@ -9,12 +9,12 @@ the output folder and the claim counter.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ from batch_runner.outputs.storage import (
     sweep_temporaries,
 )
 from batch_runner.outputs.video import write_video
+from batch_runner.outputs.writers import Writers, encoder_count
 from batch_runner.replica import compile_cache
 from batch_runner.replica.planner import GIB
 from batch_runner.replica.replica import BadFrames, Replica, is_out_of_memory, release_memory
@@ -57,7 +58,6 @@ log = logging.getLogger(__name__)
 
 VIDEOS_DIR = "videos"
 LOGS_DIR = "logs"
-MAX_PENDING_WRITES = 2
 # What a run that cannot write its output folder keeps, in the sentence that ends it.
 KEPT_WHILE_MAKING = (
     "every row finished so far is kept (its video and its line under parts/), and a rerun makes only the others"
@@ -213,6 +213,7 @@ def _make_videos(
         results = ResultLog(out, run_id, cluster.rank) if team.leads else None
     base = provenance(cfg, replica) | {"config_hash": config_hash(cfg)}
     salt = output_salt(cfg)
+    active: list[Writers] = []  # the encoders, once started: an idle wait for claims checks them
     if not team.leads:
         claims = None  # the leader's chunks arrive through team.share
     elif cfg.scheduling == "dynamic":
@@ -224,7 +225,7 @@ def _make_videos(
             key="claimed",
             rank=team.index,
             timeout=cfg.claim_timeout,
-            on_idle=lambda: _idle(writes, progress),
+            on_idle=lambda: _idle(active, progress),
         )
     else:  # "static" (check_settings refused anything else)
         claims = StaticQueue(len(pending), team.index, team.count, cfg.chunk_size)
@@ -259,11 +260,14 @@ def _make_videos(
             f": {row.error}" if row.error else "",
         )
 
-    writes: list[Future] = []
+    # Videos are encoded in parallel, each on one thread (batch_runner.outputs.writers); rows are recorded in order.
+    encoders = encoder_count(cluster.local_world_size)
+    log.info("writing videos with up to %d encoders in parallel", encoders)
     with (
         ThreadPoolExecutor(1, thread_name_prefix="images") as loader,
-        ThreadPoolExecutor(1, thread_name_prefix="videos") as writer,
+        Writers(finish, encoders) as writers,
     ):
+        active.append(writers)
         for chunk in queue:
             # Rows of one plan together; each keeps its claimed position.
             by_job = {id(pending[i]): i for i in chunk}
@@ -298,25 +302,20 @@ def _make_videos(
                 _note_first_video(out, cluster.rank)
                 if not team.leads:
                     continue
-                waiting = time.perf_counter()
-                while len([w for w in writes if not w.done()]) >= MAX_PENDING_WRITES:
-                    writes[0].result()
-                    writes = [w for w in writes if not w.done()]
-                # Time the GPU stood idle because the writer was behind (before this row's write is queued).
-                row = row.but(writer_wait_seconds=round(time.perf_counter() - waiting, 4))
-                won = partial(first, position, job)
-                writes.append(writer.submit(_publish, out, job, frames, image.result()["image"], row, cfg, finish, won))
+                # Time the GPU stood idle because every encoder was busy (before this row's write is queued).
+                row = row.but(writer_wait_seconds=round(writers.wait_for_room(), 4))
+                won = functools.partial(first, position, job)
+                writers.submit(
+                    functools.partial(_publish, out, job, frames, image.result()["image"], row, cfg, first=won)
+                )
                 if progress:
                     progress.refresh()
-        for w in writes:
-            w.result()
 
 
-def _idle(writes: list[Future], progress: Progress | None) -> None:
+def _idle(writers: list[Writers], progress: Progress | None) -> None:
     """While waiting for other processes' rows: end on a failed write of ours, keep the bar moving."""
-    for w in writes:
-        if w.done():
-            w.result()
+    for w in writers:
+        w.check()
     if progress:
         progress.refresh()
 
@@ -415,7 +414,7 @@ def _make_one(replica: Replica, job: Job, image: Any, prompts: Any, row: ResultR
 def _publish(
     out: Path, job: Job, frames: Any, image: Any, row: ResultRow, cfg: RunConfig, finish: Any, first: Any = None
 ) -> None:
-    """Writer thread: the frames' quality, the video (atomically), the preview, then the durable result row.
+    """An encoder thread: the frames' quality, the video (atomically), the preview, then the durable result row.
     A constant video fails its row with the reason and is not written. The video is written under a
     name of this process's own first, and renamed into place only if this copy is the row's first
     finished one (`first()`); a copy that another process finished first is discarded. Without

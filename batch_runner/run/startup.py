@@ -2,10 +2,10 @@
 
 A short run on many GPUs is dominated by start-up (imports, joining the process group, weights,
 compiling), and the issue that sizes it asks "from launch to each process's first denoising step".
-Each process notes when it started (the kernel's own record, so the Python interpreter and every
-import are counted) and when each phase ended, logs one line, and writes the marks as unix times to
-output_dir/logs/startup-rank<r>.json, where a benchmark or a user can line them up against the
-moment they launched the command.
+Each process notes when it started (its age as the kernel counts it, taken from the wall clock, so
+the Python interpreter and every import are counted) and when each phase ended, logs one line, and
+writes the marks as unix times to output_dir/logs/startup-rank<r>.json, where a benchmark or a user
+can line them up against the moment they launched the command.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -23,18 +24,35 @@ log = logging.getLogger(__name__)
 PHASES = ("interpreter", "imports", "process_group", "replica", "first_step", "first_video")
 # run.py imports this module first, so its import marks the end of the interpreter's own start-up.
 _marks: dict[str, float] = {"interpreter": time.time()}
+_started: float | None = None  # process_started_at, once read
 
 
 def process_started_at() -> float:
-    """This process's start as a unix time: /proc's record of it (Linux), else now."""
+    """This process's start as a unix time: its age from /proc (Linux), taken from now; else the
+    first mark. Read once: the start does not move, and every later mark is lined up against it."""
+    global _started
+    if _started is None:
+        _started = started_at(Path("/proc"), time.time, os.sysconf("SC_CLK_TCK"))
+    return _started if _started is not None else _marks.get("imports", time.time())
+
+
+def started_at(proc: Path, clock: Callable[[], float], ticks_per_second: int) -> float | None:
+    """When the process of `proc`/self started, as a time of `clock`: now minus its age.
+
+    Its age is the system's uptime (/proc/uptime) less the process's start in clock ticks after boot
+    (field 22 of /proc/self/stat): both count from the same boot on the same clock. /proc/stat's
+    `btime` (boot as a unix time) is not used: it is fixed at boot, and a VM's wall clock that is
+    stepped afterwards (NTP on a freshly booted VM) leaves it behind: "interpreter 82.8 s" for a
+    process started 7 s before. None where /proc cannot tell.
+    """
     try:
-        with open("/proc/self/stat", encoding="ascii") as f:
-            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: start time, clock ticks after boot
-        with open("/proc/stat", encoding="ascii") as f:
-            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
-        return boot + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
-        return _marks.get("imports", time.time())
+        stat = (proc / "self" / "stat").read_text(encoding="ascii")
+        ticks = int(stat.rsplit(")", 1)[1].split()[19])  # fields after "(comm)" start at field 3
+        now = clock()
+        uptime = float((proc / "uptime").read_text(encoding="ascii").split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return now - max(0.0, uptime - ticks / ticks_per_second)
 
 
 def mark(phase: str) -> None:
