@@ -401,6 +401,8 @@ RUNNER_COLUMNS = (
     "decode_seconds",
     "write_seconds",
     "writer_wait_seconds",
+    "has_audio",
+    "audio_sample_rate",
     "file_name",
 )
 # A table holding all of these is a previous run's results.parquet.

@@ -82,6 +82,8 @@ class ResultRow:
     decode_seconds: float | None = None
     write_seconds: float | None = None
     writer_wait_seconds: float | None = None
+    has_audio: bool | None = None  # the MP4 carries a sound track (AAC)
+    audio_sample_rate: int | None = None  # its samples per second
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @classmethod
@@ -163,6 +165,8 @@ _DTYPES = {
     "peak_memory_gib": "float64",
     "motion": "float64",
     "brightness": "float64",
+    "has_audio": "boolean",
+    "audio_sample_rate": "Int64",
 }
 
 

@@ -38,7 +38,7 @@ from batch_runner.outputs.storage import (
     output_errors,
     sweep_temporaries,
 )
-from batch_runner.outputs.video import write_video
+from batch_runner.outputs.video import Audio, write_video
 from batch_runner.replica import compile_cache
 from batch_runner.replica.planner import GIB
 from batch_runner.replica.replica import Replica, is_out_of_memory, release_memory
@@ -258,6 +258,7 @@ def _make_videos(
                 started = time.perf_counter()
                 try:
                     frames, row = _make_one(replica, job, image.result(), prompts, row, on_step)
+                    audio = replica.audio
                 except ImageLoadError as e:
                     finish(row.failed(f"image: {e}"))
                     continue
@@ -276,7 +277,9 @@ def _make_videos(
                     writes = [w for w in writes if not w.done()]
                 # Time the GPU stood idle because the writer was behind (before this row's write is queued).
                 row = row.but(writer_wait_seconds=round(time.perf_counter() - waiting, 4))
-                writes.append(writer.submit(_publish, out, job, frames, image.result()["image"], row, cfg, finish))
+                writes.append(
+                    writer.submit(_publish, out, job, frames, image.result()["image"], row, cfg, finish, audio)
+                )
                 if progress:
                     progress.refresh()
         for w in writes:
@@ -336,9 +339,18 @@ def _make_one(replica: Replica, job: Job, image: Any, prompts: Any, row: ResultR
             raise
 
 
-def _publish(out: Path, job: Job, frames: Any, image: Any, row: ResultRow, cfg: RunConfig, finish: Any) -> None:
-    """Writer thread: the frames' quality, the video (atomically), the preview, then the durable result row.
-    A constant video fails its row with the reason and is not written."""
+def _publish(
+    out: Path,
+    job: Job,
+    frames: Any,
+    image: Any,
+    row: ResultRow,
+    cfg: RunConfig,
+    finish: Any,
+    audio: Audio | None = None,
+) -> None:
+    """Writer thread: the frames' quality, the video (atomically, with its sound where it has one), the
+    preview, then the durable result row. A constant video fails its row with the reason and is not written."""
     relative = f"{VIDEOS_DIR}/{job.id}.mp4"
     quality = measure(frames)
     row = row.but(motion=quality.motion, brightness=quality.brightness)
@@ -349,8 +361,12 @@ def _publish(out: Path, job: Job, frames: Any, image: Any, row: ResultRow, cfg: 
     try:
         # A full or read-only folder ends the run (every later row would fail the same way).
         with output_errors(out, f"write {relative}", KEPT_WHILE_MAKING):
-            write_video(frames, out / relative, job.fps, cfg.output.crf)
-        row = row.but(write_seconds=round(time.perf_counter() - writing, 4))
+            write_video(frames, out / relative, job.fps, cfg.output.crf, audio)
+        row = row.but(
+            write_seconds=round(time.perf_counter() - writing, 4),
+            has_audio=audio is not None,
+            audio_sample_rate=audio.rate if audio is not None else None,
+        )
     except OutputError:
         raise
     except Exception as e:
