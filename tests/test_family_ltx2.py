@@ -9,6 +9,7 @@ import av
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
 from batch_runner.families import family_named
 from batch_runner.inputs.images import load_image
@@ -87,6 +88,31 @@ def test_without_audio_the_pipeline_skips_the_sound_decode_and_puts_it_back_afte
     samples, rate = family.audio_track(pipe, loud)
     assert vocoded == [1] and rate == 8000 and samples.shape[0] == 2
     assert "decode" not in pipe.audio_vae.__dict__ and "forward" not in pipe.vocoder.__dict__
+
+
+def test_a_text_cached_without_its_padding_makes_the_video_and_sound_of_the_padded_one():
+    """The replica caches Gemma's stacked hidden states of the real tokens only, on the host; padded
+    again for the row, they make what diffusers makes from the prompt itself."""
+    cfg = run_config("manifest=x", "model=tiny-ltx2")
+    family, pipe = family_named("ltx2"), build_pipeline(cfg.model)
+    image = Image.new("RGB", (96, 64), (200, 100, 50))
+    common = {"image": image, "height": 64, "width": 96, "num_frames": 9, "frame_rate": 8.0, "guidance_scale": 3.0}
+    common |= {"num_inference_steps": 2, "output_type": "pt", "max_sequence_length": cfg.model.max_sequence_length}
+    with torch.no_grad():
+        cached, cached_negative = family.encode_prompts(pipe, ["the sea", ""], cfg.model, torch.float32)
+        assert cached.tokens.device.type == "cpu" and cached.tokens.shape[0] < cfg.model.max_sequence_length
+        own = pipe(prompt="the sea", negative_prompt="", generator=torch.Generator().manual_seed(0), **common)
+        (prompt, mask), (negative, negative_mask) = cached.padded(), cached_negative.padded()
+        ours = pipe(
+            prompt_embeds=prompt,
+            prompt_attention_mask=mask,
+            negative_prompt_embeds=negative,
+            negative_prompt_attention_mask=negative_mask,
+            generator=torch.Generator().manual_seed(0),
+            **common,
+        )
+    torch.testing.assert_close(ours.frames, own.frames, rtol=0, atol=0)
+    torch.testing.assert_close(ours.audio, own.audio, rtol=0, atol=0)
 
 
 def test_a_saved_ltx2_pipeline_s_components_are_built_empty_from_their_configs(tmp_path):

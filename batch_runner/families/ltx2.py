@@ -74,6 +74,29 @@ class LTX2Options:
     distilled_sigmas: bool = False
 
 
+@dataclass(frozen=True)
+class HostPrompt:
+    """A text's encoding as the replica caches it: only its real tokens' stacked hidden states, in host
+    memory, and where they sit among the padded positions.
+
+    Gemma's 49 stacked hidden states of 3840 make 188160 numbers a token: padded to 1024 tokens, one
+    text is 385 MB in bf16, and the replica caches dozens. The connectors zero every padded position
+    before reading it (`per_layer_masked_mean_norm`), so zeros there give the same video; a text of
+    200 tokens keeps a fifth of that, off the GPU, and goes back to it padded for its row.
+    """
+
+    tokens: torch.Tensor  # (real tokens, width x layers), on the host
+    mask: torch.Tensor  # (padded length,): 1 where a real token sits, on the host
+    device: torch.device
+
+    def padded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(embedding (1, length, width x layers), attention mask (1, length)) on the pipeline's device."""
+        where = self.mask.bool()
+        embedding = self.tokens.new_zeros(len(self.mask), self.tokens.shape[1])
+        embedding[where] = self.tokens
+        return embedding.unsqueeze(0).to(self.device), self.mask.unsqueeze(0).to(self.device)
+
+
 class LTX2(Family):
     name = "ltx2"
     # Not split across GPUs: diffusers' LTX-2 `_cp_plan` splits the video tokens only, not the audio
@@ -234,27 +257,26 @@ class LTX2(Family):
 
     # --- rows ---
 
-    def encode_prompts(
-        self, pipe: Any, texts: list[str], model: ModelConfig, dtype: torch.dtype
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(Gemma's stacked hidden states (1, tokens, width x layers), attention mask (1, tokens)) per
-        text: the connectors read the mask with the embedding on every call."""
+    def encode_prompts(self, pipe: Any, texts: list[str], model: ModelConfig, dtype: torch.dtype) -> list[HostPrompt]:
+        """Gemma's stacked hidden states of each text's real tokens, with its attention mask (the
+        connectors read both on every call), kept in host memory (`HostPrompt`)."""
+        device = pipe._execution_device
         embedded, masks, _, _ = pipe.encode_prompt(
             prompt=texts,
             do_classifier_free_guidance=False,
             max_sequence_length=model.max_sequence_length,
-            device=pipe._execution_device,
+            device=device,
             dtype=dtype,
         )
-        return [(e.unsqueeze(0), m.unsqueeze(0)) for e, m in zip(embedded, masks, strict=True)]
+        return [HostPrompt(e[m.bool()].cpu(), m.cpu(), embedded.device) for e, m in zip(embedded, masks, strict=True)]
 
     def call_arguments(self, model: ModelConfig, job: Any, images: dict[str, Any], embeds: Any) -> dict[str, Any]:
         """The row's image as the first frame, its frame rate as the video's (the rotary positions in
         time and the sound's length both follow it), and the family's guidance."""
         options = self.options(model)
         guided = job.guidance_scale > 1
-        prompt, prompt_mask = embeds[job.prompt] or (None, None)
-        negative, negative_mask = (embeds[job.negative_prompt] if guided else None) or (None, None)
+        prompt, prompt_mask = _padded(embeds[job.prompt])
+        negative, negative_mask = _padded(embeds[job.negative_prompt] if guided else None)
         arguments = {
             "image": images["image"],
             "prompt_embeds": prompt,
@@ -331,6 +353,11 @@ class LTX2(Family):
             text_in_sequence=False,
             vae_channels=max(vae["decoder_block_out_channels"]),
         )
+
+
+def _padded(text: HostPrompt | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """A cached text as the pipeline takes it; None (diffusers' own recipe encodes the prompt itself) stays None."""
+    return text.padded() if text is not None else (None, None)
 
 
 def _audio_stages(pipe: Any) -> list[tuple[torch.nn.Module, str]]:
