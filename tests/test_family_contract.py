@@ -92,6 +92,8 @@ FAST_PRESETS = {
     "tiny-wan22-lightning",
     "tiny-ltx-distilled",
     "tiny-hunyuan15-step-distilled",
+    "ltx-2-distilled",
+    "tiny-ltx2-distilled",
 }
 
 
@@ -557,7 +559,7 @@ class TestLTX2(FamilyContract):
             budgets=(80.0, 48.0, 24.0, 16.0),
             host_budget_gib=200.0,
         )
-        for name in ("ltx-2", "ltx-2-distilled")
+        for name in ("ltx-2",)
     )
     bad_rows = (
         BadRow(
