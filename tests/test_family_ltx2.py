@@ -3,6 +3,9 @@ say so, the report plays it, and output.audio=false makes silent videos without 
 
 from __future__ import annotations
 
+import json
+import re
+import subprocess
 from pathlib import Path
 
 import av
@@ -66,6 +69,36 @@ def test_output_audio_false_makes_videos_without_a_sound_track(tmp_path):
         assert [kind for kind, _, _ in streams(out / "videos" / f"{row_id}.mp4")] == ["video"]
         assert not table.loc[row_id, "has_audio"] and pd.isna(table.loc[row_id, "audio_sample_rate"])
     assert "<video" not in (out / "report.html").read_text()
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+# Plays the report's first video, logging what Chromium decoded of each stream while it plays.
+PROBE = """<!doctype html><html><body><video id=v src='{src}' autoplay></video><pre id=log></pre><script>
+const v = document.getElementById('v'), log = document.getElementById('log');
+v.addEventListener('timeupdate', () => {{ if (v.webkitAudioDecodedByteCount > 0) log.textContent = JSON.stringify(
+  {{audio: v.webkitAudioDecodedByteCount, video: v.webkitVideoDecodedByteCount, duration: v.duration}}); }});
+v.addEventListener('error', () => {{ log.textContent = 'error ' + v.error.code + ' ' + v.error.message; }});
+</script></body></html>"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium (apt-get install chromium)")
+def test_chromium_plays_the_reports_video_with_its_sound(tmp_path):
+    manifest = manifest_of(tmp_path)
+    out = tmp_path / "out"
+    ok(run_cli(f"manifest={manifest}", "model=tiny-ltx2", f"output_dir={out}", "ids=[a]", cwd=tmp_path))
+    [src] = re.findall(
+        r"<video class='player' controls preload='metadata' src='([^']+)'>", (out / "report.html").read_text()
+    )
+    (out / "probe.html").write_text(PROBE.format(src=src))
+    browser = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"]
+    browser += ["--disable-background-networking", "--disable-component-update", "--disable-sync"]
+    browser += [f"--user-data-dir={tmp_path / 'profile'}", "--autoplay-policy=no-user-gesture-required"]
+    browser += ["--virtual-time-budget=5000", "--dump-dom", (out / "probe.html").as_uri()]
+    page = subprocess.run(browser, capture_output=True, text=True, timeout=120, check=False).stdout
+    [played] = re.findall(r"<pre id=\"log\">([^<]*)</pre>", page)
+    decoded = json.loads(played)  # an error or nothing decoded of the sound leaves no JSON here
+    assert decoded["audio"] > 0 and decoded["video"] > 0 and decoded["duration"] == pytest.approx(9 / 8)
 
 
 def test_without_audio_the_pipeline_skips_the_sound_decode_and_puts_it_back_after(tmp_path, monkeypatch):
