@@ -77,6 +77,8 @@ class ResultColumns:
     decode_seconds: float | None = None
     write_seconds: float | None = None
     writer_wait_seconds: float | None = None
+    has_audio: bool | None = None  # the MP4 carries a sound track (AAC)
+    audio_sample_rate: int | None = None  # its samples per second
 
 
 # The columns every results table starts with, in this order; the provenance columns and then the

@@ -144,6 +144,9 @@ class OutputConfig:
     shard_size: int = 1000
     crf: int = 18
     report: bool = True
+    # Whether the videos of a model that makes sound keep it (an AAC track in the same MP4); false drops
+    # the track and skips decoding the sound.
+    audio: bool = True
 
 
 @dataclass

@@ -69,6 +69,12 @@ MIRRORS = (
     Mirror("torch", "torch._dynamo:maybe_mark_dynamic", TORCH_VERSIONS, "hunyuan15: prompts of any length"),
     Mirror(
         "diffusers",
+        "diffusers.models.attention:AttentionModuleMixin._supports_qkv_fusion",
+        DIFFUSERS_VERSIONS,
+        "ltx2: its attention is left unfused",
+    ),
+    Mirror(
+        "diffusers",
         "diffusers.models.attention_dispatch:_AttentionBackendRegistry",
         DIFFUSERS_VERSIONS,
         "families.base: the transformer's attention backend",

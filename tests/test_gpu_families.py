@@ -1,4 +1,4 @@
-"""On a CUDA GPU (run on the device machine): for every Wan shape, LTX-Video and HunyuanVideo-1.5, every memory
+"""On a CUDA GPU (run on the device machine): for every Wan shape, LTX-Video, HunyuanVideo-1.5 and LTX-2, every memory
 plan and the speedsettings make the frames of the diffusers reference recipe (`pipe.to("cuda")`, the prompt given as
 text), same seed, up to bf16 noise."""
 
@@ -21,7 +21,7 @@ from batch_runner.replica.replica import Replica, release_memory
 from .conftest import run_config, tiny_job
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
-MODELS = ("tiny-wan", "tiny-wan22", "tiny-wan22-ti2v", "tiny-ltx", "tiny-hunyuan15")
+MODELS = ("tiny-wan", "tiny-wan22", "tiny-wan22-ti2v", "tiny-ltx", "tiny-hunyuan15", "tiny-ltx2")
 # Every plan, the reference recipes' offloads included: a plan the planner may choose must work for every family.
 OURS = list(PLANS)
 

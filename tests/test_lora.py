@@ -30,13 +30,14 @@ from tests.conftest import (
 )
 
 LORA_TWINS = {"tiny-wan-lightx2v": 1, "tiny-wan22-lightning": 2}  # preset -> LoRAs it fuses
-DISTILLED_TWINS = ["tiny-ltx-distilled", "tiny-hunyuan15-step-distilled"]
+DISTILLED_TWINS = ["tiny-ltx-distilled", "tiny-hunyuan15-step-distilled", "tiny-ltx2-distilled"]
 FAST_PRESETS = {
     "wan2.1-i2v-14b-480p-lightx2v": "tiny-wan-lightx2v",
     "wan2.1-i2v-14b-720p-lightx2v": "tiny-wan-lightx2v",
     "wan2.2-i2v-a14b-lightning": "tiny-wan22-lightning",
     "ltx-video-13b-0.9.7-distilled": "tiny-ltx-distilled",
     "hunyuanvideo1.5-i2v-480p-step-distilled": "tiny-hunyuan15-step-distilled",
+    "ltx-2-distilled": "tiny-ltx2-distilled",
 }
 
 

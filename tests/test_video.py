@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from batch_runner.outputs.video import read_video, write_video
+from batch_runner.outputs.video import Audio, read_video, stream_durations, write_video
 from tests.conftest import ROOT
 
 # Encodes the frames that frames() makes, in a fresh interpreter limited to the CPUs given.
@@ -123,3 +123,31 @@ def test_x264s_simd_level_is_fixed_only_where_the_cpu_has_all_of_it(tmp_path: Pa
     assert x264_simd(tmp_path / "v4") == ",".join(X86_64_V3) and "AVX512" not in x264_simd(tmp_path / "v4")
     assert x264_simd(tmp_path / "old") is None and x264_simd(tmp_path / "arm") is None
     assert x264_simd(tmp_path / "missing") is None
+
+
+def tone(seconds: float, rate: int = 24000, channels: int = 2) -> Audio:
+    t = np.arange(round(seconds * rate)) / rate
+    return Audio(np.stack([0.5 * np.sin(2 * np.pi * 220 * (c + 1) * t) for c in range(channels)]), rate)
+
+
+@pytest.mark.parametrize("seconds", [1.0, 17 / 8, 3.0], ids=["short", "exact", "long"])
+def test_a_sound_track_is_as_long_as_the_video_however_long_the_sound(tmp_path: Path, seconds: float) -> None:
+    """17 frames at 8 fps last 2.125 s: a shorter sound is padded with silence, a longer one cut."""
+    write_video(frames(), tmp_path / "a.mp4", 8.0, audio=tone(seconds))
+    durations = stream_durations(tmp_path / "a.mp4")
+    assert [codec for codec, _ in durations.values()] == ["h264", "aac"]
+    (_, video), (_, sound) = durations.values()
+    assert video == 17 / 8 and abs(sound - video) <= 1 / 8
+
+
+def test_encoding_a_video_with_sound_twice_gives_the_same_bytes(tmp_path: Path) -> None:
+    for name, channels in (("a", 2), ("b", 2), ("mono", 1)):
+        write_video(frames(), tmp_path / f"{name}.mp4", 8.0, audio=tone(2.0, 16000, channels))
+    assert digest(tmp_path / "a.mp4") == digest(tmp_path / "b.mp4") != digest(tmp_path / "mono.mp4")
+    decoded, _ = read_video(tmp_path / "a.mp4")
+    assert decoded.shape == frames().shape
+
+
+def test_a_video_without_sound_has_no_audio_stream(tmp_path: Path) -> None:
+    write_video(frames(), tmp_path / "a.mp4", 8.0)
+    assert [codec for codec, _ in stream_durations(tmp_path / "a.mp4").values()] == ["h264"]

@@ -260,6 +260,21 @@ class Family:
             return None
         return "the VAE in float32", _vae_in_float32(vae)
 
+    # --- sound ---
+
+    # Whether this family's videos come with a sound track (`audio_track`); output.audio=false drops it.
+    makes_audio: ClassVar[bool] = False
+
+    def audio_skipped(self, pipe: Any) -> contextlib.AbstractContextManager:
+        """A context in which the pipeline skips decoding its sound (output.audio=false): nothing to
+        skip by default."""
+        return contextlib.nullcontext()
+
+    def audio_track(self, pipe: Any, output: Any) -> tuple[torch.Tensor, int] | None:
+        """The row's sound from the pipeline's output: a waveform (channels, samples) in [-1, 1] and
+        its sample rate; None for a family without sound (the default) or where it was skipped."""
+        return None
+
     # --- structure, for compile, streaming and the planner ---
 
     def blocks(self, transformer: torch.nn.Module) -> torch.nn.ModuleList:
@@ -352,9 +367,10 @@ def arch_json(arch: str, name: str) -> dict:
 
 def module_from_config(config: dict) -> torch.nn.Module:
     """A diffusers model (`_class_name`) or a transformers model (`architectures`) from its config,
-    built with the current default device and dtype."""
+    built with the current default device and dtype. A diffusers class that only a pipeline's own
+    module exports (LTX-2's connectors and vocoder) names that module in `_class_module`."""
     if "_class_name" in config:
-        cls = getattr(importlib.import_module("diffusers"), config["_class_name"])
+        cls = getattr(importlib.import_module(config.get("_class_module", "diffusers")), config["_class_name"])
         return cls.from_config(config)
     import transformers
 

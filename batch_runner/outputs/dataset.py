@@ -46,6 +46,8 @@ SAMPLE_COLUMNS = [
     "params_hash",
     "motion",
     "brightness",
+    "has_audio",
+    "audio_sample_rate",
 ]
 _SHARD_NAME = re.compile(r"shard-(\d{6})\.tar$")
 

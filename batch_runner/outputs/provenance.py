@@ -64,6 +64,8 @@ def output_salt(cfg: RunConfig) -> str:
         "fp8_weights": cfg.memory.fp8_weights,
         "cache": [cfg.speed.cache, cfg.speed.cache_threshold if cfg.speed.cache != "none" else None],
     }
+    if not cfg.output.audio:  # a video without the sound its model makes is another video (counted only when off)
+        decisive["audio"] = False
     if cfg.model.loras:  # each file's hash too: a LoRA changed in place remakes the rows
         decisive["loras"] = lora_identities(cfg)
     return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:12]

@@ -182,7 +182,7 @@ h1{font-size:20px;margin:0 0 4px} .totals{margin:0 0 16px;color:#555}
 .frames figcaption{font-size:11px;color:#777;text-align:center}
 .meta{font-size:13px;margin-top:6px} .id{font-weight:600} .status{float:right;font-weight:600}
 .ok .status{color:#2a7} .failed .status{color:#d33} .error{color:#b00;font-size:12px;white-space:pre-wrap}
-.prompt{color:#333;margin-top:4px}
+.prompt{color:#333;margin-top:4px} .player{width:100%;margin-top:6px;display:block}
 .tables{display:flex;flex-wrap:wrap;gap:24px;margin:0 0 18px} .tables h2{font-size:15px;margin:0 0 6px}
 .tables table{border-collapse:collapse;font-size:13px;background:#fff}
 .tables td,.tables th{border:1px solid #ddd;padding:3px 8px;text-align:left;vertical-align:top}
@@ -228,6 +228,16 @@ def _tables(summary: dict[str, Any]) -> str:
     return f"<div class='tables'>{''.join(parts)}</div>" if parts else ""
 
 
+def _player(row: dict[str, Any]) -> str:
+    """A video with sound plays in the page, with its sound (controls, not muted; loaded on demand).
+    A silent video needs no player: its stills say what it shows."""
+    has_audio = row.get("has_audio")
+    if row["status"] != "ok" or not isinstance(row.get("video_path"), str) or pd.isna(has_audio) or not has_audio:
+        return ""
+    src = quote(row["video_path"])
+    return f"<video class='player' controls preload='metadata' src='{html.escape(src)}'></video>"
+
+
 def _card(output_dir: Path, row: dict[str, Any]) -> str:
     status = row["status"]
     figures = []
@@ -245,7 +255,7 @@ def _card(output_dir: Path, row: dict[str, Any]) -> str:
     prompt_html = f"<div class='prompt'>{html.escape(str(prompt))}</div>" if isinstance(prompt, str) else ""
     return (
         f"<div class='card {html.escape(status)}' data-id='{html.escape(row['id'])}'>"
-        f"<div class='frames'>{''.join(figures)}</div><div class='meta'>"
+        f"<div class='frames'>{''.join(figures)}</div>{_player(row)}<div class='meta'>"
         f"<span class='id'>{html.escape(row['id'])}</span>{html.escape(timing)}"
         f"<span class='status'>{html.escape(status)}</span>{prompt_html}{error}</div></div>"
     )

@@ -102,6 +102,8 @@ _DTYPES = {
     "peak_memory_gib": "float64",
     "motion": "float64",
     "brightness": "float64",
+    "has_audio": "boolean",
+    "audio_sample_rate": "Int64",
 }
 
 

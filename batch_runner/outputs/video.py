@@ -20,11 +20,16 @@ one process differed once other code had run, and more often with several encode
 float code rounds differently at each level (SSE2-only and AVX2 give different bytes), so a fixed
 level also makes the bytes the same on machines with and without AVX-512. Elsewhere (other CPUs,
 other architectures) x264 keeps its own choice.
+
+A video may carry a sound track (`Audio`): it goes into the same file as AAC (FFmpeg's own encoder,
+one thread, deterministic too), starting with the first frame and cut or padded with silence to
+the video's exact duration, its packets interleaved with the frames they play with.
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
@@ -67,18 +72,41 @@ def x264_simd(cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
     return ",".join(X86_64_V3)
 
 
-def write_video(frames: np.ndarray, path: Path, fps: float, crf: int = 18) -> None:
-    """Write uint8 frames (F, H, W, 3) to `path` as H.264/yuv420p MP4, atomically."""
+# Samples per AAC frame: FFmpeg's encoder takes exactly this many per call (the last may be short).
+AAC_FRAME = 1024
+_LAYOUTS = {1: "mono", 2: "stereo"}
+
+
+@dataclass(frozen=True)
+class Audio:
+    """A video's sound: float samples in [-1, 1], (channels, samples) with 1 or 2 channels, at `rate` Hz."""
+
+    samples: np.ndarray
+    rate: int
+
+    def fitted(self, seconds: float) -> np.ndarray:
+        """The samples as float32, cut or padded with silence to `seconds` (the video's duration)."""
+        wanted = round(seconds * self.rate)
+        samples = np.clip(np.asarray(self.samples, dtype=np.float32)[:, :wanted], -1.0, 1.0)
+        return np.pad(samples, ((0, 0), (0, wanted - samples.shape[1])))
+
+
+def write_video(frames: np.ndarray, path: Path, fps: float, crf: int = 18, audio: Audio | None = None) -> None:
+    """Write uint8 frames (F, H, W, 3) to `path` as H.264/yuv420p MP4, with `audio` as an AAC track
+    where given, atomically."""
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"expected uint8 frames of shape (F, H, W, 3), got {frames.dtype} {frames.shape}")
+    if audio is not None and (audio.samples.ndim != 2 or audio.samples.shape[0] not in _LAYOUTS):
+        raise ValueError(f"expected audio samples of shape (1 or 2 channels, samples), got {audio.samples.shape}")
     _, height, width, _ = frames.shape
     # yuv420p halves the chroma resolution: odd sizes lose their last row/column.
     frames = frames[:, : height - height % 2, : width - width % 2]
+    rate = Fraction(fps).limit_denominator(1001)
     with (
         atomic_path(path) as tmp,
         av.open(str(tmp), mode="w", format="mp4", options={"movflags": "+faststart"}) as container,
     ):
-        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+        stream = container.add_stream("libx264", rate=rate)
         stream.width = frames.shape[2]
         stream.height = frames.shape[1]
         stream.pix_fmt = "yuv420p"
@@ -87,12 +115,51 @@ def write_video(frames: np.ndarray, path: Path, fps: float, crf: int = 18) -> No
         if simd := x264_simd():  # the same bytes whatever the heap held (see the module docstring)
             options["x264-params"] = f"asm={simd}"
         stream.options = options
-        for frame in frames:
+        sound = _SoundTrack(container, audio, len(frames) / rate) if audio is not None else None
+        for index, frame in enumerate(frames):
             yuv = av.VideoFrame.from_ndarray(frame, format="rgb24").reformat(
                 format="yuv420p", interpolation=_EXACT, threads=1
             )
             container.mux(stream.encode(yuv))
+            if sound:  # the sound that plays with the frames so far, so the packets interleave
+                sound.encode_until((index + 1) / rate)
         container.mux(stream.encode())
+        if sound:
+            sound.finish()
+
+
+class _SoundTrack:
+    """An AAC stream fed in AAC frames, from the start of the video up to a time."""
+
+    def __init__(self, container: av.container.OutputContainer, audio: Audio, seconds: Fraction) -> None:
+        self.container, self.rate = container, audio.rate
+        self.samples = audio.fitted(float(seconds))
+        self.stream = container.add_stream("aac", rate=audio.rate, layout=_LAYOUTS[self.samples.shape[0]])
+        self.stream.codec_context.thread_count = 1
+        self.done = 0
+
+    def encode_until(self, seconds: Fraction) -> None:
+        end = min(self.samples.shape[1], int(seconds * self.rate))
+        while self.done + AAC_FRAME <= end or (end == self.samples.shape[1] and self.done < end):
+            chunk = np.ascontiguousarray(self.samples[:, self.done : self.done + AAC_FRAME])
+            frame = av.AudioFrame.from_ndarray(chunk, format="fltp", layout=self.stream.layout.name)
+            frame.sample_rate, frame.pts = self.rate, self.done
+            self.container.mux(self.stream.encode(frame))
+            self.done += chunk.shape[1]
+
+    def finish(self) -> None:
+        self.encode_until(Fraction(self.samples.shape[1], self.rate))
+        self.container.mux(self.stream.encode())
+
+
+def stream_durations(path: Path) -> dict[str, tuple[str, float]]:
+    """Each stream's kind ("video", "audio"), codec and duration in seconds, as ffprobe shows them."""
+    with av.open(str(path)) as container:
+        return {
+            f"{s.type}{s.index}": (s.codec_context.name, float(s.duration * s.time_base))
+            for s in container.streams
+            if s.duration is not None
+        }
 
 
 def read_video(path: Path) -> tuple[np.ndarray, float]:

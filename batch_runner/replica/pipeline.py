@@ -99,7 +99,10 @@ def empty_component(
 ) -> torch.nn.Module:
     """A component of a saved pipeline built from its config alone, on the meta device."""
     library, class_name = family.pipeline_class.load_config(source, revision=revision)[name]
-    cls = getattr(importlib.import_module(library), class_name)
+    pipelines = importlib.import_module("diffusers.pipelines")
+    # A class of a pipeline's own module is saved under that module's name, as diffusers resolves it.
+    module = getattr(pipelines, library) if hasattr(pipelines, library) else importlib.import_module(library)
+    cls = getattr(module, class_name)
     with torch.device("meta"), default_dtype(dtype):
         if hasattr(cls, "load_config"):  # a diffusers model
             return cls.from_config(cls.load_config(source, subfolder=name, revision=revision))

@@ -8,6 +8,7 @@ that row once.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import time
@@ -26,6 +27,7 @@ from batch_runner.cluster.parallel import Team, split_attention
 from batch_runner.config import RunConfig
 from batch_runner.families.base import DENOISER
 from batch_runner.inputs.manifest import Job
+from batch_runner.outputs.video import Audio
 from batch_runner.replica import host_weights, placement, planner, speed
 from batch_runner.replica.anatomy import anatomy
 from batch_runner.replica.pipeline import build_pipeline, torch_dtype
@@ -98,6 +100,8 @@ class Replica:
         self._clock: _StageClock | None = None
         # Seconds of the last video's stages inside the pipeline call (see make).
         self.stages: dict[str, float] = {}
+        # The last video's sound, where the model makes one and output.audio keeps it (see make).
+        self.audio: Audio | None = None
 
     @property
     def plan(self) -> str:
@@ -274,16 +278,21 @@ class Replica:
     ) -> np.ndarray:
         """One video as uint8 frames (F, H, W, 3); `on_step` is called after each denoising step.
 
-        `images` holds the row's "image" and, where the row gives one, its "last_image".
+        `images` holds the row's "image" and, where the row gives one, its "last_image". The video's
+        sound, where its model makes one, is left in `self.audio` (None otherwise, and under
+        output.audio=false, which skips decoding it).
         """
         self.prepare(job)
+        self.audio = None
+        keep_audio = self.cfg.output.audio
+        skipping = contextlib.nullcontext() if keep_audio else self.family.audio_skipped(self.pipe)
         execution_device = upstream.execution_device(self.pipe)
         generator = torch.Generator(device=execution_device).manual_seed(job.seed)
         arguments = self.family.call_arguments(self.cfg.model, job, images, prompts.embeddings)
         clock = self._clock = _StageClock(self.device, job.num_inference_steps)
         hooks = [d.register_forward_pre_hook(clock.denoiser_called) for d in self.denoisers]
         try:
-            with speed.inference(self.cfg.speed, self.device):
+            with speed.inference(self.cfg.speed, self.device), skipping:
                 output = self.pipe(
                     **arguments,
                     generator=generator,
@@ -300,6 +309,12 @@ class Replica:
                         "latents went non-finite or its guidance collapsed"
                     )
                 frames = frames.cpu().numpy()
+                track = self.family.audio_track(self.pipe, output) if keep_audio else None
+                if track is not None:
+                    samples, rate = track
+                    if not torch.isfinite(samples).all():
+                        raise FloatingPointError("the sound holds NaN or infinite values (the latents went non-finite)")
+                    self.audio = Audio(samples.float().cpu().numpy(), rate)
         finally:
             for hook in hooks:
                 hook.remove()

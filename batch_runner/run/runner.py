@@ -42,7 +42,7 @@ from batch_runner.outputs.storage import (
     output_errors,
     sweep_temporaries,
 )
-from batch_runner.outputs.video import write_video
+from batch_runner.outputs.video import Audio, write_video
 from batch_runner.outputs.writers import Writers, encoder_count
 from batch_runner.replica import compile_cache
 from batch_runner.replica.planner import GIB
@@ -288,6 +288,7 @@ def _make_videos(
                 started = time.perf_counter()
                 try:
                     frames, row = _make_one(replica, job, image.result(), prompts, row, on_step)
+                    audio = replica.audio
                 except ImageLoadError as e:
                     if first(position, job):
                         finish(row.failed(f"image: {e}"))
@@ -306,7 +307,9 @@ def _make_videos(
                 row = row.but(writer_wait_seconds=round(writers.wait_for_room(), 4))
                 won = functools.partial(first, position, job)
                 writers.submit(
-                    functools.partial(_publish, out, job, frames, image.result()["image"], row, cfg, first=won)
+                    functools.partial(
+                        _publish, out, job, frames, image.result()["image"], row, cfg, first=won, audio=audio
+                    )
                 )
                 if progress:
                     progress.refresh()
@@ -412,13 +415,21 @@ def _make_one(replica: Replica, job: Job, image: Any, prompts: Any, row: ResultR
 
 
 def _publish(
-    out: Path, job: Job, frames: Any, image: Any, row: ResultRow, cfg: RunConfig, finish: Any, first: Any = None
+    out: Path,
+    job: Job,
+    frames: Any,
+    image: Any,
+    row: ResultRow,
+    cfg: RunConfig,
+    finish: Any,
+    first: Any = None,
+    audio: Audio | None = None,
 ) -> None:
-    """An encoder thread: the frames' quality, the video (atomically), the preview, then the durable result row.
-    A constant video fails its row with the reason and is not written. The video is written under a
-    name of this process's own first, and renamed into place only if this copy is the row's first
-    finished one (`first()`); a copy that another process finished first is discarded. Without
-    `first` (one process), every copy is the first."""
+    """An encoder thread: the frames' quality, the video (atomically, with its sound where it has
+    one), the preview, then the durable result row. A constant video fails its row with the reason
+    and is not written. The video is written under a name of this process's own first, and renamed
+    into place only if this copy is the row's first finished one (`first()`); a copy that another
+    process finished first is discarded. Without `first` (one process), every copy is the first."""
     if first is None:
         first = _always
     relative = f"{VIDEOS_DIR}/{job.id}.mp4"
@@ -434,8 +445,12 @@ def _publish(
     try:
         # A full or read-only folder ends the run (every later row would fail the same way).
         with output_errors(out, f"write {relative}", KEPT_WHILE_MAKING):
-            write_video(frames, staged, job.fps, cfg.output.crf)
-        row = row.but(write_seconds=round(time.perf_counter() - writing, 4))
+            write_video(frames, staged, job.fps, cfg.output.crf, audio)
+        row = row.but(
+            write_seconds=round(time.perf_counter() - writing, 4),
+            has_audio=audio is not None,
+            audio_sample_rate=audio.rate if audio is not None else None,
+        )
     except OutputError:
         staged.unlink(missing_ok=True)
         raise

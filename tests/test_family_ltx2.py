@@ -1,0 +1,169 @@
+"""LTX-2 makes sound: the MP4 of each row carries it as an AAC track as long as the video, the results
+say so, the report plays it, and output.audio=false makes silent videos without decoding it."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import av
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from batch_runner.families import family_named
+from batch_runner.inputs.images import load_image
+from batch_runner.inputs.manifest import load_manifest
+from batch_runner.replica.pipeline import build_pipeline
+
+from .conftest import accelerate_cpu, ok, photo, run_cli, run_config, write_manifest
+
+ROWS = {"a": {"prompt": "the sea at night", "seed": 1}, "b": {"prompt": "a car in the city", "num_frames": 17}}
+
+
+def streams(path: Path) -> list[tuple[str, str, float]]:
+    """(kind, codec, seconds) of every stream of an MP4, as ffprobe shows them."""
+    with av.open(str(path)) as container:
+        return [(s.type, s.codec_context.name, float(s.duration * s.time_base)) for s in container.streams]
+
+
+def manifest_of(tmp_path: Path) -> Path:
+    image = photo(tmp_path / "in" / "first.png", (120, 80))
+    return write_manifest(tmp_path / "jobs.csv", [{"id": i, "image": str(image), **c} for i, c in ROWS.items()])
+
+
+@pytest.mark.slow
+def test_two_processes_make_every_row_with_a_sound_track_as_long_as_the_video(tmp_path):
+    manifest = manifest_of(tmp_path)
+    out = tmp_path / "out"
+    ok(
+        run_cli(
+            f"manifest={manifest}", "model=tiny-ltx2", f"output_dir={out}", launcher=accelerate_cpu(2), cwd=tmp_path
+        )
+    )
+    table = pd.read_parquet(out / "results.parquet").set_index("id")
+    assert set(table["status"]) == {"ok"} and set(table["rank"]) == {0, 1}
+    for row_id, frames in (("a", 9), ("b", 17)):
+        [(video, h264, video_seconds), (audio, aac, audio_seconds)] = streams(out / "videos" / f"{row_id}.mp4")
+        assert (video, h264, audio, aac) == ("video", "h264", "audio", "aac")
+        assert video_seconds == pytest.approx(frames / 8)
+        assert abs(audio_seconds - video_seconds) <= 1 / 8, row_id  # within one frame
+        assert bool(table.loc[row_id, "has_audio"]) and table.loc[row_id, "audio_sample_rate"] == 8000
+    metadata = pd.read_parquet(out / "metadata.parquet").set_index("id")
+    assert metadata["has_audio"].all() and set(metadata["audio_sample_rate"]) == {8000}
+    page = (out / "report.html").read_text()
+    assert page.count("<video class='player' controls") == 2 and "muted" not in page
+
+
+@pytest.mark.slow
+def test_output_audio_false_makes_videos_without_a_sound_track(tmp_path):
+    manifest = manifest_of(tmp_path)
+    out = tmp_path / "out"
+    ok(run_cli(f"manifest={manifest}", "model=tiny-ltx2", f"output_dir={out}", "output.audio=false", cwd=tmp_path))
+    table = pd.read_parquet(out / "results.parquet").set_index("id")
+    assert set(table["status"]) == {"ok"}
+    for row_id in ROWS:
+        assert [kind for kind, _, _ in streams(out / "videos" / f"{row_id}.mp4")] == ["video"]
+        assert not table.loc[row_id, "has_audio"] and pd.isna(table.loc[row_id, "audio_sample_rate"])
+    assert "<video" not in (out / "report.html").read_text()
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+# Plays the report's first video, logging what Chromium decoded of each stream while it plays.
+PROBE = """<!doctype html><html><body><video id=v src='{src}' autoplay></video><pre id=log></pre><script>
+const v = document.getElementById('v'), log = document.getElementById('log');
+v.addEventListener('timeupdate', () => {{ if (v.webkitAudioDecodedByteCount > 0) log.textContent = JSON.stringify(
+  {{audio: v.webkitAudioDecodedByteCount, video: v.webkitVideoDecodedByteCount, duration: v.duration}}); }});
+v.addEventListener('error', () => {{ log.textContent = 'error ' + v.error.code + ' ' + v.error.message; }});
+</script></body></html>"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium (apt-get install chromium)")
+def test_chromium_plays_the_reports_video_with_its_sound(tmp_path):
+    manifest = manifest_of(tmp_path)
+    out = tmp_path / "out"
+    ok(run_cli(f"manifest={manifest}", "model=tiny-ltx2", f"output_dir={out}", "ids=[a]", cwd=tmp_path))
+    [src] = re.findall(
+        r"<video class='player' controls preload='metadata' src='([^']+)'>", (out / "report.html").read_text()
+    )
+    (out / "probe.html").write_text(PROBE.format(src=src))
+    browser = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"]
+    browser += ["--disable-background-networking", "--disable-component-update", "--disable-sync"]
+    browser += [f"--user-data-dir={tmp_path / 'profile'}", "--autoplay-policy=no-user-gesture-required"]
+    browser += ["--virtual-time-budget=5000", "--dump-dom", (out / "probe.html").as_uri()]
+    page = subprocess.run(browser, capture_output=True, text=True, timeout=120, check=False).stdout
+    [played] = re.findall(r"<pre id=\"log\">([^<]*)</pre>", page)
+    decoded = json.loads(played)  # an error or nothing decoded of the sound leaves no JSON here
+    assert decoded["audio"] > 0 and decoded["video"] > 0 and decoded["duration"] == pytest.approx(9 / 8)
+
+
+def test_without_audio_the_pipeline_skips_the_sound_decode_and_puts_it_back_after(tmp_path, monkeypatch):
+    cfg = run_config("manifest=x", "model=tiny-ltx2")
+    family, pipe = family_named("ltx2"), build_pipeline(cfg.model)
+    image = photo(tmp_path / "in.png", (96, 64))
+    rows = [{"image": str(image), "prompt": "sea", "num_inference_steps": 2}]
+    [job] = load_manifest(write_manifest(tmp_path / "j.csv", rows), cfg.model, 0).jobs
+    texts = [job.prompt, job.negative_prompt]
+    embeds = dict(zip(texts, family.encode_prompts(pipe, texts, cfg.model, torch.float32), strict=True))
+    arguments = family.call_arguments(cfg.model, job, {"image": load_image(job.image, 64, 96, 10**8)}, embeds)
+    vocoded = []
+    vocode = type(pipe.vocoder).forward
+    monkeypatch.setattr(type(pipe.vocoder), "forward", lambda self, *a, **k: vocoded.append(1) or vocode(self, *a, **k))
+    with torch.no_grad():
+        with family.audio_skipped(pipe):
+            silent = pipe(**arguments, generator=torch.Generator().manual_seed(0))
+        assert family.audio_track(pipe, silent) is None and vocoded == []
+        loud = pipe(**arguments, generator=torch.Generator().manual_seed(0), output_type="pt")
+    samples, rate = family.audio_track(pipe, loud)
+    assert vocoded == [1] and rate == 8000 and samples.shape[0] == 2
+    assert "decode" not in pipe.audio_vae.__dict__ and "forward" not in pipe.vocoder.__dict__
+
+
+def test_a_text_cached_without_its_padding_makes_the_video_and_sound_of_the_padded_one():
+    """The replica caches Gemma's stacked hidden states of the real tokens only, on the host; padded
+    again for the row, they make what diffusers makes from the prompt itself."""
+    cfg = run_config("manifest=x", "model=tiny-ltx2")
+    family, pipe = family_named("ltx2"), build_pipeline(cfg.model)
+    image = Image.new("RGB", (96, 64), (200, 100, 50))
+    common = {"image": image, "height": 64, "width": 96, "num_frames": 9, "frame_rate": 8.0, "guidance_scale": 3.0}
+    common |= {"num_inference_steps": 2, "output_type": "pt", "max_sequence_length": cfg.model.max_sequence_length}
+    with torch.no_grad():
+        cached, cached_negative = family.encode_prompts(pipe, ["the sea", ""], cfg.model, torch.float32)
+        assert cached.tokens.device.type == "cpu" and cached.tokens.shape[0] < cfg.model.max_sequence_length
+        own = pipe(prompt="the sea", negative_prompt="", generator=torch.Generator().manual_seed(0), **common)
+        (prompt, mask), (negative, negative_mask) = cached.padded(), cached_negative.padded()
+        ours = pipe(
+            prompt_embeds=prompt,
+            prompt_attention_mask=mask,
+            negative_prompt_embeds=negative,
+            negative_prompt_attention_mask=negative_mask,
+            generator=torch.Generator().manual_seed(0),
+            **common,
+        )
+    torch.testing.assert_close(ours.frames, own.frames, rtol=0, atol=0)
+    torch.testing.assert_close(ours.audio, own.audio, rtol=0, atol=0)
+
+
+def test_a_saved_ltx2_pipeline_s_components_are_built_empty_from_their_configs(tmp_path):
+    """Host sharing builds each shared component on the meta device from the saved folder: the
+    connectors and the vocoder are classes of diffusers' LTX-2 pipeline module, saved as `ltx2`."""
+    from batch_runner.replica.pipeline import empty_component
+
+    cfg = run_config("manifest=x", "model=tiny-ltx2")
+    build_pipeline(cfg.model).save_pretrained(tmp_path / "saved")
+    family = family_named("ltx2")
+    for name in family.roles:
+        module = empty_component(family, str(tmp_path / "saved"), name, torch.float32, None)
+        assert all(p.is_meta for p in module.parameters()), name
+
+
+def test_a_frame_count_ltx2_cannot_make_is_refused_naming_the_nearest(tmp_path):
+    image = photo(tmp_path / "in.png")
+    model = run_config("manifest=x", "model=ltx-2").model
+    rows = [{"id": "bad", "image": str(image), "prompt": "sea", "num_frames": 120}]
+    [problem] = load_manifest(write_manifest(tmp_path / "j.csv", rows), model, 0).problems
+    assert "ltx-2 makes 8N+1 frames, 9 to 257, not 120; the nearest valid value is 121" in str(problem)
