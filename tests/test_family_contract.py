@@ -532,9 +532,53 @@ class TestHunyuanVideo15(FamilyContract):
     recorded = {"vae_tile": 64}  # noqa: RUF012 (a declaration, never changed)
 
 
+class TestSkyReelsV2(FamilyContract):
+    family = "skyreels"
+    tiny = (Tiny("tiny-skyreels", CLIP, (9, 32, 64)),)
+    # Wan 2.1 I2V 14B's shape (16.4B with its image cross-attention). Tokens: 97 frames -> 25 latent
+    # frames, 544x960 -> 34x60 tokens; 121 frames -> 31, 720x1280 -> 45x80; text out of the sequence.
+    full_size = (
+        FullSize("skyreels-v2-i2v-14b-540p", CLIP, 16.4, 40, 5120, ((97, 544, 960, 512), 25 * 34 * 60)),
+        # 121 frames at 720P: by the estimate, only sequential offload fits 12 GiB.
+        FullSize(
+            "skyreels-v2-i2v-14b-720p",
+            CLIP,
+            16.4,
+            40,
+            5120,
+            ((121, 720, 1280, 512), 31 * 45 * 80),
+            budgets=(80.0, 48.0, 24.0, 16.0),
+        ),
+    )
+    bad_rows = (
+        BadRow(
+            "tiny-skyreels",
+            {"num_frames": 12},
+            "tiny-skyreels makes 4N+1 frames, 5 to 81, not 12; the nearest valid value is 13",
+        ),
+        BadRow(
+            "skyreels-v2-i2v-14b-540p",
+            {"num_frames": 100},
+            "skyreels-v2-i2v-14b-540p makes 4N+1 frames, 5 to 121, not 100; the nearest valid value is 101",
+        ),
+        BadRow("tiny-skyreels", {"width": 100}, "the nearest valid size is width=96 height=64"),
+        BadRow("skyreels-v2-i2v-14b-720p", {"width": 1275}, "the nearest valid size is width=1280 height=720"),
+    )
+    guidance_batch = 1
+    end_to_end = (
+        "tiny-skyreels",
+        (),
+        {
+            "a": ({"prompt": "the sea at night", "seed": 1}, (9, 64, 96)),
+            "b": ({"prompt": "a car in the city", "num_frames": 13}, (13, 64, 96)),
+            "c": ({"prompt": "light on the water", "seed": 5}, (9, 64, 96)),
+        },
+    )
+
+
 # --- the interface itself -------------------------------------------------------------------------
 
-CONTRACTS = (TestCogVideoX, TestWan, TestLTX, TestHunyuanVideo15)
+CONTRACTS = (TestCogVideoX, TestWan, TestLTX, TestHunyuanVideo15, TestSkyReelsV2)
 
 
 def test_every_family_module_has_a_contract():
