@@ -73,6 +73,12 @@ MIRRORS = (
         DIFFUSERS_VERSIONS,
         "families.base: the transformer's attention backend",
     ),
+    Mirror(
+        "diffusers",
+        "diffusers.models.attention:AttentionModuleMixin._supports_qkv_fusion",
+        DIFFUSERS_VERSIONS,
+        "kandinsky5: its attention says it cannot fuse (diffusers' fusing misses its projections)",
+    ),
 )
 # Attributes the libraries set on a module they hook: not importable, so the test adds a hook and looks.
 HOOK_ATTRIBUTES = (

@@ -382,6 +382,7 @@ T5 = frozenset({"text_encoder", "transformer", "vae"})
 CLIP = T5 | {"image_encoder"}
 EXPERTS = T5 | {"transformer_2"}
 HUNYUAN = frozenset({"text_encoder", "text_encoder_2", "image_encoder", "transformer", "vae"})
+KANDINSKY = frozenset({"text_encoder", "text_encoder_2", "transformer", "vae"})
 
 
 class TestCogVideoX(FamilyContract):
@@ -576,9 +577,56 @@ class TestSkyReelsV2(FamilyContract):
     )
 
 
+class TestKandinsky5(FamilyContract):
+    family = "kandinsky5"
+    tiny = (Tiny("tiny-kandinsky5", KANDINSKY, (17, 32, 64)),)
+    # Lite 2.0B, Pro 19.3B; Qwen2.5-VL 7B whole (8.29B with its vision tower), CLIP-L's text model.
+    # 121 frames -> 31 latent frames; 512x768 -> 32x48 tokens of 2x2 latents of 8x8 pixels; the text
+    # stays out of the sequence.
+    full_size = tuple(
+        FullSize(
+            name,
+            KANDINSKY,
+            b,
+            blocks,
+            hidden,
+            ((121, 512, 768, 256), 31 * 32 * 48),
+            {"text_encoder": 8.29, "text_encoder_2": 0.123},
+        )
+        for name, b, blocks, hidden in (
+            ("kandinsky5-i2v-lite-5s", 2.0, 32, 1792),
+            ("kandinsky5-i2v-pro-5s", 19.3, 60, 4096),
+        )
+    )
+    bad_rows = (
+        BadRow(
+            "tiny-kandinsky5",
+            {"num_frames": 9},
+            "tiny-kandinsky5 makes 4N+1 frames, 17 to 49, not 9; the nearest valid value is 17",
+        ),
+        BadRow(
+            "kandinsky5-i2v-lite-5s",
+            {"num_frames": 100},
+            "kandinsky5-i2v-lite-5s makes 4N+1 frames, 17 to 121, not 100; the nearest valid value is 101",
+        ),
+        BadRow("tiny-kandinsky5", {"width": 100}, "the nearest valid size is width=96 height=64"),
+    )
+    guidance_batch = 1
+    fuses_qkv = False  # its projections are named to_query/to_key/to_value, which diffusers' fusing misses
+    end_to_end = (
+        "tiny-kandinsky5",
+        (),
+        {
+            "a": ({"prompt": "the sea at night", "seed": 1}, (17, 64, 96)),
+            "b": ({"prompt": "a car in the city", "num_frames": 21}, (21, 64, 96)),
+            "c": ({"prompt": "light on the water", "seed": 5}, (17, 64, 96)),
+        },
+    )
+
+
 # --- the interface itself -------------------------------------------------------------------------
 
-CONTRACTS = (TestCogVideoX, TestWan, TestLTX, TestHunyuanVideo15, TestSkyReelsV2)
+CONTRACTS = (TestCogVideoX, TestWan, TestLTX, TestHunyuanVideo15, TestSkyReelsV2, TestKandinsky5)
 
 
 def test_every_family_module_has_a_contract():
