@@ -175,7 +175,10 @@ class FamilyContract:
             cfg = run_config("manifest=x", f"model={t.name}")
             saved = OmegaConf.to_container(OmegaConf.structured(cfg))
             options = saved["model"].pop("options")
-            saved["model"] |= FORMER_DEFAULTS | options
+            # Only the former model fields were ever at the top; a newer family's own options stay put.
+            saved["model"] |= FORMER_DEFAULTS | {k: v for k, v in options.items() if k in FORMER_DEFAULTS}
+            if newer := {k: v for k, v in options.items() if k not in FORMER_DEFAULTS}:
+                saved["model"]["options"] = newer
             folder = tmp_path / t.name
             folder.mkdir()
             (folder / CONFIG_FILE).write_text(OmegaConf.to_yaml(saved))
@@ -624,9 +627,47 @@ class TestKandinsky5(FamilyContract):
     )
 
 
+class TestCosmosPredict25(FamilyContract):
+    family = "cosmos"
+    tiny = (Tiny("tiny-cosmos", T5, (9, 32, 64)),)
+    # 2B 2.06B, 14B 14.37B; Cosmos-Reason1-7B (Qwen2.5-VL 7B, 8.29B with its vision tower). 93 frames
+    # -> 24 latent frames; 704x1280 -> 44x80 tokens of 2x2 latents of 8x8 pixels; the text stays out.
+    full_size = tuple(
+        FullSize(name, T5, b, blocks, hidden, ((93, 704, 1280, 512), 24 * 44 * 80), {"text_encoder": 8.29})
+        for name, b, blocks, hidden in (
+            ("cosmos-predict2.5-2b", 2.06, 28, 2048),
+            ("cosmos-predict2.5-14b", 14.37, 36, 5120),
+        )
+    )
+    bad_rows = (
+        BadRow(
+            "tiny-cosmos",
+            {"num_frames": 12},
+            "tiny-cosmos makes 4N+1 frames, 5 to 49, not 12; the nearest valid value is 13",
+        ),
+        BadRow(
+            "cosmos-predict2.5-2b",
+            {"num_frames": 100},
+            "cosmos-predict2.5-2b makes 4N+1 frames, 5 to 93, not 100; the nearest valid value is 93",
+        ),
+        BadRow("tiny-cosmos", {"width": 100}, "the nearest valid size is width=96 height=64"),
+    )
+    guidance_batch = 1
+    fuses_qkv = False  # its transformer has no fuse_qkv_projections (no diffusers AttentionMixin)
+    end_to_end = (
+        "tiny-cosmos",
+        (),
+        {
+            "a": ({"prompt": "the sea at night", "seed": 1}, (9, 64, 96)),
+            "b": ({"prompt": "a car in the city", "num_frames": 13}, (13, 64, 96)),
+            "c": ({"prompt": "light on the water", "seed": 5}, (9, 64, 96)),
+        },
+    )
+
+
 # --- the interface itself -------------------------------------------------------------------------
 
-CONTRACTS = (TestCogVideoX, TestWan, TestLTX, TestHunyuanVideo15, TestSkyReelsV2, TestKandinsky5)
+CONTRACTS = (TestCogVideoX, TestWan, TestLTX, TestHunyuanVideo15, TestSkyReelsV2, TestKandinsky5, TestCosmosPredict25)
 
 
 def test_every_family_module_has_a_contract():
@@ -635,7 +676,7 @@ def test_every_family_module_has_a_contract():
 
 def test_no_module_outside_the_families_names_a_model_class():
     pattern = re.compile(
-        r"(CogVideoX|Wan|LTX|HunyuanVideo)[A-Za-z0-9]*(Pipeline|Transformer3DModel|Scheduler|Autoencoder)"
+        r"(CogVideoX|Wan|LTX|HunyuanVideo|SkyReels|Kandinsky|Cosmos)[A-Za-z0-9_]*(Pipeline|Transformer3DModel|Scheduler|Autoencoder)"
     )
     offenders = [
         str(path.relative_to(ROOT))
