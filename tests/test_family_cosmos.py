@@ -97,3 +97,27 @@ def test_the_full_size_configs_keep_the_guardrail_on_and_the_tiny_one_off():
     for name in ("cosmos-predict2.5-2b", "cosmos-predict2.5-14b"):
         assert family.options(run_config("manifest=x", f"model={name}").model).guardrail is True
     assert family.options(run_config("manifest=x", f"model={TINY}").model).guardrail is False
+
+
+def test_the_chosen_sdpa_kernel_order_runs_inside_every_attention_and_leaves_the_video_as_it_is(tmp_path):
+    """Its processors take no backend of their own: the family wraps each in `sdpa_kernel` with the
+    order chosen (math only here, which every CPU build has)."""
+    from torch.nn.attention import SDPBackend
+
+    from batch_runner.families.cogvideox import PreferredAttention
+
+    cfg = run_config("manifest=x", f"model={TINY}")
+    job, images = tiny_job(tmp_path, steps=2)
+    made = []
+    for prefer in (False, True):
+        pipe = build_pipeline(cfg.model)
+        if prefer:
+            family_named("cosmos").prefer_attention(pipe.transformer, [SDPBackend.MATH], "_native_math")
+            wrapped = [m.processor for m in pipe.transformer.modules() if hasattr(m, "set_processor")]
+            assert wrapped and all(isinstance(p, PreferredAttention) for p in wrapped)
+        arguments = family_named("cosmos").call_arguments(
+            cfg.model, job, images, _embeds(pipe, cfg.model, [job.prompt, job.negative_prompt])
+        )
+        with torch.no_grad():
+            made.append(pipe(**arguments, generator=torch.Generator().manual_seed(1), output_type="pt").frames[0])
+    torch.testing.assert_close(made[1], made[0], rtol=1e-5, atol=1e-5)

@@ -7,7 +7,8 @@ concatenated (28 x 3584 values a token), are projected by the transformer to its
 cross-attended by every block; text stays out of the self-attention sequence. The VAE is Wan 2.1's
 (8x8 pixels and 4 frames a latent: frames 4N+1), the transformer takes 1x2x2 latents a token. The
 row's image is the first latent frame, held at a near-zero noise level; there is no last frame.
-Its attention goes through diffusers' attention dispatcher; `transformer_blocks` repeat.
+Its attention goes through diffusers' attention dispatcher, at the process-wide backend: the kernel
+is chosen with `sdpa_kernel` inside each processor call, as for CogVideoX. `transformer_blocks` repeat.
 
 The guardrail. NVIDIA's model comes with a safety checker (`cosmos_guardrail`, a separate pip
 package that downloads its own models: a blocklist and Qwen3Guard for the prompt, RetinaFace to blur
@@ -310,6 +311,16 @@ class Cosmos(Family):
 
     def blocks(self, transformer: torch.nn.Module) -> torch.nn.ModuleList:
         return transformer.transformer_blocks
+
+    def prefer_attention(self, transformer: torch.nn.Module, order: list, backend: str) -> None:
+        """Its processors call diffusers' dispatcher without a backend of their own (so the
+        process-wide one), which `set_attention_backend` does not change: as CogVideoX's, each runs
+        inside `sdpa_kernel` with the SDPA backend order, which the compiled blocks trace."""
+        from batch_runner.families.cogvideox import PreferredAttention
+
+        for module in transformer.modules():  # it has no AttentionMixin: each attention module in turn
+            if hasattr(module, "set_processor") and getattr(module, "processor", None) is not None:
+                module.set_processor(PreferredAttention(module.processor, order))
 
     def geometry(self, configs: dict[str, dict]) -> Geometry:
         t, vae = configs["transformer"], configs["vae"]
