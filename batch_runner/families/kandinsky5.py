@@ -238,8 +238,9 @@ class Kandinsky5(Family):
 
     def call_arguments(self, model: ModelConfig, job: Any, images: dict[str, Any], embeds: Any) -> dict[str, Any]:
         guided = job.guidance_scale > 1
-        prompt = embeds[job.prompt]
-        negative = embeds[job.negative_prompt] if guided else (None, None, None)
+        # None where a caller gives the texts as text instead (the GPU tests' reference recipe).
+        prompt = embeds[job.prompt] or (None, None, None)
+        negative = (embeds[job.negative_prompt] if guided else None) or (None, None, None)
         return {
             "image": images["image"],
             "prompt_embeds_qwen": prompt[0],
