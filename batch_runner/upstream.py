@@ -79,6 +79,18 @@ MIRRORS = (
         DIFFUSERS_VERSIONS,
         "families.base: the transformer's attention backend",
     ),
+    Mirror(
+        "diffusers",
+        "diffusers.models.attention:AttentionModuleMixin._supports_qkv_fusion",
+        DIFFUSERS_VERSIONS,
+        "kandinsky5: its attention says it cannot fuse (diffusers' fusing misses its projections)",
+    ),
+    Mirror(
+        "diffusers",
+        "diffusers.models.transformers.transformer_cosmos:is_torchvision_available",
+        DIFFUSERS_VERSIONS,
+        "cosmos: the module's `transforms` (torchvision, imported only where installed) stood in for",
+    ),
 )
 # Attributes the libraries set on a module they hook: not importable, so the test adds a hook and looks.
 HOOK_ATTRIBUTES = (

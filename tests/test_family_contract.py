@@ -177,9 +177,10 @@ class FamilyContract:
             cfg = run_config("manifest=x", f"model={t.name}")
             saved = OmegaConf.to_container(OmegaConf.structured(cfg))
             options = saved["model"].pop("options")
+            # Only the former model fields were ever at the top; a newer family's own options stay put.
             saved["model"] |= FORMER_DEFAULTS | {k: v for k, v in options.items() if k in FORMER_DEFAULTS}
-            # Options newer than that schema (a family added since) were only ever saved under `options`.
-            saved["model"]["options"] = {k: v for k, v in options.items() if k not in FORMER_DEFAULTS}
+            if newer := {k: v for k, v in options.items() if k not in FORMER_DEFAULTS}:
+                saved["model"]["options"] = newer
             folder = tmp_path / t.name
             folder.mkdir()
             (folder / CONFIG_FILE).write_text(OmegaConf.to_yaml(saved))
@@ -386,6 +387,7 @@ T5 = frozenset({"text_encoder", "transformer", "vae"})
 CLIP = T5 | {"image_encoder"}
 EXPERTS = T5 | {"transformer_2"}
 HUNYUAN = frozenset({"text_encoder", "text_encoder_2", "image_encoder", "transformer", "vae"})
+KANDINSKY = frozenset({"text_encoder", "text_encoder_2", "transformer", "vae"})
 
 
 class TestCogVideoX(FamilyContract):
@@ -577,9 +579,147 @@ class TestLTX2(FamilyContract):
     # tests/test_family_ltx2.py runs tiny-ltx2 end to end (two processes, with and without sound).
 
 
+class TestSkyReelsV2(FamilyContract):
+    family = "skyreels"
+    tiny = (Tiny("tiny-skyreels", CLIP, (9, 32, 64)),)
+    # Wan 2.1 I2V 14B's shape (16.4B with its image cross-attention). Tokens: 97 frames -> 25 latent
+    # frames, 544x960 -> 34x60 tokens; 121 frames -> 31, 720x1280 -> 45x80; text out of the sequence.
+    full_size = (
+        FullSize("skyreels-v2-i2v-14b-540p", CLIP, 16.4, 40, 5120, ((97, 544, 960, 512), 25 * 34 * 60)),
+        # 121 frames at 720P: by the estimate, only sequential offload fits 12 GiB.
+        FullSize(
+            "skyreels-v2-i2v-14b-720p",
+            CLIP,
+            16.4,
+            40,
+            5120,
+            ((121, 720, 1280, 512), 31 * 45 * 80),
+            budgets=(80.0, 48.0, 24.0, 16.0),
+        ),
+    )
+    bad_rows = (
+        BadRow(
+            "tiny-skyreels",
+            {"num_frames": 12},
+            "tiny-skyreels makes 4N+1 frames, 5 to 81, not 12; the nearest valid value is 13",
+        ),
+        BadRow(
+            "skyreels-v2-i2v-14b-540p",
+            {"num_frames": 100},
+            "skyreels-v2-i2v-14b-540p makes 4N+1 frames, 5 to 121, not 100; the nearest valid value is 101",
+        ),
+        BadRow("tiny-skyreels", {"width": 100}, "the nearest valid size is width=96 height=64"),
+        BadRow("skyreels-v2-i2v-14b-720p", {"width": 1275}, "the nearest valid size is width=1280 height=720"),
+    )
+    guidance_batch = 1
+    end_to_end = (
+        "tiny-skyreels",
+        (),
+        {
+            "a": ({"prompt": "the sea at night", "seed": 1}, (9, 64, 96)),
+            "b": ({"prompt": "a car in the city", "num_frames": 13}, (13, 64, 96)),
+            "c": ({"prompt": "light on the water", "seed": 5}, (9, 64, 96)),
+        },
+    )
+
+
+class TestKandinsky5(FamilyContract):
+    family = "kandinsky5"
+    tiny = (Tiny("tiny-kandinsky5", KANDINSKY, (17, 32, 64)),)
+    # Lite 2.0B, Pro 19.3B; Qwen2.5-VL 7B whole (8.29B with its vision tower), CLIP-L's text model.
+    # 121 frames -> 31 latent frames; 512x768 -> 32x48 tokens of 2x2 latents of 8x8 pixels; the text
+    # stays out of the sequence.
+    full_size = tuple(
+        FullSize(
+            name,
+            KANDINSKY,
+            b,
+            blocks,
+            hidden,
+            ((121, 512, 768, 256), 31 * 32 * 48),
+            {"text_encoder": 8.29, "text_encoder_2": 0.123},
+        )
+        for name, b, blocks, hidden in (
+            ("kandinsky5-i2v-lite-5s", 2.0, 32, 1792),
+            ("kandinsky5-i2v-pro-5s", 19.3, 60, 4096),
+        )
+    )
+    bad_rows = (
+        BadRow(
+            "tiny-kandinsky5",
+            {"num_frames": 9},
+            "tiny-kandinsky5 makes 4N+1 frames, 17 to 49, not 9; the nearest valid value is 17",
+        ),
+        BadRow(
+            "kandinsky5-i2v-lite-5s",
+            {"num_frames": 100},
+            "kandinsky5-i2v-lite-5s makes 4N+1 frames, 17 to 121, not 100; the nearest valid value is 101",
+        ),
+        BadRow("tiny-kandinsky5", {"width": 100}, "the nearest valid size is width=96 height=64"),
+    )
+    guidance_batch = 1
+    fuses_qkv = False  # its projections are named to_query/to_key/to_value, which diffusers' fusing misses
+    end_to_end = (
+        "tiny-kandinsky5",
+        (),
+        {
+            "a": ({"prompt": "the sea at night", "seed": 1}, (17, 64, 96)),
+            "b": ({"prompt": "a car in the city", "num_frames": 21}, (21, 64, 96)),
+            "c": ({"prompt": "light on the water", "seed": 5}, (17, 64, 96)),
+        },
+    )
+
+
+class TestCosmosPredict25(FamilyContract):
+    family = "cosmos"
+    tiny = (Tiny("tiny-cosmos", T5, (9, 32, 64)),)
+    # 2B 2.06B, 14B 14.37B; Cosmos-Reason1-7B (Qwen2.5-VL 7B, 8.29B with its vision tower). 93 frames
+    # -> 24 latent frames; 704x1280 -> 44x80 tokens of 2x2 latents of 8x8 pixels; the text stays out.
+    full_size = tuple(
+        FullSize(name, T5, b, blocks, hidden, ((93, 704, 1280, 512), 24 * 44 * 80), {"text_encoder": 8.29})
+        for name, b, blocks, hidden in (
+            ("cosmos-predict2.5-2b", 2.06, 28, 2048),
+            ("cosmos-predict2.5-14b", 14.37, 36, 5120),
+        )
+    )
+    bad_rows = (
+        BadRow(
+            "tiny-cosmos",
+            {"num_frames": 12},
+            "tiny-cosmos makes 4N+1 frames, 5 to 49, not 12; the nearest valid value is 13",
+        ),
+        BadRow(
+            "cosmos-predict2.5-2b",
+            {"num_frames": 100},
+            "cosmos-predict2.5-2b makes 4N+1 frames, 5 to 93, not 100; the nearest valid value is 93",
+        ),
+        BadRow("tiny-cosmos", {"width": 100}, "the nearest valid size is width=96 height=64"),
+    )
+    guidance_batch = 1
+    fuses_qkv = False  # its transformer has no fuse_qkv_projections (no diffusers AttentionMixin)
+    end_to_end = (
+        "tiny-cosmos",
+        (),
+        {
+            "a": ({"prompt": "the sea at night", "seed": 1}, (9, 64, 96)),
+            "b": ({"prompt": "a car in the city", "num_frames": 13}, (13, 64, 96)),
+            "c": ({"prompt": "light on the water", "seed": 5}, (9, 64, 96)),
+        },
+    )
+
+
 # --- the interface itself -------------------------------------------------------------------------
 
-CONTRACTS = (TestCogVideoX, TestWan, TestLTX, TestHunyuanVideo15, TestLTX2)
+CONTRACTS = (
+    TestCogVideoX,
+    TestWan,
+    TestLTX,
+    TestHunyuanVideo15,
+    TestLTX2,
+    TestSkyReelsV2,
+    TestKandinsky5,
+    TestCosmosPredict25,
+)
 
 
 def test_every_family_module_has_a_contract():
@@ -588,7 +728,7 @@ def test_every_family_module_has_a_contract():
 
 def test_no_module_outside_the_families_names_a_model_class():
     pattern = re.compile(
-        r"(CogVideoX|Wan|LTX|HunyuanVideo)[A-Za-z0-9]*(Pipeline|Transformer3DModel|Scheduler|Autoencoder)"
+        r"(CogVideoX|Wan|LTX|HunyuanVideo|SkyReels|Kandinsky|Cosmos)[A-Za-z0-9_]*(Pipeline|Transformer3DModel|Scheduler|Autoencoder)"
     )
     offenders = [
         str(path.relative_to(ROOT))

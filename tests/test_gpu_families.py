@@ -1,6 +1,6 @@
-"""On a CUDA GPU (run on the device machine): for every Wan shape, LTX-Video, HunyuanVideo-1.5 and LTX-2, every memory
-plan and the speedsettings make the frames of the diffusers reference recipe (`pipe.to("cuda")`, the prompt given as
-text), same seed, up to bf16 noise."""
+"""On a CUDA GPU (run on the device machine): for every Wan shape, LTX-Video, HunyuanVideo-1.5, LTX-2, SkyReels-V2,
+Kandinsky 5 and Cosmos-Predict2.5, every memory plan and the speed settings make the frames of the diffusers reference
+recipe (`pipe.to("cuda")`, the prompt given as text), same seed, up to bf16 noise."""
 
 from __future__ import annotations
 
@@ -21,16 +21,28 @@ from batch_runner.replica.replica import Replica, release_memory
 from .conftest import run_config, tiny_job
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
-MODELS = ("tiny-wan", "tiny-wan22", "tiny-wan22-ti2v", "tiny-ltx", "tiny-hunyuan15", "tiny-ltx2")
+MODELS = (
+    "tiny-wan",
+    "tiny-wan22",
+    "tiny-wan22-ti2v",
+    "tiny-ltx",
+    "tiny-hunyuan15",
+    "tiny-ltx2",
+    "tiny-skyreels",
+    "tiny-kandinsky5",
+    "tiny-cosmos",
+)
 # Every plan, the reference recipes' offloads included: a plan the planner may choose must work for every family.
 OURS = list(PLANS)
 
 
 def job_for(tmp_path, name: str) -> tuple[Job, dict]:
-    """conftest's tiny row at this model's default size."""
+    """conftest's tiny row at this model's default size and length (tiny-kandinsky5's is 17 frames, its least)."""
     model = run_config("manifest=-", f"model={name}").model
     job, _ = tiny_job(tmp_path)
-    job = replace(job, height=model.height, width=model.width, fps=model.fps, guidance_scale=5.0)
+    job = replace(
+        job, num_frames=model.num_frames, height=model.height, width=model.width, fps=model.fps, guidance_scale=5.0
+    )
     return job, {"image": load_image(job.image, job.height, job.width, 10**8), "last_image": None}
 
 

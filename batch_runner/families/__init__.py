@@ -13,7 +13,7 @@ from batch_runner.config import ModelConfig
 from batch_runner.errors import UserError
 from batch_runner.families.base import Family
 
-FAMILY_MODULES = ("cogvideox", "wan", "ltx", "hunyuan15", "ltx2")
+FAMILY_MODULES = ("cogvideox", "wan", "ltx", "hunyuan15", "ltx2", "skyreels", "kandinsky5", "cosmos")
 # Model fields that became families' options: a config.yaml saved before holds them at the top of `model`.
 FORMER_MODEL_FIELDS = ("timestep_spacing", "use_dynamic_cfg", "boundary_ratio", "expand_timesteps", "guidance_scale_2")
 

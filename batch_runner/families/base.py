@@ -144,6 +144,11 @@ class Family:
         """The pipeline from random-weight modules built from conf/arch/<arch> (benchmarks)."""
         raise NotImplementedError
 
+    def finish(self, model: ModelConfig, pipe: Any) -> Any:
+        """What the family sets on its pipeline once built, whatever built it (loaded, random, tiny):
+        settings that are not weights (Cosmos' guardrail). Nothing by default."""
+        return pipe
+
     def components(self, pipe: Any) -> dict[str, str]:
         """The weight-holding components this pipeline has, with their roles."""
         return {name: role for name, role in self.roles.items() if getattr(pipe, name, None) is not None}

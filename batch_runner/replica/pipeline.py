@@ -61,6 +61,7 @@ def build_pipeline(model: ModelConfig, device: torch.device | str = "cpu", empty
         pipe = random_pipeline(model, dtype, device, empty)
     else:
         raise UserError(f"model.weights={model.weights!r} must be 'pretrained', 'random' or 'tiny'.")
+    pipe = family.finish(model, pipe)
     # LoRAs fused before anything else sees the weights (placement, compile, host sharing).
     apply_loras(pipe, model, family, skip=() if model.weights == "tiny" else empty)
     pipe.scheduler = family.make_scheduler(model, pipe.scheduler)

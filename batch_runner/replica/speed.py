@@ -116,6 +116,8 @@ def fuse_qkv(transformer: torch.nn.Module) -> int:
     reads them, so they go: otherwise they would sit on the GPU (resident plans) or be streamed to
     it every step (group offloading) for nothing.
     """
+    if not hasattr(transformer, "fuse_qkv_projections"):  # a denoiser without diffusers' AttentionMixin
+        return 0
     transformer.fuse_qkv_projections()
     dropped = 0
     for module in transformer.modules():

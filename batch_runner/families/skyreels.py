@@ -1,0 +1,155 @@
+"""SkyReels-V2 image-to-video (Skywork), as diffusers ships it in `SkyReelsV2ImageToVideoPipeline`.
+
+The 14B I2V checkpoints (540P, 720P) are Wan 2.1 I2V 14B's architecture, fine-tuned: the same UMT5
+text encoder, CLIP ViT-H image encoder conditioning every block through added key/value projections,
+the Wan VAE (8x8 pixels and 4 frames a latent: frames 4N+1) and 40 blocks of width 5120 taking 1x2x2
+latents a token. Text reaches the video by cross-attention only, so it does not lengthen the
+self-attention sequence. Its attention goes through diffusers' attention dispatcher
+(`set_attention_backend`); its `_repeated_blocks` are `transformer.blocks`, compiled one by one.
+
+The conditional and unconditional passes are separate forwards of batch 1, as in Wan. Only the first
+frame conditions: the pipeline accepts a `last_image`, but the I2V checkpoints have no position
+embedding for a second image (that is the separate FLF2V model), so a last frame is refused by name.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from diffusers import (
+    AutoencoderKLWan,
+    SkyReelsV2ImageToVideoPipeline,
+    SkyReelsV2Transformer3DModel,
+    UniPCMultistepScheduler,
+)
+from transformers import (
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+    UMT5Config,
+    UMT5EncoderModel,
+)
+
+from batch_runner.config import ModelConfig
+from batch_runner.families.base import (
+    DECODER,
+    DENOISER,
+    ENCODER,
+    ActivationTerms,
+    Family,
+    Geometry,
+    arch_json,
+    seeded,
+)
+from batch_runner.families.tokenizer import TINY_TEXT_DIM, tiny_text_encoder, tiny_tokenizer
+
+TINY_HEADS, TINY_HEAD_DIM = 2, 12
+
+
+class SkyReelsV2(Family):
+    name = "skyreels"
+    pipeline_class = SkyReelsV2ImageToVideoPipeline
+    roles: ClassVar[dict[str, str]] = {
+        "text_encoder": ENCODER,
+        "image_encoder": ENCODER,
+        "transformer": DENOISER,
+        "vae": DECODER,
+    }
+    # Estimates until measured on a GPU: the architecture is Wan 2.1 I2V 14B's, so Wan's terms fitted
+    # on an H100 (docs/benchmarks.json) are taken as they are, per token and width; the 540P default
+    # (97 frames at 960x544) has 25 x 34 x 60 tokens, the 720P one (121 frames at 1280x720) 31 x 45 x 80.
+    activations = ActivationTerms(
+        resident=16.0, streamed=16.0, decode_per_pixel=2900.0, tiled_pixels=256 * 256 * 2, guidance_batch=1
+    )
+    schedulers: ClassVar[dict[str, str]] = {
+        "unipc": "UniPCMultistepScheduler",
+        "euler": "FlowMatchEulerDiscreteScheduler",
+    }
+
+    def scheduler_overrides(self, model: ModelConfig) -> dict[str, Any]:
+        if model.flow_shift is None:
+            return {}
+        return {"flow_shift": model.flow_shift} if model.scheduler == "unipc" else {"shift": model.flow_shift}
+
+    # --- building ---
+
+    def tiny(self, model: ModelConfig) -> SkyReelsV2ImageToVideoPipeline:
+        """SkyReels-V2 I2V at toy scale: every component of the 14B (UMT5, CLIP, Wan VAE, the SkyReels
+        transformer with image cross-attention), random weights, tokenizer built in code."""
+        tokenizer = tiny_tokenizer()
+        with seeded(0):
+            text_encoder = tiny_text_encoder(UMT5EncoderModel, UMT5Config, tokenizer.vocab_size)
+            vae = AutoencoderKLWan(
+                base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+            )
+            transformer = SkyReelsV2Transformer3DModel(
+                patch_size=(1, 2, 2),
+                num_attention_heads=TINY_HEADS,
+                attention_head_dim=TINY_HEAD_DIM,
+                in_channels=36,
+                out_channels=16,
+                text_dim=TINY_TEXT_DIM,
+                freq_dim=256,
+                ffn_dim=32,
+                num_layers=2,
+                cross_attn_norm=True,
+                qk_norm="rms_norm_across_heads",
+                rope_max_seq_len=32,
+                image_dim=4,
+                added_kv_proj_dim=TINY_HEADS * TINY_HEAD_DIM,
+            )
+            image_encoder = CLIPVisionModelWithProjection(
+                CLIPVisionConfig(
+                    hidden_size=4,
+                    projection_dim=4,
+                    num_hidden_layers=2,
+                    num_attention_heads=2,
+                    image_size=32,
+                    intermediate_size=16,
+                    patch_size=1,
+                )
+            ).eval()
+        return SkyReelsV2ImageToVideoPipeline(
+            tokenizer=tokenizer,
+            text_encoder=text_encoder,
+            image_encoder=image_encoder,
+            image_processor=CLIPImageProcessor(crop_size=32, size=32),
+            transformer=transformer,
+            vae=vae,
+            scheduler=UniPCMultistepScheduler(
+                prediction_type="flow_prediction",
+                use_flow_sigmas=True,
+                num_train_timesteps=1000,
+                flow_shift=model.flow_shift or 5.0,
+            ),
+        )
+
+    def assemble(self, model: ModelConfig, modules: dict[str, Any], arch: str) -> SkyReelsV2ImageToVideoPipeline:
+        return SkyReelsV2ImageToVideoPipeline(
+            tokenizer=tiny_tokenizer(model.max_sequence_length),
+            scheduler=UniPCMultistepScheduler.from_config(arch_json(arch, "scheduler")),
+            image_processor=CLIPImageProcessor(crop_size=224, size=224),
+            **modules,
+        )
+
+    # --- structure ---
+
+    def blocks(self, transformer: torch.nn.Module) -> torch.nn.ModuleList:
+        return transformer.blocks
+
+    def geometry(self, configs: dict[str, dict]) -> Geometry:
+        t, vae = configs["transformer"], configs["vae"]
+        patch_t, patch, _ = t["patch_size"]
+        return Geometry(
+            spatial=2 ** len(vae["temperal_downsample"]),
+            temporal=2 ** sum(vae["temperal_downsample"]),
+            patch=patch,
+            patch_t=patch_t,
+            hidden=t["num_attention_heads"] * t["attention_head_dim"],
+            text_in_sequence=False,
+            vae_channels=(vae.get("decoder_base_dim") or vae["base_dim"]) * max(vae["dim_mult"]),
+        )
+
+
+FAMILY = SkyReelsV2()
