@@ -56,6 +56,12 @@ MIRRORS = (
     Mirror("diffusers", "diffusers.hooks.group_offloading:ModuleGroup.onload_", DIFFUSERS_VERSIONS, "pin top level"),
     Mirror("diffusers", "diffusers.hooks.group_offloading:ModuleGroup.offload_", DIFFUSERS_VERSIONS, "pin top level"),
     Mirror("diffusers", "diffusers:DiffusionPipeline._execution_device", DIFFUSERS_VERSIONS, "the generator's device"),
+    Mirror(
+        "diffusers",
+        "diffusers:ModelMixin._keep_in_fp32_modules",
+        DIFFUSERS_VERSIONS,
+        "built weights cast as from_pretrained casts them",
+    ),
     *(
         Mirror("diffusers", f"diffusers.models.attention_dispatch:AttentionBackendName.{name}", DIFFUSERS_VERSIONS, why)
         for name, why in (
@@ -181,6 +187,24 @@ def hook_registry(module: Any) -> Any | None:
 def execution_device(pipe: Any) -> Any:
     """The device a diffusers pipeline runs its models on, offloading hooks considered."""
     return pipe._execution_device
+
+
+def cast_as_loaded(component: Any, dtype: Any) -> Any:
+    """`component` in `dtype` as `from_pretrained(torch_dtype=dtype)` would load it: the submodules its
+    class keeps in float32 (`_keep_in_fp32_modules`: Kandinsky 5's time embeddings and modulation)
+    stay in float32. A plain `.to(dtype)` casts them too, and their float32 inputs then meet bf16
+    weights. Matches diffusers 0.42's rule: a weight whose dotted name holds one of those names."""
+    import torch
+    from diffusers import ModelMixin
+
+    component.to(dtype=dtype)
+    # transformers' models have rules of their own (float16 only): only diffusers' models are kept.
+    keep = (component._keep_in_fp32_modules or ()) if isinstance(component, ModelMixin) else ()
+    if keep and dtype in (torch.float16, torch.bfloat16):
+        for name, parameter in component.named_parameters():
+            if any(part in keep for part in name.split(".")):
+                parameter.data = parameter.data.to(torch.float32)
+    return component
 
 
 # --- accelerate ----------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pytest
 import torch
+from diffusers import ModelMixin
 
 from batch_runner.errors import UserError
 from batch_runner.families import FAMILY_MODULES, family_named
@@ -224,6 +225,19 @@ class FamilyContract:
         assert family_named(self.family).components(loaded) == family_named(self.family).components(built)
         made = [_video(self.family, m, p, tiny.row, tmp_path) for m, p in ((model, built), (loaded_model, loaded))]
         torch.testing.assert_close(made[1], made[0], rtol=1e-5, atol=1e-5)
+
+    def test_a_tiny_pipeline_in_bfloat16_has_the_dtypes_from_pretrained_gives_it(self, tiny: Tiny, tmp_path):
+        """Built in code and cast, each weight has the dtype loading the saved pipeline in bfloat16
+        gives it: the modules a diffusers model keeps in float32 stay there (Kandinsky 5's time
+        embeddings: cast to bf16, they meet float32 inputs and the first step fails on a GPU)."""
+        model = run_config("manifest=x", f"model={tiny.name}").model
+        build_pipeline(model).save_pretrained(tmp_path / "saved")
+        built = build_pipeline(replace(model, dtype="bfloat16"))
+        loaded = build_pipeline(replace(model, dtype="bfloat16", weights="pretrained", path=str(tmp_path / "saved")))
+        for name, component in loaded.components.items():
+            if isinstance(component, ModelMixin):
+                want = {k: p.dtype for k, p in component.named_parameters()}
+                assert {k: p.dtype for k, p in getattr(built, name).named_parameters()} == want, name
 
     # --- the full-size models, without weights ----------------------------------------------------
 

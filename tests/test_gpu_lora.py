@@ -38,13 +38,17 @@ def as_uint8(video: torch.Tensor) -> np.ndarray:
     return (video * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy().astype(np.int16)
 
 
-def card_recipe(tmp_path, name: str, with_loras: bool = True) -> np.ndarray:
-    """The plain bf16 pipeline on the GPU, each LoRA loaded as an adapter (unfused), prompt as text."""
+def card_recipe(tmp_path, name: str, with_loras: bool = True, fuse: bool = False) -> np.ndarray:
+    """The plain bf16 pipeline on the GPU, each LoRA loaded as an adapter (unfused, or fused by
+    diffusers' own `fuse_lora` with `fuse`), prompt as text."""
     model = replace(run_config("manifest=-", f"model={name}").model, dtype="bfloat16")
     pipe = build_pipeline(replace(model, loras=[])).to("cuda")
     if with_loras:
         for number, lora in enumerate(loras.resolve(model)):
             pipe.load_lora_weights(str(lora.file), adapter_name=f"a{number}", **lora.load_arguments)
+            if fuse:
+                pipe.fuse_lora(components=[lora.component], lora_scale=lora.entry.scale, adapter_names=[f"a{number}"])
+                pipe.unload_lora_weights()
     job, images = row(tmp_path, model)
     family = anatomy(model).family
     arguments = family.call_arguments(model, job, images, {job.prompt: None, job.negative_prompt: None})
@@ -77,13 +81,16 @@ def fused(tmp_path, name: str, *overrides: str) -> np.ndarray:
 def test_fused_loras_make_the_frames_of_the_cards_unfused_recipe_in_bf16(tmp_path, name):
     expected = card_recipe(tmp_path, name)
     without = card_recipe(tmp_path, name, with_loras=False)
-    # Twice the tolerance below, so that frames made without the LoRAs fail (float32 on the CPU: 6.2 and 4.5).
-    assert np.abs(expected - without).mean() > 2.0, "the LoRAs changed too little for this test to tell"
+    # bf16 noise here is what fusing costs: the fused weight rounds W + BA once, where the recipe adds
+    # x(BA) to xW every step. diffusers' own fuse_lora, on the plain pipeline, measures it.
+    fusing = float(np.abs(card_recipe(tmp_path, name, fuse=True) - expected).mean())
+    allowed = max(1.0, 1.5 * fusing)
+    # Twice the tolerance, so that frames made without the LoRAs fail (float32 on the CPU: 6.2 and 4.5).
+    assert np.abs(expected - without).mean() > 2 * allowed, "the LoRAs changed too little for this test to tell"
     for overrides in (("memory=none", "speed.compile=off"), ("memory=group_offload", "speed.compile=off")):
         frames = fused(tmp_path, name, *overrides)
         assert frames.shape == expected.shape
-        # bf16: the fused weight rounds W + BA once; the recipe adds x(BA) to xW every step.
-        assert np.abs(frames - expected).mean() < 1.0, (overrides, np.abs(frames - expected).mean())
+        assert np.abs(frames - expected).mean() < allowed, (overrides, np.abs(frames - expected).mean(), fusing)
 
 
 @pytest.mark.parametrize("name", TWINS)

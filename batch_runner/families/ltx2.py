@@ -181,8 +181,8 @@ class LTX2(Family):
                 audio_in_channels=8,
                 audio_out_channels=8,
                 audio_num_attention_heads=2,
-                audio_attention_head_dim=4,
-                audio_cross_attention_dim=8,
+                audio_attention_head_dim=8,  # cuDNN's attention takes head sizes of 8 and up
+                audio_cross_attention_dim=16,
                 num_layers=2,
                 caption_channels=TINY_TEXT_DIM,
                 rope_type="split",

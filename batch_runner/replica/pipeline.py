@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig
 
+from batch_runner import upstream
 from batch_runner.config import ModelConfig
 from batch_runner.errors import UserError
 from batch_runner.families import family_of
@@ -54,7 +55,9 @@ def build_pipeline(model: ModelConfig, device: torch.device | str = "cpu", empty
     if model.weights == "tiny":
         pipe = family.tiny(model)
         if dtype != torch.float32:
-            pipe = pipe.to(dtype=dtype)
+            for component in pipe.components.values():
+                if isinstance(component, torch.nn.Module):
+                    upstream.cast_as_loaded(component, dtype)
     elif model.weights == "pretrained":
         pipe = load_pretrained(model, family, dtype, empty)
     elif model.weights == "random":
@@ -122,5 +125,5 @@ def random_pipeline(
     with default_dtype(dtype), seeded(0):
         for name in family.arch_components(model.arch):
             with torch.device("meta" if name in empty else device):
-                modules[name] = module_from_config(arch_json(model.arch, name)).to(dtype)
+                modules[name] = upstream.cast_as_loaded(module_from_config(arch_json(model.arch, name)), dtype)
     return family.assemble(model, modules, model.arch)
