@@ -224,7 +224,9 @@ def test_a_full_disk_while_making_videos_ends_in_one_sentence_and_keeps_finished
     manifest = write_manifest(tmp_path / "jobs.csv", rows(tmp_path / "in", ["a", "b", "c"]))
     out = tmp_path / "out"
     real = runner.write_video
-    monkeypatch.setattr(runner, "write_video", lambda f, path, *a: enospc() if path.stem == "b" else real(f, path, *a))
+    # b's video is written under a staged name first (.b.mp4.<pid>.staged...), then renamed into place.
+    is_b = lambda path: path.name == "b.mp4" or path.name.startswith(".b.mp4.")  # noqa: E731
+    monkeypatch.setattr(runner, "write_video", lambda f, path, *a: enospc() if is_b(path) else real(f, path, *a))
     cfg = run_config(f"manifest={manifest}", "model=tiny", f"output_dir={out}", "chunk_size=1", "scheduling=static")
 
     with pytest.raises(OutputError) as caught:
