@@ -80,6 +80,15 @@ class Manifest:
     def rows(self) -> pd.DataFrame:
         return self.table if self.all_rows is None else self.all_rows
 
+    def refusal(self) -> str:
+        """The sentence that refuses this manifest's invalid rows, one line per problem."""
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        rows = len({p.row for p in self.problems})
+        return (
+            f"The manifest {str(self.path)!r} has {rows} invalid row(s); nothing was run or written:\n{lines}\n"
+            "Fix them, or pass on_invalid=skip to record them as failed and make the other rows."
+        )
+
     @property
     def record_ids(self) -> pd.Series:
         """Each row's id as results record it: a blank id cell becomes the row-number id. Made over

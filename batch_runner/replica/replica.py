@@ -27,7 +27,6 @@ from batch_runner.cluster.parallel import Team, split_attention
 from batch_runner.config import RunConfig
 from batch_runner.families.base import DENOISER
 from batch_runner.inputs.manifest import Job
-from batch_runner.outputs.video import Audio
 from batch_runner.replica import host_weights, placement, planner, speed
 from batch_runner.replica.anatomy import anatomy
 from batch_runner.replica.pipeline import build_pipeline, torch_dtype
@@ -101,7 +100,7 @@ class Replica:
         # Seconds of the last video's stages inside the pipeline call (see make).
         self.stages: dict[str, float] = {}
         # The last video's sound, where the model makes one and output.audio keeps it (see make).
-        self.audio: Audio | None = None
+        self.audio: tuple[np.ndarray, int] | None = None  # (samples (channels, n) in [-1, 1], rate)
 
     @property
     def plan(self) -> str:
@@ -279,7 +278,7 @@ class Replica:
         """One video as uint8 frames (F, H, W, 3); `on_step` is called after each denoising step.
 
         `images` holds the row's "image" and, where the row gives one, its "last_image". The video's
-        sound, where its model makes one, is left in `self.audio` (None otherwise, and under
+        sound, where its model makes one, is left in `self.audio` as (samples, rate) (None otherwise, and under
         output.audio=false, which skips decoding it).
         """
         self.prepare(job)
@@ -314,7 +313,7 @@ class Replica:
                     samples, rate = track
                     if not torch.isfinite(samples).all():
                         raise FloatingPointError("the sound holds NaN or infinite values (the latents went non-finite)")
-                    self.audio = Audio(samples.float().cpu().numpy(), rate)
+                    self.audio = (samples.float().cpu().numpy(), rate)
         finally:
             for hook in hooks:
                 hook.remove()

@@ -15,7 +15,6 @@ import os
 from pathlib import Path
 
 from batch_runner.errors import UserError
-from batch_runner.inputs.manifest import Manifest
 
 
 def preflight(args: list[str], conf_dir: Path, world_size: int) -> None:
@@ -45,16 +44,6 @@ def preflight(args: list[str], conf_dir: Path, world_size: int) -> None:
             os.environ["WORLD_SIZE"] = before
     manifest = load_manifest(cfg.manifest, cfg.model, cfg.seed, cfg.ids, cfg.output.format)
     if manifest.problems and cfg.on_invalid != "skip":
-        raise UserError(refusal(manifest))
+        raise UserError(manifest.refusal())
     if cfg.from_run:
         replayed(cfg, manifest)
-
-
-def refusal(manifest: Manifest) -> str:
-    """The sentence that refuses a manifest with invalid rows, one line per problem."""
-    lines = "\n".join(f"  - {p}" for p in manifest.problems)
-    rows = len({p.row for p in manifest.problems})
-    return (
-        f"The manifest {str(manifest.path)!r} has {rows} invalid row(s); nothing was run or written:\n{lines}\n"
-        "Fix them, or pass on_invalid=skip to record them as failed and make the other rows."
-    )

@@ -50,7 +50,6 @@ from batch_runner.replica.replica import BadFrames, Replica, is_out_of_memory, r
 from batch_runner.run import lifecycle, startup
 from batch_runner.run.checks import check_replica_rows, check_settings
 from batch_runner.run.logs import log_to_file
-from batch_runner.run.preflight import refusal as manifest_refusal
 from batch_runner.run.progress import Progress
 from batch_runner.run.replay import replayed
 
@@ -100,7 +99,7 @@ def _run(cfg: RunConfig, cluster: Cluster) -> int:
         for note in manifest.notes:
             log.warning("%s", note)
     if manifest.problems and cfg.on_invalid != "skip":
-        raise UserError(manifest_refusal(manifest))
+        raise UserError(manifest.refusal())
     if cfg.from_run:  # the rows as that run made them, or a refusal naming those changed since
         manifest = replayed(cfg, manifest)
     check_replica_rows(cfg, manifest.jobs)  # before any model loads
@@ -288,7 +287,7 @@ def _make_videos(
                 started = time.perf_counter()
                 try:
                     frames, row = _make_one(replica, job, image.result(), prompts, row, on_step)
-                    audio = replica.audio
+                    audio = Audio(*replica.audio) if replica.audio is not None else None
                 except ImageLoadError as e:
                     if first(position, job):
                         finish(row.failed(f"image: {e}"))
