@@ -10,6 +10,8 @@ reading missed) fails with a sentence saying so, so none can slip into the fast 
 from __future__ import annotations
 
 import _posixsubprocess
+import copy
+import functools
 import inspect
 import multiprocessing
 import os
@@ -34,7 +36,16 @@ register_configs()
 
 
 def run_config(*overrides: str) -> RunConfig:
-    """The typed config `python run.py <overrides>` would run with."""
+    """The typed config `python run.py <overrides>` would run with: a copy of its own, so a test may
+    change it, of the one composed once per test process for these overrides."""
+    return copy.deepcopy(_composed(overrides))
+
+
+@functools.cache
+def _composed(overrides: tuple[str, ...]) -> RunConfig:
+    """Hydra's composition, ~0.1 s a config: the same overrides compose the same config (conf/ and the
+    registered schemas never change while the tests run), and the contract tests compose each model
+    config for every family, so each is composed once."""
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         cfg = compose("config", overrides=list(overrides))
     return OmegaConf.to_object(cfg)
