@@ -6,12 +6,13 @@ so dry runs and the planner know what each plan costs before anything is read fr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, replace
 
 import torch
 
 from batch_runner.config import ModelConfig
-from batch_runner.families import family_of
+from batch_runner.families import family_named, family_of
 from batch_runner.families.base import (
     DENOISER,
     ENCODER,
@@ -53,10 +54,8 @@ def anatomy(model: ModelConfig) -> Anatomy:
         pipe = family.tiny(model)
         modules = {name: getattr(pipe, name) for name in family.components(pipe)}
     elif model.arch:
-        with torch.device("meta"):
-            modules = {
-                name: module_from_config(arch_json(model.arch, name)) for name in family.arch_components(model.arch)
-            }
+        shared = _arch_anatomy(model.family, model.arch, model.dtype)
+        return replace(shared, roles=dict(shared.roles), bytes=dict(shared.bytes))  # the caller's own dicts
     else:
         source, looks_local = local_source(model)
         try:
@@ -65,6 +64,23 @@ def anatomy(model: ModelConfig) -> Anatomy:
             modules = {n: empty_component(family, source, n, dtype, model.revision) for n in names}
         except (OSError, ValueError) as e:
             raise load_error(model, source, looks_local, e) from e
+    return _counted(family, modules, dtype)
+
+
+@functools.cache
+def _arch_anatomy(family_name: str, arch: str, dtype_name: str) -> Anatomy:
+    """The anatomy of a shipped architecture: a pure function of conf/arch/<arch>'s files (read-only,
+    shipped with the package), the family and the dtype, so built once per process. Building a
+    full-size model on the meta device takes seconds, and one run asks several times (the settings
+    check, dry_run's description, the planner, the replica); so do the tests, per config and budget."""
+    family = family_named(family_name)
+    with torch.device("meta"):
+        modules = {name: module_from_config(arch_json(arch, name)) for name in family.arch_components(arch)}
+    return _counted(family, modules, torch_dtype(dtype_name))
+
+
+def _counted(family: Family, modules: dict[str, torch.nn.Module], dtype: torch.dtype) -> Anatomy:
+    """Sizes, blocks and geometry of a model's components, counted in `dtype`."""
     size = torch.finfo(dtype).bits // 8
     roles = {name: family.roles[name] for name in modules}
 
