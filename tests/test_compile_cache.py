@@ -68,10 +68,17 @@ def test_compile_workers_share_the_hosts_cores_unless_the_user_chose(monkeypatch
     assert inductor_config.compile_threads == 3
 
 
-def test_the_run_sets_the_cache_before_the_replica_is_built(tmp_path, monkeypatch):
+@pytest.mark.parametrize("compiles", [True, False], ids=["compiling", "not-compiling"])
+def test_the_run_sets_the_cache_before_the_replica_is_built_where_it_compiles(tmp_path, monkeypatch, compiles):
+    """A run that compiles points inductor at the cache first; one that does not (the CPU's default)
+    leaves inductor alone: importing it costs seconds of every process's start-up."""
     manifest = write_manifest(tmp_path / "jobs.csv", [{"image": str(photo(tmp_path / "a.png")), "prompt": "sea"}])
     cfg = run_config(
-        f"manifest={manifest}", "model=tiny", f"output_dir={tmp_path / 'out'}", f"speed.compile_cache_dir={tmp_path}/cc"
+        f"manifest={manifest}",
+        "model=tiny",
+        f"output_dir={tmp_path / 'out'}",
+        f"speed.compile_cache_dir={tmp_path}/cc",
+        f"speed.compile={'on' if compiles else 'auto'}",
     )
     seen: dict[str, object] = {}
 
@@ -86,7 +93,10 @@ def test_the_run_sets_the_cache_before_the_replica_is_built(tmp_path, monkeypatc
     monkeypatch.setattr(runner, "Replica", replica)
     with pytest.raises(Stop):
         runner.run(cfg)
-    assert seen == {"env": str(tmp_path / "cc"), "fx_graph_cache": True}
+    if compiles:
+        assert seen == {"env": str(tmp_path / "cc"), "fx_graph_cache": True}
+    else:
+        assert seen["env"] is None
 
 
 # Compiles, in a new process, what argv names after the cache folder and the marking: "elementwise" (a

@@ -47,6 +47,7 @@ from batch_runner.outputs.writers import Writers, encoder_count
 from batch_runner.replica import compile_cache
 from batch_runner.replica.planner import GIB
 from batch_runner.replica.replica import BadFrames, Replica, is_out_of_memory, release_memory
+from batch_runner.replica.speed import should_compile
 from batch_runner.run import lifecycle, startup
 from batch_runner.run.checks import check_replica_rows, check_settings
 from batch_runner.run.logs import log_to_file
@@ -78,7 +79,8 @@ def run(cfg: RunConfig) -> int:
     startup.mark("imports")
     check_settings(cfg)  # before the manifest, the process group or any model
     cluster = join_cluster(cpu=not torch.cuda.is_available())
-    compile_cache.configure(cfg.speed.compile_cache_dir, cluster.local_world_size)  # before anything can compile
+    if should_compile(cfg.speed, cluster.device):  # before anything can compile; inductor's import is seconds
+        compile_cache.configure(cfg.speed.compile_cache_dir, cluster.local_world_size)
     startup.mark("process_group")
     lifeline = lifecycle.current()
     if lifeline is not None and cluster.distributed:
