@@ -101,6 +101,21 @@ def test_activation_terms():
     assert activation_gib(big, terms, False, False)[1] == pytest.approx(untiled * (1536 * 2720) / (480 * 720))
 
 
+def test_a_vae_that_decodes_every_frame_at_once_is_estimated_by_frames_and_area():
+    """LTX-Video's VAE tiles space only: 97 frames of 480x1216 decode less than 161 of 768x512 (an
+    H200 measured 8.0 and 8.6 GiB, docs/experiments/2026-12-04); by area alone it was the reverse."""
+    terms = replace(FAMILY.activations, decode_frames=161)
+    at = {
+        (f, h, w): activation_gib(replace(WORKLOAD_5B, frames=f, pixels=h * w), terms, False, False)[1]
+        for f, h, w in ((161, 768, 512), (97, 480, 1216), (0, 768, 512))
+    }
+    assert at[(97, 480, 1216)] == pytest.approx(at[(161, 768, 512)] * (97 * 480 * 1216) / (161 * 768 * 512))
+    assert at[(97, 480, 1216)] < at[(161, 768, 512)] == at[(0, 768, 512)]  # 0: frames not known, as measured
+    # A VAE that decodes frame by frame (the others) is estimated by area alone.
+    no_frames = activation_gib(replace(WORKLOAD_5B, frames=97), FAMILY.activations, False, False)[1]
+    assert no_frames == activation_gib(replace(WORKLOAD_5B, frames=161), FAMILY.activations, False, False)[1]
+
+
 def test_estimates_for_cogvideox_5b():
     by_plan = {p: estimate(p, MODEL_5B, WORKLOAD_5B, AUTO) for p in COG_PLANS}
     text, transformer, vae = 9.5 * GB / GIB, 11.1 * GB / GIB, 0.43 * GB / GIB

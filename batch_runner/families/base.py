@@ -53,7 +53,9 @@ class ActivationTerms:
     and `smaller_tiles`: the sides, largest first, the planner may decode with instead when the
     VAE's own tiles do not fit the budget. The decode's peak grows with a tile's side to the power
     `tile_scaling`: 2 where it grows with the area; more where the allocator's slack around a tile's
-    buffers grows faster than they do.
+    buffers grows faster than they do. `decode_frames`: for a VAE that decodes every frame at once
+    (it tiles space only), the frame count `decode_per_pixel` was measured at; the decode then grows
+    with the row's frames as well as its area.
     """
 
     resident: float
@@ -64,6 +66,7 @@ class ActivationTerms:
     tile_side: int | None = None
     smaller_tiles: tuple[int, ...] = ()
     tile_scaling: float = 2.0
+    decode_frames: int | None = None
 
 
 @dataclass(frozen=True)

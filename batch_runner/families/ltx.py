@@ -168,10 +168,19 @@ class LTX(Family):
     # resident weights under every plan and both sizes, and a cap needs ~2 GiB more for the
     # allocator's slack around its buffers (text_offload of the 2B ran out of memory under a 12 GiB
     # cap at 9.96 GiB allocated): 4.5 GiB before the planner's fragmentation factor, 6150 bytes per
-    # pixel. A longer row decodes more, and an out-of-memory error steps the replica down a plan.
+    # pixel at 161 frames. The decode grows with the frames too: an H200 run of the 13B at 12 GiB
+    # (docs/experiments/2026-12-04) peaked at 8.0 GiB for 480x1216x97 and 8.6 for 768x512x161, in
+    # proportion to frames x area; by area alone the first was estimated at 1.36x its peak. The same
+    # run's 8.6 GiB is 1.3x the H100 benchmark's 6.65 for that shape and plan (compile on, CUDA 13):
+    # the estimate sits between the two. An out-of-memory error steps the replica down a plan.
     # The denoising term stays the placeholder between Wan's and CogVideoX's fits: always under the decode.
     activations = ActivationTerms(
-        resident=24.0, streamed=24.0, decode_per_pixel=6150.0, tiled_pixels=512 * 512 * 2, guidance_batch=2
+        resident=24.0,
+        streamed=24.0,
+        decode_per_pixel=6150.0,
+        tiled_pixels=512 * 512 * 2,
+        guidance_batch=2,
+        decode_frames=161,
     )
     schedulers: ClassVar[dict[str, str]] = {"euler": "FlowMatchEulerDiscreteScheduler"}
 

@@ -109,6 +109,7 @@ class Workload:
     guidance: bool
     pixels: int  # height x width of one output frame
     vae_channels: int  # widest VAE block
+    frames: int = 0  # output frames (0: not known; a decode that grows with them is taken as measured)
     cached_outputs: int = 0  # block outputs a step cache keeps between steps (speed.cached_block_outputs)
 
 
@@ -145,6 +146,8 @@ def activation_gib(
         # Beyond the VAE's own tile the decode grows as a tile's does with its side (tile_scaling).
         pixels = int(terms.tiled_pixels * (pixels / terms.tiled_pixels) ** (terms.tile_scaling / 2))
     decode = terms.decode_per_pixel * pixels * workload.vae_channels / 512
+    if terms.decode_frames and workload.frames:  # a VAE that decodes every frame at once
+        decode *= workload.frames / terms.decode_frames
     # bf16 outputs held across steps (measured with Pyramid Attention Broadcast: 8.6 GiB more).
     denoise += workload.cached_outputs * batch * workload.tokens * workload.hidden * 2
     return denoise / GIB, decode / GIB
@@ -369,7 +372,9 @@ def workload_of(cfg: RunConfig, jobs: Sequence[Job] = (), model: Anatomy | None 
     sizes = [(config.num_frames, config.height, config.width)] + [(j.num_frames, j.height, j.width) for j in jobs]
     frames, height, width = max(sizes, key=lambda s: geometry.tokens(*s, config.max_sequence_length))
     largest = Shape(frames, height, width, config.guidance_scale > 1 or any(j.guidance_scale > 1 for j in jobs))
-    return replace(shape_workload(cfg, model, largest), pixels=max(h * w for _, h, w in sizes))
+    return replace(
+        shape_workload(cfg, model, largest), pixels=max(h * w for _, h, w in sizes), frames=max(f for f, _, _ in sizes)
+    )
 
 
 def shape_workload(cfg: RunConfig, model: Anatomy, shape: Shape) -> Workload:
@@ -383,6 +388,7 @@ def shape_workload(cfg: RunConfig, model: Anatomy, shape: Shape) -> Workload:
         guidance=shape.guided,
         pixels=shape.height * shape.width,
         vae_channels=geometry.vae_channels,
+        frames=shape.frames,
         cached_outputs=cached_block_outputs(cfg.speed.cache, model.blocks),
     )
 
