@@ -35,7 +35,7 @@ from diffusers import (
     CosmosTransformer3DModel,
     UniPCMultistepScheduler,
 )
-from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
+from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
 
 from batch_runner.config import ModelConfig
 from batch_runner.errors import UserError
@@ -49,6 +49,7 @@ from batch_runner.families.base import (
     arch_json,
     seeded,
 )
+from batch_runner.families.tokenizer import tiny_qwen25_vl
 
 # The system turn of the pipeline's chat template (an added token of the tiny tokenizer).
 SYSTEM_PROMPT = "You are a helpful assistant who will provide prompts to an image generator."
@@ -233,34 +234,7 @@ class Cosmos(Family):
         tokenizer built in code."""
         tokenizer = tiny_qwen_tokenizer()
         with seeded(0):
-            text_encoder = Qwen2_5_VLForConditionalGeneration(
-                Qwen2_5_VLConfig(
-                    text_config={
-                        "vocab_size": len(tokenizer),
-                        "hidden_size": TINY_TEXT,
-                        "intermediate_size": 32,
-                        "num_hidden_layers": TINY_LAYERS,
-                        "num_attention_heads": 2,
-                        "num_key_value_heads": 2,
-                        "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
-                        "rope_theta": 1000000.0,
-                        "bos_token_id": None,
-                        "eos_token_id": None,
-                    },
-                    vision_config={
-                        "depth": 1,
-                        "hidden_size": 16,
-                        "intermediate_size": 32,
-                        "num_heads": 2,
-                        "out_hidden_size": TINY_TEXT,
-                        "patch_size": 2,
-                        "spatial_merge_size": 1,
-                        "temporal_patch_size": 1,
-                        "window_size": 4,
-                        "fullatt_block_indexes": [0],
-                    },
-                )
-            ).eval()
+            text_encoder = tiny_qwen25_vl(len(tokenizer), TINY_TEXT, TINY_LAYERS)
             transformer = CosmosTransformer3DModel(
                 in_channels=16 + 1,
                 out_channels=16,

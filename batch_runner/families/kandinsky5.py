@@ -31,8 +31,6 @@ from diffusers import (
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
-    Qwen2_5_VLConfig,
-    Qwen2_5_VLForConditionalGeneration,
     Qwen2Tokenizer,
 )
 
@@ -48,7 +46,7 @@ from batch_runner.families.base import (
     seeded,
 )
 from batch_runner.families.rules import valid_frame_counts
-from batch_runner.families.tokenizer import tiny_tokenizer
+from batch_runner.families.tokenizer import tiny_qwen25_vl, tiny_tokenizer
 
 # normalize_first_frame renormalises 4 latent frames against the next ones: 5 latent frames at least.
 MIN_FRAMES = 17
@@ -128,34 +126,7 @@ class Kandinsky5(Family):
         qwen_tokenizer = tiny_qwen_tokenizer(model.max_sequence_length)
         clip_tokenizer = tiny_tokenizer(CLIP_LENGTH)
         with seeded(0):
-            text_encoder = Qwen2_5_VLForConditionalGeneration(
-                Qwen2_5_VLConfig(
-                    text_config={
-                        "vocab_size": len(qwen_tokenizer),
-                        "hidden_size": TINY_TEXT,
-                        "intermediate_size": 32,
-                        "num_hidden_layers": 2,
-                        "num_attention_heads": 2,
-                        "num_key_value_heads": 2,
-                        "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
-                        "rope_theta": 1000000.0,
-                        "bos_token_id": None,
-                        "eos_token_id": None,
-                    },
-                    vision_config={
-                        "depth": 1,
-                        "hidden_size": 16,
-                        "intermediate_size": 32,
-                        "num_heads": 2,
-                        "out_hidden_size": TINY_TEXT,
-                        "patch_size": 2,
-                        "spatial_merge_size": 1,
-                        "temporal_patch_size": 1,
-                        "window_size": 4,
-                        "fullatt_block_indexes": [0],
-                    },
-                )
-            ).eval()
+            text_encoder = tiny_qwen25_vl(len(qwen_tokenizer), TINY_TEXT)
             text_encoder_2 = CLIPTextModel(
                 CLIPTextConfig(
                     vocab_size=clip_tokenizer.vocab_size,

@@ -1,4 +1,4 @@
-"""A tokenizer that needs no download: for the tiny pipelines and the random-weight benchmarks."""
+"""Tokenizers and text encoders that need no download: for the tiny pipelines and the random-weight benchmarks."""
 
 from __future__ import annotations
 
@@ -74,3 +74,37 @@ def tiny_text_encoder(model_class: type, config_class: type, vocab_size: int) ->
         dropout_rate=0.0,
     )
     return model_class(config).eval()
+
+
+def tiny_qwen25_vl(vocab_size: int, hidden: int, layers: int = 2) -> torch.nn.Module:
+    """Qwen2.5-VL with its vision tower at toy scale (Kandinsky 5's and Cosmos-Predict2.5's text
+    encoder), random weights, in eval mode: every part the pipelines call, multimodal rotary
+    positions included."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    text_config = {
+        "vocab_size": vocab_size,
+        "hidden_size": hidden,
+        "intermediate_size": 32,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
+        "rope_theta": 1000000.0,
+        "bos_token_id": None,
+        "eos_token_id": None,
+    }
+    vision_config = {
+        "depth": 1,
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_heads": 2,
+        "out_hidden_size": hidden,
+        "patch_size": 2,
+        "spatial_merge_size": 1,
+        "temporal_patch_size": 1,
+        "window_size": 4,
+        "fullatt_block_indexes": [0],
+    }
+    config = Qwen2_5_VLConfig(text_config=text_config, vision_config=vision_config)
+    return Qwen2_5_VLForConditionalGeneration(config).eval()
