@@ -186,7 +186,13 @@ class Family:
         return cls.from_config(saved.config, **self.scheduler_overrides(model))
 
     def scheduler_overrides(self, model: ModelConfig) -> dict[str, Any]:
-        return {}
+        """What the chosen scheduler is built with besides the saved config: by default
+        `model.flow_shift`, under the name the scheduler takes it (UniPC's `flow_shift`,
+        flow-matching Euler's `shift`), and nothing where it is not set."""
+        if model.flow_shift is None:
+            return {}
+        unipc = self.schedulers.get(model.scheduler, "").startswith("UniPC")
+        return {"flow_shift": model.flow_shift} if unipc else {"shift": model.flow_shift}
 
     # --- LoRAs (batch_runner.replica.lora) ---
 

@@ -114,9 +114,6 @@ class Kandinsky5(Family):
     )
     schedulers: ClassVar[dict[str, str]] = {"euler": "FlowMatchEulerDiscreteScheduler"}
 
-    def scheduler_overrides(self, model: ModelConfig) -> dict[str, Any]:
-        return {} if model.flow_shift is None else {"shift": model.flow_shift}
-
     # --- building ---
 
     def tiny(self, model: ModelConfig) -> Kandinsky5I2VPipeline:

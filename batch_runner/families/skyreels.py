@@ -67,11 +67,6 @@ class SkyReelsV2(Family):
         "euler": "FlowMatchEulerDiscreteScheduler",
     }
 
-    def scheduler_overrides(self, model: ModelConfig) -> dict[str, Any]:
-        if model.flow_shift is None:
-            return {}
-        return {"flow_shift": model.flow_shift} if model.scheduler == "unipc" else {"shift": model.flow_shift}
-
     # --- building ---
 
     def tiny(self, model: ModelConfig) -> SkyReelsV2ImageToVideoPipeline:

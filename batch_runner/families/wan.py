@@ -90,11 +90,6 @@ class Wan(Family):
         "euler": "FlowMatchEulerDiscreteScheduler",
     }
 
-    def scheduler_overrides(self, model: ModelConfig) -> dict[str, Any]:
-        if model.flow_shift is None:
-            return {}
-        return {"flow_shift": model.flow_shift} if model.scheduler == "unipc" else {"shift": model.flow_shift}
-
     def takes_last_image(self, model: ModelConfig) -> bool:
         """A14B conditions on frames through its latents alone and takes a last frame there. TI2V 5B
         (expand_timesteps) would silently drop it; Wan 2.1 I2V's CLIP conditioning takes one image

@@ -64,9 +64,6 @@ class HunyuanVideo15(Family):
     )
     schedulers: ClassVar[dict[str, str]] = {"euler": "FlowMatchEulerDiscreteScheduler"}
 
-    def scheduler_overrides(self, model: ModelConfig) -> dict[str, Any]:
-        return {} if model.flow_shift is None else {"shift": model.flow_shift}
-
     # --- building ---
 
     def tiny(self, model: ModelConfig) -> HunyuanImageToVideo:
