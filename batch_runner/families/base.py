@@ -88,6 +88,22 @@ class Geometry:
         return video + (text_tokens if self.text_in_sequence else 0)
 
 
+def wan_vae_geometry(configs: dict[str, dict]) -> Geometry:
+    """Tokens of a transformer with Wan's patching over Wan's VAE (AutoencoderKLWan): Wan's own, and
+    SkyReels-V2's and Cosmos-Predict2.5's, which are built on them."""
+    t, vae = configs["transformer"], configs["vae"]
+    patch_t, patch, _ = t["patch_size"]
+    return Geometry(
+        spatial=vae.get("scale_factor_spatial") or 8,
+        temporal=vae.get("scale_factor_temporal") or 4,
+        patch=patch,
+        patch_t=patch_t,
+        hidden=t["num_attention_heads"] * t["attention_head_dim"],
+        text_in_sequence=False,
+        vae_channels=(vae.get("decoder_base_dim") or vae["base_dim"]) * max(vae["dim_mult"]),
+    )
+
+
 class Family:
     """One model family: its pipeline, how to build it, its rules, its call and its memory terms."""
 

@@ -48,6 +48,7 @@ from batch_runner.families.base import (
     Geometry,
     arch_json,
     seeded,
+    wan_vae_geometry,
 )
 from batch_runner.families.tokenizer import tiny_qwen25_vl
 
@@ -306,17 +307,7 @@ class Cosmos(Family):
                 module.set_processor(PreferredAttention(module.processor, order))
 
     def geometry(self, configs: dict[str, dict]) -> Geometry:
-        t, vae = configs["transformer"], configs["vae"]
-        patch_t, patch, _ = t["patch_size"]
-        return Geometry(
-            spatial=2 ** len(vae["temperal_downsample"]),
-            temporal=2 ** sum(vae["temperal_downsample"]),
-            patch=patch,
-            patch_t=patch_t,
-            hidden=t["num_attention_heads"] * t["attention_head_dim"],
-            text_in_sequence=False,
-            vae_channels=(vae.get("decoder_base_dim") or vae["base_dim"]) * max(vae["dim_mult"]),
-        )
+        return wan_vae_geometry(configs)
 
 
 FAMILY = Cosmos()

@@ -41,6 +41,7 @@ from batch_runner.families.base import (
     Geometry,
     arch_json,
     seeded,
+    wan_vae_geometry,
 )
 from batch_runner.families.tokenizer import TINY_TEXT_DIM, tiny_text_encoder, tiny_tokenizer
 
@@ -134,17 +135,7 @@ class SkyReelsV2(Family):
         return transformer.blocks
 
     def geometry(self, configs: dict[str, dict]) -> Geometry:
-        t, vae = configs["transformer"], configs["vae"]
-        patch_t, patch, _ = t["patch_size"]
-        return Geometry(
-            spatial=2 ** len(vae["temperal_downsample"]),
-            temporal=2 ** sum(vae["temperal_downsample"]),
-            patch=patch,
-            patch_t=patch_t,
-            hidden=t["num_attention_heads"] * t["attention_head_dim"],
-            text_in_sequence=False,
-            vae_channels=(vae.get("decoder_base_dim") or vae["base_dim"]) * max(vae["dim_mult"]),
-        )
+        return wan_vae_geometry(configs)
 
 
 FAMILY = SkyReelsV2()

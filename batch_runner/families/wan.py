@@ -45,6 +45,7 @@ from batch_runner.families.base import (
     arch_folder,
     arch_json,
     seeded,
+    wan_vae_geometry,
 )
 from batch_runner.families.tokenizer import TINY_TEXT_DIM, tiny_text_encoder, tiny_tokenizer
 
@@ -261,17 +262,7 @@ class Wan(Family):
         return transformer.blocks
 
     def geometry(self, configs: dict[str, dict]) -> Geometry:
-        t, vae = configs["transformer"], configs["vae"]
-        patch_t, patch, _ = t["patch_size"]
-        return Geometry(
-            spatial=vae.get("scale_factor_spatial") or 8,
-            temporal=vae.get("scale_factor_temporal") or 4,
-            patch=patch,
-            patch_t=patch_t,
-            hidden=t["num_attention_heads"] * t["attention_head_dim"],
-            text_in_sequence=False,
-            vae_channels=(vae.get("decoder_base_dim") or vae["base_dim"]) * max(vae["dim_mult"]),
-        )
+        return wan_vae_geometry(configs)
 
 
 FAMILY = Wan()
