@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from batch_runner.config import register_configs
 from batch_runner.errors import UserError
 from batch_runner.run.launch import requested_cpu_launch, respawn_with_torchrun
-from batch_runner.run.overrides import check_overrides
+from batch_runner.run.overrides import check_overrides, with_family_options
 
 register_configs()
 
@@ -35,6 +35,7 @@ if __name__ == "__main__":
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    sys.argv[1:] = with_family_options(sys.argv[1:])  # before Hydra, the preflight and torchrun read them
     launch = requested_cpu_launch()
     if launch.needs_respawn:  # this launch's one process, before it starts the others: refuse here, once
         from batch_runner.run.preflight import preflight

@@ -30,6 +30,7 @@ from PIL import Image
 
 from batch_runner.config import RunConfig, register_configs
 from batch_runner.run.launch import accelerate_launch
+from batch_runner.run.overrides import with_family_options
 
 ROOT = Path(__file__).resolve().parent.parent
 register_configs()
@@ -47,7 +48,7 @@ def _composed(overrides: tuple[str, ...]) -> RunConfig:
     registered schemas never change while the tests run), and the contract tests compose each model
     config for every family, so each is composed once."""
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        cfg = compose("config", overrides=list(overrides))
+        cfg = compose("config", overrides=with_family_options(list(overrides)))  # as run.py hands them to Hydra
     return OmegaConf.to_object(cfg)
 
 

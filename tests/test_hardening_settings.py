@@ -36,6 +36,26 @@ def test_a_setting_of_the_wrong_type_or_grammar_is_one_sentence(arg: str, senten
     assert sentence in str(caught.value) and "\n" not in str(caught.value)
 
 
+def test_a_family_option_the_preset_does_not_list_is_set_from_the_command_line() -> None:
+    """`model.options.<key>` as the README writes it (Cosmos' guardrail, a Wan option): the preset's
+    YAML lists only the options it changes, and Hydra alone refuses any other key with a stack."""
+    check_overrides(["model.options.guidance_scale_2=2.0", "model.options.guardrail=false"], CONF)
+    wan = run_config("manifest=x", "model=wan2.1-i2v-14b-480p", "model.options.guidance_scale_2=2.0").model
+    assert wan.options["guidance_scale_2"] == 2.0
+    cosmos = run_config("manifest=x", "model=cosmos-predict2.5-2b", "model.options.guardrail=false").model
+    assert cosmos.options == {"guardrail": False}
+
+
+def test_a_misspelt_family_option_is_refused_by_its_family_naming_the_ones_it_has(tmp_path: Path) -> None:
+    from batch_runner.families import family_of
+
+    model = run_config("manifest=x", "model=cosmos-predict2.5-2b", "model.options.guardrai=false").model
+    with pytest.raises(
+        UserError, match=r"guardrai is not an option of cosmos-predict2\.5-2b .*its options are guardrail"
+    ):
+        family_of(model).options(model)
+
+
 @pytest.mark.parametrize(
     "arg",
     ["seed=3", "ids=[c]", "ids=[a,b]", "overwrite=true", "model.guidance_scale=5", "memory.budget_gib=null"],

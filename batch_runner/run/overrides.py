@@ -62,6 +62,16 @@ def check_overrides(args: list[str], conf_dir: Path) -> None:
             _check_type(key, arg.split("=", 1)[1] if "=" in arg else "", override.value(), leaf)
 
 
+def with_family_options(args: list[str]) -> list[str]:
+    """`args` with each `model.options.<key>=<value>` made `++model.options.<key>=<value>`.
+
+    A family's options are its own (the family refuses a key it does not have, naming the ones it
+    has); a preset's YAML lists only those it changes, and Hydra would refuse any other key as not in
+    its struct with a stack of lines. `++` sets the key whether the preset lists it or not.
+    """
+    return [f"++{arg}" if arg.startswith("model.options.") and "=" in arg else arg for arg in args]
+
+
 def _refuse_unparsed(arg: str) -> None:
     """A key=value whose value Hydra's grammar cannot read: how to quote it, in one sentence."""
     key, sep, value = arg.partition("=")
@@ -125,6 +135,8 @@ def _check_key(key: str, groups: dict[str, list[str]]) -> object | None:
                 hint = "valid keys here: " + ", ".join(f"{prefix}.{name}" if prefix else name for name in fields) + "."
             raise UserError(f"There is no setting {key!r} among {where} (batch_runner/config.py); {hint}")
         hint = fields[part]
+        if (typing.get_origin(hint) or hint) is dict:
+            return None  # a family's own settings (model.options.<key>): the family validates them
         if not dataclasses.is_dataclass(hint):
             if depth + 1 < len(parts):
                 leaf = ".".join(parts[: depth + 1])
