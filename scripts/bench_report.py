@@ -30,6 +30,11 @@ FIRST_MODEL = "cogvideox-5b-i2v"
 FIRST_FRAMES, FIRST_HEIGHT, FIRST_WIDTH, FIRST_STEPS = 49, 480, 720, 50
 
 
+def footprint(record: dict) -> float:
+    """A record's peak reservation, else (a record rebuilt from a log's summary line) its peak allocation."""
+    return record.get("peak_reserved_gib") or record["peak_allocated_gib"]
+
+
 def load_model_config(name: str) -> Any:
     """A model's config from conf/model, as the run composes it (batch_runner's ModelConfig, imported only here)."""
     from omegaconf import OmegaConf
@@ -229,7 +234,7 @@ def targets(rows: list[dict]) -> list[str]:
         # Run under a 24 GiB cap where measured; else judged by its uncapped peak reservation.
         if r["recipe"] in capped:
             return "error" not in capped[r["recipe"]]
-        return r["peak_reserved_gib"] <= 24
+        return footprint(r) <= 24
 
     fitting = [r for r in by.values() if r["recipe"] in REFERENCE_NAMES and fits_24(r)]
     own24 = s("batch_runner-24gib")
@@ -314,7 +319,7 @@ def family_section(model: str, rows: list[dict], peak: float | None) -> list[str
         cap = budget if budget is not None else (r.get("gpu_memory_gib") or 80)
         where = f"{budget:g} GiB" if budget else "whole card"
         # Timings compare only on one kind of card (an H200's memory is faster than an H100's).
-        fitting = [f for f in refs if f["peak_reserved_gib"] <= cap and f.get("gpu") == r.get("gpu")]
+        fitting = [f for f in refs if footprint(f) <= cap and f.get("gpu") == r.get("gpu")]
         if fitting:
             best = min(fitting, key=lambda f: f["seconds_per_video"])
             ratio = best["seconds_per_video"] / r["seconds_per_video"]

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import json
 import os
 import platform
@@ -74,6 +75,7 @@ class Target:
 
     model: str
     config: ModelConfig  # random weights, the row's steps
+    options: dict  # what --option set over the model's options (the command line of e2e repeats it)
     frames: int
     height: int
     width: int
@@ -85,10 +87,16 @@ class Target:
     attention_tflop_per_step: float
 
     @classmethod
-    def of(cls, name: str, loras: Path | None = None) -> Target:
+    def of(cls, name: str, loras: Path | None = None, options: dict | None = None) -> Target:
         """`name` (a config of conf/model) at its default row: frames, size, steps and guidance from its config.
-        Its LoRAs, if any, become random files of the published format written into `loras` (random_loras)."""
-        config = replace(load_model_config(name), weights="random")
+        Its LoRAs, if any, become random files of the published format written into `loras` (random_loras).
+        `options` are set over its `model.options` (e.g. Cosmos' guardrail, which needs downloads)."""
+        config = load_model_config(name)
+        # Random weights of the real architecture; a tiny twin keeps its own (the CPU tests' case).
+        options = options or {}
+        config = replace(
+            config, weights="tiny" if config.weights == "tiny" else "random", options={**config.options, **options}
+        )
         if config.loras:
             config = random_loras(config, loras or Path(tempfile.mkdtemp(prefix="batch_runner_loras_")))
         shape = anatomy(config)
@@ -103,6 +111,7 @@ class Target:
         return cls(
             model=name,
             config=config,
+            options=options,
             frames=frames,
             height=height,
             width=width,
@@ -307,7 +316,7 @@ class SyncCounter:
 def timed_call(target: Target, call, steps: int, budget_gib: float | None, pipe=None) -> dict:
     """Warm up, then time one call of `steps` steps; returns the measurement, split into stages
     where `pipe` (the pipeline `call` runs) is given."""
-    call(1, None)
+    call(2, None)  # 2: some schedulers fail at 1 step (LTX-2's flow-match euler in diffusers 0.42.1)
     torch.cuda.synchronize()
     release_memory()
     torch.cuda.reset_peak_memory_stats()
@@ -396,7 +405,8 @@ def reference(target: Target, name: str, image, steps: int, budget_gib: float | 
         # The family's own call for a row, with the texts given as text: the recipe encodes them.
         job = target.job(0, n)
         arguments = family.call_arguments(config, job, {"image": image}, {job.prompt: None, job.negative_prompt: None})
-        arguments |= {"prompt_embeds": None, "negative_prompt_embeds": None}
+        accepted = inspect.signature(pipe.__call__).parameters
+        arguments |= {k: None for k in ("prompt_embeds", "negative_prompt_embeds") if k in accepted}
         return pipe(
             **arguments,
             prompt=job.prompt,
@@ -507,7 +517,7 @@ def end_to_end(rows: int, steps: int, out: Path, photos: Path, target: Target | 
     import pandas as pd
 
     work = Path(tempfile.mkdtemp(prefix="batch_runner_e2e_"))
-    images = sorted(photos.glob("*.png"))
+    images = sorted(photos.resolve().glob("*.png"))  # absolute: the manifest lives in a temporary folder
     manifest = pd.DataFrame(
         {
             "id": [f"row{i}" for i in range(rows)],
@@ -521,9 +531,13 @@ def end_to_end(rows: int, steps: int, out: Path, photos: Path, target: Target | 
         str(ROOT / "run.py"),
         f"manifest={work / 'jobs.csv'}",
         *([f"model={target.model}"] if target else []),
-        "model.weights=random",
+        f"model.weights={target.config.weights if target else 'random'}",
         f"model.num_inference_steps={steps}",
         *(lora_overrides(target.config) if target else []),
+        *(
+            f"model.options.{k}={str(v).lower() if isinstance(v, bool) else v}"
+            for k, v in (target.options if target else {}).items()
+        ),
         f"output_dir={work / 'out'}",
         "overwrite=true",
     ]
@@ -674,6 +688,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
     parser.add_argument("--append", action="store_true", help="add to an existing benchmarks.json")
     parser.add_argument("--report", action="store_true", help="only rewrite benchmarks.md from the json")
+    parser.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        help="KEY=VALUE over the model's options, e.g. guardrail=false (Cosmos' checker needs downloads)",
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "benchmarks.json"
@@ -682,7 +702,11 @@ def main() -> None:
     if args.report:
         write_report(records, args.out, os.environ.get("BENCHMARK_COMMAND", command))
         return
-    target = Target.of(args.model)
+    options = {}
+    for item in args.option:
+        key, value = item.split("=", 1)
+        options[key] = {"true": True, "false": False}.get(value.lower(), value)
+    target = Target.of(args.model, options=options)
     args.steps = args.steps or (target.steps if target.steps <= 8 else 3)
     env = environment()
     records = [r for r in records if r.get("recipe") != "environment"] + [{"recipe": "environment"} | env]

@@ -93,3 +93,18 @@ def test_the_end_to_end_command_carries_the_random_loras_as_the_command_line_wri
     overrides = bench.lora_overrides(model)
     assert run_config("manifest=x", "model=tiny-wan22-lightning", *overrides).model.loras == model.loras
     assert bench.lora_overrides(model_of("tiny-wan")) == []
+
+
+@pytest.mark.slow
+def test_the_end_to_end_part_runs_the_command_line_on_a_preset_with_its_loras_and_options(bench, tmp_path, monkeypatch):
+    """The part the GPU run could not measure twice: photos given as a relative folder (the manifest
+    lives in a temporary folder) and the preset's options as --option set them, nothing more."""
+    for i in range(2):
+        photo(tmp_path / "photos" / f"p{i}.png", seed=i)
+    monkeypatch.chdir(tmp_path)
+    target = bench.Target.of("tiny-wan22-lightning", tmp_path / "loras", options={"guidance_scale_2": 1.0})
+    record = bench.end_to_end(3, 2, tmp_path / "out", Path("photos"), target)
+    assert record["ok_rows"] == 3 and record["rows"] == 3
+    assert "model.options.guidance_scale_2=1.0" in record["command"]
+    assert "model.options.boundary_ratio" not in record["command"], "only the options --option set"
+    assert record["median_stage_seconds"]["denoise_seconds"] > 0
