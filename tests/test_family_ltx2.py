@@ -174,3 +174,14 @@ def test_a_frame_count_ltx2_cannot_make_is_refused_naming_the_nearest(tmp_path):
     rows = [{"id": "bad", "image": str(image), "prompt": "sea", "num_frames": 120}]
     [problem] = load_manifest(write_manifest(tmp_path / "j.csv", rows), model, 0).problems
     assert "ltx-2 makes 8N+1 frames, 9 to 257, not 120; the nearest valid value is 121" in str(problem)
+
+
+def test_one_denoising_step_is_refused_for_ltx2_naming_the_fewest_it_runs(tmp_path):
+    """diffusers' LTX-2 scheduler fails at 1 step (IndexError): refused up front, not a failed row."""
+    image = photo(tmp_path / "in.png")
+    model = run_config("manifest=x", "model=tiny-ltx2").model
+    rows = [{"id": "one", "image": str(image), "prompt": "sea", "num_inference_steps": 1}]
+    rows += [{"id": "two", "image": str(image), "prompt": "sea", "num_inference_steps": 2}]
+    [problem] = load_manifest(write_manifest(tmp_path / "j.csv", rows), model, 0).problems
+    assert "'one'" in str(problem) and "num_inference_steps" in str(problem)
+    assert "runs at least 2 denoising steps, not 1; the nearest valid value is 2" in str(problem)

@@ -117,6 +117,8 @@ class Family:
     schedulers: ClassVar[dict[str, str]] = {}
     # Whether the scheduler's arithmetic may stay on the host (speed.keep_timesteps_on_host).
     host_timesteps: ClassVar[bool] = False
+    # The fewest denoising steps its pipeline can run (a row asking fewer is refused, naming this).
+    min_steps: ClassVar[int] = 1
     # The settings only this family reads (model.options), as a frozen dataclass: its fields are the
     # valid keys, their annotations the types a value must have, their defaults what a missing key means.
     Options: ClassVar[type] = NoOptions

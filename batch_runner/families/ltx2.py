@@ -120,6 +120,8 @@ class LTX2(Family):
         resident=24.0, streamed=24.0, decode_per_pixel=8250.0, tiled_pixels=512 * 512 * 2, guidance_batch=2
     )
     schedulers: ClassVar[dict[str, str]] = {"euler": "FlowMatchEulerDiscreteScheduler"}
+    # At 1 step the pipeline's scheduler cannot find its own timestep (IndexError, diffusers 0.42.1).
+    min_steps = 2
     Options = LTX2Options
     makes_audio = True
 

@@ -130,11 +130,18 @@ def validate_row(
     guidance = _number(record, "guidance_scale", model.guidance_scale, problem)
     fps = _number(record, "fps", model.fps, problem)
 
-    for column, reason in family_of(model).row_problems(model, frames, height, width):
+    family = family_of(model)
+    for column, reason in family.row_problems(model, frames, height, width):
         problem(column, reason)
+    if steps is not None and 1 <= steps < family.min_steps:
+        problem(
+            "num_inference_steps",
+            f"{model.name} runs at least {family.min_steps} denoising steps, not {steps}; "
+            f"the nearest valid value is {family.min_steps}",
+        )
     last_image = None
     if not is_missing(record.get("last_image")) and str(record.get("last_image")).strip():
-        if family_of(model).takes_last_image(model):
+        if family.takes_last_image(model):
             last_image = _check_image(record.get("last_image"), base_dir, problem, column="last_image")
         else:
             problem("last_image", f"{model.name} makes videos from a first frame only; leave last_image empty")
