@@ -159,6 +159,7 @@ def measured_records() -> list[dict]:
         for r in records
         if r.get("plan") in PLANS
         and r.get("peak_allocated_gib")
+        and r.get("peak_reserved_gib") is not None  # a record rebuilt from a log's summary line has none
         and not r.get("error")
         and not r.get("superseded")
         and not r.get("oom_fallback")

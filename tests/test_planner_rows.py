@@ -56,8 +56,10 @@ def test_the_ltx_13b_manifest_of_the_issue_runs_every_row_under_group_offload_in
         chosen = plans.for_job(row)
         assert chosen.plan == "group_offload", chosen.reason
         assert chosen.gpu_gib <= 12.0
-    # The measured peak of the first row under group_offload was 6.65 GiB: the estimate is within 1.3x.
-    assert 6.65 <= plans.for_job(rows[0]).gpu_gib <= 1.3 * 6.65
+    # The first row under group_offload decoding whole frames (the plan's choice at 12 GiB) peaked at
+    # 8.62 GiB on the H200 (docs/experiments/2026-12-04): the estimate is within 1.3x of it.
+    first = plans.for_job(rows[0])
+    assert not first.vae_tiling and 8.62 <= first.gpu_gib <= 1.3 * 8.62
 
 
 def test_the_dry_run_prints_the_plan_of_each_row_shape(tmp_path):

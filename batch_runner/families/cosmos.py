@@ -215,11 +215,14 @@ class Cosmos(Family):
     Options = CosmosOptions
     pipeline_class = CosmosImageToWorld
     roles: ClassVar[dict[str, str]] = {"text_encoder": ENCODER, "transformer": DENOISER, "vae": DECODER}
-    # Estimates until measured on a GPU: Wan's terms (16 bytes per token and width, its VAE's decode),
-    # the VAE being Wan 2.1's and the transformer a DiT of the same kind. 2B at its default (93
-    # frames at 1280x704): 24 x 44 x 80 tokens.
+    # Denoising: Wan's 16 bytes per token and width (an estimate: a DiT of the same kind). Measured:
+    # the 2B at its default (93 frames at 1280x704, 24 x 44 x 80 tokens) under `none` with whole-frame
+    # decoding allocated 30.5 GiB and reserved 35.2 on an H200 (docs/benchmarks.json, 2026-12-04)
+    # over 19.5 GiB of weights. That one record does not say which phase peaked; it is charged to
+    # Wan 2.1's VAE at 1280x704 (the encode of the conditioning frames or the decode), 18600 bytes
+    # per pixel, which is what Wan's VAE is known to need at 720p. Other budgets are not measured yet.
     activations = ActivationTerms(
-        resident=16.0, streamed=16.0, decode_per_pixel=2900.0, tiled_pixels=256 * 256 * 2, guidance_batch=1
+        resident=16.0, streamed=16.0, decode_per_pixel=18600.0, tiled_pixels=256 * 256 * 2, guidance_batch=1
     )
     schedulers: ClassVar[dict[str, str]] = {"unipc": "UniPCMultistepScheduler"}
 

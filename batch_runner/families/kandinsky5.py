@@ -105,12 +105,20 @@ class Kandinsky5(Family):
         "transformer": DENOISER,
         "vae": DECODER,
     }
-    # Estimates until measured on a GPU. Denoising: Wan's 16 bytes per token and width, raised to 24
-    # as this transformer keeps its modulation and rotary arithmetic in float32. Decoding: the
-    # HunyuanVideo VAE (512 channels at its widest, as CogVideoX's), tiled by the planner as
-    # CogVideoX's and Wan's are. Lite at its default (121 frames at 768x512): 31 x 32 x 48 tokens.
+    # Denoising: Wan's 16 bytes per token and width, raised to 24 as this transformer keeps its
+    # modulation and rotary arithmetic in float32 (an estimate). Decoding, measured: Lite at its
+    # default (121 frames at 768x512, 31 x 32 x 48 tokens) under `none` with whole-frame decoding
+    # allocated 42.0 GiB and reserved 46.0 on an H200 (docs/benchmarks.json, 2026-12-04) over 19.9
+    # GiB of weights: the HunyuanVideo VAE (512 channels at its widest) decodes every frame at once,
+    # so its decode grows with the frames as well as the area (as LTX-Video's), 58000 bytes per
+    # pixel at 121 frames. Its tiled decode and the other budgets are not measured yet.
     activations = ActivationTerms(
-        resident=24.0, streamed=24.0, decode_per_pixel=2900.0, tiled_pixels=256 * 256 * 2, guidance_batch=1
+        resident=24.0,
+        streamed=24.0,
+        decode_per_pixel=58000.0,
+        tiled_pixels=256 * 256 * 2,
+        guidance_batch=1,
+        decode_frames=121,
     )
     schedulers: ClassVar[dict[str, str]] = {"euler": "FlowMatchEulerDiscreteScheduler"}
 

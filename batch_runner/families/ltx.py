@@ -173,12 +173,17 @@ class LTX(Family):
     # proportion to frames x area; by area alone the first was estimated at 1.36x its peak. The same
     # run's 8.6 GiB is 1.3x the H100 benchmark's 6.65 for that shape and plan (compile on, CUDA 13):
     # the estimate sits between the two. An out-of-memory error steps the replica down a plan.
+    # Whole frames against tiles: the 8.6 GiB of the 13B at H200 decoded whole frames (planner2's
+    # choice where they fit), the H100's 6.65 tiles of 512x512 (diffusers' own). The 13B distilled
+    # on the H200 (docs/benchmarks.json, 2026-12-04), whole frames, reserved 47.8 GiB under `none`
+    # and allocated 8.6 under a 24 GiB group_offload: 9400 bytes per pixel at 161 frames, over one
+    # 512x512 tile where the VAE tiles (the H100's records, tiled, stay within 1.3x of it).
     # The denoising term stays the placeholder between Wan's and CogVideoX's fits: always under the decode.
     activations = ActivationTerms(
         resident=24.0,
         streamed=24.0,
-        decode_per_pixel=6150.0,
-        tiled_pixels=512 * 512 * 2,
+        decode_per_pixel=9400.0,
+        tiled_pixels=512 * 512,
         guidance_batch=2,
         decode_frames=161,
     )

@@ -57,11 +57,14 @@ class SkyReelsV2(Family):
         "transformer": DENOISER,
         "vae": DECODER,
     }
-    # Estimates until measured on a GPU: the architecture is Wan 2.1 I2V 14B's, so Wan's terms fitted
-    # on an H100 (docs/benchmarks.json) are taken as they are, per token and width; the 540P default
-    # (97 frames at 960x544) has 25 x 34 x 60 tokens, the 720P one (121 frames at 1280x720) 31 x 45 x 80.
+    # The architecture is Wan 2.1 I2V 14B's, and its VAE Wan's (12700 bytes per pixel, as Wan's). The
+    # 540P default (97 frames at 960x544, 25 x 34 x 60 tokens) under `none`, whole-frame decoding,
+    # allocated 48.6 GiB and reserved 54.0 on an H200 (docs/benchmarks.json, 2026-12-04) over 42.5
+    # GiB of weights, more than Wan's 16 bytes per token and width give: 22 covers it (streamed: Wan's 16,
+    # not measured for this model). The 720P one
+    # (121 frames at 1280x720, 31 x 45 x 80) and the other budgets are not measured yet.
     activations = ActivationTerms(
-        resident=16.0, streamed=16.0, decode_per_pixel=2900.0, tiled_pixels=256 * 256 * 2, guidance_batch=1
+        resident=22.0, streamed=16.0, decode_per_pixel=12700.0, tiled_pixels=256 * 256 * 2, guidance_batch=1
     )
     schedulers: ClassVar[dict[str, str]] = {
         "unipc": "UniPCMultistepScheduler",
