@@ -90,7 +90,7 @@ class Target:
     def of(cls, name: str, loras: Path | None = None, options: dict | None = None) -> Target:
         """`name` (a config of conf/model) at its default row: frames, size, steps and guidance from its config.
         Its LoRAs, if any, become random files of the published format written into `loras` (random_loras).
-        `options` are set over its `model.options` (e.g. Cosmos' guardrail, which needs downloads)."""
+        `options` are set over its `model.options` (a family's option that needs a download, turned off)."""
         config = load_model_config(name)
         # Random weights of the real architecture; a tiny twin keeps its own (the CPU tests' case).
         options = options or {}
@@ -692,7 +692,7 @@ def main() -> None:
         "--option",
         action="append",
         default=[],
-        help="KEY=VALUE over the model's options, e.g. guardrail=false (Cosmos' checker needs downloads)",
+        help="KEY=VALUE over the model's options (model.options), e.g. to turn off one that needs a download",
     )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
