@@ -1,7 +1,7 @@
 """Entry point: `accelerate launch run.py manifest=jobs.csv [Hydra overrides]` (or plain python)."""
 
 from batch_runner.run import startup  # noqa: F401  first: its import marks the interpreter's start-up done
-from batch_runner.run.lifecycle import die_with_parent, started_by_launcher
+from batch_runner.run.lifecycle import die_with_parent, exit_now, started_by_launcher
 
 if started_by_launcher():
     die_with_parent()  # before the slow imports below: a launcher killed meanwhile still takes us along
@@ -25,7 +25,7 @@ register_configs()
 def main(cfg: DictConfig) -> None:
     from batch_runner.run.cli import main as run_main  # imports torch: after the overrides were checked
 
-    sys.exit(run_main(cfg))
+    exit_now(run_main(cfg))
 
 
 if __name__ == "__main__":
@@ -45,4 +45,4 @@ if __name__ == "__main__":
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
-    sys.exit(respawn_with_torchrun(launch)) if launch.needs_respawn else main()
+    exit_now(respawn_with_torchrun(launch)) if launch.needs_respawn else main()

@@ -30,6 +30,9 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
+# The first wait between two questions to the store of a polling loop; each later one doubles.
+FIRST_POLL_SECONDS = 0.05
+
 
 def static_shard(num_items: int, rank: int, world_size: int) -> range:
     """Contiguous share of `rank`: sizes differ by at most one, every item in exactly one share.
@@ -189,12 +192,14 @@ class Claims(WorkQueue):
     def _take_over(self) -> Iterator[range]:
         """Until every row is published: watch the others' progress and take a straggler's rows."""
         seen: dict[int, tuple[int, float]] = {}  # rank -> (its progress count, when it last moved)
+        delay = min(FIRST_POLL_SECONDS, self.poll_seconds)  # doubling up to poll_seconds, as finish_and_wait
         while self.counter.add(self._key("published"), 0) < self.num_items:
             if self.on_idle is not None:
                 self.on_idle()
             taken = [p for rank in self._stalled(seen) for p in self._take_from(rank)]
             if not taken:
-                self.sleep(self.poll_seconds)
+                self.sleep(delay)
+                delay = min(2 * delay, self.poll_seconds)
                 continue
             for position in taken:
                 self._taken.add(position)

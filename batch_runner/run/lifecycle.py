@@ -201,3 +201,18 @@ def uninstall() -> None:
     if _current is not None:
         _current.uninstall()
         _current = None
+
+
+def exit_now(code: int) -> None:
+    """End this process with `code` once its run has returned, without the interpreter's teardown.
+
+    Everything the run writes is written, fsynced and closed, its threads stopped and its children
+    waited for, before this is called. What is left is Python's finalization of torch, diffusers and
+    transformers, about 1 s a process (measured on the 2-core CI machine), paid by every process of
+    every launch: the log handlers and the standard streams are flushed, then the process ends.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
