@@ -38,6 +38,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -663,6 +664,15 @@ def environment() -> dict:
     }
 
 
+def assignments(items: Iterable[str]) -> dict:
+    """KEY=VALUE items (--overrides, --option) as a dict: true/false as booleans, digits as integers."""
+    parsed = {}
+    for item in items:
+        key, value = item.split("=", 1)
+        parsed[key] = {"true": True, "false": False}.get(value.lower(), int(value) if value.isdigit() else value)
+    return parsed
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=FIRST_MODEL, help="a config of conf/model, measured at its default row")
@@ -702,20 +712,13 @@ def main() -> None:
     if args.report:
         write_report(records, args.out, os.environ.get("BENCHMARK_COMMAND", command))
         return
-    options = {}
-    for item in args.option:
-        key, value = item.split("=", 1)
-        options[key] = {"true": True, "false": False}.get(value.lower(), value)
-    target = Target.of(args.model, options=options)
+    target = Target.of(args.model, options=assignments(args.option))
     args.steps = args.steps or (target.steps if target.steps <= 8 else 3)
     env = environment()
     records = [r for r in records if r.get("recipe") != "environment"] + [{"recipe": "environment"} | env]
     image = load_image(sorted(args.photos.glob("*.png"))[0], target.height, target.width, 10**8)
     parts = args.parts.split(",")
-    overrides = {}
-    for item in filter(None, args.overrides.split(",")):
-        key, value = item.split("=", 1)
-        overrides[key] = {"true": True, "false": False}.get(value.lower(), int(value) if value.isdigit() else value)
+    overrides = assignments(filter(None, args.overrides.split(",")))
 
     def save(record: dict) -> None:
         record = {"gpu": env["gpu"], "command": command} | target.record() | record

@@ -28,7 +28,7 @@ from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 
 from batch_runner import upstream
-from batch_runner.cluster.sharding import FIRST_POLL_SECONDS, Counter, LocalCounter
+from batch_runner.cluster.sharding import Counter, LocalCounter, poll_delays
 from batch_runner.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -180,18 +180,14 @@ class Cluster:
         return box[0]
 
     def finish_and_wait(self, key: str = "finished", poll_seconds: float = 1.0, on_poll: Any = None) -> None:
-        """Say this process is done, then wait until all are (no collective, so no timeout).
-
-        The store is asked again after 0.05 s, then twice as long each time up to `poll_seconds`: the
-        processes of a launch usually finish within moments of each other, and a fixed 1 s cost
-        every run up to a second at its end."""
+        """Say this process is done, then wait until all are (no collective, so no timeout), asking
+        the store at sharding.poll_delays' waits, up to `poll_seconds` apart."""
         self.counter.add(key, 1)
-        delay = FIRST_POLL_SECONDS
+        delays = poll_delays(poll_seconds)
         while self.counter.add(key, 0) < self.world_size:
             if on_poll is not None:
                 on_poll()
-            time.sleep(delay)
-            delay = min(2 * delay, poll_seconds)
+            time.sleep(next(delays))
 
     def host_peers(self) -> HostPeers:
         """The processes this one can share host memory with (the store is the process group's).

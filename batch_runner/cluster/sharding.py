@@ -34,6 +34,16 @@ from typing import Protocol
 FIRST_POLL_SECONDS = 0.05
 
 
+def poll_delays(most: float) -> Iterator[float]:
+    """The waits of a loop that polls the store: FIRST_POLL_SECONDS, then twice as long each time up
+    to `most`. Processes of a launch usually finish within moments of each other: a fixed `most`
+    between polls would cost every run up to that much at its end."""
+    delay = min(FIRST_POLL_SECONDS, most)
+    while True:
+        yield delay
+        delay = min(2 * delay, most)
+
+
 def static_shard(num_items: int, rank: int, world_size: int) -> range:
     """Contiguous share of `rank`: sizes differ by at most one, every item in exactly one share.
 
@@ -192,14 +202,13 @@ class Claims(WorkQueue):
     def _take_over(self) -> Iterator[range]:
         """Until every row is published: watch the others' progress and take a straggler's rows."""
         seen: dict[int, tuple[int, float]] = {}  # rank -> (its progress count, when it last moved)
-        delay = min(FIRST_POLL_SECONDS, self.poll_seconds)  # doubling up to poll_seconds, as finish_and_wait
+        delays = poll_delays(self.poll_seconds)
         while self.counter.add(self._key("published"), 0) < self.num_items:
             if self.on_idle is not None:
                 self.on_idle()
             taken = [p for rank in self._stalled(seen) for p in self._take_from(rank)]
             if not taken:
-                self.sleep(delay)
-                delay = min(2 * delay, self.poll_seconds)
+                self.sleep(next(delays))
                 continue
             for position in taken:
                 self._taken.add(position)

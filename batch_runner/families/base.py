@@ -241,7 +241,12 @@ class Family:
         return False
 
     def row_problems(
-        self, model: ModelConfig, frames: int | None, height: int | None, width: int | None
+        self,
+        model: ModelConfig,
+        frames: int | None,
+        height: int | None,
+        width: int | None,
+        steps: int | None = None,
     ) -> list[tuple[str, str]]:
         """(column, reason) for each rule a row breaks, each reason naming the nearest valid value.
 
@@ -252,6 +257,9 @@ class Family:
             problems.append(("num_frames", reason))
         if height is not None and width is not None and (reason := size_problem(model, height, width)):
             problems.append(("height/width", reason))
+        if steps is not None and 1 <= steps < self.min_steps:
+            reason = f"{model.name} runs at least {self.min_steps} denoising steps, not {steps}; "
+            problems.append(("num_inference_steps", reason + f"the nearest valid value is {self.min_steps}"))
         return problems
 
     def call_arguments(self, model: ModelConfig, job: Any, images: dict[str, Any], embeds: Any) -> dict[str, Any]:

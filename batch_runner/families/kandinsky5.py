@@ -184,10 +184,15 @@ class Kandinsky5(Family):
     # --- rows ---
 
     def row_problems(
-        self, model: ModelConfig, frames: int | None, height: int | None, width: int | None
+        self,
+        model: ModelConfig,
+        frames: int | None,
+        height: int | None,
+        width: int | None,
+        steps: int | None = None,
     ) -> list[tuple[str, str]]:
         """The shared rules, with at least MIN_FRAMES frames (see the module's docstring)."""
-        problems = super().row_problems(model, None, height, width)
+        problems = super().row_problems(model, None, height, width, steps)
         if frames is not None:
             valid = [n for n in valid_frame_counts(model) if n >= MIN_FRAMES]
             if frames not in valid:

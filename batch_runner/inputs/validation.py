@@ -131,14 +131,8 @@ def validate_row(
     fps = _number(record, "fps", model.fps, problem)
 
     family = family_of(model)
-    for column, reason in family.row_problems(model, frames, height, width):
+    for column, reason in family.row_problems(model, frames, height, width, steps):
         problem(column, reason)
-    if steps is not None and 1 <= steps < family.min_steps:
-        problem(
-            "num_inference_steps",
-            f"{model.name} runs at least {family.min_steps} denoising steps, not {steps}; "
-            f"the nearest valid value is {family.min_steps}",
-        )
     last_image = None
     if not is_missing(record.get("last_image")) and str(record.get("last_image")).strip():
         if family.takes_last_image(model):

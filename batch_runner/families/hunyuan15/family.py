@@ -85,9 +85,14 @@ class HunyuanVideo15(Family):
     # --- rows ---
 
     def row_problems(
-        self, model: ModelConfig, frames: int | None, height: int | None, width: int | None
+        self,
+        model: ModelConfig,
+        frames: int | None,
+        height: int | None,
+        width: int | None,
+        steps: int | None = None,
     ) -> list[tuple[str, str]]:
-        problems = [p for p in super().row_problems(model, frames, None, None)]
+        problems = super().row_problems(model, frames, None, None, steps)
         if height is None or width is None:
             return problems
         target = target_size_of(model)
