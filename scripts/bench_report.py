@@ -390,6 +390,7 @@ def family_section(model: str, rows: list[dict], peak: float | None) -> list[str
     elif None in ours and 24.0 in ours:
         cards = f"{card(ours[24.0])} and {card(ours[None])}"
         checks.append(("24 GiB within 1.1x of the no-budget time", None, f"not compared: measured on {cards}"))
+    checks += end_to_end_checks(current, whole)
     budgeted = [r for r in ok if r.get("within_budget") is not None]
     if budgeted:
         within = sum(bool(r["within_budget"]) for r in budgeted)
@@ -406,6 +407,31 @@ def family_section(model: str, rows: list[dict], peak: float | None) -> list[str
         if r.get("superseded")
     ]
     return lines
+
+
+def end_to_end_checks(current: list[dict], whole: dict | None) -> list[tuple[str, bool | None, str]]:
+    """Issue #23's command-line targets: its steady rate within 10% of what the benchmark's
+    whole-card record predicts at the same steps (the time outside the steps, plus the steps), and
+    launch to first step, warm, within 15 s."""
+    e2e = next((r for r in current if r.get("recipe") == "runner-end-to-end" and "error" not in r), None)
+    if e2e is None:
+        return []
+    checks: list[tuple[str, bool | None, str]] = []
+    if whole and whole.get("seconds_outside_steps") is not None and whole.get("gpu") == e2e.get("gpu"):
+        predicted = whole["seconds_outside_steps"] + e2e["steps"] * whole["seconds_per_step"]
+        ratio = e2e["steady_seconds_per_video"] / predicted
+        checks.append(
+            (
+                f"the command line over {e2e['rows']} rows within 10% of the benchmark's prediction",
+                ratio <= 1.1,
+                f"{e2e['steady_seconds_per_video']} s/video against {predicted:.2f} s ({ratio:.2f}x)",
+            )
+        )
+    warm = (e2e.get("warm_startup_seconds") or {}).get("first_step")
+    if warm is not None:
+        cold = e2e["startup_seconds"]["first_step"]
+        checks.append(("launch to first step, warm, at most 15 s", warm <= 15, f"{warm} s (cold {cold} s)"))
+    return checks
 
 
 def card(record: dict) -> str:
@@ -550,7 +576,14 @@ def write_report(records: list[dict], out: Path, command: str) -> None:
                 f"{r['description']}: {r['ok_rows']} ok rows, "
                 f"time to first video {r['time_to_first_video_s']} s (imports, weights, compilation), steady "
                 f"{r['steady_seconds_per_video']} s per video ({r['steady_videos_per_hour']} videos/h) at "
-                f"{r['steps']} steps. Command: `{r['command']}`",
+                f"{r['steps']} steps."
+                + (
+                    f" Launch to first step: {r['startup_seconds']['first_step']} s, then warm (a second run, "
+                    f"compile cache filled) {r['warm_startup_seconds']['first_step']} s."
+                    if r.get("warm_startup_seconds")
+                    else ""
+                )
+                + f" Command: `{r['command']}`",
             ]
     profile, decode = (experiment_records(out, name) for name in ("step_profile", "vae_decode"))
     lines += probe_table(rows) + bounds(rows, peak, profile) + decode_bounds(rows, decode, profile) + targets(rows)

@@ -54,3 +54,27 @@ def test_a_fast_preset_is_judged_by_the_fast_path_targets_not_the_families_1_3x(
     assert "| at most 14 s per video" in wan and "| at most 25% of a video outside its denoising steps" in wan
     ltx = targets_of("ltx-video-13b-0.9.7-distilled")
     assert "| at most 5 s per video" in ltx and "(no ratio named for this preset) | — |" in ltx
+
+
+def test_the_command_lines_rate_and_warm_start_up_are_judged_against_the_whole_card_record():
+    """#23: the command line's steady rate within 10% of the whole-card record's prediction at the
+    e2e's own steps (outside time plus its steps), and launch to first step, warm, within 15 s."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from bench_report import end_to_end_checks
+
+    whole = {"gpu": "NVIDIA H200", "seconds_outside_steps": 3.0, "seconds_per_step": 2.5}
+    e2e = {
+        "recipe": "runner-end-to-end",
+        "gpu": "NVIDIA H200",
+        "rows": 16,
+        "steps": 4,
+        "steady_seconds_per_video": 14.0,
+        "startup_seconds": {"first_step": 40.0},
+        "warm_startup_seconds": {"first_step": 16.0},
+    }
+    (rate, rate_met, measured), (start, start_met, _) = end_to_end_checks([e2e], whole)
+    assert "16 rows within 10%" in rate and rate_met and "against 13.00 s (1.08x)" in measured
+    assert "warm, at most 15 s" in start and start_met is False
+    slow = e2e | {"steady_seconds_per_video": 14.4, "warm_startup_seconds": {"first_step": 15.0}}
+    assert [met for _, met, _ in end_to_end_checks([slow], whole)] == [False, True]
+    assert end_to_end_checks([e2e | {"error": "CalledProcessError"}], whole) == []
