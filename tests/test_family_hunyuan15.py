@@ -11,7 +11,7 @@ import torch
 
 from batch_runner.errors import UserError
 from batch_runner.families import family_named
-from batch_runner.families.hunyuan15.buckets import buckets, nearest_bucket
+from batch_runner.families.hunyuan15.buckets import bucket_for, buckets, crop_sizes, nearest_bucket
 from batch_runner.replica import placement, planner, speed
 from batch_runner.replica.anatomy import anatomy
 from batch_runner.replica.pipeline import build_pipeline
@@ -98,6 +98,23 @@ def test_every_bucket_is_a_size_the_pipeline_makes_from_an_image_of_that_size():
     # 16:9 at 480p and 720p; a ratio between buckets goes where the pipeline sends it.
     assert (480, 848) in buckets(640) and (720, 1280) in buckets(960)
     assert nearest_bucket(480, 832, 640) == (480, 816)
+
+
+def test_the_copied_bucket_rule_gives_the_size_the_pipeline_gives_for_images_of_every_shape():
+    """buckets.py copies diffusers' rule, so that checking a row imports no diffusers: the copy must
+    answer as the pipeline's own image processor does, at every configured resolution."""
+    from diffusers.pipelines.hunyuan_video1_5.image_processor import (
+        HunyuanVideo15ImageProcessor,
+        generate_crop_size_list,
+    )
+
+    processor = HunyuanVideo15ImageProcessor(vae_scale_factor=16)
+    for target in (64, 640, 960):
+        assert list(crop_sizes(target)) == generate_crop_size_list(target, 16)
+        for height in range(16, 2400, 149):
+            for width in (*range(16, 2400, 131), height, 2 * height, height // 2 + 1):
+                made = tuple(processor.calculate_default_height_width(height, width, target))
+                assert bucket_for(height, width, target) == made, (height, width, target)
 
 
 @pytest.mark.parametrize("name", FULL)

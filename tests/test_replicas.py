@@ -64,7 +64,7 @@ def test_a_world_the_replica_size_does_not_divide_is_refused(monkeypatch: pytest
     assert "--num_processes 2" in message and "replica.gpus=1" in message
 
 
-@pytest.mark.parametrize("model", ["tiny", "tiny-ltx"])  # CogVideoX: no _cp_plan; LTX: see families/ltx.py
+@pytest.mark.parametrize("model", ["tiny", "tiny-ltx"])  # CogVideoX: no _cp_plan; LTX: see families/ltx/family.py
 def test_a_family_diffusers_cannot_split_is_refused(monkeypatch: pytest.MonkeyPatch, model: str) -> None:
     message = refusal(monkeypatch, 2, f"model={model}", "replica.gpus=2")
     assert message.startswith("replica.gpus=2 needs a model whose transformer diffusers can split")

@@ -1,7 +1,7 @@
 """Model families: one module each, chosen by the model config's `family` field.
 
-Adding a family is one module here (a `Family` subclass, see base.py) and one config file per
-checkpoint in conf/model/ (plus conf/arch/<arch>/ for the benchmarks' random-weight build).
+Adding a family is one module or package here (a `Family` subclass, see base.py) and one config file
+per checkpoint in conf/model/ (plus conf/arch/<arch>/ for the benchmarks' random-weight build).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ FORMER_MODEL_FIELDS = ("timestep_spacing", "use_dynamic_cfg", "boundary_ratio", 
 
 
 def family_named(name: str) -> Family:
-    """The family module `name`, imported on first use (each pulls in its diffusers classes)."""
+    """The family module `name`, imported on first use (it imports no diffusers until it builds a pipeline)."""
     if name not in FAMILY_MODULES:
         raise UserError(f"model.family={name!r} is not one of {', '.join(FAMILY_MODULES)}.")
     import importlib

@@ -4,12 +4,18 @@ The runner, the planner and the speed code hold a `Family` and ask it; none of t
 class. A family module (cogvideox.py, wan.py) subclasses `Family`, sets its pipeline class and
 activation terms, and overrides what its pipeline does differently: how a row becomes call
 arguments, which blocks repeat, how its attention kernel is chosen.
+
+Importing a family imports neither diffusers nor transformers (3-4 s of CPU a process): its rules,
+options, geometry and memory terms are plain Python, and what builds, loads or assembles a pipeline
+imports the classes it needs when it runs. So a run that refuses a row, a setting or a launch, or
+only checks them, never pays for them. `pipeline_class` names its class (`imported`), read on first use.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import importlib
 import json
 import types
@@ -104,11 +110,29 @@ def wan_vae_geometry(configs: dict[str, dict]) -> Geometry:
     )
 
 
+class imported:
+    """A class attribute that names a class as "module:Class" and reads as that class, imported the
+    first time it is read (from the class or an instance): `pipeline_class = imported("diffusers:X")`."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __get__(self, instance: Any, owner: type | None = None) -> type:
+        return _import_class(self.path)
+
+
+@functools.cache
+def _import_class(path: str) -> type:
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
 class Family:
     """One model family: its pipeline, how to build it, its rules, its call and its memory terms."""
 
     name: ClassVar[str]
-    pipeline_class: ClassVar[type]
+    # The pipeline's class, named (`imported`): importing it imports diffusers.
+    pipeline_class: ClassVar[imported]
     # Component name -> role, for every component a pipeline of this family may have. A given
     # checkpoint may lack some (Wan 2.2 has no image encoder); `components` says which it has.
     roles: ClassVar[dict[str, str]]

@@ -8,17 +8,10 @@ video tokens in self-attention, so they count towards the activation memory.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
-from diffusers import (
-    AutoencoderKLCogVideoX,
-    CogVideoXDDIMScheduler,
-    CogVideoXImageToVideoPipeline,
-    CogVideoXTransformer3DModel,
-)
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from transformers import T5Config, T5EncoderModel
 
 from batch_runner.config import ModelConfig
 from batch_runner.families.base import (
@@ -29,9 +22,13 @@ from batch_runner.families.base import (
     Family,
     Geometry,
     arch_json,
+    imported,
     seeded,
 )
 from batch_runner.families.tokenizer import TINY_TEXT_DIM, tiny_text_encoder, tiny_tokenizer
+
+if TYPE_CHECKING:
+    from diffusers import CogVideoXImageToVideoPipeline
 
 
 @dataclass(frozen=True)
@@ -49,7 +46,7 @@ class CogVideoXOptions:
 class CogVideoX(Family):
     name = "cogvideox"
     Options = CogVideoXOptions
-    pipeline_class = CogVideoXImageToVideoPipeline
+    pipeline_class = imported("diffusers:CogVideoXImageToVideoPipeline")
     roles: ClassVar[dict[str, str]] = {"text_encoder": ENCODER, "transformer": DENOISER, "vae": DECODER}
     # Fitted to CogVideoX-5B-I2V at 49x480x720 with guidance, compiled blocks, on an H100
     # (docs/benchmarks.json): 3.9 GiB of activations above the weights for the resident plans
@@ -72,6 +69,13 @@ class CogVideoX(Family):
         Rotary positions only (no learned positional embedding, which would fix the size to one):
         the tiny model makes every size its config's rules allow.
         """
+        from diffusers import (
+            AutoencoderKLCogVideoX,
+            CogVideoXDDIMScheduler,
+            CogVideoXTransformer3DModel,
+        )
+        from transformers import T5Config, T5EncoderModel
+
         tokenizer = tiny_tokenizer()
         with seeded(0):
             text_encoder = tiny_text_encoder(T5EncoderModel, T5Config, tokenizer.vocab_size)
@@ -108,12 +112,14 @@ class CogVideoX(Family):
                 sample_width=384,
             )
         scheduler = CogVideoXDDIMScheduler.from_config(arch_json("cogvideox-5b-i2v", "scheduler"))
-        return CogVideoXImageToVideoPipeline(
+        return self.pipeline_class(
             tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
         )
 
     def assemble(self, model: ModelConfig, modules: dict[str, Any], arch: str) -> CogVideoXImageToVideoPipeline:
-        return CogVideoXImageToVideoPipeline(
+        from diffusers import CogVideoXDDIMScheduler
+
+        return self.pipeline_class(
             tokenizer=tiny_tokenizer(model.max_sequence_length),
             scheduler=CogVideoXDDIMScheduler.from_config(arch_json(arch, "scheduler")),
             **modules,

@@ -19,20 +19,9 @@ renormalise against and the video comes out NaN, so rows need at least 17 frames
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from diffusers import (
-    AutoencoderKLHunyuanVideo,
-    FlowMatchEulerDiscreteScheduler,
-    Kandinsky5I2VPipeline,
-    Kandinsky5Transformer3DModel,
-)
-from transformers import (
-    CLIPTextConfig,
-    CLIPTextModel,
-    Qwen2Tokenizer,
-)
 
 from batch_runner.config import ModelConfig
 from batch_runner.families.base import (
@@ -43,10 +32,15 @@ from batch_runner.families.base import (
     Family,
     Geometry,
     arch_json,
+    imported,
     seeded,
 )
 from batch_runner.families.rules import valid_frame_counts
 from batch_runner.families.tokenizer import tiny_qwen25_vl, tiny_tokenizer
+
+if TYPE_CHECKING:
+    from diffusers import Kandinsky5I2VPipeline
+    from transformers import Qwen2Tokenizer
 
 # normalize_first_frame renormalises 4 latent frames against the next ones: 5 latent frames at least.
 MIN_FRAMES = 17
@@ -63,6 +57,7 @@ def tiny_qwen_tokenizer(max_length: int = 64) -> Qwen2Tokenizer:
     """
     from tokenizers import AddedToken
     from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import Qwen2Tokenizer
 
     template, start = _prompt_template()
     prefix = template.split("{}")[0]
@@ -84,7 +79,7 @@ def tiny_qwen_tokenizer(max_length: int = 64) -> Qwen2Tokenizer:
 
 def _prompt_template() -> tuple[str, int]:
     """The pipeline's Qwen template and the tokens it crops, read from the pipeline itself."""
-    empty = Kandinsky5I2VPipeline(
+    empty = FAMILY.pipeline_class(
         transformer=None,
         vae=None,
         text_encoder=None,
@@ -98,7 +93,7 @@ def _prompt_template() -> tuple[str, int]:
 
 class Kandinsky5(Family):
     name = "kandinsky5"
-    pipeline_class = Kandinsky5I2VPipeline
+    pipeline_class = imported("diffusers:Kandinsky5I2VPipeline")
     roles: ClassVar[dict[str, str]] = {
         "text_encoder": ENCODER,
         "text_encoder_2": ENCODER,
@@ -128,6 +123,9 @@ class Kandinsky5(Family):
         """Kandinsky 5 I2V at toy scale: every component of the real one (Qwen2.5-VL with its vision
         tower, CLIP's text model, the HunyuanVideo VAE, the visual-conditioned transformer), random
         weights, tokenizers built in code."""
+        from diffusers import AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, Kandinsky5Transformer3DModel
+        from transformers import CLIPTextConfig, CLIPTextModel
+
         qwen_tokenizer = tiny_qwen_tokenizer(model.max_sequence_length)
         clip_tokenizer = tiny_tokenizer(CLIP_LENGTH)
         with seeded(0):
@@ -161,7 +159,7 @@ class Kandinsky5(Family):
             vae = AutoencoderKLHunyuanVideo(
                 latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=2
             ).eval()
-        return Kandinsky5I2VPipeline(
+        return self.pipeline_class(
             transformer=transformer,
             vae=vae,
             text_encoder=text_encoder,
@@ -174,7 +172,9 @@ class Kandinsky5(Family):
     def assemble(self, model: ModelConfig, modules: dict[str, Any], arch: str) -> Kandinsky5I2VPipeline:
         """The real architecture with random weights; the tokenizers are the tiny ones (their ids stay
         far below both vocabularies), the Qwen one cropping as the real one does."""
-        return Kandinsky5I2VPipeline(
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return self.pipeline_class(
             tokenizer=tiny_qwen_tokenizer(model.max_sequence_length),
             tokenizer_2=tiny_tokenizer(CLIP_LENGTH),
             scheduler=FlowMatchEulerDiscreteScheduler.from_config(arch_json(arch, "scheduler")),

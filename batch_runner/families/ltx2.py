@@ -27,20 +27,9 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from diffusers import (
-    AutoencoderKLLTX2Audio,
-    AutoencoderKLLTX2Video,
-    FlowMatchEulerDiscreteScheduler,
-    LTX2ImageToVideoPipeline,
-    LTX2VideoTransformer3DModel,
-)
-from diffusers.pipelines.ltx2 import LTX2TextConnectors
-from diffusers.pipelines.ltx2.utils import DISTILLED_SIGMA_VALUES
-from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
-from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 
 from batch_runner.config import ModelConfig
 from batch_runner.families.base import (
@@ -51,9 +40,13 @@ from batch_runner.families.base import (
     Family,
     Geometry,
     arch_json,
+    imported,
     seeded,
 )
 from batch_runner.families.tokenizer import TINY_TEXT_DIM, tiny_tokenizer
+
+if TYPE_CHECKING:
+    from diffusers import LTX2ImageToVideoPipeline
 
 
 @dataclass(frozen=True)
@@ -102,7 +95,7 @@ class LTX2(Family):
     # Not split across GPUs: diffusers' LTX-2 `_cp_plan` splits the video tokens only, not the audio
     # tokens that every block attends to as well (not tried yet).
     context_parallel = False
-    pipeline_class = LTX2ImageToVideoPipeline
+    pipeline_class = imported("diffusers:LTX2ImageToVideoPipeline")
     roles: ClassVar[dict[str, str]] = {
         "text_encoder": ENCODER,
         "connectors": ENCODER,
@@ -135,6 +128,16 @@ class LTX2(Family):
         connectors, the audio VAE and vocoder) with random weights. The VAE compresses 8x8 pixels and
         8 frames, so the tiny model keeps the real one's 8N+1 frame rule; the vocoder turns 100 mel
         frames a second into 8 kHz stereo (an AAC sample rate), so its track is as long as the video."""
+        from diffusers import (
+            AutoencoderKLLTX2Audio,
+            AutoencoderKLLTX2Video,
+            FlowMatchEulerDiscreteScheduler,
+            LTX2VideoTransformer3DModel,
+        )
+        from diffusers.pipelines.ltx2 import LTX2TextConnectors
+        from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
+        from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
         tokenizer = tiny_tokenizer()
         with seeded(0):
             text_config = {
@@ -239,7 +242,7 @@ class LTX2(Family):
                 leaky_relu_negative_slope=0.1,
                 output_sampling_rate=8000,
             )
-        return LTX2ImageToVideoPipeline(
+        return self.pipeline_class(
             scheduler=FlowMatchEulerDiscreteScheduler.from_config(arch_json("ltx-2", "scheduler")),
             vae=vae,
             audio_vae=audio_vae,
@@ -251,7 +254,9 @@ class LTX2(Family):
         )
 
     def assemble(self, model: ModelConfig, modules: dict[str, Any], arch: str) -> LTX2ImageToVideoPipeline:
-        return LTX2ImageToVideoPipeline(
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return self.pipeline_class(
             tokenizer=tiny_tokenizer(model.max_sequence_length),
             scheduler=FlowMatchEulerDiscreteScheduler.from_config(arch_json(arch, "scheduler")),
             **modules,
@@ -275,6 +280,8 @@ class LTX2(Family):
     def call_arguments(self, model: ModelConfig, job: Any, images: dict[str, Any], embeds: Any) -> dict[str, Any]:
         """The row's image as the first frame, its frame rate as the video's (the rotary positions in
         time and the sound's length both follow it), and the family's guidance."""
+        from diffusers.pipelines.ltx2.utils import DISTILLED_SIGMA_VALUES
+
         options = self.options(model)
         guided = job.guidance_scale > 1
         prompt, prompt_mask = _padded(embeds[job.prompt])

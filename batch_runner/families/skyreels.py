@@ -14,22 +14,9 @@ embedding for a second image (that is the separate FLF2V model), so a last frame
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from diffusers import (
-    AutoencoderKLWan,
-    SkyReelsV2ImageToVideoPipeline,
-    SkyReelsV2Transformer3DModel,
-    UniPCMultistepScheduler,
-)
-from transformers import (
-    CLIPImageProcessor,
-    CLIPVisionConfig,
-    CLIPVisionModelWithProjection,
-    UMT5Config,
-    UMT5EncoderModel,
-)
 
 from batch_runner.config import ModelConfig
 from batch_runner.families.base import (
@@ -40,17 +27,21 @@ from batch_runner.families.base import (
     Family,
     Geometry,
     arch_json,
+    imported,
     seeded,
     wan_vae_geometry,
 )
 from batch_runner.families.tokenizer import TINY_TEXT_DIM, tiny_text_encoder, tiny_tokenizer
+
+if TYPE_CHECKING:
+    from diffusers import SkyReelsV2ImageToVideoPipeline
 
 TINY_HEADS, TINY_HEAD_DIM = 2, 12
 
 
 class SkyReelsV2(Family):
     name = "skyreels"
-    pipeline_class = SkyReelsV2ImageToVideoPipeline
+    pipeline_class = imported("diffusers:SkyReelsV2ImageToVideoPipeline")
     roles: ClassVar[dict[str, str]] = {
         "text_encoder": ENCODER,
         "image_encoder": ENCODER,
@@ -76,6 +67,19 @@ class SkyReelsV2(Family):
     def tiny(self, model: ModelConfig) -> SkyReelsV2ImageToVideoPipeline:
         """SkyReels-V2 I2V at toy scale: every component of the 14B (UMT5, CLIP, Wan VAE, the SkyReels
         transformer with image cross-attention), random weights, tokenizer built in code."""
+        from diffusers import (
+            AutoencoderKLWan,
+            SkyReelsV2Transformer3DModel,
+            UniPCMultistepScheduler,
+        )
+        from transformers import (
+            CLIPImageProcessor,
+            CLIPVisionConfig,
+            CLIPVisionModelWithProjection,
+            UMT5Config,
+            UMT5EncoderModel,
+        )
+
         tokenizer = tiny_tokenizer()
         with seeded(0):
             text_encoder = tiny_text_encoder(UMT5EncoderModel, UMT5Config, tokenizer.vocab_size)
@@ -109,7 +113,7 @@ class SkyReelsV2(Family):
                     patch_size=1,
                 )
             ).eval()
-        return SkyReelsV2ImageToVideoPipeline(
+        return self.pipeline_class(
             tokenizer=tokenizer,
             text_encoder=text_encoder,
             image_encoder=image_encoder,
@@ -125,7 +129,10 @@ class SkyReelsV2(Family):
         )
 
     def assemble(self, model: ModelConfig, modules: dict[str, Any], arch: str) -> SkyReelsV2ImageToVideoPipeline:
-        return SkyReelsV2ImageToVideoPipeline(
+        from diffusers import UniPCMultistepScheduler
+        from transformers import CLIPImageProcessor
+
+        return self.pipeline_class(
             tokenizer=tiny_tokenizer(model.max_sequence_length),
             scheduler=UniPCMultistepScheduler.from_config(arch_json(arch, "scheduler")),
             image_processor=CLIPImageProcessor(crop_size=224, size=224),

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import string
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import T5TokenizerFast
+
+if TYPE_CHECKING:
+    from transformers import T5TokenizerFast
 
 TINY_TEXT_DIM = 32
 WORDS = [
@@ -41,6 +44,7 @@ def tiny_tokenizer(max_length: int = 64) -> T5TokenizerFast:
     CogVideoX's T5 both take a T5 tokenizer; its ids stay far below either vocabulary's size.
     """
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
 
     chars = string.ascii_letters + string.digits + string.punctuation
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]

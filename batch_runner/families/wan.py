@@ -16,22 +16,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from diffusers import (
-    AutoencoderKLWan,
-    UniPCMultistepScheduler,
-    WanImageToVideoPipeline,
-    WanTransformer3DModel,
-)
-from transformers import (
-    CLIPImageProcessor,
-    CLIPVisionConfig,
-    CLIPVisionModelWithProjection,
-    UMT5Config,
-    UMT5EncoderModel,
-)
 
 from batch_runner.config import LoraConfig, ModelConfig
 from batch_runner.errors import UserError
@@ -44,10 +31,14 @@ from batch_runner.families.base import (
     Geometry,
     arch_folder,
     arch_json,
+    imported,
     seeded,
     wan_vae_geometry,
 )
 from batch_runner.families.tokenizer import TINY_TEXT_DIM, tiny_text_encoder, tiny_tokenizer
+
+if TYPE_CHECKING:
+    from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline, WanTransformer3DModel
 
 TINY_HEADS, TINY_HEAD_DIM = 2, 12
 
@@ -70,7 +61,7 @@ class WanOptions:
 class Wan(Family):
     name = "wan"
     Options = WanOptions
-    pipeline_class = WanImageToVideoPipeline
+    pipeline_class = imported("diffusers:WanImageToVideoPipeline")
     roles: ClassVar[dict[str, str]] = {
         "text_encoder": ENCODER,
         "image_encoder": ENCODER,
@@ -149,6 +140,15 @@ class Wan(Family):
     def tiny(self, model: ModelConfig) -> WanImageToVideoPipeline:
         """Wan at toy scale, in the shape the config names: 2.1 with a CLIP image encoder, 2.2 TI2V
         (`expand_timesteps`, 48-channel VAE) or 2.2 A14B (two experts, `boundary_ratio`)."""
+        from diffusers import AutoencoderKLWan
+        from transformers import (
+            CLIPImageProcessor,
+            CLIPVisionConfig,
+            CLIPVisionModelWithProjection,
+            UMT5Config,
+            UMT5EncoderModel,
+        )
+
         tokenizer = tiny_tokenizer()
         options = self.options(model)
         ti2v = options.expand_timesteps
@@ -196,7 +196,7 @@ class Wan(Family):
                 if clip
                 else None
             )
-        return WanImageToVideoPipeline(
+        return self.pipeline_class(
             tokenizer=tokenizer,
             text_encoder=text_encoder,
             vae=vae,
@@ -211,6 +211,8 @@ class Wan(Family):
 
     @staticmethod
     def _tiny_transformer(ti2v: bool, clip: bool) -> WanTransformer3DModel:
+        from diffusers import WanTransformer3DModel
+
         return WanTransformer3DModel(
             patch_size=(1, 2, 2),
             num_attention_heads=TINY_HEADS,
@@ -230,14 +232,19 @@ class Wan(Family):
 
     @staticmethod
     def _scheduler(flow_shift: float) -> UniPCMultistepScheduler:
+        from diffusers import UniPCMultistepScheduler
+
         return UniPCMultistepScheduler(
             prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=flow_shift
         )
 
     def assemble(self, model: ModelConfig, modules: dict[str, Any], arch: str) -> WanImageToVideoPipeline:
+        from diffusers import UniPCMultistepScheduler
+        from transformers import CLIPImageProcessor
+
         flags = arch_json(arch, "pipeline") if (arch_folder(arch) / "pipeline.json").is_file() else {}
         processor = CLIPImageProcessor(crop_size=224, size=224) if "image_encoder" in modules else None
-        return WanImageToVideoPipeline(
+        return self.pipeline_class(
             tokenizer=tiny_tokenizer(model.max_sequence_length),
             scheduler=UniPCMultistepScheduler.from_config(arch_json(arch, "scheduler")),
             image_processor=processor,

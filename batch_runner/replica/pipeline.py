@@ -16,7 +16,6 @@ from collections.abc import Collection
 from typing import Any
 
 import torch
-from transformers import AutoConfig
 
 from batch_runner import upstream
 from batch_runner.config import ModelConfig
@@ -110,6 +109,8 @@ def empty_component(
     with torch.device("meta"), default_dtype(dtype):
         if hasattr(cls, "load_config"):  # a diffusers model
             return cls.from_config(cls.load_config(source, subfolder=name, revision=revision))
+        from transformers import AutoConfig
+
         config = AutoConfig.from_pretrained(source, subfolder=name, revision=revision)
         return cls(config)
 

@@ -84,7 +84,7 @@ def main(cfg: DictConfig) -> int:
     lifeline = lifecycle.install()
     try:
         run_config = to_run_config(cfg)
-        # Before setting up logging, which imports diffusers and transformers: they may start CUDA.
+        # Before anything asks torch about CUDA (the runner does, and diffusers when imported): that starts it.
         gpu = devices.see_own_gpu_only() if run_config.replica.gpus == 1 else None
         setup_logging(str(cfg.get("log_level", "INFO")), rank, world)
         if gpu is not None:

@@ -6,9 +6,14 @@ once the run has an output folder), so that neither imports the other.
 
 from __future__ import annotations
 
+import importlib
 import logging
+import os
 import sys
 from pathlib import Path
+
+# diffusers and transformers set their loggers' level once, when first imported, from these variables.
+LIBRARY_VERBOSITY = {"diffusers": "DIFFUSERS_VERBOSITY", "transformers": "TRANSFORMERS_VERBOSITY"}
 
 
 def setup_logging(level: str, rank: int, world: int) -> None:
@@ -31,14 +36,13 @@ def setup_logging(level: str, rank: int, world: int) -> None:
             handler.setLevel(logging.WARNING)
     for noisy in ("diffusers", "transformers", "accelerate", "torch._dynamo", "torch._inductor"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    try:
-        from diffusers.utils import logging as diffusers_logging
-        from transformers.utils import logging as transformers_logging
-
-        diffusers_logging.set_verbosity_error()
-        transformers_logging.set_verbosity_error()
-    except ImportError:
-        pass
+    # Errors only from diffusers and transformers: set where each reads it when imported, not by
+    # importing them here (2 s of every process, a run that refuses a row before any model included);
+    # the one already imported is told directly.
+    for library, variable in LIBRARY_VERBOSITY.items():
+        os.environ[variable] = "error"
+        if library in sys.modules:
+            importlib.import_module(f"{library}.utils.logging").set_verbosity_error()
 
 
 class _NoFollowFileHandler(logging.FileHandler):

@@ -20,7 +20,8 @@ conditional and unconditional passes are separate forwards of batch 1.
 
 One concern per module: family.py (what the runner asks: rows, call, memory terms), pipeline.py (the
 pipeline subclass), attention.py (attention without the text's padding), buckets.py (the sizes it
-makes) and tiny.py (the toy-scale build and its tokenizers). Imported on first use, as every family.
+makes) and tiny.py (the toy-scale build and its tokenizers). Imported on first use, as every family;
+family.py and buckets.py import no diffusers, the others are imported when a pipeline is built.
 """
 
 from __future__ import annotations

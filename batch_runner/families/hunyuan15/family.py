@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from diffusers import ClassifierFreeGuidance, FlowMatchEulerDiscreteScheduler
-from transformers import ByT5Tokenizer, SiglipImageProcessor
 
 from batch_runner.config import ModelConfig
 from batch_runner.families.base import (
@@ -18,11 +16,12 @@ from batch_runner.families.base import (
     Family,
     Geometry,
     arch_json,
+    imported,
 )
-from batch_runner.families.hunyuan15.attention import drop_text_padding
 from batch_runner.families.hunyuan15.buckets import buckets, nearest_bucket, target_size_of
-from batch_runner.families.hunyuan15.pipeline import HunyuanImageToVideo
-from batch_runner.families.hunyuan15.tiny import tiny_pipeline, tiny_qwen_tokenizer
+
+if TYPE_CHECKING:
+    from batch_runner.families.hunyuan15.pipeline import HunyuanImageToVideo
 
 # The pipeline's fixed text lengths: ByT5 glyph tokens and SigLIP image tokens (27x27 patches of a
 # 384-pixel image) join the language model's tokens in the sequence.
@@ -32,7 +31,7 @@ IMAGE_TOKENS = 729
 
 class HunyuanVideo15(Family):
     name = "hunyuan15"
-    pipeline_class = HunyuanImageToVideo
+    pipeline_class = imported("batch_runner.families.hunyuan15.pipeline:HunyuanImageToVideo")
     roles: ClassVar[dict[str, str]] = {
         "text_encoder": ENCODER,
         "text_encoder_2": ENCODER,
@@ -68,12 +67,19 @@ class HunyuanVideo15(Family):
 
     def tiny(self, model: ModelConfig) -> HunyuanImageToVideo:
         """HunyuanVideo-1.5 I2V at toy scale (tiny.py)."""
+        from batch_runner.families.hunyuan15.tiny import tiny_pipeline
+
         return tiny_pipeline(model)
 
     def assemble(self, model: ModelConfig, modules: dict[str, Any], arch: str) -> HunyuanImageToVideo:
         """The real architecture with random weights; the tokenizers are the tiny ones (their ids stay
         far below both vocabularies), lengths as the real ones (1000 language tokens, 256 glyph bytes)."""
-        return HunyuanImageToVideo(
+        from diffusers import ClassifierFreeGuidance, FlowMatchEulerDiscreteScheduler
+        from transformers import ByT5Tokenizer, SiglipImageProcessor
+
+        from batch_runner.families.hunyuan15.tiny import tiny_qwen_tokenizer
+
+        return self.pipeline_class(
             tokenizer=tiny_qwen_tokenizer(model.max_sequence_length),
             tokenizer_2=ByT5Tokenizer(),
             scheduler=FlowMatchEulerDiscreteScheduler.from_config(arch_json(arch, "scheduler")),
@@ -146,6 +152,8 @@ class HunyuanVideo15(Family):
         return transformer.transformer_blocks
 
     def streamline(self, transformer: torch.nn.Module) -> None:
+        from batch_runner.families.hunyuan15.attention import drop_text_padding
+
         drop_text_padding(transformer)
 
     def geometry(self, configs: dict[str, dict]) -> Geometry:

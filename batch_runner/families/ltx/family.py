@@ -1,43 +1,11 @@
-"""LTX-Video image-to-video (Lightricks), through diffusers' `LTXConditionPipeline`.
-
-One pipeline class serves every configured checkpoint (2B 0.9.5, 13B 0.9.7): diffusers wrote
-`LTXConditionPipeline` for 0.9.5 and saves the 13B as one, and its maintainers answer 0.9.5's poor
-videos through `LTXPipeline`/`LTXImageToVideoPipeline` with "use LTXConditionPipeline"
-(huggingface/diffusers#11143, #11147). It does what these checkpoints were trained with and the
-image-to-video pipeline (written for 0.9.0/0.9.1) does not: causal temporal positions (latent frame
-k sits at pixel frame 8k-7, not 8k), the linear-quadratic sigma schedule, and timestep-dependent
-noise on the conditioning frame. The first frame is `LTXVideoCondition(image=..., frame_index=0)`.
-
-The VAE compresses 32x32 pixels and 8 frames into one latent (frames 8N+1, sides multiples of
-32) and the transformer takes each latent as one token (patch 1x1x1). Text reaches the video by
-cross-attention only. The pipeline batches the conditional and unconditional passes (batch 2 under
-guidance) and needs each prompt's attention mask beside its embedding, so the cached embedding of a
-text is the pair (embedding, mask).
-
-Its attention processor calls diffusers' attention dispatcher, so the base class's
-`set_attention_backend` chooses the kernel. The stock processor reads `to_q`, `to_k` and `to_v`
-even after `fuse_qkv_projections`, which the runner drops once fused (speed.fuse_qkv): the
-pipeline class here installs a processor that reads the fused projection when there is one.
-
-diffusers documents the 13B with a second pass through a latent upsampler (multi-scale rendering);
-this family makes the single pass at the row's size and does not configure the upsampler.
-"""
+"""LTX-Video as the runner asks a family: its build, its call, its memory terms (the package's docstring
+says which pipeline and why)."""
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from diffusers import (
-    AutoencoderKLLTXVideo,
-    FlowMatchEulerDiscreteScheduler,
-    LTXConditionPipeline,
-    LTXVideoTransformer3DModel,
-)
-from diffusers.models.attention_dispatch import dispatch_attention_fn
-from diffusers.models.transformers.transformer_ltx import LTXVideoAttnProcessor, apply_rotary_emb
-from diffusers.pipelines.ltx.pipeline_ltx_condition import LTXVideoCondition
-from transformers import T5Config, T5EncoderModel
 
 from batch_runner.config import ModelConfig
 from batch_runner.families.base import (
@@ -48,10 +16,13 @@ from batch_runner.families.base import (
     Family,
     Geometry,
     arch_json,
+    imported,
     seeded,
 )
 from batch_runner.families.tokenizer import TINY_TEXT_DIM, tiny_text_encoder, tiny_tokenizer
-from batch_runner.upstream import weights_on_device
+
+if TYPE_CHECKING:
+    from batch_runner.families.ltx.pipeline import LTXCondition
 
 # The VAE of 0.9.1 and later denoises while it decodes: diffusers' LTX-Video page and Lightricks'
 # configs (configs/ltxv-2b-0.9.5.yaml, ltxv-13b-0.9.7-dev.yaml) use decode_timestep 0.05 and noise
@@ -69,88 +40,6 @@ GUIDANCE_RESCALE = 0.7
 IMAGE_COND_NOISE_SCALE = 0.15
 
 
-class FusedAwareLTXAttention(LTXVideoAttnProcessor):
-    """LTX's attention processor, reading the fused projection where `fuse_qkv_projections` made one.
-
-    diffusers' `LTXAttention` has no `is_cross_attention`, so fusing gives both its self-attention
-    and its cross-attention one `to_qkv` over [to_q; to_k; to_v]. Self-attention applies it once;
-    cross-attention applies its query rows to the video and its key/value rows to the text.
-    """
-
-    def __call__(
-        self,
-        attn: Any,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        image_rotary_emb: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        if getattr(attn, "to_qkv", None) is None:
-            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-        batch_size, sequence_length, _ = (
-            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
-        )
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
-
-        if encoder_hidden_states is None:
-            query, key, value = attn.to_qkv(hidden_states).split(
-                [attn.inner_dim, attn.inner_kv_dim, attn.inner_kv_dim], dim=-1
-            )
-        else:
-            q = attn.inner_dim
-            with weights_on_device(attn.to_qkv):  # sequential CPU offload loads them only around a forward
-                weight, bias = attn.to_qkv.weight, attn.to_qkv.bias
-                query = torch.nn.functional.linear(hidden_states, weight[:q], None if bias is None else bias[:q])
-                key, value = torch.nn.functional.linear(
-                    encoder_hidden_states, weight[q:], None if bias is None else bias[q:]
-                ).split([attn.inner_kv_dim, attn.inner_kv_dim], dim=-1)
-
-        query = attn.norm_q(query)
-        key = attn.norm_k(key)
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb)
-            key = apply_rotary_emb(key, image_rotary_emb)
-        query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
-
-        hidden_states = dispatch_attention_fn(
-            query,
-            key,
-            value,
-            attn_mask=attention_mask,
-            dropout_p=0.0,
-            is_causal=False,
-            backend=self._attention_backend,
-            parallel_config=self._parallel_config,
-        )
-        hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
-        hidden_states = attn.to_out[0](hidden_states)
-        return attn.to_out[1](hidden_states)
-
-
-class LTXCondition(LTXConditionPipeline):
-    """diffusers' pipeline, with the fused-aware attention processor on its transformer.
-
-    Installed when the pipeline is built (from_pretrained, tiny or random), so every path the
-    runner takes (any device, compiled or not) runs the same processor.
-    """
-
-    def __init__(
-        self,
-        scheduler: FlowMatchEulerDiscreteScheduler,
-        vae: AutoencoderKLLTXVideo,
-        text_encoder: T5EncoderModel,
-        tokenizer: Any,
-        transformer: LTXVideoTransformer3DModel,
-    ) -> None:
-        super().__init__(
-            scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
-        )
-        if transformer is not None:
-            transformer.set_attn_processor(FusedAwareLTXAttention())
-
-
 class LTX(Family):
     name = "ltx"
     # Not split across GPUs (replica.gpus > 1): diffusers 0.42's LTX `_cp_plan` leaves the per-token
@@ -158,7 +47,7 @@ class LTX(Family):
     # text attention mask, repeated per head, does not fit Ulysses' share of the heads (both failed
     # on the CPU with tiny-ltx through LTXImageToVideoPipeline).
     context_parallel = False
-    pipeline_class = LTXCondition
+    pipeline_class = imported("batch_runner.families.ltx.pipeline:LTXCondition")
     roles: ClassVar[dict[str, str]] = {"text_encoder": ENCODER, "transformer": DENOISER, "vae": DECODER}
     # Fitted to the 2B 0.9.5 on an H100 (docs/benchmarks.json, 161x512x768, 40 steps): 18.8 GiB
     # allocated and 23.8 reserved with everything resident (weights 14.8), 7.9 allocated streamed.
@@ -195,6 +84,9 @@ class LTX(Family):
         """LTX at toy scale: the same classes and code paths (timestep-aware VAE decoding included),
         random weights. The VAE compresses 8x8 pixels and 8 frames (patch 1, three 2x scalings), so
         the tiny model keeps the real one's 8N+1 frame rule."""
+        from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXVideoTransformer3DModel
+        from transformers import T5Config, T5EncoderModel
+
         tokenizer = tiny_tokenizer()
         with seeded(0):
             text_encoder = tiny_text_encoder(T5EncoderModel, T5Config, tokenizer.vocab_size)
@@ -228,7 +120,7 @@ class LTX(Family):
                 encoder_causal=True,
                 decoder_causal=False,
             )
-        return LTXCondition(
+        return self.pipeline_class(
             scheduler=FlowMatchEulerDiscreteScheduler.from_config(arch_json("ltx-video-0.9.5", "scheduler")),
             vae=vae,
             text_encoder=text_encoder,
@@ -237,7 +129,9 @@ class LTX(Family):
         )
 
     def assemble(self, model: ModelConfig, modules: dict[str, Any], arch: str) -> LTXCondition:
-        return LTXCondition(
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return self.pipeline_class(
             tokenizer=tiny_tokenizer(model.max_sequence_length),
             scheduler=FlowMatchEulerDiscreteScheduler.from_config(arch_json(arch, "scheduler")),
             **modules,
@@ -262,6 +156,8 @@ class LTX(Family):
     def call_arguments(self, model: ModelConfig, job: Any, images: dict[str, Any], embeds: Any) -> dict[str, Any]:
         """The row's image as the condition at frame 0 (strength 1). A text whose embedding is None
         (diffusers' own recipe, which encodes the prompt itself) passes no embedding and no mask."""
+        from diffusers.pipelines.ltx.pipeline_ltx_condition import LTXVideoCondition
+
         guided = job.guidance_scale > 1
         prompt, prompt_mask = embeds[job.prompt] or (None, None)
         negative, negative_mask = (embeds[job.negative_prompt] if guided else None) or (None, None)
