@@ -94,6 +94,16 @@ class Geometry:
         return video + (text_tokens if self.text_in_sequence else 0)
 
 
+# The decode terms of Wan's VAE (AutoencoderKLWan), for every family that decodes with it at the
+# VAE's own tiles or whole frames. Tiled: Wan 2.2 TI2V-5B's peak is 3.1 GiB above the resident
+# weights under none, text_offload and group_offload alike (704x1280, its VAE's widest block 1024
+# channels): 12700 bytes per pixel. Whole frames grow faster than their area in what the allocator
+# reserves: Wan 2.1 720p's whole-frame decode reserved 59.07 GiB on an H200 (lightx2v preset, 52.93
+# allocated), 1.8 GiB above the area's estimate, while 480p's 50.14 stayed below it; tile_scaling
+# 2.25 covers both (docs/benchmarks.json).
+WAN_VAE_DECODE: dict[str, Any] = {"decode_per_pixel": 12700.0, "tiled_pixels": 256 * 256 * 2, "tile_scaling": 2.25}
+
+
 def wan_vae_geometry(configs: dict[str, dict]) -> Geometry:
     """Tokens of a transformer with Wan's patching over Wan's VAE (AutoencoderKLWan): Wan's own, and
     SkyReels-V2's and Cosmos-Predict2.5's, which are built on them."""

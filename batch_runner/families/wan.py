@@ -26,6 +26,7 @@ from batch_runner.families.base import (
     DECODER,
     DENOISER,
     ENCODER,
+    WAN_VAE_DECODE,
     ActivationTerms,
     Family,
     Geometry,
@@ -71,20 +72,9 @@ class Wan(Family):
     }
     # Fitted to Wan2.1-I2V-14B at 81x480x832 on an H100 (docs/benchmarks.json): 2.4 GiB allocated
     # above the weights with the transformer resident (15.5 bytes per unit; 16 here). The
-    # conditional and unconditional passes are separate forwards of batch 1. The decode: Wan 2.2
-    # TI2V-5B's peak is 3.1 GiB above the resident weights under none, text_offload and group_offload
-    # alike (704x1280, its VAE's widest block 1024 channels, tiled): 12700 bytes per pixel. Whole
-    # frames grow faster than their area in what the allocator reserves: Wan 2.1 720p's whole-frame
-    # decode reserved 59.07 GiB on an H200 (lightx2v preset, 52.93 allocated), 1.8 GiB above the
-    # area's estimate, while 480p's 50.14 stayed below it; tile_scaling 2.25 covers both.
-    activations = ActivationTerms(
-        resident=16.0,
-        streamed=16.0,
-        decode_per_pixel=12700.0,
-        tiled_pixels=256 * 256 * 2,
-        guidance_batch=1,
-        tile_scaling=2.25,
-    )
+    # conditional and unconditional passes are separate forwards of batch 1. The decode: Wan's VAE
+    # (base.WAN_VAE_DECODE).
+    activations = ActivationTerms(resident=16.0, streamed=16.0, guidance_batch=1, **WAN_VAE_DECODE)
     schedulers: ClassVar[dict[str, str]] = {
         "unipc": "UniPCMultistepScheduler",
         "euler": "FlowMatchEulerDiscreteScheduler",
