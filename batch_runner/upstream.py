@@ -18,9 +18,6 @@ from typing import Any
 
 # The versions the names below were read from (torch 2.11 on the GPU machines, 2.13 on CPU-only ones).
 TORCH_VERSIONS = ("2.11", "2.12", "2.13")
-# Read by torch._inductor.async_compile.maybe_warm_pool (TORCH_VERSIONS): "0" starts inductor's compile
-# workers at the first compile instead of at dynamo's first call.
-WARM_POOL_ENV = "TORCH_WARM_POOL"
 DIFFUSERS_VERSIONS = ("0.42.1",)
 ACCELERATE_VERSIONS = ("1.16",)
 

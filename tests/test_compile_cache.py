@@ -23,7 +23,6 @@ def clean(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Each test starts without the variable and with the caches off, and leaves both as found."""
     monkeypatch.delenv(ENV, raising=False)
     monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS", raising=False)
-    monkeypatch.delenv("TORCH_WARM_POOL", raising=False)
     kept = {"compile_threads": inductor_config.compile_threads, "unsafe_marked_cacheable_functions": {}}
     with inductor_config.patch(fx_graph_cache=False, **kept), functorch_config.patch(enable_autograd_cache=False):
         yield
@@ -67,15 +66,6 @@ def test_compile_workers_share_the_hosts_cores_unless_the_user_chose(monkeypatch
     inductor_config.compile_threads = 3
     compile_cache.configure(None, processes_on_host=4)
     assert inductor_config.compile_threads == 3
-
-
-def test_compile_workers_start_at_the_first_compile_not_before_unless_the_user_chose(monkeypatch):
-    """A warm start needs no compile worker: none is started while the cache answers."""
-    compile_cache.configure(None)
-    assert os.environ["TORCH_WARM_POOL"] == "0"
-    monkeypatch.setenv("TORCH_WARM_POOL", "1")
-    compile_cache.configure(None)
-    assert os.environ["TORCH_WARM_POOL"] == "1"
 
 
 @pytest.mark.parametrize("compiles", [True, False], ids=["compiling", "not-compiling"])

@@ -23,10 +23,6 @@ Two settings make that reuse whole on a GPU host:
 * Inductor compiles with a pool of min(32, cores) worker processes per process. Four processes on a
   16-core host then start 64 workers, each importing torch, that compete with the processes'
   own start-up; each process gets its share of the host's cores instead.
-* Inductor starts that pool when dynamo first calls it, before it knows whether anything needs
-  compiling (`TORCH_WARM_POOL`, upstream.WARM_POOL_ENV). A warm start finds every graph in the cache
-  and needs no worker, yet its first step shared the host's cores with the pool's workers importing
-  torch. We leave the pool to start at the first real compile: a cold start waits for it there, once.
 """
 
 from __future__ import annotations
@@ -76,7 +72,6 @@ def configure(cache_dir: str | None, processes_on_host: int = 1) -> Path:
         )
     if "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ:  # the user's own choice stands
         inductor_config.compile_threads = compile_threads(processes_on_host)
-    os.environ.setdefault(upstream.WARM_POOL_ENV, "0")  # as is theirs here
     log.debug("compile cache: %s", folder)
     return folder
 
