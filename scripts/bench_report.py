@@ -390,7 +390,8 @@ def family_section(model: str, rows: list[dict], peak: float | None) -> list[str
     elif None in ours and 24.0 in ours:
         cards = f"{card(ours[24.0])} and {card(ours[None])}"
         checks.append(("24 GiB within 1.1x of the no-budget time", None, f"not compared: measured on {cards}"))
-    checks += end_to_end_checks(current, whole)
+    same_code = [r for r in rows if r.get("recipe") == "batch_runner-nobudget" and "error" not in r]
+    checks += end_to_end_checks(current, whole, same_code)
     budgeted = [r for r in ok if r.get("within_budget") is not None]
     if budgeted:
         within = sum(bool(r["within_budget"]) for r in budgeted)
@@ -409,22 +410,29 @@ def family_section(model: str, rows: list[dict], peak: float | None) -> list[str
     return lines
 
 
-def end_to_end_checks(current: list[dict], whole: dict | None) -> list[tuple[str, bool | None, str]]:
+def end_to_end_checks(
+    current: list[dict], whole: dict | None, whole_records: list[dict] = ()
+) -> list[tuple[str, bool | None, str]]:
     """Issue #23's command-line targets: its steady rate within 10% of what the benchmark's
     whole-card record predicts at the same steps (the time outside the steps, plus the steps), and
-    launch to first step, warm, within 15 s."""
+    launch to first step, warm, within 15 s. The prediction comes from the whole-card record of the
+    end-to-end run's own code where `whole_records` (superseded ones too) hold one: a later record
+    with other settings (an attention kernel installed since) predicts another run."""
     e2e = next((r for r in current if r.get("recipe") == "runner-end-to-end" and "error" not in r), None)
     if e2e is None:
         return []
     checks: list[tuple[str, bool | None, str]] = []
+    same = [r for r in whole_records if e2e.get("code") and r.get("code") == e2e.get("code")]
+    whole = same[-1] if same else whole
     if whole and whole.get("seconds_outside_steps") is not None and whole.get("gpu") == e2e.get("gpu"):
         predicted = whole["seconds_outside_steps"] + e2e["steps"] * whole["seconds_per_step"]
         ratio = e2e["steady_seconds_per_video"] / predicted
+        of = f"; whole-card record of code {whole['code']}" if same else ""
         checks.append(
             (
                 f"the command line over {e2e['rows']} rows within 10% of the benchmark's prediction",
                 ratio <= 1.1,
-                f"{e2e['steady_seconds_per_video']} s/video against {predicted:.2f} s ({ratio:.2f}x)",
+                f"{e2e['steady_seconds_per_video']} s/video against {predicted:.2f} s ({ratio:.2f}x{of})",
             )
         )
     warm = (e2e.get("warm_startup_seconds") or {}).get("first_step")

@@ -78,3 +78,8 @@ def test_the_command_lines_rate_and_warm_start_up_are_judged_against_the_whole_c
     slow = e2e | {"steady_seconds_per_video": 14.4, "warm_startup_seconds": {"first_step": 15.0}}
     assert [met for _, met, _ in end_to_end_checks([slow], whole)] == [False, True]
     assert end_to_end_checks([e2e | {"error": "CalledProcessError"}], whole) == []
+    # A later whole-card record (another attention kernel installed) does not predict an older run:
+    # the record of the end-to-end run's own code does.
+    older = whole | {"code": "abc1234", "seconds_per_step": 2.75}
+    (rate, rate_met, measured), _ = end_to_end_checks([e2e | {"code": "abc1234"}], whole, [older, whole])
+    assert rate_met and "against 14.00 s (1.00x; whole-card record of code abc1234)" in measured
