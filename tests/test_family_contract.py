@@ -24,6 +24,7 @@ from diffusers import ModelMixin
 
 from batch_runner.errors import UserError
 from batch_runner.families import FAMILY_MODULES, family_named
+from batch_runner.families.base import arch_json
 from batch_runner.inputs.images import load_image
 from batch_runner.inputs.manifest import load_manifest
 from batch_runner.replica import planner, speed
@@ -254,6 +255,13 @@ class FamilyContract:
         assert shape.family.activations.guidance_batch == self.guidance_batch
         (frames, height, width, text), tokens = full.tokens
         assert shape.geometry.tokens(frames, height, width, text) == tokens
+
+    def test_the_full_size_transformers_head_size_is_one_the_fused_kernels_take(self, full: FullSize):
+        """The attention kernel (FA4 or cuDNN) is chosen by the head size the family reads from the
+        transformer's config: every released checkpoint has 64 or 128."""
+        model = run_config("manifest=x", f"model={full.name}").model
+        config = arch_json(model.arch, "transformer")
+        assert family_named(self.family).attention_head_size(config) in (64, 128), config
 
     def test_the_benchmarks_random_build_is_the_familys_pipeline(self, full: FullSize):
         """scripts/benchmark.py builds conf/arch/<arch> with random weights on the GPU; on the meta

@@ -20,7 +20,7 @@ import importlib
 import json
 import types
 import typing
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -363,6 +363,11 @@ class Family:
         """Changes to the denoiser that leave its output as it is and only the runner's path takes
         (diffusers' recipes in the benchmarks keep the stock model): none by default."""
 
+    def attention_head_size(self, transformer_config: Mapping[str, Any]) -> int | None:
+        """The transformer's attention head size, read from its config: the attention kernels are
+        chosen by it (FlashAttention-4 where it was measured faster, batch_runner/replica/fa4.py)."""
+        return transformer_config.get("attention_head_dim")
+
     def prefer_attention(self, transformer: torch.nn.Module, order: list, backend: str) -> None:
         """Make the transformer's attention use the chosen kernel (`order`: SDPA backends, fastest first;
         `backend`: the same choice as a diffusers attention-dispatcher name).
@@ -371,7 +376,7 @@ class Family:
         fused kernels want head sizes that are multiples of 8, so other sizes keep PyTorch's own
         choice (the tiny test models; every released checkpoint has 64 or 128).
         """
-        if transformer.config.get("attention_head_dim", 8) % 8 == 0:
+        if (self.attention_head_size(transformer.config) or 8) % 8 == 0:
             from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 
             # diffusers also makes the backend the process-wide default of every processor not set

@@ -19,6 +19,7 @@ renormalise against and the video comes out NaN, so rows need at least 17 frames
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -252,6 +253,11 @@ class Kandinsky5(Family):
         for module in transformer.modules():
             if isinstance(module, Kandinsky5Attention):
                 module._supports_qkv_fusion = False
+
+    def attention_head_size(self, transformer_config: Mapping[str, Any]) -> int | None:
+        """Kandinsky 5's heads are as wide as its rotary axes together (64 for Lite, 128 for Pro);
+        its config names no `attention_head_dim`."""
+        return sum(transformer_config["axes_dims"])
 
     def geometry(self, configs: dict[str, dict]) -> Geometry:
         t, vae = configs["transformer"], configs["vae"]

@@ -94,7 +94,7 @@ def prefer_attention(
     order = backend_order(name)
     family.prefer_attention(transformer, order, DISPATCHER_BACKENDS[order[0]])
     chosen = DISPATCHER_BACKENDS[order[0]].removeprefix("_native_")
-    head_dim = transformer.config.get("attention_head_dim")
+    head_dim = family.attention_head_size(transformer.config)
     if not fa4.chosen(name, head_dim, device, context_parallel):
         return chosen
     routed = fa4.use_in(transformer) if isinstance(head_dim, int) and head_dim % 8 == 0 else 0
