@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 import pytest
@@ -51,3 +52,11 @@ def test_an_unmarked_test_that_starts_a_process_anyway_fails_with_a_sentence() -
 
 def test_this_module_runs_in_the_fast_lane(request: pytest.FixtureRequest) -> None:
     assert request.node.get_closest_marker("slow") is None
+
+
+def test_the_suites_processes_take_the_thread_count_set_before_torch_was_imported() -> None:
+    """tests/__init__.py sets OMP_NUM_THREADS (1 unless exported) before anything imports torch: the
+    two workers and the processes they launch then share two cores without spinning threads."""
+    import torch
+
+    assert torch.get_num_threads() == int(os.environ["OMP_NUM_THREADS"])
