@@ -20,7 +20,6 @@ from batch_runner.replica.pipeline import build_pipeline
 from tests.conftest import (
     frames_of,
     made_by_one_process_and_by_two,
-    ok,
     photo,
     run_cli,
     run_config,
@@ -214,8 +213,12 @@ def test_each_tiny_twin_with_a_lora_makes_every_row_with_one_and_two_processes(p
 
 @pytest.mark.parametrize("preset", DISTILLED_TWINS)
 def test_each_distilled_tiny_twin_makes_its_rows(preset, tmp_path):
+    """In-process, the runner as run.py calls it: the command line adds nothing to what the twin is
+    (each family's tiny model runs through it in tests/test_family_contract.py)."""
+    from batch_runner.run import runner
+
     out = tmp_path / "out"
-    ok(run_cli(f"manifest={rows(tmp_path)}", f"model={preset}", f"output_dir={out}", cwd=tmp_path))
+    assert runner.run(run_config(f"manifest={rows(tmp_path)}", f"model={preset}", f"output_dir={out}")) == 0
     assert set(pd.read_parquet(out / "results.parquet")["status"]) == {"ok"}
 
 
