@@ -21,7 +21,6 @@ from tests.conftest import (
     frames_of,
     made_by_one_process_and_by_two,
     photo,
-    run_cli,
     run_config,
     same_video,
     tiny_job,
@@ -223,13 +222,19 @@ def test_each_distilled_tiny_twin_makes_its_rows(preset, tmp_path):
 
 
 def test_a_lora_of_unrelated_keys_is_refused_with_exit_2_before_any_row(tmp_path):
+    """In-process: a refusal (UserError) is exit 2 with its sentence on the command line, as
+    tests/test_cli.py's missing model shows once, through a real process."""
+    from batch_runner.errors import UserError
+    from batch_runner.run import runner
+
     file = unrelated_lora(tmp_path)
     out = tmp_path / "out"
-    proc = run_cli(
+    cfg = run_config(
         f"manifest={rows(tmp_path)}", "model=tiny-wan", f"model.loras=[{{path:{file}}}]", f"output_dir={out}"
     )
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "unet.down.0.lora_A.weight" in proc.stderr + proc.stdout
+    with pytest.raises(UserError) as refused:
+        runner.run(cfg)
+    assert "unet.down.0.lora_A.weight" in str(refused.value)
     assert not list(out.glob("videos/*.mp4"))
 
 

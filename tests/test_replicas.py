@@ -114,11 +114,14 @@ def test_a_head_count_ulysses_cannot_share_is_refused() -> None:
         split_attention(denoiser, team, "ulysses")
 
 
-def test_the_command_line_refuses_with_one_sentence_and_exit_2(tmp_path: Path) -> None:
+def test_a_run_of_one_process_refuses_before_its_output_folder(tmp_path: Path, monkeypatch) -> None:
+    """In-process, the runner as run.py calls it: a refusal (UserError) is exit 2 with its sentence on
+    the command line, as tests/test_cli.py's missing model shows once, through a real process."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
     out = tmp_path / "out"
-    proc = run_cli("manifest=examples/jobs.csv", "model=tiny-wan", "replica.gpus=2", f"output_dir={out}")
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "replica.gpus=2 does not divide the 1 process(es) started" in proc.stderr
+    cfg = run_config(f"manifest={ROOT / 'examples/jobs.csv'}", "model=tiny-wan", "replica.gpus=2", f"output_dir={out}")
+    with pytest.raises(UserError, match=r"replica.gpus=2 does not divide the 1 process\(es\) started"):
+        runner.run(cfg)
     assert not out.exists()
 
 
