@@ -126,8 +126,10 @@ def two_process(data: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 @pytest.fixture(scope="module")
 def one_process(data: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every row made by one process: this one, the runner as run.py calls it (`python run.py` itself
+    runs below: the resume, the parquet manifest, the reruns)."""
     out = tmp_path_factory.mktemp("one") / "out"
-    ok(run_cli(f"manifest={data['manifest']}", "model=tiny", f"output_dir={out}", LOSSLESS))
+    assert runner.run(run_config(f"manifest={data['manifest']}", "model=tiny", f"output_dir={out}", LOSSLESS)) == 0
     return out
 
 
