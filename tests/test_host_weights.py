@@ -107,23 +107,27 @@ def outcome(rank: int, size: int, store: TCPStore, case: str) -> tuple[str, obje
 CASES = {"ok": 3, "one-wants": 2, "loader-fails": 2, "different": 2}
 
 
-@pytest.fixture(scope="module")
-def outcomes() -> dict[str, dict[int, tuple[str, object]]]:
-    """Every case's outcome by rank, from three processes started once (spawning one costs seconds of
-    imports) that go through the cases in turn, each case at a store of its own."""
+def run_processes(cases: dict[str, int]) -> dict[str, dict[int, tuple[str, object]]]:
+    """Every case's outcome by rank, from as many processes as the largest case needs, started once
+    (spawning one costs seconds of imports), that go through the cases in turn, each at a store of its own."""
     context = mp.get_context("spawn")
     results = context.Queue()
-    cases = [(case, size, free_port()) for case, size in CASES.items()]
-    processes = [context.Process(target=worker, args=(r, cases, results)) for r in range(max(CASES.values()))]
+    ports = [(case, size, free_port()) for case, size in cases.items()]
+    processes = [context.Process(target=worker, args=(r, ports, results)) for r in range(max(cases.values()))]
     for p in processes:
         p.start()
-    got: dict[str, dict[int, tuple[str, object]]] = {case: {} for case in CASES}
-    for _ in range(sum(CASES.values())):
+    got: dict[str, dict[int, tuple[str, object]]] = {case: {} for case in cases}
+    for _ in range(sum(cases.values())):
         case, rank, kind, payload = results.get(timeout=120)
         got[case][rank] = (kind, payload)
     for p in processes:
         p.join(timeout=60)
     return got
+
+
+@pytest.fixture(scope="module")
+def outcomes() -> dict[str, dict[int, tuple[str, object]]]:
+    return run_processes(CASES)
 
 
 def test_three_processes_hold_one_copy_with_ties_buffers_and_dtypes_kept(outcomes):
