@@ -10,6 +10,7 @@ reading missed) fails with a sentence saying so, so none can slip into the fast 
 from __future__ import annotations
 
 import _posixsubprocess
+import contextlib
 import copy
 import functools
 import inspect
@@ -180,11 +181,21 @@ def same_video(a: np.ndarray, b: np.ndarray) -> bool:
 
 def made_by_one_process_and_by_two(tmp_path: Path, manifest: Path, *overrides: str) -> tuple[pd.DataFrame, dict]:
     """Every row of the manifest made by one process, then by two (accelerate --cpu), each run making
-    every row once; placement must not change a video. Returns the one-process results and frames."""
+    every row once; placement must not change a video. Returns the one-process results and frames.
+
+    The one process is this test's own (the runner called as run.py calls it, from the same folder):
+    a launch costs ~7 CPU-s of imports and start-up, and `python run.py` itself is run end to end by
+    tests/test_cli.py; the two processes are launched as a user launches them."""
+    from batch_runner.run import runner
+
     made = {}
     for run, launcher in (("single", None), ("double", accelerate_cpu(2))):
         out = tmp_path / run
-        ok(run_cli(f"manifest={manifest}", *overrides, f"output_dir={out}", launcher=launcher, cwd=tmp_path))
+        if launcher is None:
+            with contextlib.chdir(tmp_path):
+                assert runner.run(run_config(f"manifest={manifest}", *overrides, f"output_dir={out}")) == 0
+        else:
+            ok(run_cli(f"manifest={manifest}", *overrides, f"output_dir={out}", launcher=launcher, cwd=tmp_path))
         table = pd.read_parquet(out / "results.parquet").set_index("id")
         assert set(table["status"]) == {"ok"} and set(table["rank"]) <= {0, 1}, run
         made[run] = table, {i: frames_of(out / "videos" / f"{i}.mp4") for i in table.index}

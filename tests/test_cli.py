@@ -23,7 +23,7 @@ import pytest
 from batch_runner.inputs.ids import derive_seed
 from batch_runner.outputs.results import PROVENANCE_COLUMNS, RESULT_COLUMNS
 from batch_runner.outputs.video import read_video
-from batch_runner.run import startup
+from batch_runner.run import runner, startup
 from tests.conftest import ROOT, accelerate_cpu, assorted_photos, frames_of, ok, run_cli, run_config, write_manifest
 
 LOSSLESS = "output.crf=0"
@@ -126,8 +126,10 @@ def two_process(data: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 @pytest.fixture(scope="module")
 def one_process(data: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every row made by one process: this one, the runner as run.py calls it (`python run.py` itself
+    runs below: the resume, the parquet manifest, the reruns)."""
     out = tmp_path_factory.mktemp("one") / "out"
-    ok(run_cli(f"manifest={data['manifest']}", "model=tiny", f"output_dir={out}", LOSSLESS))
+    assert runner.run(run_config(f"manifest={data['manifest']}", "model=tiny", f"output_dir={out}", LOSSLESS)) == 0
     return out
 
 
@@ -322,7 +324,13 @@ def test_resume_makes_only_missing_rows_and_overwrite_redoes_all(one_process: Pa
     table = pd.read_parquet(out / "results.parquet")
     assert list(table["id"]) == list(ROWS) and set(table["status"]) == {"ok"}
 
-    ok(run_cli(f"manifest={data['manifest']}", "model=tiny", f"output_dir={out}", LOSSLESS, "overwrite=true"))
+    # In-process, the runner as run.py calls it: the command line's resume is the run above.
+    assert (
+        runner.run(
+            run_config(f"manifest={data['manifest']}", "model=tiny", f"output_dir={out}", LOSSLESS, "overwrite=true")
+        )
+        == 0
+    )
     assert report(out)["made_this_run"] == 6
     redone = video_state(out)
     assert sorted(redone) == sorted(after)
@@ -373,18 +381,10 @@ def test_saved_tiny_pipeline_loads_through_model_path_and_makes_the_same_videos(
     build_pipeline(run_config("manifest=x", "model=tiny").model).save_pretrained(folder)
     assert (folder / "model_index.json").is_file()
     out = tmp_path / "out"
-    ok(
-        run_cli(
-            f"manifest={data['manifest']}",
-            "model=tiny",
-            "model.weights=pretrained",
-            f"model.path={folder}",
-            "ids=[rgba,webp]",
-            f"output_dir={out}",
-            LOSSLESS,
-            cwd=tmp_path,
-        )
-    )
+    # In-process, the runner as run.py calls it (one process loading the folder itself, nothing shared);
+    # the command line loads a saved folder in the two-process test below.
+    overrides = ("model=tiny", "model.weights=pretrained", f"model.path={folder}", "ids=[rgba,webp]", LOSSLESS)
+    assert runner.run(run_config(f"manifest={data['manifest']}", *overrides, f"output_dir={out}")) == 0
     table = pd.read_parquet(out / "results.parquet")
     assert list(table["id"]) == ["rgba", "webp"] and set(table["status"]) == {"ok"}
     assert set(table["model_path"]) == {str(folder)}
@@ -474,35 +474,32 @@ def test_missing_model_is_one_sentence_and_exit_2(data: dict, tmp_path: Path) ->
 # --- provenance -----------------------------------------------------------------------------------
 
 
-def test_from_run_regenerates_one_video_from_another_cwd(one_process: Path, tmp_path: Path) -> None:
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    new = tmp_path / "again"
-    ok(run_cli(f"from_run={one_process}", "ids=[gray]", f"output_dir={new}", cwd=elsewhere))
-    assert [p.name for p in (new / "videos").iterdir()] == ["gray.mp4"]
-    assert np.array_equal(frames_of(new / "videos/gray.mp4"), frames_of(one_process / "videos/gray.mp4"))
-    table = pd.read_parquet(new / "results.parquet")
-    assert list(table["id"]) == ["gray"] and list(table["status"]) == ["ok"]
-    assert list(table["category"]) == ["portrait"]
-    assert list(elsewhere.iterdir()) == []
-
-
 def test_a_rerun_and_a_from_run_regeneration_write_byte_identical_videos(data: dict, tmp_path: Path) -> None:
     """Same frames, same bytes (default lossy crf): a dataset's content hashes and dedup rely on it.
 
     The rerun is pinned to one CPU, as a rank of a multi-process run may be: the encoder's output
     must not follow the CPUs a process sees. (At the tiny model's 64x96 x264 keeps to one thread
-    anyway; tests/test_video.py shows the difference at a larger size.)
+    anyway; tests/test_video.py shows the difference at a larger size.) The regeneration picks one
+    row of the earlier run and runs from another cwd, which it leaves empty.
     """
     first, rerun, again = tmp_path / "first", tmp_path / "rerun", tmp_path / "again"
-    common = (f"manifest={data['manifest']}", "model=tiny", "ids=[webp]")
-    ok(run_cli(*common, f"output_dir={first}", cwd=tmp_path))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    common = (f"manifest={data['manifest']}", "model=tiny")
+    # The first run in-process (the runner as run.py calls it): the rerun and the regeneration are processes.
+    assert runner.run(run_config(*common, "ids=[webp,gray]", f"output_dir={first}")) == 0
     one_cpu = min(os.sched_getaffinity(0))
-    ok(run_cli(*common, f"output_dir={rerun}", cwd=tmp_path, launcher=["taskset", "-c", str(one_cpu), sys.executable]))
-    ok(run_cli(f"from_run={first}", f"output_dir={again}", cwd=tmp_path))
+    taskset = ["taskset", "-c", str(one_cpu), sys.executable]
+    ok(run_cli(*common, "ids=[webp]", f"output_dir={rerun}", cwd=tmp_path, launcher=taskset))
+    ok(run_cli(f"from_run={first}", "ids=[webp]", f"output_dir={again}", cwd=elsewhere))
     made = (first / "videos/webp.mp4").read_bytes()
     assert (rerun / "videos/webp.mp4").read_bytes() == made
     assert (again / "videos/webp.mp4").read_bytes() == made
+    assert [p.name for p in (again / "videos").iterdir()] == ["webp.mp4"]
+    table = pd.read_parquet(again / "results.parquet")
+    assert list(table["id"]) == ["webp"] and list(table["status"]) == ["ok"]
+    assert list(table["category"]) == ["landscape"]
+    assert list(elsewhere.iterdir()) == []
 
 
 def test_from_run_with_a_group_choice_composes_that_group(tmp_path: Path) -> None:

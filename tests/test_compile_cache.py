@@ -99,10 +99,12 @@ def test_the_run_sets_the_cache_before_the_replica_is_built_where_it_compiles(tm
         assert seen["env"] is None
 
 
-# Compiles, in a new process, what argv names after the cache folder and the marking: "elementwise" (a
-# plain graph) and "attention" (a block that chooses its attention kernel inside the compiled region,
-# as our CogVideoX attention preference and diffusers' native attention backends do). Prints, for
-# each, the cache counters it moved: inductor's FX-graph hits and misses, AOTAutograd's hits and bypasses.
+# Compiles, in a new process, into the cache folder argv names first: "elementwise" (a plain graph) and
+# "attention" (a block that chooses its attention kernel inside the compiled region, as our CogVideoX
+# attention preference and diffusers' native attention backends do) with the attention helpers left
+# unmarked (torch's default), then, dynamo's in-memory state dropped, "attention" again with them marked
+# as batch_runner marks them. Prints, for each, the cache counters it moved: inductor's FX-graph hits and
+# misses, AOTAutograd's hits and bypasses.
 COMPILE = """
 import sys
 import torch
@@ -112,8 +114,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from batch_runner.replica import compile_cache
 
 compile_cache.configure(sys.argv[1])
-if sys.argv[2] == "unmarked":
-    inductor_config.unsafe_marked_cacheable_functions = {}
+marked = inductor_config.unsafe_marked_cacheable_functions
+inductor_config.unsafe_marked_cacheable_functions = {}
 
 def block(q):
     with sdpa_kernel([SDPBackend.MATH, SDPBackend.EFFICIENT_ATTENTION], set_priority=True):
@@ -124,42 +126,39 @@ def moved(group, keys, run):
     run()
     return [counters[group][k] - b for k, b in zip(keys, before)]
 
-if "elementwise" in sys.argv[3:]:
-    f = torch.compile(lambda x: torch.sin(x) * 2 + x.cos(), dynamic=False)
-    print(*moved("inductor", ("fxgraph_cache_hit", "fxgraph_cache_miss"), lambda: f(torch.randn(8, 8))))
-if "attention" in sys.argv[3:]:
+def attention():
+    torch._dynamo.reset()  # compile again: nothing kept in memory from a compile before
     with torch.no_grad():
         g = torch.compile(block, dynamic=False)
         q = torch.randn(1, 2, 8, 16)
         print(*moved("aot_autograd", ("autograd_cache_hit", "autograd_cache_bypass"), lambda: g(q)))
+
+f = torch.compile(lambda x: torch.sin(x) * 2 + x.cos(), dynamic=False)
+print(*moved("inductor", ("fxgraph_cache_hit", "fxgraph_cache_miss"), lambda: f(torch.randn(8, 8))))
+attention()
+inductor_config.unsafe_marked_cacheable_functions = marked
+attention()
 """
 
 
 @pytest.fixture(scope="module")
 def starts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
-    """Four processes compiling into one new cache folder, one after the other (each cold compile costs
-    half a minute on two cores, so the tests below share these): two with the attention helpers left
-    unmarked (torch's default), then two with them marked as batch_runner marks them. Returns each
-    start's counters by name, and the folder."""
+    """Two processes compiling into one new cache folder, one after the other (each cold compile costs
+    half a minute on two cores, so the tests below share these), each compiling with the attention
+    helpers unmarked and then marked. Returns each start's counters by name, and the folder."""
     cache = tmp_path_factory.mktemp("compile") / "cache"
     env = {k: v for k, v in os.environ.items() if k != ENV} | {"PYTHONPATH": str(ROOT)}
 
-    def compile_in_a_new_process(marking: str, *graphs: str) -> list[tuple[int, int]]:
+    def compile_in_a_new_process() -> list[tuple[int, int]]:
         proc = subprocess.run(
-            [sys.executable, "-c", COMPILE, str(cache), marking, *graphs],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=300,
+            [sys.executable, "-c", COMPILE, str(cache)], capture_output=True, text=True, env=env, timeout=300
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
         return [tuple(int(n) for n in line.split()) for line in proc.stdout.splitlines()]
 
-    first, first_attention = compile_in_a_new_process("unmarked", "elementwise", "attention")
+    first, first_attention, marked = compile_in_a_new_process()
     fxgraph_written = (cache / "fxgraph").is_dir()
-    second, second_attention = compile_in_a_new_process("unmarked", "elementwise", "attention")
-    (marked,) = compile_in_a_new_process("marked", "attention")
-    (marked_again,) = compile_in_a_new_process("marked", "attention")
+    second, second_attention, marked_again = compile_in_a_new_process()
     return {
         "elementwise": [first, second],
         "fxgraph_written": fxgraph_written,

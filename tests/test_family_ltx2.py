@@ -35,15 +35,23 @@ def manifest_of(tmp_path: Path) -> Path:
     return write_manifest(tmp_path / "jobs.csv", [{"id": i, "image": str(image), **c} for i, c in ROWS.items()])
 
 
-@pytest.mark.slow
-def test_two_processes_make_every_row_with_a_sound_track_as_long_as_the_video(tmp_path):
-    manifest = manifest_of(tmp_path)
-    out = tmp_path / "out"
+@pytest.fixture(scope="module")
+def with_sound(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The rows made with their sound by two processes (accelerate --cpu): the output folder."""
+    folder = tmp_path_factory.mktemp("ltx2")
+    out = folder / "out"
+    launcher = accelerate_cpu(2)
     ok(
         run_cli(
-            f"manifest={manifest}", "model=tiny-ltx2", f"output_dir={out}", launcher=accelerate_cpu(2), cwd=tmp_path
+            f"manifest={manifest_of(folder)}", "model=tiny-ltx2", f"output_dir={out}", launcher=launcher, cwd=folder
         )
     )
+    return out
+
+
+@pytest.mark.slow
+def test_two_processes_make_every_row_with_a_sound_track_as_long_as_the_video(with_sound):
+    out = with_sound
     table = pd.read_parquet(out / "results.parquet").set_index("id")
     assert set(table["status"]) == {"ok"} and set(table["rank"]) == {0, 1}
     for row_id, frames in (("a", 9), ("b", 17)):
@@ -58,11 +66,17 @@ def test_two_processes_make_every_row_with_a_sound_track_as_long_as_the_video(tm
     assert page.count("<video class='player' controls") == 2 and "muted" not in page
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # two rows of the tiny LTX-2 in this process: not quick
 def test_output_audio_false_makes_videos_without_a_sound_track(tmp_path):
+    """In-process (the runner as run.py calls it): the command line is the fixture's, with the sound."""
+    from batch_runner.run import runner
+
     manifest = manifest_of(tmp_path)
     out = tmp_path / "out"
-    ok(run_cli(f"manifest={manifest}", "model=tiny-ltx2", f"output_dir={out}", "output.audio=false", cwd=tmp_path))
+    assert (
+        runner.run(run_config(f"manifest={manifest}", "model=tiny-ltx2", f"output_dir={out}", "output.audio=false"))
+        == 0
+    )
     table = pd.read_parquet(out / "results.parquet").set_index("id")
     assert set(table["status"]) == {"ok"}
     for row_id in ROWS:
@@ -83,14 +97,12 @@ v.addEventListener('error', () => {{ log.textContent = 'error ' + v.error.code +
 
 @pytest.mark.slow
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium (apt-get install chromium)")
-def test_chromium_plays_the_reports_video_with_its_sound(tmp_path):
-    manifest = manifest_of(tmp_path)
-    out = tmp_path / "out"
-    ok(run_cli(f"manifest={manifest}", "model=tiny-ltx2", f"output_dir={out}", "ids=[a]", cwd=tmp_path))
-    [src] = re.findall(
-        r"<video class='player' controls preload='metadata' src='([^']+)'>", (out / "report.html").read_text()
+def test_chromium_plays_the_reports_video_with_its_sound(with_sound, tmp_path):
+    sources = re.findall(
+        r"<video class='player' controls preload='metadata' src='([^']+)'>", (with_sound / "report.html").read_text()
     )
-    (out / "probe.html").write_text(PROBE.format(src=src))
+    [src] = [s for s in sources if s.endswith("a.mp4")]  # row a: 9 frames
+    (with_sound / "probe.html").write_text(PROBE.format(src=src))
     browser = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"]
     browser += ["--disable-background-networking", "--disable-component-update", "--disable-sync"]
     browser += [f"--user-data-dir={tmp_path / 'profile'}", "--autoplay-policy=no-user-gesture-required"]
@@ -99,7 +111,7 @@ def test_chromium_plays_the_reports_video_with_its_sound(tmp_path):
     # or an error), dumping later each time, up to two minutes of budgets in all.
     played = ""
     for budget in (5_000, 15_000, 30_000, 70_000):
-        command = [*browser, f"--virtual-time-budget={budget}", "--dump-dom", (out / "probe.html").as_uri()]
+        command = [*browser, f"--virtual-time-budget={budget}", "--dump-dom", (with_sound / "probe.html").as_uri()]
         page = subprocess.run(command, capture_output=True, text=True, timeout=240, check=False).stdout
         [played] = re.findall(r"<pre id=\"log\">([^<]*)</pre>", page)
         if played:

@@ -11,6 +11,7 @@ import time
 import traceback
 from datetime import timedelta
 
+import pytest
 import torch
 from torch.distributed import TCPStore
 
@@ -49,16 +50,24 @@ def in_shared_memory(tensor: torch.Tensor) -> bool:
     return any(start <= tensor.data_ptr() < end for start, end in memfd_ranges())
 
 
-def worker(rank: int, size: int, port: int, case: str, results: mp.Queue) -> None:
-    store = TCPStore("127.0.0.1", port, size, rank == 0, timeout=SHORT)
-    try:
-        results.put((rank, *outcome(rank, size, store, case)))
-    except Exception:
-        results.put((rank, "crashed", traceback.format_exc()))
-    # Keep the store (hosted by rank 0) alive until every process has reported.
-    store.add("reported", 1)
-    while store.add("reported", 0) < size:
-        time.sleep(0.01)
+def worker(rank: int, cases: list[tuple[str, int, int]], results: mp.Queue) -> None:
+    """This rank's part in each case (case, processes, port) it takes part in, one after the other, each
+    case among the processes of its own store, as if they were that many new processes."""
+    for case, size, port in cases:
+        if rank >= size:
+            continue
+        store = TCPStore("127.0.0.1", port, size, rank == 0, timeout=SHORT)
+        try:
+            results.put((case, rank, *outcome(rank, size, store, case)))
+        except Exception:
+            results.put((case, rank, "crashed", traceback.format_exc()))
+        # Keep the store (hosted by rank 0) alive until every process has reported and stopped asking.
+        store.add("reported", 1)
+        while store.add("reported", 0) < size:
+            time.sleep(0.01)
+        store.add("left", 1)
+        while rank == 0 and store.add("left", 0) < size:
+            time.sleep(0.01)
 
 
 def outcome(rank: int, size: int, store: TCPStore, case: str) -> tuple[str, object]:
@@ -94,24 +103,35 @@ def outcome(rank: int, size: int, store: TCPStore, case: str) -> tuple[str, obje
     }
 
 
-def run_processes(case: str, size: int = 3) -> dict[int, tuple[str, object]]:
+# Each case and how many processes share a host in it.
+CASES = {"ok": 3, "one-wants": 2, "loader-fails": 2, "different": 2}
+
+
+def run_processes(cases: dict[str, int]) -> dict[str, dict[int, tuple[str, object]]]:
+    """Every case's outcome by rank, from as many processes as the largest case needs, started once
+    (spawning one costs seconds of imports), that go through the cases in turn, each at a store of its own."""
     context = mp.get_context("spawn")
     results = context.Queue()
-    port = free_port()
-    processes = [context.Process(target=worker, args=(r, size, port, case, results)) for r in range(size)]
+    ports = [(case, size, free_port()) for case, size in cases.items()]
+    processes = [context.Process(target=worker, args=(r, ports, results)) for r in range(max(cases.values()))]
     for p in processes:
         p.start()
-    got = {}
-    for _ in processes:
-        rank, kind, payload = results.get(timeout=120)
-        got[rank] = (kind, payload)
+    got: dict[str, dict[int, tuple[str, object]]] = {case: {} for case in cases}
+    for _ in range(sum(cases.values())):
+        case, rank, kind, payload = results.get(timeout=120)
+        got[case][rank] = (kind, payload)
     for p in processes:
         p.join(timeout=60)
     return got
 
 
-def test_three_processes_hold_one_copy_with_ties_buffers_and_dtypes_kept():
-    got = run_processes("ok")
+@pytest.fixture(scope="module")
+def outcomes() -> dict[str, dict[int, tuple[str, object]]]:
+    return run_processes(CASES)
+
+
+def test_three_processes_hold_one_copy_with_ties_buffers_and_dtypes_kept(outcomes):
+    got = outcomes["ok"]
     assert {kind for kind, _ in got.values()} == {"shared"}, got
     reports = {rank: payload for rank, (_, payload) in got.items()}
     assert [reports[r]["loader"] for r in range(3)] == [True, False, False]
@@ -122,21 +142,21 @@ def test_three_processes_hold_one_copy_with_ties_buffers_and_dtypes_kept():
         assert report["block_bytes"] == 2 * host_weights.ALIGNMENT + 8 * 2
 
 
-def test_a_component_only_one_process_wants_is_not_shared():
-    got = run_processes("one-wants", size=2)
+def test_a_component_only_one_process_wants_is_not_shared(outcomes):
+    got = outcomes["one-wants"]
     assert got == {0: ("agreed", {}), 1: ("agreed", {})}
 
 
-def test_a_failed_load_is_reported_by_every_process_that_waited_for_it():
-    got = run_processes("loader-fails", size=2)
+def test_a_failed_load_is_reported_by_every_process_that_waited_for_it(outcomes):
+    got = outcomes["loader-fails"]
     assert got[0][0] == "crashed" and "disk on fire" in got[0][1]
     kind, message = got[1]
     assert kind == "refused"
     assert message == "Local rank 0 could not load text_encoder for this host: RuntimeError: disk on fire"
 
 
-def test_processes_that_built_different_models_are_refused_with_the_difference():
-    got = run_processes("different", size=2)
+def test_processes_that_built_different_models_are_refused_with_the_difference(outcomes):
+    got = outcomes["different"]
     kind, message = got[1]
     assert kind == "refused"
     assert "built different text_encoder models" in message

@@ -20,9 +20,7 @@ from batch_runner.replica.pipeline import build_pipeline
 from tests.conftest import (
     frames_of,
     made_by_one_process_and_by_two,
-    ok,
     photo,
-    run_cli,
     run_config,
     same_video,
     tiny_job,
@@ -214,19 +212,29 @@ def test_each_tiny_twin_with_a_lora_makes_every_row_with_one_and_two_processes(p
 
 @pytest.mark.parametrize("preset", DISTILLED_TWINS)
 def test_each_distilled_tiny_twin_makes_its_rows(preset, tmp_path):
+    """In-process, the runner as run.py calls it: the command line adds nothing to what the twin is
+    (each family's tiny model runs through it in tests/test_family_contract.py)."""
+    from batch_runner.run import runner
+
     out = tmp_path / "out"
-    ok(run_cli(f"manifest={rows(tmp_path)}", f"model={preset}", f"output_dir={out}", cwd=tmp_path))
+    assert runner.run(run_config(f"manifest={rows(tmp_path)}", f"model={preset}", f"output_dir={out}")) == 0
     assert set(pd.read_parquet(out / "results.parquet")["status"]) == {"ok"}
 
 
 def test_a_lora_of_unrelated_keys_is_refused_with_exit_2_before_any_row(tmp_path):
+    """In-process: a refusal (UserError) is exit 2 with its sentence on the command line, as
+    tests/test_cli.py's missing model shows once, through a real process."""
+    from batch_runner.errors import UserError
+    from batch_runner.run import runner
+
     file = unrelated_lora(tmp_path)
     out = tmp_path / "out"
-    proc = run_cli(
+    cfg = run_config(
         f"manifest={rows(tmp_path)}", "model=tiny-wan", f"model.loras=[{{path:{file}}}]", f"output_dir={out}"
     )
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "unet.down.0.lora_A.weight" in proc.stderr + proc.stdout
+    with pytest.raises(UserError) as refused:
+        runner.run(cfg)
+    assert "unet.down.0.lora_A.weight" in str(refused.value)
     assert not list(out.glob("videos/*.mp4"))
 
 

@@ -14,14 +14,19 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from batch_runner.cluster.cluster import Cluster
 from batch_runner.cluster.parallel import Team, replica_ranks, split_attention
+from batch_runner.cluster.sharding import LocalCounter
 from batch_runner.errors import UserError
 from batch_runner.inputs.manifest import load_manifest
 from batch_runner.replica.planner import workload_of
+from batch_runner.run import runner
 from batch_runner.run.checks import check_replica_rows, check_settings
+from batch_runner.run.dry_run import describe
 from tests.conftest import ROOT, accelerate_cpu, frames_of, ok, photo, run_cli, run_config, write_manifest
 
 # --- forming replicas -----------------------------------------------------------------------------
@@ -109,11 +114,14 @@ def test_a_head_count_ulysses_cannot_share_is_refused() -> None:
         split_attention(denoiser, team, "ulysses")
 
 
-def test_the_command_line_refuses_with_one_sentence_and_exit_2(tmp_path: Path) -> None:
+def test_a_run_of_one_process_refuses_before_its_output_folder(tmp_path: Path, monkeypatch) -> None:
+    """In-process, the runner as run.py calls it: a refusal (UserError) is exit 2 with its sentence on
+    the command line, as tests/test_cli.py's missing model shows once, through a real process."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
     out = tmp_path / "out"
-    proc = run_cli("manifest=examples/jobs.csv", "model=tiny-wan", "replica.gpus=2", f"output_dir={out}")
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "replica.gpus=2 does not divide the 1 process(es) started" in proc.stderr
+    cfg = run_config(f"manifest={ROOT / 'examples/jobs.csv'}", "model=tiny-wan", "replica.gpus=2", f"output_dir={out}")
+    with pytest.raises(UserError, match=r"replica.gpus=2 does not divide the 1 process\(es\) started"):
+        runner.run(cfg)
     assert not out.exists()
 
 
@@ -138,22 +146,19 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_manifest(folder / "jobs.csv", rows)
 
 
+def settings(manifest: Path, out: Path, *overrides: str) -> list[str]:
+    return [f"manifest={manifest}", "model=tiny-wan", f"output_dir={out}", "output.crf=0", "chunk_size=2", *overrides]
+
+
 def launch(manifest: Path, out: Path, processes: int, *overrides: str):
-    return run_cli(
-        f"manifest={manifest}",
-        "model=tiny-wan",
-        f"output_dir={out}",
-        "output.crf=0",
-        "chunk_size=2",
-        *overrides,
-        launcher=accelerate_cpu(processes),
-    )
+    return run_cli(*settings(manifest, out, *overrides), launcher=accelerate_cpu(processes))
 
 
 @pytest.fixture(scope="module")
 def independent(inputs: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every row made whole by one process (this one: the runner as run.py calls it), to compare with."""
     out = tmp_path_factory.mktemp("independent") / "out"
-    ok(launch(inputs, out, 2))
+    assert runner.run(run_config(*settings(inputs, out))) == 0
     return out
 
 
@@ -184,14 +189,19 @@ def test_two_replicas_of_two_make_every_row_once_by_their_leaders(
         assert np.abs(split.astype(int) - whole.astype(int)).max() <= 1, row_id
 
 
-@pytest.mark.slow
-def test_dry_run_shows_the_replicas(inputs: Path, tmp_path: Path) -> None:
+def test_dry_run_shows_the_replicas(inputs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the dry run of 4 processes in replicas of 2 prints, described in-process for a cluster of 4
+    (a dry run launched through accelerate, nothing loaded or written, is tests/test_outputs.py's)."""
     out = tmp_path / "never"
-    proc = launch(inputs, out, 4, "replica.gpus=2", "dry_run=true")
-    ok(proc)
-    assert "4 process(es) in 2 replica(s) of 2 GPUs (ulysses attention)" in proc.stdout
-    assert "replica 0 (processes 0-1): ~3 rows (r0, r1, r2)" in proc.stdout
-    assert "replica 1 (processes 2-3): ~2 rows (r3, r4)" in proc.stdout
+    cfg = run_config(*settings(inputs, out, "replica.gpus=2", "dry_run=true"))
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    check_settings(cfg)  # the launch's settings pass
+    four = Cluster(state=SimpleNamespace(num_processes=4, device=torch.device("cpu")), counter=LocalCounter())
+    text = describe(cfg, load_manifest(cfg.manifest, cfg.model, cfg.seed), four, out)
+    assert "4 process(es) in 2 replica(s) of 2 GPUs (ulysses attention)" in text
+    assert "replica 0 (processes 0-1): ~3 rows (r0, r1, r2)" in text
+    assert "replica 1 (processes 2-3): ~2 rows (r3, r4)" in text
     assert not out.exists()
 
 
