@@ -179,17 +179,20 @@ def same_video(a: np.ndarray, b: np.ndarray) -> bool:
     return a.shape == b.shape and int(np.abs(a.astype(int) - b.astype(int)).max()) <= 2
 
 
-def made_by_one_process_and_by_two(tmp_path: Path, manifest: Path, *overrides: str) -> tuple[pd.DataFrame, dict]:
+def made_by_one_process_and_by_two(
+    tmp_path: Path, manifest: Path, *overrides: str, one_launched: bool = False
+) -> tuple[pd.DataFrame, dict]:
     """Every row of the manifest made by one process, then by two (accelerate --cpu), each run making
     every row once; placement must not change a video. Returns the one-process results and frames.
 
-    The one process is this test's own (the runner called as run.py calls it, from the same folder):
-    a launch costs ~7 CPU-s of imports and start-up, and `python run.py` itself is run end to end by
-    tests/test_cli.py; the two processes are launched as a user launches them."""
+    The one process is this test's own (the runner called as run.py calls it, from the same folder),
+    or with `one_launched` a `python run.py` launched as a user types it: a launch costs ~7 CPU-s of
+    imports and start-up, and `python run.py` itself is run end to end by tests/test_cli.py; the two
+    processes are always launched as a user launches them."""
     from batch_runner.run import runner
 
     made = {}
-    for run, launcher in (("single", None), ("double", accelerate_cpu(2))):
+    for run, launcher in (("single", [sys.executable] if one_launched else None), ("double", accelerate_cpu(2))):
         out = tmp_path / run
         if launcher is None:
             with contextlib.chdir(tmp_path):

@@ -21,6 +21,7 @@ from tests.conftest import (
     frames_of,
     made_by_one_process_and_by_two,
     photo,
+    run_cli,
     run_config,
     same_video,
     tiny_job,
@@ -205,7 +206,10 @@ def test_guidance_one_encodes_no_negative_prompt_and_runs_one_branch_per_step(tm
 @pytest.mark.parametrize("preset", list(LORA_TWINS))
 def test_each_tiny_twin_with_a_lora_makes_every_row_with_one_and_two_processes(preset, tmp_path):
     # Lossless: the comparison is of the frames made, not of x264's choices on frames of noise.
-    table, _ = made_by_one_process_and_by_two(tmp_path, rows(tmp_path), f"model={preset}", "output.crf=0")
+    # #23 asks for each twin through the command line with one process and with two: both launched.
+    table, _ = made_by_one_process_and_by_two(
+        tmp_path, rows(tmp_path), f"model={preset}", "output.crf=0", one_launched=True
+    )
     recorded = json.loads(table["loras"].iloc[0])
     assert len(recorded) == LORA_TWINS[preset] and all(len(e["sha256"]) == 64 for e in recorded)
 
@@ -222,19 +226,14 @@ def test_each_distilled_tiny_twin_makes_its_rows(preset, tmp_path):
 
 
 def test_a_lora_of_unrelated_keys_is_refused_with_exit_2_before_any_row(tmp_path):
-    """In-process: a refusal (UserError) is exit 2 with its sentence on the command line, as
-    tests/test_cli.py's missing model shows once, through a real process."""
-    from batch_runner.errors import UserError
-    from batch_runner.run import runner
-
+    """Through the command line, as #23's done-when tries it: exit 2, the first unmatched keys named."""
     file = unrelated_lora(tmp_path)
     out = tmp_path / "out"
-    cfg = run_config(
+    proc = run_cli(
         f"manifest={rows(tmp_path)}", "model=tiny-wan", f"model.loras=[{{path:{file}}}]", f"output_dir={out}"
     )
-    with pytest.raises(UserError) as refused:
-        runner.run(cfg)
-    assert "unet.down.0.lora_A.weight" in str(refused.value)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "unet.down.0.lora_A.weight" in proc.stderr + proc.stdout
     assert not list(out.glob("videos/*.mp4"))
 
 
