@@ -56,7 +56,7 @@ def test_this_module_runs_in_the_fast_lane(request: pytest.FixtureRequest) -> No
 
 def test_the_suites_processes_take_the_thread_count_set_before_torch_was_imported() -> None:
     """tests/__init__.py sets OMP_NUM_THREADS (1 unless exported) before anything imports torch: the
-    two workers and the processes they launch then share two cores without spinning threads."""
+    workers and the processes they launch then share two cores without spinning threads."""
     import torch
 
     assert torch.get_num_threads() == int(os.environ["OMP_NUM_THREADS"])
