@@ -13,6 +13,7 @@ import os
 import re
 import statistics
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -390,8 +391,8 @@ def family_section(model: str, rows: list[dict], peak: float | None) -> list[str
     elif None in ours and 24.0 in ours:
         cards = f"{card(ours[24.0])} and {card(ours[None])}"
         checks.append(("24 GiB within 1.1x of the no-budget time", None, f"not compared: measured on {cards}"))
-    same_code = [r for r in rows if r.get("recipe") == "batch_runner-nobudget" and "error" not in r]
-    checks += end_to_end_checks(current, whole, same_code)
+    whole_records = [r for r in rows if r.get("recipe") == "batch_runner-nobudget" and "error" not in r]
+    checks += end_to_end_checks(current, whole, whole_records)
     budgeted = [r for r in ok if r.get("within_budget") is not None]
     if budgeted:
         within = sum(bool(r["within_budget"]) for r in budgeted)
@@ -411,7 +412,7 @@ def family_section(model: str, rows: list[dict], peak: float | None) -> list[str
 
 
 def end_to_end_checks(
-    current: list[dict], whole: dict | None, whole_records: list[dict] = ()
+    current: list[dict], whole: dict | None, whole_records: Sequence[dict] = ()
 ) -> list[tuple[str, bool | None, str]]:
     """Issue #23's command-line targets: its steady rate within 10% of what the benchmark's
     whole-card record predicts at the same steps (the time outside the steps, plus the steps), and

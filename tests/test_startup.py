@@ -224,7 +224,7 @@ def test_scaling_script_launches_through_accelerates_module_too(tmp_path: Path, 
     script.main()
     (command,) = launched
     assert command[:5] == [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes"]
-    assert command[5] == "2" and command[command.index(str(ROOT / "run.py")) + 1 :][0].startswith("manifest=")
+    assert command[5] == "2" and command[command.index(str(ROOT / "run.py")) + 1].startswith("manifest=")
     (record,) = json.loads((tmp_path / "out" / "scaling.json").read_text())
     assert record["launcher"] == "python -m accelerate.commands.launch" and record["compile_cache"] == "cold"
     assert record["command"].startswith("python -m accelerate.commands.launch --cpu --num_processes 2")
