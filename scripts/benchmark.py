@@ -462,11 +462,14 @@ def project(target: Target, label: str, image, steps: int, budget: float | None,
         with replica_inference(replica):
             return replica.pipe(**arguments, generator=generator, output_type="pt", callback_on_step_end=callback)
 
+    before = None
     try:
         result = timed_call(target, call, steps, budget, replica.pipe)
     except torch.OutOfMemoryError:
-        # As the runner does: one plan down the ladder, then the same measurement.
         before = replica.plan
+    if before is not None:
+        # As the runner does: one plan down the ladder, then the same measurement, once the handler
+        # has let go of the failed call's frames (and the activations they hold).
         release_memory()
         replica.step_down()
         prompts = replica.encode(jobs)

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import pandas as pd
@@ -399,6 +400,34 @@ def test_out_of_memory_retries_the_row_one_plan_down(tmp_path, monkeypatch):
     for row_id in table["id"]:
         frames, _ = read_video(out / "videos" / f"{row_id}.mp4")
         assert len(frames) == 9
+
+
+def test_the_retry_after_running_out_of_memory_starts_with_the_failed_calls_memory_freed(tmp_path, monkeypatch):
+    """The failed call's activations live in its frames, which the exception's traceback holds while
+    it is being handled: the retry must come after, or it starts with that memory still taken (a
+    12 GiB run of Cosmos-Predict2.5 ran out again under the lower plan, docs/experiments/2026-12-04e)."""
+    real_make = replica_module.Replica.make
+
+    class Activations:
+        """Stands for the tensors a forward pass had allocated when it ran out of memory."""
+
+    held: list[weakref.ref] = []
+    alive_at_retry: list[bool] = []
+
+    def make(self, job, *args, **kwargs):
+        if job.id == "good1" and not held:
+            activations = Activations()
+            held.append(weakref.ref(activations))
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 330.00 MiB")
+        if job.id == "good1":
+            alive_at_retry.append(held[0]() is not None)
+        return real_make(self, job, *args, **kwargs)
+
+    monkeypatch.setattr(replica_module.Replica, "make", make)
+    out = run_here(tmp_path, good_rows(tmp_path / "inputs", 2), "chunk_size=1")
+
+    assert alive_at_retry == [False]
+    assert list(results_of(out)["status"]) == ["ok", "ok"]
 
 
 # --- a killed run, resumed ----------------------------------------------------------------------------

@@ -403,16 +403,20 @@ def _make_one(replica: Replica, job: Job, image: Any, prompts: Any, row: ResultR
             log.warning("row %s failed under plan %s (%s); retrying once with %s", job.id, failed.plan, why, lower)
             note = f"failed under plan {failed.plan} ({why}), redone with {lower}"
         row = row.but(memory_plan=replica.plan, warnings=_join(row.warnings, note))
-        try:
-            frames = replica.make(job, image, replica.encode([job]), on_step)
-        except Exception as again:
-            if not oom:  # it failed under both: the row's failure, not its plan's
-                replica.restore(job, planned)
-            again.result_row = row  # type: ignore[attr-defined]  # its failure names the plan it failed under
-            raise
-        if not oom:
-            replica.mark_broken(failed, replica.placement)
-        return frames, row
+    # Redone only once the handler has ended: until then the exception's traceback holds the failed
+    # call's frames, and with them its activations, so the retry would start with that memory still
+    # taken and could run out of it again for no fault of the lower plan.
+    release_memory()
+    try:
+        frames = replica.make(job, image, replica.encode([job]), on_step)
+    except Exception as again:
+        if not oom:  # it failed under both: the row's failure, not its plan's
+            replica.restore(job, planned)
+        again.result_row = row  # type: ignore[attr-defined]  # its failure names the plan it failed under
+        raise
+    if not oom:
+        replica.mark_broken(failed, replica.placement)
+    return frames, row
 
 
 def _publish(
