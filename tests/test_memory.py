@@ -237,6 +237,8 @@ def test_estimates_are_within_1_3x_of_what_the_benchmark_measured_for_every_fami
         ("ltx-video-2b-0.9.5", "text_offload", None, 12.0),
         # HunyuanVideo-1.5's text_offload with 256-pixel tiles, under a 48 GiB cap (its record's error).
         ("hunyuanvideo1.5-i2v-480p", "text_offload", None, 48.0),
+        # Cosmos-Predict2.5 2B's text_offload with tiles, under a 12 GiB cap (its record's error).
+        ("cosmos-predict2.5-2b", "text_offload", None, 12.0),
     ],
 )
 def test_what_ran_out_of_memory_is_estimated_above_its_budget(model, plan, tile, budget):

@@ -107,12 +107,16 @@ class Kandinsky5(Family):
     # allocated 42.0 GiB and reserved 46.0 on an H200 (docs/benchmarks.json, 2026-12-04) over 19.9
     # GiB of weights: the HunyuanVideo VAE (512 channels at its widest) decodes every frame at once,
     # so its decode grows with the frames as well as the area (as LTX-Video's), 58000 bytes per
-    # pixel at 121 frames. Its tiled decode and the other budgets are not measured yet.
+    # pixel at 121 frames. Tiled (the VAE's 256-pixel tiles, 16 frames at a time), measured on the
+    # same card (2026-12-04, code fc8e5ce): text_offload under a 24 GiB cap allocated 8.69 GiB over
+    # 4.2 of resident weights, group_offload under 12 allocated 4.44 over 0.6: about 3.5-4.5 GiB of
+    # activations, which one 256 x 256 tile's worth of pixels gives (3.5 GiB; the fragmentation
+    # allowance covers the rest).
     activations = ActivationTerms(
         resident=24.0,
         streamed=24.0,
         decode_per_pixel=58000.0,
-        tiled_pixels=256 * 256 * 2,
+        tiled_pixels=256 * 256,
         guidance_batch=1,
         decode_frames=121,
     )

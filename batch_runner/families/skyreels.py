@@ -51,11 +51,12 @@ class SkyReelsV2(Family):
     }
     # The architecture is Wan 2.1 I2V 14B's, and its VAE Wan's (base.WAN_VAE_DECODE). The
     # 540P default (97 frames at 960x544, 25 x 34 x 60 tokens) under `none`, whole-frame decoding,
-    # allocated 48.6 GiB and reserved 54.0 on an H200 (docs/benchmarks.json, 2026-12-04) over 42.5
-    # GiB of weights, more than Wan's 16 bytes per token and width give: 22 covers it (streamed: Wan's 16,
-    # not measured for this model). The 720P one
-    # (121 frames at 1280x720, 31 x 45 x 80) and the other budgets are not measured yet.
-    activations = ActivationTerms(resident=22.0, streamed=16.0, guidance_batch=1, **WAN_VAE_DECODE)
+    # allocated 48.6 GiB on an H200 (docs/benchmarks.json, 2026-12-04) over 42.5 GiB of weights and
+    # reserved 54.0 on cuDNN, 54.8 on FlashAttention-4: more than Wan's 16 bytes per token and width
+    # give; 27 covers both. Streamed, measured on the same card (code fc8e5ce): text_offload under a
+    # 48 GiB cap allocated 36.9 GiB, group_offload under 24 allocated 6.7, which Wan's 16 covers.
+    # The 720P one (121 frames at 1280x720, 31 x 45 x 80) is not measured yet.
+    activations = ActivationTerms(resident=27.0, streamed=16.0, guidance_batch=1, **WAN_VAE_DECODE)
     schedulers: ClassVar[dict[str, str]] = {
         "unipc": "UniPCMultistepScheduler",
         "euler": "FlowMatchEulerDiscreteScheduler",
