@@ -437,6 +437,20 @@ def reference(target: Target, name: str, image, steps: int, budget_gib: float | 
     } | result
 
 
+def release_pinned_memory() -> None:
+    """Hand the host memory a finished measurement had pinned back to the system.
+
+    torch's host allocator keeps freed pinned blocks cached, and the next replica's planner reads
+    the host's MemAvailable without them: LTX-2's 12 GiB plan was refused after its 24 GiB one in
+    the same process (58 GiB available on a 128 GiB host, docs/experiments/2026-12-04e). A torch
+    without the public `torch.accelerator.empty_host_cache` keeps them (run budgets in separate
+    invocations there).
+    """
+    empty_host_cache = getattr(torch.accelerator, "empty_host_cache", None)
+    if empty_host_cache is not None and torch.cuda.is_available():
+        empty_host_cache()
+
+
 def project(target: Target, label: str, image, steps: int, budget: float | None, chunk: int, **overrides) -> dict:
     """batch_runner's replica: the plan `auto` picks for the budget (or the one given)."""
     speed = SpeedConfig(**{k: v for k, v in overrides.items() if k in SpeedConfig.__dataclass_fields__})
@@ -772,6 +786,7 @@ def main() -> None:
         # Everything the measurement built is unreachable now: give its memory back before the next.
         torch.cuda.set_per_process_memory_fraction(1.0)
         release_memory()
+        release_pinned_memory()
 
     if "probe" in parts:
         for record in probe(target, args.out):
