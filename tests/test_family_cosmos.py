@@ -121,3 +121,50 @@ def test_the_chosen_sdpa_kernel_order_runs_inside_every_attention_and_leaves_the
         with torch.no_grad():
             made.append(pipe(**arguments, generator=torch.Generator().manual_seed(1), output_type="pt").frames[0])
     torch.testing.assert_close(made[1], made[0], rtol=1e-5, atol=1e-5)
+
+
+def _transformer_call(tmp_path) -> tuple[torch.nn.Module, dict]:
+    """The tiny transformer and the keyword arguments of its first call in a row's video: a latent
+    clip whose first frame (the image) has its own timestep."""
+    cfg = run_config("manifest=x", f"model={TINY}")
+    pipe = build_pipeline(cfg.model)
+    job, images = tiny_job(tmp_path, steps=1)
+    arguments = family_named("cosmos").call_arguments(
+        cfg.model, job, images, _embeds(pipe, cfg.model, [job.prompt, job.negative_prompt])
+    )
+    calls = []
+    hook = pipe.transformer.register_forward_pre_hook(lambda m, a, kw: calls.append(kw) or None, with_kwargs=True)
+    with torch.no_grad():
+        pipe(**arguments, generator=torch.Generator().manual_seed(1), output_type="latent")
+    hook.remove()
+    return pipe.transformer, calls[0]
+
+
+@pytest.mark.parametrize("timestep", ["per frame", "per row"])
+def test_per_frame_modulation_gives_the_stock_transformers_output(tmp_path, timestep):
+    """streamline's transformer (frames.py) against diffusers' own, on the call a row makes: a batch
+    of two whose frames have different timesteps, and a single timestep per row."""
+    import copy
+
+    from batch_runner.families.cosmos.frames import FrameModulatedBlock, FrameModulatedCosmos
+
+    stock, kwargs = _transformer_call(tmp_path)
+    assert kwargs["timestep"].ndim == 5 and kwargs["timestep"].flatten().unique().numel() == 2
+    generator = torch.Generator().manual_seed(2)
+    second = {  # another row in the batch: other latents, text and noise levels
+        "hidden_states": torch.randn(kwargs["hidden_states"].shape, generator=generator),
+        "encoder_hidden_states": kwargs["encoder_hidden_states"] * 0.5,
+        "condition_mask": kwargs["condition_mask"],
+        "timestep": kwargs["timestep"] * 0.6,
+    }
+    kwargs |= {k: torch.cat([kwargs[k], v]) for k, v in second.items()}
+    if timestep == "per row":
+        kwargs["timestep"] = torch.tensor([0.3, 0.7])
+    ours = copy.deepcopy(stock)
+    family_named("cosmos").streamline(ours)
+    assert type(ours) is FrameModulatedCosmos
+    assert all(type(b) is FrameModulatedBlock for b in ours.transformer_blocks)
+    with torch.no_grad():
+        expected, made = (t(**kwargs)[0] for t in (stock, ours))
+    assert made.shape == expected.shape == kwargs["hidden_states"].shape
+    torch.testing.assert_close(made, expected, rtol=1e-5, atol=1e-6)

@@ -170,6 +170,12 @@ class Cosmos(Family):
     def blocks(self, transformer: torch.nn.Module) -> torch.nn.ModuleList:
         return transformer.transformer_blocks
 
+    def streamline(self, transformer: torch.nn.Module) -> None:
+        """Each block's modulation once per latent frame instead of once per token (frames.py)."""
+        from batch_runner.families.cosmos.frames import modulate_per_frame
+
+        modulate_per_frame(transformer)
+
     def prefer_attention(self, transformer: torch.nn.Module, order: list, backend: str) -> None:
         """Its processors call diffusers' dispatcher without a backend of their own (so the
         process-wide one), which `set_attention_backend` does not change: as CogVideoX's, each runs
