@@ -78,6 +78,20 @@ class CosmosImageToWorld(Cosmos2_5_PredictBasePipeline):
             kwargs["num_latent_conditional_frames"] = 1
         return super().__call__(height=height, width=width, **kwargs)
 
+    def prepare_latents(self, video: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, ...]:
+        """diffusers' latents, the image's frame VAE-encoded alone.
+
+        diffusers repeats a one-frame clip to the video's length (93 frames) and encodes all of it,
+        though only the first latent frame is kept (every other one is masked out wherever the
+        conditioning latents are read). The Wan VAE encodes a clip's first frame on its own, so its
+        latent is the one the whole clip gives; the masked frames are zeros (3 s a video at 720p).
+        """
+        if video is None or kwargs.get("num_frames_in") != 1:
+            return super().prepare_latents(video, *args, **kwargs)
+        latents, cond_latents, cond_mask, cond_indicator = super().prepare_latents(video[:, :, :1], *args, **kwargs)
+        masked = cond_latents.new_zeros(*cond_latents.shape[:2], latents.shape[2] - 1, *cond_latents.shape[3:])
+        return latents, torch.cat([cond_latents, masked], dim=2), cond_mask, cond_indicator
+
 
 class _TorchvisionResize:
     """torchvision's `transforms`, as far as diffusers' Cosmos transformer uses it: a nearest resize
