@@ -231,19 +231,21 @@ def test_estimates_are_within_1_3x_of_what_the_benchmark_measured_for_every_fami
 
 
 @pytest.mark.parametrize(
-    ("model", "plan", "tile", "budget"),
+    ("model", "plan", "tiling", "budget"),
     [
         # LTX-Video 2B's text_offload ran out of memory under a 12 GiB cap (its record's oom_fallback).
-        ("ltx-video-2b-0.9.5", "text_offload", None, 12.0),
+        ("ltx-video-2b-0.9.5", "text_offload", True, 12.0),
         # HunyuanVideo-1.5's text_offload with 256-pixel tiles, under a 48 GiB cap (its record's error).
-        ("hunyuanvideo1.5-i2v-480p", "text_offload", None, 48.0),
-        # Cosmos-Predict2.5 2B's text_offload with tiles, under a 12 GiB cap (its record's error).
-        ("cosmos-predict2.5-2b", "text_offload", None, 12.0),
+        ("hunyuanvideo1.5-i2v-480p", "text_offload", True, 48.0),
+        # LTX-2's group_offload with whole frames, under a 12 GiB cap (its record's error). (Cosmos's
+        # text_offload at 12 GiB ran out under code whose transformer copied the modulation to every
+        # token; frames.py has replaced that, and its record is superseded by nothing measured yet.)
+        ("ltx-2", "group_offload", False, 12.0),
     ],
 )
-def test_what_ran_out_of_memory_is_estimated_above_its_budget(model, plan, tile, budget):
+def test_what_ran_out_of_memory_is_estimated_above_its_budget(model, plan, tiling, budget):
     cfg, counted_model = counted(model)
-    config = MemoryConfig(vae_tile=tile, vae_tiling=True)
+    config = MemoryConfig(vae_tiling=tiling)
     assert estimate(plan, counted_model, workload_of(cfg), config).gpu_gib > budget
 
 

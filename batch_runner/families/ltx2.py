@@ -104,13 +104,17 @@ class LTX2(Family):
         "audio_vae": DECODER,
         "vocoder": DECODER,
     }
-    # ESTIMATES, not measured on a GPU yet: LTX-Video's terms (same token geometry, a transformer of
-    # width 4096 like its 13B) with the decode charged for LTX-2's wider VAE decoder (1024 channels at
-    # its widest against 512: twice the bytes per pixel per 512 channels is built into the planner's
-    # channel scaling). Classifier-free guidance runs as one batch of 2; the guidance passes after
-    # it (STG, modality isolation) are batches of 1.
+    # Denoising: LTX-Video's terms (same token geometry, a transformer of width 4096 like its 13B);
+    # classifier-free guidance runs as one batch of 2, the guidance passes after it (STG, modality
+    # isolation) as batches of 1. Measured on an H200 (docs/benchmarks.json, 2026-12-04): `none`
+    # reserved 73.8 GiB; group_offload under a 24 GiB cap allocated 9.93 GiB, and under a 12 GiB cap
+    # ran out of memory with 10.13 allocated asking for 270 MiB more (exactly a 120 x 512 x 768 RGB
+    # tensor in bf16: the end of the whole-frame decode, by its size) over 3.1 GiB of resident VAEs
+    # and transformer top level: the decode needs at least 7.3 GiB at 768x512, 10500 bytes a pixel per 512
+    # channels of its widest block (1024). Its tiled decode (16-frame, 512-pixel tiles) is not
+    # measured and is charged as whole frames, so a 12 GiB budget streams every layer.
     activations = ActivationTerms(
-        resident=24.0, streamed=24.0, decode_per_pixel=8250.0, tiled_pixels=512 * 512 * 2, guidance_batch=2
+        resident=24.0, streamed=24.0, decode_per_pixel=10500.0, tiled_pixels=512 * 512 * 2, guidance_batch=2
     )
     schedulers: ClassVar[dict[str, str]] = {"euler": "FlowMatchEulerDiscreteScheduler"}
     # At 1 step the pipeline's scheduler cannot find its own timestep (IndexError, diffusers 0.42.1).

@@ -78,18 +78,17 @@ class Cosmos(Family):
     pipeline_class = imported("batch_runner.families.cosmos.pipeline:CosmosImageToWorld")
     roles: ClassVar[dict[str, str]] = {"text_encoder": ENCODER, "transformer": DENOISER, "vae": DECODER}
     # Measured on an H200 (docs/benchmarks.json, 2026-12-04): the 2B at its default (93 frames at
-    # 1280x704, 24 x 44 x 80 tokens) under `none` with whole-frame decoding allocated 30.5 GiB and
-    # reserved 35.2 over 19.5 GiB of weights; under text_offload (24 GiB cap) 15.0 over 4.1. The
-    # whole-frame peak is charged to Wan 2.1's VAE at 1280x704, 18600 bytes per pixel, which is what
-    # Wan's VAE is known to need at 720p. Denoising: under a 12 GiB cap, text_offload with tiles ran
-    # out of memory asking for one more tokens x width tensor (330 MiB) with 11.1 GiB allocated over
-    # 4.1 of weights (code fc8e5ce): at least 7.3 GiB of activations in the steps, 45 bytes per token
-    # and width, not the 16 of Wan; 48 covers it. The cause is diffusers' transformer: a row's
-    # timestep is per frame, and each block's modulation is expanded to every token, so this grows
-    # with the width (the 14B's ~19 GiB is that scaling, not a measurement). Its streamed plans at 16
-    # and 12 GiB are not measured.
+    # 1280x704, 24 x 44 x 80 tokens) under `none` with whole-frame decoding reserved 34.7 GiB over
+    # 19.5 GiB of weights; under text_offload (24 GiB cap) allocated 15.0 over 4.1. The whole-frame
+    # peak is charged to Wan 2.1's VAE at 1280x704, 18600 bytes per pixel, which is what Wan's VAE
+    # is known to need at 720p. Denoising, with each block's modulation per frame (frames.py):
+    # text_offload with tiles allocated 8.63 GiB over 4.08 of weights (16 GiB cap), 4.55 GiB of
+    # activations, 28 bytes per token and width; group_offload 5.04 over 0.73 (12 GiB cap), 25.
+    # (diffusers' own transformer, which copies the modulation to every token, ran out of memory
+    # under text_offload at 12 GiB with at least 7.3 GiB of them, code fc8e5ce.) The 14B's terms are
+    # these scaled with its width, not measured.
     activations = ActivationTerms(
-        resident=48.0, streamed=48.0, decode_per_pixel=18600.0, tiled_pixels=256 * 256 * 2, guidance_batch=1
+        resident=30.0, streamed=27.0, decode_per_pixel=18600.0, tiled_pixels=256 * 256 * 2, guidance_batch=1
     )
     schedulers: ClassVar[dict[str, str]] = {"unipc": "UniPCMultistepScheduler"}
 
