@@ -97,12 +97,11 @@ MIRRORS = (
         DIFFUSERS_VERSIONS,
         "cosmos: the module's `transforms` (torchvision, imported only where installed) stood in for",
     ),
-    *(
-        Mirror("diffusers", f"diffusers.models.transformers.transformer_cosmos:{name}.forward", DIFFUSERS_VERSIONS, why)
-        for name, why in (
-            ("CosmosTransformer3DModel", "cosmos: restated with the timestep embedding per frame (frames.py)"),
-            ("CosmosTransformerBlock", "cosmos: restated over a per-frame view of the tokens (frames.py)"),
-        )
+    Mirror(
+        "diffusers",
+        "diffusers.models.transformers.transformer_cosmos:CosmosTransformerBlock.forward",
+        DIFFUSERS_VERSIONS,
+        "cosmos: frames.py restates it, and the model's forward, with the modulation per frame",
     ),
 )
 # Attributes the libraries set on a module they hook: not importable, so the test adds a hook and looks.
