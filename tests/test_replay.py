@@ -6,6 +6,8 @@ results line per row by ResultLog from ResultRow.from_job): only the replay is u
 
 from __future__ import annotations
 
+import os
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -89,6 +91,10 @@ def test_an_image_replaced_after_its_row_was_made_refuses_the_replay(tmp_path: P
     _, earlier = made_earlier(tmp_path)
     image = tmp_path / "in" / "b.png"
     photo(image, (60, 40), seed=9)  # another picture under the same name, written now (after the row's record)
+    # The kernel stamps a write with its coarse clock, which can read a few milliseconds behind the
+    # `finished_at` just recorded: date the new file a second later, as a real replacement would be.
+    later = time.time() + 1
+    os.utime(image, (later, later))
     with pytest.raises(UserError, match=r"row 2 \(id 'b'\), column 'image': the file .*b\.png' changed after"):
         replay(earlier)
 
