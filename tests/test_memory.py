@@ -238,8 +238,8 @@ def test_estimates_are_within_1_3x_of_what_the_benchmark_measured_for_every_fami
         # HunyuanVideo-1.5's text_offload with 256-pixel tiles, under a 48 GiB cap (its record's error).
         ("hunyuanvideo1.5-i2v-480p", "text_offload", True, 48.0),
         # LTX-2's group_offload with whole frames, under a 12 GiB cap (its record's error). (Cosmos's
-        # text_offload at 12 GiB ran out under code whose transformer copied the modulation to every
-        # token; frames.py has replaced that, and its record is superseded by nothing measured yet.)
+        # text_offload at 12 GiB ran out under code fc8e5ce, whose transformer copied the modulation
+        # to every token; with frames.py it is estimated at 10.5 GiB, not yet run under that cap.)
         ("ltx-2", "group_offload", False, 12.0),
     ],
 )

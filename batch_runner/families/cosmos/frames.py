@@ -155,7 +155,9 @@ def modulate_per_frame(transformer: torch.nn.Module) -> None:
     if type(transformer) is not CosmosTransformer3DModel:
         return
     blocks = transformer.transformer_blocks
-    if any(type(b) is not CosmosTransformerBlock or b.before_proj or b.after_proj for b in blocks):
+    if any(
+        type(b) is not CosmosTransformerBlock or b.before_proj is not None or b.after_proj is not None for b in blocks
+    ):
         return
     transformer.__class__ = FrameModulatedCosmos
     for block in blocks:
