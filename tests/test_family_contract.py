@@ -578,8 +578,8 @@ class TestLTX2(FamilyContract):
             4096,
             ((121, 512, 768, 1024), 16 * 16 * 24),
             {"text_encoder": 12.19, "connectors": 1.43, "vae": 1.22},
-            # Estimated terms (not measured on a GPU yet): at 12 GiB the streamed plan needs ~13.2 GiB
-            # (the VAE decodes every frame at once), so only sequential offload fits there.
+            # At 12 GiB the streamed plan ran out of memory in the whole-frame decode (family.py), and
+            # is estimated at ~12.6 GiB: only sequential offload fits there.
             budgets=(80.0, 48.0, 24.0, 16.0),
             host_budget_gib=200.0,
         )
@@ -697,16 +697,16 @@ class TestCosmosPredict25(FamilyContract):
     tiny = (Tiny("tiny-cosmos", T5, (9, 32, 64)),)
     # 2B 2.06B, 14B 14.37B; Cosmos-Reason1-7B (Qwen2.5-VL 7B, 8.29B with its vision tower). 93 frames
     # -> 24 latent frames; 704x1280 -> 44x80 tokens of 2x2 latents of 8x8 pixels; the text stays out.
-    # Its steps expand the per-frame timestep's modulation to every token, so activations grow with
-    # the width: 48 bytes per token and width (the 2B's 12 GiB run out of memory, family.py) are
-    # ~19 GiB for the 14B, and below 48 GiB only sequential offload fits it (an estimate: not run).
+    # Its steps' activations grow with the width: the 2B's measured 30/27 bytes per token and width
+    # (family.py) are ~12 GiB for the 14B, so at 12 GiB only sequential offload fits it (an estimate:
+    # not run).
     full_size = tuple(
         FullSize(
             name, T5, b, blocks, hidden, ((93, 704, 1280, 512), 24 * 44 * 80), {"text_encoder": 8.29}, budgets=budgets
         )
         for name, b, blocks, hidden, budgets in (
             ("cosmos-predict2.5-2b", 2.06, 28, 2048, BUDGETS),
-            ("cosmos-predict2.5-14b", 14.37, 36, 5120, (80.0, 48.0)),
+            ("cosmos-predict2.5-14b", 14.37, 36, 5120, (80.0, 48.0, 24.0, 16.0)),
         )
     )
     bad_rows = (
