@@ -208,7 +208,7 @@ class FamilyContract:
         made = []
         for fuse in (False, True):
             pipe = build_pipeline(cfg.model)
-            family_named(self.family).streamline(pipe.transformer)
+            family_named(self.family).streamline(pipe.transformer, cfg.model)
             if fuse:
                 assert (speed.fuse_qkv(pipe.transformer) > 0) == self.fuses_qkv
             made.append(_video(self.family, cfg.model, pipe, tiny.row, tmp_path))
@@ -596,7 +596,7 @@ class TestLTX2(FamilyContract):
         ),
         BadRow("ltx-2", {"width": 700}, "the nearest valid size is width=704 height=512"),
     )
-    guidance_batch = 2
+    guidance_batch = 3  # the guidance pair and the modality-isolated sample (guidance.py)
     fuses_qkv = False  # its processor reads to_q, to_k and to_v: streamline keeps diffusers from fusing them
     # tests/test_family_ltx2.py runs tiny-ltx2 end to end (two processes, with and without sound).
 

@@ -161,7 +161,7 @@ def test_per_frame_modulation_gives_the_stock_transformers_output(tmp_path, time
     if timestep == "per row":
         kwargs["timestep"] = torch.tensor([0.3, 0.7])
     ours = copy.deepcopy(stock)
-    family_named("cosmos").streamline(ours)
+    family_named("cosmos").streamline(ours, run_config("manifest=x", f"model={TINY}").model)
     assert type(ours) is FrameModulatedCosmos
     assert all(type(b) is FrameModulatedBlock for b in ours.transformer_blocks)
     with torch.no_grad():

@@ -31,7 +31,7 @@ def _made(cfg, job, images, fuse: bool = False) -> torch.Tensor:
     """A video the runner's way: its changes to the transformer, prompts encoded beforehand."""
     family = family_named("hunyuan15")
     pipe = build_pipeline(cfg.model)
-    family.streamline(pipe.transformer)
+    family.streamline(pipe.transformer, cfg.model)
     if fuse:
         speed.fuse_qkv(pipe.transformer)
     texts = [job.prompt, job.negative_prompt]
@@ -249,7 +249,7 @@ def attention_calls(monkeypatch) -> list[dict]:
 def test_dropping_the_text_padding_leaves_the_transformers_output_as_it_is(real, image, masked, attention_calls):
     model = run_config("manifest=x", f"model={TINY}").model
     stock, ours = build_pipeline(model).transformer, build_pipeline(model).transformer
-    family_named("hunyuan15").streamline(ours)
+    family_named("hunyuan15").streamline(ours, model)
     inputs = _transformer_inputs(real, image)
     with torch.no_grad():
         expected = stock(**inputs)[0]
@@ -264,9 +264,10 @@ def test_the_chosen_kernel_runs_the_unmasked_attention_and_sdpa_chooses_for_a_ma
     """A dispatcher backend is strict (flash refuses a mask): it runs only the calls without one."""
     from torch.nn.attention import SDPBackend
 
-    pipe = build_pipeline(run_config("manifest=x", f"model={TINY}").model)
+    model = run_config("manifest=x", f"model={TINY}").model
+    pipe = build_pipeline(model)
     family = family_named("hunyuan15")
-    family.streamline(pipe.transformer)
+    family.streamline(pipe.transformer, model)
     family.prefer_attention(pipe.transformer, [SDPBackend.FLASH_ATTENTION], "_native_flash")
     with torch.no_grad():
         pipe.transformer(**_transformer_inputs([(5, 2)]))
@@ -282,8 +283,9 @@ def test_compiled_blocks_make_one_graph_for_every_text_length():
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    transformer = build_pipeline(run_config("manifest=x", f"model={TINY}").model).transformer
-    family_named("hunyuan15").streamline(transformer)
+    model = run_config("manifest=x", f"model={TINY}").model
+    transformer = build_pipeline(model).transformer
+    family_named("hunyuan15").streamline(transformer, model)
     torch._dynamo.reset()
     counters.clear()
     speed.compile_blocks(family_named("hunyuan15").blocks(transformer))

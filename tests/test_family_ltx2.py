@@ -1,5 +1,6 @@
 """LTX-2 makes sound: the MP4 of each row carries it as an AAC track as long as the video, the results
-say so, the report plays it, and output.audio=false makes silent videos without decoding it."""
+say so, the report plays it, and output.audio=false makes silent videos without decoding it. A step's
+guidance passes run as one forward (guidance.py) and make diffusers' video and sound."""
 
 from __future__ import annotations
 
@@ -197,3 +198,145 @@ def test_one_denoising_step_is_refused_for_ltx2_naming_the_fewest_it_runs(tmp_pa
     [problem] = load_manifest(write_manifest(tmp_path / "j.csv", rows), model, 0).problems
     assert "'one'" in str(problem) and "num_inference_steps" in str(problem)
     assert "runs at least 2 denoising steps, not 1; the nearest valid value is 2" in str(problem)
+
+
+# --- a step's guidance passes in one forward (batch_runner/families/ltx2/guidance.py) ---
+
+
+def _guided_video(pipe, model, job, images, embeds, **extra) -> tuple[object, list[int]]:
+    """A row's video and sound, and the batch of every forward the transformer's first block ran."""
+    batches = []
+    hook = pipe.transformer.transformer_blocks[0].register_forward_pre_hook(
+        lambda module, args, kwargs: batches.append(kwargs["hidden_states"].shape[0]) or None, with_kwargs=True
+    )
+    arguments = family_named("ltx2").call_arguments(model, job, images, embeds) | extra
+    try:
+        with torch.no_grad():
+            output = pipe(**arguments, generator=torch.Generator().manual_seed(job.seed), output_type="pt")
+    finally:
+        hook.remove()
+    return output, batches
+
+
+def _ltx2_row(tmp_path, guidance_scale: float = 6.0):
+    from dataclasses import replace
+
+    from .conftest import tiny_job
+
+    model = run_config("manifest=x", "model=tiny-ltx2").model
+    pipe = build_pipeline(model)
+    job, images = tiny_job(tmp_path, steps=3)
+    job = replace(job, guidance_scale=guidance_scale)
+    texts = [job.prompt, job.negative_prompt]
+    embeds = dict(zip(texts, family_named("ltx2").encode_prompts(pipe, texts, model, torch.float32), strict=True))
+    return model, pipe, job, images, embeds
+
+
+def _same_video(ours, stock) -> None:
+    """The same frames and sound, to the kernels' rounding between batch sizes (fp32)."""
+    torch.testing.assert_close(ours.frames, stock.frames, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ours.audio, stock.audio, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(("guidance_scale", "stock_step", "step"), [(6.0, [2, 1, 1], [3]), (1.0, [1, 1, 1], [2])])
+def test_a_steps_guidance_passes_in_one_forward_make_diffusers_video_and_sound(
+    tmp_path, monkeypatch, guidance_scale, stock_step, step
+):
+    """diffusers runs the guidance pair (unguided: the conditional pass), then STG and modality
+    isolation as forwards of their own; streamline's transformer runs one forward a step, the
+    isolated sample in it, and makes the same video and sound. With the isolated sample's
+    cross-modal attention left on, the frames are not diffusers'."""
+    from batch_runner.families.ltx2 import guidance
+
+    model, pipe, job, images, embeds = _ltx2_row(tmp_path, guidance_scale)
+    stock, stock_forwards = _guided_video(pipe, model, job, images, embeds)
+    family_named("ltx2").streamline(pipe.transformer, model)
+    assert type(pipe.transformer) is guidance.GuidanceBatchedLTX2
+    ours, forwards = _guided_video(pipe, model, job, images, embeds)
+    assert stock_forwards == stock_step * 3 and forwards == step * 3
+    _same_video(ours, stock)
+
+    def not_switched(self, *args, **kwargs):
+        return super(guidance.Isolating, self).__call__(*args, **kwargs)
+
+    monkeypatch.setattr(guidance.Isolating, "__call__", not_switched)
+    not_isolated, _ = _guided_video(pipe, model, job, images, embeds)
+    assert not torch.allclose(not_isolated.frames, stock.frames, atol=1e-3)
+
+
+def test_blocks_that_perturb_their_attention_keep_a_real_stg_pass(tmp_path):
+    """LTX-2.3's blocks (`perturbed_attn`) do skip the STG blocks' self-attention: that pass runs as
+    its own forward, modality isolation still joins the first, and the video is diffusers'."""
+    from diffusers import LTX2VideoTransformer3DModel
+
+    model, pipe, job, images, embeds = _ltx2_row(tmp_path)
+    config = {k: v for k, v in pipe.transformer.config.items() if k != "_use_default_values"}
+    perturbing = LTX2VideoTransformer3DModel.from_config(config | {"perturbed_attn": True})
+    assert all(block.perturbed_attn for block in perturbing.transformer_blocks)
+    perturbing.load_state_dict(pipe.transformer.state_dict())
+    pipe.transformer = perturbing.eval()
+    stg = {"spatio_temporal_guidance_blocks": [1]}
+    stock, stock_forwards = _guided_video(pipe, model, job, images, embeds, **stg)
+    family_named("ltx2").streamline(pipe.transformer, model)
+    ours, forwards = _guided_video(pipe, model, job, images, embeds, **stg)
+    assert stock_forwards == [2, 1, 1] * 3 and forwards == [3, 1] * 3
+    _same_video(ours, stock)
+    unperturbed, _ = _guided_video(pipe, model, job, images, embeds)
+    assert not torch.allclose(unperturbed.frames, stock.frames, atol=1e-3)  # the STG pass does count here
+
+
+def test_compiled_blocks_take_the_isolated_sample_as_an_input_not_a_constant(tmp_path):
+    """The per-sample switch is read inside the compiled blocks: one graph serves every step, and the
+    frames are still diffusers' (a switch baked in as a constant, or ignored, would differ)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    model, pipe, job, images, embeds = _ltx2_row(tmp_path)
+    stock, _ = _guided_video(pipe, model, job, images, embeds)
+    family_named("ltx2").streamline(pipe.transformer, model)
+    torch._dynamo.reset()
+    counters.clear()
+    for block in pipe.transformer.transformer_blocks:
+        block.forward = torch.compile(block.forward, dynamic=False, backend="aot_eager")
+    try:
+        for _ in range(2):
+            ours, _ = _guided_video(pipe, model, job, images, embeds)
+            _same_video(ours, stock)
+        assert counters["stats"]["unique_graphs"] == 1
+    finally:
+        torch._dynamo.reset()
+
+
+def test_a_pass_whose_inputs_differ_from_the_first_forwards_runs_its_own_forward(tmp_path):
+    """A served pass is checked against the inputs it was made from: other latents get a forward of
+    their own, the stock model's answer."""
+    import copy
+
+    model, pipe, job, images, embeds = _ltx2_row(tmp_path)
+    calls = []
+    hook = pipe.transformer.register_forward_pre_hook(lambda m, a, kw: calls.append(kw) or None, with_kwargs=True)
+    _guided_video(pipe, model, job, images, embeds)
+    hook.remove()
+    first, isolated = calls[0], calls[2]
+    assert first["hidden_states"].shape[0] == 2 and isolated["isolate_modalities"]
+    stock = pipe.transformer
+    ours = copy.deepcopy(stock)
+    family_named("ltx2").streamline(ours, model)
+    other = isolated | {"hidden_states": isolated["hidden_states"] + 1}
+    with torch.no_grad():
+        expected = {name: stock(**kwargs)[0] for name, kwargs in (("isolated", isolated), ("other", other))}
+        ours(**first)
+        torch.testing.assert_close(ours(**other)[0], expected["other"], rtol=0, atol=1e-5)
+        ours(**first)
+        torch.testing.assert_close(ours(**isolated)[0], expected["isolated"], rtol=0, atol=1e-5)
+    assert not torch.allclose(expected["other"], expected["isolated"])
+
+
+def test_without_stg_or_modality_isolation_the_transformer_stays_diffusers():
+    """The distilled preset runs neither pass: there is nothing to batch."""
+    from diffusers import LTX2VideoTransformer3DModel
+
+    cfg = run_config("manifest=x", "model=tiny-ltx2", "model.options.stg_scale=0", "model.options.modality_scale=1")
+    transformer = build_pipeline(cfg.model).transformer
+    family_named("ltx2").streamline(transformer, cfg.model)
+    assert type(transformer) is LTX2VideoTransformer3DModel

@@ -50,18 +50,18 @@ class NoOptions:
 class ActivationTerms:
     """Activation memory of one video, fitted to peaks measured on an H100 (docs/benchmarks.json).
 
-    Denoising: bytes per (token x transformer width x batch element), with the transformer's
-    weights on the GPU ("resident") or streamed block by block ("streamed"). Decoding: bytes per
-    output pixel per 512 channels of the VAE's widest block, over at most `tiled_pixels` pixels at
-    once when the VAE tiles. `guidance_batch`: the batch of one transformer forward under
-    classifier-free guidance (2 where the conditional and unconditional passes share a batch, 1
-    where they run as separate forwards). `tile_side`: the VAE's own decode tile (pixels a side),
-    and `smaller_tiles`: the sides, largest first, the planner may decode with instead when the
-    VAE's own tiles do not fit the budget. The decode's peak grows with a tile's side to the power
-    `tile_scaling`: 2 where it grows with the area; more where the allocator's slack around a tile's
-    buffers grows faster than they do. `decode_frames`: for a VAE that decodes every frame at once
-    (it tiles space only), the frame count `decode_per_pixel` was measured at; the decode then grows
-    with the row's frames as well as its area.
+    Denoising: bytes per (token x transformer width x batch element), with the transformer's weights
+    on the GPU ("resident") or streamed block by block ("streamed"). Decoding: bytes per output
+    pixel per 512 channels of the VAE's widest block, over at most `tiled_pixels` pixels at once
+    when the VAE tiles. `guidance_batch`: the batch of one transformer forward under classifier-free
+    guidance (2 where the conditional and unconditional passes share a batch, 1 where they run as
+    separate forwards, more where a family batches further passes with them). `tile_side`: the VAE's
+    own decode tile (pixels a side), and `smaller_tiles`: the sides, largest first, the planner may
+    decode with instead when the VAE's own tiles do not fit the budget. The decode's peak grows with
+    a tile's side to the power `tile_scaling`: 2 where it grows with the area; more where the
+    allocator's slack around a tile's buffers grows faster than they do. `decode_frames`: for a VAE
+    that decodes every frame at once (it tiles space only), the frame count `decode_per_pixel` was
+    measured at; the decode then grows with the row's frames as well as its area.
     """
 
     resident: float
@@ -359,7 +359,7 @@ class Family:
         """Token geometry from the components' configs (`config_of` of a pipeline or an arch folder)."""
         raise NotImplementedError
 
-    def streamline(self, transformer: torch.nn.Module) -> None:
+    def streamline(self, transformer: torch.nn.Module, model: ModelConfig) -> None:
         """Changes to the denoiser that leave its output as it is and only the runner's path takes
         (diffusers' recipes in the benchmarks keep the stock model): none by default."""
 

@@ -248,7 +248,7 @@ class Kandinsky5(Family):
     def blocks(self, transformer: torch.nn.Module) -> torch.nn.ModuleList:
         return transformer.visual_transformer_blocks
 
-    def streamline(self, transformer: torch.nn.Module) -> None:
+    def streamline(self, transformer: torch.nn.Module, model: ModelConfig) -> None:
         """Its attention modules say they can fuse their projections, but diffusers' fusing looks for
         `to_q`/`to_k`/`to_v` and these are `to_query`/`to_key`/`to_value` (AttributeError), and the
         processor would not read a fused one anyway: each says it cannot, so speed.fuse_qkv passes by."""

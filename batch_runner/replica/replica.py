@@ -120,7 +120,7 @@ class Replica:
             pipe = build_pipeline(cfg.model, build_on, empty=sharing.mapped)
             for name in self.anatomy.of_role(DENOISER):
                 denoiser = getattr(pipe, name)
-                self.family.streamline(denoiser)
+                self.family.streamline(denoiser, cfg.model)
                 if cfg.speed.fuse_qkv:
                     speed.fuse_qkv(denoiser)
                 self.attention = speed.prefer_attention(

@@ -169,7 +169,7 @@ class Cosmos(Family):
     def blocks(self, transformer: torch.nn.Module) -> torch.nn.ModuleList:
         return transformer.transformer_blocks
 
-    def streamline(self, transformer: torch.nn.Module) -> None:
+    def streamline(self, transformer: torch.nn.Module, model: ModelConfig) -> None:
         """Each block's modulation once per latent frame instead of once per token (frames.py)."""
         from batch_runner.families.cosmos.frames import modulate_per_frame
 

@@ -151,7 +151,7 @@ class HunyuanVideo15(Family):
     def blocks(self, transformer: torch.nn.Module) -> torch.nn.ModuleList:
         return transformer.transformer_blocks
 
-    def streamline(self, transformer: torch.nn.Module) -> None:
+    def streamline(self, transformer: torch.nn.Module, model: ModelConfig) -> None:
         from batch_runner.families.hunyuan15.attention import drop_text_padding
 
         drop_text_padding(transformer)

@@ -12,11 +12,13 @@ so the connectors run with the row, not with the chunk's text encoding: they are
 (streamed layer by layer where the plan streams encoders).
 
 The VAE compresses 32x32 pixels and 8 frames into one latent (frames 8N+1, sides multiples of 32)
-and the transformer takes each latent as one token. Guidance: classifier-free guidance for video
-and audio (their conditional and unconditional passes in one batch of 2), then spatio-temporal
-guidance (a pass with block 28's self-attention skipped) and modality-isolation guidance (a pass
-without the audio-video cross-attention), each a forward of batch 1, as diffusers' defaults for
-LTX-2. The distilled checkpoint runs none of them (guidance 1, 8 steps on its own sigmas).
+and the transformer takes each latent as one token. Guidance, as diffusers' defaults for LTX-2:
+classifier-free guidance for video and audio (their conditional and unconditional passes in one
+batch of 2), then spatio-temporal guidance (a pass meant to skip block 28's self-attention, which
+LTX-2.0's blocks do not: diffusers computes the conditional pass again) and modality-isolation
+guidance (a pass without the audio-video cross-attention), each a forward of batch 1. The runner's
+transformer makes all of them in one forward of 3 (guidance.py; diffusers' recipes in the benchmarks
+keep three). The distilled checkpoint runs none of them (guidance 1, 8 steps on its own sigmas).
 
 diffusers documents LTX-2 with a second pass through a latent upsampler; this family makes the
 single pass at the row's size, as it does for LTX-Video.
@@ -105,8 +107,9 @@ class LTX2(Family):
         "vocoder": DECODER,
     }
     # Denoising: LTX-Video's terms (same token geometry, a transformer of width 4096 like its 13B);
-    # classifier-free guidance runs as one batch of 2, the guidance passes after it (STG, modality
-    # isolation) as batches of 1. Measured on an H200 (docs/benchmarks.json, 2026-12-04): `none`
+    # a guided step is one forward of 3 (guidance.py: the guidance pair and the modality-isolated
+    # sample; the terms below were measured with the pair as a batch of 2 and the passes after it
+    # as batches of 1). Measured on an H200 (docs/benchmarks.json, 2026-12-04): `none`
     # reserved 73.8 GiB; group_offload under a 24 GiB cap allocated 9.93 GiB, and under a 12 GiB cap
     # ran out of memory with 10.13 allocated asking for 270 MiB more (exactly a 120 x 512 x 768 RGB
     # tensor in bf16: the end of the whole-frame decode, by its size) over 3.1 GiB of resident VAEs
@@ -114,7 +117,7 @@ class LTX2(Family):
     # channels of its widest block (1024). Its tiled decode (16-frame, 512-pixel tiles) is not
     # measured and is charged as whole frames, so a 12 GiB budget streams every layer.
     activations = ActivationTerms(
-        resident=24.0, streamed=24.0, decode_per_pixel=10500.0, tiled_pixels=512 * 512 * 2, guidance_batch=2
+        resident=24.0, streamed=24.0, decode_per_pixel=10500.0, tiled_pixels=512 * 512 * 2, guidance_batch=3
     )
     schedulers: ClassVar[dict[str, str]] = {"euler": "FlowMatchEulerDiscreteScheduler"}
     # At 1 step the pipeline's scheduler cannot find its own timestep (IndexError, diffusers 0.42.1).
@@ -341,13 +344,19 @@ class LTX2(Family):
 
     # --- structure ---
 
-    def streamline(self, transformer: torch.nn.Module) -> None:
-        """Its attention modules are not fused (speed.fuse_qkv then passes over them): LTX-2's processor
+    def streamline(self, transformer: torch.nn.Module, model: ModelConfig) -> None:
+        """A step's guidance passes in one forward (guidance.py), where the options run them.
+
+        Its attention modules are not fused (speed.fuse_qkv then passes over them): LTX-2's processor
         always reads to_q, to_k and to_v, and its audio-video cross-attentions project queries and
         keys of different widths, which diffusers' fusing concatenates and fails on."""
+        from batch_runner.families.ltx2.guidance import batch_guidance
+
         for module in transformer.modules():
             if hasattr(module, "_supports_qkv_fusion"):
                 module._supports_qkv_fusion = False
+        options = self.options(model)
+        batch_guidance(transformer, stg=options.stg_scale > 0, isolation=options.modality_scale > 1)
 
     def blocks(self, transformer: torch.nn.Module) -> torch.nn.ModuleList:
         return transformer.transformer_blocks
