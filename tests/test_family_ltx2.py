@@ -168,6 +168,29 @@ def test_a_text_cached_without_its_padding_makes_the_video_and_sound_of_the_padd
     torch.testing.assert_close(ours.audio, own.audio, rtol=0, atol=0)
 
 
+def test_texts_are_encoded_a_few_a_pass_as_one_pass_encodes_them(monkeypatch):
+    """Gemma's stacked states take 770 MB a text while diffusers stacks them: a chunk's texts go
+    through it `TEXTS_PER_PASS` at a time, and each comes out as a single pass makes it."""
+    from batch_runner.families.ltx2 import family as ltx2_family
+
+    cfg = run_config("manifest=x", "model=tiny-ltx2")
+    family, pipe = family_named("ltx2"), build_pipeline(cfg.model)
+    texts = ["the sea", "a red car in the rain", "", "night", "a dog runs after a ball on a beach"]
+    passes = []
+    hook = pipe.text_encoder.register_forward_pre_hook(
+        lambda module, args, kwargs: passes.append(len(kwargs["input_ids"])) or None, with_kwargs=True
+    )
+    with torch.no_grad():
+        few = family.encode_prompts(pipe, texts, cfg.model, torch.float32)
+        monkeypatch.setattr(ltx2_family, "TEXTS_PER_PASS", len(texts))
+        one = family.encode_prompts(pipe, texts, cfg.model, torch.float32)
+    hook.remove()
+    assert passes == [2, 2, 1, 5]
+    for a, b in zip(few, one, strict=True):
+        torch.testing.assert_close(a.tokens, b.tokens, rtol=0, atol=1e-6)
+        assert torch.equal(a.mask, b.mask)
+
+
 def test_a_saved_ltx2_pipeline_s_components_are_built_empty_from_their_configs(tmp_path):
     """Host sharing builds each shared component on the meta device from the saved folder: the
     connectors and the vocoder are classes of diffusers' LTX-2 pipeline module, saved as `ltx2`."""

@@ -69,6 +69,10 @@ class LTX2Options:
     distilled_sigmas: bool = False
 
 
+# Texts a Gemma pass encodes (see LTX2.encode_prompts): its stacked states peak at 1.5 GiB.
+TEXTS_PER_PASS = 2
+
+
 @dataclass(frozen=True)
 class HostPrompt:
     """A text's encoding as the replica caches it: only its real tokens' stacked hidden states, in host
@@ -273,16 +277,24 @@ class LTX2(Family):
 
     def encode_prompts(self, pipe: Any, texts: list[str], model: ModelConfig, dtype: torch.dtype) -> list[HostPrompt]:
         """Gemma's stacked hidden states of each text's real tokens, with its attention mask (the
-        connectors read both on every call), kept in host memory (`HostPrompt`)."""
+        connectors read both on every call), kept in host memory (`HostPrompt`).
+
+        At most `TEXTS_PER_PASS` texts a Gemma pass: diffusers holds a padded text's 49 hidden states
+        twice while it stacks them (770 MB a text at 1024 tokens), and a chunk of 12 texts in one
+        pass asked for 4.5 GiB more with 11.7 allocated under a 16 GiB cap (H200, 2026-12-04)."""
         device = pipe._execution_device
-        embedded, masks, _, _ = pipe.encode_prompt(
-            prompt=texts,
-            do_classifier_free_guidance=False,
-            max_sequence_length=model.max_sequence_length,
-            device=device,
-            dtype=dtype,
-        )
-        return [HostPrompt(e[m.bool()].cpu(), m.cpu(), embedded.device) for e, m in zip(embedded, masks, strict=True)]
+        cached = []
+        for start in range(0, len(texts), TEXTS_PER_PASS):
+            embedded, masks, _, _ = pipe.encode_prompt(
+                prompt=texts[start : start + TEXTS_PER_PASS],
+                do_classifier_free_guidance=False,
+                max_sequence_length=model.max_sequence_length,
+                device=device,
+                dtype=dtype,
+            )
+            cached += [HostPrompt(e[m.bool()].cpu(), m.cpu(), device) for e, m in zip(embedded, masks, strict=True)]
+            del embedded, masks
+        return cached
 
     def call_arguments(self, model: ModelConfig, job: Any, images: dict[str, Any], embeds: Any) -> dict[str, Any]:
         """The row's image as the first frame, its frame rate as the video's (the rotary positions in
