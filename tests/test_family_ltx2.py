@@ -168,27 +168,34 @@ def test_a_text_cached_without_its_padding_makes_the_video_and_sound_of_the_padd
     torch.testing.assert_close(ours.audio, own.audio, rtol=0, atol=0)
 
 
-def test_texts_are_encoded_a_few_a_pass_as_one_pass_encodes_them(monkeypatch):
-    """Gemma's stacked states take 770 MB a text while diffusers stacks them: a chunk's texts go
-    through it `TEXTS_PER_PASS` at a time, and each comes out as a single pass makes it."""
-    from batch_runner.families.ltx2 import family as ltx2_family
-
+def test_texts_are_encoded_a_few_a_pass_without_the_heads_logits_as_diffusers_encodes_them(monkeypatch):
+    """A chunk's texts go through Gemma `TEXTS_PER_PASS` at a time, its head making the last
+    position's logits only (diffusers' call makes them at every position and reads none); each text
+    comes out as diffusers' own `encode_prompt` of all of them at once makes it, and the instance's
+    forward is put back."""
     cfg = run_config("manifest=x", "model=tiny-ltx2")
     family, pipe = family_named("ltx2"), build_pipeline(cfg.model)
     texts = ["the sea", "a red car in the rain", "", "night", "a dog runs after a ball on a beach"]
-    passes = []
-    hook = pipe.text_encoder.register_forward_pre_hook(
-        lambda module, args, kwargs: passes.append(len(kwargs["input_ids"])) or None, with_kwargs=True
-    )
+    passes, positions = [], []
+    hooks = [
+        pipe.text_encoder.register_forward_pre_hook(
+            lambda module, args, kwargs: passes.append(len(kwargs["input_ids"])) or None, with_kwargs=True
+        ),
+        pipe.text_encoder.lm_head.register_forward_pre_hook(lambda module, args: positions.append(args[0].shape[1])),
+    ]
     with torch.no_grad():
-        few = family.encode_prompts(pipe, texts, cfg.model, torch.float32)
-        monkeypatch.setattr(ltx2_family, "TEXTS_PER_PASS", len(texts))
-        one = family.encode_prompts(pipe, texts, cfg.model, torch.float32)
-    hook.remove()
-    assert passes == [2, 2, 1, 5]
-    for a, b in zip(few, one, strict=True):
-        torch.testing.assert_close(a.tokens, b.tokens, rtol=0, atol=1e-6)
-        assert torch.equal(a.mask, b.mask)
+        ours = family.encode_prompts(pipe, texts, cfg.model, torch.float32)
+        assert "forward" not in pipe.text_encoder.__dict__
+        assert passes == [2, 2, 1] and positions == [1, 1, 1]
+        embedded, masks, _, _ = pipe.encode_prompt(
+            prompt=texts, do_classifier_free_guidance=False, max_sequence_length=cfg.model.max_sequence_length
+        )
+    for hook in hooks:
+        hook.remove()
+    assert positions[-1] == cfg.model.max_sequence_length  # diffusers' own call: every position
+    for text, e, m in zip(ours, embedded, masks, strict=True):
+        torch.testing.assert_close(text.tokens, e[m.bool()], rtol=0, atol=1e-6)
+        assert torch.equal(text.mask, m)
 
 
 def test_a_saved_ltx2_pipeline_s_components_are_built_empty_from_their_configs(tmp_path):

@@ -27,6 +27,7 @@ single pass at the row's size, as it does for LTX-Video.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -69,7 +70,7 @@ class LTX2Options:
     distilled_sigmas: bool = False
 
 
-# Texts a Gemma pass encodes (see LTX2.encode_prompts): its stacked states peak at 1.5 GiB.
+# Texts a Gemma pass encodes (see LTX2.encode_prompts): their stacked states peak at 1.5 GiB.
 TEXTS_PER_PASS = 2
 
 
@@ -279,21 +280,25 @@ class LTX2(Family):
         """Gemma's stacked hidden states of each text's real tokens, with its attention mask (the
         connectors read both on every call), kept in host memory (`HostPrompt`).
 
-        At most `TEXTS_PER_PASS` texts a Gemma pass: diffusers holds a padded text's 49 hidden states
-        twice while it stacks them (770 MB a text at 1024 tokens), and a chunk of 12 texts in one
-        pass asked for 4.5 GiB more with 11.7 allocated under a 16 GiB cap (H200, 2026-12-04)."""
+        Gemma's memory grows with the texts of a pass, and diffusers' own call keeps more than it
+        reads: under a 16 GiB cap a chunk of 9 texts in one pass asked for 4.5 GiB with 11.7
+        allocated (H200, 2026-12-04), which is its language-model head's logits (262,208 words x
+        1024 tokens x 9 texts in bf16); diffusers reads only the hidden states, and holds a text's
+        49 of them twice while it stacks them (770 MB a text). So the head makes the last
+        position's logits only (`_last_logit_only`), and a pass takes at most `TEXTS_PER_PASS`."""
         device = pipe._execution_device
         cached = []
-        for start in range(0, len(texts), TEXTS_PER_PASS):
-            embedded, masks, _, _ = pipe.encode_prompt(
-                prompt=texts[start : start + TEXTS_PER_PASS],
-                do_classifier_free_guidance=False,
-                max_sequence_length=model.max_sequence_length,
-                device=device,
-                dtype=dtype,
-            )
-            cached += [HostPrompt(e[m.bool()].cpu(), m.cpu(), device) for e, m in zip(embedded, masks, strict=True)]
-            del embedded, masks
+        with _last_logit_only(pipe.text_encoder):
+            for start in range(0, len(texts), TEXTS_PER_PASS):
+                embedded, masks, _, _ = pipe.encode_prompt(
+                    prompt=texts[start : start + TEXTS_PER_PASS],
+                    do_classifier_free_guidance=False,
+                    max_sequence_length=model.max_sequence_length,
+                    device=device,
+                    dtype=dtype,
+                )
+                cached += [HostPrompt(e[m.bool()].cpu(), m.cpu(), device) for e, m in zip(embedded, masks, strict=True)]
+                del embedded, masks
         return cached
 
     def call_arguments(self, model: ModelConfig, job: Any, images: dict[str, Any], embeds: Any) -> dict[str, Any]:
@@ -392,6 +397,22 @@ class LTX2(Family):
 def _padded(text: HostPrompt | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """A cached text as the pipeline takes it; None (diffusers' own recipe encodes the prompt itself) stays None."""
     return text.padded() if text is not None else (None, None)
+
+
+@contextlib.contextmanager
+def _last_logit_only(text_encoder: torch.nn.Module) -> Iterator[None]:
+    """Gemma called with `logits_to_keep=1`: its hidden states as they are, its head's logits for the
+    last position only. The instance's `forward` (an offloading hook's, where a plan streams it) is
+    wrapped for the call and put back afterwards."""
+    saved = text_encoder.__dict__.get("forward")
+    text_encoder.forward = functools.partial(text_encoder.forward, logits_to_keep=1)
+    try:
+        yield
+    finally:
+        if saved is None:
+            text_encoder.__dict__.pop("forward", None)
+        else:
+            text_encoder.forward = saved
 
 
 def _audio_stages(pipe: Any) -> list[tuple[torch.nn.Module, str]]:
