@@ -182,7 +182,8 @@ def estimate(plan: str, model: Anatomy, workload: Workload, config: MemoryConfig
         "expert_offload": sum(denoisers[1:]) + rest + vae + max(streaming, decode, encoder_streamed),
         "group_offload": vae + rest + max(streaming, decode, encoder_streamed),
         "model_cpu_offload": max(max(encoders, default=0), max(denoisers) + denoise, vae + decode),
-        "sequential_cpu_offload": max(denoise, decode) + STREAMED_BLOCKS * block,
+        # The transformer's blocks stream in during the steps only; the VAE streams its own small layers.
+        "sequential_cpu_offload": max(denoise + STREAMED_BLOCKS * block, decode),
     }[plan]
     host = sum(sizes[name] for name in host_resident(plan, model.roles))
     return Estimate(plan, round(gpu * FRAGMENTATION + HEADROOM_GIB, 2), round(host, 2), round(decode, 2))
