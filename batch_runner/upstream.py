@@ -3,7 +3,8 @@
 Each is an internal of the library, free to change in any release. Reaching them only through this
 module means an upgrade is checked here: `MIRRORS` says which version each name was read from, and
 tests/test_upstream.py fails when the installed versions leave that range or a name has gone.
-Model families (batch_runner/families/) reach a few of their own; the same test lists them.
+Model families (batch_runner/families/) reach a few of their own: the shared ones are listed here,
+those that name a family's own classes by the family (`Family.mirrors`); the same test checks both.
 
 Imports happen inside the functions: nothing here is loaded before it is used.
 """
@@ -90,18 +91,6 @@ MIRRORS = (
         "diffusers.models.attention:AttentionModuleMixin._supports_qkv_fusion",
         DIFFUSERS_VERSIONS,
         "kandinsky5: its attention says it cannot fuse (diffusers' fusing misses its projections)",
-    ),
-    Mirror(
-        "diffusers",
-        "diffusers.models.transformers.transformer_cosmos:is_torchvision_available",
-        DIFFUSERS_VERSIONS,
-        "cosmos: the module's `transforms` (torchvision, imported only where installed) stood in for",
-    ),
-    Mirror(
-        "diffusers",
-        "diffusers.models.transformers.transformer_cosmos:CosmosTransformerBlock.forward",
-        DIFFUSERS_VERSIONS,
-        "cosmos: frames.py restates it, and the model's forward, with the modulation per frame",
     ),
 )
 # Attributes the libraries set on a module they hook: not importable, so the test adds a hook and looks.

@@ -12,8 +12,11 @@ import pytest
 import torch
 
 from batch_runner import upstream
+from batch_runner.families import FAMILY_MODULES, family_named
 from batch_runner.replica import speed
 
+# batch_runner/upstream.py's, then those of the families' own classes (each family lists its own).
+MIRRORS = upstream.MIRRORS + tuple(m for name in FAMILY_MODULES for m in family_named(name).mirrors)
 INSTALLED = {"torch": torch.__version__, "diffusers": diffusers.__version__, "accelerate": accelerate.__version__}
 
 
@@ -25,7 +28,7 @@ def mirrored(version: str, versions: tuple[str, ...]) -> bool:
 
 @pytest.mark.parametrize("library", sorted(INSTALLED))
 def test_the_installed_libraries_are_the_versions_the_private_names_were_read_from(library):
-    versions = {m.versions for m in upstream.MIRRORS + upstream.HOOK_ATTRIBUTES if m.library == library}
+    versions = {m.versions for m in MIRRORS + upstream.HOOK_ATTRIBUTES if m.library == library}
     assert len(versions) == 1
     assert mirrored(INSTALLED[library], versions.pop()), (
         f"{library} {INSTALLED[library]} is not a version batch_runner/upstream.py mirrors"
@@ -37,9 +40,16 @@ def test_version_matching_takes_releases_of_a_minor_version_and_nothing_else():
     assert not mirrored("2.1.0", ("2.11",)) and not mirrored("0.42.10", ("0.42.1",))
 
 
-@pytest.mark.parametrize("mirror", upstream.MIRRORS, ids=lambda m: m.path)
+@pytest.mark.parametrize("mirror", MIRRORS, ids=lambda m: m.path)
 def test_each_private_name_still_exists(mirror):
     upstream.resolve(mirror.path)
+
+
+def test_the_families_list_their_own_internals():
+    assert {m.path.split(":")[1] for m in MIRRORS if m not in upstream.MIRRORS} >= {
+        "CosmosTransformerBlock.forward",
+        "LTX2ImageToVideoPipeline.__call__",
+    }
 
 
 def test_a_name_that_has_gone_is_noticed():

@@ -30,6 +30,7 @@ import torch
 from batch_runner.config import LoraConfig, ModelConfig
 from batch_runner.errors import UserError
 from batch_runner.families.rules import frame_problem, size_problem
+from batch_runner.upstream import Mirror
 
 ARCH_DIR = Path(__file__).resolve().parent.parent.parent / "conf" / "arch"
 
@@ -156,6 +157,9 @@ class Family:
     # The settings only this family reads (model.options), as a frozen dataclass: its fields are the
     # valid keys, their annotations the types a value must have, their defaults what a missing key means.
     Options: ClassVar[type] = NoOptions
+    # The upstream internals only this family relies on, which name its own classes (only a family
+    # may): checked with batch_runner.upstream's by tests/test_upstream.py.
+    mirrors: ClassVar[tuple[Mirror, ...]] = ()
 
     # --- options ---
 

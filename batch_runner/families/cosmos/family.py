@@ -22,6 +22,7 @@ from batch_runner.families.base import (
 )
 from batch_runner.families.cosmos.guardrail import PassThroughGuardrail, nvidia_guardrail
 from batch_runner.families.tokenizer import tiny_qwen25_vl
+from batch_runner.upstream import DIFFUSERS_VERSIONS, Mirror
 
 if TYPE_CHECKING:
     from transformers import Qwen2Tokenizer
@@ -89,6 +90,20 @@ class Cosmos(Family):
     # which copies the modulation to every token, ran out of memory under text_offload at 12 GiB
     # with at least 7.3 GiB of them, code fc8e5ce.) The 14B's terms are these scaled with its
     # width, not measured.
+    mirrors = (
+        Mirror(
+            "diffusers",
+            "diffusers.models.transformers.transformer_cosmos:is_torchvision_available",
+            DIFFUSERS_VERSIONS,
+            "the module's `transforms` (torchvision, imported only where installed) stood in for",
+        ),
+        Mirror(
+            "diffusers",
+            "diffusers.models.transformers.transformer_cosmos:CosmosTransformerBlock.forward",
+            DIFFUSERS_VERSIONS,
+            "frames.py restates it, and the model's forward, with the modulation per frame",
+        ),
+    )
     activations = ActivationTerms(
         resident=22.0, streamed=27.0, decode_per_pixel=18600.0, tiled_pixels=256 * 256 * 2, guidance_batch=1
     )

@@ -47,6 +47,7 @@ from batch_runner.families.base import (
     seeded,
 )
 from batch_runner.families.tokenizer import TINY_TEXT_DIM, tiny_tokenizer
+from batch_runner.upstream import DIFFUSERS_VERSIONS, Mirror
 
 if TYPE_CHECKING:
     from diffusers import LTX2ImageToVideoPipeline
@@ -123,6 +124,20 @@ class LTX2(Family):
     # its resident weights: charged 7.3 (9970 bytes a pixel per 512 channels of the widest block,
     # 1024), which keeps group_offload above 12 GiB. The tiled decode (16-frame, 512-pixel tiles) is
     # not measured and is charged as whole frames.
+    mirrors = (
+        Mirror(
+            "diffusers",
+            "diffusers.pipelines.ltx2.pipeline_ltx2_image2video:LTX2ImageToVideoPipeline.__call__",
+            DIFFUSERS_VERSIONS,
+            "guidance.py serves a step's STG and modality-isolation calls (their arguments) from its first",
+        ),
+        Mirror(
+            "diffusers",
+            "diffusers.models.transformers.transformer_ltx2:LTX2VideoTransformerBlock.forward",
+            DIFFUSERS_VERSIONS,
+            "guidance.py: STG perturbs only blocks with perturbed_attn; cross-modal outputs are added gated",
+        ),
+    )
     activations = ActivationTerms(
         resident=24.0, streamed=24.0, decode_per_pixel=9970.0, tiled_pixels=512 * 512 * 2, guidance_batch=3
     )
