@@ -78,18 +78,6 @@ class Cosmos(Family):
     Options = CosmosOptions
     pipeline_class = imported("batch_runner.families.cosmos.pipeline:CosmosImageToWorld")
     roles: ClassVar[dict[str, str]] = {"text_encoder": ENCODER, "transformer": DENOISER, "vae": DECODER}
-    # Measured on an H200 (docs/benchmarks.json, 2026-12-04): the 2B at its default (93 frames at
-    # 1280x704, 24 x 44 x 80 tokens) under `none` with whole-frame decoding reserved 34.7 GiB over
-    # 19.5 GiB of weights; under text_offload (24 GiB cap) allocated 15.0 over 4.1. The whole-frame
-    # peak is charged to Wan 2.1's VAE at 1280x704, 18600 bytes per pixel, which is what Wan's VAE
-    # is known to need at 720p. Denoising, with each block's modulation per frame (frames.py) and
-    # the image's frame VAE-encoded alone (pipeline.py): text_offload with tiles allocated 7.34 GiB
-    # over 4.08 of weights under 16 and 12 GiB caps (code 7efd1f5), at most 3.26 GiB of activations,
-    # 20 bytes per token and width, charged 22; group_offload, before the frame was encoded alone,
-    # 5.04 over 0.73 (12 GiB cap), 25, charged 27 (not measured since). (diffusers' own transformer,
-    # which copies the modulation to every token, ran out of memory under text_offload at 12 GiB
-    # with at least 7.3 GiB of them, code fc8e5ce.) The 14B's terms are these scaled with its
-    # width, not measured.
     mirrors = (
         Mirror(
             "diffusers",
@@ -104,6 +92,18 @@ class Cosmos(Family):
             "frames.py restates it, and the model's forward, with the modulation per frame",
         ),
     )
+    # Measured on an H200 (docs/benchmarks.json, 2026-12-04): the 2B at its default (93 frames at
+    # 1280x704, 24 x 44 x 80 tokens) under `none` with whole-frame decoding reserved 34.7 GiB over
+    # 19.5 GiB of weights; under text_offload (24 GiB cap) allocated 15.0 over 4.1. The whole-frame
+    # peak is charged to Wan 2.1's VAE at 1280x704, 18600 bytes per pixel, which is what Wan's VAE
+    # is known to need at 720p. Denoising, with each block's modulation per frame (frames.py) and
+    # the image's frame VAE-encoded alone (pipeline.py): text_offload with tiles allocated 7.34 GiB
+    # over 4.08 of weights under 16 and 12 GiB caps (code 7efd1f5), at most 3.26 GiB of activations,
+    # 20 bytes per token and width, charged 22; group_offload, before the frame was encoded alone,
+    # 5.04 over 0.73 (12 GiB cap), 25, charged 27 (not measured since). (diffusers' own transformer,
+    # which copies the modulation to every token, ran out of memory under text_offload at 12 GiB
+    # with at least 7.3 GiB of them, code fc8e5ce.) The 14B's terms are these scaled with its
+    # width, not measured.
     activations = ActivationTerms(
         resident=22.0, streamed=27.0, decode_per_pixel=18600.0, tiled_pixels=256 * 256 * 2, guidance_batch=1
     )

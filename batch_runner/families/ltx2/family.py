@@ -55,14 +55,16 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class LTX2Options:
-    """The guidance besides the row's own `guidance_scale` (which is the video's classifier-free guidance).
+    """The guidance besides the row's own `guidance_scale` (which is the video's classifier-free
+    guidance).
 
-    audio_guidance_scale: the sound's classifier-free guidance (diffusers' default 7; 1 turns it off);
-    a row without guidance (guidance_scale <= 1) has none for the sound either, as no negative prompt
-    is encoded for it. stg_scale: spatio-temporal guidance of video and sound (0 turns it off: one
-    forward fewer per step). modality_scale: modality-isolation guidance (1 turns it off: one forward
-    fewer per step). distilled_sigmas: the distilled checkpoint's own 8 sigmas (diffusers'
-    DISTILLED_SIGMA_VALUES) where a row makes 8 steps; any other step count takes the scheduler's.
+    audio_guidance_scale: the sound's classifier-free guidance (diffusers' default 7; 1 turns it
+    off); a row without guidance (guidance_scale <= 1) has none for the sound either, as no negative
+    prompt is encoded for it. stg_scale: spatio-temporal guidance of video and sound (0 turns it
+    off; on LTX-2.0 its term is 0 either way and costs nothing here, guidance.py). modality_scale:
+    modality-isolation guidance (1 turns it off: one sample fewer in a step's forward).
+    distilled_sigmas: the distilled checkpoint's own 8 sigmas (diffusers' DISTILLED_SIGMA_VALUES)
+    where a row makes 8 steps; any other step count takes the scheduler's.
     """
 
     audio_guidance_scale: float = 7.0
@@ -112,18 +114,6 @@ class LTX2(Family):
         "audio_vae": DECODER,
         "vocoder": DECODER,
     }
-    # Denoising: LTX-Video's terms (same token geometry, a transformer of width 4096 like its 13B);
-    # a guided step is one forward of 3 (guidance.py: the guidance pair and the modality-isolated
-    # sample). Measured on an H200 (docs/benchmarks.json, 2026-12-04): `none` reserved 73.8 GiB;
-    # group_offload allocated 10.64 GiB under 24 and 16 GiB caps (code 7efd1f5 and 37cdf72), and
-    # with the guidance pair as a batch of 2 (47eb3ee) ran out of memory under a 12 GiB cap with
-    # 10.13 allocated asking for 270 MiB more (a 120 x 512 x 768 RGB tensor in bf16: the end of the
-    # whole-frame decode) over 3.1 GiB of resident VAEs and transformer top level;
-    # sequential_cpu_offload, which streams the VAE too, allocated 6.77 GiB at its peak under a 12
-    # GiB cap. So the decode needs 6.5 to 6.8 GiB at 768x512 and group_offload about 0.5 GiB besides
-    # its resident weights: charged 7.3 (9970 bytes a pixel per 512 channels of the widest block,
-    # 1024), which keeps group_offload above 12 GiB. The tiled decode (16-frame, 512-pixel tiles) is
-    # not measured and is charged as whole frames.
     mirrors = (
         Mirror(
             "diffusers",
@@ -138,6 +128,18 @@ class LTX2(Family):
             "guidance.py: STG perturbs only blocks with perturbed_attn; cross-modal outputs are added gated",
         ),
     )
+    # Denoising: LTX-Video's terms (same token geometry, a transformer of width 4096 like its 13B);
+    # a guided step is one forward of 3 (guidance.py: the guidance pair and the modality-isolated
+    # sample). Measured on an H200 (docs/benchmarks.json, 2026-12-04): `none` reserved 73.8 GiB;
+    # group_offload allocated 10.64 GiB under 24 and 16 GiB caps (code 7efd1f5 and 37cdf72), and
+    # with the guidance pair as a batch of 2 (47eb3ee) ran out of memory under a 12 GiB cap with
+    # 10.13 allocated asking for 270 MiB more (a 120 x 512 x 768 RGB tensor in bf16: the end of the
+    # whole-frame decode) over 3.1 GiB of resident VAEs and transformer top level;
+    # sequential_cpu_offload, which streams the VAE too, allocated 6.77 GiB at its peak under a 12
+    # GiB cap. So the decode needs 6.5 to 6.8 GiB at 768x512 and group_offload about 0.5 GiB besides
+    # its resident weights: charged 7.3 (9970 bytes a pixel per 512 channels of the widest block,
+    # 1024), which keeps group_offload above 12 GiB. The tiled decode (16-frame, 512-pixel tiles) is
+    # not measured and is charged as whole frames.
     activations = ActivationTerms(
         resident=24.0, streamed=24.0, decode_per_pixel=9970.0, tiled_pixels=512 * 512 * 2, guidance_batch=3
     )
