@@ -355,22 +355,13 @@ class LTX2(Family):
 
     # --- sound ---
 
-    @contextlib.contextmanager
-    def audio_skipped(self, pipe: Any) -> Iterator[None]:
+    def audio_skipped(self, pipe: Any) -> contextlib.AbstractContextManager:
         """The pipeline without its audio decode: the audio VAE's decode hands the latents through and
-        the vocoder returns None, so the call's `audio` is None and neither runs. The instance
-        attributes they shadow (offloading hooks wrap `forward` there) are put back afterwards."""
-        saved = [(module, name, module.__dict__.get(name)) for module, name in _audio_stages(pipe)]
-        pipe.audio_vae.decode = lambda latents, *args, **kwargs: (latents,)
-        pipe.vocoder.forward = lambda *args, **kwargs: None
-        try:
-            yield
-        finally:
-            for module, name, previous in saved:
-                if previous is None:
-                    module.__dict__.pop(name, None)
-                else:
-                    module.__dict__[name] = previous
+        the vocoder returns None, so the call's `audio` is None and neither runs."""
+        return _shadowed(
+            (pipe.audio_vae, "decode", lambda latents, *args, **kwargs: (latents,)),
+            (pipe.vocoder, "forward", lambda *args, **kwargs: None),
+        )
 
     def audio_track(self, pipe: Any, output: Any) -> tuple[torch.Tensor, int] | None:
         """The row's waveform (channels, samples) in [-1, 1] and its sample rate (the vocoder's)."""
@@ -418,24 +409,28 @@ def _padded(text: HostPrompt | None) -> tuple[torch.Tensor | None, torch.Tensor 
     return text.padded() if text is not None else (None, None)
 
 
-@contextlib.contextmanager
-def _last_logit_only(text_encoder: torch.nn.Module) -> Iterator[None]:
+def _last_logit_only(text_encoder: torch.nn.Module) -> contextlib.AbstractContextManager:
     """Gemma called with `logits_to_keep=1`: its hidden states as they are, its head's logits for the
-    last position only. The instance's `forward` (an offloading hook's, where a plan streams it) is
-    wrapped for the call and put back afterwards."""
-    saved = text_encoder.__dict__.get("forward")
-    text_encoder.forward = functools.partial(text_encoder.forward, logits_to_keep=1)
+    last position only."""
+    return _shadowed((text_encoder, "forward", functools.partial(text_encoder.forward, logits_to_keep=1)))
+
+
+@contextlib.contextmanager
+def _shadowed(*replacements: tuple[Any, str, Any]) -> Iterator[None]:
+    """Each (object, attribute, value) set on the instance for the call, then put back as it was:
+    offloading hooks wrap `forward` there, so an instance attribute it had is restored, and one it
+    had not is removed."""
+    saved = [(owner, name, owner.__dict__.get(name)) for owner, name, _ in replacements]
+    for owner, name, value in replacements:
+        setattr(owner, name, value)
     try:
         yield
     finally:
-        if saved is None:
-            text_encoder.__dict__.pop("forward", None)
-        else:
-            text_encoder.forward = saved
-
-
-def _audio_stages(pipe: Any) -> list[tuple[torch.nn.Module, str]]:
-    return [(pipe.audio_vae, "decode"), (pipe.vocoder, "forward")]
+        for owner, name, previous in saved:
+            if previous is None:
+                owner.__dict__.pop(name, None)
+            else:
+                owner.__dict__[name] = previous
 
 
 FAMILY = LTX2()
