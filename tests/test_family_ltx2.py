@@ -4,9 +4,7 @@ guidance passes run as one forward (guidance.py) and make diffusers' video and s
 
 from __future__ import annotations
 
-import json
 import re
-import subprocess
 from pathlib import Path
 
 import av
@@ -20,6 +18,7 @@ from batch_runner.inputs.images import load_image
 from batch_runner.inputs.manifest import load_manifest
 from batch_runner.replica.pipeline import build_pipeline
 
+from .browser import CHROMIUM, await_in_chromium
 from .conftest import accelerate_cpu, ok, photo, run_cli, run_config, write_manifest
 
 ROWS = {"a": {"prompt": "the sea at night", "seed": 1}, "b": {"prompt": "a car in the city", "num_frames": 17}}
@@ -86,13 +85,14 @@ def test_output_audio_false_makes_videos_without_a_sound_track(tmp_path):
     assert "<video" not in (out / "report.html").read_text()
 
 
-CHROMIUM = Path("/usr/bin/chromium")
-# Plays the report's first video, logging what Chromium decoded of each stream while it plays.
-PROBE = """<!doctype html><html><body><video id=v src='{src}' autoplay></video><pre id=log></pre><script>
-const v = document.getElementById('v'), log = document.getElementById('log');
-v.addEventListener('timeupdate', () => {{ if (v.webkitAudioDecodedByteCount > 0) log.textContent = JSON.stringify(
-  {{audio: v.webkitAudioDecodedByteCount, video: v.webkitVideoDecodedByteCount, duration: v.duration}}); }});
-v.addEventListener('error', () => {{ log.textContent = 'error ' + v.error.code + ' ' + v.error.message; }});
+# Plays the report's first video to its end; the promise holds what Chromium decoded of each stream.
+PROBE = """<!doctype html><html><body><video id=v src='{src}' autoplay></video><script>
+const v = document.getElementById('v');
+window.played = new Promise((resolve, reject) => {{
+  v.addEventListener('ended', () => resolve(
+    {{audio: v.webkitAudioDecodedByteCount, video: v.webkitVideoDecodedByteCount, duration: v.duration}}));
+  v.addEventListener('error', () => reject(new Error('error ' + v.error.code + ' ' + v.error.message)));
+}});
 </script></body></html>"""
 
 
@@ -104,20 +104,8 @@ def test_chromium_plays_the_reports_video_with_its_sound(with_sound, tmp_path):
     )
     [src] = [s for s in sources if s.endswith("a.mp4")]  # row a: 9 frames
     (with_sound / "probe.html").write_text(PROBE.format(src=src))
-    browser = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"]
-    browser += ["--disable-background-networking", "--disable-component-update", "--disable-sync"]
-    browser += [f"--user-data-dir={tmp_path / 'profile'}", "--autoplay-policy=no-user-gesture-required"]
-    # Playback runs on the wall clock, not the page's virtual time: on a loaded machine nothing may
-    # have played when the page is dumped. Wait for the condition (the log holds what was decoded,
-    # or an error), dumping later each time, up to two minutes of budgets in all.
-    played = ""
-    for budget in (5_000, 15_000, 30_000, 70_000):
-        command = [*browser, f"--virtual-time-budget={budget}", "--dump-dom", (with_sound / "probe.html").as_uri()]
-        page = subprocess.run(command, capture_output=True, text=True, timeout=240, check=False).stdout
-        [played] = re.findall(r"<pre id=\"log\">([^<]*)</pre>", page)
-        if played:
-            break
-    decoded = json.loads(played)  # an error or nothing decoded of the sound leaves no JSON here
+    # Awaits the page's promise (played to the end, or an error), not a time budget: see browser.py.
+    decoded = await_in_chromium((with_sound / "probe.html").as_uri(), "window.played", tmp_path / "profile")
     assert decoded["audio"] > 0 and decoded["video"] > 0 and decoded["duration"] == pytest.approx(9 / 8)
 
 
