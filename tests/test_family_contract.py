@@ -106,7 +106,7 @@ class FamilyContract:
     tiny: ClassVar[tuple[Tiny, ...]]
     full_size: ClassVar[tuple[FullSize, ...]]
     bad_rows: ClassVar[tuple[BadRow, ...]]
-    guidance_batch: ClassVar[int]  # one forward of both guidance passes (2) or one forward each (1)
+    guidance_batch: ClassVar[int]  # a guided row's forward: both guidance passes (2) or one each (1)
     fuses_qkv: ClassVar[bool] = True  # speed.fuse_qkv finds projections to fuse
     # The end-to-end run: a tiny config, its extra overrides, and its rows (without the image) with the
     # shape each must have; None where another test file runs the family end to end.
@@ -252,7 +252,7 @@ class FamilyContract:
             assert billions[name] == pytest.approx(expected, rel=0.05), (name, billions)
         assert set(shape.roles) == full.components
         assert shape.blocks == full.blocks and shape.geometry.hidden == full.hidden
-        assert shape.family.activations.guidance_batch == self.guidance_batch
+        assert shape.family.forward_batch(model, guided=True) == self.guidance_batch
         (frames, height, width, text), tokens = full.tokens
         assert shape.geometry.tokens(frames, height, width, text) == tokens
 

@@ -5,6 +5,7 @@ guidance passes run as one forward (guidance.py) and make diffusers' video and s
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import av
@@ -358,3 +359,23 @@ def test_without_stg_or_modality_isolation_the_transformer_stays_diffusers():
     transformer = build_pipeline(cfg.model).transformer
     family_named("ltx2").streamline(transformer, cfg.model)
     assert type(transformer) is LTX2VideoTransformer3DModel
+
+
+@pytest.mark.parametrize(
+    ("guided", "modality_scale", "batch"),
+    [(True, 3.0, 3), (False, 3.0, 2), (True, 1.0, 2), (False, 1.0, 1)],
+)
+def test_the_planner_sizes_a_step_by_the_samples_its_one_forward_takes(guided, modality_scale, batch):
+    """guidance.py appends the modality-isolated sample to the step's forward whether or not the row
+    is guided: an unguided row that isolates still runs 2 samples, and the planner charges them."""
+    from batch_runner.replica import planner
+    from batch_runner.replica.anatomy import anatomy
+
+    cfg = run_config("manifest=x", "model=ltx-2", f"model.options.modality_scale={modality_scale}")
+    model = anatomy(cfg.model)
+    shape = planner.Shape(cfg.model.num_frames, cfg.model.height, cfg.model.width, guided=guided)
+    workload = planner.shape_workload(cfg, model, shape)
+    assert workload.batch == batch
+    denoise = planner.activation_gib(workload, model.family.activations, True, False)[0]
+    single = planner.activation_gib(replace(workload, batch=1), model.family.activations, True, False)[0]
+    assert denoise == pytest.approx(batch * single)

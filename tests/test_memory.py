@@ -75,7 +75,7 @@ def test_component_bytes_of_cogvideox_5b_match_the_published_sizes():
 
 def test_workload_of_the_default_row():
     w = WORKLOAD_5B
-    assert (w.pixels, w.guidance) == (480 * 720, True)
+    assert (w.pixels, w.batch) == (480 * 720, 2)  # CogVideoX batches the guidance pair
     assert (w.hidden, w.vae_channels) == (3072, 512)
     # 49 frames -> 13 latent frames; 480x720 / (8 x 2)^2 -> 30 x 45 patches; plus 226 text tokens.
     assert w.tokens == 13 * 30 * 45 + 226 == COUNTED_5B.geometry.tokens(49, 480, 720, 226)
@@ -91,7 +91,7 @@ def test_activation_terms():
     streamed = activation_gib(WORKLOAD_5B, terms, vae_tiling=True, streamed=True)[0]
     assert 3.0 < streamed < 3.5
     # Without guidance there is one batch element, not two.
-    unguided = replace(WORKLOAD_5B, guidance=False)
+    unguided = replace(WORKLOAD_5B, batch=1)
     assert activation_gib(unguided, terms, True, False)[0] == pytest.approx(denoise / 2)
     # Tiling caps the decoded region: no effect on small frames beyond the tile, a big one on large.
     _, untiled = activation_gib(WORKLOAD_5B, terms, vae_tiling=False, streamed=False)
@@ -402,12 +402,12 @@ def test_zero_local_world_size_counts_as_one():
     host=st.floats(1.0, 1024.0),
     ranks=st.integers(1, 8),
     frames=st.sampled_from([9, 17, 33, 49]),
-    guidance=st.booleans(),
+    batch=st.integers(1, 3),
     shared=st.booleans(),
 )
-def test_choice_is_the_fastest_plan_that_fits(budget, host, ranks, frames, guidance, shared):
+def test_choice_is_the_fastest_plan_that_fits(budget, host, ranks, frames, batch, shared):
     tokens = COUNTED_5B.geometry.tokens(frames, 480, 720, CFG_5B.model.max_sequence_length)
-    workload = replace(WORKLOAD_5B, tokens=tokens, guidance=guidance)
+    workload = replace(WORKLOAD_5B, tokens=tokens, batch=batch)
     config = AUTO if shared else PRIVATE
     # Shared, the host holds one copy for all its processes; private, each process holds its own.
     share = host if shared and ranks > 1 else host / ranks

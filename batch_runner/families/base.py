@@ -363,6 +363,12 @@ class Family:
         """Token geometry from the components' configs (`config_of` of a pipeline or an arch folder)."""
         raise NotImplementedError
 
+    def forward_batch(self, model: ModelConfig, guided: bool) -> int:
+        """Samples in one forward of the denoiser for a row (guided: its guidance_scale is above 1),
+        which the planner sizes the denoising activations by: `activations.guidance_batch` guided,
+        1 without guidance unless the family's options batch further passes."""
+        return self.activations.guidance_batch if guided else 1
+
     def streamline(self, transformer: torch.nn.Module, model: ModelConfig) -> None:
         """Changes to the denoiser that leave its output as it is and only the runner's path takes
         (diffusers' recipes in the benchmarks keep the stock model): none by default."""

@@ -106,7 +106,7 @@ class Workload:
 
     tokens: int  # transformer tokens of one sequence (family geometry)
     hidden: int  # transformer width (heads x head dim)
-    guidance: bool
+    batch: int  # samples in one forward of the denoiser (the family's `forward_batch`)
     pixels: int  # height x width of one output frame
     vae_channels: int  # widest VAE block
     frames: int = 0  # output frames (0: not known; a decode that grows with them is taken as measured)
@@ -135,9 +135,8 @@ def activation_gib(
     workload: Workload, terms: ActivationTerms, vae_tiling: bool, streamed: bool, vae_tile: int | None = None
 ) -> tuple[float, float]:
     """(denoising peak, decoding peak) activations in GiB for one video."""
-    batch = terms.guidance_batch if workload.guidance else 1
     per_unit = terms.streamed if streamed else terms.resident
-    denoise = per_unit * batch * workload.tokens * workload.hidden
+    denoise = per_unit * workload.batch * workload.tokens * workload.hidden
     tiled = terms.tiled_pixels
     if vae_tile is not None and terms.tile_side:
         tiled = int(tiled * (vae_tile / terms.tile_side) ** terms.tile_scaling)
@@ -149,7 +148,7 @@ def activation_gib(
     if terms.decode_frames and workload.frames:  # a VAE that decodes every frame at once
         decode *= workload.frames / terms.decode_frames
     # bf16 outputs held across steps (measured with Pyramid Attention Broadcast: 8.6 GiB more).
-    denoise += workload.cached_outputs * batch * workload.tokens * workload.hidden * 2
+    denoise += workload.cached_outputs * workload.batch * workload.tokens * workload.hidden * 2
     return denoise / GIB, decode / GIB
 
 
@@ -386,7 +385,7 @@ def shape_workload(cfg: RunConfig, model: Anatomy, shape: Shape) -> Workload:
         # A replica of k GPUs splits the token sequence k ways (weights and the VAE's decode are not split).
         tokens=-(-tokens // max(1, cfg.replica.gpus)),
         hidden=geometry.hidden,
-        guidance=shape.guided,
+        batch=model.family.forward_batch(cfg.model, shape.guided),
         pixels=shape.height * shape.width,
         vae_channels=geometry.vae_channels,
         frames=shape.frames,
