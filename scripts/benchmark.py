@@ -469,25 +469,36 @@ def project(target: Target, label: str, image, steps: int, budget: float | None,
     torch.cuda.synchronize()
     encode_per_video = (time.perf_counter() - t0) / chunk
 
+    progress = {"done": 0, "steps": 0}  # the last call's steps: a failure after them was in the decode
+
     def call(n, callback):
         job = replace(jobs[0], num_inference_steps=n)
         generator = torch.Generator("cuda").manual_seed(0)
         arguments = replica.family.call_arguments(cfg.model, job, {"image": image}, prompts.embeddings)
-        with replica_inference(replica):
-            return replica.pipe(**arguments, generator=generator, output_type="pt", callback_on_step_end=callback)
+        progress.update(done=0, steps=n)
 
-    before = None
+        def counted(pipe, i, t, tensors):
+            progress["done"] = i + 1
+            return callback(pipe, i, t, tensors) if callback else tensors
+
+        with replica_inference(replica):
+            return replica.pipe(**arguments, generator=generator, output_type="pt", callback_on_step_end=counted)
+
+    before = None  # the plan that ran out of memory (the error itself is let go: it holds the call's frames)
     try:
         result = timed_call(target, call, steps, budget, replica.pipe)
     except torch.OutOfMemoryError:
         before = replica.plan
     if before is not None:
-        # As the runner does: one plan down the ladder, then the same measurement, once the handler
-        # has let go of the failed call's frames (and the activations they hold).
+        # As the runner does: a whole-frame decode that failed goes to tiles, anything else one plan
+        # down the ladder; then the same measurement, once the handler has let go of the failed call's
+        # frames (and the activations they hold).
         release_memory()
-        replica.step_down()
+        lower = replica.step_down(in_decode=progress["done"] >= progress["steps"])
+        if lower is None:  # nothing below: the budget's record is the failure
+            raise torch.OutOfMemoryError(f"{before} ran out of memory and no plan is below it")
         prompts = replica.encode(jobs)
-        result = timed_call(target, call, steps, budget, replica.pipe) | {"oom_fallback": f"{before} -> {replica.plan}"}
+        result = timed_call(target, call, steps, budget, replica.pipe) | {"oom_fallback": f"{before} -> {lower}"}
     result["seconds_per_video"] = round(result["seconds_per_video"] + encode_per_video, 2)
     result["videos_per_hour"] = round(3600 / result["seconds_per_video"], 1)
     result["text_encoding_s_per_video"] = round(encode_per_video, 3)

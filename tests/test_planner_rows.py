@@ -228,3 +228,18 @@ def test_out_of_memory_in_a_whole_frame_decode_steps_down_to_tiles_and_elsewhere
     # Not out of memory: the next plan, whatever failed.
     replica._clock = SimpleNamespace(done=4, steps=4)
     assert replica.step_down(row, out_of_memory=False) == planner.next_plan_down("text_offload", replica.roles)
+
+
+def test_a_caller_that_ran_the_pipeline_itself_says_where_it_failed(monkeypatch):
+    """The benchmark calls the pipeline directly (no clock of `make`): it tells step_down whether its
+    steps were done, and a whole-frame decode goes to tiles before any plan goes down."""
+    from batch_runner.replica import replica as replica_module
+
+    cfg = run_config("manifest=unused.csv", "model=tiny")
+    row = job(9, 32, 32)
+    whole = planner.Placement("none", "whole frames", vae_tiling=False)
+    monkeypatch.setattr(planner, "place", lambda *args, **kwargs: RowPlans(((planner.shape_of(row), whole),), whole))
+    replica = replica_module.Replica(cfg, torch.device("cpu"), jobs=[row])
+    assert replica._clock is None  # make never ran
+    assert replica.step_down(in_decode=True) == "none with VAE tiling" and replica.pipe.vae.use_tiling
+    assert replica.step_down(in_decode=True) == "text_offload"  # tiled already: the next plan

@@ -185,19 +185,23 @@ class Replica:
             self._cache.clear()
         self.placement = wanted
 
-    def step_down(self, job: Job | None = None, out_of_memory: bool = True) -> str | None:
+    def step_down(
+        self, job: Job | None = None, out_of_memory: bool = True, in_decode: bool | None = None
+    ) -> str | None:
         """Move `job`'s shape (every row's without a job) one step down after its plan failed; None at
         the bottom.
 
         A whole-frame decode that ran out of memory steps down to tiles, under the same plan; anything
         else to the next plan of the ladder that has not failed. None too in a replica of several GPUs:
         one process stepping down alone and retrying the row would leave the others in the middle of
-        its collectives.
+        its collectives. `in_decode`: whether the failure came after the last denoising step, for a
+        caller that ran the pipeline itself (None: as `make`'s clock saw it).
         """
         if self.team:
             return None
         current = self.placement
-        if out_of_memory and not current.vae_tiling and self.cfg.memory.vae_tiling and self.failed_decoding:
+        in_decode = self.failed_decoding if in_decode is None else in_decode
+        if out_of_memory and not current.vae_tiling and self.cfg.memory.vae_tiling and in_decode:
             lower = replace(current, vae_tiling=True, reason=f"{current.plan} with VAE tiling (after a failure)")
         else:
             plan = planner.next_plan_down(current.plan, self.roles)
