@@ -777,3 +777,18 @@ def test_suggested_values_are_always_valid(model, height, width, frames):
     if frame_reason is not None:
         suggested = int(frame_reason.rsplit(" ", 1)[1])
         assert frame_problem(rules, suggested) is None
+
+
+def test_a_refusal_lists_the_first_problems_and_counts_the_rest_by_column(folder):
+    """A moved image folder makes every row a problem: the first ones are named, the rest counted."""
+    image = photo(folder / "a.png", (720, 480))
+    rows = [{"id": f"r{i}", "image": str(folder / f"gone{i}.png"), "prompt": "p"} for i in range(200)]
+    rows += [{"id": f"e{i}", "image": str(image), "prompt": ""} for i in range(5)]
+    manifest = load(write_manifest(folder / "jobs.csv", rows))
+    text = manifest.refusal()
+    lines = text.splitlines()
+    assert lines[0].endswith("has 205 invalid row(s); nothing was run or written:")
+    listed = [line for line in lines if line.startswith("  - row ")]
+    assert listed == [f"  - {p}" for p in manifest.problems[:20]]
+    assert "  - ... and 185 more problem(s) like these: 180 in column 'image', 5 in column 'prompt'." in lines
+    assert "on_invalid=skip" in lines[-1] and len(lines) == 1 + 20 + 1 + 1

@@ -9,6 +9,7 @@ is never stopped halfway by row 2,000.
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,9 @@ from batch_runner.errors import UserError
 from batch_runner.inputs.ids import SeenIds, as_id, default_id, record_ids
 from batch_runner.inputs.reading import read_table
 from batch_runner.inputs.validation import RowProblem, check_columns, own_columns, validate_row
+
+# The problems a refusal lists one by one; the rest it counts by column.
+LISTED_PROBLEMS = 20
 
 
 @dataclass(frozen=True)
@@ -81,12 +85,21 @@ class Manifest:
         return self.table if self.all_rows is None else self.all_rows
 
     def refusal(self) -> str:
-        """The sentence that refuses this manifest's invalid rows, one line per problem."""
-        lines = "\n".join(f"  - {p}" for p in self.problems)
+        """The sentence that refuses this manifest's invalid rows: a line per problem, the first
+        `LISTED_PROBLEMS` of them, then how many more each column has (a moved image folder makes a
+        problem of every row, and 200,000 lines would bury the first)."""
+        listed, rest = self.problems[:LISTED_PROBLEMS], self.problems[LISTED_PROBLEMS:]
+        lines = [f"  - {p}" for p in listed]
+        if rest:
+            columns = Counter(p.column for p in rest).most_common()
+            more = ", ".join(f"{n:,} in column '{column}'" for column, n in columns)
+            lines.append(f"  - ... and {len(rest):,} more problem(s) like these: {more}.")
         rows = len({p.row for p in self.problems})
         return (
-            f"The manifest {str(self.path)!r} has {rows} invalid row(s); nothing was run or written:\n{lines}\n"
-            "Fix them, or pass on_invalid=skip to record them as failed and make the other rows."
+            f"The manifest {str(self.path)!r} has {rows:,} invalid row(s); nothing was run or written:\n"
+            + "\n".join(lines)
+            + "\nFix them, or pass on_invalid=skip to record them as failed (each with its reason in "
+            "results.parquet) and make the other rows."
         )
 
     @property
