@@ -351,6 +351,22 @@ def test_a_pass_whose_inputs_differ_from_the_first_forwards_runs_its_own_forward
     assert not torch.allclose(expected["other"], expected["isolated"])
 
 
+def test_a_served_pass_matches_only_inputs_equal_in_every_element_shape_and_dtype():
+    from batch_runner.families.ltx2.guidance import Served
+
+    made = {"hidden_states": torch.randn(1, 6, 4), "timestep": torch.tensor([0.5]), "audio_sigma": torch.rand(1)}
+    served = Served({k: v.clone() for k, v in made.items()}, (torch.zeros(1), torch.zeros(1)))
+    assert served.matches(made | {"return_dict": False, "attention_kwargs": None})
+    for name, tensor in made.items():
+        changed = tensor.clone()
+        changed.view(-1)[-1] += 1  # one element of one input
+        assert not served.matches(made | {name: changed}), name
+        assert not served.matches(made | {name: tensor.double()}), name
+        assert not served.matches(made | {name: torch.cat([tensor, tensor])}), name
+    assert not served.matches({k: v for k, v in made.items() if k != "timestep"})
+    assert not served.matches(made | {"hidden_states": made["hidden_states"].clone().fill_(float("nan"))})
+
+
 def test_without_stg_or_modality_isolation_the_transformer_stays_diffusers():
     """The distilled preset runs neither pass: there is nothing to batch."""
     from diffusers import LTX2VideoTransformer3DModel

@@ -103,10 +103,15 @@ class Served:
     outputs: tuple[torch.Tensor, torch.Tensor]
 
     def matches(self, kwargs: dict[str, Any]) -> bool:
+        """Whether the call's per-sample inputs are the ones the outputs were made from: compared on
+        their device and read back once (a `torch.equal` each would wait for the GPU a dozen times)."""
         given = {k: v for k, v in kwargs.items() if k in PER_SAMPLE and isinstance(v, torch.Tensor)}
         if given.keys() != self.inputs.keys():
             return False
-        return all(v.shape == self.inputs[k].shape and torch.equal(v, self.inputs[k]) for k, v in given.items())
+        made = self.inputs
+        if any(v.shape != made[k].shape or v.dtype != made[k].dtype for k, v in given.items()):
+            return False
+        return bool(torch.stack([torch.eq(v, made[k]).all() for k, v in given.items()]).all())
 
 
 @dataclass
