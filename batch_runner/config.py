@@ -14,6 +14,13 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 
+def runs_guidance(guidance_scale: float) -> bool:
+    """Whether a video at this guidance scale runs classifier-free guidance, as diffusers' pipelines
+    decide it (`do_classifier_free_guidance`): above 1 the negative prompt is encoded and the
+    unconditional pass runs; at 1 or below neither does."""
+    return guidance_scale > 1
+
+
 @dataclass
 class LoraConfig:
     """One LoRA fused into the model's weights before anything else sees them (batch_runner.replica.lora).
@@ -73,6 +80,11 @@ class ModelConfig:
     max_long_side: int | None = None
     # LoRAs fused into the weights at start, in order (see LoraConfig).
     loras: list[LoraConfig] = field(default_factory=list)
+
+    @property
+    def guided(self) -> bool:
+        """Whether the default row runs classifier-free guidance (`runs_guidance`)."""
+        return runs_guidance(self.guidance_scale)
 
 
 @dataclass

@@ -107,7 +107,7 @@ class Target:
         # Per layer and sample: linear layers 24*N*d^2, attention 4*N^2*d. For families that keep
         # the text out of the sequence, cross-attention to it (a few percent) is left out. A
         # two-expert model runs one expert per step.
-        d, layers, batch = geometry.hidden, shape.blocks, 2 if config.guidance_scale > 1 else 1
+        d, layers, batch = geometry.hidden, shape.blocks, 2 if config.guided else 1
         attention = 4 * tokens * tokens * d * layers * batch / 1e12
         return cls(
             model=name,
@@ -411,7 +411,7 @@ def reference(target: Target, name: str, image, steps: int, budget_gib: float | 
         return pipe(
             **arguments,
             prompt=job.prompt,
-            negative_prompt=job.negative_prompt if target.guidance > 1 else None,
+            negative_prompt=job.negative_prompt if job.guided else None,
             generator=torch.Generator("cuda").manual_seed(0),
             output_type="pt",
             callback_on_step_end=callback,

@@ -302,7 +302,7 @@ class Family:
 
     def call_arguments(self, model: ModelConfig, job: Any, images: dict[str, Any], embeds: Any) -> dict[str, Any]:
         """The pipeline's keyword arguments for one row (besides generator, output and callback)."""
-        guided = job.guidance_scale > 1
+        guided = job.guided
         return {
             "image": images["image"],
             "prompt_embeds": embeds[job.prompt],

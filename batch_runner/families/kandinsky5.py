@@ -223,7 +223,7 @@ class Kandinsky5(Family):
         return embedded
 
     def call_arguments(self, model: ModelConfig, job: Any, images: dict[str, Any], embeds: Any) -> dict[str, Any]:
-        guided = job.guidance_scale > 1
+        guided = job.guided
         # None where a caller gives the texts as text instead (the GPU tests' reference recipe).
         prompt = embeds[job.prompt] or (None, None, None)
         negative = (embeds[job.negative_prompt] if guided else None) or (None, None, None)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from batch_runner.columns import KNOWN_COLUMNS, REQUIRED_COLUMNS
-from batch_runner.config import ModelConfig
+from batch_runner.config import ModelConfig, runs_guidance
 from batch_runner.errors import UserError
 from batch_runner.inputs.ids import SeenIds, as_id, default_id, record_ids
 from batch_runner.inputs.reading import read_table
@@ -43,6 +43,12 @@ class Job:
     num_inference_steps: int
     guidance_scale: float
     last_image: str | None = None  # absolute path of the last frame, for models that take one
+
+    @property
+    def guided(self) -> bool:
+        """Whether this row runs classifier-free guidance (`runs_guidance`): its negative prompt is
+        encoded, and its unconditional pass runs."""
+        return runs_guidance(self.guidance_scale)
 
     @property
     def row(self) -> int:

@@ -355,12 +355,12 @@ class Shape:
 
 
 def shape_of(job: Job) -> Shape:
-    return Shape(job.num_frames, job.height, job.width, job.guidance_scale > 1)
+    return Shape(job.num_frames, job.height, job.width, job.guided)
 
 
 def default_shape(cfg: RunConfig) -> Shape:
     model = cfg.model
-    return Shape(model.num_frames, model.height, model.width, model.guidance_scale > 1)
+    return Shape(model.num_frames, model.height, model.width, model.guided)
 
 
 def workload_of(cfg: RunConfig, jobs: Sequence[Job] = (), model: Anatomy | None = None) -> Workload:
@@ -371,7 +371,7 @@ def workload_of(cfg: RunConfig, jobs: Sequence[Job] = (), model: Anatomy | None 
     config = cfg.model
     sizes = [(config.num_frames, config.height, config.width)] + [(j.num_frames, j.height, j.width) for j in jobs]
     frames, height, width = max(sizes, key=lambda s: geometry.tokens(*s, config.max_sequence_length))
-    largest = Shape(frames, height, width, config.guidance_scale > 1 or any(j.guidance_scale > 1 for j in jobs))
+    largest = Shape(frames, height, width, config.guided or any(j.guided for j in jobs))
     return replace(
         shape_workload(cfg, model, largest), pixels=max(h * w for _, h, w in sizes), frames=max(f for f, _, _ in sizes)
     )

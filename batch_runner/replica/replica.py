@@ -249,7 +249,7 @@ class Replica:
 
     def encode(self, jobs: list[Job]) -> Prompts:
         """Encode every distinct prompt and negative prompt of `jobs` in one text-encoder pass."""
-        texts = {job.prompt for job in jobs} | {j.negative_prompt for j in jobs if j.guidance_scale > 1}
+        texts = {job.prompt for job in jobs} | {j.negative_prompt for j in jobs if j.guided}
         warnings = {}
         limit = self.cfg.model.max_sequence_length
         for job in jobs:

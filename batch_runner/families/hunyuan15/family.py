@@ -128,7 +128,7 @@ class HunyuanVideo15(Family):
     def call_arguments(self, model: ModelConfig, job: Any, images: dict[str, Any], embeds: Any) -> dict[str, Any]:
         """No height/width: the pipeline takes the size from the image, already cropped to the row's
         bucket (row_problems). No max_sequence_length: the pipeline's own."""
-        guided = job.guidance_scale > 1
+        guided = job.guided
         prompt = embeds[job.prompt] or (None,) * 4
         negative = (embeds[job.negative_prompt] if guided else None) or (None,) * 4
         return {

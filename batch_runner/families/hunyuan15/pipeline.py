@@ -22,6 +22,8 @@ from transformers import (
     T5EncoderModel,
 )
 
+from batch_runner.config import runs_guidance
+
 
 class HunyuanImageToVideo(HunyuanVideo15ImageToVideoPipeline):
     """diffusers' pipeline, with the guidance scale as a call argument.
@@ -73,7 +75,7 @@ class HunyuanImageToVideo(HunyuanVideo15ImageToVideoPipeline):
         `callback_on_step_end` (called after each scheduler step, as other pipelines do; this one
         has no callback of its own, and the runner's progress and step timing need it)."""
         if guidance_scale is not None:
-            guider = self.guider.new(guidance_scale=guidance_scale, enabled=guidance_scale > 1)
+            guider = self.guider.new(guidance_scale=guidance_scale, enabled=runs_guidance(guidance_scale))
             self.register_modules(guider=guider)
         if callback_on_step_end is None:
             return super().__call__(*args, **kwargs)

@@ -158,7 +158,7 @@ class LTX(Family):
         (diffusers' own recipe, which encodes the prompt itself) passes no embedding and no mask."""
         from diffusers.pipelines.ltx.pipeline_ltx_condition import LTXVideoCondition
 
-        guided = job.guidance_scale > 1
+        guided = job.guided
         prompt, prompt_mask = embeds[job.prompt] or (None, None)
         negative, negative_mask = (embeds[job.negative_prompt] if guided else None) or (None, None)
         return {

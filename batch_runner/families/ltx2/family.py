@@ -324,7 +324,7 @@ class LTX2(Family):
         from diffusers.pipelines.ltx2.utils import DISTILLED_SIGMA_VALUES
 
         options = self.options(model)
-        guided = job.guidance_scale > 1
+        guided = job.guided
         prompt, prompt_mask = _padded(embeds[job.prompt])
         negative, negative_mask = _padded(embeds[job.negative_prompt] if guided else None)
         arguments = {
