@@ -7,6 +7,8 @@ written by pandas, images written by PIL.
 from __future__ import annotations
 
 import os
+import re
+from collections import Counter
 from pathlib import Path
 
 import pandas as pd
@@ -792,3 +794,24 @@ def test_a_refusal_lists_the_first_problems_and_counts_the_rest_by_column(folder
     assert listed == [f"  - {p}" for p in manifest.problems[:20]]
     assert "  - ... and 185 more problem(s) like these: 180 in column 'image', 5 in column 'prompt'." in lines
     assert "on_invalid=skip" in lines[-1] and len(lines) == 1 + 20 + 1 + 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    columns=st.integers(0, 60).flatmap(
+        lambda n: st.lists(st.sampled_from(["image", "prompt", "seed", "num_frames"]), min_size=n, max_size=n)
+    )
+)
+def test_a_refusal_accounts_for_every_problem_once(columns):
+    problems = [RowProblem(i + 1, f"r{i}", column, "bad") for i, column in enumerate(columns)]
+    manifest = Manifest(Path("jobs.csv"), pd.DataFrame(), [], problems, [])
+    lines = manifest.refusal().splitlines()
+    listed = [line for line in lines if line.startswith("  - row ")]
+    assert listed == [f"  - {p}" for p in problems[:20]]
+    summary = [line for line in lines if line.startswith("  - ... and ")]
+    counted = {}
+    for line in summary:
+        for n, column in re.findall(r"([\d,]+) in column '(\w+)'", line.split(": ", 1)[1]):
+            counted[column] = counted.get(column, 0) + int(n.replace(",", ""))
+    assert len(summary) == (len(problems) > 20)
+    assert counted == dict(Counter(p.column for p in problems[20:]))
