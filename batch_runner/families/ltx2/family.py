@@ -128,16 +128,18 @@ class LTX2(Family):
             "guidance.py: STG perturbs only blocks with perturbed_attn; cross-modal outputs are added gated",
         ),
     )
-    # Denoising: LTX-Video's terms (same token geometry, a transformer of width 4096 like its 13B); a guided step is
-    # one forward of the guidance pair, and one sample more where the options isolate the modalities (`forward_batch`,
-    # guidance.py). Measured on an H200 (docs/benchmarks.json, 2026-12-04): `none` reserved 73.8 GiB; group_offload
-    # allocated 10.64 GiB under 24 and 16 GiB caps (code 7efd1f5 and 37cdf72), and with the guidance pair as a batch
-    # of 2 (47eb3ee) ran out of memory under a 12 GiB cap with 10.13 allocated asking for 270 MiB more (a 120 x 512 x
-    # 768 RGB tensor in bf16: the end of the whole-frame decode) over 3.1 GiB of resident VAEs and transformer top
-    # level; sequential_cpu_offload, which streams the VAE too, allocated 6.77 GiB at its peak under a 12 GiB cap. So
-    # the decode needs 6.5 to 6.8 GiB at 768x512 and group_offload about 0.5 GiB besides its resident weights: charged
-    # 7.3 (9970 bytes a pixel per 512 channels of the widest block, 1024), which keeps group_offload above 12 GiB. The
-    # tiled decode (16-frame, 512-pixel tiles) is not measured and is charged as whole frames.
+    # Denoising: LTX-Video's terms (same token geometry, a transformer of width 4096 like its 13B); a
+    # guided step is one forward of the guidance pair, and one sample more where the options isolate
+    # the modalities (`forward_batch`, guidance.py). Measured on an H200 (docs/benchmarks.json,
+    # 2026-12-04): `none` reserved 73.8 GiB; group_offload allocated 10.64 GiB under 24 and 16 GiB
+    # caps (code 7efd1f5 and 37cdf72), and with the guidance pair as a batch of 2 (47eb3ee) ran out of
+    # memory under a 12 GiB cap with 10.13 allocated asking for 270 MiB more (a 120 x 512 x 768 RGB
+    # tensor in bf16: the end of the whole-frame decode) over 3.1 GiB of resident VAEs and transformer
+    # top level; sequential_cpu_offload, which streams the VAE too, allocated 6.77 GiB at its peak
+    # under a 12 GiB cap. So the decode needs 6.5 to 6.8 GiB at 768x512 and group_offload about 0.5
+    # GiB besides its resident weights: charged 7.3 (9970 bytes a pixel per 512 channels of the widest
+    # block, 1024), which keeps group_offload above 12 GiB. The tiled decode (16-frame, 512-pixel
+    # tiles) is not measured and is charged as whole frames.
     activations = ActivationTerms(
         resident=24.0, streamed=24.0, decode_per_pixel=9970.0, tiled_pixels=512 * 512 * 2, guidance_batch=2
     )
