@@ -50,7 +50,7 @@ def test_preview_urls_find_their_files_whatever_the_id_holds(tmp_path: Path) -> 
     frames = np.zeros((3, 8, 8, 3), np.uint8)
     for row_id in IDS:
         report.save_previews(tmp_path, row_id, frames, None)
-    page = report.render_html(tmp_path, table(), summary())
+    page = report.render_pages(tmp_path, table(), summary())[0]
     parser = Sources()
     parser.feed(page)
     assert len(parser.sources) == 3 * len(IDS)
@@ -61,7 +61,7 @@ def test_preview_urls_find_their_files_whatever_the_id_holds(tmp_path: Path) -> 
 
 
 def test_report_html_shows_the_slowest_rows_and_failures_by_reason(tmp_path: Path) -> None:
-    page = report.render_html(tmp_path, table(), summary())
+    page = report.render_pages(tmp_path, table(), summary())[0]
     slowest = page[page.index("Slowest rows") : page.index("Failures by reason")]
     assert [slowest.index(row_id) for row_id in ("plain", "two words", "50%", "a#1")] == sorted(
         slowest.index(row_id) for row_id in ("plain", "two words", "50%", "a#1")
@@ -88,5 +88,55 @@ def test_a_cpu_run_counts_cpu_hours_and_a_gpu_run_gpu_hours(tmp_path: Path) -> N
     on_cpu = summary(device="cpu")
     assert on_cpu["device"] == "CPU"
     assert "CPU-hours" in report.summary_text(on_cpu, tmp_path) and "GPU" not in report.summary_text(on_cpu, tmp_path)
-    assert "CPU-hours" in report.render_html(tmp_path, table("cpu"), on_cpu)
+    assert "CPU-hours" in report.render_pages(tmp_path, table("cpu"), on_cpu)[0]
     assert "GPU-hours" in report.summary_text(summary(), tmp_path)
+
+
+class Links(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.links: list[str] = []
+        self.cards: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        found = dict(attrs)
+        if tag == "a":
+            self.links.append(found["href"])
+        if tag == "div" and "data-id" in found:
+            self.cards.append(found["data-id"])
+
+
+def pages_written(folder: Path) -> list[Path]:
+    return sorted(folder.glob("report*.html"), key=lambda p: (p.name != "report.html", p.name))
+
+
+def test_a_long_table_is_paged_every_row_once_in_order_and_every_page_linked(tmp_path: Path, monkeypatch) -> None:
+    """A browser cannot open 200,000 cards of 4 pictures on one page: the report pages them."""
+    monkeypatch.setattr(report, "PAGE_ROWS", 3)
+    rows = table()  # 7 rows: pages of 3, 3 and 1
+    report.write(tmp_path, rows, None, started=time.time() - 60, run_id="r")
+    pages = pages_written(tmp_path)
+    assert [p.name for p in pages] == ["report.html", "report-0002.html", "report-0003.html"]
+    seen, linked, texts = [], set(), [p.read_text() for p in pages]
+    for number, (page, text) in enumerate(zip(pages, texts, strict=True), 1):
+        parser = Links()
+        parser.feed(text)
+        seen += parser.cards
+        linked |= set(parser.links)
+        assert page.name not in parser.links and f"page {number} of 3" in text
+    assert linked == {p.name for p in pages}  # each page reachable from another, no link to nothing
+    assert seen == rows["id"].tolist()  # every row once, in the table's order
+    assert "Failures by reason" in texts[0] and all("Failures by reason" not in t for t in texts[1:])
+    assert "rows 7-7 of 7" in texts[2]
+
+    # A shorter table later: the pages it no longer needs go, the report is one page without links.
+    report.write(tmp_path, rows.head(2), None, started=time.time() - 60, run_id="r2")
+    [only] = pages_written(tmp_path)
+    assert only.name == "report.html" and "<nav" not in only.read_text()
+
+
+def test_report_pictures_load_as_the_page_scrolls_to_them(tmp_path: Path) -> None:
+    report.save_previews(tmp_path, "plain", np.zeros((3, 8, 8, 3), np.uint8), None)
+    page = report.render_pages(tmp_path, table(), summary())[0]
+    pictures = [tag for tag in page.split("<img")[1:]]
+    assert len(pictures) == 3 and all("loading='lazy'" in tag.split(">")[0] for tag in pictures)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -27,21 +28,36 @@ PREVIEWS_DIR = "previews"
 PREVIEW_WIDTH = 256
 REPORT_JSON = "report.json"
 REPORT_HTML = "report.html"
+# Cards a page of the report holds; report.html is the first page, report-0002.html the second...
+# A browser handles a few thousand pictures on a page, not the 800,000 of a 200,000-row run.
+PAGE_ROWS = 500
 FRAME_NAMES = ("first", "middle", "last")
 MAX_REASON_CHARS = 300
 
 
+def preview_file(row_id: str, name: str) -> str:
+    """The file name of a row's preview `name` (input, first, middle or last) under previews/."""
+    return f"{row_id}.{name}.jpg"
+
+
 def preview_path(output_dir: Path, row_id: str, name: str) -> Path:
-    return output_dir / PREVIEWS_DIR / f"{row_id}.{name}.jpg"
+    return output_dir / PREVIEWS_DIR / preview_file(row_id, name)
 
 
-def existing_preview(output_dir: Path, row_id: str, name: str) -> Path | None:
-    """The preview's path if it exists; None also for an id refused as a file name (a row recorded
-    failed under on_invalid=skip may have an id too long or unsafe to name any file)."""
+def existing_previews(output_dir: Path) -> frozenset[str]:
+    """The file names under previews/, read once: a report of 200,000 rows would otherwise ask the
+    file system about 800,000 paths one by one."""
+    folder = output_dir / PREVIEWS_DIR
+    return frozenset(entry.name for entry in os.scandir(folder)) if folder.is_dir() else frozenset()
+
+
+def preview_name(row_id: str, name: str, existing: frozenset[str]) -> str | None:
+    """The preview's file name if it exists; None also for an id refused as a file name (a row
+    recorded failed under on_invalid=skip may have an id too long or unsafe to name any file)."""
     if id_problem(row_id) is not None:
         return None
-    path = preview_path(output_dir, row_id, name)
-    return path if path.exists() else None
+    file_name = preview_file(row_id, name)
+    return file_name if file_name in existing else None
 
 
 def save_previews(output_dir: Path, row_id: str, frames: np.ndarray, image: Image.Image | None) -> None:
@@ -134,8 +150,24 @@ def write(
         _preview_failed_inputs(output_dir, table)
     atomic_write_text(json.dumps(summary, indent=2, default=str), output_dir / REPORT_JSON)
     if html:
-        atomic_write_text(render_html(output_dir, table, summary), output_dir / REPORT_HTML)
+        pages = render_pages(output_dir, table, summary)
+        for number, page in enumerate(pages, 1):
+            atomic_write_text(page, output_dir / page_name(number))
+        _remove_pages_after(output_dir, len(pages))
     return summary
+
+
+def page_name(number: int) -> str:
+    """The file of the report's page `number` (1: report.html)."""
+    return REPORT_HTML if number == 1 else f"report-{number:04d}.html"
+
+
+def _remove_pages_after(output_dir: Path, last: int) -> None:
+    """An earlier report's pages beyond this one's last (the table got shorter, or PAGE_ROWS grew)."""
+    for entry in os.scandir(output_dir):
+        match = re.fullmatch(r"report-(\d{4,})\.html", entry.name)
+        if match and int(match.group(1)) > last:
+            os.unlink(entry.path)
 
 
 def _preview_failed_inputs(output_dir: Path, table: pd.DataFrame) -> None:
@@ -187,19 +219,52 @@ h1{font-size:20px;margin:0 0 4px} .totals{margin:0 0 16px;color:#555}
 .tables table{border-collapse:collapse;font-size:13px;background:#fff}
 .tables td,.tables th{border:1px solid #ddd;padding:3px 8px;text-align:left;vertical-align:top}
 .tables td.num{text-align:right} .tables .reason{max-width:640px;white-space:pre-wrap;color:#b00}
+.pages{margin:12px 0;color:#555} .pages a{color:#247}
 """
 
 
-def render_html(output_dir: Path, table: pd.DataFrame, summary: dict[str, Any]) -> str:
-    cards = "\n".join(_card(output_dir, row) for row in table.to_dict("records"))
+def render_pages(output_dir: Path, table: pd.DataFrame, summary: dict[str, Any]) -> list[str]:
+    """The report's pages, PAGE_ROWS cards each in the table's order: the first holds the slowest rows
+    and the failures by reason; every page the totals and links to the others."""
+    existing = existing_previews(output_dir)
+    records = table.to_dict("records")
+    count = max(1, -(-len(records) // PAGE_ROWS))
     totals = (
         f"{summary['ok']} ok · {summary['failed']} failed · {summary['skipped']} from earlier runs · "
         f"{summary['videos_per_hour']} videos/hour · {_hours(summary)}"
     )
+    pages = []
+    for number in range(1, count + 1):
+        first = (number - 1) * PAGE_ROWS
+        cards = "\n".join(_card(row, existing) for row in records[first : first + PAGE_ROWS])
+        navigation = _navigation(number, count, first, min(first + PAGE_ROWS, len(records)), len(records))
+        pages.append(
+            "<!doctype html><html><head><meta charset='utf-8'><title>batch_runner report</title>"
+            f"<style>{_STYLE}</style></head><body><h1>batch_runner report</h1>"
+            f"<p class='totals'>{html.escape(totals)}</p>{_tables(summary) if number == 1 else ''}"
+            f"{navigation}<div class='grid'>{cards}</div>{navigation}</body></html>"
+        )
+    return pages
+
+
+def _navigation(number: int, count: int, first: int, end: int, rows: int) -> str:
+    """Which rows this page shows, and links to the first, previous, next and last pages (none for one page)."""
+    if count == 1:
+        return ""
+    links = [
+        f"<a href='{page_name(target)}'>{label}</a>"
+        for label, target, shown in (
+            ("first", 1, number > 1),
+            ("previous", number - 1, number > 1),
+            ("next", number + 1, number < count),
+            ("last", count, number < count),
+        )
+        if shown
+    ]
     return (
-        "<!doctype html><html><head><meta charset='utf-8'><title>batch_runner report</title>"
-        f"<style>{_STYLE}</style></head><body><h1>batch_runner report</h1>"
-        f"<p class='totals'>{html.escape(totals)}</p>{_tables(summary)}<div class='grid'>{cards}</div></body></html>"
+        f"<nav class='pages'>rows {first + 1:,}-{end:,} of {rows:,} · page {number} of {count} · "
+        + " · ".join(links)
+        + "</nav>"
     )
 
 
@@ -238,15 +303,16 @@ def _player(row: dict[str, Any]) -> str:
     return f"<video class='player' controls preload='metadata' src='{html.escape(src)}'></video>"
 
 
-def _card(output_dir: Path, row: dict[str, Any]) -> str:
+def _card(row: dict[str, Any], existing: frozenset[str]) -> str:
     status = row["status"]
     figures = []
     for name in ("input", *FRAME_NAMES):
-        path = existing_preview(output_dir, row["id"], name)
+        file_name = preview_name(row["id"], name, existing)
         # A URL, not a file name: ids may hold '#', '%', '?' or spaces, which a browser reads as URL syntax.
-        src = quote(f"{PREVIEWS_DIR}/{path.name}") if path else ""
+        src = quote(f"{PREVIEWS_DIR}/{file_name}") if file_name else ""
         # No picture (a row that failed before or while generating): an empty box, not a broken image.
-        img = f"<img src='{html.escape(src)}' alt='{name}'>" if src else "<div class='missing'>—</div>"
+        # Loaded as the page scrolls to it: a page of 500 cards holds 2,000 pictures.
+        img = f"<img src='{html.escape(src)}' alt='{name}' loading='lazy'>" if src else "<div class='missing'>—</div>"
         figures.append(f"<figure>{img}<figcaption>{name}</figcaption></figure>")
     seconds = row.get("seconds")
     timing = f" · {seconds:.1f} s" if isinstance(seconds, (int, float)) and not pd.isna(seconds) else ""
