@@ -9,6 +9,7 @@ when the thing it watches has happened, however long the machine takes.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import select
@@ -71,29 +72,37 @@ class _Pipe:
         return decoded
 
 
+def _pipe_above(fd: int) -> tuple[int, int]:
+    """os.pipe(), its ends moved above `fd`: a fresh process's pipe can be fds 3 and 4 themselves,
+    which the redirections onto 3 and 4 would overwrite or close."""
+    ends = []
+    for end in os.pipe():
+        ends.append(fcntl.fcntl(end, fcntl.F_DUPFD_CLOEXEC, fd + 1))
+        os.close(end)
+    return ends[0], ends[1]
+
+
 def await_in_chromium(url: str, expression: str, profile: Path, timeout: float = 300) -> Any:
     """Open `url` and return the value of `expression`, a promise awaited until the page settles it.
 
     The timeout only bounds a hung browser; a busy machine just takes longer within it.
     """
-    to_browser, from_test = os.pipe()  # the browser reads fd 3, writes fd 4
-    from_browser, to_test = os.pipe()
-
-    def pipes_on_3_and_4() -> None:
-        os.dup2(to_browser, 3)
-        os.dup2(to_test, 4)
-
+    to_browser, from_test = _pipe_above(4)  # the browser reads fd 3, writes fd 4
+    from_browser, to_test = _pipe_above(4)
+    # bash moves its ends onto fds 3 and 4 and execs the browser (no preexec_fn, which is unsafe in a
+    # process with threads, as pytest's workers are).
+    on_3_and_4 = f'exec "$0" "$@" 3<&{to_browser} 4>&{to_test} {to_browser}<&- {to_test}>&-'
+    command = [str(CHROMIUM), *FLAGS, f"--user-data-dir={profile}", "--remote-debugging-pipe", "about:blank"]
     browser = subprocess.Popen(
-        [str(CHROMIUM), *FLAGS, f"--user-data-dir={profile}", "--remote-debugging-pipe", "about:blank"],
+        ["bash", "-c", on_3_and_4, *command],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        pass_fds=(3, 4),  # kept through close_fds, which runs after preexec_fn
-        preexec_fn=pipes_on_3_and_4,
+        pass_fds=(to_browser, to_test),
     )
     os.close(to_browser)
     os.close(to_test)
+    pipe = _Pipe(from_test, from_browser, time.monotonic() + timeout)
     try:
-        pipe = _Pipe(from_test, from_browser, time.monotonic() + timeout)
         target = pipe.call("Target.createTarget", url="about:blank")["targetId"]
         session = pipe.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
         pipe.call("Page.enable", session)
@@ -108,7 +117,16 @@ def await_in_chromium(url: str, expression: str, profile: Path, timeout: float =
             raise RuntimeError(f"the page rejected: {result['exceptionDetails']}")
         return result["result"].get("value")
     finally:
-        browser.kill()
-        browser.wait()
+        _close(browser, pipe)
         os.close(from_test)
         os.close(from_browser)
+
+
+def _close(browser: subprocess.Popen, pipe: _Pipe) -> None:
+    """Ask the browser to close (its renderers go with it), and kill it where it does not."""
+    try:
+        os.write(pipe.send, json.dumps({"id": 0, "method": "Browser.close"}).encode() + b"\0")
+        browser.wait(timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        browser.kill()
+        browser.wait()
