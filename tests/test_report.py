@@ -69,7 +69,10 @@ def test_report_html_shows_the_slowest_rows_and_failures_by_reason(tmp_path: Pat
     assert "4.0" in slowest
     failures = page[page.index("Failures by reason") : page.index("class='grid'")]
     assert "image: cannot decode image &#x27;x_17.png&#x27;" in failures  # the real message, escaped
-    assert "bad1, bad2" in failures and "RuntimeError: step 3 gave NaN" in failures
+    assert "RuntimeError: step 3 gave NaN" in failures
+    # Each id links to its card: rows 5 and 6 of the table (from 0).
+    assert "<a href='report.html#row4'>bad1</a>, <a href='report.html#row5'>bad2</a>" in failures
+    assert "<div class='card failed' id='row4' data-id='bad1'>" in page
 
 
 def test_alike_failures_are_counted_together_and_shown_as_raised() -> None:
@@ -122,9 +125,15 @@ def test_a_long_table_is_paged_every_row_once_in_order_and_every_page_linked(tmp
         parser = Links()
         parser.feed(text)
         seen += parser.cards
-        linked |= set(parser.links)
-        assert page.name not in parser.links and f"page {number} of 3" in text
+        pages_linked = [href for href in parser.links if "#" not in href]
+        linked |= set(pages_linked)
+        assert page.name not in pages_linked and f"page {number} of 3" in text
+        for href in (h for h in parser.links if "#" in h):  # a failed row's id, linked to its card
+            file_name, anchor = href.split("#")
+            row_id = rows["id"].tolist()[int(anchor.removeprefix("row"))]
+            assert f"id='{anchor}' data-id='{row_id}'" in (tmp_path / file_name).read_text(), href
     assert linked == {p.name for p in pages}  # each page reachable from another, no link to nothing
+    assert "report-0002.html#row4" in texts[0] and "report-0003.html#row6" in texts[0]  # bad1, bad3
     assert seen == rows["id"].tolist()  # every row once, in the table's order
     assert "Failures by reason" in texts[0] and all("Failures by reason" not in t for t in texts[1:])
     assert "rows 7-7 of 7" in texts[2]

@@ -233,15 +233,17 @@ def render_pages(output_dir: Path, table: pd.DataFrame, summary: dict[str, Any])
         f"{summary['ok']} ok · {summary['failed']} failed · {summary['skipped']} from earlier runs · "
         f"{summary['videos_per_hour']} videos/hour · {_hours(summary)}"
     )
+    # Where each row's card is (page file and anchor), for the failures table's links to them.
+    where = {row["id"]: f"{page_name(i // PAGE_ROWS + 1)}#row{i}" for i, row in enumerate(records)}
     pages = []
     for number in range(1, count + 1):
         first = (number - 1) * PAGE_ROWS
-        cards = "\n".join(_card(row, existing) for row in records[first : first + PAGE_ROWS])
+        cards = "\n".join(_card(row, existing, first + i) for i, row in enumerate(records[first : first + PAGE_ROWS]))
         navigation = _navigation(number, count, first, min(first + PAGE_ROWS, len(records)), len(records))
         pages.append(
             "<!doctype html><html><head><meta charset='utf-8'><title>batch_runner report</title>"
             f"<style>{_STYLE}</style></head><body><h1>batch_runner report</h1>"
-            f"<p class='totals'>{html.escape(totals)}</p>{_tables(summary) if number == 1 else ''}"
+            f"<p class='totals'>{html.escape(totals)}</p>{_tables(summary, where) if number == 1 else ''}"
             f"{navigation}<div class='grid'>{cards}</div>{navigation}</body></html>"
         )
     return pages
@@ -268,7 +270,7 @@ def _navigation(number: int, count: int, first: int, end: int, rows: int) -> str
     )
 
 
-def _tables(summary: dict[str, Any]) -> str:
+def _tables(summary: dict[str, Any], where: dict[str, str]) -> str:
     """The slowest rows of this run and the failures grouped by reason, above the grid."""
     parts = []
     if summary["slowest"]:
@@ -283,7 +285,7 @@ def _tables(summary: dict[str, Any]) -> str:
     if summary["failures"]:
         rows = "".join(
             f"<tr><td class='num'>{f['count']}</td><td class='reason'>{html.escape(f['reason'])}</td>"
-            f"<td>{html.escape(', '.join(map(str, f['ids'][:5])))}{' …' if f['count'] > 5 else ''}</td></tr>"
+            f"<td>{', '.join(_link(str(i), where) for i in f['ids'][:5])}{' …' if f['count'] > 5 else ''}</td></tr>"
             for f in summary["failures"]
         )
         parts.append(
@@ -303,7 +305,13 @@ def _player(row: dict[str, Any]) -> str:
     return f"<video class='player' controls preload='metadata' src='{html.escape(src)}'></video>"
 
 
-def _card(row: dict[str, Any], existing: frozenset[str]) -> str:
+def _link(row_id: str, where: dict[str, str]) -> str:
+    """A row's id, linked to its card (which may be on another page of the report)."""
+    text = html.escape(row_id)
+    return f"<a href='{html.escape(where[row_id])}'>{text}</a>" if row_id in where else text
+
+
+def _card(row: dict[str, Any], existing: frozenset[str], position: int) -> str:
     status = row["status"]
     figures = []
     for name in ("input", *FRAME_NAMES):
@@ -320,7 +328,7 @@ def _card(row: dict[str, Any], existing: frozenset[str]) -> str:
     prompt = row.get("prompt")
     prompt_html = f"<div class='prompt'>{html.escape(str(prompt))}</div>" if isinstance(prompt, str) else ""
     return (
-        f"<div class='card {html.escape(status)}' data-id='{html.escape(row['id'])}'>"
+        f"<div class='card {html.escape(status)}' id='row{position}' data-id='{html.escape(row['id'])}'>"
         f"<div class='frames'>{''.join(figures)}</div>{_player(row)}<div class='meta'>"
         f"<span class='id'>{html.escape(row['id'])}</span>{html.escape(timing)}"
         f"<span class='status'>{html.escape(status)}</span>{prompt_html}{error}</div></div>"
