@@ -1,4 +1,5 @@
-"""The private torch, diffusers and accelerate names batch_runner uses: still there, in the versions mirrored.
+"""The private torch, diffusers and accelerate names batch_runner uses: still there, in the versions mirrored;
+and a public class a library version lacks, refused in one sentence.
 
 A failure here after an upgrade is the signal to re-read each name in the new release, then widen
 the versions in batch_runner/upstream.py.
@@ -6,13 +7,17 @@ the versions in batch_runner/upstream.py.
 
 from __future__ import annotations
 
+from importlib.metadata import version
+
 import accelerate
 import diffusers
 import pytest
 import torch
 
 from batch_runner import upstream
+from batch_runner.errors import UserError
 from batch_runner.families import FAMILY_MODULES, family_named
+from batch_runner.families.base import imported, module_from_config
 from batch_runner.replica import speed
 
 # batch_runner/upstream.py's, then those of the families' own classes (each family lists its own).
@@ -100,3 +105,21 @@ def test_the_pipeline_knows_its_execution_device():
 
     pipe = FAMILY.tiny(run_config("manifest=unused.csv", "model=tiny").model)
     assert upstream.execution_device(pipe) == torch.device("cpu")
+
+
+@pytest.mark.parametrize(
+    ("read", "library", "name"),
+    [
+        (lambda: imported("diffusers:LTX9ImageToVideoPipeline").__get__(None), "diffusers", "LTX9ImageToVideoPipeline"),
+        (lambda: module_from_config({"_class_name": "NoSuchVAE"}), "diffusers", "NoSuchVAE"),
+        (lambda: module_from_config({"architectures": ["NoSuchEncoder"]}), "transformers", "NoSuchEncoder"),
+    ],
+)
+def test_a_class_the_installed_library_lacks_is_one_sentence_to_upgrade_it(read, library, name):
+    """The newer families' pipelines need a diffusers far above the project's lower bound (0.32):
+    a model whose class the installed version lacks is refused by name (exit 2), not a traceback."""
+    with pytest.raises(UserError) as refused:
+        read()
+    message = str(refused.value)
+    assert message.startswith(f"{library} {version(library)} has no {name}, which this model needs")
+    assert f"pip install -U {library}" in message and "\n" not in message

@@ -30,7 +30,7 @@ import torch
 from batch_runner.config import LoraConfig, ModelConfig
 from batch_runner.errors import UserError
 from batch_runner.families.rules import frame_problem, size_problem
-from batch_runner.upstream import Mirror
+from batch_runner.upstream import DIFFUSERS_VERSIONS, Mirror
 
 ARCH_DIR = Path(__file__).resolve().parent.parent.parent / "conf" / "arch"
 
@@ -135,7 +135,30 @@ class imported:
 @functools.cache
 def _import_class(path: str) -> type:
     module, _, name = path.partition(":")
-    return getattr(importlib.import_module(module), name)
+    return library_class(module, name)
+
+
+def library_class(module: str, name: str) -> type:
+    """`module.name`, a class of diffusers or transformers that a family (or a saved model's config)
+    names. A library too old to have it is the user's to fix, said in one sentence (exit 2): the
+    newer families' pipelines need a diffusers far above the project's lower bound (tested: 0.42.1)."""
+    found = getattr(importlib.import_module(module), name, None)
+    if found is None:
+        library = module.partition(".")[0]
+        raise UserError(
+            f"{library} {_installed_version(library)} has no {name}, which this model needs; upgrade it "
+            f"(pip install -U {library}; batch_runner's models are tested with diffusers {DIFFUSERS_VERSIONS[-1]})."
+        )
+    return found
+
+
+def _installed_version(library: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(library)
+    except PackageNotFoundError:
+        return "(version unknown)"
 
 
 class Family:
@@ -238,7 +261,7 @@ class Family:
         if model.scheduler not in self.schedulers:
             choices = ", ".join([*self.schedulers, "default"])
             raise UserError(f"model.scheduler={model.scheduler!r} must be one of {choices} for {model.name}.")
-        cls = getattr(importlib.import_module("diffusers"), self.schedulers[model.scheduler])
+        cls = library_class("diffusers", self.schedulers[model.scheduler])
         return cls.from_config(saved.config, **self.scheduler_overrides(model))
 
     def scheduler_overrides(self, model: ModelConfig) -> dict[str, Any]:
@@ -459,11 +482,11 @@ def module_from_config(config: dict) -> torch.nn.Module:
     built with the current default device and dtype. A diffusers class that only a pipeline's own
     module exports (LTX-2's connectors and vocoder) names that module in `_class_module`."""
     if "_class_name" in config:
-        cls = getattr(importlib.import_module(config.get("_class_module", "diffusers")), config["_class_name"])
+        cls = library_class(config.get("_class_module", "diffusers"), config["_class_name"])
         return cls.from_config(config)
     import transformers
 
-    cls = getattr(transformers, config["architectures"][0])
+    cls = library_class("transformers", config["architectures"][0])
     settings = {k: v for k, v in config.items() if k not in ("architectures", "model_type")}
     module = cls(transformers.AutoConfig.for_model(config["model_type"], **settings))
     return module.eval()
