@@ -33,6 +33,7 @@ REPORT_HTML = "report.html"
 PAGE_ROWS = 500
 FRAME_NAMES = ("first", "middle", "last")
 MAX_REASON_CHARS = 300
+FAILED_IDS_SHOWN = 5  # ids the failures table names per reason, each linked to its card
 
 
 def preview_file(row_id: str, name: str) -> str:
@@ -233,8 +234,11 @@ def render_pages(output_dir: Path, table: pd.DataFrame, summary: dict[str, Any])
         f"{summary['ok']} ok · {summary['failed']} failed · {summary['skipped']} from earlier runs · "
         f"{summary['videos_per_hour']} videos/hour · {_hours(summary)}"
     )
-    # Where each row's card is (page file and anchor), for the failures table's links to them.
-    where = {row["id"]: f"{page_name(i // PAGE_ROWS + 1)}#row{i}" for i, row in enumerate(records)}
+    # Where the cards of the ids the failures table names are (page file and anchor), to link them.
+    named = {str(row_id) for failure in summary["failures"] for row_id in failure["ids"][:FAILED_IDS_SHOWN]}
+    where = {
+        row["id"]: f"{page_name(i // PAGE_ROWS + 1)}#row{i}" for i, row in enumerate(records) if row["id"] in named
+    }
     pages = []
     for number in range(1, count + 1):
         first = (number - 1) * PAGE_ROWS
@@ -285,7 +289,8 @@ def _tables(summary: dict[str, Any], where: dict[str, str]) -> str:
     if summary["failures"]:
         rows = "".join(
             f"<tr><td class='num'>{f['count']}</td><td class='reason'>{html.escape(f['reason'])}</td>"
-            f"<td>{', '.join(_link(str(i), where) for i in f['ids'][:5])}{' …' if f['count'] > 5 else ''}</td></tr>"
+            f"<td>{', '.join(_link(str(i), where) for i in f['ids'][:FAILED_IDS_SHOWN])}"
+            f"{' …' if f['count'] > FAILED_IDS_SHOWN else ''}</td></tr>"
             for f in summary["failures"]
         )
         parts.append(

@@ -87,9 +87,15 @@ class Cosmos(Family):
         ),
         Mirror(
             "diffusers",
+            "diffusers.models.transformers.transformer_cosmos:CosmosTransformer3DModel.forward",
+            DIFFUSERS_VERSIONS,
+            "frames.py restates it with the timestep embedding per frame",
+        ),
+        Mirror(
+            "diffusers",
             "diffusers.models.transformers.transformer_cosmos:CosmosTransformerBlock.forward",
             DIFFUSERS_VERSIONS,
-            "frames.py restates it, and the model's forward, with the modulation per frame",
+            "frames.py restates it over a per-frame view of the tokens",
         ),
     )
     # Measured on an H200 (docs/benchmarks.json, 2026-12-04): the 2B at its default (93 frames at

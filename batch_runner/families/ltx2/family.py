@@ -72,6 +72,16 @@ class LTX2Options:
     modality_scale: float = 3.0
     distilled_sigmas: bool = False
 
+    @property
+    def runs_stg(self) -> bool:
+        """Whether a step makes diffusers' STG pass (its scale is above 0)."""
+        return self.stg_scale > 0
+
+    @property
+    def isolates_modalities(self) -> bool:
+        """Whether a step makes diffusers' modality-isolation pass (its scale is above 1)."""
+        return self.modality_scale > 1
+
 
 # Texts a Gemma pass encodes (see LTX2.encode_prompts): their stacked states peak at 1.5 GiB.
 TEXTS_PER_PASS = 2
@@ -374,8 +384,7 @@ class LTX2(Family):
     def forward_batch(self, model: ModelConfig, guided: bool) -> int:
         """The guidance pair (or the conditional sample alone), and the modality-isolated sample
         that guidance.py batches with it whenever the options isolate, guided or not."""
-        isolated = self.options(model).modality_scale > 1
-        return (self.activations.guidance_batch if guided else 1) + isolated
+        return super().forward_batch(model, guided) + self.options(model).isolates_modalities
 
     def streamline(self, transformer: torch.nn.Module, model: ModelConfig) -> None:
         """A step's guidance passes in one forward (guidance.py), where the options run them.
@@ -389,7 +398,7 @@ class LTX2(Family):
             if hasattr(module, "_supports_qkv_fusion"):
                 module._supports_qkv_fusion = False
         options = self.options(model)
-        batch_guidance(transformer, stg=options.stg_scale > 0, isolation=options.modality_scale > 1)
+        batch_guidance(transformer, stg=options.runs_stg, isolation=options.isolates_modalities)
 
     def blocks(self, transformer: torch.nn.Module) -> torch.nn.ModuleList:
         return transformer.transformer_blocks
