@@ -1,10 +1,15 @@
 """Entry point: `accelerate launch run.py manifest=jobs.csv [Hydra overrides]` (or plain python)."""
 
-from batch_runner.run import startup  # noqa: F401  first: its import marks the interpreter's start-up done
+from batch_runner.run import startup  # noqa: F401, I001  first: its import marks the interpreter's start-up done
+from batch_runner.run import warm
 from batch_runner.run.lifecycle import die_with_parent, exit_now, started_by_launcher
 
-if started_by_launcher():
+if started_by_launcher() and not warm.is_forked_run():
     die_with_parent()  # before the slow imports below: a launcher killed meanwhile still takes us along
+if __name__ == "__main__" and not warm.is_forked_run():
+    served = warm.hand_over(__file__)  # a warm server's child runs this command, its imports done
+    if served is not None:
+        exit_now(served)
 
 import os
 import sys

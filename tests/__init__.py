@@ -11,3 +11,7 @@ beforehand stands.
 import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# A warm server the developer left running (python -m batch_runner.run.warm) serves no run the tests
+# start: tests/test_warm.py starts its own, on sockets of its own, and turns this back on for them.
+os.environ.setdefault("BATCH_RUNNER_WARM", "0")

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from batch_runner.outputs.storage import pid_alive
-from batch_runner.run.lifecycle import GRACE_SECONDS, LAUNCHER_PID_ENV, STOP_SIGNALS
+from batch_runner.run.lifecycle import GRACE_SECONDS, LAUNCHER_PID_ENV, STOP_SIGNALS, parent_pid
 
 LOG_DIR_PREFIX = "batch_runner_torchrun_"
 
@@ -196,7 +196,7 @@ def _is_launch_word(part: str) -> bool:
 
 def _parent_argv() -> list[str]:
     try:
-        raw = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
+        raw = Path(f"/proc/{parent_pid()}/cmdline").read_bytes()
     except OSError:
         return []
     return [part.decode(errors="replace") for part in raw.split(b"\0") if part]

@@ -66,17 +66,42 @@ def die_with_parent(sig: int = signal.SIGTERM) -> bool:
     reparented before it could ask).
     """
     parent = os.environ.get(LAUNCHER_PID_ENV)
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
-            return False
-    except (OSError, AttributeError):
+    if not _ask_for_signal_at_parent_death(sig):
         return False
     if parent is not None and parent.isdigit() and int(parent) != os.getppid():
         sys.exit(128 + int(sig))  # the launcher died before this process could ask to die with it
     return True
+
+
+def die_with(parent: int, sig: int = signal.SIGTERM) -> bool:
+    """As die_with_parent, for a process whose parent is `parent` (the warm server): False when the
+    kernel cannot do it, or `parent` is gone already."""
+    return _ask_for_signal_at_parent_death(sig) and os.getppid() == parent
+
+
+def _ask_for_signal_at_parent_death(sig: int) -> bool:
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0)
+    except (OSError, AttributeError):
+        return False
+
+
+_adopted_parent: int | None = None
+
+
+def adopt_parent(pid: int) -> None:
+    """Take `pid` as this process's parent from now on (a run the warm server forked: the parent of
+    the run's process, as the launcher started it)."""
+    global _adopted_parent
+    _adopted_parent = pid
+
+
+def parent_pid() -> int:
+    """This run's parent: the one adopted, else the process's own."""
+    return _adopted_parent if _adopted_parent is not None else os.getppid()
 
 
 def own_temporaries(root: Path, pid: int | None = None) -> list[Path]:

@@ -55,6 +55,21 @@ def started_at(proc: Path, clock: Callable[[], float], ticks_per_second: int) ->
     return now - max(0.0, uptime - ticks / ticks_per_second)
 
 
+def own_start() -> tuple[float, float]:
+    """(process start, end of the interpreter's start-up): what a run handed to the warm server
+    (batch_runner.run.warm) passes on, so that its marks count from this process's launch."""
+    return process_started_at(), _marks["interpreter"]
+
+
+def adopt(process_start: float, interpreter: float) -> None:
+    """Count this process's start-up from another's (the run's process that the warm server forked
+    this one for): its start and its interpreter's; marks taken before are dropped."""
+    global _started
+    _marks.clear()
+    _marks["interpreter"] = interpreter
+    _started = process_start
+
+
 def mark(phase: str) -> None:
     """Note that `phase` ended now; only its first end counts (a row retried later is not start-up)."""
     _marks.setdefault(phase, time.time())

@@ -1,0 +1,294 @@
+"""The warm server (batch_runner/run/warm.py): runs forked from a process whose imports are done.
+
+The slow tests start a real server on a socket of their own and run the command line through it as a
+user does (`python run.py`, `accelerate launch --cpu`), against the same command run cold.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from batch_runner.run import lifecycle, startup, warm
+from tests.conftest import ROOT, accelerate_cpu, run_cli
+
+EXAMPLES = ROOT / "examples" / "jobs.csv"
+SLOW_ROWS = ("model.num_inference_steps=1000",)  # about 3 s a row on one core: time to stop a run mid-way
+
+
+# ------------------------------------------------------------------------------------------ in-process
+
+names = st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZ_", min_size=1, max_size=12)
+values = st.text(min_size=0, max_size=8)
+launch_names = st.sampled_from(sorted(warm.LAUNCH_VARIABLES))
+
+
+def server_view(env: dict[str, str], **facts: object) -> dict:
+    return {"facts": {"interpreter": "/py", **facts}, "env": env, "nice": 0}
+
+
+@given(env=st.dictionaries(names, values), launch=st.dictionaries(launch_names, values))
+def test_what_launchers_set_never_keeps_a_run_from_the_server(env, launch) -> None:
+    server = server_view({k: v for k, v in env.items() if not warm.launch_variable(k)})
+    run = server_view({**server["env"], **launch, "TORCHELASTIC_RUN_ID": "x", "ACCELERATE_USE_CPU": "true"})
+    assert warm.differences(server, run) == []
+
+
+@given(env=st.dictionaries(names, values), name=names, value=values)
+def test_any_other_variable_that_differs_is_named(env, name, value) -> None:
+    server = server_view(env)
+    run = server_view({**env, name: value})
+    expected = [] if warm.launch_variable(name) or env.get(name) == value else [f"${name}"]
+    assert warm.differences(server, run) == expected
+
+
+def test_a_variable_the_servers_imports_set_may_come_back_from_a_run_it_started() -> None:
+    server = server_view({"HOME": "/h"}) | {"import_env": {"TORCHINDUCTOR_CACHE_DIR": "/c"}}
+    assert warm.differences(server, server_view({"HOME": "/h", "TORCHINDUCTOR_CACHE_DIR": "/c"})) == []
+    assert warm.differences(server, server_view({"HOME": "/h", "TORCHINDUCTOR_CACHE_DIR": "/d"})) == [
+        "$TORCHINDUCTOR_CACHE_DIR"
+    ]
+
+
+def test_facts_a_child_would_inherit_from_the_server_must_be_the_runs() -> None:
+    server = server_view({}, cgroup="0::/a", flags=[0, 0])
+    assert warm.differences(server, server_view({}, cgroup="0::/b", flags=[0, 0])) == ["cgroup"]
+    assert warm.differences(server, server_view({}, cgroup="0::/a", flags=[1, 0])) == ["flags"]
+    assert warm.differences(server, server | {"nice": -1}) == ["niceness (the run's is lower)"]
+    assert warm.differences(server, server | {"nice": 5}) == []  # the child raises its own
+
+
+def test_this_processs_facts_are_its_own() -> None:
+    facts = warm.process_facts()
+    assert facts["interpreter"] == sys.executable and facts["flags"] == list(sys.flags)
+    assert warm.differences({"facts": facts, "env": {}}, {"facts": warm.process_facts(), "env": {}}) == []
+
+
+def test_messages_and_the_runs_streams_cross_the_socket_whole() -> None:
+    a, b = socket.socketpair()
+    read, write = os.pipe()
+    big = {"env": {f"V{i}": "x" * 100 for i in range(3000)}}  # larger than one read of the socket
+    sender = threading.Thread(target=warm.send, args=(a, big, [write]))
+    sender.start()
+    fds: list[int] = []
+    assert warm.receive(b, fds) == big
+    sender.join()
+    assert len(fds) == 1
+    os.write(fds[0], b"through the passed descriptor")
+    assert os.read(read, 100) == b"through the passed descriptor"
+    for fd in (read, write, *fds):
+        os.close(fd)
+    a.close()
+    assert warm.receive(b) is None  # the other end closed
+    b.close()
+
+
+def test_a_changed_or_removed_module_file_is_found(tmp_path: Path) -> None:
+    kept, edited, removed = (tmp_path / f"{n}.py" for n in ("kept", "edited", "removed"))
+    for path in (kept, edited, removed):
+        path.write_text("x = 1\n")
+    files = {str(p): (os.stat(p).st_mtime_ns, os.stat(p).st_size) for p in (kept, edited, removed)}
+    edited.write_text("x = 22\n")
+    removed.unlink()
+    assert warm.changed_files(files) == [str(edited), str(removed)]
+    assert str(Path(warm.__file__)) in warm.module_files()
+
+
+def test_the_socket_is_per_checkout_and_user_unless_named(monkeypatch) -> None:
+    monkeypatch.delenv(warm.SOCKET_ENV, raising=False)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/7")
+    default = warm.socket_path()
+    assert default.parent == Path(f"/run/user/7/batch_runner-{os.getuid()}") and default.suffix == ".sock"
+    monkeypatch.setenv(warm.SOCKET_ENV, "/x/y.sock")
+    assert warm.socket_path() == Path("/x/y.sock")
+
+
+def test_no_server_or_a_turned_off_one_leaves_the_run_here(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv(warm.DISABLE_ENV, "1")
+    monkeypatch.setenv(warm.SOCKET_ENV, str(tmp_path / "none.sock"))
+    assert warm.hand_over(str(ROOT / "run.py")) is None  # no socket
+    (tmp_path / "none.sock").touch()
+    assert warm.hand_over(str(ROOT / "run.py")) is None  # a file no server listens on
+    monkeypatch.setenv(warm.DISABLE_ENV, "0")
+    assert warm.hand_over(str(ROOT / "run.py")) is None
+
+
+def test_a_forked_run_counts_its_start_up_from_the_runs_process(monkeypatch) -> None:
+    monkeypatch.setattr(startup, "_started", None)
+    startup.reset()
+    startup.adopt(100.0, 100.5)
+    startup.mark("imports")
+    assert startup.own_start() == (100.0, 100.5)
+    assert list(startup.marks()) == ["process_start", "interpreter", "imports"]
+    startup.reset()
+
+
+def test_a_forked_run_reads_its_launcher_as_its_parent(monkeypatch) -> None:
+    assert lifecycle.parent_pid() == os.getppid()
+    monkeypatch.setattr(lifecycle, "_adopted_parent", 4242)
+    assert lifecycle.parent_pid() == 4242
+
+
+# ------------------------------------------------------------------------------------------- processes
+
+
+class WarmServer:
+    """`python -m batch_runner.run.warm` on a socket of its own; `env` is what its runs must share."""
+
+    def __init__(self, folder: Path, *extra: str, env: dict[str, str] | None = None) -> None:
+        self.path = folder / "warm.sock"
+        self.env = {**(env or os.environ), warm.SOCKET_ENV: str(self.path), warm.DISABLE_ENV: "1"}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "batch_runner.run.warm", *extra],
+            cwd=ROOT,
+            env=self.env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: list[str] = []
+
+    def wait_for(self, text: str) -> str:
+        """The server's next log line holding `text` (its log is read up to there)."""
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self.lines.append(line)
+            if text in line:
+                return line
+        raise AssertionError(f"the server ended without saying {text!r}:\n{''.join(self.lines)}")
+
+    def stop(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.wait()
+
+    def wait(self) -> int:
+        code = self.process.wait(timeout=120)
+        assert self.process.stderr is not None
+        self.lines += self.process.stderr.readlines()
+        return code
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Iterator[WarmServer]:
+    started = WarmServer(tmp_path_factory.mktemp("warm"))
+    started.wait_for("ready at")
+    yield started
+    assert started.stop() == 128 + signal.SIGTERM
+
+
+def served_pid(server: WarmServer, output_dir: Path) -> int:
+    line = server.wait_for(f"output_dir={output_dir}")
+    return int(line.split("run ", 1)[1].split(":", 1)[0])
+
+
+def test_a_warm_run_makes_the_same_videos_as_a_cold_one(server: WarmServer, tmp_path: Path) -> None:
+    cold = run_cli(f"manifest={EXAMPLES}", "model=tiny", f"output_dir={tmp_path / 'cold'}")
+    assert cold.returncode == 0, cold.stderr
+    warm_run = run_cli(f"manifest={EXAMPLES}", "model=tiny", f"output_dir={tmp_path / 'warm'}", env=server.env)
+    assert warm_run.returncode == 0, warm_run.stderr
+    assert "not used" not in warm_run.stderr and "4 of 4 rows ok" in warm_run.stdout
+    pid = served_pid(server, tmp_path / "warm")
+    server.wait_for(f"run {pid}: exit 0")
+    marks = json.loads((tmp_path / "warm" / "logs" / "startup-rank00000.json").read_text())
+    assert marks["pid"] == pid  # the run was made by the server's child, its marks from the run's launch
+    assert marks["process_start"] < marks["interpreter"] < marks["first_step"]
+    videos = sorted((tmp_path / "cold" / "videos").glob("*.mp4"))
+    assert len(videos) == 4
+    for video in videos:
+        assert (tmp_path / "warm" / "videos" / video.name).read_bytes() == video.read_bytes()
+
+
+def test_every_process_of_an_accelerate_launch_is_forked_warm(server: WarmServer, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    launcher = accelerate_cpu(2)
+    done = run_cli(f"manifest={EXAMPLES}", "model=tiny", f"output_dir={out}", launcher=launcher, env=server.env)
+    assert done.returncode == 0, done.stderr
+    assert "not used" not in done.stderr and "4 of 4 rows ok" in done.stdout
+    pids = {served_pid(server, out) for _ in range(3)}  # torchrun's agent, then its two processes
+    ranks = [json.loads(p.read_text())["pid"] for p in sorted((out / "logs").glob("startup-rank*.json"))]
+    assert len(ranks) == 2 and set(ranks) <= pids
+
+
+def test_a_bad_manifest_is_refused_through_the_server_as_without_it(server: WarmServer, tmp_path: Path) -> None:
+    done = run_cli(f"manifest={tmp_path / 'missing.csv'}", "model=tiny", f"output_dir={tmp_path / 'o'}", env=server.env)
+    assert done.returncode == 2
+    assert done.stderr.strip().endswith("pass manifest=PATH to a .csv or .parquet file.")
+    server.wait_for("exit 2")
+
+
+def test_a_run_of_another_environment_starts_cold_and_says_why(server: WarmServer, tmp_path: Path) -> None:
+    done = run_cli(
+        f"manifest={EXAMPLES}", "model=tiny", f"output_dir={tmp_path}", env={**server.env, "HF_HOME": "/elsewhere"}
+    )
+    assert done.returncode == 0, done.stderr
+    assert "the warm server was not used ($HF_HOME differs from the server's); starting cold." in done.stderr
+
+
+def slow_run(server: WarmServer, out: Path) -> subprocess.Popen:
+    """A run through the server that makes each row slowly; returned once its child is making rows."""
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "run.py"), f"manifest={EXAMPLES}", "model=tiny", *SLOW_ROWS, f"output_dir={out}"],
+        cwd=ROOT,
+        env=server.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    served_pid(server, out)
+    assert process.stderr is not None
+    for line in process.stderr:  # the run's stop handlers are in place once it plans its rows
+        if "rows to make" in line:
+            return process
+    raise AssertionError("the run ended before making rows")
+
+
+def test_a_stop_signal_to_the_run_reaches_its_child(server: WarmServer, tmp_path: Path) -> None:
+    process = slow_run(server, tmp_path)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGINT, err
+    assert "stopped by SIGINT: finished rows are kept" in err
+
+
+def test_a_killed_run_process_takes_its_child_along(server: WarmServer, tmp_path: Path) -> None:
+    process = slow_run(server, tmp_path)
+    process.kill()  # as a launcher that gives up: no signal to relay, the connection just ends
+    process.wait(timeout=60)
+    server.wait_for(f"exit {128 + signal.SIGTERM}")  # the child stopped as on SIGTERM
+
+
+@pytest.mark.slow  # starts a server (WarmServer)
+def test_a_changed_module_sends_runs_cold_and_stops_the_server(tmp_path: Path) -> None:
+    module = tmp_path / "mods" / "user_plugin.py"
+    module.parent.mkdir()
+    module.write_text("VALUE = 1\n")
+    env = {**os.environ, "PYTHONPATH": str(module.parent)}
+    started = WarmServer(tmp_path, "--import", "user_plugin", env=env)
+    started.wait_for("ready at")
+    second = subprocess.run(
+        [sys.executable, "-m", "batch_runner.run.warm"], cwd=ROOT, env=started.env, capture_output=True, text=True
+    )
+    assert second.returncode == 2 and "a warm server already serves this checkout" in second.stderr
+    module.write_text("VALUE = 22\n")
+    done = run_cli(f"manifest={EXAMPLES}", "model=tiny", f"output_dir={tmp_path / 'o'}", env=started.env)
+    assert done.returncode == 0, done.stderr
+    assert f"({module} changed since the server started: start it again); starting cold." in done.stderr
+    started.wait_for("changed since this server imported it; stopping")
+    assert started.wait() == 0 and not started.path.exists()
+
+
+@pytest.mark.slow  # starts a server (WarmServer)
+def test_a_module_that_cannot_be_imported_is_refused_at_start(tmp_path: Path) -> None:
+    started = WarmServer(tmp_path, "--import", "no_such_module_here")
+    assert started.wait() == 2
+    assert "error: --import no_such_module_here:" in "".join(started.lines)
