@@ -21,6 +21,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from batch_runner.run import lifecycle, startup, warm
+from batch_runner.run.warm import protocol, sameness
 from tests.conftest import ROOT, accelerate_cpu, run_cli
 
 EXAMPLES = ROOT / "examples" / "jobs.csv"
@@ -31,7 +32,7 @@ SLOW_ROWS = ("model.num_inference_steps=1000",)  # about 3 s a row on one core: 
 
 names = st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZ_", min_size=1, max_size=12)
 values = st.text(min_size=0, max_size=8)
-launch_names = st.sampled_from(sorted(warm.LAUNCH_VARIABLES))
+launch_names = st.sampled_from(sorted(sameness.LAUNCH_VARIABLES))
 
 
 def server_view(env: dict[str, str], **facts: object) -> dict:
@@ -40,49 +41,49 @@ def server_view(env: dict[str, str], **facts: object) -> dict:
 
 @given(env=st.dictionaries(names, values), launch=st.dictionaries(launch_names, values))
 def test_what_launchers_set_never_keeps_a_run_from_the_server(env, launch) -> None:
-    server = server_view({k: v for k, v in env.items() if not warm.launch_variable(k)})
+    server = server_view({k: v for k, v in env.items() if not sameness.launch_variable(k)})
     run = server_view({**server["env"], **launch, "TORCHELASTIC_RUN_ID": "x", "ACCELERATE_USE_CPU": "true"})
-    assert warm.differences(server, run) == []
+    assert sameness.differences(server, run) == []
 
 
 @given(env=st.dictionaries(names, values), name=names, value=values)
 def test_any_other_variable_that_differs_is_named(env, name, value) -> None:
     server = server_view(env)
     run = server_view({**env, name: value})
-    expected = [] if warm.launch_variable(name) or env.get(name) == value else [f"${name}"]
-    assert warm.differences(server, run) == expected
+    expected = [] if sameness.launch_variable(name) or env.get(name) == value else [f"${name}"]
+    assert sameness.differences(server, run) == expected
 
 
 def test_a_variable_the_servers_imports_set_may_come_back_from_a_run_it_started() -> None:
     server = server_view({"HOME": "/h"}) | {"import_env": {"TORCHINDUCTOR_CACHE_DIR": "/c"}}
-    assert warm.differences(server, server_view({"HOME": "/h", "TORCHINDUCTOR_CACHE_DIR": "/c"})) == []
-    assert warm.differences(server, server_view({"HOME": "/h", "TORCHINDUCTOR_CACHE_DIR": "/d"})) == [
+    assert sameness.differences(server, server_view({"HOME": "/h", "TORCHINDUCTOR_CACHE_DIR": "/c"})) == []
+    assert sameness.differences(server, server_view({"HOME": "/h", "TORCHINDUCTOR_CACHE_DIR": "/d"})) == [
         "$TORCHINDUCTOR_CACHE_DIR"
     ]
 
 
 def test_facts_a_child_would_inherit_from_the_server_must_be_the_runs() -> None:
     server = server_view({}, cgroup="0::/a", flags=[0, 0])
-    assert warm.differences(server, server_view({}, cgroup="0::/b", flags=[0, 0])) == ["cgroup"]
-    assert warm.differences(server, server_view({}, cgroup="0::/a", flags=[1, 0])) == ["flags"]
-    assert warm.differences(server, server | {"nice": -1}) == ["niceness (the run's is lower)"]
-    assert warm.differences(server, server | {"nice": 5}) == []  # the child raises its own
+    assert sameness.differences(server, server_view({}, cgroup="0::/b", flags=[0, 0])) == ["cgroup"]
+    assert sameness.differences(server, server_view({}, cgroup="0::/a", flags=[1, 0])) == ["flags"]
+    assert sameness.differences(server, server | {"nice": -1}) == ["niceness (the run's is lower)"]
+    assert sameness.differences(server, server | {"nice": 5}) == []  # the child raises its own
 
 
 def test_this_processs_facts_are_its_own() -> None:
-    facts = warm.process_facts()
+    facts = sameness.process_facts()
     assert facts["interpreter"] == sys.executable and facts["flags"] == list(sys.flags)
-    assert warm.differences({"facts": facts, "env": {}}, {"facts": warm.process_facts(), "env": {}}) == []
+    assert sameness.differences({"facts": facts, "env": {}}, {"facts": sameness.process_facts(), "env": {}}) == []
 
 
 def test_messages_and_the_runs_streams_cross_the_socket_whole() -> None:
     a, b = socket.socketpair()
     read, write = os.pipe()
     big = {"env": {f"V{i}": "x" * 100 for i in range(3000)}}  # larger than one read of the socket
-    sender = threading.Thread(target=warm.send, args=(a, big, [write]))
+    sender = threading.Thread(target=protocol.send, args=(a, big, [write]))
     sender.start()
     fds: list[int] = []
-    assert warm.receive(b, fds) == big
+    assert protocol.receive(b, fds) == big
     sender.join()
     assert len(fds) == 1
     os.write(fds[0], b"through the passed descriptor")
@@ -90,7 +91,7 @@ def test_messages_and_the_runs_streams_cross_the_socket_whole() -> None:
     for fd in (read, write, *fds):
         os.close(fd)
     a.close()
-    assert warm.receive(b) is None  # the other end closed
+    assert protocol.receive(b) is None  # the other end closed
     b.close()
 
 
@@ -101,8 +102,8 @@ def test_a_changed_or_removed_module_file_is_found(tmp_path: Path) -> None:
     files = {str(p): (os.stat(p).st_mtime_ns, os.stat(p).st_size) for p in (kept, edited, removed)}
     edited.write_text("x = 22\n")
     removed.unlink()
-    assert warm.changed_files(files) == [str(edited), str(removed)]
-    assert str(Path(warm.__file__)) in warm.module_files()
+    assert sameness.changed_files(files) == [str(edited), str(removed)]
+    assert str(Path(sameness.__file__)) in sameness.module_files()
 
 
 def test_the_socket_is_per_checkout_and_user_unless_named(monkeypatch) -> None:
@@ -122,6 +123,23 @@ def test_no_server_or_a_turned_off_one_leaves_the_run_here(tmp_path: Path, monke
     assert warm.hand_over(str(ROOT / "run.py")) is None  # a file no server listens on
     monkeypatch.setenv(warm.DISABLE_ENV, "0")
     assert warm.hand_over(str(ROOT / "run.py")) is None
+
+
+def test_a_server_whose_imports_started_a_thread_serves_no_run(tmp_path: Path) -> None:
+    from batch_runner.run.warm.server import Server
+
+    server = Server(tmp_path / "s.sock", [])
+    release = threading.Event()
+    thread = threading.Thread(target=release.wait, name="left-by-an-import")
+    thread.start()
+    try:
+        problem = server.fork_problem() or ""  # other tests of this process may have left pools running
+        assert problem.startswith("importing started threads (") and "left-by-an-import" in problem
+    finally:
+        release.set()
+        thread.join()
+        os.close(server.wakeup_r)
+        os.close(server.wakeup_w)
 
 
 def test_a_forked_run_counts_its_start_up_from_the_runs_process(monkeypatch) -> None:

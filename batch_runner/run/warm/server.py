@@ -1,39 +1,12 @@
-"""A warm server: one process that has imported what a run imports, and forks each run from there.
-
-Why: a run spends most of its start-up importing. On one H200 (docs/experiments/2026-12-04d), a warm
-4-step Wan 2.1 run reached its first step 30 s after launch, of which about 15 s were imports
-(torch, dynamo, diffusers and transformers, inductor). Those are the same for every run of a
-checkout, so a server imports them once and forks a child per run, as Python's forkserver and
-torch's DataLoader workers do: the child starts with every module in memory.
-
-    python -m batch_runner.run.warm          # in a terminal of its own, or `&` in a job script
-
-serves every `python run.py ...` (and every process of an `accelerate launch`) of this checkout,
-by this user, on this host. run.py asks it before its own slow imports (`hand_over`). The server
-refuses, and the run starts cold exactly as without it, printing one line why, whenever the
-child could differ from a fresh process: another interpreter, its flags or sys.path roots, an
-environment variable that a module may have read at import (any but the launchers' own, below),
-another cgroup, namespace, resource limit or niceness it cannot take, or a module file changed since
-the server imported it (then the server also stops: start it again). The child takes the run's
-standard streams, working folder, environment, arguments, umask and CPU affinity, and runs run.py as
-its main module; the server relays the run's stop signals to it and its exit status back. A run's
-process that ends (its launcher killed it) stops its child with SIGTERM, and a stopped server stops
-its children the same way: rows already made are kept, as after any stop.
-
-CUDA must not have started in the server, or no child could use it: the server refuses to serve
-when the CUDA driver library is loaded after its imports, and first forks one child that starts CUDA
-(where there is a GPU) to prove it. Linux only (fork, pidfd, SCM_RIGHTS); elsewhere run.py runs cold.
-"""
+"""The warm server itself (`python -m batch_runner.run.warm`): imports once, then forks a child per
+run, relays the run's stop signals to it and its exit status back (see the package's docstring)."""
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import os
 import signal
 import socket
-import struct
 import sys
 import time
 from collections.abc import Mapping
@@ -41,19 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SOCKET_ENV = "BATCH_RUNNER_WARM_SOCKET"  # where the server listens (tests, or one server per job)
-DISABLE_ENV = "BATCH_RUNNER_WARM"  # =0: never hand a run over
-# Set by launchers per process, or by the shell per terminal, and read by nothing at import time: a
-# run's may differ from the server's. OMP_NUM_THREADS is applied in the child (torch.set_num_threads).
-LAUNCH_VARIABLES = frozenset(
-    (
-        "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
-        "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS",
-        "KMP_AFFINITY", "KMP_BLOCKTIME", "CUDA_VISIBLE_DEVICES", "BATCH_RUNNER_LAUNCHER_PID",
-        "PWD", "OLDPWD", "SHLVL", "_", "COLUMNS", "LINES",
-    )
-)  # fmt: skip
-LAUNCH_PREFIXES = ("TORCHELASTIC_", "ACCELERATE_", "TORCH_NCCL_", "NCCL_", "SLURM_", "SSH_", "TMUX", "TERM")
+from batch_runner.run import warm
+from batch_runner.run.warm.protocol import peer_uid, receive, send
+from batch_runner.run.warm.sameness import changed_files, differences, module_files, process_facts
+
 # Modules every run imports, past what importing run.py's own modules does; `--import` adds more.
 PRELOADS = (
     "torch",
@@ -73,173 +37,6 @@ PRELOADS = (
     "batch_runner.run.cli",
     "batch_runner.run.runner",
 )
-_HEADER = struct.Struct("!I")
-_forked_run = False  # True in a child the server forked
-
-
-def is_forked_run() -> bool:
-    """Whether this process is a run the warm server forked (run.py then neither hands over nor
-    asks to die with its parent: the server is its parent and stops it when the run's process ends)."""
-    return _forked_run
-
-
-def socket_path() -> Path:
-    """The server's socket for this checkout and user: $BATCH_RUNNER_WARM_SOCKET, or one under
-    $XDG_RUNTIME_DIR (else /tmp) named by the checkout's folder."""
-    if os.environ.get(SOCKET_ENV):
-        return Path(os.environ[SOCKET_ENV])
-    checkout = str(Path(__file__).resolve().parents[2])
-    base = Path(os.environ.get("XDG_RUNTIME_DIR") or "/tmp") / f"batch_runner-{os.getuid()}"
-    return base / f"warm-{hashlib.sha1(checkout.encode()).hexdigest()[:12]}.sock"
-
-
-# ---------------------------------------------------------------- what a run must share with the server
-
-
-def process_facts() -> dict[str, Any]:
-    """What a forked child would inherit from the server instead of taking from the run: the two
-    must be equal (`differences`)."""
-    facts: dict[str, Any] = {
-        "interpreter": sys.executable,
-        "prefix": sys.prefix,
-        "flags": list(sys.flags),
-        "xoptions": {k: str(v) for k, v in sorted(sys._xoptions.items())},
-        "warnoptions": list(sys.warnoptions),
-        "uid": [os.getuid(), os.geteuid(), os.getgid(), os.getegid()],
-    }
-    for name in ("cgroup", "limits"):
-        with contextlib.suppress(OSError):
-            facts[name] = Path(f"/proc/self/{name}").read_text()
-    for ns in ("mnt", "pid", "net", "user", "ipc", "uts"):
-        with contextlib.suppress(OSError):
-            facts[f"namespace {ns}"] = os.stat(f"/proc/self/ns/{ns}").st_ino
-    return facts
-
-
-def launch_variable(name: str) -> bool:
-    return name in LAUNCH_VARIABLES or name.startswith(LAUNCH_PREFIXES)
-
-
-def differences(server: Mapping[str, Any], run: Mapping[str, Any]) -> list[str]:
-    """Why a run of these facts and environment cannot be forked from this server: phrases, first
-    the facts, then the environment variables (by name) that differ."""
-    found = [name for name in server["facts"] if server["facts"][name] != run["facts"].get(name)]
-    env_server, env_run = server["env"], run["env"]
-    names = sorted(set(env_server) | set(env_run))
-    set_by_imports = server.get("import_env", {})  # a run started by a run (torchrun's workers) has them
-    found += [
-        f"${name}"
-        for name in names
-        if not launch_variable(name)
-        and env_run.get(name) not in (env_server.get(name), set_by_imports.get(name, env_server.get(name)))
-    ]
-    if run.get("nice", 0) < server.get("nice", 0):
-        found.append("niceness (the run's is lower)")
-    return found
-
-
-# ---------------------------------------------------------------- the run's side (run.py)
-
-
-def hand_over(script: str) -> int | None:
-    """Have the warm server run this command; its exit status, or None to run it here (no server,
-    or one that refused: then one line on stderr says why)."""
-    if os.environ.get(DISABLE_ENV, "1") == "0" or not hasattr(socket, "send_fds") or not hasattr(os, "pidfd_open"):
-        return None
-    path = socket_path()
-    if not path.exists():
-        return None
-    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        conn.connect(str(path))
-    except OSError:  # a server that is gone left its socket
-        conn.close()
-        return None
-    with conn:
-        if peer_uid(conn) != os.getuid():  # never hand this run's streams and environment to another user
-            return None
-        from batch_runner.run import lifecycle, startup
-
-        process_start, interpreter = startup.own_start()
-        umask = os.umask(0)
-        os.umask(umask)
-        request = {
-            "argv": [str(script), *sys.argv[1:]],
-            "cwd": os.getcwd(),
-            "env": dict(os.environ),
-            "path": sys.path,
-            "facts": process_facts(),
-            "umask": umask,
-            "nice": os.nice(0),
-            "affinity": sorted(os.sched_getaffinity(0)),
-            "parent": os.getppid(),
-            "process_start": process_start,
-            "interpreter": interpreter,
-        }
-        # From here each stop signal goes to the server, which passes it to the child (one that came
-        # before the fork waits in the socket for it); a refused run takes its signals back.
-        got: list[int] = []
-
-        def forward(signum: int, frame: Any) -> None:
-            got.append(signum)
-            with contextlib.suppress(OSError):
-                conn.sendall(bytes([signum]))
-
-        previous = {sig: signal.signal(sig, forward) for sig in lifecycle.STOP_SIGNALS}
-        send(conn, request, fds=[0, 1, 2])
-        reply = receive(conn)
-        if reply is None or "refused" in reply:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-            why = reply["refused"] if reply else "the warm server closed the connection"
-            print(f"batch_runner: the warm server was not used ({why}); starting cold.", file=sys.stderr)
-            for signum in got:
-                signal.raise_signal(signum)
-            return None
-        finished = receive(conn)
-    if finished is None:
-        print("batch_runner: the warm server ended before the run did.", file=sys.stderr)
-        return 1
-    return int(finished["exit"])
-
-
-def peer_uid(conn: socket.socket) -> int:
-    """The user of the process at the other end of a Unix socket (SO_PEERCRED: pid, uid, gid)."""
-    return struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[1]
-
-
-def send(conn: socket.socket, message: Mapping[str, Any], fds: list[int] | None = None) -> None:
-    data = json.dumps(message).encode()
-    payload = _HEADER.pack(len(data)) + data
-    if fds:
-        sent = socket.send_fds(conn, [payload], fds)
-        payload = payload[sent:]
-    conn.sendall(payload)
-
-
-def receive(conn: socket.socket, fds: list[int] | None = None) -> dict[str, Any] | None:
-    """One message (None at end of stream); the descriptors sent with it are appended to `fds`."""
-    head = b""
-    while len(head) < _HEADER.size:
-        if fds is not None and not head:
-            chunk, received, _, _ = socket.recv_fds(conn, _HEADER.size, 8)
-            fds.extend(received)
-        else:
-            chunk = conn.recv(_HEADER.size - len(head))
-        if not chunk:
-            return None
-        head += chunk
-    (size,) = _HEADER.unpack(head)
-    data = b""
-    while len(data) < size:
-        chunk = conn.recv(min(size - len(data), 1 << 20))
-        if not chunk:
-            return None
-        data += chunk
-    return json.loads(data)
-
-
-# ---------------------------------------------------------------- the server
 
 
 @dataclass
@@ -254,6 +51,8 @@ class Run:
 
 
 class Server:
+    """The listening socket, the runs forked and still running, and what runs are compared against."""
+
     def __init__(self, path: Path, extra_imports: list[str]) -> None:
         self.path = path
         self.extra_imports = extra_imports
@@ -298,9 +97,15 @@ class Server:
         self.me["import_env"] = self.import_env
         return time.monotonic() - began
 
-    def cuda_problem(self) -> str | None:
-        """Why a forked child could not use CUDA, or None: the driver must not be loaded here, and a
-        child that starts CUDA (where a GPU is) must succeed."""
+    def fork_problem(self) -> str | None:
+        """Why a forked child could not be trusted, or None. No thread of Python's may run here (one
+        could hold a lock the child then waits on forever); the CUDA driver must not be loaded (a child
+        forked after could not use the GPU); and a child that starts CUDA, where a GPU is, must succeed."""
+        import threading
+
+        others = [t.name for t in threading.enumerate() if t is not threading.current_thread()]
+        if others:
+            return f"importing started threads ({', '.join(others)})"
         maps = Path("/proc/self/maps").read_text() if Path("/proc/self/maps").exists() else ""
         if "libcuda.so" in maps:
             return "the CUDA driver was loaded while importing (a module asked for a GPU at import)"
@@ -501,8 +306,7 @@ def become_run(
     """In the forked child: take over the run's process (streams, folder, environment, arguments,
     start-up marks) and run run.py as __main__; its exit status. `import_env`: the variables the
     server's imports set, as the run's own imports would have."""
-    global _forked_run
-    _forked_run = True
+    warm.mark_forked_run()
     from batch_runner.run import lifecycle
 
     if not lifecycle.die_with(server_pid):  # the server stops its children when it ends
@@ -536,32 +340,6 @@ def become_run(
     return 0
 
 
-def module_files() -> dict[str, tuple[int, int]]:
-    """Every imported module's file, with its modification time and size, as imported."""
-    files: dict[str, tuple[int, int]] = {}
-    for module in list(sys.modules.values()):
-        name = getattr(module, "__file__", None)
-        if name and name not in files:
-            with contextlib.suppress(OSError):
-                info = os.stat(name)
-                files[name] = (info.st_mtime_ns, info.st_size)
-    return files
-
-
-def changed_files(files: Mapping[str, tuple[int, int]]) -> list[str]:
-    """The files of `module_files()` that changed (or went) since."""
-    changed = []
-    for name, (mtime, size) in files.items():
-        try:
-            info = os.stat(name)
-        except OSError:
-            changed.append(name)
-            continue
-        if (info.st_mtime_ns, info.st_size) != (mtime, size):
-            changed.append(name)
-    return changed
-
-
 def say(text: str) -> None:
     print(f"{time.strftime('%H:%M:%S')} warm server: {text}", file=sys.stderr, flush=True)
 
@@ -569,7 +347,8 @@ def say(text: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m batch_runner.run.warm", description=__doc__.split("\n\n")[0])
+    summary = (warm.__doc__ or "").split("\n\n")[0]
+    parser = argparse.ArgumentParser(prog="python -m batch_runner.run.warm", description=summary)
     parser.add_argument(
         "--import",
         dest="imports",
@@ -579,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         help="also import MODULE before serving (e.g. flash_attn.cute); repeatable",
     )
     args = parser.parse_args(argv)
-    path = socket_path()
+    path = warm.socket_path()
     with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
         probe.connect(str(path))
         print(f"error: a warm server already serves this checkout at {path}.", file=sys.stderr)
@@ -590,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as e:
         print(f"error: --import {e.name or ''}: {e}", file=sys.stderr)
         return 2
-    problem = server.cuda_problem()
+    problem = server.fork_problem()
     if problem is not None:
         print(f"error: cannot serve runs: {problem}.", file=sys.stderr)
         return 2
@@ -611,9 +390,3 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         server.close()
     return 128 + stop["signal"] if stop["signal"] else 0
-
-
-if __name__ == "__main__":  # `python -m`: serve from the importable module, the one run.py asks (is_forked_run)
-    from batch_runner.run import warm
-
-    sys.exit(warm.main())
