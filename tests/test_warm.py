@@ -62,6 +62,13 @@ def test_a_variable_the_servers_imports_set_may_come_back_from_a_run_it_started(
     ]
 
 
+def test_a_thread_count_the_run_sets_is_applied_but_one_only_the_server_set_is_not_guessed_away() -> None:
+    server = server_view({"OMP_NUM_THREADS": "4"})
+    assert sameness.differences(server, server_view({"OMP_NUM_THREADS": "1"})) == []
+    assert sameness.differences(server, server_view({})) == ["$OMP_NUM_THREADS (the server's is set, the run's is not)"]
+    assert sameness.differences(server_view({}), server_view({"OMP_NUM_THREADS": "1"})) == []
+
+
 def test_facts_a_child_would_inherit_from_the_server_must_be_the_runs() -> None:
     server = server_view({}, cgroup="0::/a", flags=[0, 0])
     assert sameness.differences(server, server_view({}, cgroup="0::/b", flags=[0, 0])) == ["cgroup"]

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 # Set by launchers per process, or by the shell per terminal, and read by nothing at import time: a
-# run's may differ from the server's. OMP_NUM_THREADS is applied in the child (torch.set_num_threads).
+# run's may differ from the server's. OMP_NUM_THREADS is applied in the child (torch.set_num_threads);
+# a run without it, of a server with it, would get the server's count rather than torch's default.
 LAUNCH_VARIABLES = frozenset(
     (
         "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
@@ -61,6 +62,8 @@ def differences(server: Mapping[str, Any], run: Mapping[str, Any]) -> list[str]:
         if not launch_variable(name)
         and env_run.get(name) not in (env_server.get(name), set_by_imports.get(name, env_server.get(name)))
     ]
+    if "OMP_NUM_THREADS" in env_server and "OMP_NUM_THREADS" not in env_run:
+        found.append("$OMP_NUM_THREADS (the server's is set, the run's is not)")
     if run.get("nice", 0) < server.get("nice", 0):
         found.append("niceness (the run's is lower)")
     return found

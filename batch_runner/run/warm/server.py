@@ -38,6 +38,8 @@ PRELOADS = (
     "batch_runner.run.runner",
 )
 
+NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"
+
 
 @dataclass
 class Run:
@@ -77,17 +79,26 @@ class Server:
         began = time.monotonic()
         before = dict(os.environ)  # as a fresh process of this environment starts
         self.me = {"facts": process_facts(), "env": before, "nice": os.nice(0)}
-        for name in PRELOADS + tuple(self.extra_imports):
-            try:
-                importlib.import_module(name)
-            except ImportError:
-                if name in self.extra_imports:
-                    raise
-        from batch_runner.families import FAMILY_MODULES, family_named
+        # A module that asks torch.cuda.is_available() at import would start CUDA's driver here (and no
+        # child could use the GPU); asked through NVML, as torch offers for processes that fork, it does not.
+        os.environ[NVML_CHECK] = "1"
+        try:
+            for name in PRELOADS + tuple(self.extra_imports):
+                try:
+                    importlib.import_module(name)
+                except ImportError:
+                    if name in self.extra_imports:
+                        raise
+            from batch_runner.families import FAMILY_MODULES, family_named
 
-        for family in FAMILY_MODULES:  # each family's pipeline module, and the models it imports
-            with contextlib.suppress(Exception):
-                family_named(family).pipeline_class  # noqa: B018  reading it imports it
+            for family in FAMILY_MODULES:  # each family's pipeline module, and the models it imports
+                with contextlib.suppress(Exception):
+                    family_named(family).pipeline_class  # noqa: B018  reading it imports it
+        finally:
+            if NVML_CHECK in before:
+                os.environ[NVML_CHECK] = before[NVML_CHECK]
+            else:
+                del os.environ[NVML_CHECK]
         import torch
 
         self.threads = torch.get_num_threads()
@@ -126,7 +137,7 @@ class Server:
     def listen(self) -> None:
         """Listen at self.path, put in place atomically (a run sees no socket or a ready server)."""
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        staging = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+        staging = self.path.with_name(f".warm-{os.getpid()}")  # short: a socket's path has at most 107 bytes
         staging.unlink(missing_ok=True)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(str(staging))
@@ -383,7 +394,11 @@ def main(argv: list[str] | None = None) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, on_stop)
-    server.listen()
+    try:
+        server.listen()
+    except OSError as e:
+        print(f"error: cannot listen at {path}: {e}; set {warm.SOCKET_ENV} to a shorter path.", file=sys.stderr)
+        return 2
     say(f"ready at {path}: imports took {seconds:.1f} s; `python run.py ...` of this checkout starts here")
     try:
         server.serve()
