@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from batch_runner.run import lifecycle, startup, warm
 from batch_runner.run.warm import protocol, sameness
+from batch_runner.run.warm.server import WHILE_IMPORTING
 from tests.conftest import ROOT, accelerate_cpu, run_cli
 
 EXAMPLES = ROOT / "examples" / "jobs.csv"
@@ -296,15 +297,19 @@ def test_a_killed_run_process_takes_its_child_along(server: WarmServer, tmp_path
 def test_a_changed_module_sends_runs_cold_and_stops_the_server(tmp_path: Path) -> None:
     module = tmp_path / "mods" / "user_plugin.py"
     module.parent.mkdir()
-    module.write_text("VALUE = 1\n")
+    seen = module.with_suffix(".env")  # what the server's imports saw of the variables it sets for them
+    names = sorted(WHILE_IMPORTING)
+    record = f"pathlib.Path({str(seen)!r}).write_text(repr([os.environ.get(k) for k in {names!r}]))"
+    module.write_text(f"import os, pathlib\n{record}\n")
     env = {**os.environ, "PYTHONPATH": str(module.parent)}
     started = WarmServer(tmp_path, "--import", "user_plugin", env=env)
     started.wait_for("ready at")
+    assert seen.read_text() == repr([WHILE_IMPORTING[k] for k in names])
     second = subprocess.run(
         [sys.executable, "-m", "batch_runner.run.warm"], cwd=ROOT, env=started.env, capture_output=True, text=True
     )
     assert second.returncode == 2 and "a warm server already serves this checkout" in second.stderr
-    module.write_text("VALUE = 22\n")
+    module.write_text("VALUE = 22\n")  # changed since the server imported it
     done = run_cli(f"manifest={EXAMPLES}", "model=tiny", f"output_dir={tmp_path / 'o'}", env=started.env)
     assert done.returncode == 0, done.stderr
     assert f"({module} changed since the server started: start it again); starting cold." in done.stderr

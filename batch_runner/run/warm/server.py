@@ -38,7 +38,11 @@ PRELOADS = (
     "batch_runner.run.runner",
 )
 
-NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"
+# Set while the server imports, then restored. A module that asks torch.cuda.is_available() at import
+# would start CUDA's driver here, and no child could then use the GPU; asked through NVML, as torch
+# offers for processes that fork, it does not. And inductor may start its compile workers' pool (a
+# process and a thread) when it is imported where triton is: each run starts its own at its first compile.
+WHILE_IMPORTING = {"PYTORCH_NVML_BASED_CUDA_CHECK": "1", "TORCH_WARM_POOL": "0"}
 
 
 @dataclass
@@ -79,9 +83,7 @@ class Server:
         began = time.monotonic()
         before = dict(os.environ)  # as a fresh process of this environment starts
         self.me = {"facts": process_facts(), "env": before, "nice": os.nice(0)}
-        # A module that asks torch.cuda.is_available() at import would start CUDA's driver here (and no
-        # child could use the GPU); asked through NVML, as torch offers for processes that fork, it does not.
-        os.environ[NVML_CHECK] = "1"
+        os.environ.update(WHILE_IMPORTING)
         try:
             for name in PRELOADS + tuple(self.extra_imports):
                 try:
@@ -95,10 +97,11 @@ class Server:
                 with contextlib.suppress(Exception):
                     family_named(family).pipeline_class  # noqa: B018  reading it imports it
         finally:
-            if NVML_CHECK in before:
-                os.environ[NVML_CHECK] = before[NVML_CHECK]
-            else:
-                del os.environ[NVML_CHECK]
+            for name in WHILE_IMPORTING:
+                if name in before:
+                    os.environ[name] = before[name]
+                else:
+                    del os.environ[name]
         import torch
 
         self.threads = torch.get_num_threads()
