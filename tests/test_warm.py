@@ -322,3 +322,15 @@ def test_a_module_that_cannot_be_imported_is_refused_at_start(tmp_path: Path) ->
     started = WarmServer(tmp_path, "--import", "no_such_module_here")
     assert started.wait() == 2
     assert "error: --import no_such_module_here:" in "".join(started.lines)
+
+
+@pytest.mark.slow  # starts a server (WarmServer)
+def test_stopping_the_server_stops_its_runs_as_a_launcher_does(tmp_path: Path) -> None:
+    started = WarmServer(tmp_path)
+    started.wait_for("ready at")
+    process = slow_run(started, tmp_path / "out")
+    assert started.stop() == 128 + signal.SIGTERM
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, err
+    assert "stopped by SIGTERM: finished rows are kept" in err
+    assert not started.path.exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import selectors
 import signal
 import socket
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from batch_runner.run import warm
+from batch_runner.run.lifecycle import STOP_SIGNALS
 from batch_runner.run.warm.protocol import peer_uid, receive, send
 from batch_runner.run.warm.sameness import changed_files, differences, module_files, process_facts
 
@@ -73,6 +75,8 @@ class Server:
         # the loop, which then sees the listener gone.
         self.wakeup_r, self.wakeup_w = os.pipe()
         os.set_blocking(self.wakeup_w, False)
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.wakeup_r, selectors.EVENT_READ, "wakeup")
 
     # -- start
 
@@ -149,6 +153,7 @@ class Server:
         self.inode = os.stat(staging).st_ino
         os.replace(staging, self.path)
         self.listener = listener
+        self.selector.register(listener, selectors.EVENT_READ, "accept")
 
     def close(self) -> None:
         """Stop listening; remove the socket if it still is ours."""
@@ -163,25 +168,19 @@ class Server:
     # -- serve
 
     def serve(self) -> None:
-        import selectors
-
-        assert self.listener is not None
-        sel = selectors.DefaultSelector()
-        sel.register(self.listener, selectors.EVENT_READ, "accept")
-        sel.register(self.wakeup_r, selectors.EVENT_READ, "wakeup")
-        self._selector = sel
+        """Until it stops listening and its last run ended: take runs, relay their signals, reap them."""
         previous = signal.set_wakeup_fd(self.wakeup_w, warn_on_full_buffer=False)
         try:
             while self.listener is not None or self.runs:
-                for key, _ in sel.select():
+                for key, _ in self.selector.select():
                     if key.data == "wakeup":
                         os.read(self.wakeup_r, 64)
                     elif key.data == "accept" and self.listener is not None:
-                        self._accept(sel)
+                        self._accept()
                     elif isinstance(key.data, tuple) and key.data[0] == "conn":
-                        self._from_run(sel, key.data[1])
+                        self._from_run(key.data[1])
                     elif isinstance(key.data, tuple) and key.data[0] == "exit":
-                        self._reap(sel, key.data[1])
+                        self._reap(key.data[1])
         finally:
             signal.set_wakeup_fd(previous)
             self.stop_runs()
@@ -193,12 +192,10 @@ class Server:
 
     def stop_listening(self) -> None:
         if self.listener is not None:
-            self._selector.unregister(self.listener)
+            self.selector.unregister(self.listener)
             self.close()
 
-    def _accept(self, sel: Any) -> None:
-        import selectors
-
+    def _accept(self) -> None:
         assert self.listener is not None
         conn, _ = self.listener.accept()
         conn.settimeout(10.0)  # a run's process sends its request at once; never hang on one that does not
@@ -223,8 +220,8 @@ class Server:
         pidfd = os.pidfd_open(pid)
         run = Run(pid, pidfd, conn)
         self.runs[pidfd] = run
-        sel.register(conn, selectors.EVENT_READ, ("conn", pidfd))
-        sel.register(pidfd, selectors.EVENT_READ, ("exit", pidfd))
+        self.selector.register(conn, selectors.EVENT_READ, ("conn", pidfd))
+        self.selector.register(pidfd, selectors.EVENT_READ, ("exit", pidfd))
         send(conn, {"pid": pid})
         say(f"run {pid}: {' '.join(request['argv'][1:])[:200]}")
 
@@ -247,11 +244,17 @@ class Server:
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
         server_pid = os.getpid()
+        # No stop signal may run the server's handler in the child (it would remove the server's
+        # socket): held back over the fork, then the parent's go to the server, the child's to its
+        # default handlers.
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         pid = os.fork()
         if pid:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
             return pid
         try:  # the child: from here on it must never return into the server's loop
             self._leave_server(conn)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
             code = become_run(request, fds, server_pid, self.threads, self.import_env)
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
@@ -269,10 +272,10 @@ class Server:
 
     def _leave_server(self, conn: socket.socket) -> None:
         """In a fresh child: default signal handlers, and none of the server's descriptors."""
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
+        for sig in STOP_SIGNALS:
             signal.signal(sig, signal.SIG_DFL if sig != signal.SIGINT else signal.default_int_handler)
         signal.set_wakeup_fd(-1)
-        self._selector.close()
+        self.selector.close()
         os.close(self.wakeup_r)
         os.close(self.wakeup_w)
         if self.listener is not None:
@@ -282,7 +285,7 @@ class Server:
             os.close(run.pidfd)
         conn.close()
 
-    def _from_run(self, sel: Any, pidfd: int) -> None:
+    def _from_run(self, pidfd: int) -> None:
         run = self.runs[pidfd]
         try:
             data = run.conn.recv(64)
@@ -293,21 +296,21 @@ class Server:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(run.pid, signum)
             return
-        sel.unregister(run.conn)  # the run's process is gone (its launcher killed it): stop the child
+        self.selector.unregister(run.conn)  # the run's process is gone (its launcher killed it): stop the child
         if not run.stopped:
             run.stopped = True
             with contextlib.suppress(ProcessLookupError):
                 os.kill(run.pid, signal.SIGTERM)
 
-    def _reap(self, sel: Any, pidfd: int) -> None:
+    def _reap(self, pidfd: int) -> None:
         run = self.runs.pop(pidfd)
         _, status = os.waitpid(run.pid, 0)
         code = os.waitstatus_to_exitcode(status)
         code = code if code >= 0 else 128 - code
-        sel.unregister(pidfd)
+        self.selector.unregister(pidfd)
         os.close(pidfd)
         with contextlib.suppress(KeyError, ValueError):
-            sel.unregister(run.conn)
+            self.selector.unregister(run.conn)
         with contextlib.suppress(OSError):
             send(run.conn, {"exit": code})
         run.conn.close()
@@ -385,7 +388,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     problem = server.fork_problem()
     if problem is not None:
-        print(f"error: cannot serve runs: {problem}.", file=sys.stderr)
+        hint = f" (leave out --import {' --import '.join(args.imports)}?)" if args.imports else ""
+        print(f"error: cannot serve runs: {problem}{hint}.", file=sys.stderr)
         return 2
     stop = {"signal": 0}
 
