@@ -11,10 +11,10 @@ torch's DataLoader workers do: the child starts with every module in memory.
 serves every `python run.py ...` (and every process of an `accelerate launch`) of this checkout,
 by this user, on this host. run.py asks it before its own slow imports (`hand_over`). The server
 refuses, and the run starts cold exactly as without it, printing one line why, whenever the
-child could differ from a fresh process: another interpreter, its flags or sys.path roots, an
-environment variable that a module may have read at import (any but the launchers' own, below),
-another cgroup, namespace, resource limit or niceness it cannot take, or a module file changed since
-the server imported it (then the server also stops: start it again). The child takes the run's
+child could differ from a fresh process (sameness.py): another interpreter or its flags, an
+environment variable that a module may have read at import (any but those launchers set per
+process), another cgroup, namespace, resource limit or niceness it cannot take, or a module file
+changed since the server imported it (then the server also stops: start it again). The child takes the run's
 standard streams, working folder, environment, arguments, umask and CPU affinity, and runs run.py as
 its main module; the server relays the run's stop signals to it and its exit status back. A run's
 process that ends (its launcher killed it) stops its child with SIGTERM, and a stopped server stops
@@ -66,6 +66,29 @@ def socket_path() -> Path:
     return base / f"warm-{hashlib.sha1(checkout.encode()).hexdigest()[:12]}.sock"
 
 
+def this_process(script: str) -> dict[str, Any]:
+    """What the server's child takes over from this process (server.become_run), and what the server
+    compares with its own (`facts`, `env`, `nice`)."""
+    from batch_runner.run import startup
+
+    process_start, interpreter = startup.own_start()
+    umask = os.umask(0)
+    os.umask(umask)
+    return {
+        "argv": [str(script), *sys.argv[1:]],
+        "cwd": os.getcwd(),
+        "env": dict(os.environ),
+        "path": sys.path,
+        "facts": process_facts(),
+        "umask": umask,
+        "nice": os.nice(0),
+        "affinity": sorted(os.sched_getaffinity(0)),
+        "parent": os.getppid(),
+        "process_start": process_start,
+        "interpreter": interpreter,
+    }
+
+
 def hand_over(script: str) -> int | None:
     """Have the warm server run this command; its exit status, or None to run it here (no server,
     or one that refused: then one line on stderr says why)."""
@@ -83,24 +106,9 @@ def hand_over(script: str) -> int | None:
     with conn:
         if peer_uid(conn) != os.getuid():  # never hand this run's streams and environment to another user
             return None
-        from batch_runner.run import lifecycle, startup
+        from batch_runner.run import lifecycle
 
-        process_start, interpreter = startup.own_start()
-        umask = os.umask(0)
-        os.umask(umask)
-        request = {
-            "argv": [str(script), *sys.argv[1:]],
-            "cwd": os.getcwd(),
-            "env": dict(os.environ),
-            "path": sys.path,
-            "facts": process_facts(),
-            "umask": umask,
-            "nice": os.nice(0),
-            "affinity": sorted(os.sched_getaffinity(0)),
-            "parent": os.getppid(),
-            "process_start": process_start,
-            "interpreter": interpreter,
-        }
+        request = this_process(script)
         # From here each stop signal goes to the server, which passes it to the child (one that came
         # before the fork waits in the socket for it); a refused run takes its signals back.
         got: list[int] = []

@@ -55,13 +55,7 @@ def differences(server: Mapping[str, Any], run: Mapping[str, Any]) -> list[str]:
     found = [name for name in server["facts"] if server["facts"][name] != run["facts"].get(name)]
     env_server, env_run = server["env"], run["env"]
     names = sorted(set(env_server) | set(env_run))
-    set_by_imports = server.get("import_env", {})  # a run started by a run (torchrun's workers) has them
-    found += [
-        f"${name}"
-        for name in names
-        if not launch_variable(name)
-        and env_run.get(name) not in (env_server.get(name), set_by_imports.get(name, env_server.get(name)))
-    ]
+    found += [f"${name}" for name in names if not launch_variable(name) and env_server.get(name) != env_run.get(name)]
     if "OMP_NUM_THREADS" in env_server and "OMP_NUM_THREADS" not in env_run:
         found.append("$OMP_NUM_THREADS (the server's is set, the run's is not)")
     if run.get("nice", 0) < server.get("nice", 0):

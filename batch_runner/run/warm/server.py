@@ -70,7 +70,6 @@ class Server:
         self.listener: socket.socket | None = None
         self.inode = 0
         self.threads = 1
-        self.import_env: dict[str, str] = {}
         # A stop signal's number is written here (signal.set_wakeup_fd), so that select() returns to
         # the loop, which then sees the listener gone.
         self.wakeup_r, self.wakeup_w = os.pipe()
@@ -110,9 +109,6 @@ class Server:
 
         self.threads = torch.get_num_threads()
         self.files = module_files()
-        # What the imports set (inductor sets TORCHINDUCTOR_CACHE_DIR): a fresh run's imports would too.
-        self.import_env = {k: v for k, v in os.environ.items() if before.get(k) != v}
-        self.me["import_env"] = self.import_env
         return time.monotonic() - began
 
     def fork_problem(self) -> str | None:
@@ -255,7 +251,7 @@ class Server:
         try:  # the child: from here on it must never return into the server's loop
             self._leave_server(conn)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-            code = become_run(request, fds, server_pid, self.threads, self.import_env)
+            code = become_run(request, fds, server_pid, self.threads)
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         except KeyboardInterrupt:  # Ctrl-C before the run's own handlers: as Python's own exit from it
@@ -317,12 +313,14 @@ class Server:
         say(f"run {run.pid}: exit {code} after {time.monotonic() - run.started:.1f} s")
 
 
-def become_run(
-    request: Mapping[str, Any], fds: list[int], server_pid: int, server_threads: int, import_env: Mapping[str, str]
-) -> int:
+def become_run(request: Mapping[str, Any], fds: list[int], server_pid: int, server_threads: int) -> int:
     """In the forked child: take over the run's process (streams, folder, environment, arguments,
-    start-up marks) and run run.py as __main__; its exit status. `import_env`: the variables the
-    server's imports set, as the run's own imports would have."""
+    start-up marks) and run run.py as __main__; its exit status.
+
+    The environment is the run's exactly. What the server's imports set in theirs is dropped: torch's
+    dynamo sets TORCHINDUCTOR_CACHE_DIR to inductor's default when imported, which a fresh run sets
+    only after choosing its own compile cache (compile_cache.configure), and which inductor sets again
+    from the environment whenever it reads it."""
     warm.mark_forked_run()
     from batch_runner.run import lifecycle
 
@@ -333,7 +331,6 @@ def become_run(
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
-    os.environ.update(import_env)
     os.umask(request["umask"])
     nice = request["nice"] - os.nice(0)
     if nice > 0:
@@ -404,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         server.listen()
     except OSError as e:
-        print(f"error: cannot listen at {path}: {e}; set {warm.SOCKET_ENV} to a shorter path.", file=sys.stderr)
+        print(f"error: cannot listen at {path}: {e}; set {warm.SOCKET_ENV} to another path.", file=sys.stderr)
         return 2
     say(f"ready at {path}: imports took {seconds:.1f} s; `python run.py ...` of this checkout starts here")
     try:
