@@ -313,7 +313,7 @@ def test_a_changed_module_sends_runs_cold_and_stops_the_server(tmp_path: Path) -
 def test_a_module_that_cannot_be_imported_is_refused_at_start(tmp_path: Path) -> None:
     started = WarmServer(tmp_path, "--import", "no_such_module_here")
     assert started.wait() == 2
-    assert "error: --import no_such_module_here:" in "".join(started.lines)
+    assert "error: --import no_such_module_here: it is not installed." in "".join(started.lines)
 
 
 @pytest.mark.slow  # starts a server (WarmServer)
@@ -341,3 +341,40 @@ def test_a_warm_run_compiles_into_the_cache_a_cold_run_would(tmp_path: Path) -> 
     assert "not used" not in done.stderr
     assert any((cache_home / "batch_runner" / "inductor").iterdir())  # compile_cache.default_cache_dir()
     assert started.stop() == 128 + signal.SIGTERM
+
+
+PROBE = """
+import json, sys
+from batch_runner.run.warm.server import import_if_fork_safe
+results = {name: import_if_fork_safe(name) for name in sys.argv[1:]}
+results["imported here"] = [name for name in sys.argv[1:] if name in sys.modules]
+print(json.dumps(results))
+"""
+
+
+@pytest.mark.slow  # forks trial imports in a process of its own
+def test_a_module_is_imported_ahead_only_where_a_trial_child_stays_forkable(tmp_path: Path) -> None:
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    # A copy of a real shared library under CUDA's driver's name: what the check reads is the mapping.
+    libz = next(Path(p) for p in ("/usr/lib/x86_64-linux-gnu/libz.so.1", "/lib/x86_64-linux-gnu/libz.so.1"))
+    (plugins / "libcuda.so.1").write_bytes(libz.read_bytes())
+    sources = {
+        "clean_plugin": "VALUE = 1\n",
+        "threaded_plugin": "import threading\nthreading.Thread(target=threading.Event().wait, daemon=True).start()\n",
+        "cuda_plugin": f"import ctypes\nctypes.CDLL({str(plugins / 'libcuda.so.1')!r})\n",
+        "broken_plugin": "raise ValueError('no')\n",
+    }
+    for name, source in sources.items():
+        (plugins / f"{name}.py").write_text(source)
+    names = [*sources, "no_such_plugin_here"]
+    env = {**os.environ, "PYTHONPATH": f"{plugins}{os.pathsep}{ROOT}"}
+    done = subprocess.run([sys.executable, "-c", PROBE, *names], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    results = json.loads(done.stdout.splitlines()[-1])
+    assert results["clean_plugin"] is None
+    assert results["threaded_plugin"].startswith("importing started threads (")
+    assert results["cuda_plugin"].startswith("importing loaded CUDA's driver (libcuda)")
+    assert results["broken_plugin"] == "it failed to import"
+    assert results["no_such_plugin_here"] == "it is not installed"
+    assert results["imported here"] == ["clean_plugin"]

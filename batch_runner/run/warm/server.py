@@ -27,7 +27,6 @@ PRELOADS = (
     "torch._inductor.compile_fx",
     "torch._inductor.codecache",
     "torch.distributed.run",
-    "triton",
     "diffusers",
     "transformers",
     "accelerate",
@@ -45,6 +44,65 @@ PRELOADS = (
 # offers for processes that fork, it does not. And inductor may start its compile workers' pool (a
 # process and a thread) when it is imported where triton is: each run starts its own at its first compile.
 WHILE_IMPORTING = {"PYTORCH_NVML_BASED_CUDA_CHECK": "1", "TORCH_WARM_POOL": "0"}
+
+
+# Imported only where a child that imports them first finds them harmless to fork after (see
+# import_if_fork_safe): they may load CUDA's driver or start threads in some versions.
+PROBED_PRELOADS = ("triton", "flash_attn.cute")
+
+
+class ImportRefused(Exception):
+    def __init__(self, name: str, why: str) -> None:
+        super().__init__(f"--import {name}: {why}")
+
+
+def unforkable() -> str | None:
+    """Why a child forked from this process now could not be trusted, or None. No other thread may
+    run (it could hold a lock the child would wait on forever), and CUDA's driver must not be loaded
+    (a child forked after it could not use the GPU)."""
+    import threading
+
+    others = [t.name for t in threading.enumerate() if t is not threading.current_thread()]
+    if others:
+        return f"importing started threads ({', '.join(others)})"
+    with contextlib.suppress(OSError):
+        if "libcuda.so" in Path("/proc/self/maps").read_text():
+            return "importing loaded CUDA's driver (libcuda), after which no forked child can use the GPU"
+    return None
+
+
+_PROBE_CODES = {2: "it is not installed", 3: "it failed to import"}
+
+
+def import_if_fork_safe(name: str) -> str | None:
+    """Import module `name` here if a forked child that imports it first stays forkable (`unforkable`);
+    else why not (and nothing was imported here)."""
+    import importlib
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read)
+        try:
+            importlib.import_module(name)
+            problem = unforkable()
+            code = 0 if problem is None else 1
+            os.write(write, (problem or "").encode())
+        except ImportError:
+            code = 2
+        except BaseException:
+            code = 3
+        os._exit(code)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        said = pipe.read().decode()
+    code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    if code == 0:
+        importlib.import_module(name)
+        return None
+    return said if code == 1 else _PROBE_CODES.get(code, f"its trial import ended with {code}")
 
 
 @dataclass
@@ -70,6 +128,7 @@ class Server:
         self.listener: socket.socket | None = None
         self.inode = 0
         self.threads = 1
+        self.skipped: dict[str, str] = {}  # PROBED_PRELOADS not imported, and why
         # A stop signal's number is written here (signal.set_wakeup_fd), so that select() returns to
         # the loop, which then sees the listener gone.
         self.wakeup_r, self.wakeup_w = os.pipe()
@@ -80,7 +139,8 @@ class Server:
     # -- start
 
     def warm_up(self) -> float:
-        """Import what runs import; seconds taken."""
+        """Import what runs import; seconds taken. Raises ImportRefused for an `--import` that
+        cannot be imported, or that would leave a forked child unable to run."""
         import importlib
 
         began = time.monotonic()
@@ -88,17 +148,22 @@ class Server:
         self.me = {"facts": process_facts(), "env": before, "nice": os.nice(0)}
         os.environ.update(WHILE_IMPORTING)
         try:
-            for name in PRELOADS + tuple(self.extra_imports):
-                try:
+            for name in PRELOADS:
+                with contextlib.suppress(ImportError):
                     importlib.import_module(name)
-                except ImportError:
-                    if name in self.extra_imports:
-                        raise
             from batch_runner.families import FAMILY_MODULES, family_named
 
             for family in FAMILY_MODULES:  # each family's pipeline module, and the models it imports
                 with contextlib.suppress(Exception):
                     family_named(family).pipeline_class  # noqa: B018  reading it imports it
+            for name in PROBED_PRELOADS:
+                why = import_if_fork_safe(name)
+                if why is not None:
+                    self.skipped[name] = why
+            for name in self.extra_imports:
+                why = import_if_fork_safe(name)
+                if why is not None:
+                    raise ImportRefused(name, why)
         finally:
             for name in WHILE_IMPORTING:
                 if name in before:
@@ -112,17 +177,11 @@ class Server:
         return time.monotonic() - began
 
     def fork_problem(self) -> str | None:
-        """Why a forked child could not be trusted, or None. No thread of Python's may run here (one
-        could hold a lock the child then waits on forever); the CUDA driver must not be loaded (a child
-        forked after could not use the GPU); and a child that starts CUDA, where a GPU is, must succeed."""
-        import threading
-
-        others = [t.name for t in threading.enumerate() if t is not threading.current_thread()]
-        if others:
-            return f"importing started threads ({', '.join(others)})"
-        maps = Path("/proc/self/maps").read_text() if Path("/proc/self/maps").exists() else ""
-        if "libcuda.so" in maps:
-            return "the CUDA driver was loaded while importing (a module asked for a GPU at import)"
+        """Why a forked child could not be trusted, or None (`unforkable`); and a child that starts
+        CUDA, where a GPU is, must succeed."""
+        problem = unforkable()
+        if problem is not None:
+            return problem
         pid = os.fork()
         if pid == 0:
             code = 0
@@ -369,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         default=[],
         metavar="MODULE",
-        help="also import MODULE before serving (e.g. flash_attn.cute); repeatable",
+        help="also import MODULE before serving (refused if that would leave a forked run unable to run); repeatable",
     )
     args = parser.parse_args(argv)
     path = warm.socket_path()
@@ -380,13 +439,14 @@ def main(argv: list[str] | None = None) -> int:
     server = Server(path, args.imports)
     try:
         seconds = server.warm_up()
-    except ImportError as e:
-        print(f"error: --import {e.name or ''}: {e}", file=sys.stderr)
+    except ImportRefused as e:
+        print(f"error: {e}.", file=sys.stderr)
         return 2
+    for name, why in server.skipped.items():
+        say(f"{name} not imported ahead: {why}")
     problem = server.fork_problem()
     if problem is not None:
-        hint = f" (leave out --import {' --import '.join(args.imports)}?)" if args.imports else ""
-        print(f"error: cannot serve runs: {problem}{hint}.", file=sys.stderr)
+        print(f"error: cannot serve runs: {problem}.", file=sys.stderr)
         return 2
     stop = {"signal": 0}
 
