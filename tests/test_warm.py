@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import socket
 import subprocess
@@ -162,7 +163,11 @@ def test_a_forked_run_reads_its_launcher_as_its_parent(monkeypatch) -> None:
 
 
 class WarmServer:
-    """`python -m batch_runner.run.warm` on a socket of its own; `env` is what its runs must share."""
+    """`python -m batch_runner.run.warm` on a socket of its own; `env` is what its runs must share.
+    A thread reads its log, so that a server that hangs fails the test after HUNG_SECONDS rather than
+    holding the suite."""
+
+    HUNG_SECONDS = 300
 
     def __init__(self, folder: Path, *extra: str, env: dict[str, str] | None = None) -> None:
         self.path = folder / "warm.sock"
@@ -174,15 +179,23 @@ class WarmServer:
             stderr=subprocess.PIPE,
             text=True,
         )
-        self.lines: list[str] = []
+        self.lines: list[str] = []  # read so far by wait_for
+        self.log: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self.log.put(line)
+        self.log.put(None)
 
     def wait_for(self, text: str) -> str:
         """The server's next log line holding `text` (its log is read up to there)."""
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
+        while (line := self.log.get(timeout=self.HUNG_SECONDS)) is not None:
             self.lines.append(line)
             if text in line:
                 return line
+        self.log.put(None)
         raise AssertionError(f"the server ended without saying {text!r}:\n{''.join(self.lines)}")
 
     def stop(self) -> int:
@@ -190,9 +203,10 @@ class WarmServer:
         return self.wait()
 
     def wait(self) -> int:
-        code = self.process.wait(timeout=120)
-        assert self.process.stderr is not None
-        self.lines += self.process.stderr.readlines()
+        code = self.process.wait(timeout=self.HUNG_SECONDS)
+        while (line := self.log.get(timeout=self.HUNG_SECONDS)) is not None:
+            self.lines.append(line)
+        self.log.put(None)
         return code
 
 
