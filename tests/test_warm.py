@@ -6,6 +6,7 @@ user does (`python run.py`, `accelerate launch --cpu`), against the same command
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -266,8 +267,9 @@ def test_a_run_of_another_environment_starts_cold_and_says_why(server: WarmServe
     assert "the warm server was not used ($HF_HOME differs from the server's); starting cold." in done.stderr
 
 
-def slow_run(server: WarmServer, out: Path) -> subprocess.Popen:
-    """A run through the server that makes each row slowly; returned once its child is making rows."""
+def slow_run(server: WarmServer, out: Path) -> tuple[subprocess.Popen, int]:
+    """A run through the server that makes each row slowly, and its child's pid; returned once the
+    child is making rows."""
     process = subprocess.Popen(
         [sys.executable, str(ROOT / "run.py"), f"manifest={EXAMPLES}", "model=tiny", *SLOW_ROWS, f"output_dir={out}"],
         cwd=ROOT,
@@ -276,16 +278,16 @@ def slow_run(server: WarmServer, out: Path) -> subprocess.Popen:
         stderr=subprocess.PIPE,
         text=True,
     )
-    served_pid(server, out)
+    child = served_pid(server, out)
     assert process.stderr is not None
     for line in process.stderr:  # the run's stop handlers are in place once it plans its rows
         if "rows to make" in line:
-            return process
+            return process, child
     raise AssertionError("the run ended before making rows")
 
 
 def test_a_stop_signal_to_the_run_reaches_its_child(server: WarmServer, tmp_path: Path) -> None:
-    process = slow_run(server, tmp_path)
+    process, _ = slow_run(server, tmp_path)
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGINT, err
@@ -293,7 +295,7 @@ def test_a_stop_signal_to_the_run_reaches_its_child(server: WarmServer, tmp_path
 
 
 def test_a_killed_run_process_takes_its_child_along(server: WarmServer, tmp_path: Path) -> None:
-    process = slow_run(server, tmp_path)
+    process, _ = slow_run(server, tmp_path)
     process.kill()  # as a launcher that gives up: no signal to relay, the connection just ends
     process.wait(timeout=60)
     server.wait_for(f"exit {128 + signal.SIGTERM}")  # the child stopped as on SIGTERM
@@ -334,7 +336,7 @@ def test_a_module_that_cannot_be_imported_is_refused_at_start(tmp_path: Path) ->
 def test_stopping_the_server_stops_its_runs_as_a_launcher_does(tmp_path: Path) -> None:
     started = WarmServer(tmp_path)
     started.wait_for("ready at")
-    process = slow_run(started, tmp_path / "out")
+    process, _ = slow_run(started, tmp_path / "out")
     assert started.stop() == 128 + signal.SIGTERM
     _, err = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGTERM, err
@@ -392,3 +394,18 @@ def test_a_module_is_imported_ahead_only_where_a_trial_child_stays_forkable(tmp_
     assert results["broken_plugin"] == "it failed to import"
     assert results["no_such_plugin_here"] == "it is not installed"
     assert results["imported here"] == ["clean_plugin"]
+
+
+@pytest.mark.slow  # starts a server (WarmServer)
+def test_a_killed_server_takes_its_runs_along_and_their_commands_say_so(tmp_path: Path) -> None:
+    import psutil
+
+    started = WarmServer(tmp_path)
+    started.wait_for("ready at")
+    process, child = slow_run(started, tmp_path / "out")
+    started.process.kill()  # no chance to stop its runs itself: the kernel's parent-death signal does
+    _, err = process.communicate(timeout=WarmServer.HUNG_SECONDS)
+    assert process.returncode == 1 and "the warm server ended before the run did." in err
+    with contextlib.suppress(psutil.NoSuchProcess):
+        psutil.Process(child).wait(timeout=WarmServer.HUNG_SECONDS)
+    assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE
