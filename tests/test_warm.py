@@ -349,7 +349,9 @@ def test_a_warm_run_compiles_into_the_cache_a_cold_run_would(tmp_path: Path) -> 
     """The server's imports set TORCHINDUCTOR_CACHE_DIR to inductor's default (dynamo does, when
     imported); the child takes the run's environment, so its run still picks its own compile cache."""
     cache_home = tmp_path / "cache"
-    started = WarmServer(tmp_path, env={**os.environ, "XDG_CACHE_HOME": str(cache_home)})
+    # As a user's shell has it: this test process's own imports of dynamo may have set the variable.
+    user = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    started = WarmServer(tmp_path, env={**user, "XDG_CACHE_HOME": str(cache_home)})
     started.wait_for("ready at")
     out = tmp_path / "o"
     done = run_cli(f"manifest={EXAMPLES}", "model=tiny", "speed.compile=on", f"output_dir={out}", env=started.env)
