@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from batch_runner.run import lifecycle, startup, warm
 from batch_runner.run.warm import protocol, sameness
-from batch_runner.run.warm.server import WHILE_IMPORTING
+from batch_runner.run.warm.preload import WHILE_IMPORTING
 from tests.conftest import ROOT, accelerate_cpu, run_cli
 
 EXAMPLES = ROOT / "examples" / "jobs.csv"
@@ -363,7 +363,7 @@ def test_a_warm_run_compiles_into_the_cache_a_cold_run_would(tmp_path: Path) -> 
 
 PROBE = """
 import json, sys
-from batch_runner.run.warm.server import import_if_fork_safe
+from batch_runner.run.warm.preload import import_if_fork_safe
 results = {name: import_if_fork_safe(name) for name in sys.argv[1:]}
 results["imported here"] = [name for name in sys.argv[1:] if name in sys.modules]
 print(json.dumps(results))

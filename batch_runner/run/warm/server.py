@@ -10,99 +10,16 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from batch_runner.run import warm
 from batch_runner.run.lifecycle import STOP_SIGNALS
+from batch_runner.run.warm.child import become_run
+from batch_runner.run.warm.preload import ImportRefused, preload, unforkable
 from batch_runner.run.warm.protocol import peer_uid, receive, send
 from batch_runner.run.warm.sameness import changed_files, differences, module_files, process_facts
-
-# Modules every run imports, past what importing run.py's own modules does; `--import` adds more.
-PRELOADS = (
-    "torch",
-    "torch._dynamo",
-    "torch._inductor.compile_fx",
-    "torch._inductor.codecache",
-    "torch.distributed.run",
-    "diffusers",
-    "transformers",
-    "accelerate",
-    "pandas",
-    "pyarrow.parquet",
-    "av",
-    "PIL.Image",
-    "hydra",
-    "batch_runner.run.cli",
-    "batch_runner.run.runner",
-)
-
-# Set while the server imports, then restored. A module that asks torch.cuda.is_available() at import
-# would start CUDA's driver here, and no child could then use the GPU; asked through NVML, as torch
-# offers for processes that fork, it does not. And inductor may start its compile workers' pool (a
-# process and a thread) when it is imported where triton is: each run starts its own at its first compile.
-WHILE_IMPORTING = {"PYTORCH_NVML_BASED_CUDA_CHECK": "1", "TORCH_WARM_POOL": "0"}
-
-
-# Imported only where a child that imports them first finds them harmless to fork after (see
-# import_if_fork_safe): they may load CUDA's driver or start threads in some versions.
-PROBED_PRELOADS = ("triton", "flash_attn.cute")
-
-
-class ImportRefused(Exception):
-    def __init__(self, name: str, why: str) -> None:
-        super().__init__(f"--import {name}: {why}")
-
-
-def unforkable() -> str | None:
-    """Why a child forked from this process now could not be trusted, or None. No other thread may
-    run (it could hold a lock the child would wait on forever), and CUDA's driver must not be loaded
-    (a child forked after it could not use the GPU)."""
-    import threading
-
-    others = [t.name for t in threading.enumerate() if t is not threading.current_thread()]
-    if others:
-        return f"importing started threads ({', '.join(others)})"
-    with contextlib.suppress(OSError):
-        if "libcuda.so" in Path("/proc/self/maps").read_text():
-            return "importing loaded CUDA's driver (libcuda), after which no forked child can use the GPU"
-    return None
-
-
-_PROBE_CODES = {2: "it is not installed", 3: "it failed to import"}
-
-
-def import_if_fork_safe(name: str) -> str | None:
-    """Import module `name` here if a forked child that imports it first stays forkable (`unforkable`);
-    else why not (and nothing was imported here)."""
-    import importlib
-
-    sys.stdout.flush()
-    sys.stderr.flush()
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(read)
-        try:
-            importlib.import_module(name)
-            problem = unforkable()
-            code = 0 if problem is None else 1
-            os.write(write, (problem or "").encode())
-        except ImportError:
-            code = 2
-        except BaseException:
-            code = 3
-        os._exit(code)
-    os.close(write)
-    with os.fdopen(read, "rb") as pipe:
-        said = pipe.read().decode()
-    code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
-    if code == 0:
-        importlib.import_module(name)
-        return None
-    return said if code == 1 else _PROBE_CODES.get(code, f"its trial import ended with {code}")
 
 
 @dataclass
@@ -139,37 +56,10 @@ class Server:
     # -- start
 
     def warm_up(self) -> float:
-        """Import what runs import; seconds taken. Raises ImportRefused for an `--import` that
-        cannot be imported, or that would leave a forked child unable to run."""
-        import importlib
-
+        """Import what runs import (preload.preload); seconds taken. Raises ImportRefused as it does."""
         began = time.monotonic()
-        before = dict(os.environ)  # as a fresh process of this environment starts
-        self.me = {"facts": process_facts(), "env": before, "nice": os.nice(0)}
-        os.environ.update(WHILE_IMPORTING)
-        try:
-            for name in PRELOADS:
-                with contextlib.suppress(ImportError):
-                    importlib.import_module(name)
-            from batch_runner.families import FAMILY_MODULES, family_named
-
-            for family in FAMILY_MODULES:  # each family's pipeline module, and the models it imports
-                with contextlib.suppress(Exception):
-                    family_named(family).pipeline_class  # noqa: B018  reading it imports it
-            for name in PROBED_PRELOADS:
-                why = import_if_fork_safe(name)
-                if why is not None:
-                    self.skipped[name] = why
-            for name in self.extra_imports:
-                why = import_if_fork_safe(name)
-                if why is not None:
-                    raise ImportRefused(name, why)
-        finally:
-            for name in WHILE_IMPORTING:
-                if name in before:
-                    os.environ[name] = before[name]
-                else:
-                    del os.environ[name]
+        self.me = {"facts": process_facts(), "env": dict(os.environ), "nice": os.nice(0)}  # as a fresh run's
+        self.skipped = preload(self.extra_imports)
         import torch
 
         self.threads = torch.get_num_threads()
@@ -370,47 +260,6 @@ class Server:
             send(run.conn, {"exit": code})
         run.conn.close()
         say(f"run {run.pid}: exit {code} after {time.monotonic() - run.started:.1f} s")
-
-
-def become_run(request: Mapping[str, Any], fds: list[int], server_pid: int, server_threads: int) -> int:
-    """In the forked child: take over the run's process (streams, folder, environment, arguments,
-    start-up marks) and run run.py as __main__; its exit status.
-
-    The environment is the run's exactly. What the server's imports set in theirs is dropped: torch's
-    dynamo sets TORCHINDUCTOR_CACHE_DIR to inductor's default when imported, which a fresh run sets
-    only after choosing its own compile cache (compile_cache.configure), and which inductor sets again
-    from the environment whenever it reads it."""
-    warm.mark_forked_run()
-    from batch_runner.run import lifecycle
-
-    if not lifecycle.die_with(server_pid):  # the server stops its children when it ends
-        return 128 + signal.SIGTERM
-    for target, fd in enumerate(fds):
-        os.dup2(fd, target)
-    os.chdir(request["cwd"])
-    os.environ.clear()
-    os.environ.update(request["env"])
-    os.umask(request["umask"])
-    nice = request["nice"] - os.nice(0)
-    if nice > 0:
-        os.nice(nice)
-    with contextlib.suppress(OSError):
-        os.sched_setaffinity(0, request["affinity"])
-    sys.argv = list(request["argv"])
-    sys.path[:] = request["path"]
-    sys.stdout.reconfigure(line_buffering=os.isatty(1))  # type: ignore[union-attr]
-    import torch
-
-    threads = os.environ.get("OMP_NUM_THREADS", "")
-    torch.set_num_threads(int(threads) if threads.isdigit() and int(threads) > 0 else server_threads)
-    from batch_runner.run import startup
-
-    startup.adopt(request["process_start"], request["interpreter"])
-    lifecycle.adopt_parent(request["parent"])
-    import runpy
-
-    runpy.run_path(sys.argv[0], run_name="__main__")
-    return 0
 
 
 def say(text: str) -> None:
