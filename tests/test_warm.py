@@ -302,7 +302,7 @@ def test_a_killed_run_process_takes_its_child_along(server: WarmServer, tmp_path
 
 
 @pytest.mark.slow  # starts a server (WarmServer)
-def test_a_changed_module_sends_runs_cold_and_stops_the_server(tmp_path: Path) -> None:
+def test_a_changed_module_sends_a_run_cold_and_the_server_starts_again_with_it(tmp_path: Path) -> None:
     module = tmp_path / "mods" / "user_plugin.py"
     module.parent.mkdir()
     seen = module.with_suffix(".env")  # what the server's imports saw of the variables it sets for them
@@ -317,12 +317,17 @@ def test_a_changed_module_sends_runs_cold_and_stops_the_server(tmp_path: Path) -
         [sys.executable, "-m", "batch_runner.run.warm"], cwd=ROOT, env=started.env, capture_output=True, text=True
     )
     assert second.returncode == 2 and "a warm server already serves this checkout" in second.stderr
-    module.write_text("VALUE = 22\n")  # changed since the server imported it
-    done = run_cli(f"manifest={EXAMPLES}", "model=tiny", f"output_dir={tmp_path / 'o'}", env=started.env)
+    module.write_text(f"import pathlib\npathlib.Path({str(seen)!r}).write_text('the new code')\n")
+    done = run_cli(f"manifest={EXAMPLES}", "model=tiny", f"output_dir={tmp_path / 'cold'}", env=started.env)
     assert done.returncode == 0, done.stderr
-    assert f"({module} changed since the server started: start it again); starting cold." in done.stderr
-    started.wait_for("changed since this server imported it; stopping")
-    assert started.wait() == 0 and not started.path.exists()
+    assert f"({module} changed since the server started; it is starting again); starting cold." in done.stderr
+    started.wait_for("changed since this server imported it; it starts again once its runs end")
+    started.wait_for("ready at")  # the same process, the code imported again
+    assert seen.read_text() == "the new code"
+    done = run_cli(f"manifest={EXAMPLES}", "model=tiny", f"output_dir={tmp_path / 'warm'}", env=started.env)
+    assert done.returncode == 0 and "not used" not in done.stderr, done.stderr
+    started.wait_for(f"output_dir={tmp_path / 'warm'}")
+    assert started.stop() == 128 + signal.SIGTERM and not started.path.exists()
 
 
 @pytest.mark.slow  # starts a server (WarmServer)

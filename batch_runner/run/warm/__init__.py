@@ -14,7 +14,7 @@ refuses, and the run starts cold exactly as without it, printing one line why, w
 child could differ from a fresh process (sameness.py): another interpreter or its flags, an
 environment variable that a module may have read at import (any but those launchers set per
 process), another cgroup, namespace, resource limit or niceness it cannot take, or a module file
-changed since the server imported it (then the server also stops: start it again). The child takes the run's
+changed since the server imported it (then the server starts again by itself once its runs end). The child takes the run's
 standard streams, working folder, environment, arguments, umask and CPU affinity, and runs run.py as
 its main module; the server relays the run's stop signals to it and its exit status back. A run's
 process that ends (its launcher killed it) stops its child with SIGTERM, and a stopped server stops

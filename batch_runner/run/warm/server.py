@@ -46,6 +46,7 @@ class Server:
         self.inode = 0
         self.threads = 1
         self.skipped: dict[str, str] = {}  # PROBED_PRELOADS not imported, and why
+        self.stale = False  # a module file changed since the imports: start again, as run, once idle
         # A stop signal's number is written here (signal.set_wakeup_fd), so that select() returns to
         # the loop, which then sees the listener gone.
         self.wakeup_r, self.wakeup_w = os.pipe()
@@ -176,10 +177,11 @@ class Server:
         if peer_uid(conn) != os.getuid():
             return "another user's run"
         changed = changed_files(self.files)
-        if changed:
-            self.stop_listening()  # its modules are stale: every later run would be refused too
-            say(f"{changed[0]} changed since this server imported it; stopping (start it again)")
-            return f"{changed[0]} changed since the server started: start it again"
+        if changed:  # its modules are stale: every later run would be refused too
+            self.stale = True
+            self.stop_listening()
+            say(f"{changed[0]} changed since this server imported it; it starts again once its runs end")
+            return f"{changed[0]} changed since the server started; it is starting again"
         found = differences(self.me, request)
         if found:
             return f"{', '.join(found[:3])} differ{'s' if len(found) == 1 else ''} from the server's"
@@ -317,4 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         server.serve()
     finally:
         server.close()
+    if server.stale and not stop["signal"]:  # after a `git pull` or `pip install`: import the code as it is now
+        say("starting again")
+        os.execve(sys.executable, sys.orig_argv, server.me["env"])  # the environment it started with
     return 128 + stop["signal"] if stop["signal"] else 0
