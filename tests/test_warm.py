@@ -127,21 +127,18 @@ def test_no_server_or_a_turned_off_one_leaves_the_run_here(tmp_path: Path, monke
     assert warm.hand_over(str(ROOT / "run.py")) is None
 
 
-def test_a_server_whose_imports_started_a_thread_serves_no_run(tmp_path: Path) -> None:
-    from batch_runner.run.warm.server import Server
+def test_a_server_whose_imports_started_a_thread_serves_no_run() -> None:
+    from batch_runner.run.warm.preload import unforkable
 
-    server = Server(tmp_path / "s.sock", [])
     release = threading.Event()
     thread = threading.Thread(target=release.wait, name="left-by-an-import")
     thread.start()
     try:
-        problem = server.fork_problem() or ""  # other tests of this process may have left pools running
+        problem = unforkable() or ""  # other tests of this process may have left pools running
         assert problem.startswith("importing started threads (") and "left-by-an-import" in problem
     finally:
         release.set()
         thread.join()
-        os.close(server.wakeup_r)
-        os.close(server.wakeup_w)
 
 
 def test_a_forked_run_counts_its_start_up_from_the_runs_process(monkeypatch) -> None:
@@ -385,7 +382,11 @@ def test_a_module_is_imported_ahead_only_where_a_trial_child_stays_forkable(tmp_
     sources = {
         "clean_plugin": "VALUE = 1\n",
         "threaded_plugin": "import threading\nthreading.Thread(target=threading.Event().wait, daemon=True).start()\n",
-        "cuda_plugin": f"import ctypes\nctypes.CDLL({str(plugins / 'libcuda.so.1')!r})\n",
+        # Loads the driver where there is no GPU to lose: harmless.
+        "driver_plugin": f"import ctypes\nctypes.CDLL({str(plugins / 'libcuda.so.1')!r})\n",
+        # Loads the driver and has a forked child find a GPU it cannot use: as if it had started CUDA.
+        "cuda_plugin": f"import ctypes, torch\nctypes.CDLL({str(plugins / 'libcuda.so.1')!r})\n"
+        "torch.cuda.is_available = lambda: True\n",
         "broken_plugin": "raise ValueError('no')\n",
     }
     for name, source in sources.items():
@@ -397,10 +398,13 @@ def test_a_module_is_imported_ahead_only_where_a_trial_child_stays_forkable(tmp_
     results = json.loads(done.stdout.splitlines()[-1])
     assert results["clean_plugin"] is None
     assert results["threaded_plugin"].startswith("importing started threads (")
-    assert results["cuda_plugin"].startswith("importing loaded CUDA's driver (libcuda)")
+    assert results["driver_plugin"] is None
+    assert (
+        results["cuda_plugin"] == "a child forked after the imports could not use the GPU (they loaded CUDA's driver)"
+    )
     assert results["broken_plugin"] == "it failed to import"
     assert results["no_such_plugin_here"] == "it is not installed"
-    assert results["imported here"] == ["clean_plugin"]
+    assert results["imported here"] == ["clean_plugin", "driver_plugin"]
 
 
 @pytest.mark.slow  # starts a server (WarmServer)

@@ -14,15 +14,16 @@ refuses, and the run starts cold exactly as without it, printing one line why, w
 child could differ from a fresh process (sameness.py): another interpreter or its flags, an
 environment variable that a module may have read at import (any but those launchers set per
 process), another cgroup, namespace, resource limit or niceness it cannot take, or a module file
-changed since the server imported it (then the server starts again by itself once its runs end). The child takes the run's
-standard streams, working folder, environment, arguments, umask and CPU affinity, and runs run.py as
-its main module; the server relays the run's stop signals to it and its exit status back. A run's
-process that ends (its launcher killed it) stops its child with SIGTERM, and a stopped server stops
-its children the same way: rows already made are kept, as after any stop.
+changed since the server imported it (then the server starts again by itself once its runs end).
+The child takes the run's standard streams, working folder, environment, arguments, umask and CPU
+affinity, and runs run.py as its main module; the server relays the run's stop signals to it and its
+exit status back. A run's process that ends (its launcher killed it) stops its child with SIGTERM,
+and a stopped server stops its children the same way: rows already made are kept, as after any stop.
 
-CUDA must not have started in the server, or no child could use it: the server refuses to serve
-when the CUDA driver library is loaded after its imports, and first forks one child that starts CUDA
-(where there is a GPU) to prove it. Linux only (fork, pidfd, SCM_RIGHTS); elsewhere run.py runs cold.
+CUDA must not have started in the server, or no child could use the GPU: the server imports with
+torch's fork-safe (NVML) CUDA check, tries triton's and FlashAttention-4's imports in a child first,
+and before serving forks a child that starts CUDA, where there is a GPU, refusing to serve if it
+cannot (preload.py). Linux only (fork, pidfd, SCM_RIGHTS); elsewhere run.py runs cold.
 """
 
 from __future__ import annotations

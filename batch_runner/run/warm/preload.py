@@ -46,17 +46,32 @@ class ImportRefused(Exception):
 
 def unforkable() -> str | None:
     """Why a child forked from this process now could not be trusted, or None. No other thread may
-    run (it could hold a lock the child would wait on forever), and CUDA's driver must not be loaded
-    (a child forked after it could not use the GPU)."""
+    run (it could hold a lock the child would wait on forever), and a child must be able to use the
+    GPU where there is one (it cannot once this process started CUDA's driver): one is forked to try."""
     import threading
 
     others = [t.name for t in threading.enumerate() if t is not threading.current_thread()]
     if others:
         return f"importing started threads ({', '.join(others)})"
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.zeros(1, device="cuda").add_(1).item()
+        except BaseException:
+            code = 1
+        os._exit(code)
+    if os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0:
+        return None
     with contextlib.suppress(OSError):
         if "libcuda.so" in Path("/proc/self/maps").read_text():
-            return "importing loaded CUDA's driver (libcuda), after which no forked child can use the GPU"
-    return None
+            return "a child forked after the imports could not use the GPU (they loaded CUDA's driver)"
+    return "a child forked after the imports could not use the GPU"
 
 
 _PROBE_CODES = {2: "it is not installed", 3: "it failed to import"}

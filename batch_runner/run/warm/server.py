@@ -67,26 +67,6 @@ class Server:
         self.files = module_files()
         return time.monotonic() - began
 
-    def fork_problem(self) -> str | None:
-        """Why a forked child could not be trusted, or None (`unforkable`); and a child that starts
-        CUDA, where a GPU is, must succeed."""
-        problem = unforkable()
-        if problem is not None:
-            return problem
-        pid = os.fork()
-        if pid == 0:
-            code = 0
-            try:
-                import torch
-
-                if torch.cuda.is_available():
-                    torch.zeros(1, device="cuda").add_(1).item()
-            except BaseException:
-                code = 1
-            os._exit(code)
-        _, status = os.waitpid(pid, 0)
-        return None if os.waitstatus_to_exitcode(status) == 0 else "a forked child could not start CUDA"
-
     def listen(self) -> None:
         """Listen at self.path, put in place atomically (a run sees no socket or a ready server)."""
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -295,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for name, why in server.skipped.items():
         say(f"{name} not imported ahead: {why}")
-    problem = server.fork_problem()
+    problem = unforkable()
     if problem is not None:
         print(f"error: cannot serve runs: {problem}.", file=sys.stderr)
         return 2
