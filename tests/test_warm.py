@@ -420,3 +420,31 @@ def test_a_killed_server_takes_its_runs_along_and_their_commands_say_so(tmp_path
     with contextlib.suppress(psutil.NoSuchProcess):
         psutil.Process(child).wait(timeout=WarmServer.HUNG_SECONDS)
     assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE
+
+
+@pytest.mark.slow  # forks a child
+def test_a_run_that_ends_as_its_process_relays_a_signal_is_reaped_once(tmp_path: Path) -> None:
+    """Both of a run's events in one select(): its child's end first, then a byte from its process.
+    The second must not reach a run already reaped (nor, its pidfd's number reused, another run)."""
+    import select
+    import selectors
+
+    from batch_runner.run.warm.server import Run, Server
+
+    server = Server(tmp_path / "s.sock", [])
+    ours, theirs = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:
+        os._exit(7)
+    pidfd = os.pidfd_open(pid)
+    select.select([pidfd], [], [])  # the child has ended: its event is ready first
+    run = Run(pid, pidfd, ours)
+    server.runs[pid] = run
+    server.selector.register(pidfd, selectors.EVENT_READ, ("exit", run))
+    server.selector.register(ours, selectors.EVENT_READ, ("conn", run))
+    theirs.sendall(bytes([0]))  # then the run's process relays a signal (0: none)
+    select.select([ours], [], [])
+    server.serve()  # no listener: returns once its one run is reaped
+    assert protocol.receive(theirs) == {"exit": 7}
+    assert server.runs == {}
+    theirs.close()

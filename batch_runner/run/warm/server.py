@@ -30,7 +30,8 @@ class Run:
     pidfd: int
     conn: socket.socket
     started: float = field(default_factory=time.monotonic)
-    stopped: bool = False
+    stopped: bool = False  # sent SIGTERM because the run's process is gone
+    reaped: bool = False  # its events of the same select() after this are stale: skipped
 
 
 class Server:
@@ -39,7 +40,7 @@ class Server:
     def __init__(self, path: Path, extra_imports: list[str]) -> None:
         self.path = path
         self.extra_imports = extra_imports
-        self.runs: dict[int, Run] = {}  # by pidfd
+        self.runs: dict[int, Run] = {}  # by pid
         self.files: dict[str, tuple[int, int]] = {}
         self.me: dict[str, Any] = {}
         self.listener: socket.socket | None = None
@@ -101,12 +102,11 @@ class Server:
                 for key, _ in self.selector.select():
                     if key.data == "wakeup":
                         os.read(self.wakeup_r, 64)
-                    elif key.data == "accept" and self.listener is not None:
-                        self._accept()
-                    elif isinstance(key.data, tuple) and key.data[0] == "conn":
-                        self._from_run(key.data[1])
-                    elif isinstance(key.data, tuple) and key.data[0] == "exit":
-                        self._reap(key.data[1])
+                    elif key.data == "accept":
+                        if self.listener is not None:
+                            self._accept()
+                    elif not key.data[1].reaped:  # ("conn" | "exit", run)
+                        (self._from_run if key.data[0] == "conn" else self._reap)(key.data[1])
         finally:
             signal.set_wakeup_fd(previous)
             self.stop_runs()
@@ -145,9 +145,9 @@ class Server:
         conn.settimeout(None)
         pidfd = os.pidfd_open(pid)
         run = Run(pid, pidfd, conn)
-        self.runs[pidfd] = run
-        self.selector.register(conn, selectors.EVENT_READ, ("conn", pidfd))
-        self.selector.register(pidfd, selectors.EVENT_READ, ("exit", pidfd))
+        self.runs[pid] = run
+        self.selector.register(conn, selectors.EVENT_READ, ("conn", run))
+        self.selector.register(pidfd, selectors.EVENT_READ, ("exit", run))
         send(conn, {"pid": pid})
         say(f"run {pid}: {' '.join(request['argv'][1:])[:200]}")
 
@@ -212,8 +212,7 @@ class Server:
             os.close(run.pidfd)
         conn.close()
 
-    def _from_run(self, pidfd: int) -> None:
-        run = self.runs[pidfd]
+    def _from_run(self, run: Run) -> None:
         try:
             data = run.conn.recv(64)
         except OSError:
@@ -229,13 +228,14 @@ class Server:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(run.pid, signal.SIGTERM)
 
-    def _reap(self, pidfd: int) -> None:
-        run = self.runs.pop(pidfd)
+    def _reap(self, run: Run) -> None:
+        del self.runs[run.pid]
+        run.reaped = True
         _, status = os.waitpid(run.pid, 0)
         code = os.waitstatus_to_exitcode(status)
         code = code if code >= 0 else 128 - code
-        self.selector.unregister(pidfd)
-        os.close(pidfd)
+        self.selector.unregister(run.pidfd)
+        os.close(run.pidfd)
         with contextlib.suppress(KeyError, ValueError):
             self.selector.unregister(run.conn)
         with contextlib.suppress(OSError):
