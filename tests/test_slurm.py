@@ -364,3 +364,44 @@ def test_a_job_requeued_mid_run_as_a_preemption_does_ends_with_every_row_made_on
     first = [row for part in (out / "parts").glob(f"{runs[0]}.*.jsonl") for row in part.read_text().splitlines()]
     done_before = [int(n) for n in re.findall(r"(\d+) already done before this run", text)]
     assert done_before and done_before[-1] == len(first) >= 1, text[-6000:]
+
+
+WARM_JOB = """#!/bin/bash
+#SBATCH --nodes=1
+#SBATCH --ntasks=1
+# The README's warm start in a job: a server inside the job, on the job's own socket, then the runs.
+export BATCH_RUNNER_WARM=1 BATCH_RUNNER_WARM_SOCKET="$PWD/warm-$SLURM_JOB_ID.sock"
+cd "$BATCH_RUNNER_DIR"
+"$PYTHON" -m batch_runner.run.warm 2> "$OLDPWD/warm.log" &
+until [ -S "$BATCH_RUNNER_WARM_SOCKET" ]; do kill -0 $! || exit 3; sleep 0.2; done
+srun --ntasks=1 "$PYTHON" run.py "$@"
+status=$?
+kill %1; wait
+exit $status
+"""
+
+
+def test_a_warm_server_started_in_the_job_serves_the_jobs_srun_steps(cluster: Cluster, tmp_path: Path) -> None:
+    """Under a real SLURM, srun's task environment (SLURM_*, SLURMD_NODENAME, ...) differs from the
+    job script's only in what launchers set, so the step is forked from the server the job started."""
+    manifest, ids = jobs(tmp_path, 3)
+    script = tmp_path / "warm.sbatch"
+    script.write_text(WARM_JOB)
+    proc = subprocess.run(
+        ["sbatch", "--parsable", str(script), f"manifest={manifest}", f"output_dir={tmp_path / 'out'}", "model=tiny"],
+        cwd=tmp_path,
+        env=cluster.env(BATCH_RUNNER_DIR=str(ROOT), PYTHON=sys.executable, OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    job_id = proc.stdout.strip().split(";")[0]
+    log = tmp_path / f"slurm-{job_id}.out"
+    job = wait_until_over(cluster, job_id, log)
+    text = log.read_text(errors="replace")
+    assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), text[-6000:]
+    assert "not used" not in text, text[-3000:]
+    server_log = (tmp_path / "warm.log").read_text()
+    assert re.search(r"warm server: run \d+: .*output_dir=", server_log), server_log[-3000:]
+    assert_every_row_once(tmp_path / "out", ids)

@@ -22,7 +22,11 @@ LAUNCH_VARIABLES = frozenset(
         "PWD", "OLDPWD", "SHLVL", "_", "COLUMNS", "LINES",
     )
 )  # fmt: skip
-LAUNCH_PREFIXES = ("TORCHELASTIC_", "ACCELERATE_", "TORCH_NCCL_", "NCCL_", "SLURM_", "SSH_", "TMUX", "TERM")
+LAUNCH_PREFIXES = (
+    "TORCHELASTIC_", "ACCELERATE_", "TORCH_NCCL_", "NCCL_",
+    "SLURM_", "SLURMD_", "SRUN_", "PMI_", "PMIX_",  # srun's per task (tests/test_slurm.py's warm job)
+    "SSH_", "TMUX", "TERM",
+)  # fmt: skip
 
 
 def process_facts() -> dict[str, Any]:
