@@ -60,6 +60,9 @@ from batch_runner.replica.anatomy import anatomy  # noqa: E402
 from batch_runner.replica.lora import resolve  # noqa: E402
 from batch_runner.replica.pipeline import build_pipeline, random_pipeline  # noqa: E402
 from batch_runner.replica.replica import Replica, release_memory  # noqa: E402
+from batch_runner.run.warm import DISABLE_ENV as WARM_ENV  # noqa: E402
+from batch_runner.run.warm import SOCKET_ENV as WARM_SOCKET  # noqa: E402
+from batch_runner.run.warm.server import READY  # noqa: E402
 
 GIB = 1024**3
 PROMPT = "Gentle waves roll onto an empty beach at dusk, the sky slowly darkening as the tide foams."
@@ -574,7 +577,7 @@ def end_to_end(rows: int, steps: int, out: Path, photos: Path, target: Target | 
             "overwrite=true",
         ]
 
-    alone = os.environ | {"BATCH_RUNNER_WARM": "0"}  # no warm server: these start-ups are a fresh process's
+    alone = os.environ | {WARM_ENV: "0"}  # no warm server: these start-ups are a fresh process's
     started = time.time()
     subprocess.run(command("jobs.csv", "out"), check=True, cwd=ROOT, env=alone)
     wall = time.time() - started
@@ -622,7 +625,7 @@ def end_to_end(rows: int, steps: int, out: Path, photos: Path, target: Target | 
 def warm_server(path: Path) -> Iterator[tuple[dict[str, str], list[str]]]:
     """`python -m batch_runner.run.warm` listening at `path` while the block runs; yields the
     environment its runs take (its own, with the socket named) and its log, whole once the block ends."""
-    env = os.environ | {"BATCH_RUNNER_WARM_SOCKET": str(path), "BATCH_RUNNER_WARM": "1"}
+    env = os.environ | {WARM_SOCKET: str(path), WARM_ENV: "1"}
     command = [sys.executable, "-m", "batch_runner.run.warm"]
     server = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
     log: list[str] = []
@@ -630,7 +633,7 @@ def warm_server(path: Path) -> Iterator[tuple[dict[str, str], list[str]]]:
     try:
         for line in server.stderr:  # it says when it listens, or why it will not
             log.append(line)
-            if "ready at" in line:
+            if READY in line:
                 break
         else:
             raise RuntimeError(f"the warm server ended before serving: {''.join(log[-3:])}")

@@ -93,7 +93,7 @@ def this_process(script: str) -> dict[str, Any]:
 def hand_over(script: str) -> int | None:
     """Have the warm server run this command; its exit status, or None to run it here (no server,
     or one that refused: then one line on stderr says why)."""
-    if os.environ.get(DISABLE_ENV, "1") == "0" or not hasattr(socket, "send_fds") or not hasattr(os, "pidfd_open"):
+    if os.environ.get(DISABLE_ENV, "1") == "0" or not hasattr(socket, "send_fds"):
         return None
     path = socket_path()
     if not path.exists():

@@ -21,6 +21,9 @@ from batch_runner.run.warm.preload import ImportRefused, preload, unforkable
 from batch_runner.run.warm.protocol import peer_uid, receive, send
 from batch_runner.run.warm.sameness import changed_files, differences, module_files, process_facts
 
+# The server's log line once it listens (what a script that starts one waits for).
+READY = "ready at"
+
 
 @dataclass
 class Run:
@@ -294,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         print(f"error: cannot listen at {path}: {e}; set {warm.SOCKET_ENV} to another path.", file=sys.stderr)
         return 2
-    say(f"ready at {path}: imports took {seconds:.1f} s; `python run.py ...` of this checkout starts here")
+    say(f"{READY} {path}: imports took {seconds:.1f} s; `python run.py ...` of this checkout starts here")
     try:
         server.serve()
     finally:
