@@ -72,8 +72,8 @@ MIRRORS = (
             ("_NATIVE_MATH", "speed.attention=math"),
         )
     ),  # named as strings in speed.DISPATCHER_BACKENDS
+    Mirror("torch", "torch._dynamo:maybe_mark_dynamic", TORCH_VERSIONS, "speed.SteadyInputs: prompts of any length"),
     # Used by model families (batch_runner/families/), which reach them directly:
-    Mirror("torch", "torch._dynamo:maybe_mark_dynamic", TORCH_VERSIONS, "hunyuan15: prompts of any length"),
     Mirror(
         "diffusers",
         "diffusers.models.attention:AttentionModuleMixin._supports_qkv_fusion",
@@ -108,6 +108,14 @@ def raise_compile_cache_limit(at_least: int) -> None:
     import torch._dynamo
 
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, at_least)
+
+
+def size_may_vary(tensor: Any, dim: int) -> None:
+    """Tell dynamo that `tensor`'s size at `dim` varies between calls: graphs compiled from here on
+    take it as a symbol (it keeps a constant where the graph needs one, instead of failing)."""
+    import torch._dynamo
+
+    torch._dynamo.maybe_mark_dynamic(tensor, dim)
 
 
 def inductor_config() -> Any:

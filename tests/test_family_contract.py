@@ -11,6 +11,8 @@ process and two, as a user runs it. What only one family does lives in tests/tes
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import re
 import typing
 from dataclasses import dataclass, field, replace
@@ -108,6 +110,9 @@ class FamilyContract:
     bad_rows: ClassVar[tuple[BadRow, ...]]
     guidance_batch: ClassVar[int]  # a guided row's forward: both guidance passes (2) or one each (1)
     fuses_qkv: ClassVar[bool] = True  # speed.fuse_qkv finds projections to fuse
+    # The blocks' inputs the family's path hands over in another layout than row-major, which
+    # speed.SteadyInputs copies (once a forward, at the first block).
+    copied_at_first_block: ClassVar[frozenset[str]] = frozenset()
     # The end-to-end run: a tiny config, its extra overrides, and its rows (without the image) with the
     # shape each must have; None where another test file runs the family end to end.
     end_to_end: ClassVar[tuple[str, tuple[str, ...], dict[str, tuple[dict, tuple]]] | None] = None
@@ -201,20 +206,68 @@ class FamilyContract:
         assert roles == anatomy(model).roles
         assert set(roles) == tiny.components
 
-    def test_tiny_model_makes_the_rows_video_and_fused_projections_change_nothing(self, tiny: Tiny, tmp_path):
-        """The runner's path (its changes to the transformer, prompts encoded beforehand) makes a
-        video of the row's shape; fusing QKV, as the runner does, leaves it as it is."""
+    def test_tiny_model_makes_the_rows_video_and_streamlining_and_fusing_change_nothing(self, tiny: Tiny, tmp_path):
+        """The runner's path (prompts encoded beforehand) makes a video of the row's shape; its changes
+        to the transformer (the family's streamline) and fusing QKV, as the runner does, leave it as
+        diffusers' stock transformer makes it."""
         cfg = run_config("manifest=x", f"model={tiny.name}")
         made = []
-        for fuse in (False, True):
+        for streamline, fuse in ((False, False), (True, False), (True, True)):
             pipe = build_pipeline(cfg.model)
-            family_named(self.family).streamline(pipe.transformer, cfg.model)
+            if streamline:
+                family_named(self.family).streamline(pipe.transformer, cfg.model)
             if fuse:
                 assert (speed.fuse_qkv(pipe.transformer) > 0) == self.fuses_qkv
             made.append(_video(self.family, cfg.model, pipe, tiny.row, tmp_path))
         frames, height, width = tiny.row
         assert made[0].shape == (frames, 3, height, width)
-        torch.testing.assert_close(made[1], made[0], rtol=1e-4, atol=1e-4)
+        for changed in made[1:]:
+            torch.testing.assert_close(changed, made[0], rtol=1e-4, atol=1e-4)
+
+    def test_compiled_blocks_trace_one_graph_for_a_shape_whatever_the_prompt(self, tiny: Tiny, tmp_path, monkeypatch):
+        """The runner's compiled blocks (speed.compile_blocks with the family's text_length_inputs)
+        serve a video shape with one graph: the guided branches, prompts of other lengths and the
+        first block alike. A graph per prompt length would compile again for nearly every row of a
+        dataset (Kandinsky 5's did). Every block is handed row-major tensors, and the family's own
+        path hands them so already but for the inputs it declares (`copied_at_first_block`)."""
+        import torch._dynamo
+        from torch._dynamo.utils import counters
+
+        # Graphs and their guards are dynamo's; the backend only turns them into code.
+        monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+        cfg = run_config("manifest=x", f"model={tiny.name}")
+        family = family_named(self.family)
+        pipe = build_pipeline(cfg.model)
+        denoisers = [getattr(pipe, n) for n, role in family.components(pipe).items() if role == planner.DENOISER]
+        handed, given = set(), set()  # (input, row-major) before and after compile_blocks' own hook
+
+        def recorder(seen: set, names: list[str]):
+            def record(block: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+                for name, value in [*zip(names, args, strict=False), *kwargs.items()]:
+                    if isinstance(value, torch.Tensor):
+                        seen.add((name, value.is_contiguous()))
+
+            return record
+
+        torch._dynamo.reset()
+        counters.clear()
+        for denoiser in denoisers:
+            family.streamline(denoiser, cfg.model)
+            speed.fuse_qkv(denoiser)
+            blocks = family.blocks(denoiser)
+            names = [list(inspect.signature(block.forward).parameters) for block in blocks]
+            speed.compile_blocks(blocks, family.text_length_inputs)
+            for block, its_names in zip(blocks, names, strict=True):
+                block.register_forward_pre_hook(recorder(handed, its_names), with_kwargs=True, prepend=True)
+                block.register_forward_pre_hook(recorder(given, its_names), with_kwargs=True)
+        _video(self.family, cfg.model, pipe, tiny.row, tmp_path, prompt="a sea")
+        graphs = counters["stats"]["unique_graphs"]
+        assert 1 <= graphs <= len(denoisers), counters["stats"]
+        longer = "a sea at night under a full moon, waves rolling slowly onto a long empty beach of pale sand"
+        _video(self.family, cfg.model, pipe, tiny.row, tmp_path, prompt=longer)
+        assert counters["stats"]["unique_graphs"] == graphs, counters["stats"]
+        assert given and all(row_major for _, row_major in given)
+        assert {name for name, row_major in handed if not row_major} == self.copied_at_first_block
 
     def test_a_saved_tiny_pipeline_loads_through_model_path_and_makes_the_same_video(self, tiny: Tiny, tmp_path):
         model = run_config("manifest=x", f"model={tiny.name}").model
@@ -369,14 +422,16 @@ def _other_value(family: Any, key: str, value: Any) -> Any:
     return next(v for v in choices if v != value)
 
 
-def _video(family_name: str, model: Any, pipe: Any, row: tuple[int, int, int], tmp_path: Path) -> torch.Tensor:
+def _video(
+    family_name: str, model: Any, pipe: Any, row: tuple[int, int, int], tmp_path: Path, prompt: str | None = None
+) -> torch.Tensor:
     """One guided row of two steps, the runner's way: prompts encoded beforehand, the family's arguments."""
     from .conftest import tiny_job
 
     family = family_named(family_name)
     frames, height, width = row
     job, _ = tiny_job(tmp_path, steps=2)
-    job = replace(job, num_frames=frames, height=height, width=width, guidance_scale=3.0)
+    job = replace(job, num_frames=frames, height=height, width=width, guidance_scale=3.0, prompt=prompt or job.prompt)
     images = {"image": load_image(job.image, height, width, 10**8), "last_image": None}
     texts = [job.prompt, job.negative_prompt]
     embeds = dict(zip(texts, family.encode_prompts(pipe, texts, model, torch.float32), strict=True))
@@ -425,6 +480,8 @@ class TestCogVideoX(FamilyContract):
         BadRow("cogvideox-5b-i2v", {"width": 640}, "makes only 720x480 (width x height), not 640x480"),
     )
     guidance_batch = 2
+    # Slices of the joint text and video sequence (a batch of two: each sample's rows are apart).
+    copied_at_first_block = frozenset({"hidden_states", "encoder_hidden_states"})
     # test_cli.py runs tiny-cogvideox end to end with one process and two.
 
 

@@ -285,10 +285,11 @@ def test_compiled_blocks_make_one_graph_for_every_text_length():
 
     model = run_config("manifest=x", f"model={TINY}").model
     transformer = build_pipeline(model).transformer
-    family_named("hunyuan15").streamline(transformer, model)
+    family = family_named("hunyuan15")
+    family.streamline(transformer, model)
     torch._dynamo.reset()
     counters.clear()
-    speed.compile_blocks(family_named("hunyuan15").blocks(transformer))
+    speed.compile_blocks(family.blocks(transformer), family.text_length_inputs)
     with torch.no_grad():
         for language, glyph in ((5, 0), (9, 3), (30, 7), (64, 16)):
             made = transformer(**_transformer_inputs([(language, glyph)]))[0]

@@ -183,6 +183,10 @@ class Family:
     # The upstream internals only this family relies on, which name its own classes (only a family
     # may): checked with batch_runner.upstream's by tests/test_upstream.py.
     mirrors: ClassVar[tuple[Mirror, ...]] = ()
+    # The repeated blocks' inputs, by their argument names, whose second dimension is the prompt's
+    # token count where that varies from row to row (a text not padded to a fixed length): compiled
+    # blocks take it as a dynamic size, one graph for every prompt (speed.SteadyInputs).
+    text_length_inputs: ClassVar[tuple[str, ...]] = ()
 
     # --- options ---
 

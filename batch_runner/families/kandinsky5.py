@@ -121,6 +121,8 @@ class Kandinsky5(Family):
         decode_frames=121,
     )
     schedulers: ClassVar[dict[str, str]] = {"euler": "FlowMatchEulerDiscreteScheduler"}
+    # diffusers' pipeline encodes each prompt with its own token count (no padding to a fixed length).
+    text_length_inputs: ClassVar[tuple[str, ...]] = ("text_embed",)
 
     # --- building ---
 

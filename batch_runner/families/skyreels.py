@@ -144,8 +144,22 @@ class SkyReelsV2(Family):
     def blocks(self, transformer: torch.nn.Module) -> torch.nn.ModuleList:
         return transformer.blocks
 
+    def streamline(self, transformer: torch.nn.Module, model: ModelConfig) -> None:
+        """The patch embedding's output in channels-last order, so that the transformer's
+        `flatten(2).transpose(1, 2)` hands the blocks a row-major token sequence: stock, the blocks
+        get it transposed and keep it so (a block's outputs take its inputs' layout), and every
+        block's elementwise work goes column-wise through it. diffusers 0.42 makes Wan's (the same
+        architecture) contiguous for that reason (huggingface/diffusers#14236), not this copy of it.
+        Done here rather than at the first block (speed.SteadyInputs): the transposed original is
+        freed at once instead of living through the first block beside its copy."""
+        transformer.patch_embedding.register_forward_hook(_channels_last)
+
     def geometry(self, configs: dict[str, dict]) -> Geometry:
         return wan_vae_geometry(configs)
+
+
+def _channels_last(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    return output.contiguous(memory_format=torch.channels_last_3d)
 
 
 FAMILY = SkyReelsV2()

@@ -78,7 +78,9 @@ class Replica:
             # Not measured with diffusers' context-parallel hooks yet: speed.compile=on tries it.
             log.info("not compiling the transformer blocks: replica.gpus=%d (speed.compile=on to try)", self.team.size)
         elif speed.should_compile(cfg.speed, device) and cfg.speed.cache == "none":
-            blocks = sum(speed.compile_blocks(self.family.blocks(d)) for d in self.denoisers)
+            blocks = sum(
+                speed.compile_blocks(self.family.blocks(d), self.family.text_length_inputs) for d in self.denoisers
+            )
             log.info("compiling %d transformer blocks with torch.compile (the first video is slower)", blocks)
         if self.team:  # after compiling: the context-parallel hooks wrap the compiled forwards
             for denoiser in self.denoisers:

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -163,7 +164,7 @@ def should_compile(config: SpeedConfig, device: torch.device) -> bool:
     return config.compile == "on" or (config.compile == "auto" and device.type == "cuda")
 
 
-def compile_blocks(blocks: torch.nn.ModuleList) -> int:
+def compile_blocks(blocks: torch.nn.ModuleList, text_length_inputs: Sequence[str] = ()) -> int:
     """Compile each repeated block's own forward in place; returns how many blocks were compiled.
 
     Call it before a memory plan adds its hooks: diffusers' and accelerate's offloading hooks wrap
@@ -171,6 +172,9 @@ def compile_blocks(blocks: torch.nn.ModuleList) -> int:
     run the whole block as one graph (compiling around a hook would trace its stream work and
     break the graph; compiling the block's sub-layers one by one leaves the glue between them
     eager). Removing a hook hands the compiled forward back, so every plan keeps it.
+
+    `text_length_inputs` (the family's) name the blocks' inputs whose second dimension is a prompt's
+    token count: see SteadyInputs.
     """
     # All blocks share one graph; room for a few variants (plans, frame counts) before eager fallback.
     upstream.raise_compile_cache_limit(64)
@@ -178,8 +182,63 @@ def compile_blocks(blocks: torch.nn.ModuleList) -> int:
         registry = upstream.hook_registry(block)
         if (registry is not None and registry.hooks) or upstream.has_accelerate_hook(block):
             raise RuntimeError("compile_blocks must run before a memory plan hooks the blocks")
+        block.register_forward_pre_hook(SteadyInputs(block.forward, text_length_inputs), with_kwargs=True)
         block.forward = torch.compile(block.forward, dynamic=False)
     return len(blocks)
+
+
+class SteadyInputs:
+    """A compiled block's forward pre-hook: inputs that one graph serves, whatever the row.
+
+    * A tensor input that is not row-major is made so: the same values in another layout.
+      SkyReels-V2's and HunyuanVideo-1.5's patch embeddings hand the first block
+      `flatten(2).transpose(1, 2)`, a transposed residual stream that every block's elementwise
+      work keeps (a block's outputs take its inputs' layout), so every block of every step would read
+      and write its tokens column-wise; diffusers 0.42 makes Wan's contiguous for that reason
+      (huggingface/diffusers#14236), not these. CogVideoX's first block gets slices of the joint
+      text and video sequence: other strides than the blocks after it, so a graph of its own.
+      One copy per forward, at the first block; later blocks get row-major outputs.
+    * The inputs named in `text_length_inputs` have a prompt's token count as their second dimension
+      (a text not padded to a fixed length): marked dynamic there, so that each new prompt length
+      does not compile the blocks again (a graph per length would recompile for nearly every row,
+      and past the cache limit run them eagerly).
+    """
+
+    def __init__(self, forward: Any, text_length_inputs: Sequence[str] = ()) -> None:
+        names = list(inspect.signature(forward).parameters)
+        unknown = set(text_length_inputs) - set(names)
+        if unknown:
+            raise ValueError(f"the blocks' forward takes no {sorted(unknown)}: it takes {names}")
+        self.text_names = frozenset(text_length_inputs)
+        self.text_positions = frozenset(names.index(name) for name in text_length_inputs)
+
+    def __call__(self, block: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        args = tuple(_steady(value, i in self.text_positions) for i, value in enumerate(args))
+        kwargs = {name: _steady(value, name in self.text_names) for name, value in kwargs.items()}
+        return args, kwargs
+
+
+def _steady(value: Any, text_length: bool) -> Any:
+    if not isinstance(value, torch.Tensor):
+        return value
+    value = value.contiguous()
+    # Any stride of a dimension of size 1 is contiguous, and dynamo's guards tell them apart (a
+    # batch of one, flattened from channels-last, has another than the blocks' outputs): a view with
+    # the row-major ones, no copy.
+    row_major = _row_major_strides(value.shape)
+    if value.stride() != row_major:
+        value = value.as_strided(value.shape, row_major)
+    if text_length:
+        upstream.size_may_vary(value, 1)
+    return value
+
+
+def _row_major_strides(shape: torch.Size) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
 
 
 def keep_timesteps_on_host(pipe: Any, family: Family, device: torch.device) -> None:

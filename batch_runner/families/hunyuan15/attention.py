@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch._dynamo  # diffusers imports it too: no start-up cost
 from diffusers import HunyuanVideo15Transformer3DModel
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
@@ -79,13 +78,12 @@ def drop_text_padding(transformer: HunyuanVideo15Transformer3DModel) -> None:
     """Give every block `PaddingFreeAttention` and the transformer a hook that cuts each text down to
     its real tokens before the forward (one host sync per forward, to count them).
 
-    The text's length then varies from prompt to prompt: the blocks' hooks mark it as dynamic, so
-    compiled blocks (speed.compile) make one graph for every length instead of one each.
+    The text's length then varies from prompt to prompt: the family names the blocks' text inputs
+    (`text_length_inputs`), so compiled blocks make one graph for every length instead of one each.
     """
     processor = PaddingFreeAttention()
     for block in transformer.transformer_blocks:
         block.attn.set_processor(processor)
-        block.register_forward_pre_hook(_text_length_is_dynamic)
 
     def cut(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         processor.padded = True
@@ -109,9 +107,3 @@ def drop_text_padding(transformer: HunyuanVideo15Transformer3DModel) -> None:
         return args, kwargs
 
     transformer.register_forward_pre_hook(cut, with_kwargs=True)
-
-
-def _text_length_is_dynamic(block: torch.nn.Module, args: tuple) -> None:
-    """A block's inputs: (video, text, temb, text mask, rotary embedding); the text's length is dim 1."""
-    for tensor in (args[1], args[3]):
-        torch._dynamo.maybe_mark_dynamic(tensor, 1)

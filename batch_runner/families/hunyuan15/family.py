@@ -62,6 +62,8 @@ class HunyuanVideo15(Family):
         tile_scaling=2.5,
     )
     schedulers: ClassVar[dict[str, str]] = {"euler": "FlowMatchEulerDiscreteScheduler"}
+    # The texts cut to their real tokens (attention.drop_text_padding), and their mask with them.
+    text_length_inputs: ClassVar[tuple[str, ...]] = ("encoder_hidden_states", "attention_mask")
 
     # --- building ---
 
@@ -152,9 +154,15 @@ class HunyuanVideo15(Family):
         return transformer.transformer_blocks
 
     def streamline(self, transformer: torch.nn.Module, model: ModelConfig) -> None:
+        """Attention without the text's padding (attention.drop_text_padding), and the video's
+        tokens row-major from the start: the patch embedding hands them over as
+        `flatten(2).transpose(1, 2)`, which every block would keep (a block's outputs take its
+        inputs' layout) and work through column-wise. Made contiguous here rather than at the first
+        block (speed.SteadyInputs), the transposed original is freed at once."""
         from batch_runner.families.hunyuan15.attention import drop_text_padding
 
         drop_text_padding(transformer)
+        transformer.x_embedder.register_forward_hook(_row_major)
 
     def geometry(self, configs: dict[str, dict]) -> Geometry:
         t, vae = configs["transformer"], configs["vae"]
@@ -181,6 +189,10 @@ class HunyuanGeometry(Geometry):
 
     def tokens(self, frames: int, height: int, width: int, text_tokens: int) -> int:
         return super().tokens(frames, height, width, text_tokens + self.extra_text)
+
+
+def _row_major(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    return output.contiguous()
 
 
 FAMILY = HunyuanVideo15()
