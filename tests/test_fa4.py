@@ -122,6 +122,28 @@ def test_the_custom_op_is_one_opaque_call_under_torch_compile(stub_kernel):
     assert torch.ops.batch_runner.fa4_attention.default in ops
 
 
+def test_the_custom_op_takes_a_text_of_any_length_in_one_graph(stub_kernel):
+    """Cross-attention to a prompt of its own token count (Kandinsky 5, HunyuanVideo-1.5): with the key
+    length marked dynamic, as speed.SteadyInputs marks it, one compiled graph serves every length."""
+    from torch._dynamo.utils import counters
+
+    from batch_runner import upstream
+
+    def block(q, k, v):
+        return fa4.fa4_attention(q * 2.0, k, v, 0.5)
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(block, fullgraph=True, dynamic=False, backend="aot_eager")
+    q = torch.randn(1, 16, 2, 8)
+    for length in (5, 9, 30):
+        k, v = (torch.randn(1, length, 2, 8) for _ in range(2))
+        for text in (k, v):
+            upstream.size_may_vary(text, 1)
+        assert torch.allclose(compiled(q, k, v), block(q, k, v), atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 def test_a_masked_call_goes_to_sdpa_not_the_kernel(stub_kernel):
     q, k, v = (torch.randn(1, 16, 2, 8) for _ in range(3))
     mask = torch.ones(16, 16, dtype=torch.bool)
