@@ -21,8 +21,8 @@ ENV = "TORCHINDUCTOR_CACHE_DIR"
 @pytest.fixture(autouse=True)
 def clean(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Each test starts without the variable and with the caches off, and leaves both as found."""
-    monkeypatch.delenv(ENV, raising=False)
-    monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS", raising=False)
+    for name in (ENV, "TORCHINDUCTOR_COMPILE_THREADS", compile_cache.FA4_ENABLED, compile_cache.FA4_DIR):
+        monkeypatch.delenv(name, raising=False)
     kept = {"compile_threads": inductor_config.compile_threads, "unsafe_marked_cacheable_functions": {}}
     with inductor_config.patch(fx_graph_cache=False, **kept), functorch_config.patch(enable_autograd_cache=False):
         yield
@@ -49,6 +49,18 @@ def test_default_is_per_user_and_kept_but_an_exported_variable_wins(tmp_path, mo
     monkeypatch.setenv(ENV, str(tmp_path / "scratch"))
     assert compile_cache.configure(None) == tmp_path / "scratch"
     assert compile_cache.configure(str(tmp_path / "mine")) == tmp_path / "mine"  # the setting beats the variable
+
+
+def test_flash_attention_4_keeps_its_kernels_in_the_compile_cache_unless_the_user_chose(tmp_path, monkeypatch):
+    """flash-attn-4 compiles each kernel in every process unless told where to keep them (it reads
+    these variables when imported; tests/test_fa4.py checks that on a GPU)."""
+    compile_cache.configure(str(tmp_path / "cache"))
+    assert os.environ[compile_cache.FA4_ENABLED] == "1"
+    assert os.environ[compile_cache.FA4_DIR] == str(tmp_path / "cache" / "flash_attn_cute")
+    monkeypatch.setenv(compile_cache.FA4_ENABLED, "0")
+    monkeypatch.setenv(compile_cache.FA4_DIR, str(tmp_path / "theirs"))
+    compile_cache.configure(str(tmp_path / "cache"))
+    assert (os.environ[compile_cache.FA4_ENABLED], os.environ[compile_cache.FA4_DIR]) == ("0", str(tmp_path / "theirs"))
 
 
 def test_compile_workers_share_the_hosts_cores_unless_the_user_chose(monkeypatch):

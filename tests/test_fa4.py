@@ -303,3 +303,47 @@ def to_cuda(value):
     if isinstance(value, tuple):
         return tuple(to_cuda(v) for v in value)
     return value.cuda()
+
+
+FIRST_CALL = """
+import sys, torch
+from batch_runner.replica import compile_cache, fa4
+compile_cache.configure(sys.argv[1])
+q = torch.randn(1, 256, 2, 128, device="cuda", dtype=torch.bfloat16)
+fa4.fa4_attention(q, q, q, 128 ** -0.5)
+torch.cuda.synchronize()
+"""
+
+
+@pytest.mark.gpu
+@pytest.mark.slow  # starts processes
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_kernel_one_process_compiled_is_loaded_by_the_next_from_the_compile_cache(tmp_path):
+    """compile_cache.configure asks flash-attn-4 to keep its kernels: the first process writes them
+    under the compile cache, the next finds them there and writes none."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from batch_runner.replica import compile_cache
+
+    if fa4.unavailable_reason(torch.device("cuda")):
+        pytest.skip(fa4.unavailable_reason(torch.device("cuda")))
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k not in (compile_cache.FA4_ENABLED, compile_cache.FA4_DIR)}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    folder = tmp_path / "cache"
+
+    def kernels() -> dict[str, int]:
+        return {str(p): p.stat().st_mtime_ns for p in (folder / compile_cache.FA4_SUBFOLDER).rglob("*.o")}
+
+    def first_call() -> None:
+        done = subprocess.run([sys.executable, "-c", FIRST_CALL, str(folder)], env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+
+    first_call()
+    written = kernels()
+    assert written, "the first process kept no kernel"
+    first_call()
+    assert kernels() == written

@@ -22,6 +22,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from batch_runner.replica.compile_cache import FA4_DIR, FA4_ENABLED
 from batch_runner.run import lifecycle, startup, warm
 from batch_runner.run.warm import protocol, sameness
 from batch_runner.run.warm.preload import WHILE_IMPORTING
@@ -303,13 +304,16 @@ def test_a_changed_module_sends_a_run_cold_and_the_server_starts_again_with_it(t
     module = tmp_path / "mods" / "user_plugin.py"
     module.parent.mkdir()
     seen = module.with_suffix(".env")  # what the server's imports saw of the variables it sets for them
-    names = sorted(WHILE_IMPORTING)
+    # ... flash-attn-4's kernel cache among them: in the compile cache a run takes by default.
+    while_importing = WHILE_IMPORTING | {FA4_ENABLED: "1", FA4_DIR: str(tmp_path / "compiled" / "flash_attn_cute")}
+    names = sorted(while_importing)
     record = f"pathlib.Path({str(seen)!r}).write_text(repr([os.environ.get(k) for k in {names!r}]))"
     module.write_text(f"import os, pathlib\n{record}\n")
-    env = {**os.environ, "PYTHONPATH": str(module.parent)}
+    env = {**os.environ, "PYTHONPATH": str(module.parent), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "compiled")}
+    env = {k: v for k, v in env.items() if k not in (FA4_ENABLED, FA4_DIR)}
     started = WarmServer(tmp_path, "--import", "user_plugin", env=env)
     started.wait_for("ready at")
-    assert seen.read_text() == repr([WHILE_IMPORTING[k] for k in names])
+    assert seen.read_text() == repr([while_importing[k] for k in names])
     second = subprocess.run(
         [sys.executable, "-m", "batch_runner.run.warm"], cwd=ROOT, env=started.env, capture_output=True, text=True
     )

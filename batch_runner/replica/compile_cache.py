@@ -36,6 +36,9 @@ from batch_runner import upstream
 log = logging.getLogger(__name__)
 
 ENV = "TORCHINDUCTOR_CACHE_DIR"
+# flash-attn-4's on-disk kernel cache (flash_attn/cute/cache_utils.py, 4.0.0b36): off unless enabled.
+FA4_ENABLED, FA4_DIR = "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"
+FA4_SUBFOLDER = "flash_attn_cute"
 
 
 def default_cache_dir() -> Path:
@@ -44,22 +47,40 @@ def default_cache_dir() -> Path:
     return base / "batch_runner" / "inductor"
 
 
-def configure(cache_dir: str | None, processes_on_host: int = 1) -> Path:
-    """Point inductor's caches at `cache_dir`, and size its compile workers; returns the folder used.
+def cache_folder(cache_dir: str | None) -> Path:
+    """The folder for `cache_dir` (speed.compile_cache_dir): None keeps a TORCHINDUCTOR_CACHE_DIR the
+    user exported (e.g. node-local scratch) and otherwise uses default_cache_dir()."""
+    if cache_dir:
+        return Path(cache_dir).expanduser().resolve()
+    if os.environ.get(ENV):
+        return Path(os.environ[ENV]).expanduser().resolve()
+    return default_cache_dir()
 
-    `cache_dir` None keeps a TORCHINDUCTOR_CACHE_DIR the user exported (e.g. node-local scratch)
-    and otherwise uses default_cache_dir(). Must run before the first compile: inductor reads the
-    variable when it compiles, and its compile workers inherit it from this process's environment.
-    Nothing is created here; inductor makes the folder when it first writes to it.
+
+def fa4_kernel_cache(folder: Path) -> dict[str, str]:
+    """The environment that keeps FlashAttention-4's compiled kernels in `folder`'s FA4_SUBFOLDER.
+
+    flash-attn-4 JIT-compiles each kernel variant at its first call in every process (about 1 s
+    each on an H200, docs/experiments/fa4_attention.json; a transformer's self- and
+    cross-attention can be two), and keeps them on disk only when asked, by these variables, which
+    it reads when it is imported. A user's own values stand.
+    """
+    ours = {FA4_ENABLED: "1", FA4_DIR: str(folder / FA4_SUBFOLDER)}
+    return {name: os.environ.get(name, value) for name, value in ours.items()}
+
+
+def configure(cache_dir: str | None, processes_on_host: int = 1) -> Path:
+    """Point inductor's caches, and FlashAttention-4's, at `cache_dir` (cache_folder), and size
+    inductor's compile workers; returns the folder used.
+
+    Must run before the first compile: inductor reads the variable when it compiles, and its compile
+    workers inherit it from this process's environment; FlashAttention-4 reads its own when imported.
+    Nothing is created here; each makes its folder when it first writes to it.
     `processes_on_host`: this process and the others of its run on this host, which share its cores.
     """
-    if cache_dir:
-        folder = Path(cache_dir).expanduser().resolve()
-    elif os.environ.get(ENV):
-        folder = Path(os.environ[ENV]).expanduser().resolve()
-    else:
-        folder = default_cache_dir()
+    folder = cache_folder(cache_dir)
     os.environ[ENV] = str(folder)
+    os.environ.update(fa4_kernel_cache(folder))
     # Both are on by default in recent torch; older versions that have them need them switched on.
     inductor_config, functorch_config = upstream.inductor_config(), upstream.functorch_config()
     if hasattr(inductor_config, "fx_graph_cache"):

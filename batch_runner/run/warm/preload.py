@@ -110,13 +110,19 @@ def import_if_fork_safe(name: str) -> str | None:
 
 def preload(extra_imports: list[str]) -> dict[str, str]:
     """Import what runs import (PRELOADS, every family's pipeline, then PROBED_PRELOADS and
-    `extra_imports` where fork-safe), with WHILE_IMPORTING set meanwhile; the probed modules left out,
+    `extra_imports` where fork-safe), with WHILE_IMPORTING and FlashAttention-4's kernel cache
+    (compile_cache.fa4_kernel_cache) set meanwhile; the probed modules left out,
     and why. Raises ImportRefused for an `extra_imports` module that cannot be imported, or that would
     leave a forked child unable to run."""
     import importlib
 
-    before = {name: os.environ.get(name) for name in WHILE_IMPORTING}
-    os.environ.update(WHILE_IMPORTING)
+    from batch_runner.replica import compile_cache
+
+    # flash-attn-4 reads where to keep its compiled kernels when it is imported, here: in the folder a
+    # run's compile cache takes without speed.compile_cache_dir (the run's own setting comes too late).
+    while_importing = WHILE_IMPORTING | compile_cache.fa4_kernel_cache(compile_cache.cache_folder(None))
+    before = {name: os.environ.get(name) for name in while_importing}
+    os.environ.update(while_importing)
     skipped: dict[str, str] = {}
     try:
         for name in PRELOADS:
