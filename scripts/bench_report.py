@@ -86,24 +86,6 @@ def first_model_step(rows: list[dict]) -> dict:
     }
 
 
-def probe_table(rows: list[dict]) -> list[str]:
-    probes = [r for r in rows if r.get("recipe") == "probe" and "seconds_per_step" in r]
-    if not probes:
-        return []
-    out = [
-        "",
-        "## One transformer forward (CFG batch 2, 49x480x720) by attention backend",
-        "",
-        "eager; fused QKV; compiled blocks with the backend chosen outside them; compiled blocks with the backend "
-        "chosen inside them (what the replica does: torch.compile picks the SDPA kernel while tracing).",
-        "",
-        "| stage | attention | s/step | TFLOP/s |",
-        "|---|---|---|---|",
-    ]
-    out += [f"| {r['stage']} | {r['attention']} | {r['seconds_per_step']} | {r['tflops']} |" for r in probes]
-    return out
-
-
 def bounds(rows: list[dict], peak: float | None, profile: list[dict]) -> list[str]:
     """What limits the fastest plan, from the step profile (scripts/profile_step.py) where there is one."""
     own = next((r for r in rows if r.get("recipe") == "batch_runner-nobudget" and "seconds_per_step" in r), None)
@@ -304,7 +286,7 @@ def family_section(model: str, rows: list[dict], peak: float | None) -> list[str
     within 1.1x of the model's own no-budget time, never above a budget."""
     config = load_model_config(model)
     current = [r for r in rows if not r.get("superseded")]
-    ok = [r for r in current if "error" not in r and r.get("recipe") not in ("probe", "runner-end-to-end")]
+    ok = [r for r in current if "error" not in r and r.get("recipe") != "runner-end-to-end"]
     lines = [
         "",
         f"## {model}",
@@ -572,7 +554,7 @@ def write_report(records: list[dict], out: Path, command: str) -> None:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        if r.get("recipe") in ("runner-end-to-end", "probe") or "error" in r:
+        if r.get("recipe") == "runner-end-to-end" or "error" in r:
             continue
         share = f"{100 * r['tflops'] / peak:.0f}%" if peak and r.get("tflops") else ""
         lines.append(
@@ -606,7 +588,7 @@ def write_report(records: list[dict], out: Path, command: str) -> None:
                 + f" Command: `{r['command']}`",
             ]
     profile, decode = (experiment_records(out, name) for name in ("step_profile", "vae_decode"))
-    lines += probe_table(rows) + bounds(rows, peak, profile) + decode_bounds(rows, decode, profile) + targets(rows)
+    lines += bounds(rows, peak, profile) + decode_bounds(rows, decode, profile) + targets(rows)
     commands = list(dict.fromkeys(r["command"] for r in rows if r.get("command")))
     lines += ["", "## Commands", "", "The records above came from these invocations, in order:", ""]
     lines += [f"- `{c}`" for c in commands]

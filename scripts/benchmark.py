@@ -652,60 +652,6 @@ def startup_seconds(output_dir: Path, launched: float) -> dict[str, float]:
     return {k: round(v - launched, 2) for k, v in marks.items() if k not in ("rank", "host", "pid")}
 
 
-def probe(target: Target, out: Path) -> list[dict]:
-    """One transformer forward (CFG batch, 49x480x720) per attention backend, fused or not, compiled or not."""
-    import torch._dynamo
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    from batch_runner.replica.speed import compile_blocks
-
-    transformer = random_component(target, "transformer")
-    args = transformer_inputs(target, transformer)
-
-    def forward():
-        return transformer(**args)[0]
-
-    def time_it(repeats: int = 3) -> float:
-        with torch.no_grad():
-            return seconds_per_call(forward, repeats)
-
-    results = []
-    backends = {
-        "flash": SDPBackend.FLASH_ATTENTION,
-        "cudnn": SDPBackend.CUDNN_ATTENTION,
-        "efficient": SDPBackend.EFFICIENT_ATTENTION,
-    }
-    from batch_runner.replica.speed import fuse_qkv, prefer_attention
-
-    for stage in ("eager", "fused", "compiled", "compiled-inner"):
-        if stage == "fused":
-            fuse_qkv(transformer)
-        for name, backend in backends.items():
-            try:
-                with sdpa_kernel([backend]):
-                    if stage == "compiled-inner":
-                        # The backend order set inside the compiled region, as the replica does.
-                        prefer_attention(transformer, name, torch.device("cuda"))
-                    if stage.startswith("compiled"):
-                        # The kernel is chosen while tracing: trace again under each backend.
-                        torch._dynamo.reset()
-                        compile_blocks(transformer)
-                    seconds = time_it()
-                results.append(
-                    {
-                        "recipe": "probe",
-                        "stage": stage,
-                        "attention": name,
-                        "seconds_per_step": round(seconds, 4),
-                        "tflops": round(target.tflop_per_step / seconds, 1),
-                    }
-                )
-            except Exception as e:
-                results.append({"recipe": "probe", "stage": stage, "attention": name, "error": str(e)[:200]})
-            print(json.dumps(results[-1]), flush=True)
-    return results
-
-
 # --- environment and report -----------------------------------------------------------------------------
 
 
@@ -836,9 +782,6 @@ def main() -> None:
         release_memory()
         release_pinned_memory()
 
-    if "probe" in parts:
-        for record in probe(target, args.out):
-            save(record)
     if "refs" in parts:
         for name in args.refs.split(","):
             attempt(name, None, lambda name=name: reference(target, name, image, args.steps))
