@@ -317,9 +317,54 @@ class SyncCounter:
             self.count += 1
 
 
-def timed_call(target: Target, call, steps: int, budget_gib: float | None, pipe=None) -> dict:
+def kernel_kind(name: str) -> str:
+    """A CUDA kernel's kind, by its name: attention, matmul, copy or other."""
+    n = name.lower()
+    if any(k in n for k in ("fmha", "flash", "attention", "sdpa", "cudnn_generated")):
+        return "attention"
+    if any(k in n for k in ("gemm", "nvjet", "xmma", "cutlass", "cublas", "matmul")):
+        return "matmul"
+    if "memcpy" in n or "memset" in n:
+        return "copy"
+    return "other"
+
+
+def step_kernels(call) -> dict:
+    """GPU kernel seconds of one denoising step (the second of a two-step call) by kind, the part of
+    the step no kernel ran, and the longest kernels: where a step's time goes, beside its timing."""
+    from torch.profiler import ProfilerActivity, profile
+
+    profiler = profile(activities=[ProfilerActivity.CUDA])
+    marks: list[float] = []
+
+    def on_step(pipe, i, t, tensors):
+        torch.cuda.synchronize()
+        marks.append(time.perf_counter())
+        (profiler.start if i == 0 else profiler.stop)()
+        return tensors
+
+    call(2, on_step)
+    kinds: dict[str, float] = {}
+    top: list[tuple[float, str]] = []
+    for event in profiler.key_averages():
+        seconds = event.self_device_time_total / 1e6
+        if seconds <= 0:
+            continue
+        kinds[kernel_kind(event.key)] = kinds.get(kernel_kind(event.key), 0.0) + seconds
+        top.append((seconds, event.key[:90]))
+    step = marks[1] - marks[0]
+    return {
+        "step_s": round(step, 4),
+        "by_kind_s": {k: round(v, 4) for k, v in sorted(kinds.items())},
+        "no_kernel_s": round(step - sum(kinds.values()), 4),
+        "top": [{"s": round(s, 4), "kernel": name} for s, name in sorted(top, reverse=True)[:15]],
+    }
+
+
+def timed_call(target: Target, call, steps: int, budget_gib: float | None, pipe=None, profile: bool = False) -> dict:
     """Warm up, then time one call of `steps` steps; returns the measurement, split into stages
-    where `pipe` (the pipeline `call` runs) is given."""
+    where `pipe` (the pipeline `call` runs) is given, and with `profile` one more step's kernels
+    (step_kernels), after the timing."""
     call(2, None)  # 2: some schedulers fail at 1 step (LTX-2's flow-match euler in diffusers 0.42.1)
     torch.cuda.synchronize()
     release_memory()
@@ -364,22 +409,29 @@ def timed_call(target: Target, call, steps: int, budget_gib: float | None, pipe=
     split = stages.split(start, ends[-1], stop) if isinstance(stages, StageEvents) else {}
     if split and steps < target.steps:  # the video's steps, as seconds_per_video counts them
         split["denoise_s"] = target.steps * median
-    return {k: round(v, 3) for k, v in split.items()} | {
-        "seconds_per_video": round(per_video, 2),
-        "videos_per_hour": round(3600 / per_video, 1),
-        "seconds_per_step": round(median, 4),
-        "seconds_outside_steps": round(outside, 2),
-        "steps_timed": steps,
-        "step_times_s": [round(s / 1000, 4) for s in step_ms],
-        "peak_allocated_gib": round(peak_allocated, 2),
-        "peak_reserved_gib": round(peak_reserved, 2),
-        "within_budget": None if budget_gib is None else bool(peak_reserved <= budget_gib + 1e-6),
-        "tflops": round(tflop / median, 1),
-        "host_syncs_in_loop": syncs.count,
-    }
+    profiled = {"step_kernels": step_kernels(call)} if profile else {}
+    return (
+        {k: round(v, 3) for k, v in split.items()}
+        | profiled
+        | {
+            "seconds_per_video": round(per_video, 2),
+            "videos_per_hour": round(3600 / per_video, 1),
+            "seconds_per_step": round(median, 4),
+            "seconds_outside_steps": round(outside, 2),
+            "steps_timed": steps,
+            "step_times_s": [round(s / 1000, 4) for s in step_ms],
+            "peak_allocated_gib": round(peak_allocated, 2),
+            "peak_reserved_gib": round(peak_reserved, 2),
+            "within_budget": None if budget_gib is None else bool(peak_reserved <= budget_gib + 1e-6),
+            "tflops": round(tflop / median, 1),
+            "host_syncs_in_loop": syncs.count,
+        }
+    )
 
 
-def reference(target: Target, name: str, image, steps: int, budget_gib: float | None = None) -> dict:
+def reference(
+    target: Target, name: str, image, steps: int, budget_gib: float | None = None, profile: bool = False
+) -> dict:
     """A recipe from diffusers' documentation, applied to a plain pipeline.
 
     With `budget_gib` the recipe runs under the same allocator cap as the project's budgeted plans,
@@ -423,7 +475,7 @@ def reference(target: Target, name: str, image, steps: int, budget_gib: float | 
     label = name if budget_gib is None else f"{name}-{budget_gib:g}gib"
     try:
         with torch.no_grad():
-            result = timed_call(target, call, steps, budget_gib, pipe)
+            result = timed_call(target, call, steps, budget_gib, pipe, profile)
     except torch.OutOfMemoryError as e:
         if budget_gib is None:
             raise
@@ -454,7 +506,16 @@ def release_pinned_memory() -> None:
         empty_host_cache()
 
 
-def project(target: Target, label: str, image, steps: int, budget: float | None, chunk: int, **overrides) -> dict:
+def project(
+    target: Target,
+    label: str,
+    image,
+    steps: int,
+    budget: float | None,
+    chunk: int,
+    profile: bool = False,
+    **overrides,
+) -> dict:
     """batch_runner's replica: the plan `auto` picks for the budget (or the one given)."""
     speed = SpeedConfig(**{k: v for k, v in overrides.items() if k in SpeedConfig.__dataclass_fields__})
     mem = MemoryConfig(
@@ -489,7 +550,7 @@ def project(target: Target, label: str, image, steps: int, budget: float | None,
 
     before = None  # the plan that ran out of memory (the error itself is let go: it holds the call's frames)
     try:
-        result = timed_call(target, call, steps, budget, replica.pipe)
+        result = timed_call(target, call, steps, budget, replica.pipe, profile)
     except torch.OutOfMemoryError:
         before = replica.plan
     if before is not None:
@@ -501,7 +562,8 @@ def project(target: Target, label: str, image, steps: int, budget: float | None,
         if lower is None:  # nothing below: the budget's record is the failure
             raise torch.OutOfMemoryError(f"{before} ran out of memory and no plan is below it")
         prompts = replica.encode(jobs)
-        result = timed_call(target, call, steps, budget, replica.pipe) | {"oom_fallback": f"{before} -> {lower}"}
+        result = timed_call(target, call, steps, budget, replica.pipe, profile)
+        result["oom_fallback"] = f"{before} -> {lower}"
     result["seconds_per_video"] = round(result["seconds_per_video"] + encode_per_video, 2)
     result["videos_per_hour"] = round(3600 / result["seconds_per_video"], 1)
     result["text_encoding_s_per_video"] = round(encode_per_video, 3)
@@ -721,6 +783,9 @@ def main() -> None:
         "--overrides", default="", help="memory/speed fields for the plans, e.g. enforce_budget=false,attention=flash"
     )
     parser.add_argument("--label", default="", help="suffix for the plans' recipe names")
+    parser.add_argument(
+        "--profile", action="store_true", help="add one more step's GPU kernels by kind (step_kernels) to each record"
+    )
     parser.add_argument("--chunk", type=int, default=8, help="prompts encoded together by the replica")
     parser.add_argument("--e2e-rows", type=int, default=16)
     parser.add_argument("--e2e-steps", type=int, default=None, help="default: a preset's 8 or fewer, else 5")
@@ -784,7 +849,7 @@ def main() -> None:
 
     if "refs" in parts:
         for name in args.refs.split(","):
-            attempt(name, None, lambda name=name: reference(target, name, image, args.steps))
+            attempt(name, None, lambda name=name: reference(target, name, image, args.steps, profile=args.profile))
     if "refs-capped" in parts:
         # Which references fit a 24 GiB card: each one that might, run under the same cap as the plans.
         for name in args.capped_refs.split(","):
@@ -797,7 +862,7 @@ def main() -> None:
                 label,
                 budget,
                 lambda label=label, budget=budget: project(
-                    target, label, image, args.steps, budget, args.chunk, **overrides
+                    target, label, image, args.steps, budget, args.chunk, args.profile, **overrides
                 ),
             )
     approx = args.approx.split(",")

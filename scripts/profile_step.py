@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from benchmark import (  # noqa: E402
     FIRST_MODEL,
     Target,
+    kernel_kind,
     random_component,
     seconds_per_call,
     transformer_arch,
@@ -47,17 +48,6 @@ ARCH = transformer_arch()
 TARGET = Target.of(FIRST_MODEL)  # CogVideoX-5B-I2V's default row: the step this script takes apart
 TOKENS, HEADS, HEAD_DIM = TARGET.tokens, ARCH["num_attention_heads"], ARCH["attention_head_dim"]
 HIDDEN = HEADS * HEAD_DIM  # the feed-forward is 4x wider
-
-
-def kind(name: str) -> str:
-    n = name.lower()
-    if any(k in n for k in ("fmha", "flash", "attention", "sdpa", "cudnn_generated")):
-        return "attention"
-    if any(k in n for k in ("gemm", "nvjet", "xmma", "cutlass", "cublas", "matmul")):
-        return "matmul"
-    if "memcpy" in n or "memset" in n:
-        return "copy"
-    return "other"
 
 
 def measure(label: str, transformer: torch.nn.Module, repeats: int = 4) -> dict:
@@ -85,7 +75,7 @@ def measure(label: str, transformer: torch.nn.Module, repeats: int = 4) -> dict:
         if event.device_type != DeviceType.CUDA:
             continue
         us = event.self_device_time_total
-        kernels[kind(event.key)] = kernels.get(kind(event.key), 0.0) + us / 1e6
+        kernels[kernel_kind(event.key)] = kernels.get(kernel_kind(event.key), 0.0) + us / 1e6
         top.append((us / 1e6, event.key[:90]))
     busy = sum(v for k, v in kernels.items() if k != "copy")
     record = {
