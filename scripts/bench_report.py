@@ -307,6 +307,7 @@ def family_section(model: str, rows: list[dict], peak: float | None) -> list[str
             f"{r['seconds_per_step']} | {r['tflops']} | {share} | {r['peak_allocated_gib']} | {r['peak_reserved_gib']} "
             f"| {'' if r.get('within_budget') is None else r['within_budget']} |"
         )
+    lines += step_kernel_lines(ok)
     refs = [r for r in ok if r.get("recipe", "").startswith("ref-") and not r.get("budget_gib")]
     # The targets judge the default settings: labelled variants (-fa4, -cudnn, ...) are rows of the table only.
     ours = {r.get("budget_gib"): r for r in ok if re.fullmatch(r"batch_runner-(nobudget|[\d.]+gib)", r["recipe"])}
@@ -390,6 +391,31 @@ def family_section(model: str, rows: list[dict], peak: float | None) -> list[str
         for r in rows
         if r.get("superseded")
     ]
+    return lines
+
+
+def step_kernel_lines(records: list[dict]) -> list[str]:
+    """Where a step's time goes, for the records measured with --profile (benchmark.step_kernels)."""
+    profiled = [r for r in records if r.get("step_kernels")]
+    if not profiled:
+        return []
+    lines = [
+        "",
+        "Where one step's time goes (`--profile`: torch.profiler over one more step, after the timing; "
+        "seconds of GPU kernels by kind, and the step's time no kernel ran):",
+        "",
+        "| recipe | GPU | step s | attention | matmul | copy | other | no kernel | longest kernel |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in profiled:
+        k = r["step_kernels"]
+        kinds = k["by_kind_s"]
+        longest = k["top"][0] if k["top"] else {"s": 0, "kernel": "—"}
+        lines.append(
+            f"| {r['recipe']} | {card(r)} | {k['step_s']} | "
+            + " | ".join(str(kinds.get(kind, 0.0)) for kind in ("attention", "matmul", "copy", "other"))
+            + f" | {k['no_kernel_s']} | {longest['s']} s `{longest['kernel'][:60]}` |"
+        )
     return lines
 
 

@@ -87,3 +87,24 @@ def test_the_command_lines_rate_and_warm_start_up_are_judged_against_the_whole_c
     older = whole | {"code": "abc1234", "seconds_per_step": 2.75}
     (rate, rate_met, measured), _ = end_to_end_checks([e2e | {"code": "abc1234"}], whole, [older, whole])
     assert rate_met and "against 14.00 s (1.00x; whole-card record of code abc1234)" in measured
+
+
+def test_a_profiled_records_step_is_shown_by_kind_of_kernel():
+    """benchmark.py --profile adds step_kernels to a record; the family's section shows where its step goes."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from bench_report import step_kernel_lines
+
+    record = {
+        "recipe": "batch_runner-nobudget",
+        "gpu": "NVIDIA H200",
+        "step_kernels": {
+            "step_s": 10.6,
+            "by_kind_s": {"attention": 6.3, "matmul": 3.2, "other": 0.9},
+            "no_kernel_s": 0.2,
+            "top": [{"s": 6.2, "kernel": "flash_fwd_kernel_sm90"}],
+        },
+    }
+    assert step_kernel_lines([{"recipe": "ref-gpu", "gpu": "NVIDIA H200"}]) == []
+    table = step_kernel_lines([record])
+    kinds = "| 10.6 | 6.3 | 3.2 | 0.0 | 0.9 | 0.2 |"  # step, attention, matmul, copy, other, no kernel
+    assert table[-1] == f"| batch_runner-nobudget | H200 {kinds} 6.2 s `flash_fwd_kernel_sm90` |"
