@@ -176,6 +176,23 @@ def test_the_output_salt_follows_a_loras_scale_and_file_contents(tmp_path):
     assert len(salts) == 4
 
 
+def test_a_loras_digest_is_hashed_once_per_file_version_and_kept_for_later_processes(tmp_path, lora_cache):
+    import hashlib
+
+    from batch_runner.replica import lora as lora_module
+
+    file = tmp_path / "mine.safetensors"
+    save_file({"transformer.blocks.0.attn1.to_q.lora_A.weight": torch.ones(4, 24)}, str(file))
+    assert lora_module.file_sha256(file) == hashlib.sha256(file.read_bytes()).hexdigest()
+    (kept,) = (lora_cache / "sha256").iterdir()
+    lora_module._cached_sha256.cache_clear()  # as a later process: only the kept digest remains
+    kept.write_text("f" * 64)
+    assert lora_module.file_sha256(file) == "f" * 64
+    save_file({"transformer.blocks.0.attn1.to_q.lora_A.weight": torch.zeros(4, 24)}, str(file))  # same size
+    assert lora_module.file_sha256(file) == hashlib.sha256(file.read_bytes()).hexdigest()
+    assert len(list((lora_cache / "sha256").iterdir())) == 2
+
+
 # --- guidance 1 -----------------------------------------------------------------------------------
 
 
