@@ -190,14 +190,15 @@ def compile_blocks(blocks: torch.nn.ModuleList, text_length_inputs: Sequence[str
 class SteadyInputs:
     """A compiled block's forward pre-hook: inputs that one graph serves, whatever the row.
 
-    * A tensor input that is not row-major is made so: the same values in another layout.
-      SkyReels-V2's and HunyuanVideo-1.5's patch embeddings hand the first block
-      `flatten(2).transpose(1, 2)`, a transposed residual stream that every block's elementwise
-      work keeps (a block's outputs take its inputs' layout), so every block of every step would read
-      and write its tokens column-wise; diffusers 0.42 makes Wan's contiguous for that reason
-      (huggingface/diffusers#14236), not these. CogVideoX's first block gets slices of the joint
-      text and video sequence: other strides than the blocks after it, so a graph of its own.
-      One copy per forward, at the first block; later blocks get row-major outputs.
+    * A tensor input that is not row-major is made so: the same values in another layout. A
+      transposed token sequence (a patch embedding's `flatten(2).transpose(1, 2)`) would be kept by
+      every block (a block's outputs take its inputs' layout), and every block of every step would
+      read and write its tokens column-wise; diffusers 0.42 makes Wan's contiguous for that reason
+      (huggingface/diffusers#14236). SkyReels-V2's and HunyuanVideo-1.5's families hand theirs
+      over row-major already (`streamline`, which frees the transposed original at once); here is
+      the net for any other. CogVideoX's first block gets slices of the joint text and video
+      sequence: other strides than the blocks after it, so it would get a graph of its own. One
+      copy per forward at most, at the first block: later blocks get row-major outputs.
     * The inputs named in `text_length_inputs` have a prompt's token count as their second dimension
       (a text not padded to a fixed length): marked dynamic there, so that each new prompt length
       does not compile the blocks again (a graph per length would recompile for nearly every row,
