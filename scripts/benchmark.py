@@ -55,7 +55,7 @@ from batch_runner.families import family_of  # noqa: E402
 from batch_runner.families.base import DENOISER  # noqa: E402
 from batch_runner.inputs.images import load_image  # noqa: E402
 from batch_runner.inputs.manifest import Job  # noqa: E402
-from batch_runner.replica import placement  # noqa: E402
+from batch_runner.replica import fa4, placement  # noqa: E402
 from batch_runner.replica.anatomy import anatomy  # noqa: E402
 from batch_runner.replica.lora import resolve  # noqa: E402
 from batch_runner.replica.pipeline import build_pipeline, random_pipeline  # noqa: E402
@@ -580,7 +580,9 @@ def project(
         "changes_output": bool(cfg.memory.fp8_weights or cfg.speed.cache != "none"),
         "overrides": overrides or None,
         "compile": cfg.speed.compile,
-        "attention": replica.attention,  # the kernel the transformer ran on, not the setting
+        # the kernel the transformer ran on, not the setting (cuDNN's SDPA where FA4 failed at a call)
+        "attention": "cudnn" if replica.attention == "fa4" and fa4.failure() else replica.attention,
+        "fa4_failure": fa4.failure(),
         "attention_setting": cfg.speed.attention,
     } | result
     placement.remove_offloading(replica.pipe, replica.roles)

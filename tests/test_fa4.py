@@ -105,6 +105,38 @@ def test_the_custom_op_runs_the_kernel_and_matches_attention(stub_kernel):
     assert torch.allclose(out, reference_attention(q, k, v, 8**-0.5)[0], atol=1e-5)
 
 
+def test_a_call_the_kernel_fails_runs_on_sdpa_and_so_does_every_later_one(monkeypatch, caplog):
+    """A failing kernel (a JIT compile, its kernel cache's file lock) must not fail every row: one
+    warning, then SDPA for that call and all later ones; running out of memory stays the plan's."""
+    calls = []
+
+    def failing(q, k, v, softmax_scale=None):
+        calls.append(q.shape)
+        raise RuntimeError("could not acquire the lock within 15 s")
+
+    monkeypatch.setattr(fa4, "_load", lambda: failing)
+    monkeypatch.setattr(fa4, "_failure", [])
+    q, k, v = (torch.randn(1, 16, 2, 8) for _ in range(3))
+    with caplog.at_level(logging.WARNING, logger=fa4.__name__):
+        for _ in range(2):
+            out = fa4.fa4_attention(q, k, v, 8**-0.5)
+            assert torch.allclose(out, reference_attention(q, k, v, 8**-0.5)[0], atol=1e-5)
+    assert len(calls) == 1 and fa4.failure() == "RuntimeError: could not acquire the lock within 15 s"
+    assert [r.getMessage() for r in caplog.records] == [
+        "FlashAttention-4 failed (RuntimeError: could not acquire the lock within 15 s); "
+        "attention runs on SDPA (cuDNN) from here on"
+    ]
+
+    def out_of_memory(q, k, v, softmax_scale=None):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(fa4, "_load", lambda: out_of_memory)
+    monkeypatch.setattr(fa4, "_failure", [])
+    with pytest.raises(torch.OutOfMemoryError):
+        fa4.fa4_attention(q, k, v, 8**-0.5)
+    assert fa4.failure() is None
+
+
 def test_the_custom_op_is_one_opaque_call_under_torch_compile(stub_kernel):
     """fullgraph=True fails on a graph break; the fake gives the output shape with a different value dim."""
     q, k = (torch.randn(2, 16, 2, 8) for _ in range(2))

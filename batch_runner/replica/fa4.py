@@ -91,14 +91,44 @@ def chosen(name: str, head_dim: int | None, device: torch.device, context_parall
     return True
 
 
+_failure: list[str] = []  # why the kernel failed at a call, once it has: SDPA takes every call after
+
+
+def failure() -> str | None:
+    """Why FA4 failed at a call in this process (its calls run on SDPA since), or None."""
+    return _failure[0] if _failure else None
+
+
 @torch.library.custom_op(OP_NAME, mutates_args=())
 def fa4_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
-    """Non-causal attention, (batch, tokens, heads, head_dim) in and out, through FA4's forward."""
-    kernel = _load()
-    if kernel is None:
-        raise RuntimeError("flash-attn-4 is not installed")
-    out = kernel(query.contiguous(), key.contiguous(), value.contiguous(), softmax_scale=scale)
-    return out[0] if isinstance(out, tuple) else out  # (out, lse): lse is None unless asked for
+    """Non-causal attention, (batch, tokens, heads, head_dim) in and out, through FA4's forward.
+
+    A call the kernel fails (its JIT compile, its on-disk kernel cache's lock, an unforeseen shape)
+    runs on PyTorch's SDPA instead, as does every later one, with one warning: attention stays on
+    cuDNN rather than failing every row. Running out of memory is the memory plan's to handle.
+    """
+    kernel = None if _failure else _load()
+    if kernel is not None:
+        try:
+            out = kernel(query.contiguous(), key.contiguous(), value.contiguous(), softmax_scale=scale)
+            return out[0] if isinstance(out, tuple) else out  # (out, lse): lse is None unless asked for
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as error:
+            _failure[:] = [f"{type(error).__name__}: {str(error)[:200]}"]
+            log.warning("FlashAttention-4 failed (%s); attention runs on SDPA (cuDNN) from here on", _failure[0])
+    return _sdpa(query, key, value, scale)
+
+
+def _sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
+    """fa4_attention's computation on PyTorch's SDPA, cuDNN first."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v = (x.transpose(1, 2) for x in (query, key, value))
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    with sdpa_kernel(order):
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
+    return out.transpose(1, 2).contiguous()
 
 
 @fa4_attention.register_fake
