@@ -329,6 +329,22 @@ def kernel_kind(name: str) -> str:
     return "other"
 
 
+def kernel_seconds(profiler) -> tuple[dict[str, float], list[tuple[float, str]]]:
+    """A torch.profiler run's GPU kernel seconds by kind (kernel_kind), and (seconds, name) per kernel."""
+    from torch.autograd import DeviceType
+
+    kinds: dict[str, float] = {}
+    top: list[tuple[float, str]] = []
+    for event in profiler.key_averages():
+        seconds = event.self_device_time_total / 1e6
+        if event.device_type != DeviceType.CUDA or seconds <= 0:
+            continue
+        kind = kernel_kind(event.key)
+        kinds[kind] = kinds.get(kind, 0.0) + seconds
+        top.append((seconds, event.key[:90]))
+    return kinds, top
+
+
 def step_kernels(call) -> dict:
     """GPU kernel seconds of one denoising step (the second of a two-step call) by kind, the part of
     the step no kernel ran, and the longest kernels: where a step's time goes, beside its timing."""
@@ -344,14 +360,7 @@ def step_kernels(call) -> dict:
         return tensors
 
     call(2, on_step)
-    kinds: dict[str, float] = {}
-    top: list[tuple[float, str]] = []
-    for event in profiler.key_averages():
-        seconds = event.self_device_time_total / 1e6
-        if seconds <= 0:
-            continue
-        kinds[kernel_kind(event.key)] = kinds.get(kernel_kind(event.key), 0.0) + seconds
-        top.append((seconds, event.key[:90]))
+    kinds, top = kernel_seconds(profiler)
     step = marks[1] - marks[0]
     return {
         "step_s": round(step, 4),
@@ -580,8 +589,7 @@ def project(
         "changes_output": bool(cfg.memory.fp8_weights or cfg.speed.cache != "none"),
         "overrides": overrides or None,
         "compile": cfg.speed.compile,
-        # the kernel the transformer ran on, not the setting (cuDNN's SDPA where FA4 failed at a call)
-        "attention": "cudnn" if replica.attention == "fa4" and fa4.failure() else replica.attention,
+        "attention": replica.attention,  # the kernel the transformer ran on, not the setting
         "fa4_failure": fa4.failure(),
         "attention_setting": cfg.speed.attention,
     } | result

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from benchmark import (  # noqa: E402
     FIRST_MODEL,
     Target,
-    kernel_kind,
+    kernel_seconds,
     random_component,
     seconds_per_call,
     transformer_arch,
@@ -52,7 +52,6 @@ HIDDEN = HEADS * HEAD_DIM  # the feed-forward is 4x wider
 
 def measure(label: str, transformer: torch.nn.Module, repeats: int = 4) -> dict:
     """Seconds per forward (wall, GPU-synchronised), host time to launch one, and a kernel breakdown."""
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     args = transformer_inputs(TARGET, transformer)
@@ -69,14 +68,7 @@ def measure(label: str, transformer: torch.nn.Module, repeats: int = 4) -> dict:
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             transformer(**args)
             torch.cuda.synchronize()
-    kernels: dict[str, float] = {}
-    top: list[tuple[float, str]] = []
-    for event in prof.key_averages():
-        if event.device_type != DeviceType.CUDA:
-            continue
-        us = event.self_device_time_total
-        kernels[kernel_kind(event.key)] = kernels.get(kernel_kind(event.key), 0.0) + us / 1e6
-        top.append((us / 1e6, event.key[:90]))
+    kernels, top = kernel_seconds(prof)
     busy = sum(v for k, v in kernels.items() if k != "copy")
     record = {
         "recipe": "step-profile",

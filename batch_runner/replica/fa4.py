@@ -117,18 +117,20 @@ def fa4_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, s
         except Exception as error:
             _failure[:] = [f"{type(error).__name__}: {str(error)[:200]}"]
             log.warning("FlashAttention-4 failed (%s); attention runs on SDPA (cuDNN) from here on", _failure[0])
-    return _sdpa(query, key, value, scale)
+    return _sdpa(query, key, value, scale=scale).contiguous()
 
 
-def _sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
-    """fa4_attention's computation on PyTorch's SDPA, cuDNN first."""
+def _sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, **arguments: Any) -> torch.Tensor:
+    """Attention of (batch, tokens, heads, head_dim) tensors on PyTorch's SDPA, cuDNN first: where
+    FA4 cannot take a call, or has failed. `arguments`: SDPA's own (mask, causal, scale, ...)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))
-    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-    with sdpa_kernel(order):
-        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
-    return out.transpose(1, 2).contiguous()
+    with sdpa_kernel(
+        [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    ):
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, **arguments)
+    return out.transpose(1, 2)
 
 
 @fa4_attention.register_fake
@@ -153,16 +155,8 @@ def dispatcher_attention(
     plain = attn_mask is None and not is_causal and not return_lse and _parallel_config is None
     if plain and dropout_p == 0.0 and query.shape[2] == key.shape[2] and query.dtype in (torch.bfloat16, torch.float16):
         return fa4_attention(query, key, value, scale if scale is not None else query.shape[-1] ** -0.5)
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    q, k, v = (x.permute(0, 2, 1, 3) for x in (query, key, value))
-    with sdpa_kernel(
-        [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-    ):
-        out = torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa
-        )
-    return out.permute(0, 2, 1, 3)
+    arguments = {"attn_mask": attn_mask, "dropout_p": dropout_p, "is_causal": is_causal, "scale": scale}
+    return _sdpa(query, key, value, enable_gqa=enable_gqa, **arguments)
 
 
 def _dispatcher() -> tuple[Any, Any]:

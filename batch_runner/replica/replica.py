@@ -27,7 +27,7 @@ from batch_runner.cluster.parallel import Team, split_attention
 from batch_runner.config import RunConfig
 from batch_runner.families.base import DENOISER
 from batch_runner.inputs.manifest import Job
-from batch_runner.replica import host_weights, placement, planner, speed
+from batch_runner.replica import fa4, host_weights, placement, planner, speed
 from batch_runner.replica.anatomy import anatomy
 from batch_runner.replica.pipeline import build_pipeline, torch_dtype
 
@@ -56,7 +56,7 @@ class Replica:
         self.cfg = cfg
         self.team = team if team is not None and team.size > 1 else None
         self.device = device
-        self.attention = "sdpa"  # the kernel the denoisers run on, set in _build
+        self._attention = "sdpa"  # the kernel chosen for the denoisers, set in _build
         self.dtype = torch_dtype(cfg.model.dtype)
         self.anatomy = anatomy(cfg.model)
         self.family = self.anatomy.family
@@ -105,6 +105,12 @@ class Replica:
         self.audio: tuple[np.ndarray, int] | None = None  # (samples (channels, n) in [-1, 1], rate)
 
     @property
+    def attention(self) -> str:
+        """The kernel the denoisers' attention runs on now: the one chosen, or cuDNN's SDPA once
+        FlashAttention-4 failed at a call in this process (fa4.fa4_attention falls back)."""
+        return "cudnn" if self._attention == "fa4" and fa4.failure() else self._attention
+
+    @property
     def plan(self) -> str:
         """The memory plan the replica runs now (the current row shape's; lower after a failure)."""
         return self.placement.plan
@@ -125,7 +131,7 @@ class Replica:
                 self.family.streamline(denoiser, cfg.model)
                 if cfg.speed.fuse_qkv:
                     speed.fuse_qkv(denoiser)
-                self.attention = speed.prefer_attention(
+                self._attention = speed.prefer_attention(
                     self.family, denoiser, cfg.speed.attention, self.device, context_parallel=self.team is not None
                 )
                 if slowest.fp8_weights:
