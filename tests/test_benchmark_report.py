@@ -108,3 +108,36 @@ def test_a_profiled_records_step_is_shown_by_kind_of_kernel():
     table = step_kernel_lines([record])
     kinds = "| 10.6 | 6.3 | 3.2 | 0.0 | 0.9 | 0.2 |"  # step, attention, matmul, copy, other, no kernel
     assert table[-1] == f"| batch_runner-nobudget | H200 {kinds} 6.2 s `flash_fwd_kernel_sm90` |"
+
+
+def test_24_gib_is_compared_with_the_whole_card_run_of_its_own_kind_of_card():
+    """A whole-card record on a newer card leaves the 24 GiB verdict to the older card's pair, never a
+    ratio across cards (an H200's memory is faster than an H100's)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from bench_report import family_section
+
+    def record(recipe: str, gpu: str, seconds: float, budget: float | None = None) -> dict:
+        return {
+            "recipe": recipe,
+            "gpu": gpu,
+            "budget_gib": budget,
+            "seconds_per_video": seconds,
+            "seconds_per_step": seconds / 50,
+            "tflops": 500.0,
+            "peak_allocated_gib": 6.0,
+            "peak_reserved_gib": 17.0,
+            "within_budget": None if budget is None else True,
+        }
+
+    h100, h200 = "NVIDIA H100 80GB HBM3", "NVIDIA H200"
+    pair = [record("batch_runner-nobudget", h100, 260.0), record("batch_runner-24gib", h100, 280.0, 24.0)]
+
+    def verdict(rows: list[dict]) -> str:
+        lines = family_section("hunyuanvideo1.5-i2v-480p", rows, None)
+        return next(line for line in lines if line.startswith("| 24 GiB within 1.1x"))
+
+    assert verdict(pair) == "| 24 GiB within 1.1x of the no-budget time | yes | 1.08x |"
+    newer = verdict([*pair, record("batch_runner-nobudget", h200, 200.0)])
+    assert newer == "| 24 GiB within 1.1x of the no-budget time | yes | 1.08x (H100: 280.0 s vs 260.0 s) |"
+    alone = verdict([pair[1], record("batch_runner-nobudget", h200, 200.0)])
+    assert alone == "| 24 GiB within 1.1x of the no-budget time | — | not compared: measured on H100 and H200 |"
