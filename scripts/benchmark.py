@@ -33,6 +33,7 @@ import inspect
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -329,19 +330,53 @@ def kernel_kind(name: str) -> str:
     return "other"
 
 
-def kernel_seconds(profiler) -> tuple[dict[str, float], list[tuple[float, str]]]:
-    """A torch.profiler run's GPU kernel seconds by kind (kernel_kind), and (seconds, name) per kernel."""
+# ATen's templates that wrap the functor naming what an eager kernel does (a copy, a multiply, ...),
+# and template arguments that say nothing about it.
+_ATEN_NOISE = frozenset(
+    [
+        "elementwise_kernel",
+        "vectorized_elementwise_kernel",
+        "unrolled_elementwise_kernel",
+        "index_elementwise_kernel",
+        "gpu_kernel_impl",
+        "gpu_kernel_impl_nocast",
+        "gpu_kernel",
+        "launch_legacy_kernel",
+        "OpaqueType",
+    ]
+)
+
+
+def kernel_label(name: str, width: int = 90) -> str:
+    """A kernel's name cut to `width` characters, ATen's kept readable: its wrapping templates
+    (`void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl_nocast<...`) fill the
+    first 90 characters, so what it does (`direct_copy_kernel_cuda`, `MulFunctor`) goes first."""
+    if "at::native::" in name:
+        words = [
+            w.rsplit("::", 1)[-1]
+            for w in re.findall(r"at::native::(?:\(anonymous namespace\)::)?((?:\w+::)*\w+)", name)
+        ]
+        functors = [w for w in dict.fromkeys(words) if w not in _ATEN_NOISE]
+        if functors:
+            wrapper = next((f" ({w})" for w in words if w in _ATEN_NOISE and w != "OpaqueType"), "")
+            return f"aten {'/'.join(functors)}{wrapper}"[:width]
+    return name[:width]
+
+
+def kernel_seconds(profiler) -> tuple[dict[str, float], list[tuple[float, str, int]]]:
+    """A torch.profiler run's GPU kernel seconds by kind (kernel_kind), and (seconds, name, calls)
+    per kernel (its name through kernel_label)."""
     from torch.autograd import DeviceType
 
     kinds: dict[str, float] = {}
-    top: list[tuple[float, str]] = []
+    top: list[tuple[float, str, int]] = []
     for event in profiler.key_averages():
         seconds = event.self_device_time_total / 1e6
         if event.device_type != DeviceType.CUDA or seconds <= 0:
             continue
         kind = kernel_kind(event.key)
         kinds[kind] = kinds.get(kind, 0.0) + seconds
-        top.append((seconds, event.key[:90]))
+        top.append((seconds, kernel_label(event.key), event.count))
     return kinds, top
 
 
@@ -366,7 +401,7 @@ def step_kernels(call) -> dict:
         "step_s": round(step, 4),
         "by_kind_s": {k: round(v, 4) for k, v in sorted(kinds.items())},
         "no_kernel_s": round(step - sum(kinds.values()), 4),
-        "top": [{"s": round(s, 4), "kernel": name} for s, name in sorted(top, reverse=True)[:15]],
+        "top": [{"s": round(s, 4), "kernel": name, "calls": n} for s, name, n in sorted(top, reverse=True)[:15]],
     }
 
 

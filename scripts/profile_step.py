@@ -79,7 +79,7 @@ def measure(label: str, transformer: torch.nn.Module, repeats: int = 4) -> dict:
         "kernel_seconds": {k: round(v, 4) for k, v in sorted(kernels.items())},
         "compute_kernel_seconds": round(busy, 4),
         "gpu_idle_seconds": round(seconds - busy, 4),
-        "top_kernels": [{"seconds": round(s, 4), "name": n} for s, n in sorted(top, reverse=True)[:12]],
+        "top_kernels": [{"seconds": round(s, 4), "name": n, "calls": c} for s, n, c in sorted(top, reverse=True)[:12]],
         "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
     }
     if kernels.get("attention"):

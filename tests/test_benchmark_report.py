@@ -141,3 +141,41 @@ def test_24_gib_is_compared_with_the_whole_card_run_of_its_own_kind_of_card():
     assert newer == "| 24 GiB within 1.1x of the no-budget time | yes | 1.08x (H100: 280.0 s vs 260.0 s) |"
     alone = verdict([pair[1], record("batch_runner-nobudget", h200, 200.0)])
     assert alone == "| 24 GiB within 1.1x of the no-budget time | — | not compared: measured on H100 and H200 |"
+
+
+def test_a_profiles_kernels_say_what_atens_eager_kernels_do_and_how_often_they_ran():
+    """ATen's templates fill a kernel name's first 90 characters; the profile keeps the functor (a
+    stray copy shows as a copy) and the calls a step made of each kernel."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from benchmark import kernel_label, kernel_seconds
+
+    copy = (
+        "void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl_nocast<at::native::"
+        "direct_copy_kernel_cuda(at::TensorIteratorBase&)::{lambda()#3}::operator()() const> >(int, ...)"
+    )
+    assert kernel_label(copy) == "aten direct_copy_kernel_cuda (elementwise_kernel)"
+    multiply = (
+        "void at::native::vectorized_elementwise_kernel<4, at::native::BinaryFunctor<float, float, float, "
+        "at::native::binary_internal::MulFunctor<float> > >(int)"
+    )
+    assert kernel_label(multiply) == "aten BinaryFunctor/MulFunctor (vectorized_elementwise_kernel)"
+    assert kernel_label("triton_poi_fused_gelu_view_8") == "triton_poi_fused_gelu_view_8"
+    assert len(kernel_label("nvjet_" + "x" * 200)) == 90
+
+    def event(key: str, us: float, count: int, device=DeviceType.CUDA) -> SimpleNamespace:
+        return SimpleNamespace(key=key, self_device_time_total=us, count=count, device_type=device)
+
+    profiler = SimpleNamespace(
+        key_averages=lambda: [
+            event(copy, 58_000, 80),
+            event("flash_fwd_kernel_sm90", 6_500_000, 80),
+            event("aten::copy_", 1_000, 80, DeviceType.CPU),
+        ]
+    )
+    kinds, top = kernel_seconds(profiler)
+    assert kinds == {"other": 0.058, "attention": 6.5}
+    assert (0.058, "aten direct_copy_kernel_cuda (elementwise_kernel)", 80) in top and len(top) == 2
