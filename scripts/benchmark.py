@@ -724,6 +724,12 @@ def end_to_end(rows: int, steps: int, out: Path, photos: Path, target: Target | 
         "startup_seconds": cold,
         "warm_startup_seconds": warm,
         "warm_server_startup_seconds": forked,
+        # What the server imported ahead, and what it left to each run (FlashAttention-4, say) and why.
+        "warm_server_notes": [
+            line.split("warm server: ", 1)[-1].strip()
+            for line in server_log
+            if "not imported ahead" in line or READY in line
+        ],
         "command": " ".join(command("jobs.csv", "out")[1:]),
     }
 

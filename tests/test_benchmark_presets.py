@@ -111,3 +111,6 @@ def test_the_end_to_end_part_runs_the_command_line_on_a_preset_with_its_loras_an
     startups = (record["startup_seconds"], record["warm_startup_seconds"], record["warm_server_startup_seconds"])
     for startup in startups:  # launch to each phase's end; the last forked by the warm server, or it raised
         assert 0 < startup["imports"] < startup["replica"] < startup["first_step"] < startup["first_video"]
+    # The server's own account of what it imported ahead: a module left to each run says why.
+    notes = record["warm_server_notes"]
+    assert notes[-1].startswith("ready at") and all(" not imported ahead: " in note for note in notes[:-1])
