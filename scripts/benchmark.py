@@ -627,6 +627,7 @@ def project(
         "attention": replica.attention,  # the kernel the transformer ran on, not the setting
         "fa4_failure": fa4.failure(),
         "attention_setting": cfg.speed.attention,
+        "replica_build_s": replica.build_seconds,  # its plan, weights and LoRAs, preparation, ...: start-up's parts
     } | result
     placement.remove_offloading(replica.pipe, replica.roles)
     return record
@@ -762,7 +763,8 @@ def startup_seconds(output_dir: Path, launched: float) -> dict[str, float]:
     (logs/startup-rank00000.json, written by batch_runner.run.startup): `first_step` is the
     issue's "launch to first step"."""
     marks = json.loads((output_dir / "logs" / "startup-rank00000.json").read_text())
-    return {k: round(v - launched, 2) for k, v in marks.items() if k not in ("rank", "host", "pid")}
+    seconds = {k: round(v - launched, 2) for k, v in marks.items() if isinstance(v, float)}
+    return seconds | {k: v for k, v in marks.items() if k.endswith("_parts")}  # a phase's parts, in seconds
 
 
 # --- environment and report -----------------------------------------------------------------------------

@@ -192,7 +192,20 @@ def test_each_process_records_where_its_start_up_went(two_process: dict) -> None
         # Wall-clock times of this run, however long it took (the process start comes from /proc, whose
         # boot time has one-second resolution).
         assert started - 2 <= times[0] and times[-1] <= ended
+        # The replica phase split by its owner: every part, in seconds, together within the phase.
+        parts = marks["replica_parts"]
+        assert list(parts) == [
+            "family_imports",
+            "plan",
+            "weights",
+            "prepare",
+            "host_sharing",
+            "compile",
+            "placement",
+        ], parts
+        assert all(s >= 0 for s in parts.values()) and sum(parts.values()) <= marks["replica"] - marks["process_group"]
     assert "start-up: first video" in two_process["proc"].stderr
+    assert "replica " in two_process["proc"].stderr and "(family_imports " in two_process["proc"].stderr
 
 
 def test_readme_launch_commands_leave_accelerate_no_defaults_to_warn_about(monkeypatch, caplog) -> None:

@@ -121,6 +121,34 @@ def test_saved_marks_and_summary(tmp_path: Path) -> None:
     assert text.startswith("first video ") and "imports " in text and "first_step " in text
 
 
+def test_a_split_phase_keeps_its_parts_in_the_file_and_the_summary(tmp_path: Path) -> None:
+    for phase in startup.PHASES:
+        startup.mark(phase)
+    startup.split("replica", {"plan": 0.52, "weights": 4.06})
+    startup.split("replica", {"plan": 9.0})  # a later replica (a test's second run), not start-up
+    startup.save(tmp_path / "startup-rank00000.json", rank=0)
+    saved = json.loads((tmp_path / "startup-rank00000.json").read_text())
+    assert saved["replica_parts"] == {"plan": 0.52, "weights": 4.06}
+    assert " (plan 0.5, weights 4.1), first_step " in startup.summary()
+    startup.adopt(time.time(), time.time())  # a run the warm server forked counts its own start-up
+    assert "(plan" not in startup.summary()
+
+
+def test_the_replica_times_each_part_of_its_building() -> None:
+    """What the start-up's `replica` phase is made of, on the CPU with the tiny Wan preset and its LoRA."""
+    import torch
+
+    from batch_runner.replica.replica import Replica
+    from tests.conftest import run_config
+
+    began = time.perf_counter()
+    replica = Replica(run_config("manifest=x", "model=tiny-wan-lightx2v"), torch.device("cpu"))
+    took = time.perf_counter() - began
+    parts = replica.build_seconds
+    assert list(parts) == ["family_imports", "plan", "weights", "prepare", "host_sharing", "compile", "placement"]
+    assert all(s >= 0 for s in parts.values()) and sum(parts.values()) <= took + 0.01
+
+
 def test_scaling_reads_each_ranks_phases_from_the_launch(tmp_path: Path) -> None:
     logs = tmp_path / "logs"
     logs.mkdir()

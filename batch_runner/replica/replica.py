@@ -54,12 +54,14 @@ class Replica:
         team: Team | None = None,
     ) -> None:
         self.cfg = cfg
+        laps = BuildLaps(device)
         self.team = team if team is not None and team.size > 1 else None
         self.device = device
         self._attention = "sdpa"  # the kernel chosen for the denoisers, set in _build
         self.dtype = torch_dtype(cfg.model.dtype)
         self.anatomy = anatomy(cfg.model)
         self.family = self.anatomy.family
+        laps.lap("family_imports")  # the family's diffusers and transformers modules, where not imported yet
         peers = peers or HostPeers(0, 1, None, "")
         # Decided once, per row shape; each component below gets its slice of the config, the weights
         # their placement. Built for the slowest placement's host copies, placed for the first row's.
@@ -67,11 +69,12 @@ class Replica:
         self.placement = self.plans.for_job(jobs[0]) if jobs else self.plans.default
         for line in self.plans.lines():
             log.info("memory plan %s", line)
+        laps.lap("plan")
         # Rows of a shape whose plan failed move down the ladder for the rest of the run.
         self._lowered: dict[planner.Shape, planner.Placement] = {}
         self._broken: set[str] = set()  # plans that failed a row another plan then made
         self._lowered_default: planner.Placement | None = None
-        self.pipe, self.shared = self._build(peers)
+        self.pipe, self.shared = self._build(peers, laps)
         self.roles = self.family.components(self.pipe)
         self.denoisers = [getattr(self.pipe, n) for n, r in self.roles.items() if r == DENOISER]
         if self.team and cfg.speed.compile == "auto" and speed.should_compile(cfg.speed, device):
@@ -82,6 +85,7 @@ class Replica:
                 speed.compile_blocks(self.family.blocks(d), self.family.text_length_inputs) for d in self.denoisers
             )
             log.info("compiling %d transformer blocks with torch.compile (the first video is slower)", blocks)
+        laps.lap("compile")
         if self.team:  # after compiling: the context-parallel hooks wrap the compiled forwards
             for denoiser in self.denoisers:
                 split_attention(denoiser, self.team, cfg.replica.attention)
@@ -97,6 +101,9 @@ class Replica:
             release_memory()
             placement.enforce_budget(self.placement.cap_gib, device)
             torch.cuda.reset_peak_memory_stats(device)
+        laps.lap("placement")
+        # Seconds of each part of building this replica (the start-up's `replica` phase, split).
+        self.build_seconds: dict[str, float] = laps.seconds
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._clock: _StageClock | None = None
         # Seconds of the last video's stages inside the pipeline call (see make).
@@ -115,7 +122,7 @@ class Replica:
         """The memory plan the replica runs now (the current row shape's; lower after a failure)."""
         return self.placement.plan
 
-    def _build(self, peers: HostPeers) -> tuple[Any, dict[str, host_weights.SharedBlock]]:
+    def _build(self, peers: HostPeers, laps: BuildLaps) -> tuple[Any, dict[str, host_weights.SharedBlock]]:
         """The pipeline with its final weights, those that stay on the host shared with the host's
         other processes (host_weights) and pinned where a plan of the run streams them."""
         cfg = self.cfg
@@ -126,6 +133,7 @@ class Replica:
             # Random weights are born on the GPU (fast) and moved where the plan wants them.
             build_on = self.device if cfg.model.weights == "random" else torch.device("cpu")
             pipe = build_pipeline(cfg.model, build_on, empty=sharing.mapped)
+            laps.lap("weights")
             for name in self.anatomy.of_role(DENOISER):
                 denoiser = getattr(pipe, name)
                 self.family.streamline(denoiser, cfg.model)
@@ -136,6 +144,7 @@ class Replica:
                 )
                 if slowest.fp8_weights:
                     denoiser.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=self.dtype)
+            laps.lap("prepare")
             # Shared once the weights' shapes and types are final.
             shared = {name: sharing.share(name, getattr(pipe, name)) for name in sharing.groups}
         if self.device.type == "cuda":
@@ -143,6 +152,7 @@ class Replica:
             for name in streamed:
                 if name in shared:
                     shared[name].pin()
+        laps.lap("host_sharing")
         return pipe, shared
 
     def _host_components(self, slowest: planner.Placement) -> tuple[str, ...]:
@@ -335,6 +345,27 @@ class Replica:
 
 class BadFrames(FloatingPointError):
     """A video that must not count as made: non-finite or constant frames (higher precision may help)."""
+
+
+class BuildLaps:
+    """Seconds of each part of building a replica (its family's imports, its plan, weights with their
+    LoRAs, the denoisers' preparation, compile wrapping, placement): the start-up's `replica` phase, split.
+
+    Each lap waits for the GPU work its part queued, so a part's time is its own; the few waits
+    come once per process, before the first row.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, part: str) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.seconds[part] = round(self.seconds.get(part, 0.0) + now - self._last, 3)
+        self._last = now
 
 
 class _StageClock:

@@ -210,6 +210,7 @@ def _make_videos(
     team = form_team(cluster.rank, cluster.world_size, cfg.replica.gpus, cluster.device.type, ring)
     replica = Replica(cfg, cluster.device, cluster.host_peers(), pending, team)
     startup.mark("replica")
+    startup.split("replica", replica.build_seconds)
     with output_errors(out, "start this process's results log", KEPT_WHILE_MAKING):
         results = ResultLog(out, run_id, cluster.rank) if team.leads else None
     base = provenance(cfg, replica) | {"config_hash": config_hash(cfg)}

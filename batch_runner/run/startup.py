@@ -25,6 +25,7 @@ PHASES = ("interpreter", "imports", "process_group", "replica", "first_step", "f
 # run.py imports this module first, so its import marks the end of the interpreter's own start-up.
 _marks: dict[str, float] = {"interpreter": time.time()}
 _started: float | None = None  # process_started_at, once read
+_parts: dict[str, dict[str, float]] = {}  # seconds of the parts of a phase, where its owner split it
 
 
 def process_started_at() -> float:
@@ -66,6 +67,7 @@ def adopt(process_start: float, interpreter: float) -> None:
     this one for): its start and its interpreter's; marks taken before are dropped."""
     global _started
     _marks.clear()
+    _parts.clear()
     _marks["interpreter"] = interpreter
     _started = process_start
 
@@ -73,6 +75,11 @@ def adopt(process_start: float, interpreter: float) -> None:
 def mark(phase: str) -> None:
     """Note that `phase` ended now; only its first end counts (a row retried later is not start-up)."""
     _marks.setdefault(phase, time.time())
+
+
+def split(phase: str, parts: dict[str, float]) -> None:
+    """Note the seconds of `phase`'s parts (the replica's: its plan, weights, ...); the first split counts."""
+    _parts.setdefault(phase, dict(parts))
 
 
 def marks() -> dict[str, float]:
@@ -86,9 +93,15 @@ def summary() -> str:
     times = marks()
     start = times["process_start"]
     names = list(times)
-    parts = [f"{b} {times[b] - times[a]:.1f}" for a, b in itertools.pairwise(names)]
+    parts = [f"{b} {times[b] - times[a]:.1f}{_split_text(b)}" for a, b in itertools.pairwise(names)]
     last = names[-1]
     return f"{last.replace('_', ' ')} {times[last] - start:.1f} s after the process started ({', '.join(parts)} s)"
+
+
+def _split_text(phase: str) -> str:
+    """' (plan 0.9, weights 4.1, ...)' for a phase that was split, else ''."""
+    parts = _parts.get(phase)
+    return f" ({', '.join(f'{name} {seconds:.1f}' for name, seconds in parts.items())})" if parts else ""
 
 
 def save(path: Path, rank: int) -> None:
@@ -96,6 +109,7 @@ def save(path: Path, rank: int) -> None:
     log.info("start-up: %s", summary())
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {"rank": rank, "host": os.uname().nodename, "pid": os.getpid()} | marks()
+    record |= {f"{phase}_parts": parts for phase, parts in _parts.items()}  # seconds, not times
     from batch_runner.outputs.storage import write_text_nofollow  # never through a link planted in output_dir
 
     write_text_nofollow(path, json.dumps(record, indent=1) + "\n")
@@ -104,3 +118,4 @@ def save(path: Path, rank: int) -> None:
 def reset() -> None:
     """Forget the marks (tests, or a second run in one interpreter)."""
     _marks.clear()
+    _parts.clear()
