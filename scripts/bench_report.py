@@ -370,8 +370,10 @@ def family_section(model: str, rows: list[dict], peak: float | None) -> list[str
         )
     # The 24 GiB run against the no-budget run of its own kind of card, where one is current.
     own24 = ours.get(24.0)
-    same_card = [r for r in ok if r["recipe"] == "batch_runner-nobudget" and own24 and r.get("gpu") == own24.get("gpu")]
-    if own24 and same_card:
+    same_card = (
+        [r for r in ok if r["recipe"] == "batch_runner-nobudget" and r.get("gpu") == own24.get("gpu")] if own24 else []
+    )
+    if same_card:
         whole24 = same_card[-1]
         ratio = own24["seconds_per_video"] / whole24["seconds_per_video"]
         on = (

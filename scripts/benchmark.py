@@ -63,7 +63,7 @@ from batch_runner.replica.pipeline import build_pipeline, random_pipeline  # noq
 from batch_runner.replica.replica import Replica, release_memory  # noqa: E402
 from batch_runner.run.warm import DISABLE_ENV as WARM_ENV  # noqa: E402
 from batch_runner.run.warm import SOCKET_ENV as WARM_SOCKET  # noqa: E402
-from batch_runner.run.warm.server import READY  # noqa: E402
+from batch_runner.run.warm.server import NOT_AHEAD, READY  # noqa: E402
 
 GIB = 1024**3
 PROMPT = "Gentle waves roll onto an empty beach at dusk, the sky slowly darkening as the tide foams."
@@ -330,9 +330,8 @@ def kernel_kind(name: str) -> str:
     return "other"
 
 
-# ATen's templates that wrap the functor naming what an eager kernel does (a copy, a multiply, ...),
-# and template arguments that say nothing about it.
-_ATEN_NOISE = frozenset(
+# ATen's templates that wrap the functor naming what an eager kernel does (a copy, a multiply, ...).
+_ATEN_WRAPPERS = frozenset(
     [
         "elementwise_kernel",
         "vectorized_elementwise_kernel",
@@ -342,9 +341,9 @@ _ATEN_NOISE = frozenset(
         "gpu_kernel_impl_nocast",
         "gpu_kernel",
         "launch_legacy_kernel",
-        "OpaqueType",
     ]
 )
+_ATEN_NOISE = _ATEN_WRAPPERS | {"OpaqueType"}  # and a template argument that says nothing
 
 
 def kernel_label(name: str, width: int = 90) -> str:
@@ -358,7 +357,7 @@ def kernel_label(name: str, width: int = 90) -> str:
         ]
         functors = [w for w in dict.fromkeys(words) if w not in _ATEN_NOISE]
         if functors:
-            wrapper = next((f" ({w})" for w in words if w in _ATEN_NOISE and w != "OpaqueType"), "")
+            wrapper = next((f" ({w})" for w in words if w in _ATEN_WRAPPERS), "")
             return f"aten {'/'.join(functors)}{wrapper}"[:width]
     return name[:width]
 
@@ -727,9 +726,7 @@ def end_to_end(rows: int, steps: int, out: Path, photos: Path, target: Target | 
         "warm_server_startup_seconds": forked,
         # What the server imported ahead, and what it left to each run (FlashAttention-4, say) and why.
         "warm_server_notes": [
-            line.split("warm server: ", 1)[-1].strip()
-            for line in server_log
-            if "not imported ahead" in line or READY in line
+            line.split("warm server: ", 1)[-1].strip() for line in server_log if NOT_AHEAD in line or READY in line
         ],
         "command": " ".join(command("jobs.csv", "out")[1:]),
     }

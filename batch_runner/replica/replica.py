@@ -361,11 +361,16 @@ class BuildLaps:
         self._last = time.perf_counter()
 
     def lap(self, part: str) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        now = time.perf_counter()
-        self.seconds[part] = round(self.seconds.get(part, 0.0) + now - self._last, 3)
+        now = settled_now(self.device)
+        self.seconds[part] = round(now - self._last, 3)
         self._last = now
+
+
+def settled_now(device: torch.device) -> float:
+    """perf_counter once the GPU has done the work queued on `device`: a time that owns its GPU work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 class _StageClock:
@@ -383,19 +388,14 @@ class _StageClock:
         self.last: float | None = None
         self.done = 0  # denoising steps finished
 
-    def _now(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
-
     def denoiser_called(self, module: Any, args: Any) -> None:
         if self.first is None:
-            self.first = self._now()
+            self.first = settled_now(self.device)
 
     def step_done(self, step: int) -> None:
         self.done = step + 1
         # The last step waits for the GPU; a schedule of another length still has its latest step's end.
-        self.last = self._now() if step >= self.steps - 1 else time.perf_counter()
+        self.last = settled_now(self.device) if step >= self.steps - 1 else time.perf_counter()
 
     def stages(self) -> dict[str, float]:
         end = time.perf_counter()

@@ -23,6 +23,7 @@ from batch_runner.run.warm.sameness import changed_files, differences, module_fi
 
 # The server's log line once it listens (what a script that starts one waits for).
 READY = "ready at"
+NOT_AHEAD = "not imported ahead"  # a probed module left to each run, and why
 
 
 @dataclass
@@ -277,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}.", file=sys.stderr)
         return 2
     for name, why in server.skipped.items():
-        say(f"{name} not imported ahead: {why}")
+        say(f"{name} {NOT_AHEAD}: {why}")
     problem = unforkable()
     if problem is not None:
         print(f"error: cannot serve runs: {problem}.", file=sys.stderr)
