@@ -106,11 +106,15 @@ def fa4_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, s
     A call the kernel fails (its JIT compile, its on-disk kernel cache's lock, an unforeseen shape)
     runs on PyTorch's SDPA instead, as does every later one, with one warning: attention stays on
     cuDNN rather than failing every row. Running out of memory is the memory plan's to handle.
+
+    The inputs go in as they come: the package copies only those whose strides it cannot read
+    (`maybe_contiguous`), and a fused projection's values (every token's q, k and v side by side)
+    it reads in place, where a `.contiguous()` here copied them once per call.
     """
     kernel = None if _failure else _load()
     if kernel is not None:
         try:
-            out = kernel(query.contiguous(), key.contiguous(), value.contiguous(), softmax_scale=scale)
+            out = kernel(query, key, value, softmax_scale=scale)
             return out[0] if isinstance(out, tuple) else out  # (out, lse): lse is None unless asked for
         except torch.OutOfMemoryError:
             raise
