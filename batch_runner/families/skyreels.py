@@ -33,6 +33,7 @@ from batch_runner.families.base import (
     wan_vae_geometry,
 )
 from batch_runner.families.tokenizer import TINY_TEXT_DIM, tiny_text_encoder, tiny_tokenizer
+from batch_runner.upstream import DIFFUSERS_VERSIONS, Mirror
 
 if TYPE_CHECKING:
     from diffusers import SkyReelsV2ImageToVideoPipeline
@@ -56,6 +57,14 @@ class SkyReelsV2(Family):
     # give; 27 covers both. Streamed, measured on the same card (code fc8e5ce): text_offload under a
     # 48 GiB cap allocated 36.9 GiB, group_offload under 24 allocated 6.7, which Wan's 16 covers.
     # The 720P one (121 frames at 1280x720, 31 x 45 x 80) is not measured yet.
+    mirrors = (
+        Mirror(
+            "diffusers",
+            "diffusers.models.transformers.transformer_skyreels_v2:SkyReelsV2AttnProcessor.__call__",
+            DIFFUSERS_VERSIONS,
+            "wan_attention.PairedRotaryAttention takes its place, its steps but the rotary's",
+        ),
+    )
     activations = ActivationTerms(resident=27.0, streamed=16.0, guidance_batch=1, **WAN_VAE_DECODE)
     schedulers: ClassVar[dict[str, str]] = {
         "unipc": "UniPCMultistepScheduler",
@@ -151,8 +160,12 @@ class SkyReelsV2(Family):
         block's elementwise work goes column-wise through it. diffusers 0.42 makes Wan's (the same
         architecture) contiguous for that reason (huggingface/diffusers#14236), not this copy of it.
         Done here rather than at the first block (speed.SteadyInputs): the transposed original is
-        freed at once instead of living through the first block beside its copy."""
+        freed at once instead of living through the first block beside its copy. And Wan's attention
+        with its rotary embedding written for one fused pass (wan_attention)."""
         transformer.patch_embedding.register_forward_hook(_channels_last)
+        from batch_runner.families.wan_attention import pair_rotary  # imports diffusers
+
+        pair_rotary(transformer)
 
     def geometry(self, configs: dict[str, dict]) -> Geometry:
         return wan_vae_geometry(configs)

@@ -37,6 +37,7 @@ from batch_runner.families.base import (
     wan_vae_geometry,
 )
 from batch_runner.families.tokenizer import TINY_TEXT_DIM, tiny_text_encoder, tiny_tokenizer
+from batch_runner.upstream import DIFFUSERS_VERSIONS, Mirror
 
 if TYPE_CHECKING:
     from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline, WanTransformer3DModel
@@ -75,6 +76,14 @@ class Wan(Family):
     # conditional and unconditional passes are separate forwards of batch 1. The decode: Wan's VAE
     # (base.WAN_VAE_DECODE).
     activations = ActivationTerms(resident=16.0, streamed=16.0, guidance_batch=1, **WAN_VAE_DECODE)
+    mirrors = (
+        Mirror(
+            "diffusers",
+            "diffusers.models.transformers.transformer_wan:WanAttnProcessor.__call__",
+            DIFFUSERS_VERSIONS,
+            "wan_attention.PairedRotaryAttention takes its place, its steps but the rotary's",
+        ),
+    )
     schedulers: ClassVar[dict[str, str]] = {
         "unipc": "UniPCMultistepScheduler",
         "euler": "FlowMatchEulerDiscreteScheduler",
@@ -265,6 +274,12 @@ class Wan(Family):
 
     def blocks(self, transformer: torch.nn.Module) -> torch.nn.ModuleList:
         return transformer.blocks
+
+    def streamline(self, transformer: torch.nn.Module, model: ModelConfig) -> None:
+        """Its attention with the rotary embedding written for one fused pass (wan_attention)."""
+        from batch_runner.families.wan_attention import pair_rotary  # imports diffusers
+
+        pair_rotary(transformer)
 
     def geometry(self, configs: dict[str, dict]) -> Geometry:
         return wan_vae_geometry(configs)
