@@ -37,6 +37,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Iterable, Iterator
@@ -740,19 +741,32 @@ def warm_server(path: Path) -> Iterator[tuple[dict[str, str], list[str]]]:
     command = [sys.executable, "-m", "batch_runner.run.warm"]
     server = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
     log: list[str] = []
-    assert server.stderr is not None
-    try:
-        for line in server.stderr:  # it says when it listens, or why it will not
+    ready = threading.Event()
+
+    def read_log() -> None:
+        # Read to the end, not only to READY: a server whose stderr pipe is full would block in its
+        # log line, and what it says while serving is what explains a run it lost.
+        assert server.stderr is not None
+        for line in server.stderr:
             log.append(line)
             if READY in line:
-                break
-        else:
+                ready.set()
+        ready.set()  # it ended: wake the wait below
+
+    reader = threading.Thread(target=read_log, name="warm-server-log", daemon=True)
+    reader.start()
+    try:
+        ready.wait()
+        if not any(READY in line for line in log):
             raise RuntimeError(f"the warm server ended before serving: {''.join(log[-3:])}")
         yield env, log
+    except BaseException:
+        print("".join(log[-20:]), file=sys.stderr)  # the server's side of a run that failed
+        raise
     finally:
         server.terminate()
-        log += server.stderr.readlines()
         server.wait()
+        reader.join(timeout=10)  # its runs' children may still hold the pipe a moment
 
 
 def startup_seconds(output_dir: Path, launched: float) -> dict[str, float]:
