@@ -7,10 +7,7 @@ Runs without the project's conftest (no Hydra needed): `python -m pytest --nocon
 
 from __future__ import annotations
 
-import builtins
 import logging
-import sys
-import threading
 
 import pytest
 import torch
@@ -70,41 +67,6 @@ def test_an_import_failure_is_named_in_the_log_line(monkeypatch):
         assert "ImportError: No module named 'cutlass'" in fa4.unavailable_reason(torch.device("cuda"))
     finally:
         fa4._load.cache_clear()
-
-
-@pytest.fixture
-def slow_package(tmp_path, monkeypatch):
-    """A `flash_attn.cute` on sys.path whose import waits until the test lets it finish."""
-    package = tmp_path / "flash_attn" / "cute"
-    package.mkdir(parents=True)
-    (tmp_path / "flash_attn" / "__init__.py").write_text("")
-    (package / "__init__.py").write_text(
-        "import builtins\nbuiltins.fa4_test_release.wait()\ndef flash_attn_func(*args, **kwargs):\n    return 'stub'\n"
-    )
-    release = threading.Event()
-    monkeypatch.setattr(builtins, "fa4_test_release", release, raising=False)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    for name in ("flash_attn", "flash_attn.cute"):
-        monkeypatch.delitem(sys.modules, name, raising=False)
-    monkeypatch.setattr(fa4, "_importing", [])
-    fa4._load.cache_clear()
-    yield release
-    release.set()
-    fa4._load.cache_clear()
-    for name in ("flash_attn", "flash_attn.cute"):
-        sys.modules.pop(name, None)
-
-
-def test_the_package_is_imported_on_a_thread_and_loading_waits_for_it(slow_package):
-    assert not fa4.import_soon("cudnn", torch.device("cuda"))  # not asked for
-    assert not fa4.import_soon("fa4", torch.device("cpu"))  # no GPU to run it
-    assert fa4.import_soon("fa4", torch.device("cuda"))
-    assert not fa4.import_soon("auto", torch.device("cuda"))  # once per process
-    (thread,) = fa4._importing
-    assert thread.is_alive()  # held inside the package's import until released
-    slow_package.set()
-    assert fa4._load()() == "stub"
-    assert not thread.is_alive()
 
 
 def test_on_an_unsupported_gpu_fa4_falls_back(stub_kernel, monkeypatch, caplog):

@@ -21,14 +21,9 @@ Two routes into a transformer (`use_in`):
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import importlib
-import importlib.util
 import inspect
 import logging
-import sys
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -49,41 +44,11 @@ OP_NAME = "batch_runner::fa4_attention"
 
 
 _import_error: list[str] = []  # why the last import failed, for the log line
-_importing: list[threading.Thread] = []  # the thread import_soon started, joined by _load
-
-
-def import_soon(name: str, device: torch.device) -> bool:
-    """Start importing the package on a thread, where speed.attention=`name` may take FA4 on
-    `device`; returns whether a thread was started.
-
-    Its import (the CUTLASS DSL's) takes about 3 s, and the replica needs it only once its weights are
-    built, which is mostly GPU and file work: started first, it runs meanwhile. The warm server
-    cannot import it ahead where importing loads CUDA's driver or starts threads (run/warm/preload.py).
-    """
-    if name not in ("fa4", "auto") or device.type != "cuda" or _importing or "flash_attn.cute" in sys.modules:
-        return False
-    try:
-        if importlib.util.find_spec("flash_attn") is None:
-            return False
-    except (ImportError, ValueError):
-        return False
-    thread = threading.Thread(target=_import_package, name="fa4-import", daemon=True)
-    _importing.append(thread)
-    thread.start()
-    return True
-
-
-def _import_package() -> None:
-    """import_soon's thread: _load reports what fails, when it imports again on the caller's thread."""
-    with contextlib.suppress(Exception):  # the same import is repeated where its failure is reported
-        importlib.import_module("flash_attn.cute")
 
 
 @functools.cache
 def _load() -> Callable | None:
     """The package's forward, or None when it cannot be imported (not installed, a broken CUDA DSL)."""
-    for thread in _importing:  # an import import_soon started: done before this one reads the module
-        thread.join()
     try:
         from flash_attn.cute import flash_attn_func
     except Exception as error:  # ImportError, or the DSL failing to load its native libraries

@@ -55,7 +55,6 @@ class Replica:
     ) -> None:
         self.cfg = cfg
         laps = BuildLaps(device)
-        fa4.import_soon(cfg.speed.attention, device)  # on a thread, while the weights are built
         self.team = team if team is not None and team.size > 1 else None
         self.device = device
         self._attention = "sdpa"  # the kernel chosen for the denoisers, set in _build
