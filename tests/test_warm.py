@@ -128,6 +128,68 @@ def test_no_server_or_a_turned_off_one_leaves_the_run_here(tmp_path: Path, monke
     assert warm.hand_over(str(ROOT / "run.py")) is None
 
 
+def test_a_server_stopped_with_its_run_leaves_the_command_a_stop_status_not_a_traceback(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """A job's time limit signals the whole process group: the run's process relays its SIGTERM while
+    the server, stopped too, closes its end with that byte unread; the kernel then resets the
+    connection. (On an H200 the command printed ConnectionResetError's traceback.)"""
+    import select
+
+    path = tmp_path / "warm.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(1)
+
+    def stopped_server() -> None:
+        conn, _ = listener.accept()
+        fds: list[int] = []
+        protocol.receive(conn, fds)
+        for fd in fds:
+            os.close(fd)
+        protocol.send(conn, {"pid": 12345})
+        select.select([conn], [], [], 60)  # the relayed signal has arrived: close without reading it
+        conn.close()
+
+    server = threading.Thread(target=stopped_server, daemon=True)
+    server.start()
+    monkeypatch.setenv(warm.DISABLE_ENV, "1")
+    monkeypatch.setenv(warm.SOCKET_ENV, str(path))
+    handlers = {sig: signal.getsignal(sig) for sig in lifecycle.STOP_SIGNALS}
+    try:
+        # The signal arrives while the command waits for its run's end (after the server's pid).
+        real_receive = warm.receive
+
+        def receive_then_signal(conn, *args):
+            message = real_receive(conn, *args)
+            if message == {"pid": 12345}:
+                signal.raise_signal(signal.SIGTERM)
+            return message
+
+        monkeypatch.setattr(warm, "receive", receive_then_signal)
+        code = warm.hand_over(str(ROOT / "run.py"))
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        listener.close()
+    server.join(timeout=60)
+    assert code == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM; the warm server ended with its run." in capsys.readouterr().err
+
+
+def test_the_servers_log_line_to_a_pipe_nobody_reads_is_dropped_not_raised(monkeypatch) -> None:
+    from batch_runner.run.warm import server
+
+    read, write = os.pipe()
+    os.close(read)  # the launcher that read the server's stderr is gone
+    with open(write, "w") as gone:
+        monkeypatch.setattr(sys, "stderr", gone)
+        server.say("stopping (SIGTERM): 1 run(s) stopped, rows made are kept")  # no BrokenPipeError
+        monkeypatch.undo()
+        with contextlib.suppress(OSError):
+            gone.close()
+
+
 def test_a_server_whose_imports_started_a_thread_serves_no_run() -> None:
     from batch_runner.run.warm.preload import unforkable
 

@@ -130,8 +130,15 @@ def hand_over(script: str) -> int | None:
             for signum in got:
                 signal.raise_signal(signum)
             return None
-        finished = receive(conn)
+        try:
+            finished = receive(conn)
+        except OSError:  # it went away with a relayed signal unread: a reset, not an end of stream
+            finished = None
     if finished is None:
+        if got:  # a stop signal reached this process and the server alike (a job's time limit, say)
+            name = signal.Signals(got[0]).name
+            print(f"batch_runner: stopped by {name}; the warm server ended with its run.", file=sys.stderr)
+            return 128 + got[0]
         print("batch_runner: the warm server ended before the run did.", file=sys.stderr)
         return 1
     return int(finished["exit"])

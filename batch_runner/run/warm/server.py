@@ -249,7 +249,11 @@ class Server:
 
 
 def say(text: str) -> None:
-    print(f"{time.strftime('%H:%M:%S')} warm server: {text}", file=sys.stderr, flush=True)
+    """One line of the server's log. A log nobody reads any more (its launcher ended, taking the
+    pipe's other end) must not end the server: a stop signal's line raised BrokenPipeError inside the
+    signal handler, which left the server's loop with its runs still going."""
+    with contextlib.suppress(OSError, ValueError):
+        print(f"{time.strftime('%H:%M:%S')} warm server: {text}", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
