@@ -34,6 +34,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -709,6 +710,7 @@ def end_to_end(rows: int, steps: int, out: Path, photos: Path, target: Target | 
     steady = (finished.iloc[-1] - finished.iloc[0]).total_seconds() / max(1, len(finished) - 1)
     ok = table[table["status"] == "ok"]
     stages = {c: round(float(ok[c].median()), 3) for c in STAGE_COLUMNS if c in ok and ok[c].notna().any()}
+    shutil.rmtree(work, ignore_errors=True)  # measured: kept only where a run failed, to be looked at
     return {
         "recipe": "runner-end-to-end",
         "description": f"accelerate-free `python run.py` over {rows} rows at {steps} steps (memory=auto, no budget)",
