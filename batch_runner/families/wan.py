@@ -83,6 +83,15 @@ class Wan(Family):
             DIFFUSERS_VERSIONS,
             "wan_attention.PairedRotaryAttention takes its place, its steps but the rotary's",
         ),
+        *(
+            Mirror(
+                "diffusers",
+                f"diffusers.models.transformers.transformer_wan:{helper}",
+                DIFFUSERS_VERSIONS,
+                "wan_attention.PairedRotaryAttention projects through it, for Wan and SkyReels-V2 alike",
+            )
+            for helper in ("_get_qkv_projections", "_get_added_kv_projections")
+        ),
     )
     schedulers: ClassVar[dict[str, str]] = {
         "unipc": "UniPCMultistepScheduler",

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.transformers.transformer_wan import _get_added_kv_projections, _get_qkv_projections
 
 # The text encoder's context length: the cross-attention's keys past it are the image's (diffusers'
 # processors hard-code the same 512).
@@ -42,11 +43,11 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torc
 class PairedRotaryAttention:
     """diffusers' Wan/SkyReels-V2 attention processor with `rotate` for its rotary embedding.
 
-    The rest is Wan's, step for step: fused or separate projections (`fuse_qkv_projections`), the
-    queries' and keys' RMS norms over all heads, the image's keys and values for image-to-video
-    models (the encoder states past the text's 512 tokens), both attentions through diffusers'
-    dispatcher with the backend and context-parallel config set on this processor, and the output
-    projection.
+    The rest is Wan's, step for step: fused or separate projections (`fuse_qkv_projections`), made by
+    diffusers' own helpers (SkyReels-V2's module has copies of them); the queries' and keys' RMS
+    norms over all heads; the image's keys and values for image-to-video models (the encoder states
+    past the text's 512 tokens); both attentions through diffusers' dispatcher with the backend and
+    context-parallel config set on this processor; and the output projection.
     """
 
     _attention_backend = None
@@ -66,7 +67,7 @@ class PairedRotaryAttention:
             image_length = encoder_hidden_states.shape[1] - TEXT_CONTEXT
             image_states = encoder_hidden_states[:, :image_length]
             encoder_hidden_states = encoder_hidden_states[:, image_length:]
-        query, key, value = _projections(attn, hidden_states, encoder_hidden_states)
+        query, key, value = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
         query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
         key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
         value = value.unflatten(2, (attn.heads, -1))
@@ -76,10 +77,7 @@ class PairedRotaryAttention:
 
         image_out = None
         if image_states is not None:
-            if attn.fused_projections:
-                key_image, value_image = attn.to_added_kv(image_states).chunk(2, dim=-1)
-            else:
-                key_image, value_image = attn.add_k_proj(image_states), attn.add_v_proj(image_states)
+            key_image, value_image = _get_added_kv_projections(attn, image_states)
             key_image = attn.norm_added_k(key_image).unflatten(2, (attn.heads, -1))
             value_image = value_image.unflatten(2, (attn.heads, -1))
             image_out = self._attend(query, key_image, value_image, None, split=False)
@@ -107,24 +105,9 @@ class PairedRotaryAttention:
         return out.flatten(2, 3).type_as(query)
 
 
-def _projections(
-    attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Queries, keys and values as diffusers' `_get_qkv_projections` makes them (fused or not)."""
-    context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-    if not attn.fused_projections:
-        return attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
-    if attn.cross_attention_dim_head is None:  # self-attention: one fused projection
-        return attn.to_qkv(hidden_states).chunk(3, dim=-1)
-    return (attn.to_q(hidden_states), *attn.to_kv(context).chunk(2, dim=-1))
-
-
-def pair_rotary(transformer: torch.nn.Module) -> int:
-    """Give every attention of a Wan-architecture transformer `PairedRotaryAttention`; returns how many."""
+def pair_rotary(transformer: torch.nn.Module) -> None:
+    """Give every attention of a Wan-architecture transformer `PairedRotaryAttention`."""
     processor = PairedRotaryAttention()
-    changed = 0
     for module in transformer.modules():
         if hasattr(module, "set_processor") and hasattr(module, "norm_q"):
             module.set_processor(processor)
-            changed += 1
-    return changed
