@@ -87,3 +87,53 @@ def test_the_run_narrows_a_replica_of_one_gpu_before_logging_imports_the_librari
         cfg = compose("config", overrides=overrides)
     assert cli.main(cfg) == 0
     assert at == {"logging": seen, "run": seen}
+
+
+class FakeNvml:
+    """libnvidia-ml's calls that devices.py makes, over GPUs of these compute capabilities."""
+
+    def __init__(self, capabilities: list[tuple[int, int]], failing_index: int | None = None) -> None:
+        self.capabilities, self.failing_index, self.open = capabilities, failing_index, 0
+
+    def nvmlInit_v2(self) -> int:
+        self.open += 1
+        return 0
+
+    def nvmlShutdown(self) -> int:
+        self.open -= 1
+        return 0
+
+    def nvmlDeviceGetCount_v2(self, count) -> int:
+        count._obj.value = len(self.capabilities)
+        return 0
+
+    def nvmlDeviceGetHandleByIndex_v2(self, index: int, handle) -> int:
+        handle._obj.value = 1000 + index
+        return 0
+
+    def nvmlDeviceGetCudaComputeCapability(self, handle, major, minor) -> int:
+        index = handle.value - 1000
+        if index == self.failing_index:
+            return 999  # NVML_ERROR_UNKNOWN
+        major._obj.value, minor._obj.value = self.capabilities[index]
+        return 0
+
+
+def test_compute_capabilities_are_read_through_nvml_and_it_is_shut_down(monkeypatch):
+    nvml = FakeNvml([(9, 0), (9, 0), (8, 6)])
+    monkeypatch.setattr(devices.ctypes, "CDLL", lambda name: nvml)
+    assert devices.nvml_compute_capabilities() == {(9, 0), (8, 6)}
+    assert devices.nvml_gpu_count() == 3
+    assert nvml.open == 0
+    nvml.failing_index = 1  # one GPU it cannot read: it cannot tell
+    assert devices.nvml_compute_capabilities() == set()
+    assert nvml.open == 0
+
+
+def test_without_nvml_nothing_is_known(monkeypatch):
+    def missing(name):
+        raise OSError(f"{name}: cannot open shared object file")
+
+    monkeypatch.setattr(devices.ctypes, "CDLL", missing)
+    assert devices.nvml_compute_capabilities() == set()
+    assert devices.nvml_gpu_count() == -1

@@ -92,6 +92,23 @@ def test_fa4_on_the_cpu_is_never_chosen(stub_kernel):
     assert fa4.unavailable_reason(torch.device("cpu")) == "cpu is not a CUDA device"
 
 
+@pytest.mark.parametrize(
+    ("capabilities", "expected"),
+    [
+        ({(9, 0)}, {"QUACK_ARCH": "90"}),
+        ({(10, 3)}, {"QUACK_ARCH": "103"}),
+        ({(9, 0), (8, 0)}, {}),  # GPUs of two generations: which one a run gets is not known here
+        (set(), {}),  # NVML could not tell
+    ],
+)
+def test_the_import_is_told_the_gpus_compute_capability_only_where_there_is_one(capabilities, expected, monkeypatch):
+    """So that importing it in the warm server does not start CUDA's driver (quack asks torch otherwise)."""
+    monkeypatch.delenv(fa4.QUACK_ARCH, raising=False)
+    assert fa4.import_environment(capabilities) == expected
+    monkeypatch.setenv(fa4.QUACK_ARCH, "80")  # the user's own stands
+    assert fa4.import_environment(capabilities) == {}
+
+
 def test_fa4_is_a_speed_attention_choice_that_keeps_cudnn_for_other_sdpa_calls():
     from torch.nn.attention import SDPBackend
 

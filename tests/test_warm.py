@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from batch_runner.replica.compile_cache import FA4_DIR, FA4_ENABLED
 from batch_runner.run import lifecycle, startup, warm
-from batch_runner.run.warm import protocol, sameness
+from batch_runner.run.warm import preload, protocol, sameness
 from batch_runner.run.warm.preload import WHILE_IMPORTING
 from tests.conftest import ROOT, accelerate_cpu, run_cli
 
@@ -202,6 +202,19 @@ def test_a_server_whose_imports_started_a_thread_serves_no_run() -> None:
     finally:
         release.set()
         thread.join()
+
+
+def test_the_server_imports_flash_attention_4_told_the_gpus_compute_capability(monkeypatch, tmp_path) -> None:
+    """Else its import starts CUDA's driver and the server cannot import it ahead (fa4.import_environment)."""
+    from batch_runner.cluster import devices
+
+    monkeypatch.delenv("QUACK_ARCH", raising=False)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(devices, "nvml_compute_capabilities", lambda: {(9, 0)})
+    env = preload.environment_while_importing()
+    assert env["QUACK_ARCH"] == "90" and env.items() >= WHILE_IMPORTING.items() and FA4_DIR in env
+    monkeypatch.setattr(devices, "nvml_compute_capabilities", set)  # no GPU, or NVML cannot tell
+    assert "QUACK_ARCH" not in preload.environment_while_importing()
 
 
 def test_a_forked_run_counts_its_start_up_from_the_runs_process(monkeypatch) -> None:

@@ -14,9 +14,10 @@ put every process on the same GPU.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
-from collections.abc import MutableMapping
+from collections.abc import Iterator, MutableMapping
 
 CUDA_ERROR_NOT_INITIALIZED = 3
 
@@ -31,17 +32,49 @@ def cuda_driver_started() -> bool:
     return cuda.cuDeviceGetCount(ctypes.byref(count)) != CUDA_ERROR_NOT_INITIALIZED
 
 
-def nvml_gpu_count() -> int:
-    """The host's GPUs as NVML counts them, which does not start CUDA; -1 where NVML cannot tell."""
+@contextlib.contextmanager
+def _nvml() -> Iterator[ctypes.CDLL | None]:
+    """NVML's library, initialised for the block (None where there is none): it reads the GPUs
+    without starting CUDA's driver."""
     try:
         nvml = ctypes.CDLL("libnvidia-ml.so.1")
     except OSError:
-        return -1
-    count = ctypes.c_uint()
-    if nvml.nvmlInit_v2() != 0 or nvml.nvmlDeviceGetCount_v2(ctypes.byref(count)) != 0:
-        return -1
-    nvml.nvmlShutdown()
-    return count.value
+        yield None
+        return
+    if nvml.nvmlInit_v2() != 0:
+        yield None
+        return
+    try:
+        yield nvml
+    finally:
+        nvml.nvmlShutdown()
+
+
+def nvml_gpu_count() -> int:
+    """The host's GPUs as NVML counts them, which does not start CUDA; -1 where NVML cannot tell."""
+    with _nvml() as nvml:
+        count = ctypes.c_uint()
+        if nvml is None or nvml.nvmlDeviceGetCount_v2(ctypes.byref(count)) != 0:
+            return -1
+        return count.value
+
+
+def nvml_compute_capabilities() -> set[tuple[int, int]]:
+    """The compute capabilities (major, minor) of the host's GPUs as NVML reads them, which does
+    not start CUDA; empty where NVML cannot tell."""
+    with _nvml() as nvml:
+        count = ctypes.c_uint()
+        if nvml is None or nvml.nvmlDeviceGetCount_v2(ctypes.byref(count)) != 0:
+            return set()
+        found = set()
+        for index in range(count.value):
+            device, major, minor = ctypes.c_void_p(), ctypes.c_int(), ctypes.c_int()
+            if nvml.nvmlDeviceGetHandleByIndex_v2(index, ctypes.byref(device)) != 0:
+                return set()
+            if nvml.nvmlDeviceGetCudaComputeCapability(device, ctypes.byref(major), ctypes.byref(minor)) != 0:
+                return set()
+            found.add((major.value, minor.value))
+        return found
 
 
 def own_gpu(environ: MutableMapping[str, str] = os.environ) -> str | None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -44,6 +45,25 @@ OP_NAME = "batch_runner::fa4_attention"
 
 
 _import_error: list[str] = []  # why the last import failed, for the log line
+
+
+# Importing flash-attn-4 imports quack, whose RMS-norm module builds its configurations at import for
+# the GPU's compute capability, asked of torch: that starts CUDA's driver (measured on an H100,
+# flash-attn-4 4.0.0b36 with quack-kernels 0.6.5: torch.cuda.is_initialized() after the import),
+# and a process that forks its runs (the warm server) then cannot import it ahead. Unless
+# quack's own override, meant for compiling without a GPU, names the capability.
+QUACK_ARCH = "QUACK_ARCH"
+
+
+def import_environment(capabilities: set[tuple[int, int]]) -> dict[str, str]:
+    """The environment under which importing flash-attn-4 leaves CUDA's driver unstarted, given
+    the host's GPUs' compute capabilities as read without starting it (NVML): quack's override set
+    to theirs, where they all have the same one; else, or where the user set it, nothing. A run
+    forked afterwards holds what its own import would have built."""
+    if len(capabilities) != 1 or QUACK_ARCH in os.environ:
+        return {}
+    ((major, minor),) = capabilities
+    return {QUACK_ARCH: f"{major}{minor}"}
 
 
 @functools.cache

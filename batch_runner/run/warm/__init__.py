@@ -21,9 +21,10 @@ exit status back. A run's process that ends (its launcher killed it) stops its c
 and a stopped server stops its children the same way: rows already made are kept, as after any stop.
 
 CUDA must not have started in the server, or no child could use the GPU: the server imports with
-torch's fork-safe (NVML) CUDA check, tries triton's and FlashAttention-4's imports in a child first,
-and before serving forks a child that starts CUDA, where there is a GPU, refusing to serve if it
-cannot (preload.py). Linux only (fork, pidfd, SCM_RIGHTS); elsewhere run.py runs cold.
+torch's fork-safe (NVML) CUDA check, tells FlashAttention-4's import the GPUs' compute capability
+(read through NVML) that it would otherwise ask CUDA for, tries triton's and FlashAttention-4's
+imports in a child first, and before serving forks a child that starts CUDA, where there is a GPU,
+refusing to serve if it cannot (preload.py). Linux only (fork, pidfd, SCM_RIGHTS); elsewhere run.py runs cold.
 """
 
 from __future__ import annotations

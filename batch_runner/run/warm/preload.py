@@ -108,19 +108,29 @@ def import_if_fork_safe(name: str) -> str | None:
     return said if code == 1 else _PROBE_CODES.get(code, f"its trial import ended with {code}")
 
 
+def environment_while_importing() -> dict[str, str]:
+    """WHILE_IMPORTING, and what FlashAttention-4 reads when imported: where to keep its compiled
+    kernels (in the folder a run's compile cache takes without speed.compile_cache_dir: the run's own
+    setting comes too late), and the GPUs' compute capability, without which it starts CUDA's driver
+    (fa4.import_environment)."""
+    from batch_runner.cluster import devices
+    from batch_runner.replica import compile_cache, fa4
+
+    return (
+        WHILE_IMPORTING
+        | compile_cache.fa4_kernel_cache(compile_cache.cache_folder(None))
+        | fa4.import_environment(devices.nvml_compute_capabilities())
+    )
+
+
 def preload(extra_imports: list[str]) -> dict[str, str]:
     """Import what runs import (PRELOADS, every family's pipeline, then PROBED_PRELOADS and
-    `extra_imports` where fork-safe), with WHILE_IMPORTING and FlashAttention-4's kernel cache
-    (compile_cache.fa4_kernel_cache) set meanwhile; the probed modules left out,
-    and why. Raises ImportRefused for an `extra_imports` module that cannot be imported, or that would
+    `extra_imports` where fork-safe), with environment_while_importing() set meanwhile; the probed
+    modules left out, and why. Raises ImportRefused for an `extra_imports` module that cannot be imported, or that would
     leave a forked child unable to run."""
     import importlib
 
-    from batch_runner.replica import compile_cache
-
-    # flash-attn-4 reads where to keep its compiled kernels when it is imported, here: in the folder a
-    # run's compile cache takes without speed.compile_cache_dir (the run's own setting comes too late).
-    while_importing = WHILE_IMPORTING | compile_cache.fa4_kernel_cache(compile_cache.cache_folder(None))
+    while_importing = environment_while_importing()
     before = {name: os.environ.get(name) for name in while_importing}
     os.environ.update(while_importing)
     skipped: dict[str, str] = {}
