@@ -249,6 +249,22 @@ def test_what_ran_out_of_memory_is_estimated_above_its_budget(model, plan, tilin
     assert estimate(plan, counted_model, workload_of(cfg), config).gpu_gib > budget
 
 
+def test_ltx2_decodes_in_space_tiles_to_fit_12_gib_and_its_decode_grows_with_the_frames():
+    """LTX-2's VAE tiles space only (diffusers' enable_tiling), each tile decoding every frame: at
+    768x512 a 512-pixel tile is 2/3 of the frame, which brings group_offload under 12 GiB, where whole
+    frames ran out of memory; a 257-frame row's decode is charged for its frames, not the 121 measured."""
+    cfg, model = counted("ltx-2")
+    workload = workload_of(cfg)
+    choice = choose_plan(model, workload, MemoryConfig(), 12.0, 120.0, 1)
+    assert (choice.plan, choice.vae_tiling) == ("group_offload", True)
+    assert choice.reason.startswith("group_offload: needs ~9.45 GiB of the 12.0 GiB GPU budget")
+    whole = estimate("group_offload", model, workload, MemoryConfig(vae_tiling=False)).decode_gib
+    tiled = estimate("group_offload", model, workload, MemoryConfig()).decode_gib
+    assert tiled == pytest.approx(whole * 2 / 3, rel=0.01)
+    longer = estimate("group_offload", model, replace(workload, frames=257), MemoryConfig()).decode_gib
+    assert longer == pytest.approx(tiled * 257 / 121, rel=0.01)
+
+
 def test_fp8_weights_halve_the_transformer():
     fp8 = MemoryConfig(fp8_weights=True)
     plain, halved = estimate("none", MODEL_5B, WORKLOAD_5B, AUTO), estimate("none", MODEL_5B, WORKLOAD_5B, fp8)

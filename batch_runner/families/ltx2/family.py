@@ -148,10 +148,21 @@ class LTX2(Family):
     # top level; sequential_cpu_offload, which streams the VAE too, allocated 6.77 GiB at its peak
     # under a 12 GiB cap. So the decode needs 6.5 to 6.8 GiB at 768x512 and group_offload about 0.5
     # GiB besides its resident weights: charged 7.3 (9970 bytes a pixel per 512 channels of the widest
-    # block, 1024), which keeps group_offload above 12 GiB. The tiled decode (16-frame, 512-pixel
-    # tiles) is not measured and is charged as whole frames.
+    # block, 1024), which keeps whole frames under group_offload above 12 GiB.
+    # Its VAE is LTX-Video's design, and diffusers' `enable_tiling` tiles it as LTX-Video's: in space
+    # only (512-pixel tiles, 448 apart; the 16-frame tiles need `use_framewise_decoding`, which it
+    # leaves off), each tile decoding every frame at once. So, as LTX-Video's measured decode does
+    # (ltx/family.py), the decode is charged one 512x512 tile's pixels where the VAE tiles, and grows
+    # with the row's frames (measured at 121): at 768x512 a tile is 2/3 of the frame, 4.9 GiB, and
+    # group_offload with tiles fits 12 GiB at ~9.5. That tiled peak is inferred, not yet measured on
+    # LTX-2 (a decode that runs out of memory in tiles steps the replica one plan down).
     activations = ActivationTerms(
-        resident=24.0, streamed=24.0, decode_per_pixel=9970.0, tiled_pixels=512 * 512 * 2, guidance_batch=2
+        resident=24.0,
+        streamed=24.0,
+        decode_per_pixel=9970.0,
+        tiled_pixels=512 * 512,
+        guidance_batch=2,
+        decode_frames=121,
     )
     schedulers: ClassVar[dict[str, str]] = {"euler": "FlowMatchEulerDiscreteScheduler"}
     # At 1 step the pipeline's scheduler cannot find its own timestep (IndexError, diffusers 0.42.1).
