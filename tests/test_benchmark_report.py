@@ -134,17 +134,15 @@ def test_each_kind_of_card_has_its_own_targets_never_a_ratio_across_cards():
     model = "hunyuanvideo1.5-i2v-480p"
 
     def targets(rows: list[dict]) -> dict[str, list[str]]:
-        """Each 'Targets for ... on the CARD:' heading, with its table's rows."""
+        """The target rows under each 'Targets for MODEL on the CARD:' heading, by card."""
         found: dict[str, list[str]] = {}
-        heading = None
+        card = None
         for line in family_section(model, rows, None):
             if line.startswith(f"Targets for {model} on the "):
-                heading = line.removeprefix(f"Targets for {model} on the ").rstrip(":")
-                found[heading] = []
-            elif heading and line.startswith("| ") and not line.startswith("| target"):
-                found[heading].append(line)
-            elif heading and not line:
-                heading = None if found[heading] else heading
+                card = line.removeprefix(f"Targets for {model} on the ").rstrip(":")
+                found[card] = []
+            elif card and line.startswith("| ") and " | target | " not in f" {line}":
+                found[card].append(line)
         return found
 
     within = "| 24 GiB within 1.1x of the no-budget time | yes | 1.08x (280.0 s vs 260.0 s) |"
