@@ -130,6 +130,21 @@ def test_compute_capabilities_are_read_through_nvml_and_it_is_shut_down(monkeypa
     assert nvml.open == 0
 
 
+def test_a_library_without_the_capability_call_tells_nothing_and_is_shut_down(monkeypatch):
+    """ctypes raises AttributeError for a symbol an old driver's libnvidia-ml lacks: never the server's end."""
+
+    class OldNvml(FakeNvml):
+        def __getattribute__(self, name: str):
+            if name == "nvmlDeviceGetCudaComputeCapability":
+                raise AttributeError(f"libnvidia-ml.so.1: undefined symbol: {name}")
+            return super().__getattribute__(name)
+
+    nvml = OldNvml([(9, 0)])
+    monkeypatch.setattr(devices.ctypes, "CDLL", lambda name: nvml)
+    assert devices.nvml_compute_capabilities() == set()
+    assert devices.nvml_gpu_count() == 1 and nvml.open == 0
+
+
 def test_without_nvml_nothing_is_known(monkeypatch):
     def missing(name):
         raise OSError(f"{name}: cannot open shared object file")

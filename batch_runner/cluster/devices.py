@@ -61,7 +61,7 @@ def nvml_gpu_count() -> int:
 
 def nvml_compute_capabilities() -> set[tuple[int, int]]:
     """The compute capabilities (major, minor) of the host's GPUs as NVML reads them, which does
-    not start CUDA; empty where NVML cannot tell."""
+    not start CUDA; empty where NVML cannot tell (an old driver's library lacks the call)."""
     with _nvml() as nvml:
         count = ctypes.c_uint()
         if nvml is None or nvml.nvmlDeviceGetCount_v2(ctypes.byref(count)) != 0:
@@ -69,9 +69,12 @@ def nvml_compute_capabilities() -> set[tuple[int, int]]:
         found = set()
         for index in range(count.value):
             device, major, minor = ctypes.c_void_p(), ctypes.c_int(), ctypes.c_int()
-            if nvml.nvmlDeviceGetHandleByIndex_v2(index, ctypes.byref(device)) != 0:
-                return set()
-            if nvml.nvmlDeviceGetCudaComputeCapability(device, ctypes.byref(major), ctypes.byref(minor)) != 0:
+            try:
+                if nvml.nvmlDeviceGetHandleByIndex_v2(index, ctypes.byref(device)) != 0:
+                    return set()
+                if nvml.nvmlDeviceGetCudaComputeCapability(device, ctypes.byref(major), ctypes.byref(minor)) != 0:
+                    return set()
+            except AttributeError:  # ctypes: no such symbol in this library
                 return set()
             found.add((major.value, minor.value))
         return found
