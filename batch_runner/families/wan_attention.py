@@ -97,8 +97,6 @@ class PairedRotaryAttention:
             key,
             value,
             attn_mask=mask,
-            dropout_p=0.0,
-            is_causal=False,
             backend=self._attention_backend,
             parallel_config=self._parallel_config if split else None,
         )

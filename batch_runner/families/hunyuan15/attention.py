@@ -64,8 +64,6 @@ class PaddingFreeAttention(HunyuanVideo15AttnProcessor2_0):
             key,
             value,
             attn_mask=mask,
-            dropout_p=0.0,
-            is_causal=False,
             backend=backend,
             parallel_config=self._parallel_config,
         )

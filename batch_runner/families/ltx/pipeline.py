@@ -69,8 +69,6 @@ class FusedAwareLTXAttention(LTXVideoAttnProcessor):
             key,
             value,
             attn_mask=attention_mask,
-            dropout_p=0.0,
-            is_causal=False,
             backend=self._attention_backend,
             parallel_config=self._parallel_config,
         )
