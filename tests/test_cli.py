@@ -549,8 +549,9 @@ def test_misspelt_key_fails_clearly_before_anything_runs(data: dict, tmp_path: P
             "memroy=none",
             "There is no setting 'memroy' among the settings (batch_runner/config.py); did you mean memory?",
         ),
-        ("model=wan", "model=wan is not one of the model choices in conf/model/: cogvideox-5b-i2v, cogvideox1.5"),
-        ("memory=nonne", "memory=nonne is not one of the memory choices in conf/memory/: auto, expert_offload,"),
+        ("model=wan", "model=wan is not one of the model choices in conf/model/; the choices: cogvideox-5b-i2v, "),
+        ("model=tiny-ltx-2", "conf/model/; did you mean model=tiny-ltx2? the choices: cogvideox-5b-i2v, "),
+        ("memory=nonne", "memory=nonne is not one of the memory choices in conf/memory/; did you mean memory=none?"),
         ("model.num_inferenc_steps=3", "did you mean model.num_inference_steps?"),
     ],
 )

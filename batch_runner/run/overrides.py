@@ -49,8 +49,11 @@ def check_overrides(args: list[str], conf_dir: Path) -> None:
         if key in groups:
             value = override.value()
             if isinstance(value, str) and value not in groups[key]:
+                near = difflib.get_close_matches(value, groups[key], n=1, cutoff=0.6)
+                hint = f"did you mean {key}={near[0]}? " if near else ""
                 raise UserError(
-                    f"{key}={value} is not one of the {key} choices in conf/{key}/: {', '.join(groups[key])}."
+                    f"{key}={value} is not one of the {key} choices in conf/{key}/; {hint}"
+                    f"the choices: {', '.join(groups[key])}."
                 )
             continue
         leaf = _check_key(key, groups)
