@@ -86,6 +86,40 @@ def test_the_dry_run_prints_the_plan_of_each_row_shape(tmp_path):
     assert "  rows of 480x832x81: text_offload: needs ~" in text
 
 
+def test_the_dry_runs_estimate_takes_one_cards_newest_record_at_the_nearest_budget_and_names_the_card(
+    tmp_path, monkeypatch
+):
+    """Cards differ by a third on some models and later code is faster: the estimate mixes neither,
+    and its line names the card its records are from."""
+    import json
+
+    from batch_runner.run import dry_run
+
+    def record(gpu: str, budget: float | None, step: float, outside: float = 10.0, **more) -> dict:
+        times = {"seconds_per_step": step, "seconds_outside_steps": outside}
+        return {"gpu": gpu, "model": "ltx-2", "plan": "none", "frames": 121, "budget_gib": budget} | times | more
+
+    records = [
+        record("H100", None, 1.0),  # older code
+        record("H100", 48.0, 1.5),
+        record("H100", None, 0.5),  # the newest at no budget
+        record("H100", None, 0.1, changes_output=True),  # an approximation: never an estimate
+        {"gpu": "H100", "model": "ltx-2", "recipe": "ref-gpu", "seconds_per_step": 0.2, "frames": 121},
+        record("H200", None, 2.0),  # the newest record of all
+    ]
+    path = tmp_path / "benchmarks.json"
+    path.write_text(json.dumps(records))
+    monkeypatch.setattr(dry_run, "BENCHMARKS", path)
+    cfg, _ = counted("ltx-2")
+    row = replace(job(121, 512, 768), num_inference_steps=40)
+    assert dry_run._estimate_seconds(cfg, None, None, [row], "H100") == (10.0 + 40 * 0.5, "H100")
+    assert dry_run._estimate_seconds(cfg, None, 48.0, [row], "H100") == (10.0 + 40 * 1.5, "H100")
+    assert dry_run._estimate_seconds(cfg, None, None, [row], None) == (10.0 + 40 * 2.0, "H200")
+    assert dry_run._estimate_seconds(cfg, None, None, [row], "B200") == (10.0 + 40 * 2.0, "H200")
+    half = replace(row, num_frames=61, num_inference_steps=20)
+    assert dry_run._estimate_seconds(cfg, None, None, [half], "H100") == ((10.0 + 20 * 0.5) * 61 / 121, "H100")
+
+
 def test_a_row_of_a_shape_not_planned_for_gets_the_slowest_placement():
     cfg, model = counted("cogvideox-5b-i2v")
     plans = plan_rows(cfg, 24.0, 1, [job(49, 240, 360), job(49, 480, 720)], model)

@@ -52,12 +52,13 @@ def describe(cfg: RunConfig, manifest: Manifest, cluster: Cluster, out: Path) ->
     else:
         lines.append("memory plans, one per row shape (rows of one plan run together):")
         lines.extend(f"  {line}" for line in plans.lines())
-    estimate = _estimate_seconds(cfg, plans, budget, pending)
+    local_gpu = torch.cuda.get_device_name(cluster.device) if cluster.device.type == "cuda" else None
+    estimate = _estimate_seconds(cfg, plans, budget, pending, local_gpu)
     if estimate is not None:
-        per_process = estimate / max(1, world)
+        seconds, gpu = estimate
         lines.append(
-            f"estimated time: ~{_duration(per_process)} with {world} process(es) "
-            f"(~{estimate / max(1, len(pending)):.0f} s per video on an H100, from docs/benchmarks.json)"
+            f"estimated time: ~{_duration(seconds / max(1, world))} with {world} process(es) "
+            f"(~{seconds / max(1, len(pending)):.0f} s per video on an {gpu}, from docs/benchmarks.json)"
         )
     else:
         lines.append("estimated time: no benchmark figure for this model and plan (docs/benchmarks.json)")
@@ -77,12 +78,17 @@ def _plan(cfg: RunConfig, cluster: Cluster, pending: list[Job]) -> tuple[RowPlan
     return plans, plans.placements[0].reason, budget
 
 
-def _estimate_seconds(cfg: RunConfig, plans: RowPlans | None, budget: float | None, pending: list) -> float | None:
-    """Seconds for `pending` from the benchmark's measured step and decode times on an H100, each row
-    under its own shape's plan.
+def _estimate_seconds(
+    cfg: RunConfig, plans: RowPlans | None, budget: float | None, pending: list[Job], local_gpu: str | None
+) -> tuple[float, str] | None:
+    """Seconds for `pending`, and the GPU they were measured on: the benchmark's measured step and
+    outside-the-steps times, each row under its own shape's plan.
 
-    The benchmark runs each model at its default row; steps scale with a row's step count, and both
-    parts roughly with its frame count.
+    One card's records make the estimate: this machine's where it has some, else the card of the
+    newest record of the model (cards differ by a third on some models, so they are not mixed). Of
+    a plan's records the one at the budget nearest this run's is taken, the newest of equals (the
+    records of later code). The benchmark runs each model at its default row; steps scale with a
+    row's step count, and both parts roughly with its frame count.
     """
     if not BENCHMARKS.exists():
         return None
@@ -92,20 +98,24 @@ def _estimate_seconds(cfg: RunConfig, plans: RowPlans | None, budget: float | No
         if r.get("model", FIRST_BENCHMARKED_MODEL) == cfg.model.name
         and not r.get("changes_output")
         and r.get("seconds_per_step")
+        and r.get("plan")
     ]
     if not records:
         return None
+    cards = {r["gpu"] for r in records}
+    gpu = local_gpu if local_gpu in cards else records[-1]["gpu"]
+    records = [r for r in records if r["gpu"] == gpu]
     total = 0.0
     for job in pending:
         plan = plans.for_job(job).plan if plans is not None else "none"
-        of_plan = [r for r in records if r.get("plan") == plan]
+        of_plan = [r for r in records if r["plan"] == plan]
         if not of_plan:
             return None
-        best = min(of_plan, key=lambda r: abs((r.get("budget_gib") or 80) - (budget or 80)))
+        best = min(reversed(of_plan), key=lambda r: abs((r.get("budget_gib") or 80) - (budget or 80)))
         step, outside = best["seconds_per_step"], best["seconds_outside_steps"]
         frames = best.get("frames", BENCHMARKED_FRAMES)  # the row the benchmark made, not today's default
         total += (outside + step * job.num_inference_steps) * job.num_frames / frames
-    return total
+    return total, gpu
 
 
 def _duration(seconds: float) -> str:
