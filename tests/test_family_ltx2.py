@@ -12,6 +12,8 @@ import av
 import pandas as pd
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from PIL import Image
 
 from batch_runner.families import family_named
@@ -130,6 +132,58 @@ def test_without_audio_the_pipeline_skips_the_sound_decode_and_puts_it_back_afte
     samples, rate = family.audio_track(pipe, loud)
     assert vocoded == [1] and rate == 8000 and samples.shape[0] == 2
     assert "decode" not in pipe.audio_vae.__dict__ and "forward" not in pipe.vocoder.__dict__
+
+
+@pytest.fixture(scope="module")
+def tiled_vae() -> tuple:
+    """The tiny LTX-2's VAE as the family finishes it, tiled as LTX-2's real one (16-latent tiles 14
+    apart), and diffusers' own tiled decode of it."""
+    vae = build_pipeline(run_config("manifest=x", "model=tiny-ltx2").model).vae
+    ratio = vae.spatial_compression_ratio
+    vae.enable_tiling(
+        tile_sample_min_height=16 * ratio,
+        tile_sample_min_width=16 * ratio,
+        tile_sample_stride_height=14 * ratio,
+        tile_sample_stride_width=14 * ratio,
+    )
+    return vae, type(vae).tiled_decode.__get__(vae)
+
+
+def test_a_side_of_14k_plus_1_latents_decodes_in_tiles(tiled_vae):
+    """480 pixels are 15 latents: diffusers' tiles leave the last one latent wide, which LTX-2's
+    reflect padding refuses; the finished VAE shortens that side's stride for the call."""
+    vae, diffusers_decode = tiled_vae
+    z = torch.randn(1, vae.config.latent_channels, 2, 15, 29, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(RuntimeError, match="Padding size should be less than"):
+        diffusers_decode(z, None)
+    with torch.no_grad():
+        frames = vae.tiled_decode(z, None).sample
+    ratio = vae.spatial_compression_ratio
+    assert frames.shape[-2:] == (15 * ratio, 29 * ratio) and torch.isfinite(frames).all()
+    assert (vae.tile_sample_stride_height, vae.tile_sample_stride_width) == (14 * ratio, 14 * ratio)
+
+
+def test_other_sides_decode_in_diffusers_own_tiles_bit_for_bit(tiled_vae):
+    vae, diffusers_decode = tiled_vae
+    z = torch.randn(1, vae.config.latent_channels, 2, 16, 24, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(vae.tiled_decode(z, None).sample, diffusers_decode(z, None).sample)
+
+
+@given(latents=st.integers(2, 2000), stride=st.integers(2, 64))
+def test_the_stride_is_the_longest_up_to_the_vaes_that_leaves_no_one_latent_tile(latents, stride):
+    """Tiles start every `stride` latents from 0: a side ends in a one-latent tile where
+    latents % stride == 1. With LTX-2's 14 some shorter stride always avoids it (every stride from 2
+    to 14 would have to divide latents - 1: 360360 divides it first); where none can, the VAE's own."""
+    from batch_runner.families.ltx2.family import _stride_without_sliver
+
+    chosen = _stride_without_sliver(latents, stride)
+    assert 2 <= chosen <= stride
+    assert all(latents % longer == 1 for longer in range(chosen + 1, stride + 1))
+    if stride >= 14:
+        assert latents % chosen != 1
+    if latents % chosen == 1:
+        assert chosen == stride and all(latents % shorter == 1 for shorter in range(2, stride))
 
 
 def test_a_text_cached_without_its_padding_makes_the_video_and_sound_of_the_padded_one():

@@ -137,6 +137,12 @@ class LTX2(Family):
             DIFFUSERS_VERSIONS,
             "guidance.py: STG perturbs only blocks with perturbed_attn; cross-modal outputs are added gated",
         ),
+        Mirror(
+            "diffusers",
+            "diffusers.models.autoencoders.autoencoder_kl_ltx2:AutoencoderKLLTX2Video.tiled_decode",
+            DIFFUSERS_VERSIONS,
+            "_decode_tiles_without_slivers: a tile every tile_sample_stride_* pixels of each side",
+        ),
     )
     # Denoising: LTX-Video's terms (same token geometry, a transformer of width 4096 like its 13B); a
     # guided step is one forward of the guidance pair, and one sample more where the options isolate
@@ -174,6 +180,10 @@ class LTX2(Family):
         return vars(self.options(model)).copy()
 
     # --- building ---
+
+    def finish(self, model: ModelConfig, pipe: Any) -> Any:
+        _decode_tiles_without_slivers(pipe.vae)
+        return pipe
 
     def tiny(self, model: ModelConfig) -> LTX2ImageToVideoPipeline:
         """LTX-2 at toy scale, every component of the real one (Gemma 3 with its vision tower, the
@@ -439,6 +449,38 @@ def _last_logit_only(text_encoder: torch.nn.Module) -> contextlib.AbstractContex
     """Gemma called with `logits_to_keep=1`: its hidden states as they are, its head's logits for the
     last position only."""
     return _shadowed((text_encoder, "forward", functools.partial(text_encoder.forward, logits_to_keep=1)))
+
+
+def _decode_tiles_without_slivers(vae: Any) -> None:
+    """`vae.tiled_decode`, each side's tile stride shortened for the call where diffusers' would end
+    that side in a tile one latent wide.
+
+    diffusers 0.42.1 starts a tile of 16 latents every 14 along each side (512 and 448 pixels), so a
+    side of 14k + 1 latents (480, 928 or 1376 pixels) ends in a tile one latent wide, and LTX-2's
+    decoder pads by reflection, which needs two ("Padding size should be less than the corresponding
+    input dimension"): an 832x480 row failed wherever its plan decoded in tiles, and a failure that is
+    not out of memory is no reason to step down. Such a side takes the longest stride up to the VAE's
+    own that leaves its last tile two latents or more; every other side decodes exactly as before.
+    """
+    decode = vae.tiled_decode
+    ratio = vae.spatial_compression_ratio
+
+    @functools.wraps(decode)
+    def tiled_decode(z: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        strides = (
+            (vae, name, ratio * _stride_without_sliver(latents, getattr(vae, name) // ratio))
+            for name, latents in (("tile_sample_stride_height", z.shape[-2]), ("tile_sample_stride_width", z.shape[-1]))
+        )
+        with _shadowed(*strides):
+            return decode(z, *args, **kwargs)
+
+    vae.tiled_decode = tiled_decode
+
+
+def _stride_without_sliver(latents: int, stride: int) -> int:
+    """The longest stride up to `stride` whose tiles (started every `stride` from 0) do not end a
+    side of `latents` in one a single latent wide."""
+    return next((shorter for shorter in range(stride, 1, -1) if latents % shorter != 1), stride)
 
 
 @contextlib.contextmanager
