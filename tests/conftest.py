@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
+from hypothesis import settings
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -35,6 +36,11 @@ from batch_runner.run.overrides import with_family_options
 
 ROOT = Path(__file__).resolve().parent.parent
 register_configs()
+
+# No time limit per example: hypothesis' default 200 ms fails a correct test as flaky where three
+# workers and the processes they launch share two cores.
+settings.register_profile("shared-cores", deadline=None)
+settings.load_profile("shared-cores")
 
 
 def run_config(*overrides: str) -> RunConfig:

@@ -562,7 +562,7 @@ def test_a_misspelt_override_is_one_sentence_with_the_valid_choices(override, se
 
     with pytest.raises(UserError) as refused:
         check_overrides(["manifest=jobs.csv", "model=tiny", override], ROOT / "conf")
-    assert str(refused.value).startswith(sentence) or sentence in str(refused.value), refused.value
+    assert sentence in str(refused.value), refused.value
     assert "\n" not in str(refused.value)
 
 

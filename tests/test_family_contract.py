@@ -155,7 +155,10 @@ class FamilyContract:
             assert "leave model.options empty" in str(refused.value)
 
     def test_an_option_of_the_wrong_type_is_refused_by_name(self):
-        for key in (f.name for f in dataclasses.fields(family_named(self.family).Options)):
+        keys = [f.name for f in dataclasses.fields(family_named(self.family).Options)]
+        if not keys:
+            pytest.skip(f"{self.family} has no options (the test above refuses any)")
+        for key in keys:
             cfg = run_config("manifest=x", f"model={self.tiny[0].name}", f"model.options.{key}=[1,2]")
             with pytest.raises(UserError, match=rf"model\.options\.{key}=\[1, 2\] must be "):
                 check_settings(cfg)
@@ -164,6 +167,8 @@ class FamilyContract:
         from batch_runner.outputs.provenance import output_salt
 
         family = family_named(self.family)
+        if not any(family.output_options(run_config("manifest=x", f"model={t.name}").model) for t in self.tiny):
+            pytest.skip(f"{self.family}'s tiny models have no options that change the video")
         for t in self.tiny:
             cfg = run_config("manifest=x", f"model={t.name}")
             assert set(family.output_options(cfg.model)) <= {f.name for f in dataclasses.fields(family.Options)}

@@ -4,6 +4,7 @@ test_family_contract.py."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import types
 
@@ -101,7 +102,8 @@ def test_the_full_size_configs_keep_the_guardrail_on_and_the_tiny_one_off():
 
 def test_the_chosen_sdpa_kernel_order_runs_inside_every_attention_and_leaves_the_video_as_it_is(tmp_path):
     """Its processors take no backend of their own: the family wraps each in `sdpa_kernel` with the
-    order chosen (math only here, which every CPU build has)."""
+    order chosen (math only here, which every CPU build has). An order of cuDNN alone, which no CPU
+    runs, fails the call: the order is in force inside it."""
     from torch.nn.attention import SDPBackend
 
     from batch_runner.families.cogvideox import PreferredAttention
@@ -109,16 +111,18 @@ def test_the_chosen_sdpa_kernel_order_runs_inside_every_attention_and_leaves_the
     cfg = run_config("manifest=x", f"model={TINY}")
     job, images = tiny_job(tmp_path, steps=2)
     made = []
-    for prefer in (False, True):
+    for order in (None, [SDPBackend.MATH], [SDPBackend.CUDNN_ATTENTION]):
         pipe = build_pipeline(cfg.model)
-        if prefer:
-            family_named("cosmos").prefer_attention(pipe.transformer, [SDPBackend.MATH], "_native_math")
+        if order:
+            family_named("cosmos").prefer_attention(pipe.transformer, order, "_native_math")
             wrapped = [m.processor for m in pipe.transformer.modules() if hasattr(m, "set_processor")]
             assert wrapped and all(isinstance(p, PreferredAttention) for p in wrapped)
         arguments = family_named("cosmos").call_arguments(
             cfg.model, job, images, _embeds(pipe, cfg.model, [job.prompt, job.negative_prompt])
         )
-        with torch.no_grad():
+        with torch.no_grad(), contextlib.ExitStack() as fails:
+            if order == [SDPBackend.CUDNN_ATTENTION]:
+                fails.enter_context(pytest.raises(RuntimeError, match=r"No viable backend|No available kernel"))
             made.append(pipe(**arguments, generator=torch.Generator().manual_seed(1), output_type="pt").frames[0])
     torch.testing.assert_close(made[1], made[0], rtol=1e-5, atol=1e-5)
 

@@ -27,7 +27,7 @@ def start_slow_run(
 ) -> tuple[subprocess.Popen, list[str], Path]:
     """A two-process run whose rows take minutes, started as a user's shell would: its own process group.
 
-    Returns once both processes are making rows."""
+    Returns once both processes are about to make rows (their next work is the first chunk's)."""
     manifest = write_manifest(tmp_path / "jobs.csv", good_rows(tmp_path / "inputs", rows))
     args = [f"manifest={manifest}", "model=tiny", f"output_dir={tmp_path / 'out'}", "model.num_inference_steps=1000"]
     log = tmp_path / "first.log"
@@ -42,17 +42,14 @@ def start_slow_run(
         )
     deadline = time.time() + 240
     rank1 = tmp_path / "out" / "logs" / "rank00001.log"  # rank 1 logs below warnings to its file only
-    while time.time() < deadline and proc.poll() is None:
-        text = log.read_text(errors="replace")
-        other = rank1.read_text(errors="replace") if rank1.exists() else ""
-        if (
-            "[rank 0/2] INFO batch_runner.replica.replica" in text
-            and "[rank 1/2] INFO batch_runner.replica.replica" in other
-        ):
-            break
+    ready = "INFO batch_runner.run.runner: writing videos with up to"
+    both = False
+    while not both and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
+        other = rank1.read_text(errors="replace") if rank1.exists() else ""
+        both = f"[rank 0/2] {ready}" in log.read_text(errors="replace") and f"[rank 1/2] {ready}" in other
     assert proc.poll() is None, "the run ended before it could be stopped:\n" + log.read_text()[-3000:]
-    time.sleep(1)  # into the denoising loop
+    assert both, "the processes did not start making rows within 240 s:\n" + log.read_text()[-3000:]
     return proc, args, log
 
 
@@ -102,8 +99,6 @@ def test_a_stopped_launcher_takes_every_process_along_and_frees_its_port(tmp_pat
     if sig != signal.SIGKILL:
         assert "stopped by SIG" in log.read_text(errors="replace"), log.read_text()[-3000:]
 
-    if sig != signal.SIGKILL:
-        return
     # The next launch on the same port is a run of its own: nothing of the first one joins it.
     again = run_cli(*args[:-1], "model.num_inference_steps=2", "ids=[good0]", launcher=accelerate_cpu(2, port), env=env)
     assert again.returncode == 0, again.stderr[-3000:]

@@ -397,12 +397,17 @@ def test_host_share_decides_between_plans():
         plan_for(22.0, host=70.0, ranks=8, config=PRIVATE)  # 8.75 GiB each, under text_offload's 8.85
 
 
-def test_reason_names_the_host_share_when_that_is_what_stopped_a_faster_plan():
+def test_the_reason_names_each_faster_plans_need_and_this_process_s_host_share():
+    """A faster plan never needs more host memory than a slower one, so the GPU budget is what stops
+    it where the host share lets the chosen one run; the reason says both."""
     choice = choose_plan(MODEL_5B, WORKLOAD_5B, PRIVATE, 22.0, 160.0, 8)  # 20 GiB each
     assert choice.plan == "text_offload"
+    assert "8.8 GiB of this process's 20.0 GiB host share" in choice.reason
+    assert "(faster plans do not fit: none needs ~27.22 GiB GPU > 22.00)" in choice.reason
     choice = choose_plan(MODEL_5B, WORKLOAD_5B, PRIVATE, 12.0, 160.0, 8)
     assert choice.plan == "group_offload"
-    assert "of this process's 20.0 GiB host share" in choice.reason
+    assert "19.2 GiB of this process's 20.0 GiB host share" in choice.reason
+    assert "none needs ~27.22 GiB GPU > 12.00; text_offload needs ~17.31 GiB GPU > 12.00)" in choice.reason
     # 4 ranks sharing 30 GiB: 7.5 GiB each, too little for text_offload's 8.8 GiB.
     with pytest.raises(UserError, match=r"text_offload needs 8\.85 GiB host > 7\.50 per process"):
         choose_plan(MODEL_5B, WORKLOAD_5B, PRIVATE, 22.0, 30.0, 4)

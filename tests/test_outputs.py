@@ -18,11 +18,11 @@ from PIL import Image
 
 from batch_runner.inputs.ids import derive_seed
 from batch_runner.outputs.video import read_video
+from tests.browser import CHROMIUM, await_in_chromium
 from tests.conftest import accelerate_cpu, photo, run_cli, write_manifest
 
 # Tests that start processes are marked slow by tests/conftest.py.
 
-CHROMIUM = Path("/usr/bin/chromium")
 CATEGORIES = {"a": "harbour", "b": "forest", "c": "harbour", "d.v2": "city", "e": "city", "broken": "forest"}
 SCORES = {"a": 0.5, "b": 1.25, "c": 2.0, "d.v2": 3.5, "e": 4.0, "broken": 9.0}
 OK_IDS = ["a", "b", "c", "d.v2", "e"]
@@ -220,7 +220,19 @@ def test_report_html_renders_every_row_and_the_failure(runs, tmp_path):
     assert shot.is_file(), "chromium wrote no screenshot"
     pixels = np.asarray(Image.open(shot).convert("RGB")).reshape(-1, 3)
     colours = {tuple(c) for c in np.unique(pixels, axis=0)}
-    assert len(colours) > 500  # previews of noise videos, text: not a blank page
+    # Every preview decodes in the browser (lazy pictures made eager: no scrolling in a test).
+    shown = await_in_chromium(
+        page.as_uri(),
+        """(async () => {
+            const images = [...document.images];
+            images.forEach((image) => { image.loading = 'eager'; });
+            const shown = (image) => image.decode().then(() => image.naturalWidth > 0, () => false);
+            const decoded = await Promise.all(images.map(shown));
+            return [images.length, decoded.filter(Boolean).length];
+        })()""",
+        tmp_path / "profile-images",
+    )
+    assert shown == [4 * len(OK_IDS), 4 * len(OK_IDS)]
     assert (0xDD, 0x33, 0x33) in colours  # the failed card's red border (#d33)
     assert (0xFF, 0xF3, 0xF3) in colours  # and its pink background (#fff3f3)
     assert (0xCF, 0xD8, 0xCF) in colours  # the ok cards' border (#cfd8cf)

@@ -55,7 +55,10 @@ def test_a_stopped_process_loses_its_rows_and_every_row_is_recorded_once(tmp_pat
     rows = [{"id": i, "image": str(image), "prompt": f"a boat {i}"} for i, image in zip(ROWS, images, strict=True)]
     manifest = write_manifest(tmp_path / "jobs.csv", rows)
     out = tmp_path / "out"
-    settings = ["model=tiny", "model.num_inference_steps=4", "chunk_size=2", "claim_timeout=3"]
+    # Rows of a second or so: the test must stop rank 1 between its first record and its second (the
+    # time of one row), however busy the machine. A claim timeout well above a slow start's pause:
+    # rank 1 must keep its rows until it is stopped.
+    settings = ["model=tiny", "model.num_inference_steps=24", "chunk_size=2", "claim_timeout=15"]
     command = [*accelerate_cpu(2), str(ROOT / "run.py"), f"manifest={manifest}", f"output_dir={out}", *settings]
     log = (tmp_path / "launch.log").open("w")
     launch = subprocess.Popen(command, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)

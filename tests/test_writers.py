@@ -102,20 +102,33 @@ def test_rows_are_published_in_the_order_handed_over_whichever_encoder_finishes_
 
 
 def test_a_full_pool_holds_the_next_row_back_until_an_encoder_is_free():
-    """At most workers + 1 videos' frames are held: the hand-over waits (and says how long)."""
+    """At most workers + 1 videos' frames are held: the hand-over waits for a work to end (and says
+    how long it waited)."""
     gate = threading.Event()
+    happened: list[str] = []  # list.append is atomic: the order things happened in
     writers = Writers(lambda row: None, workers=2)
     assert writers.limit == 3
+
+    def work(publish) -> None:
+        gate.wait(WAIT)
+        happened.append("a work ended")
+
     for _ in range(3):
         writers.wait_for_room()
-        writers.submit(lambda publish: gate.wait(WAIT))
+        writers.submit(work)
     waited: list[float] = []
-    handed_over = threading.Thread(target=lambda: waited.append(writers.wait_for_room()))
+
+    def hand_over() -> None:
+        waited.append(writers.wait_for_room())
+        happened.append("the fourth let in")
+
+    handed_over = threading.Thread(target=hand_over)
     handed_over.start()
     handed_over.join(0.2)
     assert handed_over.is_alive() and not waited, "a fourth video was let in while three were held"
     gate.set()
     handed_over.join(WAIT)
+    assert happened.index("a work ended") < happened.index("the fourth let in")
     assert waited and waited[0] > 0
     writers.close()
 
