@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from PIL import Image
 
 from batch_runner.inputs.images import ImageLoadError, load_image
@@ -308,3 +310,33 @@ def test_an_image_path_that_is_a_folder_is_called_a_folder(tmp_path: Path) -> No
     assert [(p.id, p.column) for p in problems] == [("a", "image"), ("b", "image")]
     for problem in problems:
         assert "is a folder" in problem.reason and "does not exist" not in problem.reason, problem
+
+
+class _CountingLoader:
+    """An executor that records what it was handed and does it at once."""
+
+    def __init__(self) -> None:
+        self.submitted: list[str] = []
+
+    def submit(self, fn, job, **kwargs):
+        from concurrent.futures import Future
+
+        self.submitted.append(job)
+        done = Future()
+        done.set_result((job, kwargs))
+        return done
+
+
+@given(rows=st.integers(0, 12), ahead=st.integers(0, 5))
+def test_images_are_decoded_at_most_prefetch_rows_ahead_of_the_row_taken(rows, ahead):
+    """speed.prefetch: while row k is made, rows up to k + ahead are decoding, no further; the first
+    ones begin before any row is taken (beside the text encoding); every row's comes once, in order."""
+    from batch_runner.run.runner import _loaded_ahead
+
+    loader, jobs = _CountingLoader(), [f"r{i}" for i in range(rows)]
+    taken = _loaded_ahead(loader, jobs, ahead, max_pixels=7)
+    assert loader.submitted == jobs[: ahead + 1]
+    for k, future in enumerate(taken):
+        assert future.result() == (jobs[k], {"max_pixels": 7})
+        assert loader.submitted == jobs[: k + ahead + 1]
+    assert loader.submitted == jobs
