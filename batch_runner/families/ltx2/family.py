@@ -479,7 +479,7 @@ def _decode_tiles_without_slivers(vae: Any) -> None:
 
 def _stride_without_sliver(latents: int, stride: int) -> int:
     """The longest stride up to `stride` whose tiles (started every `stride` from 0) do not end a
-    side of `latents` in one a single latent wide."""
+    side of `latents` in a tile one latent wide."""
     return next((shorter for shorter in range(stride, 1, -1) if latents % shorter != 1), stride)
 
 
