@@ -8,6 +8,7 @@ import logging
 import tarfile
 from pathlib import Path
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -15,6 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from batch_runner.errors import UserError
 from batch_runner.inputs.manifest import load_manifest
+from batch_runner.inputs.reading import read_table
 from batch_runner.outputs import dataset
 from batch_runner.outputs.provenance import save_config
 from batch_runner.outputs.results import PARTS_DIR, ResultLog, ResultRow, merge, read_records
@@ -108,6 +110,24 @@ def test_passthrough_columns_keep_their_arrow_types(tmp_path: Path) -> None:
     metadata = pq.read_table(out / "metadata.parquet").to_pylist()
     assert metadata[0]["meta"] == {"n": 2**60 + 1, "label": "one"}  # exact: not through a double
     assert (metadata[1]["meta"], metadata[1]["count"]) == ({"n": None, "label": "two"}, None)
+    # pandas reads both back (pandas 3.1 could not parse the dtype names it wrote for these columns),
+    # and the results are a manifest of their rows again.
+    for name in ("results.parquet", "metadata.parquet"):
+        read = pd.read_parquet(out / name)
+        assert read.loc[0, "meta"]["label"] == "one" and list(read.loc[0, "tags"]) == [1, 2], name
+    again = read_table(out / "results.parquet")
+    assert again["meta"].dtype == pd.ArrowDtype(STRUCT) and again.loc[0, "meta"] == {"n": 2**60 + 1, "label": "one"}
+
+
+def test_a_user_s_parquet_written_by_pandas_with_list_columns_is_a_manifest(tmp_path: Path) -> None:
+    """The same unreadable dtype names, in a manifest a user made with DataFrame.to_parquet."""
+    image = str(photo(tmp_path / "in.png"))
+    frame = pd.DataFrame({"image": [image], "prompt": ["sea"]})
+    frame["tags"] = pd.Series(pa.array([["boat", "dusk"]]), dtype=pd.ArrowDtype(pa.list_(pa.string())))
+    frame.to_parquet(tmp_path / "jobs.parquet", index=False)
+    cfg = run_config(f"manifest={tmp_path / 'jobs.parquet'}", "model=tiny")
+    manifest = load_manifest(cfg.manifest, cfg.model, cfg.seed)
+    assert manifest.problems == [] and list(manifest.table.loc[0, "tags"]) == ["boat", "dusk"]
 
 
 def shard_json(out: Path) -> dict[str, dict]:

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from batch_runner.columns import KNOWN_COLUMNS
 from batch_runner.errors import UserError
+from batch_runner.parquet import pandas_readable
 
 MANIFEST_SUFFIXES = (".csv", ".parquet")
 
@@ -107,7 +108,7 @@ def _read_parquet(path: Path) -> pd.DataFrame:
             f"The manifest {str(path)!r} has the column(s) {', '.join(map(repr, twice))} more than once; "
             "keep one of each."
         )
-    table = arrow.to_pandas()
+    table = pandas_readable(arrow).to_pandas()
     for name in arrow.column_names:
         if str(name).strip() == "seed" and pa.types.is_integer(arrow.column(name).type):
             # a seed column with a null (a previous run's results: its invalid rows) would pass through float64

@@ -28,6 +28,7 @@ from typing import Any
 import pandas as pd
 
 from batch_runner.errors import UserError
+from batch_runner.parquet import write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ def atomic_write_text(text: str, final: Path) -> None:
 
 def atomic_write_parquet(table: pd.DataFrame, final: Path) -> None:
     with atomic_path(final) as tmp:
-        table.to_parquet(tmp, index=False)
+        write_parquet(table, tmp)
 
 
 def open_nofollow(path: Path, flags: int, mode: int = 0o644) -> int:
