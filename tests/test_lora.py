@@ -162,6 +162,26 @@ def test_a_lora_for_another_model_is_refused_before_a_saved_models_weights_are_r
     assert not read
 
 
+@pytest.mark.parametrize("content", [b"", b"junk", b"\x10\x00\x00\x00\x00\x00\x00\x00{"], ids=["empty", "text", "cut"])
+def test_a_file_that_is_not_safetensors_is_refused_naming_the_entry(tmp_path, content):
+    from batch_runner.errors import UserError
+
+    file = tmp_path / "lora.safetensors"
+    file.write_bytes(content)
+    with pytest.raises(UserError, match=r"not a readable safetensors file.*point path at a \.safetensors LoRA") as no:
+        build_pipeline(model_of("tiny-wan", f"model.loras=[{{path:{file}}}]"))
+    assert str(no.value).startswith(f"model.loras: {str(file)!r} is not a LoRA diffusers can read")
+
+
+def test_a_scale_that_is_not_finite_is_refused_before_anything_loads():
+    from batch_runner.errors import UserError
+    from batch_runner.run.checks import check_settings
+
+    cfg = run_config("manifest=x", "model=tiny-wan-lightx2v", "model.loras=[{path:'tiny://lightx2v',scale:nan}]")
+    with pytest.raises(UserError, match=r"model.loras entry 1 \('tiny://lightx2v'\) has scale=nan; give a finite"):
+        check_settings(cfg)
+
+
 # --- provenance and the output salt ---------------------------------------------------------------
 
 

@@ -200,11 +200,14 @@ def converted_state_dict(loader: Any, lora: Lora) -> dict[str, Any]:
     except Exception as e:  # the converters assume their format and fail on anything else
         from safetensors import safe_open
 
-        with safe_open(str(lora.file), "pt") as f:
-            keys = sorted(f.keys())[:SHOWN_KEYS]
+        try:
+            with safe_open(str(lora.file), "pt") as f:
+                keys = "first keys: " + ", ".join(sorted(f.keys())[:SHOWN_KEYS]) + "; "
+        except Exception:  # not a safetensors file at all (empty, cut short, another format)
+            keys = "not a readable safetensors file; "
         raise UserError(
             f"model.loras: {lora.entry.path!r} is not a LoRA diffusers can read for {lora.component} "
-            f"(first keys: {', '.join(keys)}; {type(e).__name__}: {str(e)[:160]})."
+            f"({keys}{type(e).__name__}: {str(e)[:160].strip().rstrip('.')}); point path at a .safetensors LoRA file."
         ) from e
 
 

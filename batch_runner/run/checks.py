@@ -84,6 +84,9 @@ def _model_problems(cfg: RunConfig) -> list[str]:
         problems.append(
             f"model.scheduler={cfg.model.scheduler!r} is not one of {', '.join(schedulers)} for {cfg.model.name}"
         )
+    for number, entry in enumerate(cfg.model.loras, 1):
+        if not math.isfinite(entry.scale):
+            problems.append(f"model.loras entry {number} ({entry.path!r}) has scale={entry.scale}; give a finite scale")
     tile = cfg.memory.vae_tile
     if isinstance(tile, int) and not family.activations.tile_side:
         problems.append(f"memory.vae_tile={tile} is not a setting of {cfg.model.name}'s VAE; leave it unset (null)")
