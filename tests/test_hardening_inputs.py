@@ -81,6 +81,14 @@ def test_a_manifest_that_is_a_folder_url_pipe_or_link_loop_is_called_what_it_is(
         load_manifest("http://example.com/jobs.csv", CFG.model, 0)
 
 
+def test_a_csv_field_longer_than_the_csv_modules_limit_is_read(tmp_path: Path) -> None:
+    """A prompt of 500,000 characters (the csv module's default limit is 131,072): the text encoder
+    truncates it with a warning on its row, as any long prompt."""
+    image = str(photo(tmp_path / "a.png"))
+    manifest = write_manifest(tmp_path / "jobs.csv", [{"id": "a", "image": image, "prompt": "sea " * 125_000}])
+    assert load(manifest).jobs[0].prompt == ("sea " * 125_000).strip()
+
+
 def test_image_paths_that_are_urls_pipes_or_loops_are_called_what_they_are(tmp_path: Path) -> None:
     os.mkfifo(tmp_path / "pipe.png")
     (tmp_path / "loop.png").symlink_to(tmp_path / "loop.png")

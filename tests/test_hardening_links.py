@@ -117,3 +117,20 @@ def test_files_opened_in_place_are_still_written_where_no_link_is(tmp_path: Path
     ResultLog(tmp_path, "r", 0).append(ResultRow(id="a"))
     ResultLog(tmp_path, "r", 0).append(ResultRow(id="b"))
     assert [json.loads(line)["id"] for line in ResultLog(tmp_path, "r", 0).path.read_text().splitlines()] == ["a", "b"]
+
+
+def test_a_manifest_or_output_dir_that_is_a_link_loop_is_refused_in_one_sentence(tmp_path: Path) -> None:
+    """Path.resolve raises RuntimeError on a loop (Python < 3.13): the run's own checks name it instead."""
+    from batch_runner.errors import UserError
+
+    manifest = write_manifest(
+        tmp_path / "jobs.csv", [{"id": "a", "image": str(photo(tmp_path / "a.png")), "prompt": "x"}]
+    )
+    (tmp_path / "loop.csv").symlink_to(tmp_path / "loop.csv")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(UserError, match=r"'.*loop\.csv' is a symbolic link that points back to itself"):
+        runner.run(run_config(f"manifest={tmp_path / 'loop.csv'}", "model=tiny", f"output_dir={tmp_path / 'out'}"))
+    with pytest.raises(UserError, match=r"output_dir '.*/loop'"):
+        runner.run(run_config(f"manifest={manifest}", "model=tiny", f"output_dir={tmp_path / 'loop'}"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

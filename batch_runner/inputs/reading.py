@@ -78,7 +78,9 @@ def not_a_file(path: Path) -> str | None:
 
 def _check_csv_shape(path: Path, sep: str) -> None:
     """Refuse a header that names a column twice and a row with more fields than the header, naming
-    them (pandas would rename the second 'prompt' to 'prompt.1', or take extra fields for an index)."""
+    them (pandas would rename the second 'prompt' to 'prompt.1', or take extra fields for an index).
+    A field may be of any length, as pandas reads it (the csv module stops at 131,072 characters)."""
+    csv.field_size_limit(2**31 - 1)
     with open(path, encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(f, delimiter=sep)
         header = [c.strip() for c in next(reader, [])]

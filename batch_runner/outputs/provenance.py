@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -40,7 +41,7 @@ def run_key(cfg: RunConfig, output_dir: Path) -> str:
 
     Processes that met at one rendezvous compare it before they make anything (batch_runner.cluster.cluster).
     """
-    manifest = Path(cfg.manifest).expanduser().resolve()
+    manifest = Path(os.path.realpath(Path(cfg.manifest).expanduser()))  # no error on a link loop
     try:
         stat = manifest.stat()
         stamp = [stat.st_size, stat.st_mtime_ns]
@@ -84,7 +85,7 @@ def save_config(cfg: RunConfig, output_dir: Path) -> None:
     model_path = Path(cfg.model.path).expanduser()
     if cfg.model.path and (cfg.model.path.startswith((".", "~")) or model_path.exists()):
         cfg = replace(cfg, model=replace(cfg.model, path=str(model_path.resolve())))
-    cfg = replace(cfg, manifest=str(Path(cfg.manifest).expanduser().resolve()), output_dir=str(output_dir))
+    cfg = replace(cfg, manifest=os.path.realpath(Path(cfg.manifest).expanduser()), output_dir=str(output_dir))
     saved = output_dir / CONFIG_FILE
     if cfg.ids is not None and saved.is_file():
         # ids= adds to a folder, it never narrows it: from_run=OUTPUT_DIR still replays every row made.

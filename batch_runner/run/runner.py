@@ -71,9 +71,10 @@ KEPT_AT_END = (
 
 
 def output_dir_of(cfg: RunConfig) -> Path:
+    """The output folder, absolute (realpath: a link loop is left for the folder's checks to name)."""
     if cfg.output_dir:
-        return Path(cfg.output_dir).expanduser().resolve()
-    return (Path("outputs") / Path(cfg.manifest).stem).resolve()
+        return Path(os.path.realpath(Path(cfg.output_dir).expanduser()))
+    return Path(os.path.realpath(Path("outputs") / Path(cfg.manifest).stem))
 
 
 def run(cfg: RunConfig) -> int:
