@@ -28,6 +28,10 @@ CONF = ROOT / "conf"
         ("ids=a,b", "ids is a list; write ids=[a,b]."),
         ("manifest=/data/a(1).csv", """quote it, e.g. 'manifest="/data/a(1).csv"' (single quotes for the shell"""),
         ("manifest=/data/a,b.csv", """reserves (,); quote it, e.g. 'manifest="/data/a,b.csv"'"""),
+        ("output_dir=~/out", """reserves (~); quote it, e.g. 'output_dir="~/out"' (single quotes for the shell"""),
+        ("seed=1,2", "seed=1,2 gives seed several values; it takes one (a whole number)."),
+        ("-m", "Hydra's multirun (-m) is not how batch_runner runs several settings"),
+        ("--multirun", "run one command per setting, or vary the rows in the manifest."),
     ],
 )
 def test_a_setting_of_the_wrong_type_or_grammar_is_one_sentence(arg: str, sentence: str) -> None:

@@ -171,6 +171,24 @@ def test_from_run_applies_group_choices_as_a_fresh_run_composes_them(tmp_path: P
     assert again.manifest.endswith("jobs.csv") and again.from_run == str(tmp_path.resolve())
 
 
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ("", "missing mandatory value: manifest"),
+        ("[[[: not yaml", "while parsing"),
+        ("- model\n- seed\n", "ListConfig"),
+        ("manifest: jobs.csv\nseed: abc\n", "abc"),
+    ],
+    ids=["empty", "not-yaml", "a-list", "a-wrong-type"],
+)
+def test_from_run_of_a_folder_whose_config_yaml_is_broken_is_one_sentence(tmp_path: Path, text: str, why: str) -> None:
+    (tmp_path / "config.yaml").write_text(text)
+    broken = rf"from_run='.*': its config.yaml is not a run's saved settings \(.*{why}"
+    with pytest.raises(UserError, match=broken) as no:
+        _from_run(tmp_path, [])
+    assert "\n" not in str(no.value) and str(no.value).endswith("instead of from_run.")
+
+
 def test_from_run_with_an_unknown_group_choice_is_one_sentence(tmp_path: Path) -> None:
     save_config(run_config("manifest=jobs.csv", "model=tiny"), tmp_path)
     with pytest.raises(UserError, match="model=nope"):

@@ -47,7 +47,15 @@ def _from_run(folder: Path, overrides: list[str]) -> DictConfig:
     saved = folder / CONFIG_FILE
     if not saved.is_file():
         raise UserError(f"from_run={str(folder)!r} holds no {CONFIG_FILE}; point it at an earlier run's output_dir.")
-    base = OmegaConf.merge(OmegaConf.structured(RunConfig), load_saved_config(saved))
+    try:
+        base = OmegaConf.merge(OmegaConf.structured(RunConfig), load_saved_config(saved))
+        OmegaConf.to_object(base)  # a mandatory value missing (an emptied file) shows here, not later
+    except Exception as e:  # YAML that does not parse, or not a run's settings (edited by hand)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"from_run={str(folder)!r}: its {CONFIG_FILE} is not a run's saved settings ({first}); "
+            f"restore it, or run with manifest= and the settings instead of from_run."
+        ) from e
     mine = [o.lstrip("+") for o in overrides if not o.split("=", 1)[0].lstrip("+~").startswith("from_run")]
     # A group choice (model=..., memory=...) replaces that whole group with its YAML, composed by
     # Hydra as a fresh run composes it; plain keys (model.path=...) then apply on top, as they do there.

@@ -32,8 +32,12 @@ def check_overrides(args: list[str], conf_dir: Path) -> None:
         for folder in conf_dir.iterdir()
         if folder.is_dir() and any(folder.glob("*.yaml"))
     }
+    if "-m" in args or "--multirun" in args:
+        raise UserError(
+            "Hydra's multirun (-m) is not how batch_runner runs several settings: it would run one and write "
+            "multirun/ folders here; run one command per setting, or vary the rows in the manifest."
+        )
     skip_next = False
-    multirun = "-m" in args or "--multirun" in args
     for arg in args:
         if skip_next or arg.startswith("-"):
             skip_next = arg in _OPTIONS_WITH_VALUE
@@ -41,7 +45,7 @@ def check_overrides(args: list[str], conf_dir: Path) -> None:
         try:
             (override,) = parser.parse_overrides([arg])
         except Exception:
-            _refuse_unparsed(arg)
+            _refuse_unparsed(arg, unreadable=True)
             continue  # malformed otherwise: Hydra says what is wrong with it
         key = override.key_or_group
         if key.startswith("hydra") or override.package is not None or override.is_delete():
@@ -57,9 +61,11 @@ def check_overrides(args: list[str], conf_dir: Path) -> None:
                 )
             continue
         leaf = _check_key(key, groups)
-        if override.is_sweep_override() and not multirun:
+        if override.is_sweep_override():
             if leaf is not None and _is_list(leaf):
                 raise UserError(f"{key} is a list; write {key}=[{arg.split('=', 1)[1]}].")
+            if leaf in _KINDS and leaf is not str:
+                raise UserError(f"{arg} gives {key} several values; it takes one ({_KINDS[leaf]}).")
             _refuse_unparsed(arg)  # a path with ',' reads as a sweep over its parts
         if leaf is not None and not override.is_sweep_override():
             _check_type(key, arg.split("=", 1)[1] if "=" in arg else "", override.value(), leaf)
@@ -75,17 +81,22 @@ def with_family_options(args: list[str]) -> list[str]:
     return [f"++{arg}" if arg.startswith("model.options.") and "=" in arg else arg for arg in args]
 
 
-def _refuse_unparsed(arg: str) -> None:
-    """A key=value whose value Hydra's grammar cannot read: how to quote it, in one sentence."""
+def _refuse_unparsed(arg: str, unreadable: bool = False) -> None:
+    """A key=value whose value Hydra's grammar cannot read (`unreadable`: its parser refused it), or
+    reads as a sweep: how to quote it, in one sentence."""
     key, sep, value = arg.partition("=")
     if not sep or not key.replace(".", "").replace("_", "").lstrip("+~").isalnum():
         return
-    special = sorted({c for c in value if c in "()[]{},:=\\'\" "})
-    if not special:
+    special = sorted({c for c in value if c in "()[]{},:=\\'\" ~"})
+    if not special and not unreadable:
         return
-    shown = " ".join(special)
+    why = (
+        f"holds characters Hydra's override grammar reserves ({' '.join(special)})"
+        if special
+        else ("is not one Hydra's override grammar reads")
+    )
     raise UserError(
-        f"The value of {key.lstrip('+~')} holds characters Hydra's override grammar reserves ({shown}); quote it, "
+        f"The value of {key.lstrip('+~')} {why}; quote it, "
         f"e.g. '{key}=\"{value}\"' (single quotes for the shell, double quotes for Hydra)."
     )
 
