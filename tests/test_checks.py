@@ -8,7 +8,7 @@ import pytest
 
 from batch_runner.errors import UserError
 from batch_runner.run.checks import check_settings
-from tests.conftest import photo, run_cli, run_config, write_manifest
+from tests.conftest import ROOT, photo, run_cli, run_config, write_manifest
 
 # override -> words the refusal must hold (besides the setting's name)
 BAD_SETTINGS = {
@@ -49,9 +49,26 @@ def test_each_bad_setting_is_one_line_naming_it_and_the_valid_values(override: s
 
 
 def test_the_defaults_of_every_model_pass() -> None:
-    for model in ("tiny", "cogvideox-5b-i2v", "cogvideox1.5-5b-i2v"):
+    for model in sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml")):
         check_settings(run_config("manifest=unused.csv", f"model={model}"))
     check_settings(run_config("manifest=unused.csv", "memory.budget_gib=8", "speed.cache=pyramid", "log_level=debug"))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "sentence"),
+    [
+        (("model.num_frames=10",), "model.num_frames: tiny-cogvideox makes 8N+1 frames, 9 to 49, not 10; the nearest"),
+        (("model.height=33",), "model.height/model.width: tiny-cogvideox cannot make 96x33 (width x height)"),
+        (("model=tiny-ltx2", "model.num_inference_steps=1"), "model.num_inference_steps: tiny-ltx2 runs at least 2"),
+    ],
+)
+def test_a_row_setting_the_model_cannot_make_is_named_as_the_setting_not_as_every_rows_fault(
+    overrides: tuple[str, ...], sentence: str
+) -> None:
+    with pytest.raises(UserError) as caught:
+        check_settings(run_config("manifest=unused.csv", "model=tiny", *overrides))
+    assert str(caught.value).startswith(sentence), caught.value
+    assert "(the default of each row that gives none)" in str(caught.value) and "\n" not in str(caught.value)
 
 
 def test_several_bad_settings_are_named_together_on_one_line() -> None:

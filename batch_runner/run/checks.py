@@ -66,6 +66,8 @@ def check_settings(cfg: RunConfig) -> None:
     problems = [p for key in CHOICES if (p := _choice_problem(key, _get(cfg, key)))]
     problems += [p for key in RANGES if (p := _range_problem(key, _get(cfg, key)))]
     problems += _model_problems(cfg)
+    if not problems:
+        problems += _default_row_problems(cfg)
     problems += _replica_problems(cfg)
     if str(cfg.log_level).upper() not in LOG_LEVELS:
         problems.append(f"log_level={cfg.log_level!r} is not one of {', '.join(LOG_LEVELS)} (e.g. log_level=INFO)")
@@ -94,6 +96,19 @@ def _model_problems(cfg: RunConfig) -> list[str]:
         # A tile overlaps the next by a quarter, in whole latent pixels (16 pixels each) on both sides.
         problems.append(f"memory.vae_tile={tile} is not a multiple of 64 pixels (e.g. memory.vae_tile=128)")
     return problems
+
+
+def _default_row_problems(cfg: RunConfig) -> list[str]:
+    """The model's row rules broken by the row settings themselves (model.num_frames=10 for a model of
+    8N+1 frames): named as settings here, not as the fault of every manifest row that takes them."""
+    model = cfg.model
+    family = family_named(model.family)
+    broken = family.row_problems(model, model.num_frames, model.height, model.width, model.num_inference_steps)
+    return [
+        f"{'model.height/model.width' if column == 'height/width' else f'model.{column}'}: {reason} "
+        "(the default of each row that gives none)"
+        for column, reason in broken
+    ]
 
 
 # diffusers' context-parallel attention runs only on its dispatcher backends that support it (its
