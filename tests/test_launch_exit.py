@@ -101,3 +101,11 @@ def test_the_launching_process_refuses_what_its_processes_would(tmp_path: Path) 
         preflight([f"manifest={good}", "model=tiny", "replica.gpus=2"], conf, world_size=3)
     # Hydra's own options are left to the run (the option's value reads as no override).
     preflight(["--config-name", "config", f"manifest={good}"], conf, world_size=2)
+    # An output_dir that is a file or someone's folder (the processes refused it after their start-up).
+    (tmp_path / "a-file").write_text("mine")
+    with pytest.raises(UserError, match=r"output_dir '.*a-file' is a file, not a folder"):
+        preflight([f"manifest={good}", "model=tiny", f"output_dir={tmp_path / 'a-file'}"], conf, world_size=2)
+    (tmp_path / "project" / "src").mkdir(parents=True)
+    with pytest.raises(UserError, match=r"already holds files batch_runner did not write \('src'\)"):
+        preflight([f"manifest={good}", "model=tiny", f"output_dir={tmp_path / 'project'}"], conf, world_size=2)
+    assert (tmp_path / "a-file").read_text() == "mine" and [p.name for p in (tmp_path / "project").iterdir()] == ["src"]

@@ -164,6 +164,8 @@ def check_output_dir(out: Path, manifest: Path) -> None:
             f"output_dir {str(out)!r} holds the manifest {str(manifest)!r}, and a run would write its files "
             "among yours; pick an output_dir of its own (e.g. the default outputs/<manifest name>)."
         )
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"output_dir {str(out)!r} is a file, not a folder; pick an empty or new output_dir.")
     check_no_links(out)
     if not out.is_dir() or (out / MARKER_FILE).is_file():
         return

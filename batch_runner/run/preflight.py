@@ -4,9 +4,9 @@
 the N processes under torchrun (batch_runner.run.launch). A bad setting or a bad manifest row found
 by those processes was reported by rank 0, then repeated by torchrun's failure lines and
 tracebacks. The launching process checks the same things first (the settings, the manifest's rows,
-from_run's saved rows), prints the one sentence once and exits 2 with no process started. The
-processes still check everything themselves: this is an early copy of their first checks, not a
-replacement, so anything it cannot compose is left to them.
+the output folder, from_run's saved rows), prints the one sentence once and exits 2 with no process
+started. The processes still check everything themselves: this is an early copy of their first
+checks, not a replacement, so anything it cannot compose is left to them.
 """
 
 from __future__ import annotations
@@ -22,9 +22,11 @@ def preflight(args: list[str], conf_dir: Path, world_size: int) -> None:
     from hydra import compose, initialize_config_dir
 
     from batch_runner.inputs.manifest import load_manifest
+    from batch_runner.outputs.storage import check_output_dir
     from batch_runner.run.checks import check_settings
     from batch_runner.run.cli import to_run_config
     from batch_runner.run.replay import replayed
+    from batch_runner.run.runner import output_dir_of
 
     overrides = [arg for arg in args if not arg.startswith("-")]
     try:
@@ -45,5 +47,6 @@ def preflight(args: list[str], conf_dir: Path, world_size: int) -> None:
     manifest = load_manifest(cfg.manifest, cfg.model, cfg.seed, cfg.ids, cfg.output.format)
     if manifest.problems and cfg.on_invalid != "skip":
         raise UserError(manifest.refusal())
+    check_output_dir(output_dir_of(cfg), manifest.path)
     if cfg.from_run:
         replayed(cfg, manifest)
