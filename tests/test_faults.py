@@ -211,6 +211,11 @@ def test_invalid_rows_skipped_are_recorded_failed_and_the_rest_made(tmp_path):
         assert error.startswith("invalid row:") and f"column '{column}'" in error and words in error, error
         assert pd.isna(table.loc[row_id, "video_path"])
     assert set(table["id"]) == {"good-a", "good-b", "row000003", *bad}
+    # A refused row keeps the inputs it gave: the table is a manifest of them again.
+    again = table.loc["row000003"]
+    assert (again["prompt"], again["image"]) == ("the same id again", str(tmp_path / "inputs" / "two.jpg"))
+    assert table.loc["no-image", "image"] == str(tmp_path / "inputs" / "absent.png")
+    assert table.loc["bad-seed", "prompt"] == "x" and pd.isna(table.loc["empty-prompt", "prompt"])
     videos = sorted(p.name for p in (out / "videos").iterdir())
     assert videos == ["good-a.mp4", "good-b.mp4"]
     summary = json.loads((out / "report.json").read_text())

@@ -19,11 +19,15 @@ from batch_runner.columns import KNOWN_COLUMNS, REQUIRED_COLUMNS
 from batch_runner.config import ModelConfig, runs_guidance
 from batch_runner.errors import UserError
 from batch_runner.inputs.ids import SeenIds, as_id, default_id, record_ids
-from batch_runner.inputs.reading import read_table
+from batch_runner.inputs.reading import is_missing, read_table
 from batch_runner.inputs.validation import RowProblem, check_columns, own_columns, validate_row
 
 # The problems a refusal lists one by one; the rest it counts by column.
 LISTED_PROBLEMS = 20
+
+
+# The text inputs a refused row keeps in its failed record.
+INPUT_TEXTS = ("prompt", "negative_prompt", "image", "last_image")
 
 
 @dataclass(frozen=True)
@@ -127,6 +131,21 @@ class Manifest:
         for p in self.problems:
             reasons.setdefault(record_ids[p.row - 1], []).append(f"column '{p.column}': {p.reason}")
         return {k: "; ".join(v) for k, v in reasons.items()}
+
+    @property
+    def invalid_inputs(self) -> dict[str, dict[str, str | None]]:
+        """Record id -> the text inputs of each refused row as the manifest gives them (image paths
+        made absolute from its folder), so that its failed record keeps what the user wrote."""
+        record_ids = self.record_ids
+        given = {}
+        for row in sorted({p.row for p in self.problems}):
+            cells = self.table.loc[row - 1]
+            inputs = {c: None if is_missing(cells[c]) else str(cells[c]) for c in INPUT_TEXTS if c in cells.index}
+            for column in ("image", "last_image"):
+                if inputs.get(column) and "://" not in inputs[column]:
+                    inputs[column] = str(self.path.parent / Path(inputs[column].strip()).expanduser())
+            given[record_ids[row - 1]] = inputs
+        return given
 
 
 def load_manifest(

@@ -64,9 +64,11 @@ class ResultRow(ResultColumns):
         )
 
     @classmethod
-    def invalid(cls, row_id: str, reason: str, finished_at: str) -> ResultRow:
-        """A row the manifest refused: only its (record) id and why."""
-        return cls(id=row_id, status="failed", error=f"invalid row: {reason}", finished_at=finished_at)
+    def invalid(cls, row_id: str, reason: str, finished_at: str, **given: str | None) -> ResultRow:
+        """A row the manifest refused: its (record) id, why, and the text inputs it `given` (prompt,
+        negative_prompt, image, last_image as the manifest wrote them), so that the record is a row
+        of a manifest again."""
+        return cls(id=row_id, status="failed", error=f"invalid row: {reason}", finished_at=finished_at, **given)
 
     def ok(self, video_path: str) -> ResultRow:
         return replace(self, status="ok", video_path=video_path, error=None)

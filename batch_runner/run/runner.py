@@ -196,9 +196,10 @@ def _prepare(cfg: RunConfig, manifest: Manifest, out: Path) -> dict[str, Any]:
 def _record_invalid(cfg: RunConfig, manifest: Manifest, out: Path, run_id: str) -> None:
     results = ResultLog(out, run_id, rank=0)
     # Record ids never meet a valid row's id (manifest.record_ids): every refused row gets its record.
+    given = manifest.invalid_inputs
     for row_id, reason in manifest.invalid_ids.items():
         log.warning("row %s skipped: %s", row_id, reason)
-        results.append(ResultRow.invalid(row_id, reason, finished_at=_now()))
+        results.append(ResultRow.invalid(row_id, reason, finished_at=_now(), **given[row_id]))
 
 
 def _make_videos(
