@@ -71,6 +71,14 @@ def test_a_row_setting_the_model_cannot_make_is_named_as_the_setting_not_as_ever
     assert "(the default of each row that gives none)" in str(caught.value) and "\n" not in str(caught.value)
 
 
+@pytest.mark.parametrize("key", ["manifest", "output_dir"])
+def test_an_empty_path_is_refused_not_taken_for_the_default(key: str) -> None:
+    """`output_dir=$OUT` with OUT unset made the run write under ./outputs/ instead."""
+    cfg = run_config("manifest=unused.csv", "model=tiny", f"{key}=")
+    with pytest.raises(UserError, match=rf"^{key}= is empty \(an unset shell variable\?\); give "):
+        check_settings(cfg)
+
+
 def test_several_bad_settings_are_named_together_on_one_line() -> None:
     cfg = run_config("manifest=unused.csv", "model.fps=0", "scheduling=x")
     with pytest.raises(UserError, match=r"^scheduling='x' .*; model.fps=0.0 is out of range"):

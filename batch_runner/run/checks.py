@@ -69,6 +69,10 @@ def check_settings(cfg: RunConfig) -> None:
     if not problems:
         problems += _default_row_problems(cfg)
     problems += _replica_problems(cfg)
+    fixes = {"manifest": "give the path of a .csv or .parquet file", "output_dir": "give a folder, or leave it out"}
+    for key, fix in fixes.items():
+        if isinstance(value := getattr(cfg, key), str) and not value.strip():
+            problems.append(f"{key}= is empty (an unset shell variable?); {fix}")
     if str(cfg.log_level).upper() not in LOG_LEVELS:
         problems.append(f"log_level={cfg.log_level!r} is not one of {', '.join(LOG_LEVELS)} (e.g. log_level=INFO)")
     if problems:
