@@ -78,7 +78,7 @@ def load_pretrained(model: ModelConfig, family: Family, dtype: torch.dtype, empt
     check_before_loading(model, family, lambda name: empty_component(family, source, name, dtype, model.revision))
     try:
         skeletons = {name: empty_component(family, source, name, dtype, model.revision) for name in empty}
-        return family.pipeline_class.from_pretrained(source, torch_dtype=dtype, revision=model.revision, **skeletons)
+        return family.pipeline_class.from_pretrained(source, dtype=dtype, revision=model.revision, **skeletons)
     except (OSError, ValueError) as e:
         raise load_error(model, source, looks_local, e) from e
 
