@@ -173,9 +173,12 @@ def load_manifest(
     missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
     if missing:
         found = ", ".join(map(repr, table.columns)) or "none"
+        cased = {c: next((f for f in table.columns if f.lower() == c), None) for c in missing}
+        renames = [f"{given!r} to {c!r}" for c, given in cased.items() if given]
+        fix = f"rename {', '.join(renames)} (column names are lower case)" if renames else "add them to its header row"
         raise UserError(
             f"The manifest {str(path)!r} lacks the required column(s) {', '.join(map(repr, missing))} "
-            f"(found {found}); add them to its header row."
+            f"(found {found}); {fix}."
         )
     table = table.reset_index(drop=True)
     table, notes = own_columns(path, table)

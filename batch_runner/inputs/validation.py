@@ -179,9 +179,11 @@ def _check_image(value: Any, base_dir: Path, problem: Any, column: str = "image"
         return None
     what = not_a_file(path)
     if what == "does not exist":
+        slashes = "; separate folders with '/', not '\\'" if "\\" in raw else ""
         problem(
             column,
-            f"{raw!r} does not exist (looked for {str(path)!r}); relative paths are read from the manifest's folder",
+            f"{raw!r} does not exist (looked for {str(path)!r}); relative paths are read from the manifest's "
+            f"folder{slashes}",
         )
         return None
     if what:
