@@ -133,16 +133,19 @@ def kill(proc: subprocess.Popen) -> None:
 
 def test_a_held_lock_refuses_naming_its_holder_and_a_killed_holders_lock_is_taken_over(tmp_path: Path, caplog) -> None:
     out = tmp_path / "out"
+    OutputLock(out).refuse_if_held()  # no lock file: free
     holder = hold_lock(out)
     try:
-        with pytest.raises(OutputError) as caught:
-            OutputLock(out).acquire()
-        message = str(caught.value)
-        assert f"is in use by another run (pid {holder.pid} on host " in message
-        assert "\n" not in message
+        for ask in (OutputLock(out).acquire, OutputLock(out).refuse_if_held):  # the launcher asks without taking it
+            with pytest.raises(OutputError) as caught:
+                ask()
+            message = str(caught.value)
+            assert f"is in use by another run (pid {holder.pid} on host " in message
+            assert "\n" not in message
     finally:
         kill(holder)
     assert json.loads((out / LOCK_FILE).read_text())["pid"] == holder.pid  # left behind by the kill
+    OutputLock(out).refuse_if_held()  # its holder is gone
     with OutputLock(out) as lock:
         assert json.loads(lock.path.read_text())["pid"] == os.getpid()
         assert "taking over the lock of a run that no longer runs" in caplog.text
@@ -156,8 +159,11 @@ def test_another_hosts_lock_holds_while_fresh_and_is_stale_once_old(tmp_path: Pa
     lock.write_text(json.dumps({"host": "node7", "host_id": "node7-boot", "pid": 1, "started": "earlier"}))
     with pytest.raises(OutputError, match="pid 1 on host node7"):
         OutputLock(out).acquire()
+    with pytest.raises(OutputError, match="pid 1 on host node7"):
+        OutputLock(out).refuse_if_held()
     old = time.time() - STALE_AFTER_S - 1
     os.utime(lock, (old, old))
+    OutputLock(out).refuse_if_held()
     OutputLock(out).acquire().release()
 
 

@@ -259,6 +259,20 @@ class OutputLock:
         self._heartbeat.start()
         return self
 
+    def refuse_if_held(self) -> None:
+        """Raise OutputError where another run holds the lock now, as its record tells without taking
+        the lock (a --cpu launch asks before it starts the processes that will take it)."""
+        try:
+            fd = open_nofollow(self.path, os.O_RDONLY)
+        except OSError:
+            return  # no lock file (or a link, which check_no_links names)
+        try:
+            holder = _read_holder(fd)
+        finally:
+            os.close(fd)
+        if _held_elsewhere(holder, self.path, flocks=False):
+            raise OutputError(_busy(self.path.parent, holder))
+
     def release(self) -> None:
         if self._fd is None:
             return

@@ -22,7 +22,7 @@ def preflight(args: list[str], conf_dir: Path, world_size: int) -> None:
     from hydra import compose, initialize_config_dir
 
     from batch_runner.inputs.manifest import load_manifest
-    from batch_runner.outputs.storage import check_output_dir
+    from batch_runner.outputs.storage import OutputLock, check_output_dir
     from batch_runner.run.checks import check_settings
     from batch_runner.run.cli import to_run_config
     from batch_runner.run.replay import replayed
@@ -47,6 +47,8 @@ def preflight(args: list[str], conf_dir: Path, world_size: int) -> None:
     manifest = load_manifest(cfg.manifest, cfg.model, cfg.seed, cfg.ids, cfg.output.format)
     if manifest.problems and cfg.on_invalid != "skip":
         raise UserError(manifest.refusal())
-    check_output_dir(output_dir_of(cfg), manifest.path)
+    out = output_dir_of(cfg)
+    check_output_dir(out, manifest.path)
+    OutputLock(out).refuse_if_held()
     if cfg.from_run:
         replayed(cfg, manifest)
