@@ -109,3 +109,6 @@ def test_the_launching_process_refuses_what_its_processes_would(tmp_path: Path) 
     with pytest.raises(UserError, match=r"already holds files batch_runner did not write \('src'\)"):
         preflight([f"manifest={good}", "model=tiny", f"output_dir={tmp_path / 'project'}"], conf, world_size=2)
     assert (tmp_path / "a-file").read_text() == "mine" and [p.name for p in (tmp_path / "project").iterdir()] == ["src"]
+    with pytest.raises(UserError, match=r"model.path='.*a-file' is not a folder; point it at a downloaded copy"):
+        local = ["model.weights=pretrained", f"model.path={tmp_path / 'a-file'}"]
+        preflight([f"manifest={good}", "model=tiny", *local], conf, world_size=2)

@@ -3,10 +3,10 @@
 `accelerate launch --cpu --num_processes N run.py ...` starts this script once, which then starts
 the N processes under torchrun (batch_runner.run.launch). A bad setting or a bad manifest row found
 by those processes was reported by rank 0, then repeated by torchrun's failure lines and
-tracebacks. The launching process checks the same things first (the settings, the manifest's rows,
-the output folder, from_run's saved rows), prints the one sentence once and exits 2 with no process
-started. The processes still check everything themselves: this is an early copy of their first
-checks, not a replacement, so anything it cannot compose is left to them.
+tracebacks. The launching process checks the same things first (the settings, a local model.path,
+the manifest's rows, the output folder, from_run's saved rows), prints the one sentence once and
+exits 2 with no process started. The processes still check everything themselves: this is an early
+copy of their first checks, not a replacement, so anything it cannot compose is left to them.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ def preflight(args: list[str], conf_dir: Path, world_size: int) -> None:
     """Raise UserError for what the launch's `world_size` processes would refuse before loading a model."""
     from hydra import compose, initialize_config_dir
 
+    from batch_runner.families.base import local_source
     from batch_runner.inputs.manifest import load_manifest
     from batch_runner.outputs.storage import OutputLock, check_output_dir
     from batch_runner.run.checks import check_settings
@@ -44,6 +45,8 @@ def preflight(args: list[str], conf_dir: Path, world_size: int) -> None:
             del os.environ["WORLD_SIZE"]
         else:
             os.environ["WORLD_SIZE"] = before
+    if cfg.model.weights == "pretrained":
+        local_source(cfg.model)  # a model.path that is a file, or no folder at all
     manifest = load_manifest(cfg.manifest, cfg.model, cfg.seed, cfg.ids, cfg.output.format)
     if manifest.problems and cfg.on_invalid != "skip":
         raise UserError(manifest.refusal())
