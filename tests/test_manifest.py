@@ -451,8 +451,16 @@ def test_manifest_that_is_not_utf8(folder):
 def test_parquet_that_is_not_parquet(folder):
     path = folder / "broken.parquet"
     path.write_bytes(b"image,prompt\ncat.png,p\n")
-    with pytest.raises(UserError, match=r"could not be read as parquet"):
+    refused = r"could not be read as parquet \(.*magic bytes.*\); save it as Parquet, or name it \.csv"
+    with pytest.raises(UserError, match=refused) as no:
         load(path)
+    assert str(no.value).count(". ") == 0  # one sentence: pyarrow's second one is dropped
+
+
+def test_an_empty_csv_is_called_empty(folder):
+    (folder / "empty.csv").write_bytes(b"")
+    with pytest.raises(UserError, match=r"is empty; give it a header row \(image,prompt\) and a row per video\.$"):
+        load(folder / "empty.csv")
 
 
 # --- row problems: every message names the row, the id, the column and the fix ----------------

@@ -52,8 +52,14 @@ def read_table(path: Path) -> pd.DataFrame:
         raise UserError(
             f"The manifest {str(path)!r} is not UTF-8 text (byte {e.start}); save it as 'CSV UTF-8'."
         ) from e
+    except pd.errors.EmptyDataError as e:
+        raise UserError(
+            f"The manifest {str(path)!r} is empty; give it a header row (image,prompt) and a row per video."
+        ) from e
     except (pd.errors.ParserError, OSError, ValueError) as e:
-        raise UserError(f"The manifest {str(path)!r} could not be read as {suffix[1:]}: {e}") from e
+        first = str(e).strip().split(". ")[0].rstrip(".")  # pyarrow adds a second sentence of its own
+        fix = "save it as Parquet, or name it .csv if it is CSV text" if suffix == ".parquet" else "save it as CSV"
+        raise UserError(f"The manifest {str(path)!r} could not be read as {suffix[1:]} ({first}); {fix}.") from e
 
 
 def not_a_file(path: Path) -> str | None:
