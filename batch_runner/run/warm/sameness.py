@@ -20,6 +20,7 @@ LAUNCH_VARIABLES = frozenset(
         "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS",
         "KMP_AFFINITY", "KMP_BLOCKTIME", "CUDA_VISIBLE_DEVICES", "BATCH_RUNNER_LAUNCHER_PID",
         "PWD", "OLDPWD", "SHLVL", "_", "COLUMNS", "LINES",
+        "PYENV_DIR",  # pyenv's shim sets it to the working folder of each command (the interpreter is compared)
     )
 )  # fmt: skip
 LAUNCH_PREFIXES = (
