@@ -32,6 +32,7 @@ BAD_SETTINGS = {
     "output.shard_size=0": "integer of at least 1",
     "output.crf=60": "integer from 0 to 51",
     "max_image_pixels=0": "integer of at least 1",
+    "model.path=/models/CogVideoX-5b-I2V": "is not read by tiny-cogvideox, whose weights are built in code; drop",
 }
 
 

@@ -90,6 +90,11 @@ def _model_problems(cfg: RunConfig) -> list[str]:
         problems.append(
             f"model.scheduler={cfg.model.scheduler!r} is not one of {', '.join(schedulers)} for {cfg.model.name}"
         )
+    if cfg.model.weights == "tiny" and cfg.model.path:
+        problems.append(
+            f"model.path={cfg.model.path!r} is not read by {cfg.model.name}, whose weights are built in code; "
+            "drop model.path, or add model.weights=pretrained to load the pipeline it holds"
+        )
     for number, entry in enumerate(cfg.model.loras, 1):
         if not math.isfinite(entry.scale):
             problems.append(f"model.loras entry {number} ({entry.path!r}) has scale={entry.scale}; give a finite scale")
