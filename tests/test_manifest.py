@@ -457,6 +457,19 @@ def test_parquet_that_is_not_parquet(folder):
     assert str(no.value).count(". ") == 0  # one sentence: pyarrow's second one is dropped
 
 
+def test_an_unsigned_parquet_seed_above_the_range_is_a_row_problem(folder):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    image = str(photo(folder / "cat.png"))
+    seeds = pa.array([2**64 - 1, 5], pa.uint64())
+    pq.write_table(pa.table({"image": [image] * 2, "prompt": ["a", "b"], "seed": seeds}), folder / "u.parquet")
+    manifest = load(folder / "u.parquet")
+    assert [job.seed for job in manifest.jobs] == [5]
+    [problem] = manifest.problems
+    assert (problem.row, problem.column) == (1, "seed") and f"{2**64 - 1} is out of range" in problem.reason
+
+
 def test_an_empty_csv_is_called_empty(folder):
     (folder / "empty.csv").write_bytes(b"")
     with pytest.raises(UserError, match=r"is empty; give it a header row \(image,prompt\) and a row per video\.$"):

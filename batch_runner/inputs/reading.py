@@ -120,7 +120,8 @@ def _read_parquet(path: Path) -> pd.DataFrame:
     for name in arrow.column_names:
         if str(name).strip() == "seed" and pa.types.is_integer(arrow.column(name).type):
             # a seed column with a null (a previous run's results: its invalid rows) would pass through float64
-            table[name] = arrow.column(name).to_pandas(types_mapper={arrow.column(name).type: pd.Int64Dtype()}.get)
+            kind = pd.UInt64Dtype() if pa.types.is_unsigned_integer(arrow.column(name).type) else pd.Int64Dtype()
+            table[name] = arrow.column(name).to_pandas(types_mapper={arrow.column(name).type: kind}.get)
         elif str(name).strip() not in KNOWN_COLUMNS:
             column = arrow.column(name).to_pandas(types_mapper=pd.ArrowDtype)
             column.index = table.index
