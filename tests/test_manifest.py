@@ -470,6 +470,15 @@ def test_an_unsigned_parquet_seed_above_the_range_is_a_row_problem(folder):
     assert (problem.row, problem.column) == (1, "seed") and f"{2**64 - 1} is out of range" in problem.reason
 
 
+def test_a_parquet_image_column_of_bytes_is_named_as_bytes_not_as_an_image_type(folder):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"image": pa.array([b"cat.png"], pa.binary()), "prompt": ["a"]}), folder / "b.parquet")
+    [problem] = load(folder / "b.parquet").problems
+    assert problem.column == "image" and problem.reason.startswith("holds bytes, not a path (a Parquet binary column)")
+
+
 def test_an_empty_csv_is_called_empty(folder):
     (folder / "empty.csv").write_bytes(b"")
     with pytest.raises(UserError, match=r"is empty; give it a header row \(image,prompt\) and a row per video\.$"):

@@ -159,6 +159,13 @@ def validate_row(
 
 
 def _check_image(value: Any, base_dir: Path, problem: Any, column: str = "image") -> Path | None:
+    if isinstance(value, (bytes, bytearray)):
+        problem(
+            column,
+            "holds bytes, not a path (a Parquet binary column); store the paths as text, or write embedded "
+            "images to files and give their paths",
+        )
+        return None
     if is_missing(value) or not str(value).strip():
         problem(column, "no image path; give a path relative to the manifest's folder or an absolute one")
         return None
