@@ -130,6 +130,17 @@ def test_a_user_s_parquet_written_by_pandas_with_list_columns_is_a_manifest(tmp_
     assert manifest.problems == [] and list(manifest.table.loc[0, "tags"]) == ["boat", "dusk"]
 
 
+def test_rows_of_another_manifest_in_the_folder_are_kept_on_disk_and_said_to_be_left_out(tmp_path, caplog) -> None:
+    cfg = run_config(f"manifest={parquet_manifest(tmp_path, ['one', 'two'])}", "model=tiny")
+    manifest = load_manifest(cfg.manifest, cfg.model, cfg.seed)
+    out = tmp_path / "out"
+    made(out, manifest, ["a", "b", "elsewhere"])  # "elsewhere": a row of the folder's earlier manifest
+    with caplog.at_level(logging.WARNING):
+        table = merge(out, manifest)
+    assert list(table["id"]) == ["a", "b"] and (out / "videos" / "elsewhere.mp4").is_file()
+    assert "output_dir holds 1 row(s) of another manifest (e.g. 'elsewhere')" in caplog.text
+
+
 def shard_json(out: Path) -> dict[str, dict]:
     samples = {}
     for shard in sorted((out / dataset.SHARDS_DIR).glob("*.tar")):

@@ -184,7 +184,17 @@ def merge(output_dir: Path, manifest: Manifest) -> pd.DataFrame:
     records = read_records(output_dir)
     ids = manifest.all_record_ids
     order = {row_id: i for i, row_id in enumerate(ids)}
-    records = records[records["id"].isin(order.keys())].copy()
+    known = records["id"].isin(order.keys())
+    if not known.all():
+        others = records.loc[~known, "id"].nunique()
+        log.warning(
+            "output_dir holds %d row(s) of another manifest (e.g. %r): results.parquet, metadata.parquet and the "
+            "report list this manifest's rows only; their videos stay in videos/, and a run of that manifest lists "
+            "them again",
+            others,
+            records.loc[~known, "id"].iloc[0],
+        )
+    records = records[known].copy()
     records["_order"] = records["id"].map(order)
     records = records.sort_values("_order").drop(columns="_order")
     for column in RESULT_COLUMNS + PROVENANCE_COLUMNS:
