@@ -470,6 +470,13 @@ def test_an_unsigned_parquet_seed_above_the_range_is_a_row_problem(folder):
     assert (problem.row, problem.column) == (1, "seed") and f"{2**64 - 1} is out of range" in problem.reason
 
 
+def test_a_file_url_is_read_as_the_path_it_names(folder):
+    image = photo(folder / "my cat.png")
+    write_manifest(folder / "m.csv", [{"image": image.as_uri(), "prompt": "a"}])
+    [job] = load(folder / "m.csv").jobs
+    assert job.image == str(image.resolve())
+
+
 def test_a_parquet_image_column_of_bytes_is_named_as_bytes_not_as_an_image_type(folder):
     import pyarrow as pa
     import pyarrow.parquet as pq

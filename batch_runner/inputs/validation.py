@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -170,6 +171,8 @@ def _check_image(value: Any, base_dir: Path, problem: Any, column: str = "image"
         problem(column, "no image path; give a path relative to the manifest's folder or an absolute one")
         return None
     raw = str(value).strip()
+    if raw.startswith("file://"):  # a file URL names a path on disk (what a browser's "copy link" gives)
+        raw = urllib.parse.unquote(urllib.parse.urlparse(raw).path)
     if "://" in raw:
         problem(column, f"{raw!r} is a URL; download the image and give its path on disk")
         return None
