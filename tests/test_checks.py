@@ -33,6 +33,7 @@ BAD_SETTINGS = {
     "output.crf=60": "integer from 0 to 51",
     "max_image_pixels=0": "integer of at least 1",
     "model.path=/models/CogVideoX-5b-I2V": "is not read by tiny-cogvideox, whose weights are built in code; drop",
+    "ids=[]": "selects no row; name the rows to make (ids=[a,b]), or leave ids out",
 }
 
 

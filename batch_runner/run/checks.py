@@ -69,6 +69,8 @@ def check_settings(cfg: RunConfig) -> None:
     if not problems:
         problems += _default_row_problems(cfg)
     problems += _replica_problems(cfg)
+    if cfg.ids is not None and not list(cfg.ids):
+        problems.append("ids=[] selects no row; name the rows to make (ids=[a,b]), or leave ids out to make every row")
     fixes = {"manifest": "give the path of a .csv or .parquet file", "output_dir": "give a folder, or leave it out"}
     for key, fix in fixes.items():
         if isinstance(value := getattr(cfg, key), str) and not value.strip():
