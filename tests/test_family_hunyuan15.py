@@ -179,6 +179,22 @@ def test_a_smaller_tile_decodes_the_tiny_video_in_pieces():
     assert calls and pieces.shape == whole.shape == (1, 3, 9, 96, 96)
 
 
+def test_a_placement_of_the_vaes_own_tile_after_a_smaller_one_puts_the_own_back():
+    """enable_tiling() keeps the last tile set: rows of a shape planned with the VAE's own tile (vae_tile
+    None, as recorded) followed rows of 128-pixel tiles and decoded in those."""
+    from batch_runner.replica.planner import Placement
+
+    vae = build_pipeline(run_config("manifest=x", f"model={TINY}").model, torch.device("cpu")).vae
+    own = (vae.tile_sample_min_height, vae.tile_latent_min_height)
+    tiles = {side: Placement("none", "", vae_tiling=True, vae_tile=side) for side in (64, None)}
+    placement.set_vae_decode(vae, tiles[None])  # never changed: left as diffusers keeps it
+    assert (vae.tile_sample_min_height, vae.tile_latent_min_height) == own
+    placement.set_vae_decode(vae, tiles[64])
+    assert (vae.tile_sample_min_height, vae.tile_latent_min_height) == (64, 4)
+    placement.set_vae_decode(vae, tiles[None])
+    assert (vae.tile_sample_min_height, vae.tile_latent_min_height) == own
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [

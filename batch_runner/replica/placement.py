@@ -7,6 +7,7 @@ module only carries out its `Placement`.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -200,19 +201,27 @@ def _keep_attention_pools_resident(module: torch.nn.Module, device: torch.device
 
 
 def set_vae_decode(vae: Any, placement: Placement) -> None:
-    """The VAE's decode as the placement says: whole frames, or tiles of the planned size."""
+    """The VAE's decode as the placement says: whole frames, or tiles of the planned size (None: the
+    VAE's own, put back where an earlier placement of this replica made them smaller)."""
     (vae.enable_slicing if placement.vae_slicing else vae.disable_slicing)()
     (vae.enable_tiling if placement.vae_tiling else vae.disable_tiling)()
-    if placement.vae_tiling and placement.vae_tile is not None:
+    if placement.vae_tiling and (placement.vae_tile is not None or vae in _OWN_TILE_SIDE):
         set_vae_tile(vae, placement.vae_tile)
 
 
-def set_vae_tile(vae: Any, side: int) -> None:
-    """Decode in tiles of `side` x `side` pixels, overlapping as the VAE's own tiles do.
+# The tile side each VAE had before set_vae_tile first changed it: `enable_tiling()` keeps the last
+# tile set, so rows of another shape planned with the VAE's own tile would decode in the smaller one.
+_OWN_TILE_SIDE: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+
+
+def set_vae_tile(vae: Any, side: int | None) -> None:
+    """Decode in tiles of `side` x `side` pixels (None: the VAE's own), overlapping as its own do.
 
     HunyuanVideo-1.5's VAE keeps its tile in pixels and in latents, and its `enable_tiling` does not
     recompute one from the other; the ratio of the two it holds is its compression.
     """
+    own = _OWN_TILE_SIDE.setdefault(vae, vae.tile_sample_min_height)
+    side = own if side is None else side
     ratio = vae.tile_sample_min_height // vae.tile_latent_min_height
     vae.tile_latent_min_height = vae.tile_latent_min_width = side // ratio
     vae.tile_sample_min_height = vae.tile_sample_min_width = side
