@@ -50,24 +50,25 @@ def _nvml() -> Iterator[ctypes.CDLL | None]:
         nvml.nvmlShutdown()
 
 
+def _device_count(nvml: ctypes.CDLL | None) -> int:
+    count = ctypes.c_uint()
+    if nvml is None or nvml.nvmlDeviceGetCount_v2(ctypes.byref(count)) != 0:
+        return -1
+    return count.value
+
+
 def nvml_gpu_count() -> int:
     """The host's GPUs as NVML counts them, which does not start CUDA; -1 where NVML cannot tell."""
     with _nvml() as nvml:
-        count = ctypes.c_uint()
-        if nvml is None or nvml.nvmlDeviceGetCount_v2(ctypes.byref(count)) != 0:
-            return -1
-        return count.value
+        return _device_count(nvml)
 
 
 def nvml_compute_capabilities() -> set[tuple[int, int]]:
     """The compute capabilities (major, minor) of the host's GPUs as NVML reads them, which does
     not start CUDA; empty where NVML cannot tell (an old driver's library lacks the call)."""
     with _nvml() as nvml:
-        count = ctypes.c_uint()
-        if nvml is None or nvml.nvmlDeviceGetCount_v2(ctypes.byref(count)) != 0:
-            return set()
-        found = set()
-        for index in range(count.value):
+        found: set[tuple[int, int]] = set()
+        for index in range(_device_count(nvml)):  # none where NVML cannot tell (-1)
             device, major, minor = ctypes.c_void_p(), ctypes.c_int(), ctypes.c_int()
             try:
                 if nvml.nvmlDeviceGetHandleByIndex_v2(index, ctypes.byref(device)) != 0:

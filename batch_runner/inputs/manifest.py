@@ -20,7 +20,7 @@ from batch_runner.config import ModelConfig, runs_guidance
 from batch_runner.errors import UserError
 from batch_runner.inputs.ids import SeenIds, as_id, default_id, record_ids
 from batch_runner.inputs.reading import is_missing, read_table
-from batch_runner.inputs.validation import RowProblem, check_columns, own_columns, validate_row
+from batch_runner.inputs.validation import RowProblem, check_columns, image_path, own_columns, validate_row
 
 # The problems a refusal lists one by one; the rest it counts by column.
 LISTED_PROBLEMS = 20
@@ -142,8 +142,8 @@ class Manifest:
             cells = self.table.loc[row - 1]
             inputs = {c: None if is_missing(cells[c]) else str(cells[c]) for c in INPUT_TEXTS if c in cells.index}
             for column in ("image", "last_image"):
-                if inputs.get(column) and "://" not in inputs[column]:
-                    inputs[column] = str(self.path.parent / Path(inputs[column].strip()).expanduser())
+                if inputs.get(column) and (path := image_path(inputs[column], self.path.parent)):
+                    inputs[column] = str(path)
             given[record_ids[row - 1]] = inputs
         return given
 

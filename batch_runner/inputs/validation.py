@@ -159,6 +159,18 @@ def validate_row(
     )
 
 
+def image_path(cell: str, base_dir: Path) -> Path | None:
+    """The file an image cell names: a path absolute or relative to the manifest's folder (`~`
+    expanded), or a file:// URL's (what a browser's "copy link" gives); None for any other URL."""
+    raw = cell.strip()
+    if raw.startswith("file://"):
+        raw = urllib.parse.unquote(urllib.parse.urlparse(raw).path)
+    if "://" in raw:
+        return None
+    path = Path(raw).expanduser()
+    return path if path.is_absolute() else base_dir / path
+
+
 def _check_image(value: Any, base_dir: Path, problem: Any, column: str = "image") -> Path | None:
     if isinstance(value, (bytes, bytearray)):
         problem(
@@ -171,13 +183,10 @@ def _check_image(value: Any, base_dir: Path, problem: Any, column: str = "image"
         problem(column, "no image path; give a path relative to the manifest's folder or an absolute one")
         return None
     raw = str(value).strip()
-    if raw.startswith("file://"):  # a file URL names a path on disk (what a browser's "copy link" gives)
-        raw = urllib.parse.unquote(urllib.parse.urlparse(raw).path)
-    if "://" in raw:
+    path = image_path(raw, base_dir)
+    if path is None:
         problem(column, f"{raw!r} is a URL; download the image and give its path on disk")
         return None
-    path = Path(raw).expanduser()
-    path = path if path.is_absolute() else base_dir / path
     if path.is_dir():
         problem(column, f"{raw!r} is a folder (looked at {str(path)!r}); give the path of an image file in it")
         return None

@@ -90,11 +90,8 @@ def _refuse_unparsed(arg: str, unreadable: bool = False) -> None:
     special = sorted({c for c in value if c in "()[]{},:=\\'\" ~"})
     if not special and not unreadable:
         return
-    why = (
-        f"holds characters Hydra's override grammar reserves ({' '.join(special)})"
-        if special
-        else ("is not one Hydra's override grammar reads")
-    )
+    reserved = f"holds characters Hydra's override grammar reserves ({' '.join(special)})"
+    why = reserved if special else "is not one Hydra's override grammar reads"
     raise UserError(
         f"The value of {key.lstrip('+~')} {why}; quote it, "
         f"e.g. '{key}=\"{value}\"' (single quotes for the shell, double quotes for Hydra)."
