@@ -155,18 +155,18 @@ class LTX2(Family):
     # under a 12 GiB cap. So the decode needs 6.5 to 6.8 GiB at 768x512 and group_offload about 0.5
     # GiB besides its resident weights: charged 7.3 (9970 bytes a pixel per 512 channels of the widest
     # block, 1024), which keeps whole frames under group_offload above 12 GiB.
-    # Its VAE is LTX-Video's design, and diffusers' `enable_tiling` tiles it as LTX-Video's: in space
-    # only (512-pixel tiles, 448 apart; the 16-frame tiles need `use_framewise_decoding`, which it
-    # leaves off), each tile decoding every frame at once. So, as LTX-Video's measured decode does
-    # (ltx/family.py), the decode is charged one 512x512 tile's pixels where the VAE tiles, and grows
-    # with the row's frames (measured at 121): at 768x512 a tile is 2/3 of the frame, 4.9 GiB, and
-    # group_offload with tiles fits 12 GiB at ~9.5. That tiled peak is inferred, not yet measured on
-    # LTX-2 (a decode that runs out of memory in tiles steps the replica one plan down).
+    # Its VAE is LTX-Video's design, and diffusers' `enable_tiling` tiles it in space only (512-pixel
+    # tiles, 448 apart), each tile decoding every frame at once, so the decode grows with the row's
+    # frames (charged for them, measured at 121). But its tiles do not lower the peak as LTX-Video's
+    # do: on the H200 (2026-12-05, code 978c9b7) group_offload with 512-pixel tiles ran out of memory
+    # under a 12 GiB cap (the replica stepped down), and sequential_cpu_offload allocated 6.71 GiB
+    # with tiles against 6.77 with whole frames. So a tiled decode is charged as whole frames up to
+    # two tiles' pixels (768x512 is 1.5), and at 12 GiB the planner plans sequential_cpu_offload.
     activations = ActivationTerms(
         resident=24.0,
         streamed=24.0,
         decode_per_pixel=9970.0,
-        tiled_pixels=512 * 512,
+        tiled_pixels=512 * 512 * 2,
         guidance_batch=2,
         decode_frames=121,
     )
