@@ -62,7 +62,7 @@ from batch_runner.replica import fa4, placement  # noqa: E402
 from batch_runner.replica.anatomy import anatomy  # noqa: E402
 from batch_runner.replica.lora import resolve  # noqa: E402
 from batch_runner.replica.pipeline import build_pipeline, random_pipeline  # noqa: E402
-from batch_runner.replica.replica import Replica, release_memory  # noqa: E402
+from batch_runner.replica.replica import Replica, out_of_memory_summary, release_memory, stage_reached  # noqa: E402
 from batch_runner.run.warm import DISABLE_ENV as WARM_ENV  # noqa: E402
 from batch_runner.run.warm import SOCKET_ENV as WARM_SOCKET  # noqa: E402
 from batch_runner.run.warm.server import NOT_AHEAD, READY  # noqa: E402
@@ -578,26 +578,34 @@ def project(
     torch.cuda.synchronize()
     encode_per_video = (time.perf_counter() - t0) / chunk
 
-    progress = {"done": 0, "steps": 0}  # the last call's steps: a failure after them was in the decode
+    # The last call's progress: a failure after its steps was in the decode.
+    progress = {"done": 0, "steps": 0, "denoising": False}
 
     def call(n, callback):
         job = replace(jobs[0], num_inference_steps=n)
         generator = torch.Generator("cuda").manual_seed(0)
         arguments = replica.family.call_arguments(cfg.model, job, {"image": image}, prompts.embeddings)
-        progress.update(done=0, steps=n)
+        progress.update(done=0, steps=n, denoising=False)
 
         def counted(pipe, i, t, tensors):
             progress["done"] = i + 1
             return callback(pipe, i, t, tensors) if callback else tensors
 
-        with replica_inference(replica):
-            return replica.pipe(**arguments, generator=generator, output_type="pt", callback_on_step_end=counted)
+        hooks = [d.register_forward_pre_hook(lambda *_: progress.update(denoising=True)) for d in replica.denoisers]
+        try:
+            with replica_inference(replica):
+                return replica.pipe(**arguments, generator=generator, output_type="pt", callback_on_step_end=counted)
+        finally:
+            for hook in hooks:
+                hook.remove()
 
     before = None  # the plan that ran out of memory (the error itself is let go: it holds the call's frames)
     try:
         result = timed_call(target, call, steps, budget, replica.pipe, profile)
-    except torch.OutOfMemoryError:
+    except torch.OutOfMemoryError as e:
         before = replica.plan
+        said = out_of_memory_summary(e)
+        where = stage_reached(progress["done"], progress["steps"], progress["denoising"])
     if before is not None:
         # As the runner does: a whole-frame decode that failed goes to tiles, anything else one plan
         # down the ladder; then the same measurement, once the handler has let go of the failed call's
@@ -609,6 +617,7 @@ def project(
         prompts = replica.encode(jobs)
         result = timed_call(target, call, steps, budget, replica.pipe, profile)
         result["oom_fallback"] = f"{before} -> {lower}"
+        result["oom_at"] = f"{before} ran out of memory {where}" + (f" ({said})" if said else "")
     result["seconds_per_video"] = round(result["seconds_per_video"] + encode_per_video, 2)
     result["videos_per_hour"] = round(3600 / result["seconds_per_video"], 1)
     result["text_encoding_s_per_video"] = round(encode_per_video, 3)

@@ -21,6 +21,7 @@ from PIL import Image
 from batch_runner.outputs.storage import mark_output_dir
 from batch_runner.outputs.video import read_video
 from batch_runner.replica import replica as replica_module
+from batch_runner.replica.replica import out_of_memory_summary
 from batch_runner.run import runner
 from tests.conftest import ROOT, accelerate_cpu, photo, run_cli, run_config, write_manifest
 
@@ -400,11 +401,63 @@ def test_out_of_memory_retries_the_row_one_plan_down(tmp_path, monkeypatch):
     assert list(table["status"]) == ["ok", "ok", "ok"]
     assert table.loc["good0", "memory_plan"] == "none"
     assert table.loc["good1", "memory_plan"] == "text_offload"
-    assert table.loc["good1", "warnings"] == "out of GPU memory under plan none, redone with text_offload"
+    # Raised before the pipeline call, so with no stage; the allocator's request is kept.
+    assert table.loc["good1", "warnings"] == (
+        "out of GPU memory under plan none (asked for 20.00 GiB), redone with text_offload"
+    )
     assert table.loc["good2", "memory_plan"] == "text_offload"  # the replica stays down the ladder
     for row_id in table["id"]:
         frames, _ = read_video(out / "videos" / f"{row_id}.mp4")
         assert len(frames) == 9
+
+
+# torch 2.11's message under a 12 GiB cap (docs/experiments/2026-12-04e).
+CAPPED_OOM = (
+    "CUDA out of memory. Tried to allocate 330.00 MiB. GPU 0 has a total capacity of 139.80 GiB of which "
+    "127.09 GiB is free. Including non-PyTorch memory, this process has 12.64 GiB memory in use. 12.00 GiB "
+    "allowed; Of the allocated memory 11.09 GiB is allocated by PyTorch, and 831.61 MiB is reserved by PyTorch "
+    "but unallocated. If reserved but unallocated memory is large try setting "
+    "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation."
+)
+
+
+def test_running_out_of_memory_in_a_step_names_the_step_and_what_the_allocator_said(tmp_path, monkeypatch):
+    """The row's warning says where the video ran out (a plan that runs out in its steps and one
+    that runs out in its decode need different budgets) and what torch's allocator asked for and held."""
+    real_make = replica_module.Replica.make
+    failed: list[bool] = []
+
+    def make(self, job, *args, **kwargs):
+        if job.id != "good1" or failed:
+            return real_make(self, job, *args, **kwargs)
+        calls = []
+
+        def second_call_runs_out(module, inputs):
+            calls.append(1)
+            if len(calls) == 2:
+                failed.append(True)
+                raise torch.OutOfMemoryError(CAPPED_OOM)
+
+        hook = self.denoisers[0].register_forward_pre_hook(second_call_runs_out)
+        try:
+            return real_make(self, job, *args, **kwargs)
+        finally:
+            hook.remove()
+
+    monkeypatch.setattr(replica_module.Replica, "make", make)
+    out = run_here(tmp_path, good_rows(tmp_path / "inputs", 2), "chunk_size=1", "model.num_inference_steps=3")
+
+    table = results_of(out)
+    assert list(table["status"]) == ["ok", "ok"]
+    assert table.loc["good1", "warnings"] == (
+        "out of GPU memory under plan none in denoising step 2 of 3 (asked for 330.00 MiB with 11.09 GiB "
+        "allocated), redone with text_offload"
+    )
+
+
+def test_the_summary_of_an_out_of_memory_error_keeps_what_it_names():
+    assert out_of_memory_summary(torch.OutOfMemoryError(CAPPED_OOM)) == "asked for 330.00 MiB with 11.09 GiB allocated"
+    assert out_of_memory_summary(RuntimeError("CUDA out of memory")) == ""
 
 
 def test_the_retry_after_running_out_of_memory_starts_with_the_failed_calls_memory_freed(tmp_path, monkeypatch):

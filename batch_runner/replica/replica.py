@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -303,6 +304,7 @@ class Replica:
         sound, where its model makes one, is left in `self.audio` as (samples, rate) (None otherwise, and under
         output.audio=false, which skips decoding it).
         """
+        self._clock = None  # a failure before the call below has no stage (and is not the decode's)
         self.prepare(job)
         self.audio = None
         keep_audio = self.cfg.output.audio
@@ -336,6 +338,9 @@ class Replica:
                     if not torch.isfinite(samples).all():
                         raise FloatingPointError("the sound holds NaN or infinite values (the latents went non-finite)")
                     self.audio = (samples.float().cpu().numpy(), rate)
+        except BaseException as e:
+            e.failed_at = clock.where()  # type: ignore[attr-defined]  # for the runner's warning
+            raise
         finally:
             for hook in hooks:
                 hook.remove()
@@ -397,6 +402,10 @@ class _StageClock:
         # The last step waits for the GPU; a schedule of another length still has its latest step's end.
         self.last = settled_now(self.device) if step >= self.steps - 1 else time.perf_counter()
 
+    def where(self) -> str:
+        """The stage the call had reached, for a failure's message."""
+        return stage_reached(self.done, self.steps, denoising=self.first is not None)
+
     def stages(self) -> dict[str, float]:
         end = time.perf_counter()
         first = self.first if self.first is not None else self.start
@@ -406,6 +415,16 @@ class _StageClock:
             "denoise_seconds": round(last - first, 4),
             "decode_seconds": round(end - last, 4),
         }
+
+
+def stage_reached(done: int, steps: int, denoising: bool) -> str:
+    """Where a pipeline call that failed had got to, after `done` of its `steps` denoising steps
+    (`denoising`: whether the denoiser had been called)."""
+    if done >= steps:
+        return "in the VAE decode"
+    if not denoising:
+        return "before the first denoising step"
+    return f"in denoising step {done + 1} of {steps}"
 
 
 def _step_callback(on_step: Callable[[], None] | None, clock: _StageClock) -> Callable[..., dict]:
@@ -426,3 +445,17 @@ def release_memory() -> None:
 
 def is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+_ASKED = re.compile(r"Tried to allocate ([\d.]+ [KMGT]?i?B)")
+_ALLOCATED = re.compile(r"([\d.]+ [KMGT]?i?B) is allocated by PyTorch")
+
+
+def out_of_memory_summary(error: BaseException) -> str:
+    """What the allocator said of the memory when it ran out, as 'asked for 270.00 MiB with 10.13
+    GiB allocated' ('' where torch's message names neither): what a memory plan is judged by, where
+    the whole message (a paragraph on the allocator's settings) is too long for a row's warning."""
+    message = str(error)
+    asked, allocated = _ASKED.search(message), _ALLOCATED.search(message)
+    parts = ([f"asked for {asked[1]}"] if asked else []) + ([f"{allocated[1]} allocated"] if allocated else [])
+    return " with ".join(parts)

@@ -48,7 +48,7 @@ from batch_runner.outputs.video import Audio, write_video
 from batch_runner.outputs.writers import Writers, encoder_count
 from batch_runner.replica import compile_cache
 from batch_runner.replica.planner import GIB
-from batch_runner.replica.replica import BadFrames, Replica, is_out_of_memory, release_memory
+from batch_runner.replica.replica import BadFrames, Replica, is_out_of_memory, out_of_memory_summary, release_memory
 from batch_runner.replica.speed import should_compile
 from batch_runner.run import lifecycle, startup
 from batch_runner.run.checks import check_replica_rows, check_settings
@@ -417,8 +417,11 @@ def _make_one(replica: Replica, job: Job, image: Any, prompts: Any, row: ResultR
         if lower is None:
             raise
         if oom:
-            log.warning("row %s ran out of GPU memory under plan %s; retrying with %s", job.id, failed.plan, lower)
-            note = f"out of GPU memory under plan {failed.plan}, redone with {lower}"
+            where = " ".join(filter(None, [failed.plan, getattr(e, "failed_at", "")]))
+            summary = out_of_memory_summary(e)
+            where += f" ({summary})" if summary else ""
+            log.warning("row %s ran out of GPU memory under plan %s; retrying with %s", job.id, where, lower)
+            note = f"out of GPU memory under plan {where}, redone with {lower}"
         else:
             why = f"{type(e).__name__}: {e}"
             log.warning("row %s failed under plan %s (%s); retrying once with %s", job.id, failed.plan, why, lower)
