@@ -264,6 +264,30 @@ def test_out_of_memory_in_a_whole_frame_decode_steps_down_to_tiles_and_elsewhere
     assert replica.step_down(row, out_of_memory=False) == planner.next_plan_down("text_offload", replica.roles)
 
 
+def test_a_failure_before_the_pipeline_call_is_not_taken_for_the_last_videos_decode(monkeypatch):
+    """A row whose plan switch ran out of memory, after a row whose video was made whole, steps a
+    plan down: the finished video's clock no longer says the steps were done."""
+    from types import SimpleNamespace
+
+    from batch_runner.replica import replica as replica_module
+
+    cfg = run_config("manifest=unused.csv", "model=tiny")
+    row = job(9, 32, 32)
+    whole = planner.Placement("none", "whole frames", vae_tiling=False)
+    monkeypatch.setattr(planner, "place", lambda *args, **kwargs: RowPlans(((planner.shape_of(row), whole),), whole))
+    replica = replica_module.Replica(cfg, torch.device("cpu"), jobs=[row])
+    replica._clock = SimpleNamespace(done=4, steps=4)  # the last video's, made whole
+
+    def runs_out(job):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(replica, "prepare", runs_out)
+    with pytest.raises(torch.OutOfMemoryError) as failure:
+        replica.make(row, {"image": None}, None)
+    assert not hasattr(failure.value, "failed_at")  # no stage: the call never started
+    assert replica.step_down(row) == "text_offload"
+
+
 def test_a_caller_that_ran_the_pipeline_itself_says_where_it_failed(monkeypatch):
     """The benchmark calls the pipeline directly (no clock of `make`): it tells step_down whether its
     steps were done, and a whole-frame decode goes to tiles before any plan goes down."""
