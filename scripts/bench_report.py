@@ -317,6 +317,13 @@ def family_section(model: str, rows: list[dict], peak: float | None) -> list[str
             lines += [f"| {name} | {verdict[met]} | {measured} |" for name, met, measured in checks]
     errors = [r for r in current if "error" in r]
     lines += [f"- failed ({card(r)}): {r['recipe']}: {r['error']}" for r in errors]
+    # A record measured after its planned plan ran out of memory: the plan it names is the one below.
+    lines += [
+        f"- ran out of memory first ({card(r)}): {r['recipe']}: {r['oom_fallback']}"
+        + (f"; {r['oom_at']}" if r.get("oom_at") else "")
+        for r in current
+        if r.get("oom_fallback")
+    ]
     lines += [
         f"- superseded: {r['recipe']} ({r.get('seconds_per_video')} s/video): {r['superseded']}"
         for r in rows

@@ -193,3 +193,31 @@ def test_a_profiles_kernels_say_what_atens_eager_kernels_do_and_how_often_they_r
     kinds, top = kernel_seconds(profiler)
     assert kinds == {"other": 0.058, "attention": 6.5}
     assert (0.058, "aten direct_copy_kernel_cuda (elementwise_kernel)", 80) in top and len(top) == 2
+
+
+def test_a_record_measured_after_its_plan_ran_out_of_memory_says_so():
+    """The plan in the table is the one the replica stepped down to; the report names the one that
+    ran out, and where, so that the record is not read as the planner's own choice."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from bench_report import family_section
+
+    record = {
+        "recipe": "batch_runner-12gib",
+        "gpu": "NVIDIA H200",
+        "budget_gib": 12.0,
+        "plan": "sequential_cpu_offload",
+        "seconds_per_video": 156.38,
+        "seconds_per_step": 3.808,
+        "tflops": 78.0,
+        "peak_allocated_gib": 6.71,
+        "peak_reserved_gib": 6.97,
+        "within_budget": True,
+        "oom_fallback": "group_offload -> sequential_cpu_offload",
+        "oom_at": "group_offload ran out of memory in the VAE decode (asked for 270.00 MiB with 10.13 GiB allocated)",
+    }
+    lines = family_section("ltx-2", [record], None)
+    assert (
+        "- ran out of memory first (H200): batch_runner-12gib: group_offload -> sequential_cpu_offload; group_offload "
+        "ran out of memory in the VAE decode (asked for 270.00 MiB with 10.13 GiB allocated)"
+    ) in lines
+    assert not any(line.startswith("- ran out of memory first") for line in family_section("ltx-2", [], None))
