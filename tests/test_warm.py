@@ -10,11 +10,13 @@ import contextlib
 import json
 import os
 import queue
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -71,6 +73,17 @@ def test_facts_a_child_would_inherit_from_the_server_must_be_the_runs() -> None:
     assert sameness.differences(server, server_view({}, cgroup="0::/a", flags=[1, 0])) == ["flags"]
     assert sameness.differences(server, server | {"nice": -1}) == ["niceness (the run's is lower)"]
     assert sameness.differences(server, server | {"nice": 5}) == []  # the child raises its own
+
+
+def test_the_projects_own_switch_and_a_second_login_keep_a_run_warm() -> None:
+    run = server_view({warm.DISABLE_ENV: "1", warm.SOCKET_ENV: "/tmp/w.sock", "XDG_SESSION_ID": "7", "STY": "1.pts"})
+    assert sameness.differences(server_view({"XDG_SESSION_ID": "3"}), run) == []
+
+
+def test_a_run_of_another_checkout_is_named() -> None:
+    server = server_view({}, checkout="/srv/a")
+    assert sameness.differences(server, server_view({}, checkout="/srv/b")) == ["checkout"]
+    assert sameness.process_facts()["checkout"] == str(ROOT)
 
 
 def test_this_processs_facts_are_its_own() -> None:
@@ -243,12 +256,12 @@ class WarmServer:
 
     HUNG_SECONDS = 300
 
-    def __init__(self, folder: Path, *extra: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, folder: Path, *extra: str, env: dict[str, str] | None = None, checkout: Path = ROOT) -> None:
         self.path = folder / "warm.sock"
         self.env = {**(env or os.environ), warm.SOCKET_ENV: str(self.path), warm.DISABLE_ENV: "1"}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "batch_runner.run.warm", *extra],
-            cwd=ROOT,
+            cwd=checkout,
             env=self.env,
             stderr=subprocess.PIPE,
             text=True,
@@ -340,6 +353,27 @@ def test_a_run_of_another_environment_starts_cold_and_says_why(server: WarmServe
     assert "the warm server was not used ($HF_HOME differs from the server's); starting cold." in done.stderr
 
 
+def copy_of_the_checkout(folder: Path) -> Path:
+    """run.py, batch_runner/ and conf/ in `folder`: a second checkout."""
+    for name in ("batch_runner", "conf"):
+        shutil.copytree(ROOT / name, folder / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "run.py", folder / "run.py")
+    return folder
+
+
+def run_of(checkout: Path, env: dict[str, str], out: Path) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(checkout / "run.py"), f"manifest={EXAMPLES}", "model=tiny", f"output_dir={out}"]
+    return subprocess.run(command, cwd=out.parent, env=env, capture_output=True, text=True)
+
+
+def test_a_run_of_another_checkout_starts_cold_and_says_why(server: WarmServer, tmp_path: Path) -> None:
+    """A server named by $BATCH_RUNNER_WARM_SOCKET would otherwise run its own checkout's modules
+    for another checkout's run.py and conf/."""
+    done = run_of(copy_of_the_checkout(tmp_path / "other_checkout"), server.env, tmp_path / "out")
+    assert done.returncode == 0, done.stderr
+    assert "the warm server was not used (checkout differs from the server's); starting cold." in done.stderr
+
+
 def slow_run(server: WarmServer, out: Path) -> tuple[subprocess.Popen, int]:
     """A run through the server that makes each row slowly, and its child's pid; returned once the
     child is making rows."""
@@ -365,6 +399,34 @@ def test_a_stop_signal_to_the_run_reaches_its_child(server: WarmServer, tmp_path
     _, err = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGINT, err
     assert "stopped by SIGINT: finished rows are kept" in err
+
+
+def process_state(pid: int) -> str:
+    """The state letter of /proc/PID/stat: 'T' for a stopped process."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def wait_for_state(pid: int, stopped: bool) -> None:
+    """Until `pid` is stopped (or no longer is); the server's HUNG_SECONDS at most."""
+    deadline = time.monotonic() + WarmServer.HUNG_SECONDS
+    while (process_state(pid) == "T") != stopped:
+        assert time.monotonic() < deadline, f"process {pid} is {process_state(pid)!r}"
+        time.sleep(0.05)
+
+
+def test_ctrl_z_suspends_the_served_run_and_fg_continues_it(server: WarmServer, tmp_path: Path) -> None:
+    """The child is the server's, not in the terminal's process group: Ctrl-Z (SIGTSTP to the
+    command) must stop it too, and the shell's SIGCONT continue it, as for a run started cold."""
+    process, child = slow_run(server, tmp_path)
+    process.send_signal(signal.SIGTSTP)
+    wait_for_state(process.pid, stopped=True)
+    wait_for_state(child, stopped=True)
+    process.send_signal(signal.SIGCONT)
+    wait_for_state(process.pid, stopped=False)
+    wait_for_state(child, stopped=False)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGINT, err
 
 
 def test_a_killed_run_process_takes_its_child_along(server: WarmServer, tmp_path: Path) -> None:
@@ -404,6 +466,28 @@ def test_a_changed_module_sends_a_run_cold_and_the_server_starts_again_with_it(t
     assert done.returncode == 0 and "not used" not in done.stderr, done.stderr
     started.wait_for(f"output_dir={tmp_path / 'warm'}")
     assert started.stop() == 128 + signal.SIGTERM and not started.path.exists()
+
+
+@pytest.mark.slow  # starts a server (WarmServer)
+def test_a_change_that_breaks_the_code_is_waited_on_and_its_fix_served(tmp_path: Path) -> None:
+    """The server starts again after a change; where the changed code no longer imports, it says
+    why and starts again once a file the failure went through changes, rather than dying."""
+    checkout = copy_of_the_checkout(tmp_path / "checkout")
+    module = checkout / "batch_runner" / "outputs" / "report.py"
+    source = module.read_text()
+    started = WarmServer(tmp_path, checkout=checkout)
+    started.wait_for("ready at")
+    module.write_text(source + "\ndef broken(:\n")
+    assert run_of(checkout, started.env, tmp_path / "broken").returncode != 0  # cold, and broken there too
+    line = started.wait_for("cannot import the changed code")
+    assert "SyntaxError" in line and str(module) in line
+    module.write_text(source)
+    started.wait_for("starting again")
+    started.wait_for("ready at")
+    done = run_of(checkout, started.env, tmp_path / "fixed")
+    assert done.returncode == 0 and "not used" not in done.stderr, done.stderr
+    started.wait_for(f"output_dir={tmp_path / 'fixed'}")
+    assert started.stop() == 128 + signal.SIGTERM
 
 
 @pytest.mark.slow  # starts a server (WarmServer)

@@ -11,14 +11,16 @@ torch's DataLoader workers do: the child starts with every module in memory.
 serves every `python run.py ...` (and every process of an `accelerate launch`) of this checkout,
 by this user, on this host. run.py asks it before its own slow imports (`hand_over`). The server
 refuses, and the run starts cold exactly as without it, printing one line why, whenever the
-child could differ from a fresh process (sameness.py): another interpreter or its flags, an
+child could differ from a fresh process (sameness.py): another checkout, interpreter or its flags, an
 environment variable that a module may have read at import (any but those launchers set per
 process), another cgroup, namespace, resource limit or niceness it cannot take, or a module file
-changed since the server imported it (then the server starts again by itself once its runs end).
+changed since the server imported it (then the server starts again by itself once its runs end,
+and, where the changed code does not import, once a file the failure went through changes again).
 The child takes the run's standard streams, working folder, environment, arguments, umask and CPU
-affinity, and runs run.py as its main module; the server relays the run's stop signals to it and its
-exit status back. A run's process that ends (its launcher killed it) stops its child with SIGTERM,
-and a stopped server stops its children the same way: rows already made are kept, as after any stop.
+affinity, and runs run.py as its main module; the server relays the run's stop signals (and Ctrl-Z's
+stop and continue) to it and its exit status back. A run's process that ends (its launcher killed
+it) stops its child with SIGTERM, and a stopped server stops its children the same way: rows
+already made are kept, as after any stop.
 
 CUDA must not have started in the server, or no child could use the GPU: the server imports with
 torch's fork-safe (NVML) CUDA check, tells FlashAttention-4's import the GPUs' compute capability
@@ -117,10 +119,23 @@ def hand_over(script: str) -> int | None:
 
         def forward(signum: int, frame: Any) -> None:
             got.append(signum)
+            relay(signum)
+
+        def relay(signum: int) -> None:
             with contextlib.suppress(OSError):
                 conn.sendall(bytes([signum]))
 
-        previous = {sig: signal.signal(sig, forward) for sig in lifecycle.STOP_SIGNALS}
+        def suspend(signum: int, frame: Any) -> None:
+            """Ctrl-Z: the child is the server's, outside the terminal's process group, so it is
+            stopped by name, then this process as the terminal meant; `fg` continues both (resume)."""
+            relay(signal.SIGSTOP)
+            signal.signal(signal.SIGTSTP, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTSTP)  # stops here until SIGCONT
+            signal.signal(signal.SIGTSTP, suspend)
+
+        handlers = {sig: forward for sig in lifecycle.STOP_SIGNALS}
+        handlers |= {signal.SIGTSTP: suspend, signal.SIGCONT: lambda signum, frame: relay(signal.SIGCONT)}
+        previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
         send(conn, request, fds=[0, 1, 2])
         reply = receive(conn)
         if reply is None or "refused" in reply:

@@ -21,12 +21,14 @@ LAUNCH_VARIABLES = frozenset(
         "KMP_AFFINITY", "KMP_BLOCKTIME", "CUDA_VISIBLE_DEVICES", "BATCH_RUNNER_LAUNCHER_PID",
         "PWD", "OLDPWD", "SHLVL", "_", "COLUMNS", "LINES",
         "PYENV_DIR",  # pyenv's shim sets it to the working folder of each command (the interpreter is compared)
+        "BATCH_RUNNER_WARM", "BATCH_RUNNER_WARM_SOCKET",  # read by run.py before it hands over, not after
+        "XDG_SEAT", "XDG_VTNR", "STY", "WINDOW", "MOTD_SHOWN",  # per login, screen window or terminal
     )
 )  # fmt: skip
 LAUNCH_PREFIXES = (
     "TORCHELASTIC_", "ACCELERATE_", "TORCH_NCCL_", "NCCL_",
     "SLURM_", "SLURMD_", "SRUN_", "PMI_", "PMIX_",  # srun's per task (tests/test_slurm.py's warm job)
-    "SSH_", "TMUX", "TERM",
+    "SSH_", "TMUX", "TERM", "XDG_SESSION_",
 )  # fmt: skip
 
 
@@ -34,6 +36,10 @@ def process_facts() -> dict[str, Any]:
     """What a forked child would inherit from the server instead of taking from the run: the two
     must be equal (`differences`)."""
     facts: dict[str, Any] = {
+        # The folder whose batch_runner this process imported: a server forked from another checkout
+        # would run its own code for this one's run.py and conf/ (a socket named by
+        # $BATCH_RUNNER_WARM_SOCKET is not per checkout).
+        "checkout": str(Path(__file__).resolve().parents[3]),
         "interpreter": sys.executable,
         "prefix": sys.prefix,
         "flags": list(sys.flags),

@@ -10,6 +10,7 @@ import signal
 import socket
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -192,8 +193,6 @@ class Server:
         except KeyboardInterrupt:  # Ctrl-C before the run's own handlers: as Python's own exit from it
             code = 128 + signal.SIGINT
         except BaseException:
-            import traceback
-
             traceback.print_exc()
             code = 1
         with contextlib.suppress(Exception):
@@ -269,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         metavar="MODULE",
         help="also import MODULE before serving (refused if that would leave a forked run unable to run); repeatable",
     )
+    parser.add_argument("--again", action="store_true", help=argparse.SUPPRESS)  # started again after a change
     args = parser.parse_args(argv)
     path = warm.socket_path()
     with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
@@ -281,6 +281,17 @@ def main(argv: list[str] | None = None) -> int:
     except ImportRefused as e:
         print(f"error: {e}.", file=sys.stderr)
         return 2
+    except Exception as e:  # the code runs need does not import as it is now (a change left it broken)
+        why = f"{type(e).__name__}: {e}"
+        files = files_behind(e)
+        if not args.again or not files:
+            print(f"error: cannot import the code runs need ({why}); fix it and start again.", file=sys.stderr)
+            return 2
+        # Started again by a change (main's end) that broke the code: runs start cold meanwhile (no
+        # socket), and the server starts again once the fix touches a file the failure went through.
+        say(f"cannot import the changed code ({why}); runs start cold until one of {', '.join(files)} changes")
+        changed_since({name: file_state(name) for name in files})
+        return start_again(server.me["env"])
     for name, why in server.skipped.items():
         say(f"{name} {NOT_AHEAD}: {why}")
     problem = unforkable()
@@ -308,6 +319,34 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         server.close()
     if server.stale and not stop["signal"]:  # after a `git pull` or `pip install`: import the code as it is now
-        say("starting again")
-        os.execve(sys.executable, sys.orig_argv, server.me["env"])  # the environment it started with
+        return start_again(server.me["env"])
     return 128 + stop["signal"] if stop["signal"] else 0
+
+
+def start_again(env: dict[str, str]) -> int:
+    """This server as it was started (in the environment it started with), importing the code as it
+    is now; marked --again, so that code that no longer imports is waited on rather than fatal."""
+    say("starting again")
+    argv = sys.orig_argv if "--again" in sys.orig_argv else [*sys.orig_argv, "--again"]
+    os.execve(sys.executable, argv, env)
+    return 1  # not reached
+
+
+def files_behind(error: BaseException) -> list[str]:
+    """The source files an import failure went through, a syntax error's own among them: the fix
+    changes one of them."""
+    names = [frame.filename for frame in traceback.extract_tb(error.__traceback__)]
+    if isinstance(error, SyntaxError) and error.filename:
+        names.append(error.filename)
+    return sorted({name for name in names if os.path.isfile(name)})
+
+
+def file_state(name: str) -> tuple[int, int]:
+    info = os.stat(name)
+    return info.st_mtime_ns, info.st_size
+
+
+def changed_since(files: dict[str, tuple[int, int]], poll_seconds: float = 1.0) -> None:
+    """Until one of `files` (as `file_state` saw them) changes or goes."""
+    while not changed_files(files):
+        time.sleep(poll_seconds)
