@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from batch_runner.run import lifecycle
 from tests.conftest import ROOT, accelerate_cpu, free_port, run_cli, write_manifest
 from tests.test_faults import alive, good_rows, process_tree
 
@@ -173,3 +174,19 @@ def test_a_busy_rendezvous_port_is_named_with_the_option_to_change_it(tmp_path):
     assert f"error: The rendezvous port {port} is already in use" in result.stderr, result.stderr[-3000:]
     assert "--main_process_port" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_stop_signal_while_the_process_ends_raises_nothing_into_its_cleanup(monkeypatch):
+    """accelerate's SIGTERM, sent once the other process has exited, may come while this one is
+    already ending (cli's finally: uninstall): it once raised Interrupted there, a traceback after
+    the run's own one-sentence error."""
+    lifeline = lifecycle.Lifeline(bound_to_parent=False).install()
+    real_join = lifeline._thread.join
+
+    def join_with_a_signal(timeout=None):
+        signal.raise_signal(signal.SIGTERM)  # its Python handler runs here, as it did in the join
+        real_join(timeout)
+
+    monkeypatch.setattr(lifeline._thread, "join", join_with_a_signal)
+    lifeline.uninstall()
+    assert signal.getsignal(signal.SIGTERM) is not lifeline._on_signal

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -33,6 +34,7 @@ from batch_runner.outputs.storage import (
     mark_output_dir,
 )
 from batch_runner.run import runner
+from batch_runner.run.logs import log_to_file
 from tests.conftest import ROOT, photo, run_cli, run_config, write_manifest
 
 
@@ -291,3 +293,61 @@ def test_an_output_dir_that_cannot_be_a_folder_is_one_sentence_and_exit_2(tmp_pa
 
 def test_user_error_is_what_cli_turns_into_exit_2() -> None:
     assert issubclass(OutputError, UserError)
+
+
+class FullDisk:
+    """A file whose disk is full: every write fails as the kernel's does."""
+
+    def write(self, text: str) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def flush(self) -> None:
+        pass
+
+
+def test_a_log_file_on_a_full_disk_says_so_once_not_a_traceback_per_line(tmp_path: Path, capsys) -> None:
+    root = logging.getLogger()
+    before = list(root.handlers)
+    try:
+        log_to_file(tmp_path / "logs" / "rank00001.log")
+        (handler,) = set(root.handlers) - set(before)
+        handler.stream = FullDisk()
+        for line in ("one", "two", "three"):
+            logging.getLogger("batch_runner.test").warning(line)
+    finally:
+        for handler in set(root.handlers) - set(before):
+            root.removeHandler(handler)
+    err = capsys.readouterr().err
+    assert "Logging error" not in err and "Traceback" not in err, err
+    assert err.count(f"no longer logging to {tmp_path / 'logs' / 'rank00001.log'}: No space left on device") == 1
+
+
+def test_a_lock_that_could_not_be_written_is_not_left_behind(tmp_path: Path, monkeypatch) -> None:
+    """A run on a full disk creates its lock but cannot write its record in it: the empty lock it
+    left made the advised rerun refuse the folder as someone else's."""
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def full(fd: int, data: bytes, offset: int) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "pwrite", full)
+        with pytest.raises(OSError):
+            OutputLock(out).acquire()
+    assert list(out.iterdir()) == []
+    (out / LOCK_FILE).touch()  # as an older version left it: still a folder a run may start in
+    check_output_dir(out, tmp_path / "jobs.csv")
+    OutputLock(out).acquire().release()
+
+
+def test_a_full_disk_message_names_no_temporary_file(tmp_path: Path) -> None:
+    from batch_runner.outputs.storage import output_errors
+
+    staged = tmp_path / "videos" / ".r3.mp4.9361.partial"
+    with pytest.raises(OutputError) as refused, output_errors(tmp_path, "write videos/r3.mp4", "kept"):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(staged))
+    assert f"{tmp_path}': No space left on device; kept;" in str(refused.value)
+    with pytest.raises(OutputError) as refused, output_errors(tmp_path, "write the results", "kept"):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "results.parquet"))
+    assert f"No space left on device ({tmp_path / 'results.parquet'}); kept;" in str(refused.value)

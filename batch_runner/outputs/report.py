@@ -9,6 +9,7 @@ opens offline, straight from the output folder.
 from __future__ import annotations
 
 import html
+import io
 import json
 import os
 import re
@@ -22,7 +23,7 @@ import pandas as pd
 from PIL import Image
 
 from batch_runner.inputs.ids import id_problem
-from batch_runner.outputs.storage import atomic_path, atomic_write_text
+from batch_runner.outputs.storage import atomic_write_bytes, atomic_write_text
 
 PREVIEWS_DIR = "previews"
 PREVIEW_WIDTH = 256
@@ -73,8 +74,12 @@ def save_previews(output_dir: Path, row_id: str, frames: np.ndarray, image: Imag
 def _save_jpeg(image: Image.Image, path: Path) -> None:
     scale = PREVIEW_WIDTH / max(1, image.width)
     small = image.convert("RGB").resize((PREVIEW_WIDTH, max(1, round(image.height * scale))))
-    with atomic_path(path) as tmp:
-        small.save(tmp, format="JPEG", quality=85)
+    # Encoded in memory, then written by Python, which raises on a short write: Pillow's encoder
+    # writing to a file takes a short write on a full disk for a whole one (Pillow 13), and a
+    # truncated preview would be published under its name.
+    encoded = io.BytesIO()
+    small.save(encoded, format="JPEG", quality=85)
+    atomic_write_bytes(encoded.getvalue(), path)
 
 
 def summarize(table: pd.DataFrame, started: float, run_id: str) -> dict[str, Any]:

@@ -175,7 +175,9 @@ def check_output_dir(out: Path, manifest: Path) -> None:
         if not (p.name.startswith(".") and p.name.endswith(TEMP_SUFFIX)) and p.name not in DESKTOP_CLUTTER
     ]
     foreign = sorted(p.name for p in entries if p.name not in RUN_ENTRIES)
-    if not entries or (not foreign and any((out / "parts").glob("*.jsonl"))):
+    # Only a lock: a run that stopped before its marker (its disk was full, say) left it.
+    only_a_lock = [p.name for p in entries] == [LOCK_FILE]
+    if not entries or only_a_lock or (not foreign and any((out / "parts").glob("*.jsonl"))):
         return
     shown = ", ".join(map(repr, foreign[:3])) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
     raise OutputError(
@@ -251,9 +253,16 @@ class OutputLock:
         if holder:
             log.warning("taking over the lock of a run that no longer runs (%s)", _describe(holder))
         me = {"host": socket.gethostname(), "host_id": _host_id(), "pid": os.getpid(), "started": _utc_now()}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(me).encode(), 0)
-        os.fsync(fd)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(me).encode(), 0)
+            os.fsync(fd)
+        except BaseException:  # a full disk, say: no lock is left that names nobody
+            with contextlib.suppress(OSError):
+                if os.fstat(fd).st_ino == _inode(self.path):
+                    self.path.unlink()
+            os.close(fd)
+            raise
         self._fd = fd
         self._heartbeat = threading.Thread(target=self._beat, name="output-lock", daemon=True)
         self._heartbeat.start()
@@ -398,7 +407,9 @@ def output_errors(out: Path, doing: str, kept: str) -> Iterator[None]:
         fix = _FIXES.get(e.errno or -1)
         if fix is None:
             raise
-        where = f" ({e.filename})" if e.filename and str(e.filename) != str(out) else ""
+        # A temporary file's name says nothing to the user (and it is gone): `doing` names the file.
+        named = e.filename and str(e.filename) != str(out) and not str(e.filename).endswith(TEMP_SUFFIX)
+        where = f" ({e.filename})" if named else ""
         reason = e.strerror or str(e)
         raise OutputError(
             f"Could not {doing} in output_dir {str(out)!r}: {reason}{where}; {kept}; "

@@ -138,6 +138,9 @@ class Lifeline:
         return self
 
     def uninstall(self) -> None:
+        # The process is ending (its error or status said already): a stop signal from here on, a
+        # launcher's SIGTERM after another process exited say, is not raised into this cleanup.
+        self._raised = True
         self._done.set()
         with contextlib.suppress(OSError):
             os.write(self._wakeup_w, b"\0")  # wake the watchdog from its select

@@ -6,6 +6,7 @@ once the run has an output folder), so that neither imports the other.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
@@ -49,10 +50,27 @@ class _NoFollowFileHandler(logging.FileHandler):
     """A FileHandler that appends to `path` only if it is not a link (a planted link in output_dir
     would have this process append its log to the file it points to)."""
 
+    broken = False  # a write failed (a full disk): the file takes no more lines
+
     def _open(self):  # logging.FileHandler._open, which has no annotations
         from batch_runner.outputs.storage import append_nofollow
 
         return append_nofollow(Path(self.baseFilename), encoding=self.encoding or "utf-8")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.broken:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        """A line the file cannot take (its disk is full, say) ends the file with one line on the
+        terminal, where logging would print a traceback for every later line."""
+        error = sys.exc_info()[1]
+        if not isinstance(error, OSError):
+            super().handleError(record)
+            return
+        self.broken = True
+        with contextlib.suppress(OSError, ValueError):
+            print(f"batch_runner: no longer logging to {self.baseFilename}: {error.strerror or error}", file=sys.stderr)
 
 
 def log_to_file(path: Path) -> None:
