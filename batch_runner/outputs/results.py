@@ -149,7 +149,12 @@ def _read_part(part: Path) -> list[dict[str, Any]]:
             except json.JSONDecodeError:
                 torn.append(number)
     if torn:
-        log.warning("dropped %d unfinished line(s) %s of %s (a process was killed)", len(torn), torn, part.name)
+        log.warning(
+            "dropped %d unfinished line(s) %s of %s (a process was killed, or its disk was full)",
+            len(torn),
+            torn,
+            part.name,
+        )
         atomic_write_text("".join(line for line, _ in good), part)
     return [record for _, record in good]
 
