@@ -577,12 +577,18 @@ def test_a_killed_server_takes_its_runs_along_and_their_commands_say_so(tmp_path
     started = WarmServer(tmp_path)
     started.wait_for("ready at")
     process, child = slow_run(started, tmp_path / "out")
+    # Held still while the server dies, so that the command's end can be seen to wait for it: a
+    # command that ended first left the child stopping with the folder's lock (a rerun was refused).
+    os.kill(child, signal.SIGSTOP)
+    wait_for_state(child, stopped=True)
     started.process.kill()  # no chance to stop its runs itself: the kernel's parent-death signal does
+    started.process.wait(timeout=WarmServer.HUNG_SECONDS)
+    os.kill(child, signal.SIGCONT)
     _, err = process.communicate(timeout=WarmServer.HUNG_SECONDS)
     assert process.returncode == 1 and "the warm server ended before the run did." in err
-    with contextlib.suppress(psutil.NoSuchProcess):
-        psutil.Process(child).wait(timeout=WarmServer.HUNG_SECONDS)
     assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE
+    # The command ended after its child: the child's last line (on the same stream) comes first.
+    assert err.index("stopped by SIGTERM: finished rows are kept") < err.index("the warm server ended before")
 
 
 @pytest.mark.slow  # forks a child

@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import select
 import signal
 import socket
 import sys
@@ -151,6 +152,9 @@ def hand_over(script: str) -> int | None:
         except OSError:  # it went away with a relayed signal unread: a reset, not an end of stream
             finished = None
     if finished is None:
+        # The server is gone; its child, told so by the kernel, may still be stopping (its rows
+        # recorded, its lock held): this command ends after it, so that a rerun finds the folder free.
+        _wait_for_end(reply.get("pid"), lifecycle.GRACE_SECONDS + 5.0)
         if got:  # a stop signal reached this process and the server alike (a job's time limit, say)
             name = signal.Signals(got[0]).name
             print(f"batch_runner: stopped by {name}; the warm server ended with its run.", file=sys.stderr)
@@ -158,3 +162,17 @@ def hand_over(script: str) -> int | None:
         print("batch_runner: the warm server ended before the run did.", file=sys.stderr)
         return 1
     return int(finished["exit"])
+
+
+def _wait_for_end(pid: int | None, seconds: float) -> None:
+    """Until process `pid` has ended, `seconds` at most (it is not this process's child to wait on)."""
+    if pid is None:
+        return
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:  # ended already
+        return
+    try:
+        select.select([fd], [], [], seconds)
+    finally:
+        os.close(fd)
