@@ -290,7 +290,10 @@ def main(argv: list[str] | None = None) -> int:
         # Started again by a change (main's end) that broke the code: runs start cold meanwhile (no
         # socket), and the server starts again once the fix touches a file the failure went through.
         say(f"cannot import the changed code ({why}); runs start cold until one of {', '.join(files)} changes")
-        changed_since({name: file_state(name) for name in files})
+        try:
+            changed_since({name: file_state(name) for name in files})
+        except KeyboardInterrupt:  # Ctrl-C in its terminal while it waits: stopped, as when serving
+            return 128 + signal.SIGINT
         return start_again(server.me["env"])
     for name, why in server.skipped.items():
         say(f"{name} {NOT_AHEAD}: {why}")
