@@ -188,5 +188,10 @@ def test_a_stop_signal_while_the_process_ends_raises_nothing_into_its_cleanup(mo
         real_join(timeout)
 
     monkeypatch.setattr(lifeline._thread, "join", join_with_a_signal)
-    lifeline.uninstall()
-    assert signal.getsignal(signal.SIGTERM) is not lifeline._on_signal
+    try:
+        lifeline.uninstall()  # raised Interrupted before the fix
+    finally:
+        if signal.getsignal(signal.SIGTERM) == lifeline._on_signal:  # it failed part-way: undo it
+            monkeypatch.undo()
+            lifeline.uninstall()
+    assert signal.getsignal(signal.SIGTERM) != lifeline._on_signal

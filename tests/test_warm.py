@@ -384,6 +384,7 @@ def slow_run(server: WarmServer, out: Path) -> tuple[subprocess.Popen, int]:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        process_group=0,  # a job of its own, as a shell makes one: the kernel acts on its Ctrl-Z
     )
     child = served_pid(server, out)
     assert process.stderr is not None
@@ -427,6 +428,39 @@ def test_ctrl_z_suspends_the_served_run_and_fg_continues_it(server: WarmServer, 
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGINT, err
+
+
+def test_a_run_stopped_by_ctrl_z_whose_command_is_killed_is_stopped(server: WarmServer, tmp_path: Path) -> None:
+    """A stopped child holds the server's SIGTERM unread (and its folder's lock): the server
+    continues it too."""
+    process, child = slow_run(server, tmp_path)
+    process.send_signal(signal.SIGTSTP)
+    wait_for_state(child, stopped=True)
+    process.kill()
+    process.wait(timeout=60)
+    server.wait_for(f"run {child}: exit {128 + signal.SIGTERM}")
+
+
+@pytest.mark.slow  # starts a process
+def test_the_server_passes_on_only_the_signals_a_run_may_send(tmp_path: Path) -> None:
+    from batch_runner.run.warm.server import Run, Server
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    ours, theirs = socket.socketpair()
+    server = Server(tmp_path / "warm.sock", [])
+    run = Run(child.pid, os.pidfd_open(child.pid), theirs)
+    try:
+        ours.sendall(bytes([200, signal.SIGKILL]))  # not a signal; not one a run relays
+        server._from_run(run)
+        assert child.poll() is None
+        ours.sendall(bytes([signal.SIGTERM]))
+        server._from_run(run)
+        assert child.wait(timeout=60) == -signal.SIGTERM
+    finally:
+        child.kill()
+        os.close(run.pidfd)
+        ours.close()
+        theirs.close()
 
 
 def test_a_killed_run_process_takes_its_child_along(server: WarmServer, tmp_path: Path) -> None:
@@ -582,8 +616,7 @@ def test_a_killed_server_takes_its_runs_along_and_their_commands_say_so(tmp_path
     os.kill(child, signal.SIGSTOP)
     wait_for_state(child, stopped=True)
     started.process.kill()  # no chance to stop its runs itself: the kernel's parent-death signal does
-    started.process.wait(timeout=WarmServer.HUNG_SECONDS)
-    os.kill(child, signal.SIGCONT)
+    # Nothing here continues the child: the command does, or the kernel's SIGTERM would wait unread.
     _, err = process.communicate(timeout=WarmServer.HUNG_SECONDS)
     assert process.returncode == 1 and "the warm server ended before the run did." in err
     assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE

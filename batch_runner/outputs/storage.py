@@ -261,7 +261,8 @@ class OutputLock:
             with contextlib.suppress(OSError):
                 if os.fstat(fd).st_ino == _inode(self.path):
                     self.path.unlink()
-            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.close(fd)
             raise
         self._fd = fd
         self._heartbeat = threading.Thread(target=self._beat, name="output-lock", daemon=True)

@@ -131,8 +131,11 @@ def hand_over(script: str) -> int | None:
             stopped by name, then this process as the terminal meant; `fg` continues both (resume)."""
             relay(signal.SIGSTOP)
             signal.signal(signal.SIGTSTP, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTSTP)  # stops here until SIGCONT
+            os.kill(os.getpid(), signal.SIGTSTP)  # stops here until SIGCONT...
             signal.signal(signal.SIGTSTP, suspend)
+            # ... or not at all, where the kernel drops a terminal stop (an orphaned process group:
+            # setsid, nohup after its shell ended): either way the child goes on with this process.
+            relay(signal.SIGCONT)
 
         handlers = {sig: forward for sig in lifecycle.STOP_SIGNALS}
         handlers |= {signal.SIGTSTP: suspend, signal.SIGCONT: lambda signum, frame: relay(signal.SIGCONT)}
@@ -173,6 +176,9 @@ def _wait_for_end(pid: int | None, seconds: float) -> None:
     except OSError:  # ended already
         return
     try:
+        # Stopped by Ctrl-Z when the server died, it would hold the kernel's SIGTERM unread.
+        with contextlib.suppress(OSError):
+            signal.pidfd_send_signal(fd, signal.SIGCONT)
         select.select([fd], [], [], seconds)
     finally:
         os.close(fd)

@@ -22,6 +22,9 @@ from batch_runner.run.warm.preload import ImportRefused, preload, unforkable
 from batch_runner.run.warm.protocol import peer_uid, receive, send
 from batch_runner.run.warm.sameness import changed_files, differences, module_files, process_facts
 
+# What a run's process may pass on to its child: its stop signals, and Ctrl-Z's stop and continue.
+RELAYED = frozenset((*STOP_SIGNALS, signal.SIGSTOP, signal.SIGCONT))
+
 # The server's log line once it listens (what a script that starts one waits for).
 READY = "ready at"
 NOT_AHEAD = "not imported ahead"  # a probed module left to each run, and why
@@ -118,8 +121,7 @@ class Server:
 
     def stop_runs(self) -> None:
         for run in list(self.runs.values()):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(run.pid, signal.SIGTERM)
+            terminate(run.pid)
 
     def stop_listening(self) -> None:
         if self.listener is not None:
@@ -220,16 +222,16 @@ class Server:
             data = run.conn.recv(64)
         except OSError:
             data = b""
-        if data:  # stop signals the run's process got
+        if data:  # stop signals the run's process got (and Ctrl-Z's stop and continue); nothing else
             for signum in data:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(run.pid, signum)
+                if signum in RELAYED:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(run.pid, signum)
             return
         self.selector.unregister(run.conn)  # the run's process is gone (its launcher killed it): stop the child
         if not run.stopped:
             run.stopped = True
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(run.pid, signal.SIGTERM)
+            terminate(run.pid)
 
     def _reap(self, run: Run) -> None:
         del self.runs[run.pid]
@@ -326,6 +328,14 @@ def main(argv: list[str] | None = None) -> int:
     return 128 + stop["signal"] if stop["signal"] else 0
 
 
+def terminate(pid: int) -> None:
+    """SIGTERM to a run's child, continued too: one stopped by Ctrl-Z would hold it unread (and its
+    output folder's lock) until something continued it."""
+    for signum in (signal.SIGTERM, signal.SIGCONT):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+
 def start_again(env: dict[str, str]) -> int:
     """This server as it was started (in the environment it started with), importing the code as it
     is now; marked --again, so that code that no longer imports is waited on rather than fatal."""
@@ -336,11 +346,12 @@ def start_again(env: dict[str, str]) -> int:
 
 
 def files_behind(error: BaseException) -> list[str]:
-    """The source files an import failure went through, a syntax error's own among them: the fix
-    changes one of them."""
+    """The source files the fix of an import failure would change: those it went through, a syntax
+    error's own, the module an ImportError names, and every module file of this checkout's package
+    (a fix may restore one the failure never reached)."""
     names = [frame.filename for frame in traceback.extract_tb(error.__traceback__)]
-    if isinstance(error, SyntaxError) and error.filename:
-        names.append(error.filename)
+    names += [name for name in (getattr(error, "filename", None), getattr(error, "path", None)) if name]
+    names += [str(path) for path in Path(__file__).resolve().parents[2].rglob("*.py")]
     return sorted({name for name in names if os.path.isfile(name)})
 
 
