@@ -168,6 +168,7 @@ def test_a_server_stopped_with_its_run_leaves_the_command_a_stop_status_not_a_tr
     server.start()
     monkeypatch.setenv(warm.DISABLE_ENV, "1")
     monkeypatch.setenv(warm.SOCKET_ENV, str(path))
+    monkeypatch.setenv(warm.DISABLE_ENV, "1")  # the suite keeps runs cold
     handlers = {sig: signal.getsignal(sig) for sig in lifecycle.STOP_SIGNALS}
     try:
         # The signal arrives while the command waits for its run's end (after the server's pid).
@@ -461,6 +462,50 @@ def test_the_server_passes_on_only_the_signals_a_run_may_send(tmp_path: Path) ->
         os.close(run.pidfd)
         ours.close()
         theirs.close()
+
+
+@pytest.mark.slow  # a thread serves a socket (no process; kept with the server tests)
+def test_a_stop_signal_while_the_request_goes_out_is_relayed_after_it_not_inside_it(tmp_path, monkeypatch) -> None:
+    """A signal whose byte was written while the request was being sent garbled the request: the
+    server refused it and the run started cold after the server's timeout."""
+    path = tmp_path / "warm.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(1)
+    seen: dict = {}
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        conn.settimeout(30)  # a garbled request's length may promise more than comes
+        with conn, contextlib.suppress(OSError, ValueError):
+            fds: list[int] = []
+            seen["request"] = protocol.receive(conn, fds)
+            for fd in fds:
+                os.close(fd)
+            seen["then"] = conn.recv(1)
+            protocol.send(conn, {"refused": "a test server"})
+
+    threading.Thread(target=serve, daemon=True).start()
+    real_send = warm.send
+
+    def send_with_a_signal(conn, message, fds=None):
+        signal.raise_signal(signal.SIGHUP)  # as if it came now: its handler must wait for the request
+        real_send(conn, message, fds)
+
+    raised: list[int] = []
+    startup.mark("interpreter")  # as run.py has marked it before it hands over
+    monkeypatch.setenv(warm.SOCKET_ENV, str(path))
+    monkeypatch.setenv(warm.DISABLE_ENV, "1")  # the suite keeps runs cold
+    monkeypatch.setattr(warm, "send", send_with_a_signal)
+    previous = signal.signal(signal.SIGHUP, lambda signum, frame: raised.append(signum))
+    try:
+        assert warm.hand_over(str(ROOT / "run.py")) is None  # refused: run here
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+        listener.close()
+    assert seen["request"]["argv"][0] == str(ROOT / "run.py")  # whole
+    assert seen["then"] == bytes([signal.SIGHUP])  # relayed after it
+    assert raised == [signal.SIGHUP]  # and raised again here once refused, as it came
 
 
 def test_a_killed_run_process_takes_its_child_along(server: WarmServer, tmp_path: Path) -> None:

@@ -140,7 +140,13 @@ def hand_over(script: str) -> int | None:
         handlers = {sig: forward for sig in lifecycle.STOP_SIGNALS}
         handlers |= {signal.SIGTSTP: suspend, signal.SIGCONT: lambda signum, frame: relay(signal.SIGCONT)}
         previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
-        send(conn, request, fds=[0, 1, 2])
+        # Held back while the request goes out: a relayed byte written into the middle of it (or
+        # ahead of it) would garble it; they are relayed once it is whole.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, handlers)
+        try:
+            send(conn, request, fds=[0, 1, 2])
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         reply = receive(conn)
         if reply is None or "refused" in reply:
             for sig, handler in previous.items():
