@@ -169,15 +169,15 @@ def check_output_dir(out: Path, manifest: Path) -> None:
     check_no_links(out)
     if not out.is_dir() or (out / MARKER_FILE).is_file():
         return
+    # A lock alone is what a run that stopped before its marker (its disk was full, say) left.
+    ignored = DESKTOP_CLUTTER | {LOCK_FILE}
     entries = [
         p
         for p in out.iterdir()
-        if not (p.name.startswith(".") and p.name.endswith(TEMP_SUFFIX)) and p.name not in DESKTOP_CLUTTER
+        if not (p.name.startswith(".") and p.name.endswith(TEMP_SUFFIX)) and p.name not in ignored
     ]
     foreign = sorted(p.name for p in entries if p.name not in RUN_ENTRIES)
-    # Only a lock: a run that stopped before its marker (its disk was full, say) left it.
-    only_a_lock = [p.name for p in entries] == [LOCK_FILE]
-    if not entries or only_a_lock or (not foreign and any((out / "parts").glob("*.jsonl"))):
+    if not entries or (not foreign and any((out / "parts").glob("*.jsonl"))):
         return
     shown = ", ".join(map(repr, foreign[:3])) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
     raise OutputError(

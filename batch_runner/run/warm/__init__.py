@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from batch_runner.run.warm.protocol import peer_uid, receive, send
-from batch_runner.run.warm.sameness import process_facts
+from batch_runner.run.warm.sameness import checkout, process_facts
 
 SOCKET_ENV = "BATCH_RUNNER_WARM_SOCKET"  # where the server listens (tests, or one server per job)
 DISABLE_ENV = "BATCH_RUNNER_WARM"  # =0: never hand a run over
@@ -66,9 +66,9 @@ def socket_path() -> Path:
     $XDG_RUNTIME_DIR (else /tmp) named by the checkout's folder."""
     if os.environ.get(SOCKET_ENV):
         return Path(os.environ[SOCKET_ENV])
-    checkout = str(Path(__file__).resolve().parents[3])
+    folder = str(checkout())
     base = Path(os.environ.get("XDG_RUNTIME_DIR") or "/tmp") / f"batch_runner-{os.getuid()}"
-    return base / f"warm-{hashlib.sha1(checkout.encode()).hexdigest()[:12]}.sock"
+    return base / f"warm-{hashlib.sha1(folder.encode()).hexdigest()[:12]}.sock"
 
 
 def this_process(script: str) -> dict[str, Any]:

@@ -32,6 +32,11 @@ LAUNCH_PREFIXES = (
 )  # fmt: skip
 
 
+def checkout() -> Path:
+    """The folder whose batch_runner this process imported (a git checkout, or site-packages)."""
+    return Path(__file__).resolve().parents[3]
+
+
 def process_facts() -> dict[str, Any]:
     """What a forked child would inherit from the server instead of taking from the run: the two
     must be equal (`differences`)."""
@@ -39,7 +44,7 @@ def process_facts() -> dict[str, Any]:
         # The folder whose batch_runner this process imported: a server forked from another checkout
         # would run its own code for this one's run.py and conf/ (a socket named by
         # $BATCH_RUNNER_WARM_SOCKET is not per checkout).
-        "checkout": str(Path(__file__).resolve().parents[3]),
+        "checkout": str(checkout()),
         "interpreter": sys.executable,
         "prefix": sys.prefix,
         "flags": list(sys.flags),
@@ -74,27 +79,30 @@ def differences(server: Mapping[str, Any], run: Mapping[str, Any]) -> list[str]:
     return found
 
 
+def file_state(name: str) -> tuple[int, int]:
+    """A file's modification time and size: what `changed_files` compares."""
+    info = os.stat(name)
+    return info.st_mtime_ns, info.st_size
+
+
 def module_files() -> dict[str, tuple[int, int]]:
-    """Every imported module's file, with its modification time and size, as imported."""
+    """Every imported module's file, with its `file_state`, as imported."""
     files: dict[str, tuple[int, int]] = {}
     for module in list(sys.modules.values()):
         name = getattr(module, "__file__", None)
         if name and name not in files:
             with contextlib.suppress(OSError):
-                info = os.stat(name)
-                files[name] = (info.st_mtime_ns, info.st_size)
+                files[name] = file_state(name)
     return files
 
 
 def changed_files(files: Mapping[str, tuple[int, int]]) -> list[str]:
-    """The files of `module_files()` that changed (or went) since."""
+    """The files of `module_files()` (or any name -> `file_state`) that changed (or went) since."""
     changed = []
-    for name, (mtime, size) in files.items():
+    for name, state in files.items():
         try:
-            info = os.stat(name)
+            if file_state(name) != state:
+                changed.append(name)
         except OSError:
-            changed.append(name)
-            continue
-        if (info.st_mtime_ns, info.st_size) != (mtime, size):
             changed.append(name)
     return changed

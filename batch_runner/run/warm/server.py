@@ -20,7 +20,14 @@ from batch_runner.run.lifecycle import STOP_SIGNALS
 from batch_runner.run.warm.child import become_run
 from batch_runner.run.warm.preload import ImportRefused, preload, unforkable
 from batch_runner.run.warm.protocol import peer_uid, receive, send
-from batch_runner.run.warm.sameness import changed_files, differences, module_files, process_facts
+from batch_runner.run.warm.sameness import (
+    changed_files,
+    checkout,
+    differences,
+    file_state,
+    module_files,
+    process_facts,
+)
 
 # What a run's process may pass on to its child: its stop signals, and Ctrl-Z's stop and continue.
 RELAYED = frozenset((*STOP_SIGNALS, signal.SIGSTOP, signal.SIGCONT))
@@ -351,13 +358,8 @@ def files_behind(error: BaseException) -> list[str]:
     (a fix may restore one the failure never reached)."""
     names = [frame.filename for frame in traceback.extract_tb(error.__traceback__)]
     names += [name for name in (getattr(error, "filename", None), getattr(error, "path", None)) if name]
-    names += [str(path) for path in Path(__file__).resolve().parents[2].rglob("*.py")]
+    names += [str(path) for path in (checkout() / "batch_runner").rglob("*.py")]
     return sorted({name for name in names if os.path.isfile(name)})
-
-
-def file_state(name: str) -> tuple[int, int]:
-    info = os.stat(name)
-    return info.st_mtime_ns, info.st_size
 
 
 def changed_since(files: dict[str, tuple[int, int]], poll_seconds: float = 1.0) -> None:
