@@ -50,6 +50,9 @@ class ModelConfig:
     # "pretrained": from_pretrained(path); "random": the architecture in conf/arch/<arch> with random
     # weights built on the GPU (benchmarks); "tiny": a small random pipeline built in code (tests).
     weights: str = "pretrained"
+    # The model's Hugging Face repository. `path` is it (`${.repo}`) unless set to a downloaded
+    # copy's folder; a folder that lacks files is then told what to download into it.
+    repo: str = ""
     path: str = ""
     revision: str | None = None
     arch: str | None = None

@@ -474,6 +474,21 @@ def test_a_missing_model_folder_is_one_sentence_naming_model_path() -> None:
     assert line.rstrip().endswith((".", ")"))
 
 
+def test_an_incomplete_model_folder_is_told_which_repository_to_download_into_it(tmp_path: Path) -> None:
+    """A folder without the pipeline's files: the sentence names the model's own repository (the
+    config's `repo`, which `path` is unless overridden), not a placeholder."""
+    from batch_runner.errors import UserError
+    from batch_runner.replica.pipeline import build_pipeline
+
+    assert run_config("manifest=x", "model=cogvideox-5b-i2v").model.path == "THUDM/CogVideoX-5b-I2V"
+    model = run_config("manifest=x", "model=cogvideox-5b-i2v", f"model.path={tmp_path}").model
+    with pytest.raises(UserError) as refused:
+        build_pipeline(model)
+    line = str(refused.value)
+    assert "\n" not in line
+    assert f"huggingface-cli download THUDM/CogVideoX-5b-I2V --local-dir {tmp_path}`" in line
+
+
 def test_missing_model_is_one_sentence_and_exit_2(data: dict, tmp_path: Path) -> None:
     path = "nobody-here/no-such-model"  # offline, as a cluster node is: not a folder, and no Hub
     env = os.environ | {"HF_HUB_OFFLINE": "1"}

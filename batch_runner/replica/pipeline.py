@@ -85,15 +85,18 @@ def load_pretrained(model: ModelConfig, family: Family, dtype: torch.dtype, empt
 
 def load_error(model: ModelConfig, source: str, looks_local: bool, error: Exception) -> UserError:
     """The one sentence for a model that cannot be read: what is missing and how to get it."""
-    hint = (
-        f"{source!r} does not hold a complete diffusers pipeline (model_index.json and its component folders)"
-        if looks_local
-        else f"there is no local copy of {source!r} and the Hugging Face Hub could not be reached"
-    )
+    cause = f"({type(error).__name__}: {str(error).splitlines()[0][:200]})"
+    if not looks_local:
+        return UserError(
+            f"Could not load model {model.name!r}: there is no local copy of {source!r} and the Hugging Face "
+            f"Hub could not be reached; download it where there is network (`huggingface-cli download "
+            f"{source} --local-dir DIR`) and run with model.path=DIR. {cause}"
+        )
+    repo = model.repo or "the model's diffusers repository"
     return UserError(
-        f"Could not load model {model.name!r}: {hint}; download it where there is network "
-        f"(`huggingface-cli download {source if not looks_local else 'REPO'} --local-dir DIR`) and run "
-        f"with model.path=DIR. ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
+        f"Could not load model {model.name!r}: model.path={source!r} does not hold a complete diffusers "
+        f"pipeline (model_index.json and its component folders); download the whole of {repo} into it "
+        f"(`huggingface-cli download {model.repo or 'REPO'} --local-dir {source}`). {cause}"
     )
 
 
