@@ -59,6 +59,22 @@ def test_a_preview_on_a_full_disk_fails_rather_than_landing_cut_short(tmp_path: 
             Image.open(preview).load()  # each one there is whole
 
 
+def test_a_start_up_record_on_a_full_disk_keeps_the_last_whole_one(tmp_path: Path) -> None:
+    """Written in place, the record was truncated before its write failed: an empty file was left."""
+    import json
+
+    from batch_runner.run import startup
+
+    with small_disk(tmp_path / "disk", "256k") as disk:
+        record = disk / "logs" / "startup-rank00000.json"
+        startup.save(record, 0)
+        fill(disk, leave_bytes=0)
+        with pytest.raises(OSError):
+            startup.save(record, 0)
+        assert json.loads(record.read_text())["rank"] == 0
+        assert [p.name for p in record.parent.iterdir()] == [record.name]  # no temporary left
+
+
 def test_a_run_that_fills_its_disk_stops_in_one_sentence_and_the_rerun_after_freeing_it_finishes(
     tmp_path: Path,
 ) -> None:

@@ -99,8 +99,9 @@ def test_rank_logs_results_logs_and_start_up_records_never_write_through_a_link(
     finally:
         for handler in set(root.handlers) - set(handlers):
             root.removeHandler(handler)
-    with pytest.raises(OSError):
-        startup.save(logs / "startup-rank00001.json", 1)
+    startup.save(logs / "startup-rank00001.json", 1)  # renamed over the link: the link is gone, not followed
+    assert not (logs / "startup-rank00001.json").is_symlink()
+    assert json.loads((logs / "startup-rank00001.json").read_text())["rank"] == 1
     results = ResultLog(tmp_path / "out", "run1", rank=0)
     results.path.symlink_to(target)
     with pytest.raises(OSError):

@@ -79,12 +79,6 @@ def append_nofollow(path: Path, encoding: str = "utf-8") -> Any:
     return os.fdopen(open_nofollow(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "a", encoding=encoding)
 
 
-def write_text_nofollow(path: Path, text: str) -> None:
-    """`path.write_text(text)` through open_nofollow."""
-    with os.fdopen(open_nofollow(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "w", encoding="utf-8") as f:
-        f.write(text)
-
-
 def fsync_dir(folder: Path) -> None:
     """Make a rename in `folder` durable (a no-op where directories cannot be opened)."""
     try:

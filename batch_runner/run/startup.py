@@ -110,9 +110,11 @@ def save(path: Path, rank: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {"rank": rank, "host": os.uname().nodename, "pid": os.getpid()} | marks()
     record |= {f"{phase}_parts": parts for phase, parts in _parts.items()}  # seconds, not times
-    from batch_runner.outputs.storage import write_text_nofollow  # never through a link planted in output_dir
+    # Whole or not at all (a full disk leaves the last record, not an empty file), and never through a
+    # link planted in output_dir: the rename replaces the link itself.
+    from batch_runner.outputs.storage import atomic_write_text
 
-    write_text_nofollow(path, json.dumps(record, indent=1) + "\n")
+    atomic_write_text(json.dumps(record, indent=1) + "\n", path)
 
 
 def reset() -> None:
