@@ -103,6 +103,18 @@ def test_group_offload_streams_blocks_only(tmp_path):
     assert len(to_pageable) <= 1, [e.name for e in to_pageable]
 
 
+def test_full_offload_streams_the_vae_too(tmp_path):
+    """full_offload: the VAE's layers live on the host between uses, as the encoders' do (its frames
+    are checked with every plan's, test_each_plan_makes_the_same_frames)."""
+    cfg = run_config("manifest=-", "model=tiny", "model.dtype=bfloat16", "memory=full_offload", "speed.compile=off")
+    replica = Replica(cfg, torch.device("cuda"))
+    job, images = tiny_job(tmp_path)
+    replica.make(job, images, replica.encode([job]))
+    convs = [m for m in replica.pipe.vae.modules() if isinstance(m, torch.nn.Conv3d)]
+    assert convs and all(m.weight.device.type == "cpu" for m in convs)
+    assert replica.pipe.transformer.transformer_blocks[0].ff.net[0].proj.weight.device.type == "cpu"
+
+
 def test_streamed_weights_shared_with_the_host_are_pinned_in_place(tmp_path, reference):
     """The loading process's path, with a second process of the host simulated in the store:
     group offloading streams from the shared pages themselves, page-locked, with no private copy."""

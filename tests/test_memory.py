@@ -138,7 +138,7 @@ def test_estimates_for_cogvideox_5b():
 
 # Plans that stream weights on a side stream (encoders, denoisers or both): under a cap, their
 # allocator's reservation grows with whatever the cap allows, so only the allocation is evidence.
-STREAMING = ("text_offload", "expert_offload", "group_offload", "sequential_cpu_offload")
+STREAMING = ("text_offload", "expert_offload", "group_offload", "full_offload", "sequential_cpu_offload")
 
 
 def measured_records() -> list[dict]:
@@ -252,14 +252,22 @@ def test_what_ran_out_of_memory_is_estimated_above_its_budget(model, plan, tilin
     assert estimate(plan, counted_model, workload_of(cfg), config).gpu_gib > budget
 
 
-def test_ltx2_plans_sequential_offload_at_12_gib_and_its_decode_grows_with_the_frames():
+def test_ltx2_streams_its_vae_at_12_gib_and_its_decode_grows_with_the_frames():
     """LTX-2's space tiles (each decoding every frame) did not bring group_offload under 12 GiB on
-    the H200, so at 12 GiB it plans sequential_cpu_offload, whose whole-frame decode fitted there;
-    a 257-frame row's decode is charged for its frames, not the 121 measured."""
+    the H200: its whole-frame decode ran out there over 3.1 GiB of resident VAEs and transformer top
+    level. full_offload streams the VAEs as well, leaving the top level (0.6 GiB) and the decode:
+    whole frames, about 9.9 GiB as estimated, where sequential_cpu_offload's whole-frame decode
+    allocated 6.77 under the same cap. A 257-frame row's decode is charged for its frames, not the
+    121 measured."""
     cfg, model = counted("ltx-2")
     workload = workload_of(cfg)
     choice = choose_plan(model, workload, MemoryConfig(), 12.0, 120.0, 1)
-    assert (choice.plan, choice.vae_tiling) == ("sequential_cpu_offload", False)
+    assert (choice.plan, choice.vae_tiling) == ("full_offload", False)
+    by_plan = {e.plan: e for e in choice.estimates}
+    vaes = sum(b for name, b in model.bytes.items() if model.roles[name] == "decoder") / GIB
+    saved = by_plan["group_offload"].gpu_gib - by_plan["full_offload"].gpu_gib
+    assert saved == pytest.approx((vaes - model.decoder_leaf_bytes / GIB) * FRAGMENTATION, abs=0.02)
+    assert by_plan["full_offload"].host_gib == pytest.approx(sum(model.bytes.values()) / GIB, abs=0.01)
     whole = estimate("group_offload", model, workload, MemoryConfig(vae_tiling=False)).decode_gib
     tiled = estimate("group_offload", model, workload, MemoryConfig()).decode_gib
     assert tiled == whole
@@ -289,8 +297,9 @@ def test_fp8_weights_halve_the_transformer():
         (16.0, "group_offload"),
         (12.0, "group_offload"),  # RTX 3060
         (8.0, "group_offload"),
-        (5.0, "sequential_cpu_offload"),
-        (4.7, "sequential_cpu_offload"),
+        (5.0, "full_offload"),  # the VAE streamed too
+        (4.7, "full_offload"),
+        (4.65, "sequential_cpu_offload"),
     ],
 )
 def test_budget_walks_down_the_ladder(budget, plan):
@@ -457,7 +466,8 @@ def test_real_counted_weights_give_the_same_choices():
         (80.0, "none"),
         (24.0, "text_offload"),
         (8.0, "group_offload"),
-        (5.0, "sequential_cpu_offload"),
+        (5.0, "full_offload"),
+        (4.65, "sequential_cpu_offload"),
     ]:
         assert plan_for(budget, model=counted) == plan
 
@@ -484,14 +494,15 @@ def test_next_plan_down():
     assert [next_plan_down(p, ROLES) for p in COG_LADDER] == [
         "text_offload",
         "group_offload",
+        "full_offload",
         "sequential_cpu_offload",
         None,
     ]
-    # model_cpu_offload sits between group_offload and sequential in memory: fall to sequential.
-    assert next_plan_down("model_cpu_offload", ROLES) == "sequential_cpu_offload"
+    # model_cpu_offload holds a whole denoiser: fall to the rung below group_offload, which holds two blocks.
+    assert next_plan_down("model_cpu_offload", ROLES) == "full_offload"
 
 
-def test_walking_down_from_none_reaches_the_bottom_in_three_steps():
+def test_walking_down_from_none_reaches_the_bottom_one_rung_at_a_time():
     plan, seen = "none", ["none"]
     while (plan := next_plan_down(plan, ROLES)) is not None:
         seen.append(plan)

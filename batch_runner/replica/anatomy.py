@@ -7,6 +7,7 @@ so dry runs and the planner know what each plan costs before anything is read fr
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -14,6 +15,7 @@ import torch
 from batch_runner.config import ModelConfig
 from batch_runner.families import family_named, family_of
 from batch_runner.families.base import (
+    DECODER,
     DENOISER,
     ENCODER,
     Family,
@@ -40,6 +42,8 @@ class Anatomy:
     # while the next is copied in.
     leaf_bytes: int
     geometry: Geometry
+    # The two largest single layers of the VAE(s) together: streamed the same way under full_offload.
+    decoder_leaf_bytes: int = 0
 
     def of_role(self, role: str) -> tuple[str, ...]:
         return tuple(name for name, r in self.roles.items() if r == role)
@@ -91,13 +95,7 @@ def _counted(family: Family, modules: dict[str, torch.nn.Module], dtype: torch.d
     block_lists = [family.blocks(d) for d in denoisers]
     block_bytes = max(nbytes(b) for blocks in block_lists for b in blocks)
     rest = max(nbytes(d) - sum(nbytes(b) for b in blocks) for d, blocks in zip(denoisers, block_lists, strict=True))
-    # Layers that share their weights (T5's input embedding is its `shared` table) count once.
-    leaf_sizes: dict[tuple[int, ...], int] = {}
-    for name in (n for n, r in roles.items() if r == ENCODER):
-        for m in modules[name].modules():
-            if not list(m.children()):
-                leaf_sizes[tuple(id(p) for p in m.parameters())] = nbytes(m)
-    leaves = list(leaf_sizes.values())
+    leaves = _largest_leaves([modules[n] for n, r in roles.items() if r == ENCODER], nbytes)
     return Anatomy(
         family=family,
         roles=roles,
@@ -105,9 +103,22 @@ def _counted(family: Family, modules: dict[str, torch.nn.Module], dtype: torch.d
         block_bytes=block_bytes,
         denoiser_rest_bytes=rest,
         blocks=max(len(b) for b in block_lists),
-        leaf_bytes=sum(sorted(leaves)[-2:]),
+        leaf_bytes=leaves,
         geometry=family.geometry({name: config_of(m) for name, m in modules.items()}),
+        decoder_leaf_bytes=_largest_leaves([modules[n] for n, r in roles.items() if r == DECODER], nbytes),
     )
+
+
+def _largest_leaves(modules: list[torch.nn.Module], nbytes: Callable[[torch.nn.Module], int]) -> int:
+    """Bytes of the two largest single layers of `modules` together: what layer-by-layer streaming
+    holds at once (one computing, the next copied in). Layers that share their weights (T5's input
+    embedding is its `shared` table) count once."""
+    sizes: dict[tuple[int, ...], int] = {}
+    for module in modules:
+        for m in module.modules():
+            if not list(m.children()):
+                sizes[tuple(id(p) for p in m.parameters())] = nbytes(m)
+    return sum(sorted(sizes.values())[-2:])
 
 
 def component_bytes(model: ModelConfig) -> dict[str, int]:

@@ -14,7 +14,7 @@ import torch
 
 from batch_runner import upstream
 from batch_runner.errors import UserError
-from batch_runner.families.base import ENCODER
+from batch_runner.families.base import DENOISER
 from batch_runner.replica.planner import GIB, PLANS, Placement, applies, host_resident
 
 
@@ -97,7 +97,8 @@ def apply_plan(
     """Place the pipeline's weights as `placement.plan` says, undoing any earlier plan first.
 
     `roles` names the pipeline's components (family.components): encoders stream layer by layer,
-    denoisers block by block, and the VAE stays on the GPU under every plan of our own.
+    denoisers block by block, and the VAE stays on the GPU under every plan of our own but
+    full_offload, which streams it layer by layer too.
     """
     plan = placement.plan
     copies = copies or HostCopies()
@@ -126,7 +127,7 @@ def apply_plan(
     else:
         for name, role in roles.items():
             if name in on_host:
-                _stream(getattr(pipe, name), device, "leaf_level" if role == ENCODER else "block_level")
+                _stream(getattr(pipe, name), device, "block_level" if role == DENOISER else "leaf_level")
 
 
 def remove_offloading(pipe: Any, roles: dict[str, str]) -> None:

@@ -8,11 +8,13 @@ A batch runner makes hundreds of videos with one replica, so the plans here are 
 | text_offload           | streamed                  | GPU                       | GPU      |
 | expert_offload         | streamed                  | 1st expert streamed, 2nd on the GPU (two-expert models) | GPU |
 | group_offload          | streamed                  | streamed block by block   | GPU      |
+| full_offload           | streamed                  | streamed block by block   | streamed |
 | model_cpu_offload      | diffusers' whole-model CPU offload, per video (reference recipe)  |
 | sequential_cpu_offload | diffusers' per-layer CPU offload, per video (reference recipe)    |
 
-"Streamed" is diffusers' group offloading with CUDA streams: weights sit in pinned host memory and
-the next group is copied while the current one computes. Prompts of a chunk are encoded together,
+"Streamed" is diffusers' group offloading with CUDA streams (the encoders and the VAE layer by
+layer): weights sit in pinned host memory and the next group is copied while the current one
+computes. Prompts of a chunk are encoded together,
 so a text encoder (9.5 GB for CogVideoX's T5, 11 GB for Wan's UMT5) crosses the bus once per chunk,
 not once per video. Which components a model has, and their roles, come from its family.
 
@@ -50,32 +52,43 @@ log = logging.getLogger(__name__)
 GIB = 1024**3
 # Fastest first. `auto` and the out-of-memory fallback walk down this ladder; a plan a model cannot
 # use (expert_offload without two experts) is passed over.
-LADDER = ("none", "text_offload", "expert_offload", "group_offload", "sequential_cpu_offload")
-PLANS = ("none", "text_offload", "expert_offload", "group_offload", "model_cpu_offload", "sequential_cpu_offload")
+LADDER = ("none", "text_offload", "expert_offload", "group_offload", "full_offload", "sequential_cpu_offload")
+PLANS = (
+    "none",
+    "text_offload",
+    "expert_offload",
+    "group_offload",
+    "full_offload",
+    "model_cpu_offload",
+    "sequential_cpu_offload",
+)
 # The caching allocator reserves more than it allocates (measured: reserved/allocated up to 1.11),
 # and the CUDA context and cuBLAS workspaces want room of their own.
 FRAGMENTATION = 1.12
 HEADROOM_GIB = 0.5
-STREAMED_PLANS = ("expert_offload", "group_offload", "sequential_cpu_offload")
+STREAMED_PLANS = ("expert_offload", "group_offload", "full_offload", "sequential_cpu_offload")
 # Blocks of a streamed denoiser on the GPU at once: the one computing and the next being copied in.
 STREAMED_BLOCKS = 2
 # The plans that stream their host-resident components with diffusers' group offloading.
-GROUP_OFFLOADED = ("text_offload", "expert_offload", "group_offload")
+GROUP_OFFLOADED = ("text_offload", "expert_offload", "group_offload", "full_offload")
 
 
 def host_resident(plan: str, roles: dict[str, str]) -> tuple[str, ...]:
     """The components whose weights stay in host memory while `plan` runs.
 
     expert_offload streams the first expert (Wan 2.2 A14B's high-noise transformer, which runs
-    the fewer steps) and keeps the second on the GPU.
+    the fewer steps) and keeps the second on the GPU. full_offload streams the VAE too: where the
+    decode's activations and the resident VAE together are what break the budget (LTX-2 at 12 GiB).
     """
     encoders = tuple(n for n, r in roles.items() if r == ENCODER)
     denoisers = tuple(n for n, r in roles.items() if r == DENOISER)
+    decoders = tuple(n for n, r in roles.items() if r == DECODER)
     return {
         "none": (),
         "text_offload": encoders,
         "expert_offload": encoders + denoisers[:1],
         "group_offload": encoders + denoisers,
+        "full_offload": encoders + denoisers + decoders,
         "model_cpu_offload": tuple(roles),
         "sequential_cpu_offload": tuple(roles),
     }[plan]
@@ -180,6 +193,8 @@ def estimate(plan: str, model: Anatomy, workload: Workload, config: MemoryConfig
         # The second expert resident, the first streamed (its top level stays resident).
         "expert_offload": sum(denoisers[1:]) + rest + vae + max(streaming, decode, encoder_streamed),
         "group_offload": vae + rest + max(streaming, decode, encoder_streamed),
+        # As group_offload, with the VAE's layers streamed in beside its decode instead of resident.
+        "full_offload": rest + max(streaming, decode + model.decoder_leaf_bytes / GIB, encoder_streamed),
         "model_cpu_offload": max(max(encoders, default=0), max(denoisers) + denoise, vae + decode),
         # The transformer's blocks stream in during the steps only; the VAE streams its own small layers.
         "sequential_cpu_offload": max(denoise + STREAMED_BLOCKS * block, decode),
@@ -444,7 +459,7 @@ class Placement:
 
     @property
     def rank(self) -> int:
-        """Position on the ladder, fastest first (model_cpu_offload between group and sequential)."""
+        """Position on the ladder, fastest first (model_cpu_offload between full and sequential)."""
         return PLANS.index(self.plan)
 
     def same_weights(self, other: Placement) -> bool:

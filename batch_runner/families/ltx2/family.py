@@ -161,7 +161,10 @@ class LTX2(Family):
     # do: on the H200 (2026-12-05, code 978c9b7) group_offload with 512-pixel tiles ran out of memory
     # under a 12 GiB cap (the replica stepped down), and sequential_cpu_offload allocated 6.71 GiB
     # with tiles against 6.77 with whole frames. So a tiled decode is charged as whole frames up to
-    # two tiles' pixels (768x512 is 1.5), and at 12 GiB the planner plans sequential_cpu_offload.
+    # two tiles' pixels (768x512 is 1.5). At 12 GiB the planner plans full_offload, which streams the
+    # VAEs as sequential_cpu_offload does and the transformer by blocks as group_offload does
+    # (sequential_cpu_offload, its plan before, took 6.91 s a step on an H100, 2026-12-05, against
+    # group_offload's 1.12 at 24 GiB). full_offload is estimated, not yet measured under that cap.
     activations = ActivationTerms(
         resident=24.0,
         streamed=24.0,
