@@ -168,6 +168,20 @@ def group_offloading_hook_names() -> tuple[str, ...]:
     return (_GROUP_OFFLOADING, _LAYER_EXECUTION_TRACKER, _LAZY_PREFETCH_GROUP_OFFLOADING)
 
 
+def drop_prefetch_tracing(module: Any) -> None:
+    """Take off the hooks with which group offloading learns `module`'s layer order for prefetching,
+    leaving each layer to load as it is called (as it does while learning). That order is learnt
+    in `module.forward` and set up after it returns; a component that is never called through its
+    forward (a VAE: pipelines call `encode` and `decode`) would otherwise never finish learning, and
+    its list of calls would grow by every layer's every call. Mirrors diffusers 0.42.1."""
+    from diffusers.hooks.group_offloading import _LAYER_EXECUTION_TRACKER, _LAZY_PREFETCH_GROUP_OFFLOADING
+
+    registry = hook_registry(module)
+    if registry is not None:
+        for name in (_LAZY_PREFETCH_GROUP_OFFLOADING, _LAYER_EXECUTION_TRACKER):
+            registry.remove_hook(name, recurse=True)
+
+
 def group_offloading_hook(module: Any) -> Any | None:
     """The group-offloading hook diffusers put on `module` itself, or None."""
     from diffusers.hooks.group_offloading import _GROUP_OFFLOADING

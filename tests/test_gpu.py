@@ -109,9 +109,17 @@ def test_full_offload_streams_the_vae_too(tmp_path):
     cfg = run_config("manifest=-", "model=tiny", "model.dtype=bfloat16", "memory=full_offload", "speed.compile=off")
     replica = Replica(cfg, torch.device("cuda"))
     job, images = tiny_job(tmp_path)
-    replica.make(job, images, replica.encode([job]))
+    from diffusers.hooks.group_offloading import _LAYER_EXECUTION_TRACKER, _LAZY_PREFETCH_GROUP_OFFLOADING
+
+    for _ in range(2):
+        replica.make(job, images, replica.encode([job]))
     convs = [m for m in replica.pipe.vae.modules() if isinstance(m, torch.nn.Conv3d)]
     assert convs and all(m.weight.device.type == "cpu" for m in convs)
+    # No prefetch tracing left on the VAE, whose forward is never called: it would grow per call.
+    registries = [m._diffusers_hook for m in replica.pipe.vae.modules() if hasattr(m, "_diffusers_hook")]
+    assert registries
+    for name in (_LAYER_EXECUTION_TRACKER, _LAZY_PREFETCH_GROUP_OFFLOADING):
+        assert all(r.get_hook(name) is None for r in registries)
     assert replica.pipe.transformer.transformer_blocks[0].ff.net[0].proj.weight.device.type == "cpu"
 
 

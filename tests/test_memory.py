@@ -34,6 +34,7 @@ from batch_runner.replica.planner import (
     next_plan_down,
     workload_of,
 )
+from batch_runner.replica.replica import Replica
 
 from .conftest import ROOT, run_config
 
@@ -500,6 +501,28 @@ def test_next_plan_down():
     ]
     # model_cpu_offload holds a whole denoiser: fall to the rung below group_offload, which holds two blocks.
     assert next_plan_down("model_cpu_offload", ROLES) == "full_offload"
+
+
+def test_out_of_memory_in_the_steps_passes_over_the_plan_with_the_same_steps():
+    """full_offload streams the denoiser as group_offload does (the VAE besides): it helps a decode
+    that ran out, not a step."""
+    assert next_plan_down("group_offload", ROLES) == "full_offload"
+    assert next_plan_down("group_offload", ROLES, in_steps=True) == "sequential_cpu_offload"
+    assert next_plan_down("text_offload", ROLES, in_steps=True) == "group_offload"
+    assert next_plan_down("model_cpu_offload", ROLES, in_steps=True) == "sequential_cpu_offload"
+
+
+def test_a_replica_steps_over_full_offload_after_running_out_in_the_steps_only(tmp_path):
+    """The replica's wiring of the above, and its float32 redo, which a VAE streamed by group
+    offloading cannot take (its layers load from host copies a cast does not reach)."""
+    cfg = run_config("manifest=-", "model=tiny")
+    replica = Replica(cfg, torch.device("cpu"))
+    assert replica.higher_precision() is not None
+    for in_decode, lower in ((False, "sequential_cpu_offload"), (True, "full_offload")):
+        replica.placement = planner.Placement("group_offload", "test", vae_tiling=True)
+        assert replica.step_down(out_of_memory=True, in_decode=in_decode) == lower
+    replica.placement = planner.Placement("full_offload", "test")
+    assert replica.higher_precision() is None
 
 
 def test_walking_down_from_none_reaches_the_bottom_one_rung_at_a_time():

@@ -14,7 +14,7 @@ import torch
 
 from batch_runner import upstream
 from batch_runner.errors import UserError
-from batch_runner.families.base import DENOISER
+from batch_runner.families.base import DECODER, DENOISER
 from batch_runner.replica.planner import GIB, PLANS, Placement, applies, host_resident
 
 
@@ -127,7 +127,8 @@ def apply_plan(
     else:
         for name, role in roles.items():
             if name in on_host:
-                _stream(getattr(pipe, name), device, "block_level" if role == DENOISER else "leaf_level")
+                offload_type = "block_level" if role == DENOISER else "leaf_level"
+                _stream(getattr(pipe, name), device, offload_type, prefetch=role != DECODER)
 
 
 def remove_offloading(pipe: Any, roles: dict[str, str]) -> None:
@@ -146,10 +147,12 @@ def remove_offloading_hooks(module: torch.nn.Module) -> None:
         registry.remove_hook(name, recurse=True)
 
 
-def _stream(module: torch.nn.Module, device: torch.device, offload_type: str) -> None:
+def _stream(module: torch.nn.Module, device: torch.device, offload_type: str, prefetch: bool = True) -> None:
     """diffusers' group offloading with a CUDA stream: copy the next group while this one computes.
 
     Works on any torch module, so the transformers text encoder streams like the transformer.
+    Without `prefetch` (a VAE, called through `encode` and `decode`, never its forward) each layer
+    is copied in as it is called, from pinned memory: upstream.drop_prefetch_tracing says why.
     """
     from diffusers.hooks import apply_group_offloading
 
@@ -163,6 +166,8 @@ def _stream(module: torch.nn.Module, device: torch.device, offload_type: str) ->
         use_stream=True,
         record_stream=True,
     )
+    if not prefetch:
+        upstream.drop_prefetch_tracing(module)
     _keep_top_level_resident(module)
     if offload_type == "leaf_level":
         _keep_attention_pools_resident(module, device)

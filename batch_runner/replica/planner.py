@@ -316,11 +316,19 @@ def _why_not(e: Estimate, budget_gib: float, host: str) -> str:
     return f"{e.plan} needs {host}"
 
 
-def next_plan_down(plan: str, roles: dict[str, str]) -> str | None:
-    """The plan to retry with after an out-of-memory error, or None at the bottom."""
+# Plans whose denoising steps hold what the plan above them holds: a failure in the steps passes over them.
+SAME_STEPS_AS_ABOVE = ("full_offload",)
+
+
+def next_plan_down(plan: str, roles: dict[str, str], in_steps: bool = False) -> str | None:
+    """The plan to retry with after a failure, or None at the bottom. `in_steps`: the failure came
+    in the denoising steps (out of memory there), where full_offload holds what group_offload does."""
     ladder = [p for p in LADDER if applies(p, roles)]
     position = ladder.index(plan) if plan in ladder else ladder.index("group_offload")
-    return ladder[position + 1] if position + 1 < len(ladder) else None
+    lower = ladder[position + 1 :]
+    if in_steps:
+        lower = [p for p in lower if p not in SAME_STEPS_AS_ABOVE]
+    return lower[0] if lower else None
 
 
 def gpu_budget_gib(config: MemoryConfig, device: torch.device) -> float:

@@ -26,7 +26,7 @@ from batch_runner import upstream
 from batch_runner.cluster.cluster import HostPeers
 from batch_runner.cluster.parallel import Team, split_attention
 from batch_runner.config import RunConfig
-from batch_runner.families.base import DENOISER
+from batch_runner.families.base import DECODER, DENOISER
 from batch_runner.inputs.manifest import Job
 from batch_runner.replica import fa4, host_weights, placement, planner, speed
 from batch_runner.replica.anatomy import anatomy
@@ -223,9 +223,10 @@ class Replica:
         if out_of_memory and not current.vae_tiling and self.cfg.memory.vae_tiling and in_decode:
             lower = replace(current, vae_tiling=True, reason=f"{current.plan} with VAE tiling (after a failure)")
         else:
-            plan = planner.next_plan_down(current.plan, self.roles)
+            in_steps = out_of_memory and not in_decode
+            plan = planner.next_plan_down(current.plan, self.roles, in_steps)
             while plan in self._broken:
-                plan = planner.next_plan_down(plan, self.roles)
+                plan = planner.next_plan_down(plan, self.roles, in_steps)
             if plan is None:
                 return None
             lower = replace(current, plan=plan, reason=f"{plan} (one plan down after a failure)")
@@ -261,7 +262,13 @@ class Replica:
                 self._lowered[shape] = replace(planned, plan=working.plan, reason=working.reason)
 
     def higher_precision(self) -> tuple[str, Any] | None:
-        """The family's way to redo a row at higher precision (what it changes, a context), or None."""
+        """The family's way to redo a row at higher precision (what it changes, a context), or None.
+
+        None under a plan whose group offloading streams the VAE (full_offload): its layers are
+        loaded from host copies that a cast of the module does not reach, so the float32 redo would
+        run bf16 weights on float32 inputs and fail."""
+        if any(self.roles[name] == DECODER for name in planner.pinned(self.placement.plan, self.roles)):
+            return None
         return self.family.higher_precision(self.pipe)
 
     # --- prompts ---
