@@ -486,7 +486,19 @@ def test_an_incomplete_model_folder_is_told_which_repository_to_download_into_it
         build_pipeline(model)
     line = str(refused.value)
     assert "\n" not in line
-    assert f"huggingface-cli download THUDM/CogVideoX-5b-I2V --local-dir {tmp_path}`" in line
+    assert f"hf download THUDM/CogVideoX-5b-I2V --local-dir {tmp_path}`" in line
+
+
+def test_a_model_section_saved_before_repo_gets_it_from_a_path_that_names_no_folder(tmp_path: Path) -> None:
+    """A resumed folder of an earlier version: its repository is known again where its path was it."""
+    from batch_runner.families import upgrade_saved_model
+
+    hub = upgrade_saved_model({"name": "ltx-2", "family": "ltx2", "path": "Lightricks/LTX-2"})
+    assert hub["repo"] == "Lightricks/LTX-2"
+    local = upgrade_saved_model({"name": "ltx-2", "family": "ltx2", "path": str(tmp_path)})
+    assert "repo" not in local
+    kept = upgrade_saved_model({"name": "ltx-2", "family": "ltx2", "path": str(tmp_path), "repo": "Lightricks/LTX-2"})
+    assert kept["repo"] == "Lightricks/LTX-2"
 
 
 def test_missing_model_is_one_sentence_and_exit_2(data: dict, tmp_path: Path) -> None:

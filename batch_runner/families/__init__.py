@@ -7,6 +7,7 @@ per checkpoint in conf/model/ (plus conf/arch/<arch>/ for the benchmarks' random
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 from batch_runner.config import ModelConfig
@@ -34,7 +35,11 @@ def family_of(model: ModelConfig) -> Family:
 def upgrade_saved_model(model: dict[str, Any]) -> dict[str, Any]:
     """A saved model section as today's schema takes it (from_run of a folder made before options were
     per family): the family's own options move under `options`; the other families' go, as they were
-    saved at their defaults and never read."""
+    saved at their defaults and never read. A section saved before `repo` gets it from a `path` that
+    names no folder."""
+    path = str(model.get("path") or "")
+    if "repo" not in model and path and not path.startswith((".", "/", "~")) and not Path(path).expanduser().exists():
+        model["repo"] = path  # saved before models named their repository: a path that was not a folder was it
     former = {key: model.pop(key) for key in FORMER_MODEL_FIELDS if key in model}
     if former and model.get("family") in FAMILY_MODULES:
         keys = {f.name for f in dataclasses.fields(family_named(model["family"]).Options)}

@@ -112,7 +112,7 @@ def _hub_file(repo: str, weight_name: str | None) -> Path:
     except Exception as e:  # offline, missing file, gated repo: one sentence either way
         raise UserError(
             f"model.loras: could not get {name!r} of {repo!r} ({type(e).__name__}); download it where there is "
-            f"network (`huggingface-cli download {repo} {name} --local-dir DIR`) and give path=DIR/{name}."
+            f"network (`hf download {repo} {name} --local-dir DIR`) and give path=DIR/{name}."
         ) from e
 
 

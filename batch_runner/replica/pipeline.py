@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import shlex
 from collections.abc import Collection
 from typing import Any
 
@@ -86,17 +87,18 @@ def load_pretrained(model: ModelConfig, family: Family, dtype: torch.dtype, empt
 def load_error(model: ModelConfig, source: str, looks_local: bool, error: Exception) -> UserError:
     """The one sentence for a model that cannot be read: what is missing and how to get it."""
     cause = f"({type(error).__name__}: {str(error).splitlines()[0][:200]})"
+    revision = f" --revision {shlex.quote(model.revision)}" if model.revision else ""
     if not looks_local:
         return UserError(
             f"Could not load model {model.name!r}: there is no local copy of {source!r} and the Hugging Face "
-            f"Hub could not be reached; download it where there is network (`huggingface-cli download "
-            f"{source} --local-dir DIR`) and run with model.path=DIR. {cause}"
+            f"Hub could not be reached; download it where there is network (`hf download {source}{revision} "
+            f"--local-dir DIR`) and run with model.path=DIR. {cause}"
         )
     repo = model.repo or "the model's diffusers repository"
     return UserError(
         f"Could not load model {model.name!r}: model.path={source!r} does not hold a complete diffusers "
         f"pipeline (model_index.json and its component folders); download the whole of {repo} into it "
-        f"(`huggingface-cli download {model.repo or 'REPO'} --local-dir {source}`). {cause}"
+        f"(`hf download {model.repo or 'REPO'}{revision} --local-dir {shlex.quote(source)}`). {cause}"
     )
 
 
