@@ -109,6 +109,18 @@ def test_rank_logs_results_logs_and_start_up_records_never_write_through_a_link(
     assert target.read_text() == "mine"
 
 
+def test_a_link_planted_at_a_temporary_name_is_replaced_not_written_through(tmp_path: Path) -> None:
+    from batch_runner.outputs.storage import atomic_write_text, temp_path
+
+    target = victim(tmp_path)
+    final = tmp_path / "out" / "logs" / "startup-rank00000.json"
+    final.parent.mkdir(parents=True)
+    temp_path(final).symlink_to(target)  # the name is guessable: the next pid's
+    atomic_write_text("{}", final)
+    assert final.read_text() == "{}" and target.read_text() == "mine"
+    assert not temp_path(final).exists() and not temp_path(final).is_symlink()
+
+
 def test_files_opened_in_place_are_still_written_where_no_link_is(tmp_path: Path) -> None:
     logs = tmp_path / "logs"
     logs.mkdir()

@@ -44,6 +44,10 @@ def atomic_path(final: Path) -> Iterator[Path]:
     """Yield a temporary path to write; on success it is fsynced and renamed to `final`."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(final)
+    # Created here, anew and never through a link planted at its (guessable) name: the writers that
+    # open it by name then find this process's own empty file.
+    tmp.unlink(missing_ok=True)
+    os.close(open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         yield tmp
         with open(tmp, "rb") as f:
