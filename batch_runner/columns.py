@@ -88,6 +88,7 @@ RESULT_COLUMNS = [f.name for f in fields(ResultColumns)]
 PROVENANCE_COLUMNS = [
     "model",
     "model_path",
+    "model_repo",
     "model_revision",
     "scheduler",
     "dtype",

@@ -407,10 +407,11 @@ def test_saved_tiny_pipeline_loads_through_model_path_and_makes_the_same_videos(
     # In-process, the runner as run.py calls it (one process loading the folder itself, nothing shared);
     # the command line loads a saved folder in the two-process test below.
     overrides = ("model=tiny", "model.weights=pretrained", f"model.path={folder}", "ids=[rgba,webp]", LOSSLESS)
-    assert runner.run(run_config(f"manifest={data['manifest']}", *overrides, f"output_dir={out}")) == 0
+    repo = "model.repo=someone/tiny-cogvideox"  # what a local copy was downloaded from
+    assert runner.run(run_config(f"manifest={data['manifest']}", *overrides, repo, f"output_dir={out}")) == 0
     table = pd.read_parquet(out / "results.parquet")
     assert list(table["id"]) == ["rgba", "webp"] and set(table["status"]) == {"ok"}
-    assert set(table["model_path"]) == {str(folder)}
+    assert set(table["model_path"]) == {str(folder)} and set(table["model_repo"]) == {"someone/tiny-cogvideox"}
     for row_id in ("rgba", "webp"):
         assert np.array_equal(frames_of(out / f"videos/{row_id}.mp4"), frames_of(one_process / f"videos/{row_id}.mp4"))
 

@@ -100,6 +100,8 @@ def provenance(cfg: RunConfig, replica: Any) -> dict[str, Any]:
     return {
         "model": cfg.model.name,
         "model_path": cfg.model.path or None,
+        # The Hub repository the weights are a copy of, where model.path is a local folder.
+        "model_repo": cfg.model.repo or None,
         "model_revision": cfg.model.revision,
         "scheduler": type(replica.pipe.scheduler).__name__,
         "dtype": cfg.model.dtype,
