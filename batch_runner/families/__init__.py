@@ -7,12 +7,11 @@ per checkpoint in conf/model/ (plus conf/arch/<arch>/ for the benchmarks' random
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any
 
 from batch_runner.config import ModelConfig
 from batch_runner.errors import UserError
-from batch_runner.families.base import Family
+from batch_runner.families.base import Family, looks_local
 
 FAMILY_MODULES = ("cogvideox", "wan", "ltx", "hunyuan15", "ltx2", "skyreels", "kandinsky5", "cosmos")
 # Model fields that became families' options: a config.yaml saved before holds them at the top of `model`.
@@ -38,7 +37,7 @@ def upgrade_saved_model(model: dict[str, Any]) -> dict[str, Any]:
     saved at their defaults and never read. A section saved before `repo` gets it from a `path` that
     names no folder."""
     path = str(model.get("path") or "")
-    if "repo" not in model and path and not path.startswith((".", "/", "~")) and not Path(path).expanduser().exists():
+    if "repo" not in model and path and not looks_local(path):
         model["repo"] = path  # saved before models named their repository: a path that was not a folder was it
     former = {key: model.pop(key) for key in FORMER_MODEL_FIELDS if key in model}
     if former and model.get("family") in FAMILY_MODULES:

@@ -547,7 +547,11 @@ def local_source(model: ModelConfig) -> tuple[str, bool]:
     model.path exactly as the pipeline loader does."""
     source = model.path
     local = Path(source).expanduser()
-    looks_local = source.startswith((".", "/", "~")) or local.exists()
-    if looks_local and not local.is_dir():
+    if looks_local(source) and not local.is_dir():
         raise UserError(f"model.path={source!r} is not a folder; point it at a downloaded copy of {model.name}.")
-    return (str(local) if looks_local else source), looks_local
+    return (str(local), True) if looks_local(source) else (source, False)
+
+
+def looks_local(source: str) -> bool:
+    """Whether a model.path names a folder on this machine rather than a Hub repository."""
+    return source.startswith((".", "/", "~")) or Path(source).expanduser().exists()

@@ -107,7 +107,6 @@ def _split_text(phase: str) -> str:
 def save(path: Path, rank: int) -> None:
     """Write this process's marks (and its rank and host) as JSON; log the one-line summary."""
     log.info("start-up: %s", summary())
-    path.parent.mkdir(parents=True, exist_ok=True)
     record = {"rank": rank, "host": os.uname().nodename, "pid": os.getpid()} | marks()
     record |= {f"{phase}_parts": parts for phase, parts in _parts.items()}  # seconds, not times
     # Whole or not at all (a full disk leaves the last record, not an empty file), and never through a
