@@ -147,6 +147,22 @@ def set_allocator_settings(settings: str) -> None:
     setter(settings)
 
 
+def empty_host_cache() -> None:
+    """Hand the pinned host blocks torch's host allocator keeps cached back to the system.
+
+    Public from torch 2.12 (`torch.accelerator.empty_host_cache`); torch 2.11, the GPU machines',
+    has only the private `torch._C._host_emptyCache` (read from 2.11, gone by 2.13, so the fallback
+    is not a MIRRORS entry, as `set_allocator_settings`' is not). A torch with neither keeps them.
+    """
+    import torch
+
+    if not torch.cuda.is_available():
+        return
+    empty = getattr(torch.accelerator, "empty_host_cache", None) or getattr(torch._C, "_host_emptyCache", None)
+    if empty is not None:
+        empty()
+
+
 def default_store() -> Any:
     """The process group's key-value store (the TCPStore accelerate started), for counters every rank shares."""
     from torch.distributed.distributed_c10d import _get_default_store

@@ -53,6 +53,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench_report import FIRST_MODEL, REFERENCE_NAMES, load_model_config, write_report  # noqa: E402
 
+from batch_runner import upstream  # noqa: E402
 from batch_runner.config import MemoryConfig, ModelConfig, RunConfig, SpeedConfig  # noqa: E402
 from batch_runner.families import family_of  # noqa: E402
 from batch_runner.families.base import DENOISER  # noqa: E402
@@ -542,13 +543,11 @@ def release_pinned_memory() -> None:
 
     torch's host allocator keeps freed pinned blocks cached, and the next replica's planner reads
     the host's MemAvailable without them: LTX-2's 12 GiB plan was refused after its 24 GiB one in
-    the same process (58 GiB available on a 128 GiB host, docs/experiments/2026-12-04e). A torch
-    without the public `torch.accelerator.empty_host_cache` keeps them (run budgets in separate
-    invocations there).
+    the same process (58 GiB available on a 128 GiB host, docs/experiments/2026-12-04e), and its
+    16 GiB one after a failed 12 GiB one (54.7 GiB, docs/experiments/2026-12-05f). torch 2.11 empties
+    that cache only through a private name, which batch_runner/upstream.py owns.
     """
-    empty_host_cache = getattr(torch.accelerator, "empty_host_cache", None)
-    if empty_host_cache is not None and torch.cuda.is_available():
-        empty_host_cache()
+    upstream.empty_host_cache()
 
 
 def project(

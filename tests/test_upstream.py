@@ -123,3 +123,25 @@ def test_a_class_the_installed_library_lacks_is_one_sentence_to_upgrade_it(read,
     message = str(refused.value)
     assert message.startswith(f"{library} {version(library)} has no {name}, which this model needs")
     assert f"pip install -U {library}" in message and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("public", "private", "called"),
+    [(True, True, "public"), (False, True, "private"), (False, False, None)],
+    ids=["torch 2.12 and later", "torch 2.11", "neither"],
+)
+def test_the_host_cache_is_emptied_through_whichever_name_the_torch_has(monkeypatch, public, private, called):
+    """The benchmark empties torch's cache of pinned host blocks between measurements: through the
+    public name where torch has it, else torch 2.11's private one, else not at all (no error)."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for module, name, present, label in (
+        (torch.accelerator, "empty_host_cache", public, "public"),
+        (torch._C, "_host_emptyCache", private, "private"),
+    ):
+        if present:
+            monkeypatch.setattr(module, name, lambda label=label: calls.append(label), raising=False)
+        else:
+            monkeypatch.delattr(module, name, raising=False)
+    upstream.empty_host_cache()
+    assert calls == ([called] if called else [])
