@@ -538,18 +538,6 @@ def reference(
     } | result
 
 
-def release_pinned_memory() -> None:
-    """Hand the host memory a finished measurement had pinned back to the system.
-
-    torch's host allocator keeps freed pinned blocks cached, and the next replica's planner reads
-    the host's MemAvailable without them: LTX-2's 12 GiB plan was refused after its 24 GiB one in
-    the same process (58 GiB available on a 128 GiB host, docs/experiments/2026-12-04e), and its
-    16 GiB one after a failed 12 GiB one (54.7 GiB, docs/experiments/2026-12-05f). torch 2.11 empties
-    that cache only through a private name, which batch_runner/upstream.py owns.
-    """
-    upstream.empty_host_cache()
-
-
 def project(
     target: Target,
     label: str,
@@ -919,7 +907,11 @@ def main() -> None:
         # Everything the measurement built is unreachable now: give its memory back before the next.
         torch.cuda.set_per_process_memory_fraction(1.0)
         release_memory()
-        release_pinned_memory()
+        # Freed pinned blocks stay in torch's host cache, and the next replica's planner reads the
+        # host's MemAvailable without them: LTX-2's 12 GiB plan was refused after its 24 GiB one in
+        # the same process (58 GiB available on a 128 GiB host, docs/experiments/2026-12-04e), its
+        # 16 GiB one after a failed 12 GiB one (54.7 GiB, docs/experiments/2026-12-05f).
+        upstream.empty_host_cache()
 
     if "refs" in parts:
         for name in args.refs.split(","):

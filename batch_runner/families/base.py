@@ -547,9 +547,11 @@ def local_source(model: ModelConfig) -> tuple[str, bool]:
     model.path exactly as the pipeline loader does."""
     source = model.path
     local = Path(source).expanduser()
-    if looks_local(source) and not local.is_dir():
+    if not looks_local(source):
+        return source, False
+    if not local.is_dir():
         raise UserError(f"model.path={source!r} is not a folder; point it at a downloaded copy of {model.name}.")
-    return (str(local), True) if looks_local(source) else (source, False)
+    return str(local), True
 
 
 def looks_local(source: str) -> bool:

@@ -14,9 +14,9 @@ A batch runner makes hundreds of videos with one replica, so the plans here are 
 
 "Streamed" is diffusers' group offloading with CUDA streams (the encoders and the VAE layer by
 layer): weights sit in pinned host memory and the next group is copied while the current one
-computes. Prompts of a chunk are encoded together,
-so a text encoder (9.5 GB for CogVideoX's T5, 11 GB for Wan's UMT5) crosses the bus once per chunk,
-not once per video. Which components a model has, and their roles, come from its family.
+computes. Prompts of a chunk are encoded together, so a text encoder (9.5 GB for CogVideoX's T5,
+11 GB for Wan's UMT5) crosses the bus once per chunk, not once per video. Which components a model
+has, and their roles, come from its family.
 
 `auto` picks the fastest plan whose estimated peak fits the GPU budget and whose pinned host memory
 fits this host (one copy shared by the host's processes, batch_runner.replica.host_weights, or a copy

@@ -164,7 +164,8 @@ class LTX2(Family):
     # two tiles' pixels (768x512 is 1.5). At 12 GiB the planner plans full_offload, which streams the
     # VAEs as sequential_cpu_offload does and the transformer by blocks as group_offload does
     # (sequential_cpu_offload, its plan before, took 6.91 s a step on an H100, 2026-12-05, against
-    # group_offload's 1.12 at 24 GiB). full_offload is estimated, not yet measured under that cap.
+    # group_offload's 1.12 at 24 GiB); full_offload took 1.12 s a step there, 8.13 GiB allocated and
+    # 11.98 reserved (H100, 2026-12-05, code 64f9996, docs/experiments/2026-12-05f).
     activations = ActivationTerms(
         resident=24.0,
         streamed=24.0,
