@@ -333,12 +333,14 @@ class FamilyContract:
 
     def test_auto_picks_the_fastest_plan_that_fits_every_budget(self, full: FullSize):
         cfg = run_config("manifest=x", f"model={full.name}", f"memory.host_budget_gib={full.host_budget_gib}")
+        # The family's order: LADDER's, or full_offload before group_offload where it measured that faster.
+        ladder = planner.auto_ladder(planner.LADDER, family_named(self.family).full_offload_first is not None)
         for budget in full.budgets:
             choice = auto_plan(cfg, budget, 1)
             chosen = next(e for e in choice.estimates if e.plan == choice.plan)
             assert chosen.gpu_gib <= budget, (budget, choice.reason)
-            assert choice.plan in planner.LADDER and choice.plan != "sequential_cpu_offload", choice.reason
-            faster = planner.LADDER[: planner.LADDER.index(choice.plan)]
+            assert choice.plan in ladder and choice.plan != "sequential_cpu_offload", choice.reason
+            faster = ladder[: ladder.index(choice.plan)]
             assert all(e.gpu_gib > budget for e in choice.estimates if e.plan in faster), (budget, choice.reason)
 
     def test_dry_run_plans_the_full_size_model_with_no_weights(self, full: FullSize, tmp_path):

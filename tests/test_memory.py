@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import re
 from dataclasses import replace
 
 import pytest
@@ -274,6 +275,42 @@ def test_ltx2_streams_its_vae_at_12_gib_and_its_decode_grows_with_the_frames():
     assert tiled == whole
     longer = estimate("group_offload", model, replace(workload, frames=257), MemoryConfig()).decode_gib
     assert longer == pytest.approx(tiled * 257 / 121, rel=0.01)
+
+
+@pytest.mark.parametrize("budget", [48.0, 24.0, 16.0, 12.0])
+def test_ltx2_tries_full_offload_before_group_offload(budget):
+    """LTX-2's group_offload ran 1.5x slower than full_offload under a 16 GiB cap (its VAEs resident,
+    the allocator short of room): `auto` plans full_offload wherever text_offload does not fit, and
+    says why. A host with room for group_offload's pinned weights but not the VAEs' too still gets it."""
+    cfg, model = counted("ltx-2")
+    workload = workload_of(cfg)
+    choice = choose_plan(model, workload, MemoryConfig(), budget, 120.0, 1)
+    assert choice.plan == "full_offload"
+    assert "tried before group_offload: LTX-2's steps ran 1.5x faster" in choice.reason
+    by_plan = {e.plan: e for e in choice.estimates}
+    between = (by_plan["group_offload"].host_gib + by_plan["full_offload"].host_gib) / 2
+    if budget == 12.0:  # group_offload does not fit there (~12.2 GiB): the tight host has no plan
+        with pytest.raises(
+            UserError, match=re.escape(f"full_offload needs {by_plan['full_offload'].host_gib:.2f} GiB host")
+        ):
+            choose_plan(model, workload, MemoryConfig(), budget, between, 1)
+        return
+    tight = choose_plan(model, workload, MemoryConfig(), budget, between, 1)
+    assert tight.plan == "group_offload"
+    assert f"full_offload needs {by_plan['full_offload'].host_gib:.2f} GiB host" in tight.reason
+
+
+def test_only_a_family_that_asks_has_full_offload_tried_first():
+    usable = [p for p in PLANS if planner.applies(p, ROLES)]
+    assert planner.auto_ladder(usable) == list(COG_LADDER)
+    swapped = planner.auto_ladder(usable, full_offload_first=True)
+    assert swapped.index("full_offload") + 1 == swapped.index("group_offload")
+    assert sorted(swapped) == sorted(COG_LADDER)
+    assert [p for p in swapped if p not in ("full_offload", "group_offload")] == [
+        p for p in COG_LADDER if p not in ("full_offload", "group_offload")
+    ]
+    assert FAMILY.full_offload_first is None
+    assert plan_for(8.0) == "group_offload"  # CogVideoX keeps its VAE resident where it fits
 
 
 def test_fp8_weights_halve_the_transformer():
