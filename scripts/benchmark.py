@@ -844,7 +844,9 @@ def main() -> None:
     parser.add_argument(
         "--overrides", default="", help="memory/speed fields for the plans, e.g. enforce_budget=false,attention=flash"
     )
-    parser.add_argument("--label", default="", help="suffix for the plans' recipe names")
+    parser.add_argument(
+        "--label", default="", help="suffix for the plans' recipe names: --label=-fo (a bare -fo reads as an option)"
+    )
     parser.add_argument(
         "--profile", action="store_true", help="add one more step's GPU kernels by kind (step_kernels) to each record"
     )
