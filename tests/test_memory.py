@@ -303,7 +303,7 @@ def test_ltx2_tries_full_offload_before_group_offload(budget):
 def test_only_a_family_that_asks_has_full_offload_tried_first():
     usable = [p for p in PLANS if planner.applies(p, ROLES)]
     assert planner.auto_ladder(usable) == list(COG_LADDER)
-    swapped = planner.auto_ladder(usable, full_offload_first=True)
+    swapped = planner.auto_ladder(usable, full_offload_first="measured faster")
     assert swapped.index("full_offload") + 1 == swapped.index("group_offload")
     assert sorted(swapped) == sorted(COG_LADDER)
     assert [p for p in swapped if p not in ("full_offload", "group_offload")] == [

@@ -222,7 +222,7 @@ def choose_plan(
     shared = config.share_host_weights and processes > 1
     usable = [p for p in PLANS if applies(p, model.roles)]
     first = model.family.full_offload_first
-    ladder = auto_ladder(usable, full_offload_first=first is not None)
+    ladder = auto_ladder(usable, first)
     decodes = {p: fit_decode(p, model, workload, config, budget_gib) for p in usable}
     estimates = tuple(
         estimate(p, model, workload, replace(config, vae_tiling=decodes[p][0], vae_tile=decodes[p][1])) for p in usable
@@ -250,9 +250,10 @@ def choose_plan(
     )
 
 
-def auto_ladder(usable: Sequence[str], full_offload_first: bool = False) -> list[str]:
+def auto_ladder(usable: Sequence[str], full_offload_first: str | None = None) -> list[str]:
     """The plans `auto` tries, fastest first: LADDER's, or with full_offload before group_offload
-    for a family that measured it as fast there and faster under a tight cap (Family.full_offload_first).
+    for a family that measured it as fast there and faster under a tight cap (Family.full_offload_first,
+    the measurement's sentence, passed as it is).
 
     The two hold the same in the steps and differ only in the VAE, streamed or resident; streaming it
     costs a decode little (0.04 s a video where measured), and the room it leaves can matter more.
@@ -485,7 +486,9 @@ class Placement:
 
     @property
     def rank(self) -> int:
-        """Position on the ladder, fastest first (model_cpu_offload between full and sequential)."""
+        """Position in PLANS: the later, the less GPU memory the plan holds (model_cpu_offload between
+        full and sequential). Fastest first too, except where a family has full_offload tried before
+        group_offload (auto_ladder); `auto` never plans both for one run, as full_offload needs less."""
         return PLANS.index(self.plan)
 
     def same_weights(self, other: Placement) -> bool:
