@@ -55,6 +55,12 @@ MIRRORS = (
         for name in ("_GROUP_OFFLOADING", "_LAYER_EXECUTION_TRACKER", "_LAZY_PREFETCH_GROUP_OFFLOADING")
     ),
     Mirror("diffusers", "diffusers.hooks.group_offloading:ModuleGroup.onload_", DIFFUSERS_VERSIONS, "pin top level"),
+    Mirror(
+        "diffusers",
+        "diffusers.hooks.group_offloading:_apply_group_offloading_block_level",
+        DIFFUSERS_VERSIONS,
+        "block_level_lists restates which children it streams",
+    ),
     Mirror("diffusers", "diffusers.hooks.group_offloading:ModuleGroup.offload_", DIFFUSERS_VERSIONS, "pin top level"),
     Mirror("diffusers", "diffusers:DiffusionPipeline._execution_device", DIFFUSERS_VERSIONS, "the generator's device"),
     Mirror(
@@ -204,6 +210,19 @@ def group_offloading_hook(module: Any) -> Any | None:
 
     registry = hook_registry(module)
     return registry.get_hook(_GROUP_OFFLOADING) if registry is not None else None
+
+
+def block_level_lists(module: Any) -> list[Any]:
+    """The children of `module` that diffusers' block-level group offloading streams, block by block.
+
+    As `_apply_group_offloading_block_level` of diffusers 0.42.1 (without `block_modules`): every
+    direct child that is a `ModuleList` or `Sequential` becomes groups of its blocks, streamed in
+    turn; the other children form one group, which placement keeps on the GPU. So a transformer's
+    second list (Kandinsky 5's text blocks, Cosmos' cross-attention projection) streams too.
+    """
+    import torch
+
+    return [child for child in module.children() if isinstance(child, torch.nn.ModuleList | torch.nn.Sequential)]
 
 
 def keep_group_onloaded(hook: Any) -> None:

@@ -91,6 +91,31 @@ def test_group_offloading_hooks_are_found_kept_onloaded_and_removed():
     assert upstream.group_offloading_hook(leaf) is None
 
 
+@pytest.mark.parametrize("twin", ["tiny-kandinsky5", "tiny-cosmos", "tiny-wan"])
+def test_block_level_lists_are_what_diffusers_streams_block_by_block(twin):
+    """The planner charges only the weights outside these lists as resident (anatomy): diffusers'
+    block-level offloading must put a group of its own on each of their blocks, and none on any
+    other child. Kandinsky 5 (two lists) and Cosmos (a Sequential projection) are the cases."""
+    from diffusers.hooks import apply_group_offloading
+
+    from batch_runner.families import family_of
+
+    from .conftest import run_config
+
+    model = run_config("manifest=unused.csv", f"model={twin}").model
+    family = family_of(model)
+    transformer = family.tiny(model).transformer
+    lists = upstream.block_level_lists(transformer)
+    assert any(blocks is family.blocks(transformer) for blocks in lists)
+    apply_group_offloading(
+        transformer, onload_device=torch.device("cpu"), offload_type="block_level", num_blocks_per_group=1
+    )
+    hooked = {id(m) for m in transformer.modules() if upstream.group_offloading_hook(m) is not None}
+    streamed = {id(block) for blocks in lists for block in blocks}
+    assert streamed <= hooked
+    assert hooked - streamed == {id(transformer)}  # the rest: one group on the top level
+
+
 def test_the_attention_dispatcher_knows_the_backends_speed_names():
     from diffusers.models.attention_dispatch import AttentionBackendName
 

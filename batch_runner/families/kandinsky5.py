@@ -111,10 +111,13 @@ class Kandinsky5(Family):
     # same card (2026-12-04, code fc8e5ce): text_offload under a 24 GiB cap allocated 8.69 GiB over
     # 4.2 of resident weights, group_offload under 12 allocated 4.44 over 0.6: about 3.5-4.5 GiB of
     # activations, which one 256 x 256 tile's worth of pixels gives (3.5 GiB; the fragmentation
-    # allowance covers the rest).
+    # allowance covers the rest). Streamed, measured on an H100 (2026-12-05, code 084d074): Pro at
+    # its default under group_offload (24 GiB cap, tiled decode) allocated at most 4.50 GiB, over
+    # 0.46 of VAE, 0.06 of weights outside the block lists and two 0.57 GiB blocks: at most 2.84 GiB
+    # of denoising activations, 15.6 bytes per token and width, charged 16.
     activations = ActivationTerms(
         resident=24.0,
-        streamed=24.0,
+        streamed=16.0,
         decode_per_pixel=58000.0,
         tiled_pixels=256 * 256,
         guidance_batch=1,

@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from batch_runner import upstream
 from batch_runner.config import ModelConfig
 from batch_runner.families import family_named, family_of
 from batch_runner.families.base import (
@@ -35,8 +36,8 @@ class Anatomy:
     family: Family
     roles: dict[str, str]  # component -> encoder | denoiser | decoder
     bytes: dict[str, int]  # component -> bytes of weights in the run's dtype
-    block_bytes: int  # the largest repeated block of any denoiser (streamed one at a time)
-    denoiser_rest_bytes: int  # a denoiser's weights outside its blocks (resident while streaming)
+    block_bytes: int  # the largest block of any denoiser's streamed lists (streamed one at a time)
+    denoiser_rest_bytes: int  # a denoiser's weights outside its streamed lists (resident while streaming)
     blocks: int  # repeated blocks per denoiser
     # The two largest single layers of any encoder together: streamed layer by layer, one computes
     # while the next is copied in.
@@ -93,8 +94,11 @@ def _counted(family: Family, modules: dict[str, torch.nn.Module], dtype: torch.d
 
     denoisers = [modules[n] for n, r in roles.items() if r == DENOISER]
     block_lists = [family.blocks(d) for d in denoisers]
-    block_bytes = max(nbytes(b) for blocks in block_lists for b in blocks)
-    rest = max(nbytes(d) - sum(nbytes(b) for b in blocks) for d, blocks in zip(denoisers, block_lists, strict=True))
+    # Streamed, the denoiser moves every list of blocks group by group (a second, smaller list too:
+    # Kandinsky 5 Pro's four text blocks are 1.7 GiB), and only the weights outside them stay put.
+    streamed = [upstream.block_level_lists(d) for d in denoisers]
+    block_bytes = max(nbytes(b) for lists in streamed for blocks in lists for b in blocks)
+    rest = max(nbytes(d) - sum(nbytes(b) for b in lists) for d, lists in zip(denoisers, streamed, strict=True))
     leaves = _largest_leaves([modules[n] for n, r in roles.items() if r == ENCODER], nbytes)
     return Anatomy(
         family=family,

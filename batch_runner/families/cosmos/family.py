@@ -106,12 +106,14 @@ class Cosmos(Family):
     # the image's frame VAE-encoded alone (pipeline.py): text_offload with tiles allocated 7.34 GiB
     # over 4.08 of weights under 16 and 12 GiB caps (code 7efd1f5), at most 3.26 GiB of activations,
     # 20 bytes per token and width, charged 22; group_offload, before the frame was encoded alone,
-    # 5.04 over 0.73 (12 GiB cap), 25, charged 27 (not measured since). (diffusers' own transformer,
-    # which copies the modulation to every token, ran out of memory under text_offload at 12 GiB
-    # with at least 7.3 GiB of them, code fc8e5ce.) The 14B's terms are these scaled with its
-    # width, not measured.
+    # 5.04 over 0.73 (12 GiB cap), 25. The 14B under group_offload (24 GiB cap, whole-frame decode,
+    # H100, 2026-12-05, code 084d074) allocated at most 11.28 GiB over 0.44 of VAE and weights
+    # outside the block lists and two 0.73 GiB blocks: at most 9.37 GiB of denoising activations,
+    # 23.3 bytes per token and width, charged 24. (diffusers' own transformer, which copies the
+    # modulation to every token, ran out of memory under text_offload at 12 GiB with at least 7.3
+    # GiB of them, code fc8e5ce.) The 14B's resident term is the 2B's, not measured.
     activations = ActivationTerms(
-        resident=22.0, streamed=27.0, decode_per_pixel=18600.0, tiled_pixels=256 * 256 * 2, guidance_batch=1
+        resident=22.0, streamed=24.0, decode_per_pixel=18600.0, tiled_pixels=256 * 256 * 2, guidance_batch=1
     )
     schedulers: ClassVar[dict[str, str]] = {"unipc": "UniPCMultistepScheduler"}
 
