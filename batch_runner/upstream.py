@@ -55,13 +55,13 @@ MIRRORS = (
         for name in ("_GROUP_OFFLOADING", "_LAYER_EXECUTION_TRACKER", "_LAZY_PREFETCH_GROUP_OFFLOADING")
     ),
     Mirror("diffusers", "diffusers.hooks.group_offloading:ModuleGroup.onload_", DIFFUSERS_VERSIONS, "pin top level"),
+    Mirror("diffusers", "diffusers.hooks.group_offloading:ModuleGroup.offload_", DIFFUSERS_VERSIONS, "pin top level"),
     Mirror(
         "diffusers",
         "diffusers.hooks.group_offloading:_apply_group_offloading_block_level",
         DIFFUSERS_VERSIONS,
         "block_level_lists restates which children it streams",
     ),
-    Mirror("diffusers", "diffusers.hooks.group_offloading:ModuleGroup.offload_", DIFFUSERS_VERSIONS, "pin top level"),
     Mirror("diffusers", "diffusers:DiffusionPipeline._execution_device", DIFFUSERS_VERSIONS, "the generator's device"),
     Mirror(
         "diffusers",
