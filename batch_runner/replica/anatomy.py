@@ -93,7 +93,6 @@ def _counted(family: Family, modules: dict[str, torch.nn.Module], dtype: torch.d
         return sum(p.numel() for p in module.parameters()) * size
 
     denoisers = [modules[n] for n, r in roles.items() if r == DENOISER]
-    block_lists = [family.blocks(d) for d in denoisers]
     # Streamed, the denoiser moves every list of blocks group by group (a second, smaller list too:
     # Kandinsky 5 Pro's four text blocks are 1.7 GiB), and only the weights outside them stay put.
     streamed = [upstream.block_level_lists(d) for d in denoisers]
@@ -106,7 +105,7 @@ def _counted(family: Family, modules: dict[str, torch.nn.Module], dtype: torch.d
         bytes={name: nbytes(m) for name, m in modules.items()},
         block_bytes=block_bytes,
         denoiser_rest_bytes=rest,
-        blocks=max(len(b) for b in block_lists),
+        blocks=max(len(family.blocks(d)) for d in denoisers),
         leaf_bytes=leaves,
         geometry=family.geometry({name: config_of(m) for name, m in modules.items()}),
         decoder_leaf_bytes=_largest_leaves([modules[n] for n, r in roles.items() if r == DECODER], nbytes),
