@@ -123,6 +123,43 @@ def test_full_offload_streams_the_vae_too(tmp_path):
     assert replica.pipe.transformer.transformer_blocks[0].ff.net[0].proj.weight.device.type == "cpu"
 
 
+def test_full_offload_redoes_a_row_with_the_streamed_vae_in_float32(tmp_path):
+    """The float32 redo of a row with bad frames, under the plan that streams the VAE: its layers are
+    streamed from float32 copies for the redo, then from the same bfloat16 host tensors as before."""
+    from diffusers.hooks.group_offloading import _GROUP_OFFLOADING
+
+    cfg = run_config("manifest=-", "model=tiny", "model.dtype=bfloat16", "memory=full_offload", "speed.compile=off")
+    replica = Replica(cfg, torch.device("cuda"))
+    job, images = tiny_job(tmp_path)
+    frames = replica.make(job, images, replica.encode([job]))
+    vae = replica.pipe.vae
+
+    def host_tensors() -> dict[str, tuple[int, torch.dtype]]:
+        return {key: (t.data_ptr(), t.dtype) for key, t in vae.named_parameters() if t.device.type == "cpu"}
+
+    host = host_tensors()
+    convs = [m for m in vae.modules() if isinstance(m, torch.nn.Conv3d)]
+
+    def copies_streamed() -> set[torch.dtype]:
+        return {
+            t.dtype for m in convs for t in m._diffusers_hook.get_hook(_GROUP_OFFLOADING).group.cpu_param_dict.values()
+        }
+
+    assert copies_streamed() == {torch.bfloat16}
+    what, context = replica.higher_precision()
+    assert what == "the VAE in float32"
+    with context:
+        assert copies_streamed() == {torch.float32}
+        redone = replica.make(job, images, replica.encode([job]))
+    # The same latents, decoded in float32 instead of bfloat16 (on the CPU: 0.45 levels apart on average).
+    assert np.abs(redone.astype(np.int16) - frames.astype(np.int16)).mean() < 2
+    assert host and host_tensors() == host
+    assert copies_streamed() == {torch.bfloat16}
+    assert all(m.weight.device.type == "cpu" for m in convs)
+    again = replica.make(job, images, replica.encode([job]))
+    assert np.abs(again.astype(np.int16) - frames.astype(np.int16)).max() <= 1  # bfloat16 again
+
+
 def test_streamed_weights_shared_with_the_host_are_pinned_in_place(tmp_path, reference):
     """The loading process's path, with a second process of the host simulated in the store:
     group offloading streams from the shared pages themselves, page-locked, with no private copy."""

@@ -17,6 +17,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from batch_runner import upstream
 from batch_runner.config import MemoryConfig
 from batch_runner.errors import UserError
 from batch_runner.families.cogvideox import FAMILY
@@ -550,16 +551,22 @@ def test_out_of_memory_in_the_steps_passes_over_the_plan_with_the_same_steps():
 
 
 def test_a_replica_steps_over_full_offload_after_running_out_in_the_steps_only(tmp_path):
-    """The replica's wiring of the above, and its float32 redo, which a VAE streamed by group
-    offloading cannot take (its layers load from host copies a cast does not reach)."""
-    cfg = run_config("manifest=-", "model=tiny")
+    """The replica's wiring of the above, and its float32 redo, for which a VAE streamed by group
+    offloading is streamed anew (its layers load from host copies a cast does not reach)."""
+    cfg = run_config("manifest=-", "model=tiny", "model.dtype=bfloat16")
     replica = Replica(cfg, torch.device("cpu"))
     assert replica.higher_precision() is not None
     for in_decode, lower in ((False, "sequential_cpu_offload"), (True, "full_offload")):
         replica.placement = planner.Placement("group_offload", "test", vae_tiling=True)
         assert replica.step_down(out_of_memory=True, in_decode=in_decode) == lower
     replica.placement = planner.Placement("full_offload", "test")
-    assert replica.higher_precision() is None
+    what, context = replica.higher_precision()
+    layers = [m for m in replica.pipe.vae.modules() if isinstance(m, torch.nn.Conv3d)]
+    with context:
+        assert what == "the VAE in float32"
+        assert all(upstream.group_offloading_hook(m) is not None for m in layers)
+        assert {m.weight.dtype for m in layers} == {torch.float32}
+    assert {m.weight.dtype for m in layers} == {torch.bfloat16}
 
 
 def test_walking_down_from_none_reaches_the_bottom_one_rung_at_a_time():

@@ -7,7 +7,9 @@ module only carries out its `Placement`.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -127,8 +129,10 @@ def apply_plan(
     else:
         for name, role in roles.items():
             if name in on_host:
-                offload_type = "block_level" if role == DENOISER else "leaf_level"
-                _stream(getattr(pipe, name), device, offload_type, prefetch=role != DECODER)
+                if role == DECODER:
+                    stream_layers(getattr(pipe, name), device)
+                else:
+                    _stream(getattr(pipe, name), device, "block_level" if role == DENOISER else "leaf_level")
 
 
 def remove_offloading(pipe: Any, roles: dict[str, str]) -> None:
@@ -153,9 +157,11 @@ def _stream(module: torch.nn.Module, device: torch.device, offload_type: str, pr
     Works on any torch module, so the transformers text encoder streams like the transformer.
     Without `prefetch` (a VAE, called through `encode` and `decode`, never its forward) each layer
     is copied in as it is called, from pinned memory: upstream.drop_prefetch_tracing says why.
+    On a device without streams (the CPU, where plans are not applied) the copies are plain ones.
     """
     from diffusers.hooks import apply_group_offloading
 
+    streams = device.type == "cuda"
     module.to("cpu")
     apply_group_offloading(
         module,
@@ -163,14 +169,54 @@ def _stream(module: torch.nn.Module, device: torch.device, offload_type: str, pr
         offload_device=torch.device("cpu"),
         offload_type=offload_type,
         num_blocks_per_group=1 if offload_type == "block_level" else None,
-        use_stream=True,
-        record_stream=True,
+        use_stream=streams,
+        record_stream=streams,
     )
     if not prefetch:
         upstream.drop_prefetch_tracing(module)
     _keep_top_level_resident(module)
     if offload_type == "leaf_level":
         _keep_attention_pools_resident(module, device)
+
+
+def stream_layers(module: torch.nn.Module, device: torch.device) -> None:
+    """Stream a decoder layer by layer, as full_offload does (apply_plan)."""
+    _stream(module, device, "leaf_level", prefetch=False)
+
+
+@contextlib.contextmanager
+def streamed_anew(
+    modules: Sequence[torch.nn.Module], device: torch.device, inner: contextlib.AbstractContextManager
+) -> Iterator[None]:
+    """Run `inner`, a context that casts some of `modules` (decoders streamed layer by layer, as under
+    full_offload), with their layers streamed from the cast weights.
+
+    Group offloading onloads each layer from the host copies it pinned when it was applied, which a
+    cast of the module does not reach: under the same hooks a VAE cast to float32 would still be
+    handed its bfloat16 copies, and its float32 inputs would meet them. So the hooks come off for
+    the duration and go on again over the cast weights. Afterwards each module points at its host
+    tensors from before (the host-shared, pinned copy: nothing copied or pinned anew) and streams
+    them again, and the pinned copies of the cast weights go back to the system.
+    """
+    before = [{key: t.data for key, t in _tensors(m) if t.device.type == "cpu"} for m in modules]
+    for module in modules:
+        remove_offloading_hooks(module)
+    try:
+        with inner:
+            try:
+                for module in modules:
+                    stream_layers(module, device)
+                yield
+            finally:
+                for module in modules:
+                    remove_offloading_hooks(module)
+    finally:
+        for module, host in zip(modules, before, strict=True):
+            for key, tensor in _tensors(module):
+                if key in host:
+                    _rebind(module, key, tensor, host[key])
+            stream_layers(module, device)
+        upstream.empty_host_cache()
 
 
 def _keep_top_level_resident(module: torch.nn.Module) -> None:

@@ -264,12 +264,14 @@ class Replica:
     def higher_precision(self) -> tuple[str, Any] | None:
         """The family's way to redo a row at higher precision (what it changes, a context), or None.
 
-        None under a plan whose group offloading streams the VAE (full_offload): its layers are
-        loaded from host copies that a cast of the module does not reach, so the float32 redo would
-        run bf16 weights on float32 inputs and fail."""
-        if any(self.roles[name] == DECODER for name in planner.pinned(self.placement.plan, self.roles)):
-            return None
-        return self.family.higher_precision(self.pipe)
+        Under a plan that streams the decoders (full_offload) the context runs with them streamed
+        anew from the cast weights (placement.streamed_anew says why)."""
+        remedy = self.family.higher_precision(self.pipe)
+        streamed = [n for n in planner.pinned(self.placement.plan, self.roles) if self.roles[n] == DECODER]
+        if remedy is None or not streamed:
+            return remedy
+        what, context = remedy
+        return what, placement.streamed_anew([getattr(self.pipe, n) for n in streamed], self.device, context)
 
     # --- prompts ---
 

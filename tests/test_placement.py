@@ -1,0 +1,85 @@
+"""Placement on the CPU, with diffusers' real group-offloading hooks (no streams there: plain copies).
+
+The CUDA path, where group offloading onloads from host copies it pinned, is tests/test_gpu.py's."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from batch_runner import upstream
+from batch_runner.families import family_of
+from batch_runner.replica import placement
+
+from .conftest import run_config
+
+CPU = torch.device("cpu")
+
+
+def streamed_tiny_vae():
+    """The tiny twin's pipeline and its family, the VAE in bfloat16, streamed layer by layer as
+    full_offload streams it."""
+    model = run_config("manifest=unused.csv", "model=tiny").model
+    family = family_of(model)
+    pipe = family.tiny(model)
+    pipe.vae.to(torch.bfloat16)
+    placement.stream_layers(pipe.vae, CPU)
+    return family, pipe
+
+
+def decoded(vae) -> torch.Tensor:
+    latents = torch.randn(1, vae.config.latent_channels, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return vae.decode(latents.to(torch.bfloat16)).sample
+
+
+def hooked(vae) -> bool:
+    return any(upstream.group_offloading_hook(m) is not None for m in vae.modules() if m is not vae)
+
+
+def host_tensors(vae) -> dict[str, tuple[int, torch.dtype]]:
+    return {key: (t.data_ptr(), t.dtype) for key, t in [*vae.named_parameters(), *vae.named_buffers()]}
+
+
+def test_a_streamed_vae_is_cast_streamed_anew_and_put_back_on_its_own_host_tensors():
+    family, pipe = streamed_tiny_vae()
+    vae = pipe.vae
+    before, frames = host_tensors(vae), decoded(vae)
+    what, cast = family.higher_precision(pipe)
+    assert what == "the VAE in float32"
+
+    with placement.streamed_anew([vae], CPU, cast):
+        assert hooked(vae)
+        assert {t.dtype for t in vae.parameters()} == {torch.float32}
+        assert decoded(vae).dtype == torch.float32  # bfloat16 latents met float32 weights
+
+    assert host_tensors(vae) == before  # the same host tensors, in bfloat16: nothing copied
+    assert hooked(vae)
+    assert torch.equal(decoded(vae), frames)
+
+
+def test_a_failure_inside_leaves_the_vae_streamed_as_it_was():
+    family, pipe = streamed_tiny_vae()
+    before = host_tensors(pipe.vae)
+    _, cast = family.higher_precision(pipe)
+    with pytest.raises(RuntimeError, match="the redo failed"), placement.streamed_anew([pipe.vae], CPU, cast):
+        raise RuntimeError("the redo failed")
+    assert host_tensors(pipe.vae) == before
+    assert hooked(pipe.vae)
+
+
+def test_a_failure_in_the_cast_leaves_the_vae_streamed_as_it_was():
+    _, pipe = streamed_tiny_vae()
+    before = host_tensors(pipe.vae)
+
+    @contextlib.contextmanager
+    def failing_cast():
+        raise RuntimeError("no room for the cast")
+        yield
+
+    with pytest.raises(RuntimeError, match="no room"), placement.streamed_anew([pipe.vae], CPU, failing_cast()):
+        pass
+    assert host_tensors(pipe.vae) == before
+    assert hooked(pipe.vae)
