@@ -879,8 +879,13 @@ def main() -> None:
     parts = args.parts.split(",")
     overrides = assignments(filter(None, args.overrides.split(",")))
 
+    # A user's allocator settings (placement.allocator_settings): a record measured under them says so.
+    allocator_env = {name: os.environ[name] for name in placement.ALLOCATOR_ENV if name in os.environ}
+
     def save(record: dict) -> None:
         record = {"gpu": env["gpu"], "command": command} | target.record() | record
+        if allocator_env:
+            record["allocator_env"] = allocator_env
         records.append(record)
         path.write_text(json.dumps(records, indent=2))
         print(

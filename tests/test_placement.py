@@ -83,3 +83,14 @@ def test_a_failure_in_the_cast_leaves_the_vae_streamed_as_it_was():
         pass
     assert host_tensors(pipe.vae) == before
     assert hooked(pipe.vae)
+
+
+@pytest.mark.parametrize("name", placement.ALLOCATOR_ENV)
+def test_a_users_own_garbage_collection_threshold_stands(monkeypatch, name):
+    for each in placement.ALLOCATOR_ENV:
+        monkeypatch.delenv(each, raising=False)
+    assert placement.allocator_settings() == placement.ALLOCATOR_SETTINGS
+    monkeypatch.setenv(name, "expandable_segments:True")  # another setting: ours still goes in
+    assert placement.allocator_settings() == placement.ALLOCATOR_SETTINGS
+    monkeypatch.setenv(name, "expandable_segments:True,garbage_collection_threshold:0.95")
+    assert placement.allocator_settings() is None
