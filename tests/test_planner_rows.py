@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import replace
 
 import pytest
 import torch
 
 from batch_runner.errors import UserError
+from batch_runner.families.rules import valid_frame_counts
 from batch_runner.inputs.manifest import Job
 from batch_runner.replica import placement, planner
 from batch_runner.replica.anatomy import anatomy
@@ -172,6 +174,35 @@ def test_tiles_only_where_the_whole_frame_decode_does_not_fit():
     assert (tight.plan, tight.vae_tiling, tight.vae_tile) == ("none", True, None)
     assert "VAE decoding in tiles (whole frames would need ~" in tight.reason
     assert tight.whole_decode_gib == roomy.whole_decode_gib  # the planner's term, in the placement
+
+
+def test_rows_that_fit_no_plan_are_named_with_the_most_frames_that_would_fit():
+    """The refusal names the rows of the shape that fits nowhere and the longest valid frame count at
+    their size that does fit: the frame count just above it fits no plan."""
+    cfg, model = counted("cosmos-predict2.5-2b")
+    short = [job(29, 704, 1280, row_id=f"short{i}") for i in range(2)]
+    long = [job(93, 704, 1280, row_id=f"long{i}") for i in range(5)]
+    plan_rows(cfg, 4.0, 1, short, model)  # the short rows alone fit
+    with pytest.raises(UserError) as refused:
+        plan_rows(cfg, 4.0, 1, [*short, *long], model)
+    message = str(refused.value)
+    assert message.startswith("rows of 704x1280x93 ('long0', 'long1', 'long2' and 2 more): No memory plan fits: ")
+    assert "'short" not in message
+    fitting = int(re.search(r"at 704x1280, num_frames=(\d+) fits\.$", message).group(1))
+    valid = valid_frame_counts(cfg.model)
+    plan_rows(cfg, 4.0, 1, [job(fitting, 704, 1280)], model)
+    with pytest.raises(UserError):
+        plan_rows(cfg, 4.0, 1, [job(valid[valid.index(fitting) + 1], 704, 1280)], model)
+
+
+def test_rows_of_every_shape_that_fits_no_plan_are_named():
+    cfg, model = counted("cosmos-predict2.5-2b")
+    rows = [job(29, 704, 1280, row_id="a"), job(93, 704, 1280, row_id="b")]
+    with pytest.raises(UserError, match=r"^rows of 704x1280x29 \('a'\): No memory plan fits: ") as refused:
+        plan_rows(cfg, 1.0, 1, rows, model)
+    assert str(refused.value).endswith(
+        "No frame count fits at 704x1280 either. Rows of 704x1280x93 fit no plan either."
+    )
 
 
 def test_the_users_vae_settings_stand():

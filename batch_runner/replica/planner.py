@@ -43,6 +43,7 @@ import torch
 from batch_runner.config import MemoryConfig, RunConfig
 from batch_runner.errors import UserError
 from batch_runner.families.base import DECODER, DENOISER, ENCODER, ActivationTerms
+from batch_runner.families.rules import valid_frame_counts
 
 if TYPE_CHECKING:
     from batch_runner.inputs.manifest import Job
@@ -556,10 +557,15 @@ def plan_rows(
     model = model or _anatomy_of(cfg)
     host = host_available_gib(config)
     by_shape = []
+    misfits = []
     for shape in shapes:
         workload = shape_workload(cfg, model, shape)
         if config.plan == "auto":
-            choice = choose_plan(model, workload, config, budget_gib, host, local_world_size)
+            try:
+                choice = choose_plan(model, workload, config, budget_gib, host, local_world_size)
+            except UserError as e:
+                misfits.append((shape, e))
+                continue
             plan, reason, tiling, tile = choice.plan, choice.reason, choice.vae_tiling, choice.vae_tile
         else:
             plan = config.plan
@@ -570,8 +576,51 @@ def plan_rows(
         need = estimate(plan, model, workload, replace(config, vae_tiling=tiling, vae_tile=tile))
         whole = estimate(plan, model, workload, replace(config, vae_tiling=False)).decode_gib
         by_shape.append((shape, _placement(config, plan, reason, tiling, tile, need.gpu_gib, whole)))
+    if misfits:
+        (shape, error), others = misfits[0], [str(s) for s, _ in misfits[1:]]
+        message = _no_plan_for(cfg, model, shape, jobs, budget_gib, host, local_world_size, error)
+        raise UserError(message + (f" Rows of {', '.join(others)} fit no plan either." if others else ""))
     slowest = max((p for _, p in by_shape), key=lambda p: p.rank)
     return RowPlans(tuple(by_shape), slowest)
+
+
+def _no_plan_for(
+    cfg: RunConfig,
+    model: Anatomy,
+    shape: Shape,
+    jobs: Sequence[Job],
+    budget_gib: float,
+    host_gib: float,
+    local_world_size: int,
+    error: UserError,
+) -> str:
+    """choose_plan's refusal, for the rows of `shape`: which rows, and the most frames that would fit
+    at their size (the frames are what a row can give up without changing its picture)."""
+    ids = [job.id for job in jobs if shape_of(job) == shape]
+    rows = f"rows of {shape} ({_some(ids)})" if ids else f"the default row ({shape})"
+    fitting = None
+    for frames in reversed(valid_frame_counts(cfg.model)):
+        if frames >= shape.frames:
+            continue
+        smaller = shape_workload(cfg, model, replace(shape, frames=frames))
+        try:
+            choose_plan(model, smaller, cfg.memory, budget_gib, host_gib, local_world_size)
+        except UserError:
+            continue
+        fitting = frames
+        break
+    shorter = (
+        f" Or make {'them' if ids else 'it'} shorter: at {shape.height}x{shape.width}, num_frames={fitting} fits."
+        if fitting is not None
+        else f" No frame count fits at {shape.height}x{shape.width} either."
+    )
+    return f"{rows}: {error}{shorter}"
+
+
+def _some(ids: list[str], shown: int = 3) -> str:
+    """A few row ids, and how many more."""
+    more = f" and {len(ids) - shown} more" if len(ids) > shown else ""
+    return ", ".join(repr(i) for i in ids[:shown]) + more
 
 
 def _placement(
