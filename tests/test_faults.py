@@ -18,8 +18,10 @@ import pytest
 import torch
 from PIL import Image
 
+from batch_runner.errors import UserError
 from batch_runner.outputs.storage import mark_output_dir
 from batch_runner.outputs.video import read_video
+from batch_runner.replica import planner
 from batch_runner.replica import replica as replica_module
 from batch_runner.replica.replica import out_of_memory_summary
 from batch_runner.run import runner
@@ -307,6 +309,49 @@ def run_here(tmp_path: Path, rows: list[dict], *overrides: str) -> Path:
     cfg = run_config(f"manifest={manifest}", "model=tiny", f"output_dir={out}", *overrides)
     assert runner.run(cfg) == 0
     return out
+
+
+def simulate_a_gpu_that_fits_only_short_rows(monkeypatch) -> None:
+    """Plans made as on a GPU (on the CPU none are), where no plan fits a row of more than 9 frames.
+    Every tiny row fits any real budget, so the refusal is the planner's one faked part: its real
+    estimates are tests/test_planner_rows.py's."""
+    plan_rows, choose_plan = planner.plan_rows, planner.choose_plan
+
+    def choose(model, workload, *rest):
+        if workload.frames > 9:
+            raise UserError("No memory plan fits: sequential_cpu_offload needs ~25.00 GiB GPU > 24.00.")
+        return choose_plan(model, workload, *rest)
+
+    monkeypatch.setattr(planner, "choose_plan", choose)
+    monkeypatch.setattr(planner, "place", lambda cfg, device, lws, jobs=(), model=None: plan_rows(cfg, 24.0, lws, jobs))
+
+
+def rows_one_too_long(folder: Path) -> list[dict]:
+    return [*good_rows(folder, 2), good_rows(folder, 1, prefix="long")[0] | {"num_frames": 17}]
+
+
+def test_rows_no_memory_plan_fits_refuse_the_run_before_any_is_made(tmp_path, monkeypatch):
+    simulate_a_gpu_that_fits_only_short_rows(monkeypatch)
+    manifest = write_manifest(tmp_path / "jobs.csv", rows_one_too_long(tmp_path / "inputs"))
+    out = tmp_path / "out"
+    with pytest.raises(UserError) as refused:
+        runner.run(run_config(f"manifest={manifest}", "model=tiny", f"output_dir={out}"))
+    message = str(refused.value)
+    assert message.startswith("rows of 64x96x17 ('long0'): No memory plan fits: ")
+    assert "Or make the rows shorter: at 64x96, num_frames=9 fits." in message
+    assert "Or pass on_invalid=skip to record the rows no plan fits as failed and make the others." in message
+    assert not list((out / "videos").iterdir())
+
+
+def test_rows_no_memory_plan_fits_are_recorded_failed_under_skip_and_the_rest_made(tmp_path, monkeypatch):
+    simulate_a_gpu_that_fits_only_short_rows(monkeypatch)
+    out = run_here(tmp_path, rows_one_too_long(tmp_path / "inputs"), "on_invalid=skip")
+    table = results_of(out)
+    assert list(table["status"]) == ["ok", "ok", "failed"]
+    error = table.loc["long0", "error"]
+    assert error.startswith("No memory plan fits: ") and error.endswith("at 64x96, num_frames=9 fits.")
+    assert pd.isna(table.loc["long0", "memory_plan"])  # it ran under none
+    assert sorted(p.name for p in (out / "videos").iterdir()) == ["good0.mp4", "good1.mp4"]
 
 
 def test_an_error_under_two_plans_fails_that_row_and_the_run_goes_on(tmp_path, monkeypatch):

@@ -188,7 +188,8 @@ def test_rows_that_fit_no_plan_are_named_with_the_most_frames_that_would_fit():
     message = str(refused.value)
     assert message.startswith("rows of 704x1280x93 ('long0', 'long1', 'long2' and 2 more): No memory plan fits: ")
     assert "'short" not in message
-    fitting = int(re.search(r"at 704x1280, num_frames=(\d+) fits\.$", message).group(1))
+    fitting = int(re.search(r"Or make the rows shorter: at 704x1280, num_frames=(\d+) fits\. ", message).group(1))
+    assert message.endswith("Or pass on_invalid=skip to record the rows no plan fits as failed and make the others.")
     valid = valid_frame_counts(cfg.model)
     plan_rows(cfg, 4.0, 1, [job(fitting, 704, 1280)], model)
     with pytest.raises(UserError):
@@ -202,7 +203,21 @@ def test_rows_of_every_shape_that_fits_no_plan_are_named():
         plan_rows(cfg, 1.0, 1, rows, model)
     assert str(refused.value).endswith(
         "No frame count fits at 704x1280 either. Rows of 704x1280x93 fit no plan either."
-    )
+    )  # and no word of on_invalid=skip: no row would be made
+    skipping, _ = counted("cosmos-predict2.5-2b", "on_invalid=skip")
+    with pytest.raises(UserError, match=r"^rows of 704x1280x29 \('a'\): "):
+        plan_rows(skipping, 1.0, 1, rows, model)
+
+
+def test_under_skip_the_rows_no_plan_fits_are_kept_with_why_and_the_others_planned():
+    cfg, model = counted("cosmos-predict2.5-2b", "on_invalid=skip")
+    short, long = job(29, 704, 1280, row_id="short"), job(93, 704, 1280, row_id="long")
+    plans = plan_rows(cfg, 4.0, 1, [short, long], model)
+    assert plans.misfit(short) is None and plans.for_job(short).plan == "group_offload"
+    why = plans.misfit(long)
+    assert why.startswith("No memory plan fits: ") and re.search(r"at 704x1280, num_frames=\d+ fits\.$", why)
+    assert [str(s) for s, _ in plans.by_shape] == ["704x1280x29"]
+    assert plans.lines()[-1] == f"rows of 704x1280x93: recorded as failed (on_invalid=skip): {why}"
 
 
 def test_the_users_vae_settings_stand():

@@ -507,6 +507,12 @@ class RowPlans:
 
     by_shape: tuple[tuple[Shape, Placement], ...]
     default: Placement  # rows of a shape not planned for (none in a run; a row given later)
+    # Shapes no plan fits, each with why, under on_invalid=skip: their rows are recorded as failed.
+    misfits: tuple[tuple[Shape, str], ...] = ()
+
+    def misfit(self, job: Job) -> str | None:
+        """Why no plan fits `job`'s shape, or None where one does."""
+        return dict(self.misfits).get(shape_of(job))
 
     def for_shape(self, shape: Shape) -> Placement:
         return dict(self.by_shape).get(shape, self.default)
@@ -526,9 +532,13 @@ class RowPlans:
 
     def lines(self) -> list[str]:
         """One line per placement, naming the shapes it serves (logs and the dry run)."""
-        if len(self.placements) == 1:
+        skipped = [f"rows of {shape}: recorded as failed (on_invalid=skip): {why}" for shape, why in self.misfits]
+        if len(self.placements) == 1 and not skipped:
             return [self.placements[0].reason]
-        return [f"rows of {', '.join(str(s) for s, q in self.by_shape if q == p)}: {p.reason}" for p in self.placements]
+        shapes = [
+            f"rows of {', '.join(str(s) for s, q in self.by_shape if q == p)}: {p.reason}" for p in self.placements
+        ]
+        return shapes + skipped
 
 
 def plan_rows(
@@ -576,28 +586,26 @@ def plan_rows(
         need = estimate(plan, model, workload, replace(config, vae_tiling=tiling, vae_tile=tile))
         whole = estimate(plan, model, workload, replace(config, vae_tiling=False)).decode_gib
         by_shape.append((shape, _placement(config, plan, reason, tiling, tile, need.gpu_gib, whole)))
-    if misfits:
-        (shape, error), others = misfits[0], [str(s) for s, _ in misfits[1:]]
-        message = _no_plan_for(cfg, model, shape, jobs, budget_gib, host, local_world_size, error)
-        raise UserError(message + (f" Rows of {', '.join(others)} fit no plan either." if others else ""))
+    reasons = tuple(
+        (shape, _misfit_reason(cfg, model, shape, budget_gib, host, local_world_size, e)) for shape, e in misfits
+    )
+    if reasons and (cfg.on_invalid != "skip" or not by_shape):
+        raise UserError(_refusal(reasons, jobs, some_fit=bool(by_shape)))
     slowest = max((p for _, p in by_shape), key=lambda p: p.rank)
-    return RowPlans(tuple(by_shape), slowest)
+    return RowPlans(tuple(by_shape), slowest, reasons)
 
 
-def _no_plan_for(
+def _misfit_reason(
     cfg: RunConfig,
     model: Anatomy,
     shape: Shape,
-    jobs: Sequence[Job],
     budget_gib: float,
     host_gib: float,
     local_world_size: int,
     error: UserError,
 ) -> str:
-    """choose_plan's refusal, for the rows of `shape`: which rows, and the most frames that would fit
-    at their size (the frames are what a row can give up without changing its picture)."""
-    ids = [job.id for job in jobs if shape_of(job) == shape]
-    rows = f"rows of {shape} ({_some(ids)})" if ids else f"the default row ({shape})"
+    """choose_plan's refusal for `shape`, with the most frames that would fit at its size (the
+    frames are what a row can give up without changing its picture), or that none would."""
     fitting = None
     for frames in reversed(valid_frame_counts(cfg.model)):
         if frames >= shape.frames:
@@ -609,12 +617,26 @@ def _no_plan_for(
             continue
         fitting = frames
         break
-    shorter = (
-        f" Or make {'them' if ids else 'it'} shorter: at {shape.height}x{shape.width}, num_frames={fitting} fits."
-        if fitting is not None
-        else f" No frame count fits at {shape.height}x{shape.width} either."
+    if fitting is None:
+        return f"{error} No frame count fits at {shape.height}x{shape.width} either."
+    return f"{error} Or make the rows shorter: at {shape.height}x{shape.width}, num_frames={fitting} fits."
+
+
+def _refusal(reasons: tuple[tuple[Shape, str], ...], jobs: Sequence[Job], some_fit: bool) -> str:
+    """The run's refusal: the rows of the first shape no plan fits and why, the other such shapes,
+    and, where some rows do fit, that on_invalid=skip would make those."""
+    (shape, why), others = reasons[0], [str(s) for s, _ in reasons[1:]]
+    ids = [job.id for job in jobs if shape_of(job) == shape]
+    rows = f"rows of {shape} ({_some(ids)})" if ids else f"the default row ({shape})"
+    return (
+        f"{rows}: {why}"
+        + (f" Rows of {', '.join(others)} fit no plan either." if others else "")
+        + (
+            " Or pass on_invalid=skip to record the rows no plan fits as failed and make the others."
+            if some_fit
+            else ""
+        )
     )
-    return f"{rows}: {error}{shorter}"
 
 
 def _some(ids: list[str], shown: int = 3) -> str:

@@ -47,7 +47,7 @@ def describe(cfg: RunConfig, manifest: Manifest, cluster: Cluster, out: Path) ->
         )
         lines.append(f"  {who}: ~{len(share)} rows" + (f" ({preview})" if ids else ""))
     plans, why, budget = _plan(cfg, cluster, pending)
-    if plans is None or len(plans.placements) == 1:
+    if plans is None or (len(plans.placements) == 1 and not plans.misfits):
         lines.append(f"memory plan: {why}")
     else:
         lines.append("memory plans, one per row shape (rows of one plan run together):")
@@ -107,6 +107,8 @@ def _estimate_seconds(
     records = [r for r in records if r["gpu"] == gpu]
     total = 0.0
     for job in pending:
+        if plans is not None and plans.misfit(job):
+            continue  # recorded as failed, not made (on_invalid=skip)
         plan = plans.for_job(job).plan if plans is not None else "none"
         of_plan = [r for r in records if r["plan"] == plan]
         if not of_plan:

@@ -291,6 +291,11 @@ def _make_videos(
                     job, salt, prompts.warnings.get(job.id), memory_plan=replica.placement_for(job).plan
                 )
                 row = row.but(text_encode_seconds=text_seconds)
+                misfit = replica.plans.misfit(job)  # under on_invalid=skip: recorded as failed, not made
+                if misfit is not None:
+                    if first(position, job):
+                        finish(row.but(memory_plan=None).failed(misfit))
+                    continue
                 started = time.perf_counter()
                 try:
                     frames, row = _make_one(replica, job, image.result(), prompts, row, on_step)
