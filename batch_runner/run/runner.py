@@ -287,14 +287,13 @@ def _make_videos(
             for position, job, image in zip(positions, jobs, images, strict=False):
                 if owns is not None and team.size == 1 and not owns.start(position):
                     continue  # taken over by another process while this one made no progress
-                row = ResultRow.from_job(
-                    job, salt, prompts.warnings.get(job.id), memory_plan=replica.placement_for(job).plan
-                )
+                misfit = replica.plans.misfit(job)  # no plan fits it (on_invalid=skip): recorded as failed
+                plan = None if misfit else replica.placement_for(job).plan
+                row = ResultRow.from_job(job, salt, prompts.warnings.get(job.id), memory_plan=plan)
                 row = row.but(text_encode_seconds=text_seconds)
-                misfit = replica.plans.misfit(job)  # under on_invalid=skip: recorded as failed, not made
                 if misfit is not None:
                     if first(position, job):
-                        finish(row.but(memory_plan=None).failed(misfit))
+                        finish(row.failed(misfit))
                     continue
                 started = time.perf_counter()
                 try:
