@@ -407,6 +407,22 @@ def step_kernels(call) -> dict:
     }
 
 
+# The caching allocator's counters (torch.cuda.memory_stats) that tell a thrashing allocator: new
+# segments from the driver, segments handed back (each a device-wide synchronisation), allocations
+# retried after freeing every cached block, and those free-alls' waits on every stream.
+ALLOCATOR_COUNTERS = {
+    "cuda_malloc": "num_device_alloc",
+    "cuda_free": "num_device_free",
+    "alloc_retries": "num_alloc_retries",
+    "sync_all_streams": "num_sync_all_streams",
+}
+
+
+def allocator_calls(before: dict, after: dict) -> dict[str, int]:
+    """How often each ALLOCATOR_COUNTERS event happened between two torch.cuda.memory_stats()."""
+    return {name: after.get(key, 0) - before.get(key, 0) for name, key in ALLOCATOR_COUNTERS.items()}
+
+
 def timed_call(target: Target, call, steps: int, budget_gib: float | None, pipe=None, profile: bool = False) -> dict:
     """Warm up, then time one call of `steps` steps; returns the measurement, split into stages
     where `pipe` (the pipeline `call` runs) is given, and with `profile` one more step's kernels
@@ -434,12 +450,14 @@ def timed_call(target: Target, call, steps: int, budget_gib: float | None, pipe=
     try:
         with stages:
             torch.cuda.synchronize()
+            counters = torch.cuda.memory_stats()
             wall = time.perf_counter()
             start.record()
             call(steps, on_step)
             stop.record()
             torch.cuda.synchronize()
             wall = time.perf_counter() - wall
+            allocator = allocator_calls(counters, torch.cuda.memory_stats())
     finally:
         torch.cuda.set_sync_debug_mode(0)
         warnings.showwarning = original
@@ -471,6 +489,7 @@ def timed_call(target: Target, call, steps: int, budget_gib: float | None, pipe=
             "within_budget": None if budget_gib is None else bool(peak_reserved <= budget_gib + 1e-6),
             "tflops": round(tflop / median, 1),
             "host_syncs_in_loop": syncs.count,
+            "allocator_calls": allocator,  # over the timed call
         }
     )
 

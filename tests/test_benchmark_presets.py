@@ -114,3 +114,15 @@ def test_the_end_to_end_part_runs_the_command_line_on_a_preset_with_its_loras_an
     # The server's own account of what it imported ahead: a module left to each run says why.
     notes = record["warm_server_notes"]
     assert notes[-1].startswith("ready at") and all(" not imported ahead: " in note for note in notes[:-1])
+
+
+def test_the_allocators_calls_are_counted_between_two_readings(bench):
+    before = {"num_device_alloc": 10, "num_device_free": 4, "num_alloc_retries": 0, "num_sync_all_streams": 1}
+    after = {"num_device_alloc": 250, "num_device_free": 244, "num_alloc_retries": 2, "num_sync_all_streams": 3}
+    assert bench.allocator_calls(before, after) == {
+        "cuda_malloc": 240,
+        "cuda_free": 240,
+        "alloc_retries": 2,
+        "sync_all_streams": 2,
+    }
+    assert bench.allocator_calls({}, {}) == dict.fromkeys(bench.ALLOCATOR_COUNTERS, 0)  # a torch without them
