@@ -204,6 +204,36 @@ def test_the_servers_log_line_to_a_pipe_nobody_reads_is_dropped_not_raised(monke
             gone.close()
 
 
+def test_a_fix_written_before_the_failure_is_said_still_starts_the_server_again(monkeypatch, tmp_path) -> None:
+    """A server started again by a change that broke the code waits for the fix. A fix written after
+    its import began, even before it says it waits (a user or a test acts on that line), counts:
+    the files are compared with their state from before the import. Compared with their state once
+    the failure was said, such a fix went unseen and the server waited for good (seen once in a full
+    run of the suite on two busy cores)."""
+    from batch_runner.run.warm import server
+
+    module = tmp_path / "report.py"
+    module.write_text("def broken(:\n")
+
+    def import_that_fails_while_the_fix_lands(self) -> float:
+        self.me = {"env": dict(os.environ)}  # as warm_up's first line
+        module.write_text("def fixed():\n    pass\n")
+        raise SyntaxError("invalid syntax", (str(module), 1, 12, "def broken(:"))
+
+    monkeypatch.setattr(server, "package_files", lambda: [str(module)])
+    monkeypatch.setattr(server.Server, "warm_up", import_that_fails_while_the_fix_lands)
+    monkeypatch.setattr(server, "start_again", lambda env: "started again")
+    waits = server.changed_since
+
+    def wait_that_sees_the_fix(files, *args):
+        assert sameness.changed_files(files), "the fix went unseen: the server would wait for good"
+        return waits(files, *args)
+
+    monkeypatch.setattr(server, "changed_since", wait_that_sees_the_fix)
+    monkeypatch.setenv(warm.SOCKET_ENV, str(tmp_path / "warm.sock"))
+    assert server.main(["--again"]) == "started again"
+
+
 def test_a_server_whose_imports_started_a_thread_serves_no_run() -> None:
     from batch_runner.run.warm.preload import unforkable
 

@@ -284,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
         probe.connect(str(path))
         print(f"error: a warm server already serves this checkout at {path}.", file=sys.stderr)
         return 2
+    # The package's files as they were before the import: a fix written while the import fails, or
+    # before the failure is said (a user, or a test, acts on that line), is a change from these.
+    before = {name: file_state(name) for name in package_files()}
     server = Server(path, args.imports)
     try:
         seconds = server.warm_up()
@@ -300,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         # socket), and the server starts again once the fix touches a file the failure went through.
         say(f"cannot import the changed code ({why}); runs start cold until one of {', '.join(files)} changes")
         try:
-            changed_since({name: file_state(name) for name in files})
+            changed_since({name: before.get(name) or file_state(name) for name in files})
         except KeyboardInterrupt:  # Ctrl-C in its terminal while it waits: stopped, as when serving
             return 128 + signal.SIGINT
         return start_again(server.me["env"])
@@ -358,8 +361,13 @@ def files_behind(error: BaseException) -> list[str]:
     (a fix may restore one the failure never reached)."""
     names = [frame.filename for frame in traceback.extract_tb(error.__traceback__)]
     names += [name for name in (getattr(error, "filename", None), getattr(error, "path", None)) if name]
-    names += [str(path) for path in (checkout() / "batch_runner").rglob("*.py")]
+    names += package_files()
     return sorted({name for name in names if os.path.isfile(name)})
+
+
+def package_files() -> list[str]:
+    """Every module file of this checkout's package."""
+    return [str(path) for path in (checkout() / "batch_runner").rglob("*.py")]
 
 
 def changed_since(files: dict[str, tuple[int, int]], poll_seconds: float = 1.0) -> None:
