@@ -75,17 +75,27 @@ class HostCopies:
 
     def to_device(self, name: str, module: torch.nn.Module, device: torch.device) -> None:
         if name in self.keep:
-            saved = self.saved.setdefault(name, {})
-            saved.update({key: t.data for key, t in _tensors(module) if t.device.type == "cpu"})
+            self.saved.setdefault(name, {}).update(_host_tensors(module))
         module.to(device)
 
     def to_host(self, name: str, module: torch.nn.Module) -> None:
         saved = self.saved.get(name, {})
+        _point_back(module, saved)
         for key, tensor in _tensors(module):
-            if key in saved:
-                _rebind(module, key, tensor, saved[key])
-            elif tensor.device.type != "cpu":
+            if key not in saved and tensor.device.type != "cpu":
                 tensor.data = tensor.data.cpu()
+
+
+def _host_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """`module`'s tensors on the host, by name: references, to point it back at (_point_back)."""
+    return {key: t.data for key, t in _tensors(module) if t.device.type == "cpu"}
+
+
+def _point_back(module: torch.nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    """Point each of `module`'s tensors named in `saved` at that host tensor again (no copy)."""
+    for key, tensor in _tensors(module):
+        if key in saved:
+            _rebind(module, key, tensor, saved[key])
 
 
 def _rebind(module: torch.nn.Module, key: str, tensor: torch.Tensor, host: torch.Tensor) -> None:
@@ -211,7 +221,7 @@ def streamed_anew(
     tensors from before (the host-shared, pinned copy: nothing copied or pinned anew) and streams
     them again, and the pinned copies of the cast weights go back to the system.
     """
-    before = [{key: t.data for key, t in _tensors(m) if t.device.type == "cpu"} for m in modules]
+    before = [_host_tensors(m) for m in modules]
     for module in modules:
         remove_offloading_hooks(module)
     try:
@@ -225,9 +235,7 @@ def streamed_anew(
                     remove_offloading_hooks(module)
     finally:
         for module, host in zip(modules, before, strict=True):
-            for key, tensor in _tensors(module):
-                if key in host:
-                    _rebind(module, key, tensor, host[key])
+            _point_back(module, host)
             stream_layers(module, device)
         upstream.empty_host_cache()
 

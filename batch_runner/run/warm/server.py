@@ -284,9 +284,10 @@ def main(argv: list[str] | None = None) -> int:
         probe.connect(str(path))
         print(f"error: a warm server already serves this checkout at {path}.", file=sys.stderr)
         return 2
-    # The package's files as they were before the import: a fix written while the import fails, or
-    # before the failure is said (a user, or a test, acts on that line), is a change from these.
-    before = {name: file_state(name) for name in package_files()}
+    # Started again after a change, the package's files as they were before the import: a fix written
+    # while the import fails, or before the failure is said (a user, or a test, acts on that line),
+    # is a change from these. A first start does not wait for fixes: it reads none.
+    before = {name: file_state(name) for name in package_files()} if args.again else {}
     server = Server(path, args.imports)
     try:
         seconds = server.warm_up()
