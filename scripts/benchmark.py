@@ -643,6 +643,7 @@ def project(
         "attention": replica.attention,  # the kernel the transformer ran on, not the setting
         "fa4_failure": fa4.failure(),
         "attention_setting": cfg.speed.attention,
+        "allocator_settings": replica.allocator_settings,  # given with the cap (placement.allocator_settings)
         "replica_build_s": replica.build_seconds,  # its plan, weights and LoRAs, preparation, ...: start-up's parts
     } | result
     placement.remove_offloading(replica.pipe, replica.roles)

@@ -8,10 +8,12 @@ import contextlib
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from batch_runner import upstream
 from batch_runner.families import family_of
-from batch_runner.replica import placement
+from batch_runner.replica import placement, planner
 
 from .conftest import run_config
 
@@ -89,8 +91,31 @@ def test_a_failure_in_the_cast_leaves_the_vae_streamed_as_it_was():
 def test_a_users_own_garbage_collection_threshold_stands(monkeypatch, name):
     for each in placement.ALLOCATOR_ENV:
         monkeypatch.delenv(each, raising=False)
-    assert placement.allocator_settings() == placement.ALLOCATOR_SETTINGS
+    ours = "garbage_collection_threshold:0.7"
+    assert placement.allocator_settings(16.0, 8.0) == ours
     monkeypatch.setenv(name, "expandable_segments:True")  # another setting: ours still goes in
-    assert placement.allocator_settings() == placement.ALLOCATOR_SETTINGS
+    assert placement.allocator_settings(16.0, 8.0) == ours
     monkeypatch.setenv(name, "expandable_segments:True,garbage_collection_threshold:0.95")
-    assert placement.allocator_settings() is None
+    assert placement.allocator_settings(16.0, 8.0) is None
+
+
+@given(cap=st.floats(1.0, 200.0), share=st.floats(0.0, 1.5) | st.none())
+def test_the_allocator_collects_only_above_what_the_plan_holds(cap, share):
+    """Past the threshold every new segment first frees the unused cached blocks: below what the plan
+    holds live it would do so at every segment (LTX-2's group_offload plans 12.17 GiB of a 16 GiB cap,
+    above 0.7 of it)."""
+    planned = None if share is None else share * cap
+    threshold = placement.gc_threshold(cap, planned)
+    assert placement.GC_THRESHOLD <= threshold <= placement.GC_THRESHOLD_MAX < 1.0  # torch refuses 1.0
+    if planned is not None and planned <= placement.GC_THRESHOLD_MAX * cap:
+        assert threshold * cap >= planned - 0.001 * cap  # rounded to three places
+    if planned is None or planned <= placement.GC_THRESHOLD * cap:
+        assert threshold == placement.GC_THRESHOLD  # as measured at 8 GiB (docs/experiments/allocator_cap.json)
+
+
+def test_ltx2_group_offload_under_16_gib_collects_above_its_planned_need():
+    """The case that set this rule: the plan holds more than 0.7 of the cap (the planner's estimate)."""
+    cfg = run_config("manifest=x.csv", "model=ltx-2", "memory.plan=group_offload", "memory.host_budget_gib=120")
+    planned = planner.plan_rows(cfg, 16.0, 1).planned_gib
+    assert planned > placement.GC_THRESHOLD * 16.0
+    assert placement.gc_threshold(16.0, planned) * 16.0 >= planned - 0.01

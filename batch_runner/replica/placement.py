@@ -21,39 +21,50 @@ from batch_runner.families.base import DECODER, DENOISER
 from batch_runner.replica.planner import GIB, PLANS, Placement, applies, host_resident
 
 
-def enforce_budget(cap_gib: float | None, device: torch.device) -> None:
-    """Cap PyTorch's allocator at `cap_gib`, so a run sized for a 24 GB card never uses more than 24 GB."""
+def enforce_budget(cap_gib: float | None, device: torch.device, planned_gib: float | None = None) -> str | None:
+    """Cap PyTorch's allocator at `cap_gib`, so a run sized for a 24 GB card never uses more than 24 GB,
+    and have it reclaim unused cached blocks above what the run's plans planned to reserve
+    (`planned_gib`, the largest of their estimates). Returns the allocator settings given, if any."""
     if cap_gib is None or device.type != "cuda":
-        return
+        return None
     index = device.index if device.index is not None else torch.cuda.current_device()
     total = torch.cuda.get_device_properties(index).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * GIB / total), index)
-    _collect_before_the_cap()
+    settings = allocator_settings(cap_gib, planned_gib)
+    if settings is not None:
+        upstream.set_allocator_settings(settings)
+    return settings
 
 
 # Streamed weights are allocated on a side stream and freed on the compute stream, so the caching
 # allocator keeps reserving new segments until it reaches the cap; there it frees every cached
 # block after a device-wide synchronisation, once every few blocks. Collecting unused cached blocks
-# early keeps it below the cap: measured at an 8 GiB budget, 1.452 s per step without, 1.417 with,
-# 1.411 uncapped (docs/experiments/allocator_cap.json).
-ALLOCATOR_SETTINGS = "garbage_collection_threshold:0.7"
+# early keeps it below the cap: measured at an 8 GiB budget, 1.452 s per step without, 1.417 with
+# 0.7 of the cap, 1.411 uncapped (docs/experiments/allocator_cap.json).
+GC_THRESHOLD = 0.7
+# The collection must start above what the plan holds live: past the threshold, every new segment
+# first frees each unused cached block (a device-wide synchronisation each), and where the live
+# tensors alone are above it that never brings the pool back under, so it repeats at every segment.
+# Hence the threshold is the plan's planned share of the cap where that is higher, and at most this
+# (torch refuses 1.0).
+GC_THRESHOLD_MAX = 0.99
 # Where torch reads a user's allocator settings from at start-up (the newer name first).
 ALLOCATOR_ENV = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
 
 
-def allocator_settings() -> str | None:
-    """The settings to give the allocator under a budget: ALLOCATOR_SETTINGS, or None where the
-    user's environment sets a garbage-collection threshold of its own (theirs stands)."""
+def gc_threshold(cap_gib: float, planned_gib: float | None) -> float:
+    """The share of the cap above which the allocator reclaims unused cached blocks: GC_THRESHOLD, or
+    the plan's planned peak (as reserved) over the cap where that is higher."""
+    share = 0.0 if planned_gib is None else planned_gib / cap_gib
+    return round(min(GC_THRESHOLD_MAX, max(GC_THRESHOLD, share)), 3)
+
+
+def allocator_settings(cap_gib: float, planned_gib: float | None) -> str | None:
+    """The settings to give the allocator under a budget, or None where the user's environment sets
+    a garbage-collection threshold of its own (theirs stands)."""
     if any("garbage_collection_threshold" in os.environ.get(name, "") for name in ALLOCATOR_ENV):
         return None
-    return ALLOCATOR_SETTINGS
-
-
-def _collect_before_the_cap() -> None:
-    """Have the allocator reclaim unused cached blocks once 70% of the budget is reserved."""
-    settings = allocator_settings()
-    if settings is not None:
-        upstream.set_allocator_settings(settings)
+    return f"garbage_collection_threshold:{gc_threshold(cap_gib, planned_gib):g}"
 
 
 # --- applying a plan ------------------------------------------------------------------------------

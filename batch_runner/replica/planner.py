@@ -530,6 +530,12 @@ class RowPlans:
     def slowest(self) -> Placement:
         return max(self.placements, key=lambda p: p.rank)
 
+    @property
+    def planned_gib(self) -> float | None:
+        """The most GPU memory any of the run's placements is planned to reserve (None: not estimated)."""
+        needs = [p.gpu_gib for p in self.placements]
+        return None if None in needs else max(needs)
+
     def lines(self) -> list[str]:
         """One line per placement, naming the shapes it serves (logs and the dry run)."""
         skipped = [f"rows of {shape}: recorded as failed (on_invalid=skip): {why}" for shape, why in self.misfits]

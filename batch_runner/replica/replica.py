@@ -98,9 +98,13 @@ class Replica:
         self.copies = placement.HostCopies(keep)
         placement.apply_plan(self.pipe, self.placement, device, self.roles, self.copies)
         speed.keep_timesteps_on_host(self.pipe, self.family, device)
+        # The allocator settings given with the cap (placement.allocator_settings), for the logs and records.
+        self.allocator_settings: str | None = None
         if device.type == "cuda":
             release_memory()
-            placement.enforce_budget(self.placement.cap_gib, device)
+            self.allocator_settings = placement.enforce_budget(self.placement.cap_gib, device, self.plans.planned_gib)
+            if self.allocator_settings:
+                log.info("allocator capped at %s GiB, with %s", self.placement.cap_gib, self.allocator_settings)
             torch.cuda.reset_peak_memory_stats(device)
         laps.lap("placement")
         # Seconds of each part of building this replica (the start-up's `replica` phase, split).
