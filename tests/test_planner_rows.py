@@ -41,6 +41,8 @@ def test_rows_that_fit_a_faster_plan_run_under_it():
     assert planner.auto_plan(cfg, 24.0, 1, [small, large], model).plan == "text_offload"
     assert [p.plan for p in plans.placements] == ["none", "text_offload"]  # fastest first
     assert plans.slowest.plan == "text_offload"
+    # The allocator's collection threshold sits above the most any of them plans to reserve.
+    assert plans.planned_gib == max(p.gpu_gib for p in plans.placements) == plans.for_job(small).gpu_gib
     # Each shape is planned once, in order of first appearance, and says which rows it serves.
     assert [str(s) for s, _ in plans.by_shape] == ["240x360x49", "480x720x49"]
     lines = plans.lines()
@@ -134,6 +136,7 @@ def test_no_rows_plan_the_default_row_and_no_gpu_runs_everything_in_place():
     assert [s for s, _ in plans.by_shape] == [planner.default_shape(cfg)]
     cpu = plan_rows(cfg, None, 1, [job(49, 240, 360)], model)
     assert cpu.default.plan == "none" and cpu.default.gpu_gib is None
+    assert cpu.planned_gib is None
     assert cpu.default.vae_tiling == cfg.memory.vae_tiling  # nothing to fit on the CPU: as configured
 
 
