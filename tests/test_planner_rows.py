@@ -108,6 +108,8 @@ def test_the_dry_runs_estimate_takes_one_cards_newest_record_at_the_nearest_budg
         record("H100", 48.0, 1.5),
         record("H100", None, 0.5),  # the newest at no budget
         record("H100", None, 0.1, changes_output=True),  # an approximation: never an estimate
+        # Measured under allocator settings of the benchmark's own environment, not the run's: never.
+        record("H100", None, 0.3, allocator_env={"PYTORCH_CUDA_ALLOC_CONF": "garbage_collection_threshold:0.7"}),
         {"gpu": "H100", "model": "ltx-2", "recipe": "ref-gpu", "seconds_per_step": 0.2, "frames": 121},
         record("H200", None, 2.0),  # the newest record of all
     ]

@@ -97,6 +97,7 @@ def _estimate_seconds(
         for r in json.loads(BENCHMARKS.read_text())
         if r.get("model", FIRST_BENCHMARKED_MODEL) == cfg.model.name
         and not r.get("changes_output")
+        and not r.get("allocator_env")  # measured under allocator settings a run does not have
         and r.get("seconds_per_step")
         and r.get("plan")
     ]
