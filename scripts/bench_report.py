@@ -141,7 +141,8 @@ def bounds(rows: list[dict], peak: float | None, profile: list[dict]) -> list[st
         "pageable memory before and after every forward, which drained the GPU's queue once per step (0.2 s of "
         "a 1.6 s step); they now stay on the GPU. And under the budget's allocator cap the caching allocator "
         "filled the cap and then freed everything behind a device-wide synchronisation; it now collects unused "
-        "blocks at 70% of the cap (docs/experiments/allocator_cap.json). And blocks under the offloading hooks were "
+        "blocks above 70% of the cap (docs/experiments/allocator_cap.json), or above the plan's planned need where "
+        "that is more (docs/experiments/2026-12-05i). And blocks under the offloading hooks were "
         "compiled one sub-layer at a time; they are now compiled whole, before the hooks wrap them."
         + (
             f" One streamed forward took {before['seconds_per_forward']} s before these fixes and "

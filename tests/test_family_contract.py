@@ -333,8 +333,7 @@ class FamilyContract:
 
     def test_auto_picks_the_fastest_plan_that_fits_every_budget(self, full: FullSize):
         cfg = run_config("manifest=x", f"model={full.name}", f"memory.host_budget_gib={full.host_budget_gib}")
-        # The family's order: LADDER's, or full_offload before group_offload where it measured that faster.
-        ladder = planner.auto_ladder(planner.LADDER, family_named(self.family).full_offload_first)
+        ladder = planner.LADDER
         for budget in full.budgets:
             choice = auto_plan(cfg, budget, 1)
             chosen = next(e for e in choice.estimates if e.plan == choice.plan)

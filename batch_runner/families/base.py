@@ -177,9 +177,6 @@ class Family:
     host_timesteps: ClassVar[bool] = False
     # The fewest denoising steps its pipeline can run (a row asking fewer is refused, naming this).
     min_steps: ClassVar[int] = 1
-    # Why `auto` tries full_offload before group_offload for this family (measured on the GPU; the
-    # planner's reason quotes it), or None: the ladder's order, group_offload first.
-    full_offload_first: ClassVar[str | None] = None
     # The settings only this family reads (model.options), as a frozen dataclass: its fields are the
     # valid keys, their annotations the types a value must have, their defaults what a missing key means.
     Options: ClassVar[type] = NoOptions

@@ -18,11 +18,11 @@ computes. Prompts of a chunk are encoded together, so a text encoder (9.5 GB for
 11 GB for Wan's UMT5) crosses the bus once per chunk, not once per video. Which components a model
 has, and their roles, come from its family.
 
-`auto` picks the fastest plan (in `auto_ladder`'s order, where a family may have full_offload tried
-before group_offload) whose estimated peak fits the GPU budget and whose pinned host memory fits this
-host (one copy shared by the host's processes, batch_runner.replica.host_weights, or a copy each out
-of an equal share), and says why. The estimates are weights (counted from the architecture)
-plus activation terms each model family fits to measurements on an H100 (docs/benchmarks.md).
+`auto` picks the fastest plan (in LADDER's order) whose estimated peak fits the GPU budget and
+whose pinned host memory fits this host (one copy shared by the host's processes,
+batch_runner.replica.host_weights, or a copy each out of an equal share), and says why. The
+estimates are weights (counted from the architecture) plus activation terms each model family fits
+to measurements on an H100 (docs/benchmarks.md).
 
 The planner loads nothing and builds nothing: `dry_run` plans from a model's anatomy alone. What it
 decides is one `Placement`, which batch_runner.replica.placement applies to the built pipeline.
@@ -222,8 +222,7 @@ def choose_plan(
     processes = max(1, local_world_size)
     shared = config.share_host_weights and processes > 1
     usable = [p for p in PLANS if applies(p, model.roles)]
-    first = model.family.full_offload_first
-    ladder = auto_ladder(usable, first)
+    ladder = [p for p in LADDER if p in usable]
     decodes = {p: fit_decode(p, model, workload, config, budget_gib) for p in usable}
     estimates = tuple(
         estimate(p, model, workload, replace(config, vae_tiling=decodes[p][0], vae_tile=decodes[p][1])) for p in usable
@@ -241,7 +240,6 @@ def choose_plan(
                 f"GPU budget and {host[plan][1]}"
                 + (f" (faster plans do not fit: {why})" if why else " (the fastest plan)")
                 + _whole_words(tiling, config, whole)
-                + (f"; tried before group_offload: {first}" if plan == "full_offload" and first else "")
             )
             return Choice(plan, reason, estimates, tile, tiling, whole)
     lines = "; ".join(_why_not(by_plan[p], budget_gib, host[p][1]) for p in ladder)
@@ -249,22 +247,6 @@ def choose_plan(
         f"No memory plan fits: {lines}. Give more GPU memory (memory.budget_gib), fewer processes per "
         f"host (accelerate launch --num_processes) or more host memory (memory.host_budget_gib)."
     )
-
-
-def auto_ladder(usable: Sequence[str], full_offload_first: str | None = None) -> list[str]:
-    """The plans `auto` tries, fastest first: LADDER's, or with full_offload before group_offload
-    for a family that measured it as fast there and faster under a tight cap (Family.full_offload_first,
-    the measurement's sentence, passed as it is).
-
-    The two hold the same in the steps and differ only in the VAE, streamed or resident; streaming it
-    costs a decode little (0.04 s a video where measured), and the room it leaves can matter more.
-    A host without room for the VAE's pinned copy too still gets group_offload, next.
-    """
-    ladder = [p for p in LADDER if p in usable]
-    if full_offload_first and {"group_offload", "full_offload"} <= set(ladder):
-        at = ladder.index("group_offload")
-        ladder[at : at + 2] = ["full_offload", "group_offload"]  # adjacent in LADDER
-    return ladder
 
 
 def _decode_words(tiling: bool, tile: int | None, config: MemoryConfig) -> str:
@@ -488,8 +470,7 @@ class Placement:
     @property
     def rank(self) -> int:
         """Position in PLANS: the later, the less GPU memory the plan holds (model_cpu_offload between
-        full and sequential). Fastest first too, except where a family has full_offload tried before
-        group_offload (auto_ladder); `auto` never plans both for one run, as full_offload needs less."""
+        full and sequential), and the slower it runs."""
         return PLANS.index(self.plan)
 
     def same_weights(self, other: Placement) -> bool:

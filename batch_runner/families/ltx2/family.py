@@ -162,11 +162,11 @@ class LTX2(Family):
     # under a 12 GiB cap (the replica stepped down), and sequential_cpu_offload allocated 6.71 GiB
     # with tiles against 6.77 with whole frames. So a tiled decode is charged as whole frames up to
     # two tiles' pixels (768x512 is 1.5). Below text_offload's ~51 GiB the planner plans
-    # full_offload (full_offload_first, below), which streams the VAEs as sequential_cpu_offload does
-    # and the transformer by blocks as group_offload does (sequential_cpu_offload, the 12 GiB plan
-    # before, took 6.91 s a step on an H100, 2026-12-05, against group_offload's 1.12 at 24 GiB);
-    # full_offload took 1.12 s a step under 12 GiB, 8.13 GiB allocated and 11.98 reserved (H100,
-    # 2026-12-05, code 64f9996, docs/experiments/2026-12-05f).
+    # group_offload (~12.2 GiB), and under 12 GiB full_offload, which streams the VAEs as
+    # sequential_cpu_offload does and the transformer by blocks as group_offload does
+    # (sequential_cpu_offload, the 12 GiB plan before, took 6.91 s a step on an H100, 2026-12-05,
+    # against group_offload's 1.12 at 24 GiB); full_offload took 1.10 s a step under 12 GiB, 8.13
+    # GiB allocated (H100, 2026-12-05, docs/experiments/2026-12-05i).
     activations = ActivationTerms(
         resident=24.0,
         streamed=24.0,
@@ -178,13 +178,6 @@ class LTX2(Family):
     schedulers: ClassVar[dict[str, str]] = {"euler": "FlowMatchEulerDiscreteScheduler"}
     # At 1 step the pipeline's scheduler cannot find its own timestep (IndexError, diffusers 0.42.1).
     min_steps = 2
-    # On an H100 (2026-12-05, code 686365e, docs/experiments/2026-12-05g) group_offload took 1.66 s a
-    # step under a 16 GiB cap, 1.12 under 24 and 1.09 uncapped, where it reserved 27.0 GiB: with the
-    # VAEs resident its allocator wants more than 16 GiB, and the cap makes it free and wait. The
-    # H200 saw the same (1.49 at 16 GiB, 1.14 at 24). full_offload, the VAEs streamed, reserved 11.9
-    # GiB and took 1.10 s a step under the same 16 GiB cap (1.11 under 12), its decode 0.30 s a
-    # video against group_offload's 0.26.
-    full_offload_first = "LTX-2's steps ran 1.5x faster with the VAEs streamed under a 16 GiB cap (H100)"
     Options = LTX2Options
     makes_audio = True
 
