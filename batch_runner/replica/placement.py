@@ -43,12 +43,13 @@ def enforce_budget(cap_gib: float | None, device: torch.device, planned_gib: flo
 # 0.7 of the cap, 1.411 uncapped (docs/experiments/allocator_cap.json).
 GC_THRESHOLD = 0.7
 # The collection must start above what the plan holds live: past the threshold, every new segment
-# first frees each unused cached block (a device-wide synchronisation each), and where the live
-# tensors alone are above it that never brings the pool back under, so it repeats at every segment.
-# Measured on an H100 (docs/experiments/2026-12-05i): LTX-2's group_offload, planned 12.17 GiB of a
-# 16 GiB cap, took 1.67 s a step at 0.7 and 1.15 at 0.761 (1.10 under 24 GiB); Kandinsky 5 Lite's
-# whole-frame decode under 48 GiB took 14.5 s at 0.7 and 6.6 at 0.97. Hence the threshold is the
-# plan's planned share of the cap where that is higher, and at most this (torch refuses 1.0).
+# first collects unused cached blocks, and where the live tensors alone are above it that never
+# brings the pool back under, so it runs again at every new segment. Measured on an H100
+# (docs/experiments/2026-12-05i): LTX-2's group_offload, planned 12.17 GiB of a 16 GiB cap, took
+# 1.67 s a step at 0.7 and 1.15 at 0.761 (1.10 under 24 GiB), with about as many driver calls at
+# either (the time differed, not their count); Kandinsky 5 Lite's whole-frame decode under 48 GiB
+# took 14.5 s at 0.7 and 6.6 at 0.97. Hence the threshold is the plan's planned share of the cap
+# where that is higher, and at most this (torch refuses 1.0).
 GC_THRESHOLD_MAX = 0.99
 # Where torch reads a user's allocator settings from at start-up (the newer name first).
 ALLOCATOR_ENV = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
