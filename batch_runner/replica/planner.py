@@ -469,8 +469,8 @@ class Placement:
 
     @property
     def rank(self) -> int:
-        """Position in PLANS: the later, the less GPU memory the plan holds (model_cpu_offload between
-        full and sequential), and the slower it runs."""
+        """Position in PLANS: the later, the less GPU memory the plan holds (model_cpu_offload, which
+        `auto` never plans, between full and sequential); along LADDER also the slower."""
         return PLANS.index(self.plan)
 
     def same_weights(self, other: Placement) -> bool:
